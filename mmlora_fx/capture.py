@@ -1,0 +1,258 @@
+"""Capture a model's forward as the FX graphs dynamo produces, graph breaks included.
+
+`GraphRecorder` is a torch.compile backend that runs the ownership and partition passes on
+every graph dynamo hands it, keeps a `GraphRecord` of it, and (optionally) notes each call of
+the compiled graph: dynamo reuses one graph for every instance of a block, so the calls say
+which modules a graph really served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import fx, nn
+
+from .errors import CaptureError
+from .partitions import PartitionMap, discover_partitions
+from .passes import LabelPartitions, ResolveOwners, is_linear_call
+
+__all__ = ["GraphBreak", "GraphInstance", "GraphRecord", "GraphRecorder", "Capture", "capture", "ModuleNames"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphBreak:
+    """Why dynamo ended a graph: the reason, and the user code it could not trace."""
+
+    reason: str
+    location: str
+
+
+@dataclasses.dataclass
+class GraphInstance:
+    """One call of a compiled graph: the module each frame local was, and each linear's module."""
+
+    frame_modules: dict[str, str]
+    linear_modules: dict[str, str]
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    index: int
+    function: str
+    filename: str
+    graph_module: fx.GraphModule
+    graph_break: GraphBreak | None
+    instances: list[GraphInstance] = dataclasses.field(default_factory=list)
+
+    def call_nodes(self) -> list[fx.Node]:
+        return [node for node in self.graph_module.graph.nodes if "mmlora_owner_path" in node.meta]
+
+    def linear_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if node.meta.get("mmlora_linear") is not None]
+
+
+class ModuleNames:
+    """Absolute names of a model's modules and parameters, looked up by object identity."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+        # Tied weights have several names; linears pick the one of their own module.
+        self.parameters: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            self.parameters.setdefault(id(parameter), []).append(name)
+
+    def frame_modules(self, frame) -> dict[str, str]:
+        """The model's modules among a frame's locals; `self` falls back to the nearest caller's.
+
+        Glue code in a free function (no module of its own) belongs to the module that called it.
+        """
+        found = {local: self.modules[id(value)] for local, value in frame.f_locals.items()
+                 if isinstance(value, nn.Module) and id(value) in self.modules}
+        caller = frame.f_back
+        while "self" not in found and caller is not None:
+            value = caller.f_locals.get("self")
+            if isinstance(value, nn.Module) and id(value) in self.modules:
+                found["self"] = self.modules[id(value)]
+            caller = caller.f_back
+        return found
+
+    def linear_module(self, weight, owner_path, frame_modules) -> str | None:
+        """The linear module whose weight is `weight`, preferring the one at `owner_path`."""
+        names = self.parameters.get(id(weight))
+        if not names:
+            return None
+        local, relative = owner_path
+        root = frame_modules.get(local)
+        owner = ".".join(part for part in (root, relative) if part) if root is not None else None
+        modules = [name.rpartition(".")[0] for name in names]
+        return owner if owner in modules else modules[0]
+
+
+def _compiling_frame():
+    """The frame dynamo is compiling right now: its code, and the frame object itself.
+
+    The instruction translator holds the frame's code and locals; the Python frame that called
+    it is still on the stack, outside dynamo, and is found by its locals.
+    """
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return tx.f_code, _FrameView(tx.f_locals, _user_caller(tx.f_code))
+
+
+@dataclasses.dataclass
+class _FrameView:
+    f_locals: Mapping[str, object]
+    f_back: object
+
+
+def _user_caller(code):
+    """The first Python frame on the stack outside torch (the caller of the compiled frame)."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code is code or "/torch/" in frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
+
+
+def _graph_break(graph_module: fx.GraphModule) -> GraphBreak | None:
+    reason = getattr(graph_module, "compile_subgraph_reason", None)
+    if reason is None or not reason.graph_break:
+        return None
+    text = str(reason.reason).strip()
+    # Dynamo's reasons carry an explanation, hints and debug context; the first lines say what broke.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    summary = " ".join(line.removeprefix("Explanation: ") for line in lines[:2])
+    location = ""
+    if reason.user_stack:
+        frame = reason.user_stack[-1]
+        location = f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return GraphBreak(summary, location)
+
+
+class GraphRecorder:
+    """A torch.compile backend that labels and records every graph before compiling it.
+
+    `transform(record, example_inputs)` may rewrite the graph module after labelling;
+    `compile_graph(graph_module, example_inputs)` makes the callable dynamo runs (the graph
+    itself, run eagerly, by default). With `record_calls`, every call of a graph appends a
+    `GraphInstance` to its record.
+    """
+
+    def __init__(
+        self,
+        names: ModuleNames,
+        partition_map: PartitionMap,
+        transform: Callable[[GraphRecord, list], None] | None = None,
+        compile_graph: Callable[[fx.GraphModule, list], Callable] | None = None,
+        record_calls: bool = False,
+    ):
+        self.names = names
+        self.partition_map = partition_map
+        self.transform = transform
+        self.compile_graph = compile_graph
+        self.record_calls = record_calls
+        self.records: list[GraphRecord] = []
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list, **_options) -> Callable:
+        code, frame = _compiling_frame()
+        frame_modules = self.names.frame_modules(frame)
+        ResolveOwners(frame_modules, self.names.linear_module, example_inputs)(graph_module)
+        LabelPartitions(self.partition_map)(graph_module)
+        record = GraphRecord(
+            index=len(self.records), function=code.co_name, filename=code.co_filename,
+            graph_module=graph_module, graph_break=_graph_break(graph_module),
+        )
+        self.records.append(record)
+        if self.transform is not None:
+            self.transform(record, example_inputs)
+        compiled = self.compile_graph(graph_module, example_inputs) if self.compile_graph else graph_module.forward
+        if not self.record_calls:
+            return compiled
+        return self._recording(record, compiled)
+
+    def _recording(self, record: GraphRecord, compiled: Callable) -> Callable:
+        linear_weights = {node.name: node.meta["mmlora_linear"].weight_input for node in record.linear_nodes()
+                          if node.meta["mmlora_linear"].weight_input is not None}
+        linear_owners = {node.name: node.meta["mmlora_owner_path"] for node in record.linear_nodes()}
+        names = self.names
+
+        def run(*args):
+            frame = sys._getframe(1)
+            while frame is not None and (frame.f_code.co_name, frame.f_code.co_filename) != (
+                record.function, record.filename
+            ):
+                frame = frame.f_back
+            frame_modules = names.frame_modules(frame) if frame is not None else {}
+            linear_modules = {}
+            for node_name, index in linear_weights.items():
+                module = names.linear_module(args[index], linear_owners[node_name], frame_modules)
+                if module is not None:
+                    linear_modules[node_name] = module
+            record.instances.append(GraphInstance(frame_modules, linear_modules))
+            return compiled(*args)
+
+        return run
+
+
+@dataclasses.dataclass
+class Capture:
+    """Every graph of one captured forward, with the partition table used to label them."""
+
+    model: nn.Module
+    partition_map: PartitionMap
+    graphs: list[GraphRecord]
+
+    @property
+    def graph_breaks(self) -> list[tuple[int, GraphBreak]]:
+        return [(record.index, record.graph_break) for record in self.graphs if record.graph_break]
+
+    def linear_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every linear module that ran, with the (graph, node) pairs that called it."""
+        calls: dict[str, list[tuple[int, str]]] = {}
+        for record in self.graphs:
+            for node in record.linear_nodes():
+                modules = {instance.linear_modules.get(node.name) for instance in record.instances}
+                modules.discard(None)
+                if not modules:
+                    modules = {node.meta["mmlora_linear"].module}
+                for module in sorted(modules):
+                    calls.setdefault(module, []).append((record.index, node.name))
+        return calls
+
+
+@contextlib.contextmanager
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+def capture(
+    model: nn.Module,
+    batch: Mapping[str, object],
+    partition_map: PartitionMap | None = None,
+    partition_overrides: Mapping[str, str] | None = None,
+) -> Capture:
+    """Run `model(**batch)` once under torch.compile and return every graph dynamo produced."""
+    if partition_map is None:
+        partition_map = discover_partitions(model, partition_overrides)
+    recorder = GraphRecorder(ModuleNames(model), partition_map, record_calls=True)
+    with _fresh_dynamo(), torch.no_grad():
+        try:
+            torch.compile(model, backend=recorder, dynamic=False)(**batch)
+        except Exception as error:  # dynamo wraps user errors; say which model failed
+            raise CaptureError(f"capturing {type(model).__name__} failed: {error}") from error
+    if not recorder.records:
+        raise CaptureError(f"dynamo produced no graph for {type(model).__name__}")
+    return Capture(model, partition_map, recorder.records)
+
+
+def linear_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
+    return [node for node in graph_module.graph.nodes if is_linear_call(node)]

@@ -1,0 +1,161 @@
+"""The `mmlora-fx` command: show what the passes saw and did, and run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import MMLoRAError
+
+__all__ = ["main", "load_model"]
+
+
+def load_model(spec: str):
+    """A zoo model by name, or a local Hugging Face model directory (config + safetensors)."""
+    import torch
+    import transformers
+
+    from . import zoo
+
+    if spec in zoo.ZOO:
+        return zoo.build(spec)
+    path = Path(spec)
+    if not path.is_dir():
+        raise SystemExit(f"mmlora-fx: {spec!r} is neither a zoo model ({', '.join(zoo.ZOO)}) nor a directory")
+    if not any(path.glob("*.safetensors")):
+        raise SystemExit(f"mmlora-fx: {spec!r} holds no .safetensors weights (pickled weights are never opened)")
+    config = transformers.AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, name) for name in architectures if hasattr(transformers, name)), None)
+    if model_class is None:
+        raise SystemExit(f"mmlora-fx: config.json of {spec!r} names no transformers class ({architectures})")
+    return model_class.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
+
+
+def _adapter_specs(values: list[str]) -> list[tuple[str, str]]:
+    specs = []
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator:
+            path, name = value, Path(value).name
+        specs.append((name, path))
+    return specs
+
+
+def _overrides(values: list[str]) -> dict[str, str]:
+    overrides = {}
+    for value in values:
+        prefix, separator, partition = value.partition("=")
+        if not separator:
+            raise SystemExit(f"mmlora-fx: --partition takes PREFIX=PARTITION, not {value!r}")
+        overrides[prefix] = partition
+    return overrides
+
+
+def _images(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--images takes counts like 0,1,2, not {value!r}") from None
+
+
+def inspect_command(args) -> int:
+    from . import zoo
+    from .capture import capture
+    from .inspect_report import build_report, render_dot, render_text
+    from .linear_index import LinearIndex
+    from .partitions import discover_partitions
+    from .peft_format import scan_adapter
+    from .serving import ServingPlan
+
+    model = load_model(args.model)
+    partition_map = discover_partitions(model, _overrides(args.partition))
+    linears = LinearIndex(model, partition_map)
+    scans = [scan_adapter(name, path, linears) for name, path in _adapter_specs(args.adapter)]
+    serving = None
+    if args.adapter or args.partitions or args.target_modules:
+        serving = ServingPlan.build(linears, scans, partitions=args.partitions, target_modules=args.target_modules)
+    print(f"capturing {args.model} ...", file=sys.stderr)
+    batch = zoo.make_batch(model, args.images)
+    captured = capture(model, batch, partition_map=partition_map)
+    if serving is not None:
+        serving.mark_graphs(captured)
+    report = build_report(captured, linears, args.model, scans, serving)
+    if args.format == "json":
+        text = json.dumps(report, indent=2) + "\n"
+    elif args.format == "dot":
+        text = render_dot(report)
+    else:
+        text = render_text(report)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    unmatched = [adapter for adapter in report["adapters"] if adapter["unmatched_keys"]]
+    for adapter in unmatched:
+        print(f"mmlora-fx: error: adapter {adapter['name']!r}: {len(adapter['unmatched_keys'])} tensor(s) "
+              f"match no linear of the model (first: {adapter['unmatched_keys'][0]})", file=sys.stderr)
+    return 1 if unmatched else 0
+
+
+def zoo_command(args) -> int:
+    from . import zoo
+
+    for name, family in zoo.ZOO.items():
+        print(f"{name:16} {family.model_class:36} {family.notes}")
+    return 0
+
+
+def demo_command(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.model, images=args.images, backend=args.backend, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmlora-fx", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inspect = commands.add_parser("inspect", help="capture a model and show partitions, graphs, breaks, adapters")
+    inspect.add_argument("model", help="zoo name (see `mmlora-fx zoo`) or a local Hugging Face model directory")
+    inspect.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                         help="a PEFT LoRA adapter directory; repeat for several")
+    inspect.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    inspect.add_argument("--images", type=_images, default=[0, 1, 2], metavar="N,N,...",
+                         help="images per request of the example batch (default 0,1,2)")
+    inspect.add_argument("--partition", action="append", default=[], metavar="PREFIX=PARTITION",
+                         help="override or add a partition prefix (tower, connector, language_model, other)")
+    inspect.add_argument("--partitions", nargs="+", default=None, metavar="PARTITION",
+                         help="serve LoRA only on these partitions (as compile(partitions=...))")
+    inspect.add_argument("--target-modules", nargs="+", default=None, metavar="SUFFIX",
+                         help="serve LoRA only on modules with these name suffixes (as compile(target_modules=...))")
+    inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
+    inspect.set_defaults(run=inspect_command)
+
+    listing = commands.add_parser("zoo", help="list the built-in tiny models")
+    listing.set_defaults(run=zoo_command)
+
+    demo = commands.add_parser("demo", help="two PEFT adapters on a zoo model: mixed batch vs PEFT, per request")
+    demo.add_argument("model", nargs="?", default="tiny-qwen2-vl")
+    demo.add_argument("--images", type=_images, default=[1, 0, 2], metavar="N,N,...")
+    demo.add_argument("--backend", default="inductor", help="inner compiler: inductor (default), aot_eager, eager")
+    demo.add_argument("--workdir", default=None, help="where to write the adapters (a temporary directory if unset)")
+    demo.set_defaults(run=demo_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MMLoRAError as error:
+        print(f"mmlora-fx: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

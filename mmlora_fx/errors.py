@@ -1,0 +1,105 @@
+"""The one exception family of mmlora_fx.
+
+Every error a user can cause derives from `MMLoRAError`. Adapter errors name the adapter, the
+module (when one is at fault) and the problem, so the message alone says what to fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MMLoRAError",
+    "AdapterError",
+    "AdapterFileError",
+    "AdapterFormatError",
+    "UnsupportedAdapterError",
+    "AdapterRankError",
+    "AdapterShapeError",
+    "AdapterTargetError",
+    "AdapterValueError",
+    "DuplicateAdapterError",
+    "UnknownAdapterError",
+    "PinnedAdapterError",
+    "BatchError",
+    "TooManyAdaptersError",
+    "PartitionError",
+    "CaptureError",
+]
+
+
+class MMLoRAError(Exception):
+    """Base of every error mmlora_fx raises on bad input."""
+
+
+class AdapterError(MMLoRAError, ValueError):
+    """An adapter cannot be loaded or used; nothing already loaded was changed."""
+
+    def __init__(self, adapter: str | None, problem: str, module: str | None = None):
+        self.adapter = adapter
+        self.module = module
+        self.problem = problem
+        parts = []
+        if adapter is not None:
+            parts.append(f"adapter {adapter!r}")
+        if module is not None:
+            parts.append(f"module {module!r}")
+        parts.append(problem)
+        super().__init__(": ".join(parts))
+
+
+class AdapterFileError(AdapterError):
+    """Adapter files are missing, unreadable, corrupt, or only in an unsafe format."""
+
+
+class AdapterFormatError(AdapterError):
+    """The adapter config or its tensor names do not follow PEFT's LoRA format."""
+
+
+class UnsupportedAdapterError(AdapterError):
+    """The adapter uses a PEFT feature mmlora_fx does not serve (DoRA, modules_to_save, ...)."""
+
+
+class AdapterRankError(AdapterError):
+    """The adapter's rank is above the `max_lora_rank` the buffers were sized for."""
+
+
+class AdapterShapeError(AdapterError):
+    """A LoRA matrix does not fit the base layer it targets."""
+
+
+class AdapterTargetError(AdapterError):
+    """The adapter targets a module the model lacks, or one the compiled model does not serve."""
+
+
+class AdapterValueError(AdapterError):
+    """The adapter holds NaN or infinite weights."""
+
+
+class DuplicateAdapterError(AdapterError):
+    """An adapter of that name is already loaded."""
+
+
+class UnknownAdapterError(AdapterError, KeyError):
+    """No adapter of that name is loaded."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.args[0]
+
+
+class PinnedAdapterError(AdapterError):
+    """Pinning would leave no room for other adapters, or the adapter is pinned."""
+
+
+class BatchError(MMLoRAError, ValueError):
+    """A batch cannot be run as asked (adapter names, batch size)."""
+
+
+class TooManyAdaptersError(BatchError):
+    """A batch names more distinct adapters than there are GPU slots (`max_loras`)."""
+
+
+class PartitionError(MMLoRAError):
+    """The vision tower, connector or language model cannot be told apart."""
+
+
+class CaptureError(MMLoRAError):
+    """The model could not be captured as FX graphs."""

@@ -1,0 +1,237 @@
+"""What the passes saw and did, as a JSON-ready report, a text table, or a DOT drawing.
+
+The JSON layout is stable (its `schema` field names the version) and documented in
+docs/INSPECT.md; the text and DOT forms are rendered from it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+import networkx as nx
+
+from .capture import Capture
+from .linear_index import LinearIndex
+from .partitions import PARTITIONS
+
+__all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
+
+SCHEMA = "mmlora-fx.inspect/1"
+
+
+def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None) -> dict:
+    """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`."""
+    calls = capture.linear_calls()
+    graphs = []
+    partition_graphs = defaultdict(list)
+    partition_calls = Counter()
+    partition_linear_nodes = defaultdict(list)
+    for record in capture.graphs:
+        counts = Counter(node.meta["mmlora_partition"] for node in record.call_nodes())
+        for partition, count in counts.items():
+            partition_graphs[partition].append(record.index)
+            partition_calls[partition] += count
+        for node in record.linear_nodes():
+            linear = node.meta["mmlora_linear"]
+            modules = sorted({instance.linear_modules.get(node.name, linear.module) for instance in record.instances}
+                             or {linear.module})
+            partition_linear_nodes[node.meta["mmlora_partition"]].append({
+                "graph": record.index, "node": node.name, "modules": modules,
+                "in_features": linear.in_features, "out_features": linear.out_features,
+                "lora": node.meta.get("mmlora_lora") is not None,
+            })
+        frames = sorted({instance.frame_modules.get("self", "") for instance in record.instances})
+        graphs.append({
+            "index": record.index,
+            "function": record.function,
+            "file": record.filename,
+            "frame_modules": frames,
+            "calls": len(record.instances),
+            "nodes": len(record.graph_module.graph.nodes),
+            "call_nodes": sum(counts.values()),
+            "partitions": dict(sorted(counts.items())),
+            "graph_break": None if record.graph_break is None else {
+                "reason": record.graph_break.reason, "location": record.graph_break.location},
+        })
+    partitions = {}
+    for partition in PARTITIONS:
+        partitions[partition] = {
+            "prefixes": capture.partition_map.prefixes_of(partition),
+            "graphs": partition_graphs.get(partition, []),
+            "call_nodes": partition_calls.get(partition, 0),
+            "linear_nodes": partition_linear_nodes.get(partition, []),
+        }
+    report = {
+        "schema": SCHEMA,
+        "model": {"name": model, "class": type(capture.model).__name__},
+        "prefixes": capture.partition_map.to_json(),
+        "partitions": partitions,
+        "graphs": graphs,
+        "graph_breaks": [{"graph": index, "reason": graph_break.reason, "location": graph_break.location}
+                         for index, graph_break in capture.graph_breaks],
+        "linears": [
+            {"module": info.name, "partition": info.partition, "in_features": info.in_features,
+             "out_features": info.out_features, "bias": info.bias,
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears
+        ],
+        "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
+        "serving": serving.to_json() if serving is not None else None,
+    }
+    return report
+
+
+def _adapter_entry(scan, linears: LinearIndex, calls, serving) -> dict:
+    modules = []
+    for module, rank in scan.modules.items():
+        entry = {"module": module, "partition": linears[module].partition, "rank": rank,
+                 "nodes": [{"graph": graph, "node": node} for graph, node in calls.get(module, [])]}
+        if serving is not None:
+            entry["served"] = serving.serves(module)
+        modules.append(entry)
+    return {"name": scan.name, "path": str(scan.path), "modules": modules, "unmatched_keys": scan.unmatched}
+
+
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.|$)")
+
+
+def collapse_names(names: list[str]) -> list[str]:
+    """Fold names that differ in one layer index: `a.0.q`, `a.1.q` -> `a.{0,1}.q`."""
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name in names:
+        numbers = _NUMBER.findall(name)
+        template = _NUMBER.sub("#", name)
+        groups[(template, len(numbers))].append(name)
+    collapsed = []
+    for (template, count), members in groups.items():
+        if len(members) == 1 or count == 0:
+            collapsed.extend(members)
+            continue
+        columns = list(zip(*(_NUMBER.findall(member) for member in members)))
+        varying = [index for index, column in enumerate(columns) if len(set(column)) > 1]
+        if len(varying) != 1:
+            collapsed.extend(members)
+            continue
+        parts = template.split("#")
+        values = sorted(set(columns[varying[0]]), key=int)
+        text = parts[0]
+        for index in range(count):
+            text += ("{" + ",".join(values) + "}") if index == varying[0] else columns[index][0]
+            text += parts[index + 1]
+        collapsed.append(text)
+    return collapsed
+
+
+def _table(rows: list[list[str]], header: list[str], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
+    lines = [indent + "  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    lines += [indent + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+              for row in rows]
+    return lines
+
+
+def _ranges(indices: list[int]) -> str:
+    if not indices:
+        return "-"
+    parts, start, previous = [], indices[0], indices[0]
+    for index in indices[1:] + [None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ",".join(parts)
+
+
+def render_text(report: dict) -> str:
+    model = report["model"]
+    lines = [f"{model['name']} ({model['class']}): {len(report['graphs'])} graphs, "
+             f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules", ""]
+    for partition, entry in report["partitions"].items():
+        linear_modules = sum(len(node["modules"]) for node in entry["linear_nodes"])
+        lines.append(f"{partition}")
+        lines.append(f"  prefixes:     {', '.join(entry['prefixes']) or '-'}")
+        lines.append(f"  graphs:       {_ranges(entry['graphs'])}")
+        lines.append(f"  call nodes:   {entry['call_nodes']}")
+        lines.append(f"  linear nodes: {len(entry['linear_nodes'])} (calling {linear_modules} modules)")
+        if entry["linear_nodes"]:
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     node["in_features"], node["out_features"]] + (["yes" if node["lora"] else "-"]
+                                                                   if report["serving"] else [])
+                    for node in entry["linear_nodes"]]
+            header = ["graph", "node", "module(s)", "in", "out"] + (["LoRA"] if report["serving"] else [])
+            lines += _table(rows, header, indent="    ")
+        lines.append("")
+    lines.append("graph breaks (each ends the graph named; the next graph resumes after it)")
+    if report["graph_breaks"]:
+        rows = [[entry["graph"], entry["location"].rsplit("/", 1)[-1], entry["reason"][:100]]
+                for entry in report["graph_breaks"]]
+        lines += _table(rows, ["graph", "where", "reason"])
+    else:
+        lines.append("  none")
+    if report["serving"]:
+        serving = report["serving"]
+        lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",
+                  f"  target modules: {', '.join(serving['target_modules'])}",
+                  f"  served linears: {serving['served_modules']}"]
+    for adapter in report["adapters"]:
+        lines += ["", f"adapter {adapter['name']} ({adapter['path']})"]
+        rows = [[entry["module"], entry["partition"], entry["rank"],
+                 ", ".join(f"{node['graph']}:{node['node']}" for node in entry["nodes"]) or "(not called)"]
+                + ([("yes" if entry["served"] else "no, outside the served set")] if "served" in entry else [])
+                for entry in adapter["modules"]]
+        header = ["module", "partition", "rank", "graph:node"] + (["served"] if report["serving"] else [])
+        lines += _table(rows, header)
+        if adapter["unmatched_keys"]:
+            lines.append(f"  ERROR: {len(adapter['unmatched_keys'])} tensor(s) match no linear of the model:")
+            lines += [f"    {key}" for key in adapter["unmatched_keys"]]
+    return "\n".join(lines) + "\n"
+
+
+def report_graph(report: dict) -> nx.DiGraph:
+    """The partitions and graphs as a networkx graph: graph nodes in execution order, each
+    joined to the partitions whose nodes it holds."""
+    drawing = nx.DiGraph(name=report["model"]["name"])
+    for partition, entry in report["partitions"].items():
+        drawing.add_node(f"partition:{partition}", kind="partition",
+                         label=f"{partition}\\n{entry['call_nodes']} call nodes, "
+                               f"{len(entry['linear_nodes'])} linear nodes")
+    previous = None
+    breaks = {entry["graph"]: entry for entry in report["graph_breaks"]}
+    for graph in report["graphs"]:
+        name = f"graph:{graph['index']}"
+        drawing.add_node(name, kind="graph",
+                         label=f"graph {graph['index']}\\n{graph['function']}\\n{graph['call_nodes']} call nodes")
+        if previous is not None:
+            # The break that ended the previous graph is what led to this one.
+            reason = breaks.get(graph["index"] - 1, {}).get("reason", "")
+            drawing.add_edge(previous, name, kind="next", label=reason[:40])
+        for partition, count in graph["partitions"].items():
+            drawing.add_edge(name, f"partition:{partition}", kind="holds", label=str(count))
+        previous = name
+    return drawing
+
+
+_COLOURS = {"tower": "lightblue", "connector": "orange", "language_model": "palegreen", "other": "lightgrey"}
+
+
+def render_dot(report: dict) -> str:
+    drawing = report_graph(report)
+
+    def quote(text: str) -> str:
+        return '"' + str(text).replace('"', "'") + '"'
+
+    lines = [f"digraph {quote(drawing.graph['name'])} {{", "  rankdir=LR;", "  node [shape=box];"]
+    for node, data in drawing.nodes(data=True):
+        style = ""
+        if data["kind"] == "partition":
+            colour = _COLOURS.get(node.split(":", 1)[1], "white")
+            style = f", style=filled, fillcolor={colour}, shape=ellipse"
+        lines.append(f"  {quote(node)} [label={quote(data['label'])}{style}];")
+    for source, target, data in drawing.edges(data=True):
+        style = ", style=dashed" if data["kind"] == "holds" else ""
+        lines.append(f"  {quote(source)} -> {quote(target)} [label={quote(data['label'])}{style}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,225 @@
+"""Which submodules are the vision tower, the connector and the language model.
+
+A `PartitionMap` is a table of module-name prefixes, each with a partition label; a module
+belongs to the partition of the longest prefix that owns it, so `model.visual.merger`
+(connector) wins over `model.visual` (tower). Modules no prefix owns are `other`.
+
+`discover_partitions` derives the table from the module tree of a Hugging Face multimodal model,
+with no table per model class:
+
+- the language model is the shallowest submodule built from `config.text_config`, the tower the
+  shallowest one built from `config.vision_config` (each module keeps the config it was built
+  from);
+- the connector is every module with parameters that sits beside the tower and the language
+  model under their common parent (LLaVA's `multi_modal_projector`, Idefics3's `connector`),
+  plus, inside the tower, every module holding a linear that is registered after the tower's
+  stack of repeated blocks on the path down to it (Qwen2-VL's `visual.merger`, Llama4's
+  `vision_model.vision_adapter`); norms after the blocks stay in the tower;
+- the input and output embeddings are `other`, also where they sit inside the language model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from .errors import PartitionError
+
+TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER = "tower", "connector", "language_model", "other"
+PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER)
+# Partitions that can carry LoRA; `other` (embeddings, lm_head, glue) never does.
+LORA_PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL)
+
+__all__ = [
+    "TOWER", "CONNECTOR", "LANGUAGE_MODEL", "OTHER", "PARTITIONS", "LORA_PARTITIONS",
+    "PartitionPrefix", "PartitionMap", "discover_partitions",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionPrefix:
+    prefix: str
+    partition: str
+    source: str  # "default" (discovered) or "user" (override)
+    reason: str = ""
+
+
+class PartitionMap:
+    """Longest-prefix table from module names to partition labels."""
+
+    def __init__(self, prefixes: Iterable[PartitionPrefix]):
+        self._prefixes: dict[str, PartitionPrefix] = {}
+        for entry in prefixes:
+            if entry.partition not in PARTITIONS:
+                raise PartitionError(
+                    f"prefix {entry.prefix!r}: unknown partition {entry.partition!r}; "
+                    f"use one of {', '.join(PARTITIONS)}"
+                )
+            self._prefixes[entry.prefix] = entry
+
+    @property
+    def prefixes(self) -> list[PartitionPrefix]:
+        return sorted(self._prefixes.values(), key=lambda entry: entry.prefix)
+
+    def with_overrides(self, overrides: Mapping[str, str] | None) -> "PartitionMap":
+        """A copy where `overrides` ({prefix: partition}) replace or add prefixes."""
+        if not overrides:
+            return self
+        entries = dict(self._prefixes)
+        for prefix, partition in overrides.items():
+            entries[prefix] = PartitionPrefix(prefix, partition, "user")
+        return PartitionMap(entries.values())
+
+    def owning_prefix(self, module_name: str) -> PartitionPrefix | None:
+        best = None
+        for prefix, entry in self._prefixes.items():
+            if _is_under(module_name, prefix) and (best is None or len(prefix) > len(best.prefix)):
+                best = entry
+        return best
+
+    def partition_of(self, module_name: str) -> str:
+        entry = self.owning_prefix(module_name)
+        return entry.partition if entry is not None else OTHER
+
+    def prefixes_of(self, partition: str) -> list[str]:
+        return [entry.prefix for entry in self.prefixes if entry.partition == partition]
+
+    def to_json(self) -> list[dict]:
+        return [dataclasses.asdict(entry) for entry in self.prefixes]
+
+
+def _is_under(module_name: str, prefix: str) -> bool:
+    if prefix == "":
+        return True
+    return module_name == prefix or module_name.startswith(prefix + ".")
+
+
+def discover_partitions(model: nn.Module, overrides: Mapping[str, str] | None = None) -> PartitionMap:
+    """Find the default prefixes of a Hugging Face multimodal model, then apply `overrides`."""
+    config = getattr(model, "config", None)
+    modules = dict(model.named_modules())
+    language_model = _shallowest_built_from(modules, getattr(config, "text_config", None))
+    tower = _shallowest_built_from(modules, getattr(config, "vision_config", None))
+    if (language_model is None or tower is None) and not overrides:
+        missing = [label for label, name in (("language model", language_model), ("vision tower", tower))
+                   if name is None]
+        raise PartitionError(
+            f"{type(model).__name__}: found no {' and no '.join(missing)} "
+            "(no submodule was built from config.text_config / config.vision_config); "
+            "pass the prefixes yourself, e.g. {'model.visual': 'tower', ...}"
+        )
+    entries: list[PartitionPrefix] = []
+    if language_model is not None:
+        entries.append(PartitionPrefix(language_model, LANGUAGE_MODEL, "default",
+                                       "built from config.text_config"))
+    if tower is not None:
+        entries.append(PartitionPrefix(tower, TOWER, "default", "built from config.vision_config"))
+        entries += _connectors_inside_tower(modules, tower)
+    if tower is not None and language_model is not None:
+        entries += _connectors_beside(model, modules, tower, language_model)
+    entries += _embeddings(model, modules)
+    return PartitionMap(entries).with_overrides(overrides)
+
+
+def _shallowest_built_from(modules: dict[str, nn.Module], config) -> str | None:
+    if config is None:
+        return None
+    matches = [name for name, module in modules.items()
+               if name and _built_from(getattr(module, "config", None), config)]
+    if not matches:
+        return None
+    return min(matches, key=lambda name: (name.count("."), name))
+
+
+def _built_from(module_config, config) -> bool:
+    # Submodules may hold the config object itself or a copy of it (`_from_config` copies).
+    if module_config is None:
+        return False
+    if module_config is config:
+        return True
+    return type(module_config) is type(config) and module_config.to_dict() == config.to_dict()
+
+
+def _holds_linear(module: nn.Module) -> bool:
+    return any(isinstance(sub, nn.Linear) for sub in module.modules())
+
+
+def _block_stack(modules: dict[str, nn.Module], tower: str) -> str | None:
+    """The tower's stack of repeated blocks: its ModuleList with the most parameters."""
+    best, best_size = None, 0
+    for name, module in modules.items():
+        if isinstance(module, nn.ModuleList) and _is_under(name, tower) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = name, size
+    return best
+
+
+def _connectors_inside_tower(modules: dict[str, nn.Module], tower: str) -> list[PartitionPrefix]:
+    stack = _block_stack(modules, tower)
+    if stack is None:
+        return []
+    # Walk from the tower down to the block stack; at each step, the siblings registered after
+    # the step that hold a linear come after the blocks: they project features for the LM.
+    entries = []
+    path = stack[len(tower) + 1 :].split(".") if stack != tower else []
+    parent = tower
+    for step in path:
+        children = list(modules[parent].named_children())
+        names = [child for child, _ in children]
+        position = names.index(step)
+        for child, module in children[position + 1 :]:
+            if _holds_linear(module):
+                name = f"{parent}.{child}" if parent else child
+                entries.append(PartitionPrefix(name, CONNECTOR, "default",
+                                               f"inside the tower, after its blocks {stack}"))
+        parent = f"{parent}.{step}" if parent else step
+    return entries
+
+
+def _common_parent(first: str, second: str) -> str:
+    common = []
+    for a, b in zip(first.split("."), second.split(".")):
+        if a != b:
+            break
+        common.append(a)
+    return ".".join(common)
+
+
+def _connectors_beside(model, modules, tower: str, language_model: str) -> list[PartitionPrefix]:
+    parent = _common_parent(tower, language_model)
+    embeddings = {_module_name(modules, model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None),
+                  _module_name(modules, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)}
+    entries = []
+    for child, module in modules[parent].named_children():
+        name = f"{parent}.{child}" if parent else child
+        if _is_under(tower, name) or _is_under(language_model, name) or name in embeddings:
+            continue
+        if any(True for _ in module.parameters()):
+            entries.append(PartitionPrefix(name, CONNECTOR, "default",
+                                           "beside the tower and the language model"))
+    return entries
+
+
+def _module_name(modules: dict[str, nn.Module], target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in modules.items():
+        if module is target:
+            return name
+    return None
+
+
+def _embeddings(model: nn.Module, modules: dict[str, nn.Module]) -> list[PartitionPrefix]:
+    entries = []
+    for getter, what in (("get_input_embeddings", "input embeddings"), ("get_output_embeddings", "output embeddings")):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        name = _module_name(modules, module)
+        if name:
+            entries.append(PartitionPrefix(name, OTHER, "default", what))
+    return entries

@@ -1,0 +1,343 @@
+"""Tiny multimodal models built from real Hugging Face classes with random weights.
+
+Each family builds a model from a small config (nothing is downloaded) and knows how to make a
+valid batch for any model of its class, tiny or not: several requests, each with its own number
+of images (zero included) and, where the family allows it, its own image sizes. Every request in
+a batch has the same length (text fills what images do not), so a row of the batch can be
+compared with the same request run alone, without padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id"]
+
+VOCAB = 320
+# Ids below FIRST_TEXT_TOKEN are special tokens in the tiny configs; text is drawn above them.
+PAD, BOS, EOS = 0, 1, 2
+IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 10, 11, 12, 13, 14, 15
+FIRST_TEXT_TOKEN = 16
+TEXT_TOKEN_LIMIT = 1000  # text ids stay low so that real vocabularies' special ids are avoided
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its class, a tiny config, and how its images become inputs and tokens.
+
+    `image_sizes(config)` lists the (height, width) in pixels the family takes, the default
+    first; `image_tokens(config, size)` is the number of image tokens one such image becomes in
+    the language model's input; `pixel_inputs(config, sizes_per_request, generator)` makes the
+    image inputs of a batch; `wrap_tokens(config)` gives the tokens around each image's tokens.
+    """
+
+    name: str
+    model_class: str
+    tiny_config: Callable[[], object]
+    image_sizes: Callable[[object], tuple[tuple[int, int], ...]]
+    image_tokens: Callable[[object, tuple[int, int]], int]
+    pixel_inputs: Callable[[object, list[list[tuple[int, int]]], torch.Generator], dict]
+    wrap_tokens: Callable[[object], tuple[list[int], list[int]]] = lambda config: ([], [])
+    notes: str = ""
+
+    def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+        import transformers
+
+        torch.manual_seed(seed)
+        model = getattr(transformers, self.model_class)(self.tiny_config())
+        _randomize_constant_parameters(model, seed)
+        return model.to(dtype).eval()
+
+
+def _randomize_constant_parameters(model: nn.Module, seed: int) -> None:
+    # Some families initialise norms and gates to constants; random values make every
+    # parameter matter, so that a wrong wiring shows in the logits.
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and parameter.float().std() == 0:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.02
+                parameter.add_(noise.to(parameter.dtype))
+
+
+def image_token_id(config) -> int:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return int(value)
+    raise AttributeError(f"{type(config).__name__} names no image token")
+
+
+def _text_config(**overrides) -> dict:
+    config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )
+    config.update(overrides)
+    return config
+
+
+def _vision_config(**overrides) -> dict:
+    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=16, patch_size=4)
+    config.update(overrides)
+    return config
+
+
+def _stacked_pixels(config, sizes_per_request, generator):
+    images = [torch.randn(3, height, width, generator=generator)
+              for sizes in sizes_per_request for height, width in sizes]
+    return {"pixel_values": torch.stack(images)} if images else {}
+
+
+def _square_image(config):
+    size = config.vision_config.image_size
+    return ((size, size),)
+
+
+def _boi_eoi(config):
+    return [config.boi_token_index], [config.eoi_token_index]
+
+
+# --------------------------------------------------------------------------- Qwen2-VL
+def _qwen2_vl_config():
+    from transformers import Qwen2VLConfig
+
+    text = _text_config(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    del text["head_dim"]
+    return Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, in_channels=3,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )
+
+
+def _qwen2_vl_sizes(config):
+    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    return ((2 * unit, 2 * unit), (unit, 2 * unit), (2 * unit, 3 * unit))
+
+
+def _qwen2_vl_tokens(config, size):
+    vision = config.vision_config
+    patches = (size[0] // vision.patch_size) * (size[1] // vision.patch_size)
+    return patches // vision.spatial_merge_size**2
+
+
+def _qwen2_vl_pixels(config, sizes_per_request, generator):
+    vision = config.vision_config
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    grids, pixels = [], []
+    for sizes in sizes_per_request:
+        for height, width in sizes:
+            grid = (1, height // vision.patch_size, width // vision.patch_size)
+            grids.append(grid)
+            pixels.append(torch.randn(grid[0] * grid[1] * grid[2], features, generator=generator))
+    if not grids:
+        return {}
+    return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+
+# --------------------------------------------------------------------------- LLaVA
+def _llava_config():
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=_vision_config(model_type="clip_vision_model", projection_dim=32),
+        text_config=_text_config(model_type="llama"),
+        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", pad_token_id=PAD,
+    )
+
+
+def _llava_tokens(config, size):
+    tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return tokens + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+# --------------------------------------------------------------------------- Idefics3
+def _idefics3_config():
+    from transformers import Idefics3Config
+
+    return Idefics3Config(
+        vision_config=_vision_config(),
+        text_config=_text_config(model_type="llama"),
+        image_token_id=IMAGE_TOKEN, scale_factor=2, pad_token_id=PAD,
+    )
+
+
+def _idefics3_tokens(config, size):
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return patches // config.scale_factor**2
+
+
+def _idefics3_pixels(config, sizes_per_request, generator):
+    # Idefics3 takes [requests, max_images, C, H, W]; all-zero images are padding it drops.
+    most = max((len(sizes) for sizes in sizes_per_request), default=0)
+    if most == 0:
+        return {}
+    size = config.vision_config.image_size
+    pixel_values = torch.zeros(len(sizes_per_request), most, 3, size, size)
+    for request, sizes in enumerate(sizes_per_request):
+        for index in range(len(sizes)):
+            pixel_values[request, index] = torch.randn(3, size, size, generator=generator)
+    return {"pixel_values": pixel_values}
+
+
+# --------------------------------------------------------------------------- Gemma3
+def _gemma3_config():
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        vision_config=_vision_config(model_type="siglip_vision_model", patch_size=2, vision_use_head=False),
+        text_config=_text_config(query_pre_attn_scalar=16, sliding_window=64,
+                                 layer_types=["sliding_attention", "full_attention"]),
+        mm_tokens_per_image=16, image_token_index=IMAGE_TOKEN, boi_token_index=BOI_TOKEN,
+        eoi_token_index=EOI_TOKEN, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )
+
+
+# --------------------------------------------------------------------------- Llama4
+def _llama4_config():
+    from transformers import Llama4Config
+
+    return Llama4Config(
+        # The vision adapter's fc1 takes the pixel-shuffled width: hidden_size / ratio**2.
+        vision_config=_vision_config(intermediate_size=128, patch_size=2, vision_output_dim=64,
+                                     pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64),
+        # Dense text layers: the MoE routing is not what this zoo exercises.
+        text_config=_text_config(intermediate_size_mlp=128, moe_layers=[], num_local_experts=1,
+                                 no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
+                                 attention_chunk_size=256),
+        image_token_index=IMAGE_TOKEN, boi_token_index=BOI_TOKEN, eoi_token_index=EOI_TOKEN, pad_token_id=PAD,
+    )
+
+
+def _llama4_tokens(config, size):
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return int(patches * vision.pixel_shuffle_ratio**2)
+
+
+ZOO: dict[str, Family] = {
+    family.name: family
+    for family in [
+        Family("tiny-qwen2-vl", "Qwen2VLForConditionalGeneration", _qwen2_vl_config, _qwen2_vl_sizes,
+               _qwen2_vl_tokens, _qwen2_vl_pixels,
+               wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
+               notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size"),
+        Family("tiny-llava", "LlavaForConditionalGeneration", _llava_config, _square_image, _llava_tokens,
+               _stacked_pixels, notes="CLIP tower, two-layer MLP projector"),
+        Family("tiny-idefics3", "Idefics3ForConditionalGeneration", _idefics3_config, _square_image,
+               _idefics3_tokens, _idefics3_pixels, notes="SigLIP-style tower, pixel-shuffle connector"),
+        Family("tiny-gemma3", "Gemma3ForConditionalGeneration", _gemma3_config, _square_image,
+               lambda config, size: config.mm_tokens_per_image, _stacked_pixels, wrap_tokens=_boi_eoi,
+               notes="SigLIP tower, pooled projector (its projection is a bare parameter, not a linear)"),
+        Family("tiny-llama4", "Llama4ForConditionalGeneration", _llama4_config, _square_image, _llama4_tokens,
+               _stacked_pixels, wrap_tokens=_boi_eoi,
+               notes="dense text layers (no MoE); one image is one tile; vision adapter MLP is connector"),
+    ]
+}
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the tiny model `name` with random weights drawn from `seed`."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
+    return ZOO[name].build(seed=seed, dtype=dtype)
+
+
+def family_of(model: nn.Module) -> Family:
+    for family in ZOO.values():
+        if type(model).__name__ == family.model_class:
+            return family
+    known = ", ".join(family.model_class for family in ZOO.values())
+    raise TypeError(f"no batch maker for {type(model).__name__}; families with one: {known}")
+
+
+def make_batch(
+    model: nn.Module,
+    images_per_request: Sequence[int] = (0, 1, 2),
+    image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    text_tokens: int = 6,
+    seed: int = 0,
+) -> dict:
+    """A batch with one row per request, request `r` holding `images_per_request[r]` images.
+
+    `image_sizes[r]` optionally gives the (height, width) of each image of request `r` (the
+    family's default size otherwise). Every row has the same length and at least `text_tokens`
+    text tokens; image tokens sit inside the text. Returns the model's keyword inputs, with an
+    all-ones `attention_mask`.
+    """
+    family = family_of(model)
+    config = model.config
+    sizes_allowed = family.image_sizes(config)
+    generator = torch.Generator().manual_seed(seed)
+    if image_sizes is None:
+        image_sizes = [[sizes_allowed[0]] * count for count in images_per_request]
+    image_sizes = [[tuple(size) for size in sizes] for sizes in image_sizes]
+    if [len(sizes) for sizes in image_sizes] != list(images_per_request):
+        raise ValueError("image_sizes must give one size per image of each request")
+    for sizes in image_sizes:
+        for size in sizes:
+            if size not in sizes_allowed:
+                raise ValueError(f"{family.name} takes images of sizes {sizes_allowed}, not {size}")
+
+    before, after = family.wrap_tokens(config)
+    image = image_token_id(config)
+    prompts = [[before + [image] * family.image_tokens(config, size) + after for size in sizes]
+               for sizes in image_sizes]
+    lengths = [sum(len(prompt) for prompt in request) for request in prompts]
+    total = max(lengths, default=0) + text_tokens + 1
+    vocab = min(config.get_text_config().vocab_size, TEXT_TOKEN_LIMIT)
+    bos = config.get_text_config().bos_token_id
+    bos = BOS if bos is None else int(bos)
+    rows = []
+    for request, length in zip(prompts, lengths):
+        text = torch.randint(FIRST_TEXT_TOKEN, vocab, (total - 1 - length,), generator=generator).tolist()
+        head, tail = text[: len(text) // 2], text[len(text) // 2 :]
+        rows.append([bos] + head + [token for prompt in request for token in prompt] + tail)
+    input_ids = torch.tensor(rows)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    batch.update(family.pixel_inputs(config, image_sizes, generator))
+    if family.model_class == "Qwen2VLForConditionalGeneration":
+        batch["mm_token_type_ids"] = (input_ids == image).int()
+    return batch
+
+
+def split_batch(model: nn.Module, batch: dict) -> list[dict]:
+    """Cut a batch from `make_batch` into one batch per request, each holding its own images."""
+    family = family_of(model)
+    config = model.config
+    image = image_token_id(config)
+    per_image = family.image_tokens(config, family.image_sizes(config)[0])
+    requests, next_image, next_row = [], 0, 0
+    for index, row in enumerate(batch["input_ids"]):
+        tokens = int((row == image).sum())
+        single = {key: batch[key][index : index + 1]
+                  for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in batch}
+        if tokens and family.model_class == "Qwen2VLForConditionalGeneration":
+            grids, seen, rows = [], 0, 0
+            while seen < tokens:
+                grid = batch["image_grid_thw"][next_image]
+                grids.append(grid)
+                rows += int(grid.prod())
+                seen += int(grid.prod()) // config.vision_config.spatial_merge_size**2
+                next_image += 1
+            single["pixel_values"] = batch["pixel_values"][next_row : next_row + rows]
+            single["image_grid_thw"] = torch.stack(grids)
+            next_row += rows
+        elif tokens and family.model_class == "Idefics3ForConditionalGeneration":
+            single["pixel_values"] = batch["pixel_values"][index : index + 1, : tokens // per_image]
+        elif tokens:
+            count = tokens // per_image
+            single["pixel_values"] = batch["pixel_values"][next_image : next_image + count]
+            next_image += count
+        requests.append(single)
+    return requests

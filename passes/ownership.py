@@ -1,0 +1,146 @@
+"""Resolve which absolute submodule owns each node of a dynamo graph.
+
+Dynamo compiles one graph per code object and reuses it for every instance of a block: its
+`nn_module_stack` paths are relative to the compiled frame (`L['self'].mlp.fc1`), and module
+parameters arrive as graph inputs. Absolute names come from two places: the frame's locals
+(which module `self` is, for this call) and the parameter tensors themselves (which module a
+weight belongs to).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import fx
+
+__all__ = [
+    "LinearCall",
+    "ResolveOwners",
+    "is_linear_call",
+    "join_module_path",
+    "parse_module_path",
+]
+
+_LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+_ROOT = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]")
+_ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]|\.([A-Za-z_][A-Za-z_0-9]*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCall:
+    """A linear layer call found in a graph: its module (for this instance) and its shape."""
+
+    module: str
+    in_features: int
+    out_features: int
+    bias: bool
+    input_node: str
+    weight_input: int | None  # index of the weight among the graph's placeholders
+
+
+def is_linear_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _LINEAR_TARGETS
+
+
+def parse_module_path(path: str) -> tuple[str | None, str]:
+    """Split a dynamo module path into (frame local, dotted path below it).
+
+    `L['self'].layers[0]._modules['mlp']` -> ("self", "layers.0.mlp"); a path that does not
+    start at a frame local gives (None, path).
+    """
+    match = _ROOT.match(path)
+    if match is None:
+        return None, path
+    local, rest = match.group(1), path[match.end():]
+    parts = []
+    for item in _ITEM.finditer(rest):
+        parts.append(next(group for group in item.groups() if group is not None))
+    return local, ".".join(parts)
+
+
+def join_module_path(root: str, relative: str) -> str:
+    return ".".join(part for part in (root, relative) if part)
+
+
+class ResolveOwners:
+    """Label every call node with the absolute module that owns it.
+
+    Matches: every `call_function`, `call_method` and `call_module` node.
+    Writes into `node.meta`:
+      - `mmlora_owner_path`: (frame local, relative path) of the innermost module in the node's
+        `nn_module_stack`, or (`"self"`, "") when the node is glue in the frame's own code;
+      - `mmlora_owner`: that path made absolute with `frame_modules` (the module each frame local
+        is, for the instance being compiled); None when the local is not a known module;
+      - `mmlora_linear` (linear calls only): a `LinearCall` whose module comes from the weight
+        tensor (`linear_module(weight, owner_path, frame_modules)` names it), which is exact
+        even where the owner path is not.
+    """
+
+    def __init__(
+        self,
+        frame_modules: Mapping[str, str],
+        linear_module: Callable[[object, tuple[str | None, str], Mapping[str, str]], str | None],
+        example_inputs: Sequence[object],
+    ):
+        self.frame_modules = frame_modules
+        self.linear_module = linear_module
+        self.example_inputs = example_inputs
+
+    def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        placeholder_index = {node: index for index, node in enumerate(placeholders)}
+        for node in graph_module.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            local, relative = self._owner_path(node)
+            node.meta["mmlora_owner_path"] = (local, relative)
+            root = self.frame_modules.get(local)
+            node.meta["mmlora_owner"] = join_module_path(root, relative) if root is not None else None
+            if is_linear_call(node):
+                node.meta["mmlora_linear"] = self._linear_call(graph_module, node, placeholder_index)
+        return graph_module
+
+    @staticmethod
+    def _owner_path(node: fx.Node) -> tuple[str | None, str]:
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return "self", ""
+        path, _ = list(stack.values())[-1]
+        return parse_module_path(path)
+
+    def _linear_call(self, graph_module, node, placeholder_index) -> LinearCall | None:
+        args = list(node.args) + [None] * 3
+        x, weight, bias = args[0], args[1], node.kwargs.get("bias", args[2])
+        tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
+        module = None
+        if tensor is not None:
+            module = self.linear_module(tensor, node.meta["mmlora_owner_path"], self.frame_modules)
+        if module is None:
+            # No parameter behind the weight: fall back to the owner path.
+            module = node.meta.get("mmlora_owner")
+        value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
+        if value is None or module is None:
+            return None
+        return LinearCall(
+            module=module,
+            in_features=int(value.shape[1]),
+            out_features=int(value.shape[0]),
+            bias=bias is not None,
+            input_node=x.name if isinstance(x, fx.Node) else str(x),
+            weight_input=weight_input,
+        )
+
+    def _tensor_of(self, graph_module, weight, placeholder_index):
+        if not isinstance(weight, fx.Node):
+            return None, None
+        if weight.op == "placeholder":
+            index = placeholder_index[weight]
+            if index < len(self.example_inputs):
+                return self.example_inputs[index], index
+            return None, index
+        if weight.op == "get_attr":
+            return getattr(graph_module, weight.target, None), None
+        return None, None

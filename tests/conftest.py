@@ -1,0 +1,81 @@
+"""Shared fixtures: zoo models and their captures are built once per test session."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+import torch
+
+from mmlora_fx import zoo
+
+# What each family's linears are, written out by hand from the Hugging Face sources: the
+# partition labels found automatically must agree with this.
+GROUND_TRUTH = {
+    "tiny-qwen2-vl": {
+        "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
+        "connector": r"model\.visual\.merger\.mlp\.[02]",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        "other": r"lm_head",
+    },
+    "tiny-llava": {
+        "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
+        "connector": r"model\.multi_modal_projector\.linear_[12]",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        "other": r"lm_head",
+    },
+    "tiny-idefics3": {
+        "tower": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
+        "connector": r"model\.connector\.modality_projection\.proj",
+        "language_model": r"model\.text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        "other": r"lm_head",
+    },
+    "tiny-gemma3": {
+        "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
+        # The pooled projector multiplies by a bare parameter: the connector has no linear.
+        "connector": r"(?!)",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+        "other": r"lm_head",
+    },
+    "tiny-llama4": {
+        "tower": r"vision_model\.(patch_embedding\.linear|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.fc[12]))",
+        "connector": r"vision_model\.vision_adapter\.mlp\.fc[12]|multi_modal_projector\.linear_1",
+        "language_model": r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)",
+        "other": r"language_model\.lm_head",
+    },
+}
+
+# Modules that hold the connector's (non-linear) work, one per family.
+CONNECTOR_MODULES = {
+    "tiny-qwen2-vl": "model.visual.merger",
+    "tiny-llava": "model.multi_modal_projector",
+    "tiny-idefics3": "model.connector",
+    "tiny-gemma3": "model.multi_modal_projector",
+    "tiny-llama4": "vision_model.vision_adapter",
+}
+
+
+def expected_partition(family: str, module: str) -> str:
+    for partition, pattern in GROUND_TRUTH[family].items():
+        if re.fullmatch(pattern, module):
+            return partition
+    raise AssertionError(f"{family}: {module} is in no ground-truth pattern")
+
+
+@functools.cache
+def cached_model(family: str) -> torch.nn.Module:
+    return zoo.build(family)
+
+
+@functools.cache
+def cached_capture(family: str):
+    from mmlora_fx.capture import capture
+
+    model = cached_model(family)
+    return capture(model, zoo.make_batch(model, (0, 1, 2)))
+
+
+@pytest.fixture(params=list(zoo.ZOO))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,58 @@
+"""The inspection report: stable JSON, every linear once, text and DOT renderings."""
+
+import json
+
+from torch import nn
+
+from mmlora_fx.inspect_report import SCHEMA, build_report, collapse_names, render_dot, render_text
+from mmlora_fx.linear_index import LinearIndex
+
+from .conftest import cached_capture, cached_model, expected_partition
+
+
+def report_of(family):
+    captured = cached_capture(family)
+    return build_report(captured, LinearIndex(cached_model(family), captured.partition_map), family)
+
+
+def test_json_lists_every_linear_exactly_once_with_its_partition(family):
+    report = json.loads(json.dumps(report_of(family)))  # survives a JSON round trip
+    assert report["schema"] == SCHEMA
+    listed = [entry["module"] for entry in report["linears"]]
+    model = cached_model(family)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    assert sorted(listed) == sorted(linears) and len(listed) == len(set(listed))
+    for entry in report["linears"]:
+        assert entry["partition"] == expected_partition(family, entry["module"])
+        assert entry["calls"], f"{entry['module']} was called by some graph node"
+
+
+def test_partitions_summarise_graphs_nodes_and_linears(family):
+    report = report_of(family)
+    assert set(report["partitions"]) == {"tower", "connector", "language_model", "other"}
+    for partition, entry in report["partitions"].items():
+        for node in entry["linear_nodes"]:
+            assert node["in_features"] > 0 and node["out_features"] > 0
+            assert all(expected_partition(family, module) == partition for module in node["modules"])
+    assert report["partitions"]["tower"]["call_nodes"] > 0
+    assert report["partitions"]["connector"]["call_nodes"] > 0
+
+
+def test_text_names_partitions_breaks_and_linears():
+    text = render_text(report_of("tiny-qwen2-vl"))
+    assert "tower\n  prefixes:     model.visual\n" in text
+    assert "model.visual.blocks.{0,1}.attn.qkv" in text
+    assert "connector\n  prefixes:     model.visual.merger\n" in text
+    assert "graph breaks" in text and "Data dependent" in text
+
+
+def test_dot_draws_partitions_and_graphs():
+    dot = render_dot(report_of("tiny-llava"))
+    assert dot.startswith('digraph "tiny-llava" {')
+    assert '"partition:tower"' in dot and '"graph:0" -> "graph:1"' in dot
+
+
+def test_collapse_names_folds_one_varying_index():
+    assert collapse_names(["a.0.q", "a.1.q", "a.10.q"]) == ["a.{0,1,10}.q"]
+    assert collapse_names(["a.0.q", "b.0.q"]) == ["a.0.q", "b.0.q"]
+    assert collapse_names(["x.0.y.1", "x.1.y.0"]) == ["x.0.y.1", "x.1.y.0"]

@@ -1,0 +1,55 @@
+"""Partition prefixes: found from the module tree, longest prefix wins, users can override."""
+
+import pytest
+from torch import nn
+
+from mmlora_fx.errors import PartitionError
+from mmlora_fx.partitions import PartitionMap, PartitionPrefix, discover_partitions
+
+from .conftest import CONNECTOR_MODULES, cached_model, expected_partition
+
+
+def test_default_prefixes_label_every_linear_as_the_ground_truth_says(family):
+    model = cached_model(family)
+    partitions = discover_partitions(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert partitions.partition_of(name) == expected_partition(family, name), name
+
+
+def test_the_connector_is_told_apart_from_the_tower(family):
+    partitions = discover_partitions(cached_model(family))
+    connector = CONNECTOR_MODULES[family]
+    assert partitions.partition_of(connector) == "connector"
+    assert partitions.prefixes_of("tower"), "a tower prefix is found"
+    assert connector not in partitions.prefixes_of("tower")
+
+
+def test_longest_prefix_wins():
+    table = PartitionMap([PartitionPrefix("model.visual", "tower", "user"),
+                          PartitionPrefix("model.visual.merger", "connector", "user")])
+    assert table.partition_of("model.visual.blocks.0.attn.qkv") == "tower"
+    assert table.partition_of("model.visual.merger.mlp.0") == "connector"
+    assert table.partition_of("model.visual_extra") == "other"  # a prefix owns whole components only
+    assert table.partition_of("lm_head") == "other"
+
+
+def test_user_overrides_replace_and_add_prefixes():
+    model = cached_model("tiny-qwen2-vl")
+    default = discover_partitions(model)
+    assert default.partition_of("model.visual.merger.mlp.0") == "connector"
+    overridden = discover_partitions(model, {"model.visual.merger": "tower",
+                                             "model.language_model.layers.1": "other"})
+    assert overridden.partition_of("model.visual.merger.mlp.0") == "tower"
+    assert overridden.partition_of("model.language_model.layers.1.mlp.up_proj") == "other"
+    assert overridden.partition_of("model.language_model.layers.0.mlp.up_proj") == "language_model"
+
+
+def test_unknown_partition_names_are_refused():
+    with pytest.raises(PartitionError, match="unknown partition 'vision'"):
+        PartitionMap([PartitionPrefix("model.visual", "vision", "user")])
+
+
+def test_a_model_without_tower_or_language_model_says_so():
+    with pytest.raises(PartitionError, match="no language model and no vision tower"):
+        discover_partitions(nn.Sequential(nn.Linear(2, 2)))

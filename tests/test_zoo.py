@@ -1,0 +1,55 @@
+"""The tiny model zoo: real Hugging Face classes, valid batches, requests that can be split."""
+
+import pytest
+import torch
+
+from mmlora_fx import zoo
+from mmlora_fx.errors import MMLoRAError  # noqa: F401  (the package imports cleanly)
+
+from .conftest import cached_model
+
+
+def test_every_family_is_a_real_transformers_class(family):
+    import transformers
+
+    model = cached_model(family)
+    assert type(model) is getattr(transformers, zoo.ZOO[family].model_class)
+    assert sum(parameter.numel() for parameter in model.parameters()) < 1_000_000
+
+
+def test_a_batch_row_equals_its_request_run_alone(family):
+    """Requests with 0, 1 and 2 images share one batch and give what they give alone."""
+    model = cached_model(family)
+    batch = zoo.make_batch(model, (0, 1, 2), seed=3)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, single in enumerate(zoo.split_batch(model, batch)):
+            alone = model(**single).logits[0]
+            torch.testing.assert_close(logits[row], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_requests_hold_the_images_asked_for(family):
+    model = cached_model(family)
+    batch = zoo.make_batch(model, (2, 0, 1))
+    image = zoo.image_token_id(model.config)
+    counts = [(row == image).sum().item() for row in batch["input_ids"]]
+    per_image = zoo.ZOO[family].image_tokens(model.config, zoo.ZOO[family].image_sizes(model.config)[0])
+    assert counts == [2 * per_image, 0, per_image]
+    assert batch["input_ids"].shape[0] == 3
+
+
+def test_qwen2_vl_takes_images_of_different_sizes():
+    model = cached_model("tiny-qwen2-vl")
+    sizes = zoo.ZOO["tiny-qwen2-vl"].image_sizes(model.config)
+    batch = zoo.make_batch(model, (1, 2), image_sizes=[[sizes[1]], [sizes[0], sizes[2]]])
+    assert batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 4, 4], [1, 4, 6]]
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_unknown_sizes_and_models_are_refused():
+    model = cached_model("tiny-llava")
+    with pytest.raises(ValueError, match="takes images of sizes"):
+        zoo.make_batch(model, (1,), image_sizes=[[(7, 7)]])
+    with pytest.raises(KeyError, match="unknown zoo model"):
+        zoo.build("tiny-nothing")
