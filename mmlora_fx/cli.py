@@ -1,4 +1,4 @@
-"""The `mmlora-fx` command: show what the passes saw and did, and run the demo."""
+"""The `mmlora-fx` command: show what the compiler passes saw and did."""
 
 from __future__ import annotations
 
@@ -109,12 +109,6 @@ def zoo_command(args) -> int:
     return 0
 
 
-def demo_command(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(args.model, images=args.images, backend=args.backend, workdir=args.workdir)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlora-fx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,13 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("zoo", help="list the built-in tiny models")
     listing.set_defaults(run=zoo_command)
-
-    demo = commands.add_parser("demo", help="two PEFT adapters on a zoo model: mixed batch vs PEFT, per request")
-    demo.add_argument("model", nargs="?", default="tiny-qwen2-vl")
-    demo.add_argument("--images", type=_images, default=[1, 0, 2], metavar="N,N,...")
-    demo.add_argument("--backend", default="inductor", help="inner compiler: inductor (default), aot_eager, eager")
-    demo.add_argument("--workdir", default=None, help="where to write the adapters (a temporary directory if unset)")
-    demo.set_defaults(run=demo_command)
     return parser
 
 

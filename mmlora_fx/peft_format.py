@@ -178,6 +178,10 @@ def _group_by_module(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, d
         for marker, problem in _UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:
                 raise UnsupportedAdapterError(name, f"tensor {key!r}: {problem}")
+        if key.endswith(".base_layer.weight"):
+            raise UnsupportedAdapterError(
+                name, f"tensor {key!r} replaces a base layer's weight (PEFT saves those when LoRA targets "
+                "lm_head or embeddings); LoRA there is not served")
         match = _KEY.match(key)
         if match is None:
             raise AdapterFormatError(

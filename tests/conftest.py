@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through Triton's interpreter; it must be on before any
+    # kernel is defined, so before mmlora_fx (and its kernels) is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from mmlora_fx import zoo
 

@@ -1,0 +1,275 @@
+"""Time the LoRA work of one decoder layer through `mmlora::lora_add_` on a GPU.
+
+One layer of a 7B-class GQA model (hidden 3584, intermediate 18944; q 3584->3584, k and v
+3584->512, o 3584->3584, gate and up 3584->18944, down 18944->3584), bf16, rank 16 in rank-16
+buffers, 32 adapter slots, 256 request entries: four op calls per layer as the runtime makes
+them (qkv with 3 siblings, o, gate_up with 2 siblings, down).
+
+For each row count and number of distinct adapters, it reports:
+
+* the byte floor: the distinct adapters' A and B for all 7 linears read once, each input read
+  once and each output read and written once, over the device-to-device bandwidth measured in
+  the same run (a 1 GiB copy, bytes read plus written);
+* the Triton kernels and a plain-torch gather/bmm implementation (no host sync either), both
+  timed as CUDA-graph replays of `--layers` consecutive layers with distinct buffers (launch
+  gaps as in a captured decode step), median of `triton.testing.do_bench` (which flushes L2
+  before each replay), divided by the layer count.
+
+Batches: rows <= 256 are decode-like (one row per request, rows requests); more rows are
+prefill-like (32 requests of rows/32 rows). `d` distinct adapters are spread over the requests
+at random (every one used; `d` is capped at the number of requests).
+
+    python3 benchmarks/kernel_bench.py --markdown docs/kernel_bench.md --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+
+import torch
+import triton
+import triton.testing
+
+from mmlora_fx.kernels.lora_add import choose_config, lora_add_triton
+from mmlora_fx.kernels.reference import lora_add_gather_bmm
+
+HIDDEN, INTERMEDIATE, KV = 3584, 18944, 512
+# op name -> (input features, siblings' output features)
+LAYER_OPS = {
+    "qkv": (HIDDEN, (HIDDEN, KV, KV)),
+    "o": (HIDDEN, (HIDDEN,)),
+    "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
+    "down": (INTERMEDIATE, (HIDDEN,)),
+}
+
+
+@dataclasses.dataclass
+class OpBuffers:
+    """What one op call reads and writes: fixed buffers, as a captured model holds them."""
+
+    x: torch.Tensor
+    outputs: list[torch.Tensor]
+    lora_a: list[torch.Tensor]
+    lora_b: list[torch.Tensor]
+    slot_ranks: list[torch.Tensor]
+
+
+def make_layer(rows: int, num_slots: int, max_rank: int, dtype: torch.dtype, device: str = "cuda",
+               ops: dict = LAYER_OPS) -> dict[str, OpBuffers]:
+    """Random activations and adapter buffers (every slot loaded at full rank) for one layer."""
+    layer = {}
+    for name, (in_features, out_features) in ops.items():
+        layer[name] = OpBuffers(
+            x=torch.randn(rows, in_features, device=device, dtype=dtype),
+            outputs=[torch.randn(rows, out, device=device, dtype=dtype) for out in out_features],
+            lora_a=[torch.randn(num_slots, max_rank, in_features, device=device, dtype=dtype) * in_features ** -0.5
+                    for _ in out_features],
+            lora_b=[torch.randn(num_slots, out, max_rank, device=device, dtype=dtype) * 0.5 for out in out_features],
+            slot_ranks=[torch.full((num_slots,), max_rank, device=device, dtype=torch.int32) for _ in out_features],
+        )
+    return layer
+
+
+def make_batch(rows: int, adapters: int, num_slots: int, max_requests: int, generator: torch.Generator,
+               device: str = "cuda"):
+    """Request tables for `rows` rows and `adapters` distinct adapters; also their counts."""
+    requests = rows if rows <= 256 else 32
+    distinct = min(adapters, requests, num_slots)
+    chosen = torch.randperm(num_slots, generator=generator)[:distinct]
+    slots = torch.cat([chosen, chosen[torch.randint(0, distinct, (requests - distinct,), generator=generator)]])
+    slots = slots[torch.randperm(requests, generator=generator)]
+    padded = torch.full((max_requests,), -1, dtype=torch.int32)
+    padded[:requests] = slots.to(torch.int32)
+    cum = torch.full((max_requests + 1,), requests, dtype=torch.int64)  # every request weighs 1
+    cum[: requests + 1] = torch.arange(requests + 1)
+    return padded.to(device), cum.to(device), requests, distinct
+
+
+def byte_floor(rows: int, distinct: int, rank: int, element_size: int) -> int:
+    """Bytes one layer must move: used adapters' A and B once, x once, outputs read and written."""
+    adapter = sum(rank * in_features + rank * out for in_features, outs in LAYER_OPS.values() for out in outs)
+    activations = sum(in_features + 2 * sum(outs) for in_features, outs in LAYER_OPS.values())
+    return element_size * (distinct * adapter + rows * activations)
+
+
+def run_layer(impl, layer: dict[str, OpBuffers], slots: torch.Tensor, cum: torch.Tensor) -> None:
+    for op in layer.values():
+        impl(op.outputs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+
+
+def time_graph(step, repeat_ms: int) -> float:
+    """Median milliseconds of one replay of a CUDA graph of `step`, captured after a warm-up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile, autotune caches and allocator warm-up stay outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    median = triton.testing.do_bench(graph.replay, warmup=max(10, repeat_ms // 4), rep=repeat_ms, return_mode="median")
+    del graph
+    return median
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device bandwidth in bytes/s (a 1 GiB copy, bytes read plus bytes written)."""
+    source = torch.randn(2**28, device="cuda")
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=25, rep=200, return_mode="median")
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3)
+
+
+def triton_impl(variant: dict):
+    """`lora_add_triton` with `choose_config`'s heuristic overridden by `variant`."""
+
+    def impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum):
+        config = choose_config(x.shape[0], x.shape[-1], lora_a[0].shape[1], lora_a[0].shape[0], x.dtype, **variant)
+        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, config=config)
+
+    return impl
+
+
+def check_against_torch(layer, slots, cum) -> float:
+    """Largest relative error of the kernels' delta against the gather/bmm baseline's."""
+    worst = 0.0
+    for op in layer.values():
+        ours = [output.clone() for output in op.outputs]
+        theirs = [output.clone() for output in op.outputs]
+        lora_add_triton(ours, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        for o, t, base in zip(ours, theirs, op.outputs):
+            delta = t.float() - base.float()
+            worst = max(worst, ((o.float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
+    return worst
+
+
+def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, iterations: int = 5) -> dict[str, float]:
+    """Mean device microseconds per layer of each kernel the Triton path launches (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_layer(lora_add_triton, layer, slots, cum)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            run_layer(lora_add_triton, layer, slots, cum)
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            name = event.key.split("(")[0][:40]
+            totals[name] = totals.get(name, 0.0) + event.self_device_time_total / iterations
+    return totals
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
+def parse_variants(text: str | None) -> dict[str, dict]:
+    variants = {"default": {}}
+    if text:
+        variants.update(json.loads(text))
+    return variants
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,16,64,256,4096")
+    parser.add_argument("--adapters", default="1,8,32")
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--max-requests", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8, help="distinct layers per graph (2 at 4096 rows and more)")
+    parser.add_argument("--repeat-ms", type=int, default=100)
+    parser.add_argument("--variants", help='JSON {name: choose_config overrides} timed besides the default')
+    parser.add_argument("--per-op", action="store_true", help="also time each op of the layer alone")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also print each kernel's device time per layer")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16
+    variants = parse_variants(args.variants)
+    bandwidth = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: torch {torch.__version__}, triton {triton.__version__}, copy {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+
+    results = []
+    for rows in [int(r) for r in args.rows.split(",")]:
+        count = args.layers if rows <= 256 else 2
+        layers = [make_layer(rows, args.slots, args.rank, dtype) for _ in range(count)]
+        for adapters in [int(a) for a in args.adapters.split(",")]:
+            slots, cum, requests, distinct = make_batch(rows, adapters, args.slots, args.max_requests, generator)
+            floor_us = byte_floor(rows, distinct, args.rank, 2) / bandwidth * 1e6
+            row = dict(rows=rows, adapters=adapters, distinct=distinct, requests=requests, floor_us=floor_us,
+                       check=check_against_torch(layers[0], slots, cum))
+            for name, variant in variants.items():
+                impl = triton_impl(variant)
+                ms = time_graph(lambda: [run_layer(impl, layer, slots, cum) for layer in layers], args.repeat_ms)
+                row[f"ours_{name}_us"] = ms * 1e3 / count
+            if args.per_op:
+                impl = triton_impl({})
+                for op_name in LAYER_OPS:
+                    ms = time_graph(lambda: [impl(l[op_name].outputs, l[op_name].x, l[op_name].lora_a,
+                                                  l[op_name].lora_b, l[op_name].slot_ranks, slots, cum)
+                                             for l in layers], args.repeat_ms)
+                    row[f"op_{op_name}_us"] = ms * 1e3 / count
+            if args.profile:
+                row["kernels_us"] = kernel_breakdown(layers[0], slots, cum)
+            if not args.skip_torch:
+                ms = time_graph(lambda: [run_layer(lora_add_gather_bmm, layer, slots, cum) for layer in layers],
+                                args.repeat_ms)
+                row["torch_us"] = ms * 1e3 / count
+            results.append(row)
+            print(json.dumps(_rounded(row)), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+    header = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                  copy_tb_s=bandwidth / 1e12, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  command="python3 " + " ".join(sys.argv))
+    table = markdown_table(results, variants)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, results=results), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{header['date']}, {device}, torch {header['torch']}, triton {header['triton']}, "
+                    f"measured copy bandwidth {header['copy_tb_s']:.2f} TB/s (read + write)\n\n"
+                    f"`{header['command']}`\n\n{table}\n")
+    return 0
+
+
+def markdown_table(results: list[dict], variants: dict) -> str:
+    names = list(variants)
+    lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton |"
+             + "".join(f" {name} µs |" for name in names[1:]),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1)]
+    for row in results:
+        ours = row["ours_default_us"]
+        torch_us = row.get("torch_us", math.nan)
+        lines.append(
+            f"| {row['rows']} | {row['adapters']} ({row['distinct']}) | {row['requests']} | {row['floor_us']:.1f} | "
+            f"{ours:.1f} | {ours / row['floor_us']:.2f} | {torch_us:.1f} | {torch_us / ours:.1f} |"
+            + "".join(f" {row[f'ours_{name}_us']:.1f} |" for name in names[1:]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""`mmlora_fx.compile(model, adapters)`: a model that runs a different LoRA adapter per request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .backend import MMLoRABackend
+from .runtime import LoRARuntime
+
+__all__ = ["compile", "MultiLoRAModel"]
+
+_PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+class MultiLoRAModel:
+    """A model compiled with LoRA ops on every served linear of its tower, connector and LM.
+
+    Call it like the model, with one adapter name per request: `mm(**batch, adapter_names=[...])`;
+    None and "__base__" mean the base model. The model itself is compiled in place (its
+    `__call__` goes through the compiled graphs), so Hugging Face generation uses the graphs too.
+    """
+
+    def __init__(self, model: nn.Module, runtime: LoRARuntime, backend: MMLoRABackend):
+        self.model = model
+        self.runtime = runtime
+        self.backend = backend
+
+    # ------------------------------------------------------------------ running
+    def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None) -> None:
+        input_ids = batch.get("input_ids")
+        if adapter_names is None:
+            requests = input_ids.shape[0] if input_ids is not None else 1
+            adapter_names = [None] * requests
+        has_images = any(batch.get(key) is not None for key in _PIXEL_KEYS)
+        if batch.get("pixel_values_videos") is not None:
+            from .errors import BatchError
+
+            raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
+        self.runtime.prepare(adapter_names, input_ids, has_images)
+
+    def __call__(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
+        if args:
+            raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
+        self._prepare(batch, adapter_names)
+        return self.model(**batch)
+
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+        """Hugging Face `generate` with one adapter per request (prefill with images, decode without)."""
+        if args:
+            raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
+        self._prepare(kwargs, adapter_names)
+        return self.model.generate(**kwargs)
+
+    def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
+        """The same forward without compilation (LoRA through hooks): the reference for the graphs."""
+        if args:
+            raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
+        self._prepare(batch, adapter_names)
+        with self.runtime.eager_lora():
+            return self.model.forward(**batch)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the loaded adapters."""
+        return self.runtime.manager.names
+
+    def load_adapter(self, name: str, path, pin: bool = False) -> None:
+        self.runtime.manager.load(name, path, pin=pin)
+
+    def unload_adapter(self, name: str) -> None:
+        self.runtime.manager.unload(name)
+
+    def pin_adapter(self, name: str) -> None:
+        self.runtime.manager.pin(name)
+
+    def unpin_adapter(self, name: str) -> None:
+        self.runtime.manager.unpin(name)
+
+    @property
+    def compiled_graphs(self) -> int:
+        """How many graphs were compiled so far; adapter changes must not add to it."""
+        return self.backend.graphs
+
+
+def compile(
+    model: nn.Module,
+    adapters: Mapping[str, object] | None = None,
+    *,
+    max_loras: int = 4,
+    max_lora_rank: int = 16,
+    max_cpu_loras: int | None = None,
+    max_batch_size: int = 64,
+    partitions: Sequence[str] | None = None,
+    target_modules: Sequence[str] | None = None,
+    partition_overrides: Mapping[str, str] | None = None,
+    inner: str = "inductor",
+    mode: str | None = None,
+    options: Mapping | None = None,
+    **compile_kwargs,
+) -> MultiLoRAModel:
+    """Compile `model` to serve `adapters` ({name: PEFT adapter directory}) per request.
+
+    `max_loras` adapters can be in one batch (GPU slots), `max_cpu_loras` stay cached on the CPU;
+    `max_lora_rank` sizes the slot buffers. `partitions` (tower, connector, language_model) and
+    `target_modules` (module-name suffixes) restrict where LoRA is served, for every adapter;
+    by default, everything the given adapters target. `partition_overrides` ({prefix: partition})
+    corrects the discovered partitions. `inner` is the compiler of the rewritten graphs (Inductor
+    by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
+    """
+    runtime = LoRARuntime(model, adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+                          max_lora_rank=max_lora_rank, partitions=partitions, target_modules=target_modules,
+                          partition_overrides=partition_overrides, max_batch_size=max_batch_size)
+    backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
+    model.compile(backend=backend, **compile_kwargs)
+    return MultiLoRAModel(model, runtime, backend)

@@ -1,0 +1,181 @@
+"""The `mmlora` torch.compile backend: label, rewrite, then compile each graph with Inductor.
+
+Two ways in:
+
+- `mmlora_fx.compile(model, adapters, ...)` builds a `LoRARuntime` and compiles the model with an
+  `MMLoRABackend` bound to it;
+- `torch.compile(model, backend="mmlora", options={"adapters": {...}, ...})` (registered through
+  the `torch_dynamo_backends` entry point) builds the runtime on the first graph, from the options
+  and the module being compiled. Adapter names then go per call through a context manager,
+  `with mmlora_fx.adapter_names(["alice", None], input_ids=batch["input_ids"]): out = model(**batch)`;
+  calls outside it run the base model.
+
+Options of the `mmlora` backend: `adapters`, `max_loras`, `max_cpu_loras`, `max_lora_rank`,
+`partitions`, `target_modules`, `partition_overrides`, `max_batch_size` (as `mmlora_fx.compile`),
+`inner` (the compiler each rewritten graph goes to: "inductor", the default, or any dynamo backend
+name such as "aot_eager"); every other key is an Inductor config patch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from .capture import GraphRecorder, GraphRecord, ModuleNames
+from .errors import MMLoRAError
+from .passes import InsertLoRAOps
+from .runtime import LoRARuntime
+
+__all__ = ["MMLoRABackend", "mmlora_backend", "adapter_names", "RUNTIME_OPTIONS"]
+
+RUNTIME_OPTIONS = ("adapters", "max_loras", "max_cpu_loras", "max_lora_rank", "partitions", "target_modules",
+                   "partition_overrides", "max_batch_size")
+
+
+def inner_compiler(name: str, mode: str | None = None, config_patches: Mapping | None = None):
+    """A function compiling one FX graph: Inductor with `mode`'s and the given config, or a dynamo backend."""
+    if name == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode) if mode else {})
+        patches.update(config_patches or {})
+        return lambda graph_module, example_inputs: compile_fx(graph_module, example_inputs,
+                                                               config_patches=patches or None)
+    if config_patches:
+        raise MMLoRAError(f"options {sorted(config_patches)} are Inductor settings; inner={name!r} takes none")
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+class MMLoRABackend:
+    """Label partitions, insert LoRA ops on served linears, compile with `inner`.
+
+    `graphs` counts the graphs compiled so far (a recompilation adds to it).
+    """
+
+    def __init__(self, runtime: LoRARuntime, inner: str = "inductor", mode: str | None = None,
+                 config_patches: Mapping | None = None, apply_pending_names: bool = False):
+        self.runtime = runtime
+        self.compile_graph = inner_compiler(inner, mode, config_patches)
+        self.apply_pending_names = apply_pending_names
+        self.recorder = GraphRecorder(ModuleNames(runtime.model), runtime.partition_map,
+                                      transform=self._rewrite, compile_graph=self._compile)
+
+    @property
+    def graphs(self) -> int:
+        return len(self.recorder.records)
+
+    @property
+    def records(self) -> list[GraphRecord]:
+        return self.recorder.records
+
+    def __call__(self, graph_module: fx.GraphModule, example_inputs: list, **_ignored):
+        return self.recorder(graph_module, example_inputs)
+
+    def _rewrite(self, record: GraphRecord, example_inputs) -> None:
+        serving = self.runtime.serving
+        InsertLoRAOps(lambda linear: serving.serves(linear.module))(record.graph_module)
+
+    def _compile(self, graph_module: fx.GraphModule, example_inputs):
+        compiled = self.compile_graph(graph_module, example_inputs)
+        if not self.apply_pending_names:
+            return compiled
+        runtime = self.runtime
+
+        def run(*args):
+            _PENDING.apply_to(runtime)
+            return compiled(*args)
+
+        return run
+
+
+# --------------------------------------------------------------------------- per-call names
+@dataclasses.dataclass
+class _Batch:
+    names: Sequence[str | None] | None
+    input_ids: torch.Tensor | None
+    has_images: bool
+
+
+class _PendingNames(threading.local):
+    """The adapter names of the forward in progress, for runtimes built by the `mmlora` backend."""
+
+    def __init__(self):
+        self.batch: _Batch | None = None
+        self.version = 0
+        self.applied: dict[int, int] = {}
+
+    def apply_to(self, runtime: LoRARuntime) -> None:
+        if self.applied.get(id(runtime)) == self.version:
+            return
+        if self.batch is None or self.batch.names is None:
+            runtime.prepare_base()
+        else:
+            runtime.prepare(self.batch.names, self.batch.input_ids, self.batch.has_images)
+        self.applied[id(runtime)] = self.version
+
+
+_PENDING = _PendingNames()
+
+
+@contextlib.contextmanager
+def adapter_names(names: Sequence[str | None], input_ids: torch.Tensor | None = None, has_images: bool = False):
+    """Run the forwards inside with one adapter name per request (None or "__base__": base model).
+
+    For models compiled with `torch.compile(model, backend="mmlora", ...)`. `input_ids` is needed
+    when the batch has images: image tokens say which request owns which tower rows.
+    """
+    previous = _PENDING.batch
+    _PENDING.batch = _Batch(list(names), input_ids, has_images or input_ids is not None)
+    _PENDING.version += 1
+    try:
+        yield
+    finally:
+        _PENDING.batch = previous
+        _PENDING.version += 1
+
+
+# --------------------------------------------------------------------------- entry point
+_BACKENDS: dict[int, tuple[dict, MMLoRABackend]] = {}
+
+
+def _model_being_compiled() -> nn.Module:
+    """The outermost module on the stack of the call being compiled (the compiled model)."""
+    import sys
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    outermost = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, nn.Module) and not isinstance(candidate, OptimizedModule):
+            outermost = candidate
+        frame = frame.f_back
+    if outermost is None:
+        raise MMLoRAError("backend='mmlora' found no module being compiled: compile the model itself")
+    return outermost
+
+
+def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: dict | None = None,
+                   mode: str | None = None):
+    """The `mmlora` backend for `torch.compile(model, backend="mmlora", options={...})`."""
+    options = options if options is not None else {}
+    entry = _BACKENDS.get(id(options))
+    if entry is None or entry[0] is not options:
+        model = _model_being_compiled()
+        runtime_options = {key: options[key] for key in RUNTIME_OPTIONS if key in options}
+        inner = options.get("inner", "inductor")
+        patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
+        runtime = LoRARuntime(model, **runtime_options)
+        backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=patches, apply_pending_names=True)
+        entry = _BACKENDS[id(options)] = (options, backend)  # keeps `options` alive: its id stays unique
+        model._mmlora_backend = backend
+    return entry[1](graph_module, example_inputs)

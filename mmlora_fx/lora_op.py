@@ -1,0 +1,61 @@
+"""The graph-level LoRA op: `torch.ops.mmlora.lora_linear_(outputs, x, weights)`.
+
+The rewrite pass puts one after each served linear (or group of siblings). Dynamo reuses a graph
+for every instance of a block, so the op cannot know at rewrite time whose weights it will see:
+it looks the weight tensors up here, finds the runtime and the linears they belong to, and hands
+that runtime the work. Under CUDA graphs the lookup runs once, at capture; the replays reuse the
+buffers it found, whose contents the runtime changes in place.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .errors import MMLoRAError
+
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_"]
+
+
+class WeightRegistry:
+    """Which runtime and linear module a weight tensor belongs to, by storage address."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ReferenceType, str, tuple]] = {}
+
+    def register(self, runtime, weights: dict[str, torch.Tensor]) -> None:
+        """Record every linear weight of `runtime`'s model (served or not) under `runtime`."""
+        reference = weakref.ref(runtime)
+        for module, weight in weights.items():
+            self._entries[weight.data_ptr()] = (reference, module, tuple(weight.shape))
+
+    def forget(self, runtime) -> None:
+        self._entries = {pointer: entry for pointer, entry in self._entries.items()
+                         if entry[0]() is not runtime and entry[0]() is not None}
+
+    def resolve(self, weight: torch.Tensor):
+        entry = self._entries.get(weight.data_ptr())
+        runtime = entry[0]() if entry is not None else None
+        if runtime is None or entry[2] != tuple(weight.shape):
+            raise MMLoRAError(
+                f"a LoRA op received a weight of shape {tuple(weight.shape)} that belongs to no compiled model: "
+                "were the model's parameters moved or replaced after mmlora_fx.compile?"
+            )
+        return runtime, entry[1]
+
+
+REGISTRY = WeightRegistry()
+
+
+@torch.library.custom_op("mmlora::lora_linear_", mutates_args=("outputs",))
+def lora_linear_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Add each row's adapter delta to the outputs of the linears whose weights are `weights`."""
+    runtime, first = REGISTRY.resolve(weights[0])
+    modules = [first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]]
+    runtime.apply(outputs, x, modules)
+
+
+@lora_linear_.register_fake
+def _lora_linear_fake(outputs, x, weights) -> None:
+    return None

@@ -1,0 +1,162 @@
+"""The run-time state of a compiled multi-LoRA model: adapters, slot buffers, token tables.
+
+Before each forward, `prepare(adapter_names, input_ids)` makes the batch's adapters resident
+and refills each partition's `TokenSlotTable` in place: the language model weighs each request
+1, the tower and the connector weigh it by its image tokens (images belong to requests in the
+order their image tokens appear). The LoRA ops in the graphs call `apply`, which picks the
+slot buffers of the linears they serve and the table of their partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapter_manager import BASE_NAMES, AdapterManager
+from .errors import BatchError, MMLoRAError
+from .kernels.lora_add import lora_add_
+from .linear_index import LinearIndex
+from .lora_op import REGISTRY
+from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, discover_partitions
+from .peft_format import scan_adapter
+from .serving import ServingPlan
+from .token_slots import TokenSlotTable
+
+__all__ = ["LoRARuntime"]
+
+_VISION_PARTITIONS = tuple(p for p in LORA_PARTITIONS if p != LANGUAGE_MODEL)
+
+
+def _image_token_ids(config) -> list[int]:
+    ids = []
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+class LoRARuntime:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Mapping[str, object] | None = None,
+        *,
+        max_loras: int = 4,
+        max_cpu_loras: int | None = None,
+        max_lora_rank: int = 16,
+        partitions: Sequence[str] | None = None,
+        target_modules: Sequence[str] | None = None,
+        partition_overrides: Mapping[str, str] | None = None,
+        max_batch_size: int = 64,
+    ):
+        adapters = dict(adapters or {})
+        self.model = model
+        self.partition_map = discover_partitions(model, partition_overrides)
+        self.linears = LinearIndex(model, self.partition_map)
+        # What the first adapters target decides what is served (unless restricted explicitly);
+        # reading the names is enough, the weights are validated when loaded below.
+        scans = [scan_adapter(name, path, self.linears) for name, path in adapters.items()]
+        self.serving = ServingPlan.build(self.linears, scans, partitions, target_modules)
+        if max_cpu_loras is None:
+            max_cpu_loras = max(max_loras, len(adapters))
+        self.manager = AdapterManager(self.linears, self.serving, max_loras=max_loras,
+                                      max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank)
+        self.manager.load_many(adapters)
+        device = next(model.parameters()).device
+        self.tables = {partition: TokenSlotTable(partition, max_batch_size, device) for partition in LORA_PARTITIONS}
+        self.image_token_ids = _image_token_ids(getattr(model, "config", None))
+        self._plans: dict[tuple[str, ...], tuple] = {}
+        REGISTRY.register(self, self.linears.weights)
+
+    # ------------------------------------------------------------------ before a forward
+    def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,
+                has_images: bool = False) -> list[int]:
+        """Make the batch's adapters resident and refill the token tables; return the slots."""
+        if isinstance(adapter_names, str):
+            raise BatchError("adapter_names takes one name per request (a list), not a single string")
+        adapter_names = list(adapter_names)
+        if input_ids is not None and input_ids.shape[0] != len(adapter_names):
+            raise BatchError(f"adapter_names has {len(adapter_names)} names but the batch has "
+                             f"{input_ids.shape[0]} requests")
+        if len(adapter_names) > self.tables[LANGUAGE_MODEL].max_batch_size:
+            raise BatchError(f"the batch has {len(adapter_names)} requests but max_batch_size is "
+                             f"{self.tables[LANGUAGE_MODEL].max_batch_size}")
+        self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
+        image_tokens = self._image_tokens(input_ids, has_images, len(adapter_names))
+        slots = self.manager.activate(adapter_names)
+        self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
+        for partition in _VISION_PARTITIONS:
+            self.tables[partition].fill(slots, image_tokens)
+        return slots
+
+    def prepare_base(self) -> None:
+        """Tables that give every request the base model."""
+        for table in self.tables.values():
+            table.fill([], [])
+
+    def _image_tokens(self, input_ids, has_images: bool, requests: int) -> list[int]:
+        if input_ids is None or not self.image_token_ids:
+            if has_images:
+                raise BatchError("a batch with images needs input_ids (image tokens say which request owns "
+                                 "which image rows in the tower and the connector)")
+            return [0] * requests
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.image_token_ids:
+            mask |= input_ids == token
+        return mask.sum(dim=-1).tolist()
+
+    # ------------------------------------------------------------------ inside a forward
+    def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
+        """Add the LoRA deltas of `modules` (siblings sharing input `x`) to their `outputs`."""
+        plan = self._plans.get(tuple(modules))
+        if plan is None:
+            plan = self._plans[tuple(modules)] = self._plan(modules)
+        served, table, lora_a, lora_b, ranks = plan
+        if not served:
+            return
+        table.check_rows(x.numel() // x.shape[-1])
+        lora_add_([outputs[index] for index in served], x, lora_a, lora_b, ranks,
+                  table.request_slots, table.request_cum_weights)
+
+    def _plan(self, modules: list[str]):
+        served = [index for index, module in enumerate(modules) if module in self.manager.buffers]
+        partitions = {self.linears[modules[index]].partition for index in served}
+        if len(partitions) > 1:
+            raise MMLoRAError(f"linears {modules} share an input but sit in partitions {sorted(partitions)}")
+        if not served:
+            return [], None, [], [], []
+        buffers = [self.manager.buffers[modules[index]] for index in served]
+        table = self.tables[partitions.pop()]
+        return (served, table, [b.lora_a for b in buffers], [b.lora_b for b in buffers],
+                [b.ranks for b in buffers])
+
+    # ------------------------------------------------------------------ eager reference
+    @contextlib.contextmanager
+    def eager_lora(self):
+        """Apply LoRA through forward hooks on the served linears, without any compilation.
+
+        The hooks call the same op with the same tables and buffers as the compiled graphs, so an
+        uncompiled forward inside this context is the reference a compiled one must equal.
+        """
+        handles = []
+        modules = dict(self.model.named_modules())
+        for name in self.manager.buffers:
+            def hook(module, args, output, name=name):
+                self.apply([output], args[0], [name])
+                return output
+            handles.append(modules[name].register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def batch_is_base(self, adapter_names: Sequence[str | None]) -> bool:
+        return all(name in BASE_NAMES for name in adapter_names)
+
+    def close(self) -> None:
+        REGISTRY.forget(self)

@@ -1,0 +1,61 @@
+"""Per-partition tables from activation rows to adapter slots, refilled in place before each forward.
+
+A partition's activations are shared by the batch's requests in order, each request owning rows
+in proportion to its weight (see `mmlora_fx.kernels.reference`): the language model weighs every
+request 1, the tower and the connector weigh a request by its image tokens. So one table, two
+small device tensors with fixed addresses, serves every layer of a partition whatever number of
+rows that layer sees (Qwen2-VL's tower sees four rows per image token, its merger one), and CUDA
+graphs replay them while their contents change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .errors import BatchError
+
+__all__ = ["TokenSlotTable"]
+
+
+class TokenSlotTable:
+    def __init__(self, partition: str, max_batch_size: int, device: torch.device):
+        self.partition = partition
+        self.max_batch_size = max_batch_size
+        self.request_slots = torch.full((max_batch_size,), -1, dtype=torch.int32, device=device)
+        self.request_cum_weights = torch.zeros(max_batch_size + 1, dtype=torch.int64, device=device)
+        # A host copy of the running weights, to check row splits without reading the device.
+        self.cum_weights: list[int] = [0]
+
+    def fill(self, slots: Sequence[int], weights: Sequence[int]) -> None:
+        """Set each request's slot (-1: base model) and weight, in batch order."""
+        if len(slots) != len(weights):
+            raise ValueError("one weight per request")
+        if len(slots) > self.max_batch_size:
+            raise BatchError(f"the batch has {len(slots)} requests but max_batch_size is {self.max_batch_size}")
+        cum = [0]
+        for weight in weights:
+            cum.append(cum[-1] + int(weight))
+        padded_slots = list(slots) + [-1] * (self.max_batch_size - len(slots))
+        padded_cum = cum + [cum[-1]] * (self.max_batch_size - len(slots))
+        # From pageable memory the copy returns once the host data is staged: no race, no sync.
+        self.request_slots.copy_(torch.tensor(padded_slots, dtype=torch.int32), non_blocking=True)
+        self.request_cum_weights.copy_(torch.tensor(padded_cum, dtype=torch.int64), non_blocking=True)
+        self.cum_weights = cum
+
+    def check_rows(self, rows: int) -> None:
+        """Refuse an activation whose rows cannot be shared among requests by their weights."""
+        total = self.cum_weights[-1]
+        if total == 0:
+            return
+        uneven = [index for index, cum in enumerate(self.cum_weights) if (cum * rows) % total]
+        if uneven:
+            raise BatchError(
+                f"a {self.partition} layer saw {rows} rows, which do not split among the batch's requests in "
+                f"proportion to their weights {self._weights()} (request {uneven[0] - 1} would own a fraction "
+                "of a row); this family needs a declared rows-per-image hook"
+            )
+
+    def _weights(self) -> list[int]:
+        return [b - a for a, b in zip(self.cum_weights, self.cum_weights[1:])]

@@ -1,0 +1,300 @@
+"""The Triton path of `mmlora::lora_add_` against the reference.
+
+CPU: the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+when there is no GPU) on tiny shapes, called through `lora_add_triton` directly since the op's
+CPU dispatch is the reference. GPU (`-m gpu`, run through the device tool): larger shapes, the
+op itself, CUDA-graph replay with new batches and weights, and torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmlora_fx.kernels.lora_add import LaunchConfig, choose_config, lora_add_, lora_add_triton, tile_bound
+from mmlora_fx.kernels.reference import lora_add_reference
+
+from .problems import PATTERNS, Problem, assert_matches, make_problem
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+interpreter = pytest.mark.skipif(not INTERPRETING or HAS_CUDA, reason="needs TRITON_INTERPRET=1 on a CPU-only machine")
+
+
+def gpu(test):
+    """Marks a test `gpu` and skips it where there is no CUDA device."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")(test))
+
+
+# Small blocks for tiny shapes: several k splits, k steps, column blocks and tiles per slot.
+SMALL_BLOCKS = LaunchConfig(block_m=16, block_k=16, k_chunk=32, block_n=16)
+# One split: the shrink stores its sums instead of adding them atomically.
+ONE_SPLIT = LaunchConfig(block_m=16, block_k=32, k_chunk=4096, block_n=32)
+
+
+def run_triton(problem: Problem, config: LaunchConfig | None = None) -> list[torch.Tensor]:
+    outputs = problem.fresh_outputs()
+    lora_add_triton(*problem.args(outputs), config=config)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU, under the interpreter: tiny shapes, few cases.
+# ----------------------------------------------------------------------------------------------
+
+INTERPRETER_CASES = [
+    # pattern, requests, rows per request, siblings' out features, max rank, dtype, config
+    ("mixed", 6, 5, (40, 24, 72), 16, torch.float32, SMALL_BLOCKS),
+    ("every_row_different", 20, 1, (24, 40), 16, torch.float32, SMALL_BLOCKS),
+    ("long_segments", 2, 37, (48,), 16, torch.float32, SMALL_BLOCKS),
+    ("zero_weight_requests", 7, 3, (24, 16, 40), 8, torch.float32, ONE_SPLIT),
+    ("one_adapter", 3, 7, (40, 24), 32, torch.float32, None),
+    ("base_only", 4, 2, (24,), 16, torch.float32, SMALL_BLOCKS),
+    ("total_zero", 4, 2, (24, 16), 16, torch.float32, None),
+    ("mixed", 6, 4, (40, 24, 72), 16, torch.bfloat16, SMALL_BLOCKS),
+    ("every_row_different", 9, 1, (40, 24), 16, torch.float16, None),
+    ("mixed", 5, 3, (24, 40), 128, torch.float32, None),
+    ("long_segments", 3, 20, (24, 40), 16, torch.bfloat16, ONE_SPLIT),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda case: f"{case[0]}-{len(case[3])}-{str(case[5])[6:]}")
+def test_triton_matches_reference_interpreted(case):
+    pattern, requests, rows_per_request, out_features, max_rank, dtype, config = case
+    problem = make_problem(pattern=pattern, requests=requests, rows_per_request=rows_per_request,
+                           in_features=80, out_features=out_features, num_slots=5, max_rank=max_rank,
+                           dtype=dtype, max_requests=requests + 3, seed=INTERPRETER_CASES.index(case))
+    assert_matches(problem, run_triton(problem, config))
+
+
+@interpreter
+def test_triton_rows_not_proportional_interpreted():
+    # 29 rows shared by weights summing to 10: fractional ownership, and leading dims (1, 29).
+    problem = make_problem(pattern="mixed", requests=4, rows_per_request=3, in_features=48,
+                           out_features=(32, 24), num_slots=4, max_rank=16, dtype=torch.float32,
+                           rows=29, seed=11)
+    problem.x = problem.x.reshape(1, 29, 48)
+    problem.outputs = [output.reshape(1, 29, -1) for output in problem.outputs]
+    assert_matches(problem, run_triton(problem, SMALL_BLOCKS))
+
+
+@interpreter
+def test_triton_large_weights_interpreted():
+    # Weights in the billions over 40 rows: weight * rows far beyond 32 bits.
+    problem = make_problem(pattern="mixed", requests=5, rows_per_request=10**9, in_features=32,
+                           out_features=(24,), num_slots=4, max_rank=16, dtype=torch.float32,
+                           rows=40, seed=13)
+    assert_matches(problem, run_triton(problem))
+
+
+@interpreter
+def test_triton_many_slots_interpreted():
+    # More slots than one search block (40 -> 64 padded), more requests than one pass (300 > 256).
+    problem = make_problem(pattern="every_row_different", requests=150, rows_per_request=1, in_features=32,
+                           out_features=(24, 16), num_slots=40, max_rank=16, dtype=torch.float32,
+                           max_requests=300, seed=9)
+    assert_matches(problem, run_triton(problem))
+
+
+@interpreter
+def test_triton_can_fail_interpreted():
+    # The check is not a tautology: a kernel given a wrong slot table is caught.
+    problem = make_problem(pattern="every_row_different", requests=6, rows_per_request=1, in_features=32,
+                           out_features=(24,), num_slots=6, max_rank=16, dtype=torch.float32, seed=5)
+    outputs = problem.fresh_outputs()
+    wrong = problem.request_slots.roll(1)
+    lora_add_triton(outputs, problem.x, problem.lora_a, problem.lora_b, problem.slot_ranks, wrong,
+                    problem.request_cum_weights)
+    with pytest.raises(AssertionError):
+        assert_matches(problem, outputs)
+
+
+def test_op_cpu_runs_reference_and_passes_opcheck():
+    problem = make_problem(pattern="mixed", requests=4, rows_per_request=2, in_features=24,
+                           out_features=(16, 8), num_slots=4, max_rank=8, dtype=torch.float32, seed=2)
+    outputs = problem.fresh_outputs()
+    torch.ops.mmlora.lora_add_(*problem.args(outputs))
+    assert_matches(problem, outputs)
+    torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()))
+
+
+def test_choose_config_is_static_and_sane():
+    for rows in (1, 16, 64, 256, 1000, 4096):
+        for rank in (8, 16, 64, 128):
+            for dtype in (torch.float32, torch.bfloat16):
+                config = choose_config(rows, 3584, rank, 32, dtype)
+                assert config.k_chunk % config.block_k == 0 and config.k_chunk >= config.block_k
+                assert config.block_m >= 16 and config.block_n >= 16
+    # Decode splits the input features over many programs; prefill hardly at all.
+    assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
+    assert 3584 // choose_config(4096, 3584, 16, 32).k_chunk <= 4
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_tile_bound_holds(seed):
+    # The grid is sized by tile_bound: no batch may need more tiles than it says.
+    generator = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(1, 300, (1,), generator=generator))
+    num_slots = int(torch.randint(1, 40, (1,), generator=generator))
+    block_m = (16, 32, 64)[seed % 3]
+    cuts = torch.randint(0, rows + 1, (int(torch.randint(0, 40, (1,), generator=generator)),), generator=generator)
+    bounds = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([rows])])
+    slots = torch.randint(-1, num_slots, (bounds.numel() - 1,), generator=generator)
+    rows_per_slot = torch.zeros(num_slots, dtype=torch.int64)
+    for slot, count in zip(slots.tolist(), bounds.diff().tolist()):
+        if slot >= 0:
+            rows_per_slot[slot] += count
+    needed = int(((rows_per_slot + block_m - 1) // block_m).sum())
+    assert needed <= tile_bound(rows, num_slots, block_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+GPU_SHAPES = [
+    # requests, rows per request, in features, siblings' out features (decode-like, then prefill-like)
+    (1, 1, 1000, (520, 72, 72)),
+    (64, 1, 1024, (1024, 256, 256)),
+    (200, 1, 768, (1000, 3000)),
+    (4, 300, 1000, (520, 72, 72)),
+    (3, 1024, 512, (1500,)),
+]
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}-{len(shape[3])}")
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@gpu
+def test_op_matches_reference_gpu(dtype, pattern, shape):
+    requests, rows_per_request, in_features, out_features = shape
+    problem = make_problem(pattern=pattern, requests=requests, rows_per_request=rows_per_request,
+                           in_features=in_features, out_features=out_features, num_slots=24, max_rank=16,
+                           dtype=dtype, device="cuda", max_requests=requests + 5,
+                           seed=10 * PATTERNS.index(pattern) + GPU_SHAPES.index(shape))
+    outputs = problem.fresh_outputs()
+    torch.ops.mmlora.lora_add_(*problem.args(outputs))
+    assert_matches(problem, outputs)
+
+
+@pytest.mark.parametrize("max_rank", [8, 32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows_per_request", [1, 200])
+@gpu
+def test_op_ranks_gpu(rows_per_request, dtype, max_rank):
+    problem = make_problem(pattern="mixed", requests=40 if rows_per_request == 1 else 6,
+                           rows_per_request=rows_per_request, in_features=640, out_features=(384, 128, 200),
+                           num_slots=8, max_rank=max_rank, dtype=dtype, device="cuda", seed=max_rank)
+    outputs = problem.fresh_outputs()
+    torch.ops.mmlora.lora_add_(*problem.args(outputs))
+    assert_matches(problem, outputs)
+
+
+@pytest.mark.parametrize("config", [ONE_SPLIT, SMALL_BLOCKS, LaunchConfig(block_m=64, block_k=64, k_chunk=256, block_n=128)],
+                         ids=["one_split", "small_blocks", "large_blocks"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@gpu
+def test_configs_gpu(dtype, config):
+    for pattern, requests, rows_per_request in (("every_row_different", 50, 1), ("mixed", 7, 40)):
+        problem = make_problem(pattern=pattern, requests=requests, rows_per_request=rows_per_request,
+                               in_features=300, out_features=(200, 72, 130), num_slots=12, max_rank=16,
+                               dtype=dtype, device="cuda", max_requests=400, seed=requests)
+        assert_matches(problem, run_triton(problem, config))
+
+
+@gpu
+def test_llm_sizes_gpu():
+    # The benchmark's gate/up at decode and prefill sizes, every row on its own slot or long runs.
+    for requests, rows_per_request in ((64, 1), (8, 128)):
+        problem = make_problem(pattern="mixed", requests=requests, rows_per_request=rows_per_request,
+                               in_features=3584, out_features=(18944, 18944), num_slots=32, max_rank=16,
+                               dtype=torch.bfloat16, device="cuda", max_requests=256, seed=requests)
+        outputs = problem.fresh_outputs()
+        torch.ops.mmlora.lora_add_(*problem.args(outputs))
+        assert_matches(problem, outputs)
+
+
+@gpu
+def test_opcheck_gpu():
+    problem = make_problem(pattern="mixed", requests=8, rows_per_request=3, in_features=256,
+                           out_features=(128, 64), num_slots=4, max_rank=16, dtype=torch.bfloat16,
+                           device="cuda", seed=4)
+    torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()))
+
+
+def _load_batch(static: Problem, fresh: Problem) -> None:
+    """Copy a new batch and new adapter contents into the captured buffers, in place."""
+    for name in ("x", "request_slots", "request_cum_weights"):
+        getattr(static, name).copy_(getattr(fresh, name))
+    for name in ("outputs", "lora_a", "lora_b", "slot_ranks"):
+        for target, source in zip(getattr(static, name), getattr(fresh, name)):
+            target.copy_(source)
+
+
+@pytest.mark.parametrize("rows_per_request", [1, 96])
+@gpu
+def test_cuda_graph_replay_gpu(rows_per_request):
+    requests = 48 if rows_per_request == 1 else 4
+    # Rows stay fixed (a graph's shapes are); each batch's weights share them out anew.
+    shape = dict(requests=requests, rows_per_request=rows_per_request, in_features=512,
+                 out_features=(384, 128, 128), num_slots=16, max_rank=16, dtype=torch.bfloat16,
+                 device="cuda", max_requests=64, rows=requests * rows_per_request)
+    static = make_problem(pattern="mixed", seed=0, **shape)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        torch.ops.mmlora.lora_add_(*static.args())
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.mmlora.lora_add_(*static.args())
+    # Same rows each replay; new slots, weights (row ownership) and adapter contents each time.
+    for seed, pattern in enumerate(["every_row_different", "mixed", "one_adapter", "zero_weight_requests",
+                                    "base_only", "long_segments"], start=1):
+        fresh = make_problem(pattern=pattern, seed=seed, **shape)
+        _load_batch(static, fresh)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(fresh, [output.clone() for output in static.outputs])
+
+
+@gpu
+def test_torch_compile_gpu():
+    """Inside an Inductor graph (directly and through another custom op), with CUDA graphs."""
+
+    @torch.library.custom_op("mmlora_test::linear_with_lora", mutates_args=())
+    def linear_with_lora(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         ranks: torch.Tensor, slots: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
+        y = x @ weight.T
+        torch.ops.mmlora.lora_add_([y], x, [a], [b], [ranks], slots, cum)
+        return y
+
+    @linear_with_lora.register_fake
+    def _(x, weight, a, b, ranks, slots, cum):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def model(x, weight, a, b, ranks, slots, cum):
+        hidden = x @ weight.T  # the op on an Inductor intermediate
+        torch.ops.mmlora.lora_add_([hidden], x, [a], [b], [ranks], slots, cum)
+        return torch.relu(hidden) + linear_with_lora(x, weight, a, b, ranks, slots, cum)
+
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    shape = dict(requests=32, rows_per_request=1, in_features=256, out_features=(256,), num_slots=8,
+                 max_rank=16, dtype=torch.float32, device="cuda", max_requests=32)
+    weight = torch.randn(256, 256, device="cuda") / 16
+    for seed, pattern in enumerate(["mixed", "every_row_different", "one_adapter", "mixed"]):
+        problem = make_problem(pattern=pattern, seed=seed, **shape)
+        args = (problem.x, weight, problem.lora_a[0], problem.lora_b[0], problem.slot_ranks[0],
+                problem.request_slots, problem.request_cum_weights)
+        got = compiled(*args).clone()
+        hidden = (problem.x.double() @ weight.double().T).cpu()
+        lora_add_reference([hidden], problem.x.double().cpu(), [problem.lora_a[0].double().cpu()],
+                           [problem.lora_b[0].double().cpu()], [problem.slot_ranks[0].cpu()],
+                           problem.request_slots.cpu(), problem.request_cum_weights.cpu())
+        want = torch.relu(hidden) + hidden
+        error = (got.double().cpu() - want).norm() / want.norm()
+        assert error < 1e-4, f"{pattern}: relative error {error:.2e}"

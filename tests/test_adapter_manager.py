@@ -1,0 +1,264 @@
+"""The adapter manager: slot buffers equal PEFT's deltas; LRU, pinning; failed calls change nothing."""
+
+import shutil
+
+import pytest
+import torch
+
+from mmlora_fx.adapter_manager import AdapterManager
+from mmlora_fx.errors import (
+    AdapterError,
+    AdapterTargetError,
+    AdapterValueError,
+    DuplicateAdapterError,
+    MMLoRAError,
+    PinnedAdapterError,
+    TooManyAdaptersError,
+    UnknownAdapterError,
+)
+from mmlora_fx.linear_index import LinearIndex
+from mmlora_fx.partitions import discover_partitions
+from mmlora_fx.peft_format import WEIGHTS_FILE
+from mmlora_fx.serving import ServingPlan
+
+from .conftest import cached_model
+from .peft_helpers import FAMILY_TARGETS, all_targets, lora_layers, make_adapter, peft_model_with
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Five adapters on tiny Qwen2-VL with mixed ranks, over tower, connector and language model."""
+    root = tmp_path_factory.mktemp("adapters")
+    model = cached_model("tiny-qwen2-vl")
+    ranks = {"a": 2, "b": 4, "c": 8, "d": 3, "e": 5}
+    return {name: make_adapter(model, root / name, all_targets("tiny-qwen2-vl"), r=rank, lora_alpha=2 * rank,
+                               seed=index, use_rslora=(name == "c"))
+            for index, (name, rank) in enumerate(ranks.items())}
+
+
+def make_manager(adapters, family="tiny-qwen2-vl", **options):
+    model = cached_model(family)
+    linears = LinearIndex(model, discover_partitions(model))
+    serving = options.pop("serving", None) or ServingPlan.build(linears, partitions=["tower", "connector",
+                                                                                       "language_model"])
+    options.setdefault("max_lora_rank", 8)
+    return AdapterManager(linears, serving, **options)
+
+
+def snapshot(manager):
+    return (manager.names, manager.cpu_cached, manager.resident, sorted(manager.pinned),
+            {module: (b.lora_a.clone(), b.lora_b.clone(), b.ranks.clone()) for module, b in manager.buffers.items()})
+
+
+def assert_same(before, after):
+    assert before[:4] == after[:4]
+    for module, tensors in before[4].items():
+        for old, new in zip(tensors, after[4][module]):
+            assert torch.equal(old, new), module
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+def test_slot_buffers_reproduce_peft_delta_for_every_module(tmp_path, family):
+    model = cached_model(family)
+    tower, connector, language_model = FAMILY_TARGETS[family]
+    paths = {
+        "low": make_adapter(model, tmp_path / "low", tower + connector + language_model, r=2, lora_alpha=4, seed=1),
+        "high": make_adapter(model, tmp_path / "high", tower + language_model, r=6, lora_alpha=3, seed=2,
+                             use_rslora=True, rank_pattern={language_model[0]: 4}),
+    }
+    manager = make_manager(None, family, max_loras=2)
+    manager.load_many(paths)
+    slots = manager.activate(["high", None, "low"])
+    assert slots[1] == -1 and sorted([slots[0], slots[2]]) == [0, 1]
+    layers = lora_layers(peft_model_with(model, paths))
+    for name, slot in (("high", slots[0]), ("low", slots[2])):
+        for module, buffers in manager.buffers.items():
+            layer = layers.get(module)
+            if layer is not None and name in layer.lora_A:
+                torch.testing.assert_close(buffers.delta(slot).double(), layer.get_delta_weight(name).double(),
+                                           rtol=1e-5, atol=1e-7)
+            else:
+                assert int(buffers.ranks[slot]) == 0 and not buffers.lora_a[slot].any(), module
+    partitions = {manager.linears[module].partition for module in manager.buffers
+                  if int(manager.buffers[module].ranks[slots[2]]) > 0}
+    assert {"tower", "language_model"} <= partitions
+    assert ("connector" in partitions) == bool(connector)
+
+
+def test_smaller_ranks_are_padded_with_zeros(adapters):
+    manager = make_manager(adapters)
+    manager.load("a", adapters["a"])
+    [slot] = manager.activate(["a"])
+    buffers = next(b for m, b in manager.buffers.items() if m.endswith("layers.0.self_attn.q_proj"))
+    assert int(buffers.ranks[slot]) == 2
+    assert buffers.lora_a[slot, :2].abs().sum() > 0 and not buffers.lora_a[slot, 2:].any()
+    assert not buffers.lora_b[slot, :, 2:].any()
+
+
+def test_loading_into_a_slot_leaves_other_slots_alone(adapters):
+    manager = make_manager(adapters, max_loras=2)
+    manager.load_many({name: adapters[name] for name in "abc"})
+    manager.activate(["a", "b"])
+    before = {module: b.lora_a[manager.resident["b"]].clone() for module, b in manager.buffers.items()}
+    manager.activate(["b", "c"])  # evicts a, the least recently used
+    assert set(manager.resident) == {"b", "c"}
+    for module, b in manager.buffers.items():
+        assert torch.equal(b.lora_a[manager.resident["b"]], before[module])
+
+
+def test_gpu_slots_evict_least_recently_used_and_reuse_slots(adapters):
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=5)
+    manager.load_many({name: adapters[name] for name in "abc"})
+    manager.activate(["a"])
+    manager.activate(["b"])
+    manager.activate(["a"])  # b is now the least recently used
+    slot_of_b = manager.resident["b"]
+    manager.activate(["c"])
+    assert list(manager.resident) == ["a", "c"] and manager.resident["c"] == slot_of_b
+
+
+def test_cpu_cache_evicts_least_recently_used_and_reloads_from_disk(adapters):
+    manager = make_manager(adapters, max_loras=1, max_cpu_loras=2)
+    manager.load("a", adapters["a"])
+    manager.load("b", adapters["b"])
+    manager.activate(["a"])  # touches a: b is the least recently used
+    manager.load("c", adapters["c"])
+    assert manager.cpu_cached == ["a", "c"] and manager.names == ["a", "b", "c"]
+    [slot] = manager.activate(["b"])  # read again from its directory
+    assert manager.cpu_cached == ["c", "b"]
+    fresh = make_manager(adapters, max_loras=1)
+    fresh.load("b", adapters["b"])
+    [fresh_slot] = fresh.activate(["b"])
+    for module, buffers in manager.buffers.items():
+        assert torch.equal(buffers.lora_b[slot], fresh.buffers[module].lora_b[fresh_slot])
+
+
+def test_pinned_adapters_are_never_evicted(adapters):
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=2)
+    manager.load("a", adapters["a"], pin=True)
+    assert "a" in manager.resident
+    for name in "bcde":
+        manager.load(name, adapters[name])
+        manager.activate([name])
+        assert "a" in manager.resident and "a" in manager.cpu_cached
+    manager.unpin("a")
+    manager.activate(["b"])
+    manager.activate(["c"])
+    assert "a" not in manager.resident
+
+
+def test_too_many_pinned_adapters(adapters):
+    manager = make_manager(adapters, max_loras=2)
+    manager.load("a", adapters["a"], pin=True)
+    manager.load("b", adapters["b"], pin=True)
+    before = snapshot(manager)
+    with pytest.raises(PinnedAdapterError, match=r"adapter 'c': cannot be pinned: 2 adapters are pinned"):
+        manager.load("c", adapters["c"], pin=True)
+    assert_same(before, snapshot(manager))
+    manager.load("c", adapters["c"])
+    with pytest.raises(TooManyAdaptersError, match="held by pinned adapters"):
+        manager.activate(["c"])
+
+
+def test_too_many_adapters_in_one_batch(adapters):
+    manager = make_manager(adapters, max_loras=2)
+    manager.load_many({name: adapters[name] for name in "abc"})
+    before = snapshot(manager)
+    with pytest.raises(TooManyAdaptersError, match=r"3 distinct adapters \(a, b, c\) but there are only max_loras=2"):
+        manager.activate(["a", "b", "a", "c", None])
+    assert_same(before, snapshot(manager))
+
+
+def test_unknown_adapter_name(adapters):
+    manager = make_manager(adapters)
+    manager.load("a", adapters["a"])
+    manager.activate(["a"])
+    before = snapshot(manager)
+    with pytest.raises(UnknownAdapterError, match=r"adapter 'zed': is not loaded \(loaded: a\)"):
+        manager.activate(["a", "zed"])
+    assert_same(before, snapshot(manager))
+    with pytest.raises(UnknownAdapterError):
+        manager.unload("zed")
+
+
+def test_duplicate_and_reserved_names(adapters):
+    manager = make_manager(adapters)
+    manager.load("a", adapters["a"])
+    before = snapshot(manager)
+    with pytest.raises(DuplicateAdapterError, match="adapter 'a': is already loaded"):
+        manager.load("a", adapters["b"])
+    with pytest.raises(DuplicateAdapterError, match="reserved for the base model"):
+        manager.load("__base__", adapters["b"])
+    assert_same(before, snapshot(manager))
+
+
+@pytest.mark.parametrize("breakage", ["nan", "missing", "rank"])
+def test_a_failed_load_changes_nothing(tmp_path, adapters, breakage):
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=2)
+    manager.load("a", adapters["a"], pin=True)
+    manager.load("b", adapters["b"])
+    manager.activate(["b", "a"])
+    before = snapshot(manager)
+    path = tmp_path / "bad"
+    shutil.copytree(adapters["c"], path)
+    if breakage == "nan":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path / WEIGHTS_FILE))
+        next(iter(tensors.values()))[0, 0] = float("nan")
+        save_file(tensors, str(path / WEIGHTS_FILE))
+        error = AdapterValueError
+    elif breakage == "missing":
+        (path / WEIGHTS_FILE).unlink()
+        error = AdapterError
+    else:
+        manager_rank = manager.max_lora_rank
+        assert manager_rank < 16
+        path = make_adapter(cached_model("tiny-qwen2-vl"), tmp_path / "big", ["q_proj"], r=16)
+        error = AdapterError
+    with pytest.raises(error):
+        manager.load("c", path)
+    assert_same(before, snapshot(manager))
+
+
+def test_an_adapter_that_went_bad_on_disk_fails_before_any_slot_changes(tmp_path, adapters):
+    manager = make_manager(adapters, max_loras=1, max_cpu_loras=1)
+    shutil.copytree(adapters["a"], tmp_path / "a")
+    manager.load("a", tmp_path / "a")
+    manager.load("b", adapters["b"])  # evicts a from the CPU cache
+    manager.activate(["b"])
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes(b"garbage")
+    before = snapshot(manager)
+    with pytest.raises(AdapterError, match="corrupt or unreadable"):
+        manager.activate(["a"])
+    assert_same(before, snapshot(manager))
+
+
+def test_unload_frees_and_zeroes_the_slot(adapters):
+    manager = make_manager(adapters, max_loras=2)
+    manager.load("a", adapters["a"])
+    [slot] = manager.activate(["a"])
+    manager.unload("a")
+    assert manager.names == [] and manager.resident == {}
+    assert all(not b.lora_a[slot].any() and int(b.ranks[slot]) == 0 for b in manager.buffers.values())
+
+
+def test_adapters_outside_an_implicit_serving_set_are_refused(adapters, tmp_path):
+    model = cached_model("tiny-qwen2-vl")
+    linears = LinearIndex(model, discover_partitions(model))
+    lm_only = make_adapter(model, tmp_path / "lm", ["q_proj"])
+    serving = ServingPlan.build(linears, [type("A", (), {"modules": {"model.language_model.layers.0.self_attn.q_proj": 0}})])
+    manager = AdapterManager(linears, serving, max_loras=2, max_lora_rank=8)
+    manager.load("lm", lm_only)
+    with pytest.raises(AdapterTargetError, match="does not serve"):
+        manager.load("wide", adapters["a"])
+    explicit = ServingPlan.build(linears, partitions=["language_model"])
+    manager = AdapterManager(linears, explicit, max_loras=2, max_lora_rank=8)
+    manager.load("wide", adapters["a"])
+    dropped = manager.dropped_modules("wide")
+    assert dropped and all(linears[module].partition in ("tower", "connector") for module in dropped)
+
+
+def test_every_error_is_one_family():
+    for error in (AdapterValueError, TooManyAdaptersError, UnknownAdapterError, PinnedAdapterError):
+        assert issubclass(error, MMLoRAError)

@@ -1,0 +1,153 @@
+"""mmlora_fx.compile: a mixed-adapter batch gives, per request, what PEFT gives for it alone.
+
+Every zoo family is compiled once (Inductor, the default) with three PEFT adapters of different
+ranks over its tower, connector and language model; the batches hold requests with 0, 1 and 2
+images (of different sizes for Qwen2-VL), one of them on the base model.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import mmlora_fx
+from mmlora_fx import zoo
+from mmlora_fx.errors import BatchError, TooManyAdaptersError, UnknownAdapterError
+
+from .peft_helpers import all_targets, make_adapter, peft_model_with
+
+FAMILIES = list(zoo.ZOO)
+RANKS = {"alice": 2, "bob": 4, "carol": 8}
+
+
+@dataclasses.dataclass
+class Served:
+    family: str
+    base: torch.nn.Module
+    mm: mmlora_fx.MultiLoRAModel
+    peft: object
+    paths: dict
+
+
+def image_sizes(family, counts):
+    if family != "tiny-qwen2-vl":
+        return None
+    sizes = zoo.ZOO[family].image_sizes(zoo.ZOO[family].tiny_config())
+    # Different sizes within and across requests: [], [small], [square, wide] ...
+    pool = [sizes[1], sizes[0], sizes[2], sizes[0]]
+    start = [sum(counts[:index]) for index in range(len(counts))]
+    return [pool[begin: begin + count] for begin, count in zip(start, counts)]
+
+
+def batch_for(served, counts=(0, 1, 2), seed=0):
+    return zoo.make_batch(served.base, counts, image_sizes=image_sizes(served.family, list(counts)), seed=seed)
+
+
+def peft_logits(served, single, name):
+    with torch.no_grad():
+        if name in (None, "__base__"):
+            with served.peft.disable_adapter():
+                return served.peft(**single).logits[0]
+        served.peft.set_adapter(name)
+        return served.peft(**single).logits[0]
+
+
+def relative_error(ours, reference):
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def assert_matches_peft(served, batch, names, logits):
+    for row, (single, name) in enumerate(zip(zoo.split_batch(served.base, batch), names)):
+        reference = peft_logits(served, single, name)
+        assert relative_error(logits[row], reference) <= 1e-4, (served.family, row, name)
+        if name not in (None, "__base__"):
+            with torch.no_grad():
+                plain = served.base(**single).logits[0]
+            assert relative_error(plain, reference) > 1e-2, "the adapter must change the logits"
+
+
+def until_eos(tokens):
+    """Generated tokens up to the first end-of-sequence (a batch pads the rows that stopped)."""
+    tokens = tokens.tolist()
+    return tokens[: tokens.index(zoo.EOS) + 1] if zoo.EOS in tokens else tokens
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def served(request, tmp_path_factory):
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    base = zoo.build(family)
+    paths = {name: make_adapter(base, root / name, all_targets(family), r=rank, lora_alpha=3 * rank + 1, seed=index)
+             for index, (name, rank) in enumerate(RANKS.items())}
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(zoo.build(family), paths, max_loras=3)
+    return Served(family, base, mm, peft_model_with(base, paths), paths)
+
+
+def test_mixed_batch_equals_peft_per_request(served):
+    batch = batch_for(served)
+    names = ["alice", None, "carol"]
+    with torch.no_grad():
+        logits = served.mm(**batch, adapter_names=names).logits
+    assert served.mm.compiled_graphs > 0
+    assert_matches_peft(served, batch, names, logits)
+
+
+def test_swapping_adapters_needs_no_recompilation(served, tmp_path):
+    with torch.no_grad():
+        served.mm(**batch_for(served), adapter_names=["alice", "bob", None])
+    compiled = served.mm.compiled_graphs
+    for seed, names in enumerate([["bob", "alice", "__base__"], ["carol", "carol", "bob"]], start=1):
+        batch = batch_for(served, seed=seed)
+        with torch.no_grad():
+            assert_matches_peft(served, batch, names, served.mm(**batch, adapter_names=names).logits)
+
+    dave = make_adapter(served.base, tmp_path / "dave", all_targets(served.family), r=3, lora_alpha=5, seed=9)
+    served.mm.load_adapter("dave", dave)
+    served.peft.load_adapter(str(dave), adapter_name="dave")
+    served.mm.unload_adapter("alice")
+    assert served.mm.adapters == ["bob", "carol", "dave"]
+    with pytest.raises(UnknownAdapterError):
+        served.mm(**batch_for(served), adapter_names=["alice", None, None])
+    batch = batch_for(served, seed=4)
+    names = ["dave", None, "bob"]
+    with torch.no_grad():
+        assert_matches_peft(served, batch, names, served.mm(**batch, adapter_names=names).logits)
+    assert served.mm.compiled_graphs == compiled, "adapter changes must not recompile"
+    served.mm.load_adapter("alice", served.paths["alice"])  # restore for the tests that follow
+
+
+def test_greedy_generate_gives_peft_tokens_per_request(served):
+    batch = batch_for(served, counts=(1, 0, 2), seed=7)
+    names = ["carol", "__base__", "bob"]
+    with torch.no_grad():
+        tokens = served.mm.generate(**batch, adapter_names=names, max_new_tokens=6, do_sample=False)
+    prompt = batch["input_ids"].shape[1]
+    for row, (single, name) in enumerate(zip(zoo.split_batch(served.base, batch), names)):
+        with torch.no_grad():
+            if name == "__base__":
+                with served.peft.disable_adapter():
+                    reference = served.peft.generate(**single, max_new_tokens=6, do_sample=False)
+            else:
+                served.peft.set_adapter(name)
+                reference = served.peft.generate(**single, max_new_tokens=6, do_sample=False)
+        assert until_eos(tokens[row, prompt:]) == until_eos(reference[0, prompt:]), (served.family, name)
+
+
+def test_bad_batches_fail_before_anything_runs(served):
+    batch = batch_for(served)
+    compiled = served.mm.compiled_graphs
+    resident = served.mm.runtime.manager.resident
+    with pytest.raises(UnknownAdapterError, match="adapter 'zoe': is not loaded"):
+        served.mm(**batch, adapter_names=["alice", "zoe", None])
+    with pytest.raises(BatchError, match="2 names but the batch has 3 requests"):
+        served.mm(**batch, adapter_names=["alice", None])
+    small = mmlora_fx.MultiLoRAModel(served.mm.model, served.mm.runtime, served.mm.backend)
+    served.mm.runtime.manager.max_loras, saved = 2, served.mm.runtime.manager.max_loras
+    try:
+        with pytest.raises(TooManyAdaptersError, match="3 distinct adapters"):
+            small(**batch, adapter_names=["alice", "bob", "carol"])
+    finally:
+        served.mm.runtime.manager.max_loras = saved
+    assert served.mm.runtime.manager.resident == resident
+    assert served.mm.compiled_graphs == compiled

@@ -1,0 +1,47 @@
+"""The `mmlora-fx` command."""
+
+import json
+
+from mmlora_fx.cli import main
+
+from .conftest import cached_model
+from .peft_helpers import make_adapter
+
+
+def test_inspect_json_with_an_adapter(tmp_path, capsys):
+    path = make_adapter(cached_model("tiny-llava"), tmp_path / "alice", ["q_proj", "linear_1"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-llava", "--adapter", f"alice={path}", "--format", "json", "-o", str(output)]) == 0
+    report = json.loads(output.read_text())
+    adapter = report["adapters"][0]
+    assert adapter["name"] == "alice" and adapter["unmatched_keys"] == []
+    partitions = {entry["module"]: entry["partition"] for entry in adapter["modules"]}
+    assert partitions["model.multi_modal_projector.linear_1"] == "connector"
+    assert partitions["model.vision_tower.encoder.layers.0.self_attn.q_proj"] == "tower"
+    assert all(entry["nodes"] for entry in adapter["modules"]), "every adapted module maps to a graph node"
+    assert report["serving"]["partitions"] == ["connector", "language_model", "tower"]
+
+
+def test_inspect_reports_adapter_keys_that_match_nothing_as_an_error(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    path = make_adapter(cached_model("tiny-llava"), tmp_path / "bad", ["linear_1"], r=2)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors = {key.replace("linear_1", "linear_9"): value for key, value in tensors.items()}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    assert main(["inspect", "tiny-llava", "--adapter", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "ERROR: 2 tensor(s) match no linear of the model" in captured.out
+    assert "linear_9" in captured.err
+
+
+def test_inspect_restrictions_show_what_is_served(capsys):
+    assert main(["inspect", "tiny-llava", "--partitions", "language_model", "--target-modules", "q_proj"]) == 0
+    text = capsys.readouterr().out
+    assert "partitions:     language_model" in text and "target modules: q_proj" in text
+    assert "served linears: 2" in text
+
+
+def test_zoo_lists_the_tiny_models(capsys):
+    assert main(["zoo"]) == 0
+    assert "tiny-qwen2-vl" in capsys.readouterr().out

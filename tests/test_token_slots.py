@@ -1,0 +1,43 @@
+"""Token tables: requests own rows in proportion to their weights, whatever the row count."""
+
+import pytest
+import torch
+
+from mmlora_fx.errors import BatchError
+from mmlora_fx.kernels.reference import row_slots
+from mmlora_fx.token_slots import TokenSlotTable
+
+
+def test_rows_follow_request_weights_at_any_row_count():
+    table = TokenSlotTable("tower", max_batch_size=6, device=torch.device("cpu"))
+    table.fill([3, -1, 0, 5], [2, 0, 1, 3])  # a request without images owns no tower rows
+    for rows_per_token in (1, 4):
+        rows = 6 * rows_per_token
+        slots = row_slots(table.request_slots, table.request_cum_weights, rows).tolist()
+        expected = [3] * 2 * rows_per_token + [0] * rows_per_token + [5] * 3 * rows_per_token
+        assert slots == expected
+
+
+def test_refilling_replaces_the_previous_batch_in_place():
+    table = TokenSlotTable("language_model", max_batch_size=4, device=torch.device("cpu"))
+    addresses = (table.request_slots.data_ptr(), table.request_cum_weights.data_ptr())
+    table.fill([1, 2, 3, 0], [1, 1, 1, 1])
+    table.fill([2, -1], [1, 1])
+    assert (table.request_slots.data_ptr(), table.request_cum_weights.data_ptr()) == addresses
+    assert row_slots(table.request_slots, table.request_cum_weights, 4).tolist() == [2, 2, -1, -1]
+    table.fill([], [])
+    assert row_slots(table.request_slots, table.request_cum_weights, 3).tolist() == [-1, -1, -1]
+
+
+def test_rows_that_do_not_split_are_refused():
+    table = TokenSlotTable("tower", max_batch_size=4, device=torch.device("cpu"))
+    table.fill([0, 1], [2, 1])
+    table.check_rows(12)
+    with pytest.raises(BatchError, match="saw 10 rows, which do not split"):
+        table.check_rows(10)
+
+
+def test_batches_larger_than_the_tables_are_refused():
+    table = TokenSlotTable("language_model", max_batch_size=2, device=torch.device("cpu"))
+    with pytest.raises(BatchError, match="max_batch_size is 2"):
+        table.fill([0, 0, 0], [1, 1, 1])
