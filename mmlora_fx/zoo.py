@@ -29,8 +29,8 @@ TEXT_TOKEN_LIMIT = 1000  # text ids stay low so that real vocabularies' special 
 class Family:
     """A model family: its class, a tiny config, and how its images become inputs and tokens.
 
-    `image_sizes(config)` lists the (height, width) in pixels the family takes, the default
-    first; `image_tokens(config, size)` is the number of image tokens one such image becomes in
+    `image_sizes(config)` lists (height, width) sizes in pixels the family takes, the default
+    first; `accepts(config, size)` says whether it takes another; `image_tokens(config, size)` is the number of image tokens one such image becomes in
     the language model's input; `pixel_inputs(config, sizes_per_request, generator)` makes the
     image inputs of a batch; `wrap_tokens(config)` gives the tokens around each image's tokens.
     """
@@ -43,6 +43,12 @@ class Family:
     pixel_inputs: Callable[[object, list[list[tuple[int, int]]], torch.Generator], dict]
     wrap_tokens: Callable[[object], tuple[list[int], list[int]]] = lambda config: ([], [])
     notes: str = ""
+    accepts: Callable[[object, tuple[int, int]], bool] | None = None
+
+    def takes(self, config, size: tuple[int, int]) -> bool:
+        if self.accepts is not None:
+            return self.accepts(config, size)
+        return size in self.image_sizes(config)
 
     def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
         import transformers
@@ -122,6 +128,11 @@ def _qwen2_vl_config():
 def _qwen2_vl_sizes(config):
     unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
     return ((2 * unit, 2 * unit), (unit, 2 * unit), (2 * unit, 3 * unit))
+
+
+def _qwen2_vl_accepts(config, size):
+    unit = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    return all(side > 0 and side % unit == 0 for side in size)
 
 
 def _qwen2_vl_tokens(config, size):
@@ -231,7 +242,8 @@ ZOO: dict[str, Family] = {
         Family("tiny-qwen2-vl", "Qwen2VLForConditionalGeneration", _qwen2_vl_config, _qwen2_vl_sizes,
                _qwen2_vl_tokens, _qwen2_vl_pixels,
                wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
-               notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size"),
+               notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size",
+               accepts=_qwen2_vl_accepts),
         Family("tiny-llava", "LlavaForConditionalGeneration", _llava_config, _square_image, _llava_tokens,
                _stacked_pixels, notes="CLIP tower, two-layer MLP projector"),
         Family("tiny-idefics3", "Idefics3ForConditionalGeneration", _idefics3_config, _square_image,
@@ -286,8 +298,8 @@ def make_batch(
         raise ValueError("image_sizes must give one size per image of each request")
     for sizes in image_sizes:
         for size in sizes:
-            if size not in sizes_allowed:
-                raise ValueError(f"{family.name} takes images of sizes {sizes_allowed}, not {size}")
+            if not family.takes(config, size):
+                raise ValueError(f"{family.name} takes images of sizes like {sizes_allowed}, not {size}")
 
     before, after = family.wrap_tokens(config)
     image = image_token_id(config)

@@ -49,7 +49,11 @@ def test_qwen2_vl_takes_images_of_different_sizes():
 
 def test_unknown_sizes_and_models_are_refused():
     model = cached_model("tiny-llava")
-    with pytest.raises(ValueError, match="takes images of sizes"):
+    with pytest.raises(ValueError, match="takes images of sizes like"):
         zoo.make_batch(model, (1,), image_sizes=[[(7, 7)]])
+    qwen = cached_model("tiny-qwen2-vl")
+    assert zoo.make_batch(qwen, (1,), image_sizes=[[(24, 32)]])["image_grid_thw"].tolist() == [[1, 6, 8]]
+    with pytest.raises(ValueError, match="takes images of sizes like"):
+        zoo.make_batch(qwen, (1,), image_sizes=[[(12, 16)]])  # not a multiple of patch * merge
     with pytest.raises(KeyError, match="unknown zoo model"):
         zoo.build("tiny-nothing")

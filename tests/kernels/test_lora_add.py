@@ -168,7 +168,7 @@ GPU_SHAPES = [
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}-{len(shape[3])}")
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @gpu
 def test_op_matches_reference_gpu(dtype, pattern, shape):
     requests, rows_per_request, in_features, out_features = shape
@@ -182,7 +182,7 @@ def test_op_matches_reference_gpu(dtype, pattern, shape):
 
 
 @pytest.mark.parametrize("max_rank", [8, 32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows_per_request", [1, 200])
 @gpu
 def test_op_ranks_gpu(rows_per_request, dtype, max_rank):
@@ -196,7 +196,7 @@ def test_op_ranks_gpu(rows_per_request, dtype, max_rank):
 
 @pytest.mark.parametrize("config", [ONE_SPLIT, SMALL_BLOCKS, LaunchConfig(block_m=64, block_k=64, k_chunk=256, block_n=128)],
                          ids=["one_split", "small_blocks", "large_blocks"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @gpu
 def test_configs_gpu(dtype, config):
     for pattern, requests, rows_per_request in (("every_row_different", 50, 1), ("mixed", 7, 40)):

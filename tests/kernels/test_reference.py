@@ -76,7 +76,7 @@ def test_reference_matches_loop(pattern):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pattern", ["mixed", "every_row_different", "zero_weight_requests", "base_only"])
 def test_gather_bmm_matches_reference(pattern, dtype):
     problem = make_problem(pattern=pattern, requests=6, rows_per_request=2, in_features=40,

@@ -1,0 +1,538 @@
+"""End to end on the GPU: a Qwen2-VL-7B-shaped model, multi-LoRA against the base model and PEFT.
+
+    python benchmarks/e2e.py --out results/ [--parts decode,prefill,load,soak] [--tiny]
+
+Builds a random-weight Qwen2-VL-7B-shaped model in bf16 from its config (no download): language
+model hidden 3584, 28 layers, intermediate 18944, GQA 28/4 heads; vision tower 32 blocks of
+1280, merger to 3584. Adapters: rank 16 on q/k/v/o/gate/up/down of the language model,
+qkv/proj/fc1/fc2 of the tower and the merger MLP, written in PEFT's format. Parts:
+
+- decode: one decode step (1 new token per request, static KV cache of 512) for batch 1, 16, 64
+  with 1, 8, 32 distinct adapters: the compiled base model, mmlora_fx, PEFT's mixed-adapter
+  batch (eager), and the byte floor (base weights + the distinct adapters' weights over the
+  measured copy bandwidth). CUDA graphs (mode="reduce-overhead") for base and mmlora_fx.
+- prefill: 8 requests with one 448x448 image each, 8 distinct adapters over tower, connector
+  and language model: base vs mmlora_fx vs PEFT (its mixed batch cannot split a packed tower,
+  so PEFT runs the requests one by one; the mixed attempt's error is recorded).
+- load: compile time with and without adapters; time to load and activate one adapter.
+- soak: decode steps with random adapter mixes while adapters are loaded, evicted and
+  reloaded; every 100 steps the compiled output is checked against the uncompiled reference
+  (same LoRA through forward hooks); no recompilation or recapture; memory at start and end.
+
+Each part writes `<part>.json` under --out; the last lines printed are a summary table.
+`--tiny` runs the same code on a tiny config (on the CPU, no CUDA graphs) to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mmlora_fx
+from mmlora_fx import zoo
+
+SEVEN_B = dict(
+    text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+              rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24])),
+    vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, in_channels=3,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    image=448,
+)
+TINY = dict(
+    text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6])),
+    vision=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, in_channels=3,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+    image=56,
+)
+LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_TARGETS = ["qkv", "attn.proj", "fc1", "fc2", "mlp.0", "mlp.2"]
+RANK = 16
+KV = 512
+
+
+# --------------------------------------------------------------------------- set-up
+def build_model(spec, device, dtype):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig(
+        text_config=dict(spec["text"], bos_token_id=zoo.BOS, eos_token_id=zoo.EOS, pad_token_id=zoo.PAD),
+        vision_config=spec["vision"], image_token_id=zoo.IMAGE_TOKEN, video_token_id=zoo.VIDEO_TOKEN,
+        vision_start_token_id=zoo.VISION_START, vision_end_token_id=zoo.VISION_END,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def adapter_modules(model) -> dict[str, tuple[int, int]]:
+    """The linears the adapters target (PEFT's suffix rule): name -> (in, out)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in LM_TARGETS + VISION_TARGETS):
+            found[name] = (module.in_features, module.out_features)
+    return found
+
+
+def write_adapter(path: Path, modules, seed: int, device) -> Path:
+    """A PEFT LoRA adapter with random weights, written as PEFT writes it (bf16 safetensors)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, (fan_in, fan_out) in modules.items():
+        a = torch.randn(RANK, fan_in, generator=generator, device=device) / fan_in**0.5
+        b = torch.randn(fan_out, RANK, generator=generator, device=device) * (0.05 / RANK**0.5)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", r=RANK, lora_alpha=2 * RANK, target_modules=LM_TARGETS + VISION_TARGETS,
+                  lora_dropout=0.0, bias="none", task_type=None, use_rslora=False, use_dora=False)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def measured_bandwidth(device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read and written."""
+    if device.type != "cuda":
+        return float("nan")
+    source = torch.randn(512 * 1024 * 1024 // 4 * 2, device=device)  # 2 GiB
+    target = torch.empty_like(source)
+    milliseconds = timed(lambda: target.copy_(source), device, repeats=20)
+    del source, target
+    return 2 * 2 * 1024**3 / (milliseconds / 1e3)
+
+
+def timed(fn, device, repeats=20, warmup=3) -> float:
+    """Median milliseconds of `fn()` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(samples)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class CaptureCounter:
+    """Counts CUDA graph captures (cudagraph trees record through torch.cuda.CUDAGraph)."""
+
+    def __init__(self):
+        self.count = 0
+        self._original = None
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            self._original = torch.cuda.CUDAGraph.capture_begin
+
+            def counting(graph, *args, **kwargs):
+                self.count += 1
+                return self._original(graph, *args, **kwargs)
+
+            torch.cuda.CUDAGraph.capture_begin = counting
+        return self
+
+    def __exit__(self, *exc):
+        if self._original is not None:
+            torch.cuda.CUDAGraph.capture_begin = self._original
+
+
+def uncompile(model):
+    model._compiled_call_impl = None
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- decode
+class DecodeStep:
+    """One decode step per call over a static cache of KV random tokens.
+
+    The cache appends at its own running length; `rewind()` sets it back to KV. Timed runs let
+    it grow by one token per call (a few dozen calls: 512 -> ~540 tokens).
+    """
+
+    SPARE = 256
+
+    def __init__(self, model, batch: int, device, dtype):
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=KV + self.SPARE)
+        generator = torch.Generator(device=device).manual_seed(batch)
+        self.input_ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 500, (batch, 1), device=device, generator=generator)
+        self.position_ids = torch.full((3, batch, 1), KV, device=device, dtype=torch.long)
+        with torch.no_grad():
+            model.forward(**self.inputs())  # allocates the cache layers (eagerly)
+        for layer in self.cache.layers:
+            layer.keys.normal_(0, 1, generator=generator)
+            layer.values.normal_(0, 1, generator=generator)
+        self.rewind()
+
+    def rewind(self) -> None:
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(KV)
+
+    def inputs(self) -> dict:
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, past_key_values=self.cache,
+                    use_cache=True)
+
+    def __call__(self, call=None, **extra):
+        with torch.no_grad():
+            return (call if call is not None else self.model)(**self.inputs(), **extra).logits
+
+
+def mixed_names(names: list[str], batch: int, distinct: int, seed: int) -> list[str]:
+    """`batch` names drawn from the first `distinct` adapters, each of them used at least once."""
+    chosen = names[:distinct]
+    assignment = [chosen[index % distinct] for index in range(batch)]
+    random.Random(seed).shuffle(assignment)
+    return assignment
+
+
+def part_decode(args, model, adapters, device, results):
+    batches, mixes = ([1, 16, 64], [1, 8, 32]) if not args.tiny else ([1, 4], [1, 2])
+    names = list(adapters)
+    bandwidth = measured_bandwidth(device)
+    base_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if not n.startswith("model.visual") and "embed_tokens" not in n)
+    lm_adapter_bytes = sum(RANK * (i + o) * 2 for n, (i, o) in adapter_modules(model).items()
+                           if n.startswith("model.language_model"))
+    rows = []
+    steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
+    mode = "reduce-overhead" if device.type == "cuda" else None
+
+    # Base model, compiled the same way.
+    torch._dynamo.reset()
+    base = torch.compile(model, mode=mode)
+    base_ms = {}
+    first_call = {}
+    for batch in batches:
+        steps[batch].rewind()
+        began = time.perf_counter()
+        steps[batch](base)
+        synchronize(device)
+        first_call[batch] = time.perf_counter() - began
+        steps[batch].rewind()
+        base_ms[batch] = timed(lambda: steps[batch](base), device)
+    uncompile(model)
+
+    began = time.perf_counter()
+    mm = mmlora_fx.compile(model, adapters, max_loras=max(mixes), max_lora_rank=RANK, mode=mode,
+                           max_batch_size=max(batches))
+    load_seconds = time.perf_counter() - began
+    mm_ms, mm_first_call = {}, {}
+    for batch in batches:
+        for distinct in mixes:
+            if distinct > batch:
+                continue
+            assignment = mixed_names(names, batch, distinct, seed=batch * 100 + distinct)
+            mm.runtime.prepare(assignment)
+            steps[batch].rewind()
+            if batch not in mm_first_call:
+                began = time.perf_counter()
+                steps[batch]()
+                synchronize(device)
+                mm_first_call[batch] = time.perf_counter() - began
+                steps[batch].rewind()
+            mm_ms[batch, distinct] = timed(lambda: steps[batch](), device)
+    uncompile(model)
+
+    peft_ms = {}
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:max(mixes)]:
+            peft.load_adapter(str(adapters[name]), adapter_name=name)
+        peft.eval()
+        for batch in batches:
+            for distinct in mixes:
+                if distinct > batch:
+                    continue
+                assignment = mixed_names(names, batch, distinct, seed=batch * 100 + distinct)
+                steps[batch].rewind()
+                peft_ms[batch, distinct] = timed(lambda: steps[batch](peft, adapter_names=assignment), device,
+                                                 repeats=5, warmup=1)
+        model = peft.unload()  # the base model again, LoRA layers removed
+    for batch in batches:
+        for distinct in mixes:
+            if distinct > batch:
+                continue
+            floor_base = base_bytes / bandwidth * 1e3
+            floor = (base_bytes + distinct * lm_adapter_bytes) / bandwidth * 1e3
+            overhead = mm_ms[batch, distinct] / base_ms[batch] - 1
+            floor_overhead = (floor - floor_base) / base_ms[batch]
+            rows.append(dict(batch=batch, adapters=distinct, base_ms=base_ms[batch], mmlora_ms=mm_ms[batch, distinct],
+                             peft_ms=peft_ms.get((batch, distinct)), floor_ms=floor, overhead=overhead,
+                             floor_overhead=floor_overhead,
+                             target_met=overhead <= 1.25 * floor_overhead + 0.03))
+    results["decode"] = dict(rows=rows, bandwidth_bytes_per_s=bandwidth, base_bytes=base_bytes,
+                             adapter_bytes_language_model=lm_adapter_bytes, mmlora_setup_s=load_seconds,
+                             base_first_call_s=first_call, mmlora_first_call_s=mm_first_call)
+    return model
+
+
+# --------------------------------------------------------------------------- prefill
+def prefill_batch(model, spec, requests: int):
+    size = (spec["image"], spec["image"])
+    batch = zoo.make_batch(model, [1] * requests, image_sizes=[[size]] * requests, text_tokens=64, seed=11)
+    device = next(model.parameters()).device
+    return {key: value.to(device) if key != "pixel_values" else value.to(device, torch.bfloat16)
+            for key, value in batch.items()}
+
+
+def part_prefill(args, model, adapters, device, results, spec):
+    requests = 8 if not args.tiny else 3
+    names = list(adapters)[:requests]
+    batch = prefill_batch(model, spec, requests)
+    singles = zoo.split_batch(model, batch)
+
+    def forward(call, **extra):
+        with torch.no_grad():
+            return call(**batch, use_cache=False, **extra).logits
+
+    torch._dynamo.reset()
+    base = torch.compile(model)
+    began = time.perf_counter()
+    forward(base)
+    synchronize(device)
+    base_compile_s = time.perf_counter() - began
+    base_ms = timed(lambda: forward(base), device, repeats=10)
+    uncompile(model)
+
+    began = time.perf_counter()
+    mm = mmlora_fx.compile(model, {name: adapters[name] for name in names}, max_loras=requests, max_lora_rank=RANK)
+    mm.runtime.prepare(names, batch["input_ids"], has_images=True)
+    forward(model)
+    synchronize(device)
+    mm_compile_s = time.perf_counter() - began
+    mm_ms = timed(lambda: forward(model), device, repeats=10)
+    reference = forward(model).float()
+    uncompile(model)
+
+    peft_sequential_ms = peft_mixed_error = None
+    errors = []
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            peft.load_adapter(str(adapters[name]), adapter_name=name)
+        peft.eval()
+        def sequential():
+            outputs = []
+            for name, single in zip(names, singles):
+                peft.set_adapter(name)
+                with torch.no_grad():
+                    outputs.append(peft(**single, use_cache=False).logits)
+            return outputs
+
+        peft_sequential_ms = timed(sequential, device, repeats=3, warmup=1)
+        for row, logits in enumerate(sequential()):
+            scale = logits.float().abs().max()
+            errors.append(((reference[row] - logits[0].float()).abs().max() / scale).item())
+        # Last: a failed mixed batch leaves PEFT's adapter_names hooks behind.
+        try:
+            forward(peft, adapter_names=names)
+        except Exception as error:  # PEFT's mixed batch cannot split the packed tower rows
+            peft_mixed_error = f"{type(error).__name__}: {error}"[:300]
+        model = peft.unload()
+    results["prefill"] = dict(requests=requests, image=spec["image"], base_ms=base_ms, mmlora_ms=mm_ms,
+                              overhead=mm_ms / base_ms - 1, peft_sequential_ms=peft_sequential_ms,
+                              peft_mixed_batch_error=peft_mixed_error, max_rel_error_vs_peft=max(errors, default=None),
+                              base_compile_s=base_compile_s, mmlora_compile_s=mm_compile_s)
+    return model
+
+
+# --------------------------------------------------------------------------- load
+def part_load(args, model, adapters, device, results, spare: Path):
+    # One slot: activating one of two cached adapters evicts the other, so each activation is
+    # a full slot write from the CPU cache.
+    first, second = list(adapters)[:2]
+    mm = mmlora_fx.compile(model, {first: adapters[first], second: adapters[second]}, max_loras=1,
+                           max_cpu_loras=4, max_lora_rank=RANK)
+    loads = []
+    for index in range(5):
+        name = f"fresh{index}"
+        synchronize(device)
+        began = time.perf_counter()
+        mm.load_adapter(name, spare)
+        mm.runtime.manager.activate([name])
+        synchronize(device)
+        loads.append(time.perf_counter() - began)
+        mm.unload_adapter(name)
+    activations = []
+    for index in range(10):
+        synchronize(device)
+        began = time.perf_counter()
+        mm.runtime.manager.activate([first if index % 2 else second])
+        synchronize(device)
+        activations.append(time.perf_counter() - began)
+    uncompile(model)
+    results["load"] = dict(load_and_activate_s=statistics.median(loads),
+                           activate_from_cpu_cache_s=statistics.median(activations))
+
+
+# --------------------------------------------------------------------------- soak
+def part_soak(args, model, adapters, device, results, pool: list[Path]):
+    batch = 16 if not args.tiny else 4
+    steps = args.soak_steps
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    names = list(adapters)[:12]
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(model, {name: adapters[name] for name in names}, max_loras=8, max_cpu_loras=10,
+                           max_lora_rank=RANK, mode=mode, max_batch_size=batch)
+    step = DecodeStep(model, batch, device, torch.bfloat16)
+    rng = random.Random(0)
+
+    def random_names():
+        loaded = mm.adapters
+        chosen = rng.sample(loaded, k=min(len(loaded), rng.randint(1, 8)))
+        return [rng.choice(chosen + [None]) for _ in range(batch)]
+
+    mm.runtime.prepare(random_names())
+    for _ in range(3):  # warm up and record the graphs
+        step.rewind()
+        step()
+    synchronize(device)
+    graphs_before = mm.compiled_graphs
+    memory_start = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    checks, loads, fresh = [], 0, 0
+    began = time.perf_counter()
+    with CaptureCounter() as captures:
+        for index in range(steps):
+            assignment = random_names()
+            mm.runtime.prepare(assignment)
+            step.rewind()
+            logits = step()
+            if index % 100 == 99:
+                compiled = logits.float()
+                step.rewind()
+                reference = mm.eager(**step.inputs(), adapter_names=assignment).logits.float()
+                step.rewind()
+                with torch.no_grad():
+                    base = model.forward(**step.inputs()).logits.float()
+                scale = reference.abs().max()
+                checks.append(dict(step=index + 1, rel_error=((compiled - reference).abs().max() / scale).item(),
+                                   lora_effect=((base - reference).abs().max() / scale).item(),
+                                   distinct=len({n for n in assignment if n})))
+            if index % 50 == 49:  # churn: drop one adapter, load another (evicting others)
+                victim = rng.choice(mm.adapters)
+                mm.unload_adapter(victim)
+                mm.load_adapter(f"soak{fresh}", pool[fresh % len(pool)])
+                fresh += 1
+                loads += 1
+    synchronize(device)
+    elapsed = time.perf_counter() - began
+    memory_end = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    results["soak"] = dict(steps=steps, batch=batch, seconds=elapsed, checks=checks, adapter_loads=loads,
+                           recompilations=mm.compiled_graphs - graphs_before, recaptures=captures.count,
+                           memory_start_bytes=memory_start, memory_end_bytes=memory_end,
+                           max_rel_error=max(check["rel_error"] for check in checks),
+                           min_lora_effect=min(check["lora_effect"] for check in checks))
+    uncompile(model)
+
+
+# --------------------------------------------------------------------------- main
+def summary(results) -> list[str]:
+    lines = []
+    if "decode" in results:
+        lines.append("decode step (ms)  batch adapters  base  mmlora_fx  PEFT  floor  overhead  floor-overhead  target")
+        for row in results["decode"]["rows"]:
+            peft = f"{row['peft_ms']:.2f}" if row["peft_ms"] is not None else "-"
+            lines.append(f"  {row['batch']:>5} {row['adapters']:>8}  {row['base_ms']:.2f}  {row['mmlora_ms']:.2f}  "
+                         f"{peft}  {row['floor_ms']:.2f}  {row['overhead']:+.1%}  {row['floor_overhead']:+.1%}  "
+                         f"{'met' if row['target_met'] else 'MISSED'}")
+    if "prefill" in results:
+        p = results["prefill"]
+        peft = f"{p['peft_sequential_ms']:.1f}" if p["peft_sequential_ms"] else "-"
+        lines.append(f"prefill {p['requests']}x{p['image']}px: base {p['base_ms']:.1f} ms, mmlora_fx "
+                     f"{p['mmlora_ms']:.1f} ms ({p['overhead']:+.1%}), PEFT one by one {peft} ms; compile "
+                     f"{p['base_compile_s']:.0f} s / {p['mmlora_compile_s']:.0f} s")
+    if "load" in results:
+        lines.append(f"load+activate one adapter {results['load']['load_and_activate_s'] * 1e3:.0f} ms, "
+                     f"activate from CPU cache {results['load']['activate_from_cpu_cache_s'] * 1e3:.1f} ms")
+    if "soak" in results:
+        s = results["soak"]
+        lines.append(f"soak {s['steps']} steps in {s['seconds']:.0f} s: max rel error {s['max_rel_error']:.1e} "
+                     f"(LoRA effect >= {s['min_lora_effect']:.2f}), recompilations {s['recompilations']}, "
+                     f"recaptures {s['recaptures']}, memory {s['memory_start_bytes'] / 2**30:.2f} -> "
+                     f"{s['memory_end_bytes'] / 2**30:.2f} GiB")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parts", default="decode,prefill,load,soak")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script (CPU is fine)")
+    parser.add_argument("--soak-steps", type=int, default=2000)
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+    spec = TINY if args.tiny else SEVEN_B
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    began = time.perf_counter()
+    model = build_model(spec, device, torch.bfloat16)
+    print(f"model built in {time.perf_counter() - began:.0f} s", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="mmlora-adapters-"))
+    modules = adapter_modules(model)
+    began = time.perf_counter()
+    adapters = {f"a{index}": write_adapter(root / f"a{index}", modules, seed=index, device=device)
+                for index in range(32 if not args.tiny else 4)}
+    pool = [write_adapter(root / f"pool{index}", modules, seed=100 + index, device=device) for index in range(4)]
+    print(f"adapters written in {time.perf_counter() - began:.0f} s", flush=True)
+    for part in args.parts.split(","):
+        began = time.perf_counter()
+        if part == "decode":
+            model = part_decode(args, model, adapters, device, results)
+        elif part == "prefill":
+            model = part_prefill(args, model, adapters, device, results, spec)
+        elif part == "load":
+            part_load(args, model, adapters, device, results, pool[0])
+        elif part == "soak":
+            part_soak(args, model, adapters, device, results, pool)
+        else:
+            raise SystemExit(f"unknown part {part!r}")
+        print(f"part {part} done in {time.perf_counter() - began:.0f} s", flush=True)
+        (args.out / f"{part}.json").write_text(json.dumps(results.get(part), indent=2))
+    (args.out / "e2e.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(summary(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
