@@ -23,10 +23,11 @@ class MultiLoRAModel:
     `__call__` goes through the compiled graphs), so Hugging Face generation uses the graphs too.
     """
 
-    def __init__(self, model: nn.Module, runtime: LoRARuntime, backend: MMLoRABackend):
+    def __init__(self, model: nn.Module, runtime: LoRARuntime, backend: MMLoRABackend, cuda_graphs: bool = False):
         self.model = model
         self.runtime = runtime
         self.backend = backend
+        self.cuda_graphs = cuda_graphs
 
     # ------------------------------------------------------------------ running
     def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None) -> None:
@@ -45,6 +46,10 @@ class MultiLoRAModel:
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(batch, adapter_names)
+        if self.cuda_graphs:
+            # Each call is a new step: CUDA-graph trees may then reuse the last call's output
+            # memory (clone what you keep) instead of recording a new graph per call.
+            torch.compiler.cudagraph_mark_step_begin()
         return self.model(**batch)
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
@@ -116,4 +121,5 @@ def compile(
                           partition_overrides=partition_overrides, max_batch_size=max_batch_size)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **compile_kwargs)
-    return MultiLoRAModel(model, runtime, backend)
+    cuda_graphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+    return MultiLoRAModel(model, runtime, backend, cuda_graphs=cuda_graphs)

@@ -57,12 +57,12 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, tmp_
     batch = {key: value.cuda() for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 16)
     names = ["alice", None, "bob"]
-    with torch.no_grad():
-        prefill = mm(**batch, past_key_values=cache, use_cache=True, adapter_names=names).logits
-    # The eager reference rewrites the cache rows the compiled call wrote.
-    rewind(cache, 0)
+    # The cache must be allocated eagerly: tensors a CUDA graph allocates belong to its pool.
     with torch.no_grad():
         reference = mm.eager(**batch, past_key_values=cache, use_cache=True, adapter_names=names).logits
+    rewind(cache, 0)  # the compiled call rewrites the rows the eager one wrote
+    with torch.no_grad():
+        prefill = mm(**batch, past_key_values=cache, use_cache=True, adapter_names=names).logits
     assert relative_error(prefill, reference) <= 1e-4
 
     position = batch["input_ids"].shape[1]
