@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .reference import lora_add_reference
 
-__all__ = ["LaunchConfig", "choose_config", "lora_add_", "lora_add_triton", "tile_bound"]
+__all__ = ["LaunchConfig", "choose_config", "lora_add", "lora_add_", "lora_add_triton", "tile_bound"]
 
 # Programs the shrink aims for: about two per multiprocessor of an H100 (132), enough to keep
 # memory busy when few tiles exist (decode) without paying for many float32 atomics.
@@ -507,6 +507,14 @@ def lora_add_triton(
     )
 
 
+def lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+    """The op's body, for callers already inside a custom op: Triton on CUDA, the reference elsewhere."""
+    if x.is_cuda:
+        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+    else:
+        lora_add_reference(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+
+
 @torch.library.custom_op("mmlora::lora_add_", mutates_args=("outputs",))
 def lora_add_(
     outputs: list[torch.Tensor],
@@ -518,10 +526,7 @@ def lora_add_(
     request_cum_weights: torch.Tensor,
 ) -> None:
     """`outputs[j] += LoRA_j(x)` per row's adapter slot; see `reference.lora_add_reference`."""
-    if x.is_cuda:
-        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
-    else:
-        lora_add_reference(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+    lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
 
 
 @lora_add_.register_fake

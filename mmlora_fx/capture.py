@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .partitions import PartitionMap, discover_partitions
-from .passes import LabelPartitions, ResolveOwners, is_linear_call
+from .passes import LabelPartitions, ResolveOwners
 
 __all__ = ["GraphBreak", "GraphInstance", "GraphRecord", "GraphRecorder", "Capture", "capture", "ModuleNames"]
 
@@ -252,7 +252,3 @@ def capture(
     if not recorder.records:
         raise CaptureError(f"dynamo produced no graph for {type(model).__name__}")
     return Capture(model, partition_map, recorder.records)
-
-
-def linear_nodes(graph_module: fx.GraphModule) -> list[fx.Node]:
-    return [node for node in graph_module.graph.nodes if is_linear_call(node)]

@@ -30,10 +30,6 @@ class WeightRegistry:
         for module, weight in weights.items():
             self._entries[weight.data_ptr()] = (reference, module, tuple(weight.shape))
 
-    def forget(self, runtime) -> None:
-        self._entries = {pointer: entry for pointer, entry in self._entries.items()
-                         if entry[0]() is not runtime and entry[0]() is not None}
-
     def resolve(self, weight: torch.Tensor):
         entry = self._entries.get(weight.data_ptr())
         runtime = entry[0]() if entry is not None else None

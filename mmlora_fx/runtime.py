@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapter_manager import BASE_NAMES, AdapterManager
+from .adapter_manager import AdapterManager
 from .errors import BatchError, MMLoRAError
-from .kernels.lora_add import lora_add_
+from .kernels.lora_add import lora_add
 from .linear_index import LinearIndex
 from .lora_op import REGISTRY
 from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, discover_partitions
@@ -119,8 +119,9 @@ class LoRARuntime:
         if not served:
             return
         table.check_rows(x.numel() // x.shape[-1])
-        lora_add_([outputs[index] for index in served], x, lora_a, lora_b, ranks,
-                  table.request_slots, table.request_cum_weights)
+        # Already inside the graph-level op: call the kernels directly, not through a second op.
+        lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks,
+                 table.request_slots, table.request_cum_weights)
 
     def _plan(self, modules: list[str]):
         served = [index for index, module in enumerate(modules) if module in self.manager.buffers]
@@ -155,8 +156,3 @@ class LoRARuntime:
             for handle in handles:
                 handle.remove()
 
-    def batch_is_base(self, adapter_names: Sequence[str | None]) -> bool:
-        return all(name in BASE_NAMES for name in adapter_names)
-
-    def close(self) -> None:
-        REGISTRY.forget(self)
