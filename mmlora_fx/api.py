@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .backend import MMLoRABackend
+from .errors import BatchError
 from .runtime import LoRARuntime
 
 __all__ = ["compile", "MultiLoRAModel"]
@@ -37,8 +38,6 @@ class MultiLoRAModel:
             adapter_names = [None] * requests
         has_images = any(batch.get(key) is not None for key in _PIXEL_KEYS)
         if batch.get("pixel_values_videos") is not None:
-            from .errors import BatchError
-
             raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
         self.runtime.prepare(adapter_names, input_ids, has_images)
 
