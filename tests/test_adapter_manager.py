@@ -262,3 +262,73 @@ def test_adapters_outside_an_implicit_serving_set_are_refused(adapters, tmp_path
 def test_every_error_is_one_family():
     for error in (AdapterValueError, TooManyAdaptersError, UnknownAdapterError, PinnedAdapterError):
         assert issubclass(error, MMLoRAError)
+
+
+def _break(kind, source, target):
+    """A broken copy of the adapter at `source`, in `target`, for each kind of bad input."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    if kind == "missing directory":
+        return target / "nowhere"
+    shutil.copytree(source, target)
+    weights, config_path = target / WEIGHTS_FILE, target / "adapter_config.json"
+    tensors = load_file(str(weights))
+    config = json.loads(config_path.read_text())
+    if kind == "missing config":
+        config_path.unlink()
+    elif kind == "config not JSON":
+        config_path.write_text("{")
+    elif kind == "pickle only":
+        weights.unlink()
+        torch.save({}, target / "adapter_model.bin")
+    elif kind == "corrupt safetensors":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif kind in ("shape", "target absent", "nan", "inf", "lm_head"):
+        key = next(k for k in sorted(tensors) if "layers.0.self_attn.q_proj.lora_A" in k)
+        if kind == "shape":
+            tensors[key] = torch.randn(tensors[key].shape[0], 3)
+        elif kind == "target absent":
+            for part in ("lora_A", "lora_B"):
+                old = key.replace("lora_A", part)
+                tensors[old.replace("layers.0", "layers.9")] = tensors.pop(old)
+        elif kind == "lm_head":
+            for part in ("lora_A", "lora_B"):
+                tensors[f"base_model.model.lm_head.{part}.weight"] = tensors.pop(key.replace("lora_A", part))
+        else:
+            tensors[key][0, 0] = float(kind)
+        save_file(tensors, str(weights))
+    elif kind == "dora":
+        config_path.write_text(json.dumps(dict(config, use_dora=True)))
+    elif kind == "modules_to_save":
+        config_path.write_text(json.dumps(dict(config, modules_to_save=["lm_head"])))
+    return target
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("missing directory", "AdapterFileError", "does not exist"),
+    ("missing config", "AdapterFileError", "adapter_config.json is missing"),
+    ("config not JSON", "AdapterFormatError", "not valid JSON"),
+    ("pickle only", "AdapterFileError", "pickle"),
+    ("corrupt safetensors", "AdapterFileError", "corrupt or unreadable"),
+    ("shape", "AdapterShapeError", "do not fit a linear"),
+    ("target absent", "AdapterTargetError", "the model does not have"),
+    ("nan", "AdapterValueError", "NaN or infinite"),
+    ("inf", "AdapterValueError", "NaN or infinite"),
+    ("lm_head", "UnsupportedAdapterError", "partition 'other'"),
+    ("dora", "UnsupportedAdapterError", "DoRA"),
+    ("modules_to_save", "UnsupportedAdapterError", "modules_to_save"),
+])
+def test_every_bad_adapter_is_refused_with_its_error_and_nothing_changes(tmp_path, adapters, kind, error, message):
+    from mmlora_fx import errors
+
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=2)
+    manager.load("a", adapters["a"], pin=True)
+    manager.load("b", adapters["b"])
+    manager.activate(["a", "b"])
+    before = snapshot(manager)
+    with pytest.raises(getattr(errors, error), match=message) as raised:
+        manager.load("bad", _break(kind, adapters["c"], tmp_path / "bad"))
+    assert "adapter 'bad'" in str(raised.value)
+    assert_same(before, snapshot(manager))
