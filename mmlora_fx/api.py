@@ -59,12 +59,12 @@ class MultiLoRAModel:
         return self.model.generate(**kwargs)
 
     def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
-        """The same forward without compilation (LoRA through hooks): the reference for the graphs."""
+        """The same forward without compilation (LoRA through the runtime's forward hooks): the
+        reference the compiled graphs must equal."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(batch, adapter_names)
-        with self.runtime.eager_lora():
-            return self.model.forward(**batch)
+        return self.model.forward(**batch)
 
     # ------------------------------------------------------------------ adapters
     @property

@@ -9,7 +9,6 @@ slot buffers of the linears they serve and the table of their partition.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -71,6 +70,7 @@ class LoRARuntime:
         self.image_token_ids = _image_token_ids(getattr(model, "config", None))
         self._plans: dict[tuple[str, ...], tuple] = {}
         REGISTRY.register(self, self.linears.weights)
+        self._add_eager_hooks()
 
     # ------------------------------------------------------------------ before a forward
     def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,
@@ -135,24 +135,22 @@ class LoRARuntime:
         return (served, table, [b.lora_a for b in buffers], [b.lora_b for b in buffers],
                 [b.ranks for b in buffers])
 
-    # ------------------------------------------------------------------ eager reference
-    @contextlib.contextmanager
-    def eager_lora(self):
-        """Apply LoRA through forward hooks on the served linears, without any compilation.
+    # ------------------------------------------------------------------ outside the graphs
+    def _add_eager_hooks(self) -> None:
+        """LoRA for served linears that run outside compiled graphs, through forward hooks.
 
-        The hooks call the same op with the same tables and buffers as the compiled graphs, so an
-        uncompiled forward inside this context is the reference a compiled one must equal.
+        Code dynamo does not compile runs eagerly: frames it skips, and work Hugging Face does
+        before the compiled forward (newer `generate` encodes the images eagerly, through
+        `get_image_features`). A hook on every served linear applies the same op with the same
+        tables and buffers there. While dynamo traces, the hook does nothing: the graph's own
+        LoRA op serves the linear, so it is never applied twice. The hooks exist before any
+        compilation, so adding them causes no recompilation.
         """
-        handles = []
         modules = dict(self.model.named_modules())
         for name in self.manager.buffers:
             def hook(module, args, output, name=name):
-                self.apply([output], args[0], [name])
+                if not torch.compiler.is_compiling():
+                    self.apply([output], args[0], [name])
                 return output
-            handles.append(modules[name].register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
+            modules[name].register_forward_hook(hook)
