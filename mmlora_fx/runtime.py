@@ -144,13 +144,17 @@ class LoRARuntime:
         `get_image_features`). A hook on every served linear applies the same op with the same
         tables and buffers there. While dynamo traces, the hook does nothing: the graph's own
         LoRA op serves the linear, so it is never applied twice. The hooks exist before any
-        compilation, so adding them causes no recompilation.
+        compilation, so adding them causes no recompilation. Like the graph op, a hook finds its
+        runtime from the weight, so a model compiled again gets no second hook and no second delta.
         """
-        modules = dict(self.model.named_modules())
-        for name in self.manager.buffers:
-            def hook(module, args, output, name=name):
-                if not torch.compiler.is_compiling():
-                    self.apply([output], args[0], [name])
-                return output
+        for name, module in self.model.named_modules():
+            if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
+                module.register_forward_hook(_eager_lora_hook)
+                module._mmlora_hooked = True
 
-            modules[name].register_forward_hook(hook)
+
+def _eager_lora_hook(module, args, output):
+    if not torch.compiler.is_compiling():
+        runtime, name = REGISTRY.resolve(module.weight)
+        runtime.apply([output], args[0], [name])
+    return output

@@ -23,3 +23,23 @@ def test_eager_hooks_equal_the_compiled_graphs(tmp_path):
         plain = base(**batch).logits
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert (compiled - plain).abs().max() > 1e-2
+
+
+def test_compiling_a_model_again_does_not_apply_lora_twice_outside_the_graphs(tmp_path):
+    family = "tiny-llava"
+    base = zoo.build(family)
+    path = make_adapter(base, tmp_path / "a", all_targets(family), r=2, lora_alpha=5)
+    torch._dynamo.reset()
+    once = mmlora_fx.compile(zoo.build(family), {"a": path}, inner="aot_eager")
+    model = zoo.build(family)
+    batch = zoo.make_batch(base, (1, 0), seed=4)
+    first = mmlora_fx.compile(model, {"a": path}, inner="aot_eager")
+    with torch.no_grad():
+        first.eager(**batch, adapter_names=["a", None])  # its tables now hold the batch
+    twice = mmlora_fx.compile(model, {"a": path}, inner="aot_eager")  # the latest compile owns the model
+    with torch.no_grad():
+        reference = once.eager(**batch, adapter_names=["a", None]).logits
+        eager = twice.eager(**batch, adapter_names=["a", None]).logits
+        compiled = twice(**batch, adapter_names=["a", None]).logits
+    torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
