@@ -315,6 +315,127 @@ def part_decode(args, model, adapters, device, results):
     return model
 
 
+def step_profile(step, device, steps: int = 5) -> dict:
+    """Where a decode step's time goes: CUDA-event time against the kernels' device time.
+
+    LoRA kernels are told apart by name (this package's Triton kernels); `idle` is the step's
+    time minus all kernels' device time (launch gaps, host waits).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    synchronize(device)
+    step_ms = timed(step, device, repeats=steps, warmup=1)
+    submits = []  # host time to hand one step to the GPU (the GPU idle before: nothing queued)
+    for _ in range(steps):
+        synchronize(device)
+        began = time.perf_counter()
+        step()
+        submits.append((time.perf_counter() - began) * 1e3)
+    synchronize(device)
+    # On the CPU (the --tiny check) there are no device kernels: the figures come out zero.
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    total = lora = 0.0
+    launches = lora_launches = 0
+    events = sorted(prof.key_averages(), key=lambda event: -event.self_device_time_total)
+    top = {event.key[:60]: [round(event.self_device_time_total / steps / 1e3, 4), event.count // steps]
+           for event in events[:12] if event.self_device_time_total > 0}
+    for event in events:
+        if event.self_device_time_total <= 0:
+            continue
+        total += event.self_device_time_total / steps / 1e3
+        launches += event.count
+        if any(tag in event.key for tag in ("_shrink_kernel", "_expand_kernel")):
+            lora += event.self_device_time_total / steps / 1e3
+            lora_launches += event.count
+    graphs = dict(torch._dynamo.utils.counters["stats"])
+    return dict(step_ms=step_ms, host_submit_ms=statistics.median(submits), kernels_ms=total, lora_kernels_ms=lora, idle_ms=step_ms - total,
+                kernels_per_step=launches / steps, lora_kernels_per_step=lora_launches / steps,
+                dynamo=graphs, top_kernels_ms_and_count=top)
+
+
+def part_profile(args, model, adapters, device, results):
+    """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs."""
+    batches = [1, 16] if not args.tiny else [1, 4]
+    steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    found = results.setdefault("profile", {})
+    progress = results.setdefault("profile_progress", {})
+    torch._dynamo.reset()
+    base = torch.compile(model, mode=mode)
+    for batch in batches:
+        steps[batch].rewind()
+        found[f"base b{batch}"] = step_profile(lambda: steps[batch](base), device)
+        note(args, progress, f"base b{batch}", found[f"base b{batch}"])
+    uncompile(model)
+    names = list(adapters)
+    mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
+    for batch in batches:
+        distinct = min(batch, 8)
+        mm.runtime.prepare(mixed_names(names, batch, distinct, seed=batch))  # as the decode part times it
+        steps[batch].rewind()
+        key = f"mmlora b{batch} d{distinct}"
+        found[key] = step_profile(lambda: steps[batch](), device)
+        note(args, progress, key, found[key])
+    uncompile(model)
+    return model
+
+
+KERNEL_PATHS = {
+    # name -> (row path up to this many rows, dependent launches up to this many rows)
+    "tiles": (0, 0),
+    "rows": (8, 0),
+    "rows_dependent": (8, 4),
+}
+
+
+def part_paths(args, model, adapters, device, results):
+    """Decode at batch 1 with each kernel path forced, on one machine (an A/B of the defaults).
+
+    The paths are `kernels.lora_add`'s module defaults, patched here (benchmark only); each
+    needs its own compilation, since CUDA graphs keep the kernels they captured.
+    """
+    from mmlora_fx.kernels import lora_add as kernels
+
+    batches = [1]  # one row: where the paths differ most; each batch size costs a recompilation
+    steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    found = results.setdefault("paths", {})
+    progress = results.setdefault("paths_progress", {})
+    torch._dynamo.reset()
+    base = torch.compile(model, mode=mode)
+    for batch in batches:
+        steps[batch].rewind()
+        steps[batch](base)
+        steps[batch].rewind()
+        found[f"base b{batch}"] = timed(lambda: steps[batch](base), device)
+        note(args, progress, f"base b{batch}", found[f"base b{batch}"])
+    uncompile(model)
+    defaults = kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS
+    names = list(adapters)
+    try:
+        for name, (row_rows, dependent_rows) in KERNEL_PATHS.items():
+            kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS = row_rows, dependent_rows
+            kernels.choose_config.cache_clear()
+            mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
+            for batch in batches:
+                mm.runtime.prepare(mixed_names(names, batch, 1, seed=batch))
+                steps[batch].rewind()
+                steps[batch]()
+                steps[batch].rewind()
+                found[f"{name} b{batch}"] = timed(lambda: steps[batch](), device)
+                note(args, progress, f"{name} b{batch}", found[f"{name} b{batch}"])
+            uncompile(model)
+    finally:
+        kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS = defaults
+        kernels.choose_config.cache_clear()
+    return model
+
+
 # --------------------------------------------------------------------------- prefill
 def prefill_batch(model, spec, requests: int):
     size = (spec["image"], spec["image"])
@@ -543,6 +664,10 @@ def main() -> int:
             model = part_decode(args, model, adapters, device, results)
         elif part == "prefill":
             model = part_prefill(args, model, adapters, device, results, spec)
+        elif part == "paths":
+            model = part_paths(args, model, adapters, device, results)
+        elif part == "profile":
+            model = part_profile(args, model, adapters, device, results)
         elif part == "load":
             part_load(args, model, adapters, device, results, pool[0])
         elif part == "soak":

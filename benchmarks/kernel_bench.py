@@ -38,6 +38,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 
 from mmlora_fx.kernels.lora_add import choose_config, lora_add_triton
@@ -131,6 +132,22 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * source.element_size() / (ms * 1e-3)
 
 
+@triton.jit
+def _empty_kernel(flag_ptr):
+    tl.store(flag_ptr + tl.program_id(0), 1)
+
+
+def launch_floor_us(launches: int, layers: int, repeat_ms: int) -> float:
+    """Microseconds per layer of `launches` near-empty Triton kernels per layer in one graph.
+
+    What kernel boundaries alone cost inside a CUDA graph (each launch one program storing one
+    word): the latency floor under any implementation that launches that many kernels.
+    """
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ms = time_graph(lambda: [_empty_kernel[(1,)](flag) for _ in range(launches * layers)], repeat_ms)
+    return ms * 1e3 / layers
+
+
 def triton_impl(variant: dict):
     """`lora_add_triton` with `choose_config`'s heuristic overridden by `variant`."""
 
@@ -217,6 +234,8 @@ def main() -> int:
     print(f"{device}: torch {torch.__version__}, triton {triton.__version__}, copy {bandwidth / 1e12:.2f} TB/s",
           flush=True)
 
+    empty_us = launch_floor_us(8, args.layers, args.repeat_ms)
+    print(f"8 empty launches per layer in a graph: {empty_us:.1f} us", flush=True)
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
         count = args.layers if rows <= 256 else 2
@@ -249,7 +268,7 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     header = dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                  copy_tb_s=bandwidth / 1e12, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  copy_tb_s=bandwidth / 1e12, empty_launches_us=empty_us, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   command="python3 " + " ".join(sys.argv))
     table = markdown_table(results, variants)
     print(table)
@@ -259,7 +278,8 @@ def main() -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"{header['date']}, {device}, torch {header['torch']}, triton {header['triton']}, "
-                    f"measured copy bandwidth {header['copy_tb_s']:.2f} TB/s (read + write)\n\n"
+                    f"measured copy bandwidth {header['copy_tb_s']:.2f} TB/s (read + write), "
+                    f"8 empty launches per layer {empty_us:.1f} us\n\n"
                     f"`{header['command']}`\n\n{table}\n")
     return 0
 

@@ -4,8 +4,23 @@ Semantics are those of `reference.lora_add_reference` (rows owned by requests in
 their weights, one adapter slot per request, a group of linears sharing one input). On CUDA
 tensors the op runs the Triton kernels of this module; elsewhere it runs the reference.
 
-The CUDA path is two launches, whatever the batch (and a memset of the float32 sums when the
-shrink splits the input features):
+The CUDA path is two launches, a shrink and an expand, on one of two paths chosen from the
+row count alone (`choose_config`).
+
+Row path (up to 8 rows: decode at small batch), one program per row:
+
+* shrink (`_row_shrink_kernel`, grid `rows x k_splits`): the program finds its row's slot with
+  one load of each request table and one comparison per request (no tile search), multiplies a
+  `k_chunk` slice of the row by every sibling's A and stores float32 partial sums per split.
+* expand (`_row_expand_kernel`, grid `column blocks of all siblings x rows`): adds the splits'
+  partial sums (one load), multiplies by a block of B and adds to the output row in place.
+  Nothing is zeroed beforehand, so there is no memset. At up to 4 rows on Hopper both kernels
+  launch as programmatic dependents: the expand loads its tables and B while the shrink runs.
+  An adapter shared by several rows is read once per row (from L2), which is why this path
+  stops at a few rows.
+
+Tile path (more rows), with a memset of the float32 sums when the shrink splits the input
+features:
 
 * shrink (`_shrink_kernel`, grid `tiles x k_splits`): each program first works out, from
   `request_slots` and `request_cum_weights` alone, which tile it owns: a slot and up to
@@ -28,6 +43,7 @@ Loads beyond a slot's actual rank are masked off, so padding is neither read nor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -44,6 +60,13 @@ _TARGET_SHRINK_PROGRAMS = 264
 # Requests the in-kernel tile search examines at a time: up to this many, one pass over the
 # request tables; more, in blocks of this many (bounds registers for large batches).
 _REQUEST_BLOCK = 256
+# Row counts up to which one program per row beats tiles grouped by slot (measured on an H100,
+# docs/KERNELS.md), and the most request entries the row path reads in one load.
+_PER_ROW_MAX_ROWS = 8
+# Row counts up to which the row path's kernels launch as programmatic dependents: beyond, the
+# expand's programs, started early, hold multiprocessors the shrink needs (measured slower at 8).
+_DEPENDENT_LAUNCH_MAX_ROWS = 4
+_PER_ROW_MAX_REQUESTS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +80,13 @@ class LaunchConfig:
     shrink_warps: int = 4
     expand_warps: int = 4
     shrink_stages: int = 3
+    # One program per row (and split, or column block) instead of tiles of one slot's rows:
+    # no tile search and no zeroed sums, at the price of re-reading an adapter for each of
+    # its rows (from L2). Worth it while rows are few; `choose_config` decides.
+    per_row: bool = False
+    # Row path on Hopper and newer: launch both kernels as programmatic dependents, so that
+    # each starts its table and adapter loads while the kernel before it finishes.
+    dependent_launch: bool = True
 
 
 def _next_power_of_2(value: int) -> int:
@@ -73,6 +103,7 @@ def tile_bound(rows: int, num_slots: int, block_m: int) -> int:
     return used + (rows - used) // block_m
 
 
+@functools.lru_cache(maxsize=4096)
 def choose_config(
     rows: int,
     in_features: int,
@@ -87,6 +118,8 @@ def choose_config(
     block_n: int | None = None,
     shrink_stages: int | None = None,
     expand_warps: int | None = None,
+    per_row_max_rows: int | None = None,
+    dependent_launch: bool = True,
 ) -> LaunchConfig:
     """Launch parameters for one op call, from its static shapes alone.
 
@@ -97,9 +130,20 @@ def choose_config(
     the tile search) stays near `target_programs`. Large ranks and float32 (whose products run
     as plain FMAs) get smaller blocks to stay within registers. Keyword arguments override
     the heuristic (the benchmark sweeps them).
+
+    Up to `per_row_max_rows` rows the row path runs instead (`LaunchConfig.per_row`): splits
+    sized so that rows x splits is near `target_programs`, steps and column blocks sized so
+    that a program's tile of A or B stays near 2048 elements.
     """
     block_r = max(16, _next_power_of_2(max_rank))
     wide = dtype == torch.float32
+    if rows <= (_PER_ROW_MAX_ROWS if per_row_max_rows is None else per_row_max_rows):
+        block_k = block_k or max(16, min(128, 2048 // block_r))
+        splits = max(1, min(triton.cdiv(target_programs, max(rows, 1)), max_splits, triton.cdiv(in_features, block_k)))
+        k_chunk = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+        return LaunchConfig(block_m=1, block_k=block_k, k_chunk=k_chunk,
+                            block_n=block_n or max(16, min(128, 2048 // block_r)), per_row=True,
+                            dependent_launch=dependent_launch and rows <= _DEPENDENT_LAUNCH_MAX_ROWS)
     if block_m is None:
         block_m = 16 if rows <= 256 or block_r >= 128 or (wide and block_r >= 64) else 32
     if block_k is None:
@@ -396,12 +440,182 @@ def _expand_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Row path (few rows): every program serves one row, so no tile search and no zeroed sums.
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _slot_of_row(row, rows, slots_ptr, cum_ptr, num_requests, num_slots, REQUESTS: tl.constexpr):
+    """The adapter slot of `row` (-1: base model), from one load of each request table.
+
+    Request r owns row i when cum[r] * rows <= i * total < cum[r + 1] * rows, so the owner of
+    `row` is the number of requests whose end is at or before it: one comparison per request,
+    no division, and requests owning no rows fall out on their own.
+    """
+    ids = tl.arange(0, REQUESTS)
+    cum = tl.load(cum_ptr + ids, mask=ids <= num_requests, other=0)
+    request_slot = tl.load(slots_ptr + ids, mask=ids < num_requests, other=-1)
+    total = tl.sum(tl.where(ids == num_requests, cum, 0), axis=0)
+    ended = (ids >= 1) & (ids <= num_requests) & (cum * rows <= row.to(tl.int64) * total)
+    owner = tl.sum(ended.to(tl.int32), axis=0)
+    slot = tl.sum(tl.where(ids == owner, request_slot, 0), axis=0)
+    return tl.where((total > 0) & (slot >= 0) & (slot < num_slots), slot, -1)
+
+
+@triton.jit
+def _slot_ranks(ranks_ptr, num_slots, max_rank, SLOTS: tl.constexpr):
+    """Every slot's rank for one sibling, loaded before the slot is known (no dependent round trip)."""
+    ids = tl.arange(0, SLOTS)
+    return tl.minimum(tl.load(ranks_ptr + ids, mask=ids < num_slots, other=0), max_rank)
+
+
+@triton.jit
+def _pick(values, slot, SLOTS: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, SLOTS) == slot, values, 0), axis=0)
+
+
+@triton.jit
+def _row_shrink_step(acc, x_chunk, a_ptr, slot_offset, rank_ids, rank, k, k_end, a_rank_stride):
+    """acc[r] += A[slot, r, k] . x[k] for r below the slot's rank (a dot per rank, float32)."""
+    a_ptrs = a_ptr + slot_offset + rank_ids[:, None].to(tl.int64) * a_rank_stride + k[None, :]
+    a_tile = tl.load(a_ptrs, mask=(rank_ids[:, None] < rank) & (k[None, :] < k_end), other=0.0)
+    return acc + tl.sum(a_tile.to(tl.float32) * x_chunk[None, :], axis=1)
+
+
+@triton.jit
+def _row_shrink_kernel(
+    x_ptr, x_row_stride,
+    a0_ptr, a1_ptr, a2_ptr, a_slot_stride, a_rank_stride,
+    rank0_ptr, rank1_ptr, rank2_ptr, max_rank,
+    slots_ptr, cum_ptr, num_requests, num_slots,
+    partial_ptr, rows, in_features, k_chunk,
+    NUM_SIBLINGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
+    REQUESTS: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    if DEPENDENT_LAUNCH:
+        # Let the expand start its own table and B loads now; it waits for these sums itself.
+        tl.extra.cuda.gdc_launch_dependents()
+    ranks0 = _slot_ranks(rank0_ptr, num_slots, max_rank, SLOTS)
+    ranks1 = ranks0
+    ranks2 = ranks0
+    if NUM_SIBLINGS > 1:
+        ranks1 = _slot_ranks(rank1_ptr, num_slots, max_rank, SLOTS)
+    if NUM_SIBLINGS > 2:
+        ranks2 = _slot_ranks(rank2_ptr, num_slots, max_rank, SLOTS)
+    slot = _slot_of_row(row, rows, slots_ptr, cum_ptr, num_requests, num_slots, REQUESTS)
+    if slot >= 0:
+        rank0 = _pick(ranks0, slot, SLOTS)
+        rank1 = _pick(ranks1, slot, SLOTS)
+        rank2 = _pick(ranks2, slot, SLOTS)
+        rank_ids = tl.arange(0, BLOCK_R)
+        slot_offset = slot.to(tl.int64) * a_slot_stride
+        if DEPENDENT_LAUNCH:
+            # The tables and ranks were written before the previous kernel started; x may come
+            # from a kernel still running: wait for it before reading x.
+            tl.extra.cuda.gdc_wait()
+        acc0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        k_begin = split * k_chunk
+        k_end = tl.minimum(k_begin + k_chunk, in_features)
+        for k_start in range(k_begin, k_end, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            x_chunk = tl.load(x_ptr + row.to(tl.int64) * x_row_stride + k, mask=k < k_end, other=0.0).to(tl.float32)
+            acc0 = _row_shrink_step(acc0, x_chunk, a0_ptr, slot_offset, rank_ids, rank0, k, k_end, a_rank_stride)
+            if NUM_SIBLINGS > 1:
+                acc1 = _row_shrink_step(acc1, x_chunk, a1_ptr, slot_offset, rank_ids, rank1, k, k_end,
+                                        a_rank_stride)
+            if NUM_SIBLINGS > 2:
+                acc2 = _row_shrink_step(acc2, x_chunk, a2_ptr, slot_offset, rank_ids, rank2, k, k_end,
+                                        a_rank_stride)
+        # Partial sums [split, sibling, row, rank] by plain stores (zero past the rank, since
+        # A was masked there): the expand adds the splits up, so nothing needs zeroing first.
+        base = (split * NUM_SIBLINGS * rows + row).to(tl.int64) * BLOCK_R
+        tl.store(partial_ptr + base + rank_ids, acc0)
+        if NUM_SIBLINGS > 1:
+            tl.store(partial_ptr + base + rows * BLOCK_R + rank_ids, acc1)
+        if NUM_SIBLINGS > 2:
+            tl.store(partial_ptr + base + 2 * rows * BLOCK_R + rank_ids, acc2)
+
+
+@triton.jit
+def _row_expand_block(
+    out_ptr, out_features, b_ptr, b_slot_stride, b_row_stride, ranks_ptr, num_slots, max_rank,
+    column_block, row, rows, slots_ptr, cum_ptr, num_requests, partial_ptr, num_splits,
+    SIBLING: tl.constexpr, NUM_SIBLINGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SLOTS: tl.constexpr, REQUESTS: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
+):
+    r = tl.arange(0, BLOCK_R)
+    split = tl.arange(0, SPLITS)
+    # What the shrink does not write (tables, ranks, B) is loaded first: with a dependent
+    # launch that overlaps the shrink; every split's partial sums then come in one load (a loop
+    # would be a round trip each).
+    ranks = _slot_ranks(ranks_ptr, num_slots, max_rank, SLOTS)
+    slot = _slot_of_row(row, rows, slots_ptr, cum_ptr, num_requests, num_slots, REQUESTS)
+    rank = _pick(ranks, slot, SLOTS)
+    if (slot >= 0) & (rank > 0):
+        n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        column_valid = n < out_features
+        b_ptrs = b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None].to(tl.int64) * b_row_stride + r[None, :]
+        b_tile = tl.load(b_ptrs, mask=column_valid[:, None] & (r[None, :] < rank), other=0.0)
+        if DEPENDENT_LAUNCH:
+            tl.extra.cuda.gdc_wait()  # the shrink (and so the kernel before it) has finished
+        partial_ptrs = (partial_ptr + ((split[:, None] * NUM_SIBLINGS + SIBLING) * rows + row).to(tl.int64)
+                        * BLOCK_R + r[None, :])
+        shrunk = tl.sum(tl.load(partial_ptrs, mask=split[:, None] < num_splits, other=0.0), axis=0)
+        out_ptrs = out_ptr + row.to(tl.int64) * out_features + n
+        current = tl.load(out_ptrs, mask=column_valid, other=0.0)
+        delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
+        tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
+
+
+@triton.jit
+def _row_expand_kernel(
+    out0_ptr, out1_ptr, out2_ptr, out0_features, out1_features, out2_features,
+    b0_ptr, b1_ptr, b2_ptr, b0_slot_stride, b1_slot_stride, b2_slot_stride, b_row_stride,
+    rank0_ptr, rank1_ptr, rank2_ptr, max_rank, blocks0, blocks1,
+    slots_ptr, cum_ptr, num_requests, num_slots, partial_ptr, rows, num_splits,
+    NUM_SIBLINGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    SLOTS: tl.constexpr, REQUESTS: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
+):
+    column_block = tl.program_id(0)  # over the column blocks of all siblings, sibling 0 first
+    row = tl.program_id(1)
+    if column_block < blocks0:
+        _row_expand_block(out0_ptr, out0_features, b0_ptr, b0_slot_stride, b_row_stride, rank0_ptr, num_slots,
+                          max_rank, column_block, row, rows, slots_ptr, cum_ptr, num_requests, partial_ptr,
+                          num_splits, 0, NUM_SIBLINGS, BLOCK_R, BLOCK_N, SPLITS, SLOTS, REQUESTS, DEPENDENT_LAUNCH)
+    elif NUM_SIBLINGS == 2:
+        _row_expand_block(out1_ptr, out1_features, b1_ptr, b1_slot_stride, b_row_stride, rank1_ptr, num_slots,
+                          max_rank, column_block - blocks0, row, rows, slots_ptr, cum_ptr, num_requests,
+                          partial_ptr, num_splits, 1, NUM_SIBLINGS, BLOCK_R, BLOCK_N, SPLITS, SLOTS, REQUESTS,
+                          DEPENDENT_LAUNCH)
+    elif NUM_SIBLINGS == 3:
+        if column_block < blocks0 + blocks1:
+            _row_expand_block(out1_ptr, out1_features, b1_ptr, b1_slot_stride, b_row_stride, rank1_ptr, num_slots,
+                              max_rank, column_block - blocks0, row, rows, slots_ptr, cum_ptr, num_requests,
+                              partial_ptr, num_splits, 1, NUM_SIBLINGS, BLOCK_R, BLOCK_N, SPLITS, SLOTS, REQUESTS,
+                          DEPENDENT_LAUNCH)
+        else:
+            _row_expand_block(out2_ptr, out2_features, b2_ptr, b2_slot_stride, b_row_stride, rank2_ptr, num_slots,
+                              max_rank, column_block - blocks0 - blocks1, row, rows, slots_ptr, cum_ptr,
+                              num_requests, partial_ptr, num_splits, 2, NUM_SIBLINGS, BLOCK_R, BLOCK_N, SPLITS,
+                              SLOTS, REQUESTS, DEPENDENT_LAUNCH)
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch wrapper
 # ----------------------------------------------------------------------------------------------
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_dependent_launch(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _padded(items: list, count: int = 3) -> list:
@@ -459,11 +673,13 @@ def lora_add_triton(
     n = len(outputs)
     flat_outputs = [output.view(-1, output.shape[-1]) for output in outputs]
     out_features = [output.shape[1] for output in flat_outputs]
+    num_requests = request_slots.numel()
     config = config or choose_config(rows, in_features, max_rank, num_slots, x.dtype)
+    if config.per_row and num_requests + 1 > _PER_ROW_MAX_REQUESTS:
+        # The row path reads the request tables in one load: too many entries take the tiles.
+        config = choose_config(rows, in_features, max_rank, num_slots, x.dtype, per_row_max_rows=0)
     block_r = max(16, _next_power_of_2(max_rank))
     num_splits = triton.cdiv(in_features, config.k_chunk)
-    num_tiles = tile_bound(rows, num_slots, config.block_m)
-    num_requests = request_slots.numel()
     requests_block = max(16, _next_power_of_2(num_requests))
     half = x.dtype in (torch.float16, torch.bfloat16)
     precision = "tf32" if half else "ieee"
@@ -474,13 +690,43 @@ def lora_add_triton(
     ranks = _padded([ranks.to(torch.int32) for ranks in slot_ranks])
 
     device = inputs.device
+    a, o, b, features = _padded(lora_a), _padded(flat_outputs), _padded(lora_b), _padded(out_features)
+    blocks = [triton.cdiv(features, config.block_n) for features in out_features]
+    slots_block = max(16, _next_power_of_2(num_slots))
+    if config.per_row:
+        partials = torch.empty(num_splits * n * rows * block_r, dtype=torch.float32, device=device)
+        tables = (request_slots, request_cum_weights, num_requests, num_slots)
+        dependent = (config.dependent_launch and device.type == "cuda" and not _interpreting()
+                     and _supports_dependent_launch(device.index if device.index is not None else 0))
+        launch = {"launch_pdl": True} if dependent else {}
+        _row_shrink_kernel[(rows, num_splits)](
+            inputs, inputs.stride(0),
+            a[0], a[1], a[2], lora_a[0].stride(0), lora_a[0].stride(1),
+            ranks[0], ranks[1], ranks[2], max_rank,
+            *tables, partials, rows, in_features, config.k_chunk,
+            NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_K=config.block_k, SLOTS=slots_block,
+            REQUESTS=max(16, _next_power_of_2(num_requests + 1)), DEPENDENT_LAUNCH=dependent,
+            num_warps=config.shrink_warps, **launch,
+        )
+        _row_expand_kernel[(sum(blocks), rows)](
+            o[0], o[1], o[2], features[0], features[1], features[2],
+            b[0], b[1], b[2], b[0].stride(0), b[1].stride(0), b[2].stride(0), lora_b[0].stride(1),
+            ranks[0], ranks[1], ranks[2], max_rank, blocks[0], _padded(blocks)[1],
+            *tables, partials, rows, num_splits,
+            NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_N=config.block_n, SPLITS=max(2, _next_power_of_2(num_splits)),
+            SLOTS=slots_block, REQUESTS=max(16, _next_power_of_2(num_requests + 1)), DEPENDENT_LAUNCH=dependent,
+            num_warps=config.expand_warps, **launch,
+        )
+        return
+
+    block_m = config.block_m
+    num_tiles = tile_bound(rows, num_slots, block_m)
     tile_meta = torch.empty(num_tiles * 4, dtype=torch.int32, device=device)  # slot, rank of each sibling
-    tile_rows = torch.empty(num_tiles * config.block_m, dtype=torch.int32, device=device)
+    tile_rows = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
     # Several splits add into zeroed sums (one memset); one split stores them.
     allocate = torch.zeros if num_splits > 1 else torch.empty
-    shrunk = allocate(n * num_tiles * config.block_m * block_r, dtype=torch.float32, device=device)
+    shrunk = allocate(n * num_tiles * block_m * block_r, dtype=torch.float32, device=device)
 
-    a = _padded(lora_a)
     _shrink_kernel[(num_tiles, num_splits)](
         inputs, inputs.stride(0),
         a[0], a[1], a[2], lora_a[0].stride(0), lora_a[0].stride(1),
@@ -488,21 +734,18 @@ def lora_add_triton(
         request_slots, request_cum_weights, num_requests, num_slots,
         tile_meta, tile_rows, shrunk,
         rows, in_features, config.k_chunk, num_tiles,
-        NUM_SIBLINGS=n, BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
-        SLOTS=max(16, _next_power_of_2(num_slots)), REQUESTS=min(requests_block, _REQUEST_BLOCK),
+        NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
+        SLOTS=slots_block, REQUESTS=min(requests_block, _REQUEST_BLOCK),
         ONE_PASS=requests_block <= _REQUEST_BLOCK, ATOMIC=num_splits > 1,
         PRECISION=precision, UPCAST=upcast,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages,
     )
-
-    blocks = [triton.cdiv(features, config.block_n) for features in out_features]
-    o, b, features = _padded(flat_outputs), _padded(lora_b), _padded(out_features)
     _expand_kernel[(sum(blocks), num_tiles)](
         o[0], o[1], o[2], features[0], features[1], features[2],
         b[0], b[1], b[2], b[0].stride(0), b[1].stride(0), b[2].stride(0), lora_b[0].stride(1), max_rank,
         blocks[0], _padded(blocks)[1],
         tile_meta, tile_rows, shrunk, num_tiles,
-        NUM_SIBLINGS=n, BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_N=config.block_n,
+        NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=config.block_n,
         PRECISION=precision, num_warps=config.expand_warps,
     )
 

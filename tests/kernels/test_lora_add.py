@@ -33,6 +33,8 @@ def gpu(test):
 SMALL_BLOCKS = LaunchConfig(block_m=16, block_k=16, k_chunk=32, block_n=16)
 # One split: the shrink stores its sums instead of adding them atomically.
 ONE_SPLIT = LaunchConfig(block_m=16, block_k=32, k_chunk=4096, block_n=32)
+# The row path with small blocks: several splits (partial sums) and column blocks per row.
+ROW_SMALL = LaunchConfig(block_m=1, block_k=16, k_chunk=32, block_n=16, per_row=True)
 
 
 def run_triton(problem: Problem, config: LaunchConfig | None = None) -> list[torch.Tensor]:
@@ -58,6 +60,11 @@ INTERPRETER_CASES = [
     ("every_row_different", 9, 1, (40, 24), 16, torch.float16, None),
     ("mixed", 5, 3, (24, 40), 128, torch.float32, None),
     ("long_segments", 3, 20, (24, 40), 16, torch.bfloat16, ONE_SPLIT),
+    ("mixed", 6, 5, (40, 24, 72), 16, torch.float32, ROW_SMALL),
+    ("zero_weight_requests", 7, 3, (24, 16, 40), 8, torch.float32, ROW_SMALL),
+    ("base_only", 4, 2, (24,), 16, torch.float32, ROW_SMALL),
+    ("mixed", 6, 4, (40, 24), 16, torch.bfloat16, ROW_SMALL),
+    ("long_segments", 2, 37, (48,), 32, torch.float16, ROW_SMALL),
 ]
 
 
@@ -80,6 +87,24 @@ def test_triton_rows_not_proportional_interpreted():
     problem.x = problem.x.reshape(1, 29, 48)
     problem.outputs = [output.reshape(1, 29, -1) for output in problem.outputs]
     assert_matches(problem, run_triton(problem, SMALL_BLOCKS))
+
+
+@interpreter
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, ROW_SMALL], ids=["tiles", "per_row"])
+def test_triton_rows_not_proportional_both_paths_interpreted(config):
+    # 29 rows over weights summing to 10, on each path: rows are owned fractionally.
+    problem = make_problem(pattern="every_row_different", requests=5, rows_per_request=2, in_features=48,
+                           out_features=(32,), num_slots=5, max_rank=16, dtype=torch.float32, rows=29, seed=12)
+    assert_matches(problem, run_triton(problem, config))
+
+
+@interpreter
+def test_triton_row_path_with_too_many_requests_takes_tiles_interpreted():
+    # 1100 request entries do not fit the row path's one load of the tables: the tiles serve them.
+    problem = make_problem(pattern="every_row_different", requests=20, rows_per_request=1, in_features=32,
+                           out_features=(24,), num_slots=6, max_rank=16, dtype=torch.float32,
+                           max_requests=1100, seed=14)
+    assert_matches(problem, run_triton(problem, ROW_SMALL))
 
 
 @interpreter
@@ -128,7 +153,9 @@ def test_choose_config_is_static_and_sane():
             for dtype in (torch.float32, torch.bfloat16):
                 config = choose_config(rows, 3584, rank, 32, dtype)
                 assert config.k_chunk % config.block_k == 0 and config.k_chunk >= config.block_k
-                assert config.block_m >= 16 and config.block_n >= 16
+                assert config.block_m >= (1 if config.per_row else 16) and config.block_n >= 16
+                assert config.per_row == (rows <= 8)
+    assert not choose_config(16, 3584, 16, 32, per_row_max_rows=0).per_row
     # Decode splits the input features over many programs; prefill hardly at all.
     assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
     assert 3584 // choose_config(4096, 3584, 16, 32).k_chunk <= 4
@@ -194,8 +221,12 @@ def test_op_ranks_gpu(rows_per_request, dtype, max_rank):
     assert_matches(problem, outputs)
 
 
-@pytest.mark.parametrize("config", [ONE_SPLIT, SMALL_BLOCKS, LaunchConfig(block_m=64, block_k=64, k_chunk=256, block_n=128)],
-                         ids=["one_split", "small_blocks", "large_blocks"])
+@pytest.mark.parametrize("config", [ONE_SPLIT, SMALL_BLOCKS, LaunchConfig(block_m=64, block_k=64, k_chunk=256, block_n=128),
+                                    ROW_SMALL, LaunchConfig(block_m=1, block_k=128, k_chunk=128, block_n=256, per_row=True),
+                                    LaunchConfig(block_m=1, block_k=64, k_chunk=256, block_n=64, per_row=True,
+                                                 dependent_launch=False)],
+                         ids=["one_split", "small_blocks", "large_blocks", "per_row_small", "per_row_large",
+                              "per_row_plain_launch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @gpu
 def test_configs_gpu(dtype, config):
@@ -235,10 +266,10 @@ def _load_batch(static: Problem, fresh: Problem) -> None:
             target.copy_(source)
 
 
-@pytest.mark.parametrize("rows_per_request", [1, 96])
+@pytest.mark.parametrize("requests, rows_per_request", [(4, 1), (48, 1), (4, 96)],
+                         ids=["row_path", "tiles_decode", "tiles_prefill"])
 @gpu
-def test_cuda_graph_replay_gpu(rows_per_request):
-    requests = 48 if rows_per_request == 1 else 4
+def test_cuda_graph_replay_gpu(requests, rows_per_request):
     # Rows stay fixed (a graph's shapes are); each batch's weights share them out anew.
     shape = dict(requests=requests, rows_per_request=rows_per_request, in_features=512,
                  out_features=(384, 128, 128), num_slots=16, max_rank=16, dtype=torch.bfloat16,
