@@ -358,6 +358,17 @@ def step_profile(step, device, steps: int = 5) -> dict:
                 dynamo=graphs, top_kernels_ms_and_count=top)
 
 
+def measure_base(args, model, steps: dict, mode, measure, found: dict, progress: dict) -> None:
+    """`measure(step)` for each batch's decode step on the base model, compiled like mmlora_fx."""
+    torch._dynamo.reset()
+    base = torch.compile(model, mode=mode)
+    for batch, step in steps.items():
+        step.rewind()
+        found[f"base b{batch}"] = measure(lambda: step(base))
+        note(args, progress, f"base b{batch}", found[f"base b{batch}"])
+    uncompile(model)
+
+
 def part_profile(args, model, adapters, device, results):
     """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs."""
     batches = [1, 16] if not args.tiny else [1, 4]
@@ -365,13 +376,7 @@ def part_profile(args, model, adapters, device, results):
     mode = "reduce-overhead" if device.type == "cuda" else None
     found = results.setdefault("profile", {})
     progress = results.setdefault("profile_progress", {})
-    torch._dynamo.reset()
-    base = torch.compile(model, mode=mode)
-    for batch in batches:
-        steps[batch].rewind()
-        found[f"base b{batch}"] = step_profile(lambda: steps[batch](base), device)
-        note(args, progress, f"base b{batch}", found[f"base b{batch}"])
-    uncompile(model)
+    measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress)
     names = list(adapters)
     mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
     for batch in batches:
@@ -406,15 +411,7 @@ def part_paths(args, model, adapters, device, results):
     mode = "reduce-overhead" if device.type == "cuda" else None
     found = results.setdefault("paths", {})
     progress = results.setdefault("paths_progress", {})
-    torch._dynamo.reset()
-    base = torch.compile(model, mode=mode)
-    for batch in batches:
-        steps[batch].rewind()
-        steps[batch](base)
-        steps[batch].rewind()
-        found[f"base b{batch}"] = timed(lambda: steps[batch](base), device)
-        note(args, progress, f"base b{batch}", found[f"base b{batch}"])
-    uncompile(model)
+    measure_base(args, model, steps, mode, lambda step: timed(step, device), found, progress)
     defaults = kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS
     names = list(adapters)
     try:

@@ -49,14 +49,16 @@ class MultiLoRAModel:
             # Each call is a new step: CUDA-graph trees may then reuse the last call's output
             # memory (clone what you keep) instead of recording a new graph per call.
             torch.compiler.cudagraph_mark_step_begin()
-        return self.model(**batch)
+        with self.runtime.call_scope():
+            return self.model(**batch)
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         """Hugging Face `generate` with one adapter per request (prefill with images, decode without)."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(kwargs, adapter_names)
-        return self.model.generate(**kwargs)
+        with self.runtime.call_scope():
+            return self.model.generate(**kwargs)
 
     def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
         """The same forward without compilation (LoRA through the runtime's forward hooks): the
@@ -64,7 +66,8 @@ class MultiLoRAModel:
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(batch, adapter_names)
-        return self.model.forward(**batch)
+        with self.runtime.call_scope():
+            return self.model.forward(**batch)
 
     # ------------------------------------------------------------------ adapters
     @property

@@ -9,7 +9,8 @@ slot buffers of the linears they serve and the table of their partition.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class LoRARuntime:
         self.tables = {partition: TokenSlotTable(partition, max_batch_size, device) for partition in LORA_PARTITIONS}
         self.image_token_ids = _image_token_ids(getattr(model, "config", None))
         self._plans: dict[tuple[str, ...], tuple] = {}
+        self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
 
@@ -136,6 +138,26 @@ class LoRARuntime:
                 [b.ranks for b in buffers])
 
     # ------------------------------------------------------------------ outside the graphs
+    @contextlib.contextmanager
+    def call_scope(self) -> Iterator[None]:
+        """The scope of one served call (`MultiLoRAModel.__call__`, `generate`, `eager`).
+
+        Only inside it do the forward hooks add LoRA to linears that run outside the compiled
+        graphs. Outside it the model's uncompiled code is the base model again, whatever batch
+        the tables were last filled for: a later plain call of the model (by other code, say
+        PEFT wrapping the same module, or after compilation is undone) must not pick up a past
+        batch's adapters.
+        """
+        self._call_depth += 1
+        try:
+            yield
+        finally:
+            self._call_depth -= 1
+
+    @property
+    def in_call(self) -> bool:
+        return self._call_depth > 0
+
     def _add_eager_hooks(self) -> None:
         """LoRA for served linears that run outside compiled graphs, through forward hooks.
 
@@ -146,6 +168,7 @@ class LoRARuntime:
         LoRA op serves the linear, so it is never applied twice. The hooks exist before any
         compilation, so adding them causes no recompilation. Like the graph op, a hook finds its
         runtime from the weight, so a model compiled again gets no second hook and no second delta.
+        Hooks act only inside their runtime's `call_scope()`.
         """
         for name, module in self.model.named_modules():
             if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
@@ -156,5 +179,6 @@ class LoRARuntime:
 def _eager_lora_hook(module, args, output):
     if not torch.compiler.is_compiling():
         runtime, name = REGISTRY.resolve(module.weight)
-        runtime.apply([output], args[0], [name])
+        if runtime.in_call:
+            runtime.apply([output], args[0], [name])
     return output

@@ -43,3 +43,23 @@ def test_compiling_a_model_again_does_not_apply_lora_twice_outside_the_graphs(tm
         compiled = twice(**batch, adapter_names=["a", None]).logits
     torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_outside_a_served_call_the_uncompiled_model_is_the_base_model(tmp_path):
+    # The hooks stay on the model's linears; a plain call of its uncompiled forward (as PEFT or
+    # any other code makes) must neither add the last batch's adapters nor refuse its rows.
+    family = "tiny-llava"
+    base = zoo.build(family)
+    path = make_adapter(base, tmp_path / "a", all_targets(family), r=2, lora_alpha=5)
+    torch._dynamo.reset()
+    model = zoo.build(family)
+    mm = mmlora_fx.compile(model, {"a": path}, inner="aot_eager")
+    three = zoo.make_batch(base, (1, 0, 1), seed=5)
+    one = zoo.make_batch(base, (1,), seed=6)
+    with torch.no_grad():
+        served = mm.eager(**three, adapter_names=["a", "a", "a"]).logits  # tables now hold 3 requests
+        plain_three = model.forward(**three).logits
+        plain_one = model.forward(**one).logits  # 1 request: would not split over the 3-request table
+        assert (served - base(**three).logits).abs().max() > 1e-2
+        torch.testing.assert_close(plain_three, base(**three).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain_one, base(**one).logits, rtol=1e-5, atol=1e-5)
