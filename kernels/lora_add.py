@@ -680,11 +680,6 @@ def lora_add_triton(
         config = choose_config(rows, in_features, max_rank, num_slots, x.dtype, per_row_max_rows=0)
     block_r = max(16, _next_power_of_2(max_rank))
     num_splits = triton.cdiv(in_features, config.k_chunk)
-    requests_block = max(16, _next_power_of_2(num_requests))
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    precision = "tf32" if half else "ieee"
-    # The interpreter multiplies bf16 blocks as raw integers: give it float32 operands.
-    upcast = _interpreting() and x.dtype == torch.bfloat16
     request_slots = request_slots.to(torch.int32)
     request_cum_weights = request_cum_weights.to(torch.int64)
     ranks = _padded([ranks.to(torch.int32) for ranks in slot_ranks])
@@ -699,13 +694,14 @@ def lora_add_triton(
         dependent = (config.dependent_launch and device.type == "cuda" and not _interpreting()
                      and _supports_dependent_launch(device.index if device.index is not None else 0))
         launch = {"launch_pdl": True} if dependent else {}
+        requests_block = max(16, _next_power_of_2(num_requests + 1))  # the tables in one load, total included
         _row_shrink_kernel[(rows, num_splits)](
             inputs, inputs.stride(0),
             a[0], a[1], a[2], lora_a[0].stride(0), lora_a[0].stride(1),
             ranks[0], ranks[1], ranks[2], max_rank,
             *tables, partials, rows, in_features, config.k_chunk,
             NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_K=config.block_k, SLOTS=slots_block,
-            REQUESTS=max(16, _next_power_of_2(num_requests + 1)), DEPENDENT_LAUNCH=dependent,
+            REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
             num_warps=config.shrink_warps, **launch,
         )
         _row_expand_kernel[(sum(blocks), rows)](
@@ -714,13 +710,17 @@ def lora_add_triton(
             ranks[0], ranks[1], ranks[2], max_rank, blocks[0], _padded(blocks)[1],
             *tables, partials, rows, num_splits,
             NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_N=config.block_n, SPLITS=max(2, _next_power_of_2(num_splits)),
-            SLOTS=slots_block, REQUESTS=max(16, _next_power_of_2(num_requests + 1)), DEPENDENT_LAUNCH=dependent,
+            SLOTS=slots_block, REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
             num_warps=config.expand_warps, **launch,
         )
         return
 
     block_m = config.block_m
     num_tiles = tile_bound(rows, num_slots, block_m)
+    requests_block = max(16, _next_power_of_2(num_requests))
+    precision = "tf32" if x.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    # The interpreter multiplies bf16 blocks as raw integers: give it float32 operands.
+    upcast = _interpreting() and x.dtype == torch.bfloat16
     tile_meta = torch.empty(num_tiles * 4, dtype=torch.int32, device=device)  # slot, rank of each sibling
     tile_rows = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
     # Several splits add into zeroed sums (one memset); one split stores them.
