@@ -18,6 +18,9 @@ qkv/proj/fc1/fc2 of the tower and the merger MLP, written in PEFT's format. Part
 - soak: decode steps with random adapter mixes while adapters are loaded, evicted and
   reloaded; every 100 steps the compiled output is checked against the uncompiled reference
   (same LoRA through forward hooks); no recompilation or recapture; memory at start and end.
+- paths: decode with kernel paths forced by patching `kernels.lora_add`'s defaults (`--paths`,
+  names in `KERNEL_PATHS`), each against the base on the same machine.
+- profile: device time of decode steps split into kernels and idle, base against mmlora_fx.
 
 Each part writes `<part>.json` under --out; the last lines printed are a summary table.
 `--tiny` runs the same code on a tiny config (on the CPU, no CUDA graphs) to check the script.
@@ -391,45 +394,55 @@ def part_profile(args, model, adapters, device, results):
 
 
 KERNEL_PATHS = {
-    # name -> (row path up to this many rows, dependent launches up to this many rows)
-    "tiles": (0, 0),
-    "rows": (8, 0),
-    "rows_dependent": (8, 4),
+    # name -> (batch sizes, module globals of kernels.lora_add to set)
+    "tiles": ([1], {"_PER_ROW_MAX_ROWS": 0, "_DEPENDENT_LAUNCH_MAX_ROWS": 0}),
+    "rows": ([1], {"_PER_ROW_MAX_ROWS": 8, "_DEPENDENT_LAUNCH_MAX_ROWS": 0}),
+    "rows_dependent": ([1], {"_PER_ROW_MAX_ROWS": 8, "_DEPENDENT_LAUNCH_MAX_ROWS": 4}),
+    "defaults": ([1, 16, 64], {}),  # row path at 1, tiles read from the tile plan at 16 and 64
+    "no_plan": ([16, 64], {"PLAN_BLOCK_M": 0}),  # no tile size matches the plan's: every shrink searches
 }
 
 
 def part_paths(args, model, adapters, device, results):
-    """Decode at batch 1 with each kernel path forced, on one machine (an A/B of the defaults).
+    """Decode with each kernel path of `--paths` forced, on one machine (an A/B of the defaults).
 
     The paths are `kernels.lora_add`'s module defaults, patched here (benchmark only); each
-    needs its own compilation, since CUDA graphs keep the kernels they captured.
+    needs its own compilation, since CUDA graphs keep the kernels they captured. Batches above
+    one hold `min(batch, 8)` distinct adapters. A name given twice is compiled and timed twice
+    (`name#2`): the spread between compilations of the same code.
     """
     from mmlora_fx.kernels import lora_add as kernels
 
-    batches = [1]  # one row: where the paths differ most; each batch size costs a recompilation
+    chosen = {}
+    for name in args.paths.split(","):
+        label = name if name not in chosen else f"{name}#{sum(key.split('#')[0] == name for key in chosen) + 1}"
+        chosen[label] = KERNEL_PATHS[name]
+    batches = sorted({batch for batch_sizes, _ in chosen.values() for batch in batch_sizes})
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
     mode = "reduce-overhead" if device.type == "cuda" else None
     found = results.setdefault("paths", {})
     progress = results.setdefault("paths_progress", {})
     measure_base(args, model, steps, mode, lambda step: timed(step, device), found, progress)
-    defaults = kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS
     names = list(adapters)
-    try:
-        for name, (row_rows, dependent_rows) in KERNEL_PATHS.items():
-            kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS = row_rows, dependent_rows
+    for name, (batch_sizes, patch) in chosen.items():
+        defaults = {key: getattr(kernels, key) for key in patch}
+        try:
+            for key, value in patch.items():
+                setattr(kernels, key, value)
             kernels.choose_config.cache_clear()
             mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
-            for batch in batches:
-                mm.runtime.prepare(mixed_names(names, batch, 1, seed=batch))
+            for batch in batch_sizes:
+                mm.runtime.prepare(mixed_names(names, batch, min(batch, 8, len(names)), seed=batch))
                 steps[batch].rewind()
                 steps[batch]()
                 steps[batch].rewind()
                 found[f"{name} b{batch}"] = timed(lambda: steps[batch](), device)
                 note(args, progress, f"{name} b{batch}", found[f"{name} b{batch}"])
             uncompile(model)
-    finally:
-        kernels._PER_ROW_MAX_ROWS, kernels._DEPENDENT_LAUNCH_MAX_ROWS = defaults
-        kernels.choose_config.cache_clear()
+        finally:
+            for key, value in defaults.items():
+                setattr(kernels, key, value)
+            kernels.choose_config.cache_clear()
     return model
 
 
@@ -639,6 +652,7 @@ def main() -> int:
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--variants", default="base,mmlora,peft", help="decode: which of base,mmlora,peft to time")
+    parser.add_argument("--paths", default=",".join(KERNEL_PATHS), help="paths: which kernel paths to time")
     args = parser.parse_args()
     spec = TINY if args.tiny else SEVEN_B
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

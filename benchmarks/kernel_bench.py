@@ -19,12 +19,10 @@ Batches: rows <= 256 are decode-like (one row per request, rows requests); more 
 prefill-like (32 requests of rows/32 rows). `d` distinct adapters are spread over the requests
 at random (every one used; `d` is capped at the number of requests).
 
-`--variants` times `choose_config` overrides besides the default; `--profile` adds each
-kernel's device time per layer (torch.profiler, eager calls). The run in docs/BENCHMARKS.md:
-
-    python3 benchmarks/kernel_bench.py --profile --repeat-ms 40 \
-        --variants '{"t528":{"target_programs":528},"bk128":{"block_k":128,"shrink_stages":4}}' \
-        --json $OUT/bench.json --markdown $OUT/bench.md
+Each batch's tile plan (`kernels/tile_plan.py`) is built once and passed to every call, as the
+runtime does once per forward. `--variants` times `choose_config` overrides besides the default
+(`"plan": false` drops the plan); `--profile` adds each kernel's device time per layer
+(torch.profiler, eager calls). The run in docs/BENCHMARKS.md is `benchmarks/gpu_kernels.sh`'s.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ import triton.testing
 
 from mmlora_fx.kernels.lora_add import choose_config, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_gather_bmm
+from mmlora_fx.kernels.tile_plan import build_tile_plan
 
 HIDDEN, INTERMEDIATE, KV = 3584, 18944, 512
 # op name -> (input features, siblings' output features)
@@ -83,7 +82,8 @@ def make_layer(rows: int, num_slots: int, max_rank: int, dtype: torch.dtype, dev
 
 def make_batch(rows: int, adapters: int, num_slots: int, max_requests: int, generator: torch.Generator,
                device: str = "cuda"):
-    """Request tables for `rows` rows and `adapters` distinct adapters; also their counts."""
+    """Request tables for `rows` rows and `adapters` distinct adapters, their tile plan (as the
+    runtime writes it once per forward), and their counts."""
     requests = rows if rows <= 256 else 32
     distinct = min(adapters, requests, num_slots)
     chosen = torch.randperm(num_slots, generator=generator)[:distinct]
@@ -93,7 +93,8 @@ def make_batch(rows: int, adapters: int, num_slots: int, max_requests: int, gene
     padded[:requests] = slots.to(torch.int32)
     cum = torch.full((max_requests + 1,), requests, dtype=torch.int64)  # every request weighs 1
     cum[: requests + 1] = torch.arange(requests + 1)
-    return padded.to(device), cum.to(device), requests, distinct
+    plan = build_tile_plan(padded.tolist(), cum.tolist())
+    return padded.to(device), cum.to(device), plan.to(device), requests, distinct
 
 
 def byte_floor(rows: int, distinct: int, rank: int, element_size: int) -> int:
@@ -103,9 +104,13 @@ def byte_floor(rows: int, distinct: int, rank: int, element_size: int) -> int:
     return element_size * (distinct * adapter + rows * activations)
 
 
-def run_layer(impl, layer: dict[str, OpBuffers], slots: torch.Tensor, cum: torch.Tensor) -> None:
+def run_layer(impl, layer: dict[str, OpBuffers], slots: torch.Tensor, cum: torch.Tensor, plan=None) -> None:
     for op in layer.values():
-        impl(op.outputs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        impl(op.outputs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum, plan)
+
+
+def torch_impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan) -> None:
+    lora_add_gather_bmm(outputs, x, lora_a, lora_b, slot_ranks, slots, cum)
 
 
 def time_graph(step, repeat_ms: int) -> float:
@@ -149,16 +154,20 @@ def launch_floor_us(launches: int, layers: int, repeat_ms: int) -> float:
 
 
 def triton_impl(variant: dict):
-    """`lora_add_triton` with `choose_config`'s heuristic overridden by `variant`."""
+    """`lora_add_triton` with `choose_config`'s heuristic overridden by `variant` (and without
+    the tile plan if it holds `"plan": false`)."""
+    variant = dict(variant)
+    use_plan = variant.pop("plan", True)
 
-    def impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum):
+    def impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan):
         config = choose_config(x.shape[0], x.shape[-1], lora_a[0].shape[1], lora_a[0].shape[0], x.dtype, **variant)
-        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, config=config)
+        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan if use_plan else None,
+                        config=config)
 
     return impl
 
 
-def check_against_torch(layer, slots, cum) -> float:
+def check_against_torch(layer, slots, cum, plan) -> float:
     """Largest relative error of the kernels' delta against the gather/bmm baseline's."""
     worst = 0.0
     for op in layer.values():
@@ -167,7 +176,7 @@ def check_against_torch(layer, slots, cum) -> float:
         bases = [torch.randn_like(output) for output in op.outputs]
         ours = [base.clone() for base in bases]
         theirs = [base.clone() for base in bases]
-        lora_add_triton(ours, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        lora_add_triton(ours, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum, plan)
         lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
         for o, t, base in zip(ours, theirs, bases):
             delta = t.float() - base.float()
@@ -175,15 +184,15 @@ def check_against_torch(layer, slots, cum) -> float:
     return worst
 
 
-def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, iterations: int = 5) -> dict[str, float]:
+def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, plan, iterations: int = 5) -> dict[str, float]:
     """Mean device microseconds per layer of each kernel the Triton path launches (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    run_layer(lora_add_triton, layer, slots, cum)
+    run_layer(lora_add_triton, layer, slots, cum, plan)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
-            run_layer(lora_add_triton, layer, slots, cum)
+            run_layer(lora_add_triton, layer, slots, cum, plan)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
@@ -241,25 +250,25 @@ def main() -> int:
         count = args.layers if rows <= 256 else 2
         layers = [make_layer(rows, args.slots, args.rank, dtype) for _ in range(count)]
         for adapters in [int(a) for a in args.adapters.split(",")]:
-            slots, cum, requests, distinct = make_batch(rows, adapters, args.slots, args.max_requests, generator)
+            slots, cum, plan, requests, distinct = make_batch(rows, adapters, args.slots, args.max_requests, generator)
             floor_us = byte_floor(rows, distinct, args.rank, 2) / bandwidth * 1e6
             row = dict(rows=rows, adapters=adapters, distinct=distinct, requests=requests, floor_us=floor_us,
-                       check=check_against_torch(layers[0], slots, cum))
+                       check=check_against_torch(layers[0], slots, cum, plan))
             for name, variant in variants.items():
                 impl = triton_impl(variant)
-                ms = time_graph(lambda: [run_layer(impl, layer, slots, cum) for layer in layers], args.repeat_ms)
+                ms = time_graph(lambda: [run_layer(impl, layer, slots, cum, plan) for layer in layers], args.repeat_ms)
                 row[f"ours_{name}_us"] = ms * 1e3 / count
             if args.per_op:
                 impl = triton_impl({})
                 for op_name in LAYER_OPS:
                     ms = time_graph(lambda: [impl(l[op_name].outputs, l[op_name].x, l[op_name].lora_a,
-                                                  l[op_name].lora_b, l[op_name].slot_ranks, slots, cum)
+                                                  l[op_name].lora_b, l[op_name].slot_ranks, slots, cum, plan)
                                              for l in layers], args.repeat_ms)
                     row[f"op_{op_name}_us"] = ms * 1e3 / count
             if args.profile:
-                row["kernels_us"] = kernel_breakdown(layers[0], slots, cum)
+                row["kernels_us"] = kernel_breakdown(layers[0], slots, cum, plan)
             if not args.skip_torch:
-                ms = time_graph(lambda: [run_layer(lora_add_gather_bmm, layer, slots, cum) for layer in layers],
+                ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
                                 args.repeat_ms)
                 row["torch_us"] = ms * 1e3 / count
             results.append(row)

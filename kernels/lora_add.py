@@ -7,7 +7,7 @@ tensors the op runs the Triton kernels of this module; elsewhere it runs the ref
 The CUDA path is two launches, a shrink and an expand, on one of two paths chosen from the
 row count alone (`choose_config`).
 
-Row path (up to 8 rows: decode at small batch), one program per row:
+Row path (up to 4 rows: decode at small batch), one program per row:
 
 * shrink (`_row_shrink_kernel`, grid `rows x k_splits`): the program finds its row's slot with
   one load of each request table and one comparison per request (no tile search), multiplies a
@@ -34,6 +34,10 @@ features:
   its tile's sums, multiplies by a block of the sibling's B and adds the result to the output
   rows, in place.
 
+A tile plan (`tile_plan.py`), written on the host with the request tables once per forward,
+spares the shrink programs the search when the row count is the total weight (decode): each
+program then reads its tile in one load.
+
 Everything the grids depend on is static (rows, slot count, feature sizes): tiles that turn out
 empty at run time exit at once. Nothing reads device memory from the host, so the op can be
 captured in a CUDA graph and replayed with new `request_slots`, cum weights and adapter weights.
@@ -51,6 +55,7 @@ import triton
 import triton.language as tl
 
 from .reference import lora_add_reference
+from .tile_plan import PLAN_BLOCK_M, plan_capacity, planned_tile
 
 __all__ = ["LaunchConfig", "choose_config", "lora_add", "lora_add_", "lora_add_triton", "tile_bound"]
 
@@ -61,8 +66,9 @@ _TARGET_SHRINK_PROGRAMS = 264
 # request tables; more, in blocks of this many (bounds registers for large batches).
 _REQUEST_BLOCK = 256
 # Row counts up to which one program per row beats tiles grouped by slot (measured on an H100,
-# docs/KERNELS.md), and the most request entries the row path reads in one load.
-_PER_ROW_MAX_ROWS = 8
+# docs/KERNELS.md: at 8 rows the tile path with a tile plan is 2-8 us a layer faster, at 4 they
+# are even), and the most request entries the row path reads in one load.
+_PER_ROW_MAX_ROWS = 4
 # Row counts up to which the row path's kernels launch as programmatic dependents: beyond, the
 # expand's programs, started early, hold multiprocessors the shrink needs (measured slower at 8).
 _DEPENDENT_LAUNCH_MAX_ROWS = 4
@@ -311,17 +317,24 @@ def _shrink_kernel(
     x_ptr, x_row_stride,
     a0_ptr, a1_ptr, a2_ptr, a_slot_stride, a_rank_stride,
     rank0_ptr, rank1_ptr, rank2_ptr, max_rank,
-    slots_ptr, cum_ptr, num_requests, num_slots,
+    slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity,
     tile_meta_ptr, tile_rows_ptr, shrunk_ptr,
     rows, in_features, k_chunk, num_tiles,
     NUM_SIBLINGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOTS: tl.constexpr, REQUESTS: tl.constexpr, ONE_PASS: tl.constexpr, ATOMIC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PLAN: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
-                                 BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    if USE_PLAN:
+        total = tl.load(cum_ptr + num_requests)
+        covered, slot, tile_rows = planned_tile(tile, plan_ptr, plan_capacity, rows, total, num_slots, BLOCK_M)
+        if not covered:
+            slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                         BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    else:
+        slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                     BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
     if slot < 0:
         if split == 0:
             tl.store(tile_meta_ptr + tile * 4, -1)
@@ -654,13 +667,16 @@ def lora_add_triton(
     slot_ranks: list[torch.Tensor],
     request_slots: torch.Tensor,
     request_cum_weights: torch.Tensor,
+    tile_plan: torch.Tensor | None = None,
     *,
     config: LaunchConfig | None = None,
 ) -> None:
     """The Triton path of `lora_add_` (two launches; see the module docstring).
 
-    Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`. `config` overrides the
-    launch parameters `choose_config` picks from the shapes.
+    Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`. `tile_plan`, if given,
+    must be `tile_plan.build_tile_plan` of these request tables (the tile path reads its tiles
+    there when it covers the row count). `config` overrides the launch parameters
+    `choose_config` picks from the shapes.
     """
     inputs = x.reshape(-1, x.shape[-1])
     if inputs.stride(-1) != 1:
@@ -721,6 +737,11 @@ def lora_add_triton(
     precision = "tf32" if x.dtype in (torch.float16, torch.bfloat16) else "ieee"
     # The interpreter multiplies bf16 blocks as raw integers: give it float32 operands.
     upcast = _interpreting() and x.dtype == torch.bfloat16
+    # A plan is only ever for rows == total weight, in 16-row tiles, up to its capacity.
+    capacity = plan_capacity(tile_plan) if tile_plan is not None else 0
+    if tile_plan is not None and tile_plan.device != device:
+        raise ValueError(f"lora_add_: the tile plan is on {tile_plan.device}, the rows on {device}")
+    use_plan = block_m == PLAN_BLOCK_M and rows <= capacity
     tile_meta = torch.empty(num_tiles * 4, dtype=torch.int32, device=device)  # slot, rank of each sibling
     tile_rows = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
     # Several splits add into zeroed sums (one memset); one split stores them.
@@ -732,12 +753,13 @@ def lora_add_triton(
         a[0], a[1], a[2], lora_a[0].stride(0), lora_a[0].stride(1),
         ranks[0], ranks[1], ranks[2], max_rank,
         request_slots, request_cum_weights, num_requests, num_slots,
+        tile_plan if use_plan else request_slots, capacity,
         tile_meta, tile_rows, shrunk,
         rows, in_features, config.k_chunk, num_tiles,
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         SLOTS=slots_block, REQUESTS=min(requests_block, _REQUEST_BLOCK),
         ONE_PASS=requests_block <= _REQUEST_BLOCK, ATOMIC=num_splits > 1,
-        PRECISION=precision, UPCAST=upcast,
+        PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages,
     )
     _expand_kernel[(sum(blocks), num_tiles)](
@@ -750,10 +772,10 @@ def lora_add_triton(
     )
 
 
-def lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+def lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan=None) -> None:
     """The op's body, for callers already inside a custom op: Triton on CUDA, the reference elsewhere."""
     if x.is_cuda:
-        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+        lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan)
     else:
         lora_add_reference(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
 
@@ -767,11 +789,17 @@ def lora_add_(
     slot_ranks: list[torch.Tensor],
     request_slots: torch.Tensor,
     request_cum_weights: torch.Tensor,
+    tile_plan: torch.Tensor | None = None,
 ) -> None:
-    """`outputs[j] += LoRA_j(x)` per row's adapter slot; see `reference.lora_add_reference`."""
-    lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+    """`outputs[j] += LoRA_j(x)` per row's adapter slot; see `reference.lora_add_reference`.
+
+    `tile_plan` (optional, `tile_plan.build_tile_plan` of the same tables) only saves the CUDA
+    kernels work; the result does not depend on it.
+    """
+    lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan)
 
 
 @lora_add_.register_fake
-def _lora_add_fake(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+def _lora_add_fake(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights,
+                   tile_plan=None) -> None:
     return None

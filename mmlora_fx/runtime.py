@@ -123,7 +123,7 @@ class LoRARuntime:
         table.check_rows(x.numel() // x.shape[-1])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
         lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks,
-                 table.request_slots, table.request_cum_weights)
+                 table.request_slots, table.request_cum_weights, table.tile_plan)
 
     def _plan(self, modules: list[str]):
         served = [index for index, module in enumerate(modules) if module in self.manager.buffers]

@@ -5,7 +5,8 @@ in proportion to its weight (see `mmlora_fx.kernels.reference`): the language mo
 request 1, the tower and the connector weigh a request by its image tokens. So one table, two
 small device tensors with fixed addresses, serves every layer of a partition whatever number of
 rows that layer sees (Qwen2-VL's tower sees four rows per image token, its merger one), and CUDA
-graphs replay them while their contents change.
+graphs replay them while their contents change. A third, the tile plan, carries the kernels'
+grouping of rows by adapter for one row per unit of weight (decode), worked out here once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import BatchError
+from .kernels.tile_plan import build_tile_plan
 
 __all__ = ["TokenSlotTable"]
 
@@ -25,6 +27,9 @@ class TokenSlotTable:
         self.max_batch_size = max_batch_size
         self.request_slots = torch.full((max_batch_size,), -1, dtype=torch.int32, device=device)
         self.request_cum_weights = torch.zeros(max_batch_size + 1, dtype=torch.int64, device=device)
+        # The kernels' grouping of rows by slot for one row per unit of weight (decode), written
+        # here once per forward instead of searched for by every kernel program of every layer.
+        self.tile_plan = build_tile_plan([], [0]).to(device)
         # A host copy of the running weights, to check row splits without reading the device.
         self.cum_weights: list[int] = [0]
 
@@ -42,6 +47,7 @@ class TokenSlotTable:
         # From pageable memory the copy returns once the host data is staged: no race, no sync.
         self.request_slots.copy_(torch.tensor(padded_slots, dtype=torch.int32), non_blocking=True)
         self.request_cum_weights.copy_(torch.tensor(padded_cum, dtype=torch.int64), non_blocking=True)
+        self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
         self.cum_weights = cum
 
     def check_rows(self, rows: int) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from mmlora_fx.errors import BatchError
 from mmlora_fx.kernels.reference import row_slots
+from mmlora_fx.kernels.tile_plan import build_tile_plan
 from mmlora_fx.token_slots import TokenSlotTable
 
 
@@ -41,3 +42,13 @@ def test_batches_larger_than_the_tables_are_refused():
     table = TokenSlotTable("language_model", max_batch_size=2, device=torch.device("cpu"))
     with pytest.raises(BatchError, match="max_batch_size is 2"):
         table.fill([0, 0, 0], [1, 1, 1])
+
+
+def test_filling_writes_the_tile_plan_in_place():
+    table = TokenSlotTable("language_model", max_batch_size=8, device=torch.device("cpu"))
+    address = table.tile_plan.data_ptr()
+    table.fill([4, -1, 0, 4], [1, 1, 1, 1])
+    assert torch.equal(table.tile_plan, build_tile_plan([4, -1, 0, 4], [0, 1, 2, 3, 4]))
+    table.fill([], [])
+    assert table.tile_plan.data_ptr() == address
+    assert int(table.tile_plan[0]) == -1  # no batch: the kernels search (and find nothing)

@@ -15,6 +15,7 @@ import torch
 
 from mmlora_fx.kernels.lora_add import LaunchConfig, choose_config, lora_add_, lora_add_triton, tile_bound
 from mmlora_fx.kernels.reference import lora_add_reference
+from mmlora_fx.kernels.tile_plan import build_tile_plan
 
 from .problems import PATTERNS, Problem, assert_matches, make_problem
 
@@ -108,6 +109,44 @@ def test_triton_row_config_with_over_1024_request_entries_interpreted():
     assert_matches(problem, run_triton(problem, ROW_SMALL))
 
 
+def plan_of(problem: Problem, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The tile plan of the problem's tables (of `slots` instead, to make a wrong one)."""
+    slots = problem.request_slots if slots is None else slots
+    return build_tile_plan(slots.tolist(), problem.request_cum_weights.tolist()).to(problem.x.device)
+
+
+@interpreter
+@pytest.mark.parametrize("pattern", ["mixed", "every_row_different", "one_adapter", "zero_weight_requests",
+                                     "base_only", "total_zero"])
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, ONE_SPLIT], ids=["splits", "one_split"])
+def test_triton_with_a_tile_plan_interpreted(config, pattern):
+    # One row per unit of weight: the shrink reads its tiles from the plan.
+    problem = make_problem(pattern=pattern, requests=23, rows_per_request=1, in_features=48,
+                           out_features=(24, 40), num_slots=5, max_rank=16, dtype=torch.float32,
+                           max_requests=30, seed=PATTERNS.index(pattern))
+    outputs = problem.fresh_outputs()
+    lora_add_triton(*problem.args(outputs), plan_of(problem), config=config)
+    assert_matches(problem, outputs)
+
+
+@interpreter
+def test_triton_reads_the_plan_only_for_the_rows_it_covers_interpreted():
+    # A plan of other slots is followed when it covers the row count (so the kernel does read
+    # it) and ignored at any other row count (twice the rows: the search runs).
+    problem = make_problem(pattern="every_row_different", requests=12, rows_per_request=1, in_features=32,
+                           out_features=(24,), num_slots=6, max_rank=16, dtype=torch.float32, seed=21)
+    wrong_plan = plan_of(problem, problem.request_slots.roll(1))
+    outputs = problem.fresh_outputs()
+    lora_add_triton(*problem.args(outputs), wrong_plan, config=SMALL_BLOCKS)
+    with pytest.raises(AssertionError):
+        assert_matches(problem, outputs)
+    doubled = make_problem(pattern="every_row_different", requests=12, rows_per_request=1, in_features=32,
+                           out_features=(24,), num_slots=6, max_rank=16, dtype=torch.float32, rows=24, seed=21)
+    outputs = doubled.fresh_outputs()
+    lora_add_triton(*doubled.args(outputs), wrong_plan, config=SMALL_BLOCKS)
+    assert_matches(doubled, outputs)
+
+
 @interpreter
 def test_triton_large_weights_interpreted():
     # Weights in the billions over 40 rows: weight * rows far beyond 32 bits.
@@ -146,16 +185,17 @@ def test_op_cpu_runs_reference_and_passes_opcheck():
     torch.ops.mmlora.lora_add_(*problem.args(outputs))
     assert_matches(problem, outputs)
     torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()))
+    torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()) + (plan_of(problem),))
 
 
 def test_choose_config_is_static_and_sane():
-    for rows in (1, 16, 64, 256, 1000, 4096):
+    for rows in (1, 4, 5, 8, 16, 64, 256, 1000, 4096):
         for rank in (8, 16, 64, 128):
             for dtype in (torch.float32, torch.bfloat16):
                 config = choose_config(rows, 3584, rank, 32, dtype)
                 assert config.k_chunk % config.block_k == 0 and config.k_chunk >= config.block_k
                 assert config.block_m >= (1 if config.per_row else 16) and config.block_n >= 16
-                assert config.per_row == (rows <= 8)
+                assert config.per_row == (rows <= 4)
     assert not choose_config(16, 3584, 16, 32, per_row_max_rows=0).per_row
     # Decode splits the input features over many programs; prefill hardly at all.
     assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
@@ -238,16 +278,31 @@ def test_configs_gpu(dtype, config):
         assert_matches(problem, run_triton(problem, config))
 
 
+@pytest.mark.parametrize("with_plan", [False, True], ids=["searched", "planned"])
 @gpu
-def test_llm_sizes_gpu():
+def test_llm_sizes_gpu(with_plan):
     # The benchmark's gate/up at decode and prefill sizes, every row on its own slot or long runs.
     for requests, rows_per_request in ((64, 1), (8, 128)):
         problem = make_problem(pattern="mixed", requests=requests, rows_per_request=rows_per_request,
                                in_features=3584, out_features=(18944, 18944), num_slots=32, max_rank=16,
                                dtype=torch.bfloat16, device="cuda", max_requests=256, seed=requests)
         outputs = problem.fresh_outputs()
-        torch.ops.mmlora.lora_add_(*problem.args(outputs))
+        torch.ops.mmlora.lora_add_(*problem.args(outputs), plan_of(problem) if with_plan else None)
         assert_matches(problem, outputs)
+
+
+@pytest.mark.parametrize("requests", [9, 64, 256])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@gpu
+def test_op_with_a_tile_plan_gpu(dtype, pattern, requests):
+    # Decode: one row per request, so the plan covers the rows (up to its 256-row capacity).
+    problem = make_problem(pattern=pattern, requests=requests, rows_per_request=1, in_features=1024,
+                           out_features=(1024, 256, 256), num_slots=32, max_rank=16, dtype=dtype, device="cuda",
+                           max_requests=256, seed=requests + PATTERNS.index(pattern))
+    outputs = problem.fresh_outputs()
+    torch.ops.mmlora.lora_add_(*problem.args(outputs), plan_of(problem))
+    assert_matches(problem, outputs)
 
 
 @gpu
@@ -256,12 +311,14 @@ def test_opcheck_gpu():
                            out_features=(128, 64), num_slots=4, max_rank=16, dtype=torch.bfloat16,
                            device="cuda", seed=4)
     torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()))
+    torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()) + (plan_of(problem),))
 
 
-def _load_batch(static: Problem, fresh: Problem) -> None:
-    """Copy a new batch and new adapter contents into the captured buffers, in place."""
+def _load_batch(static: Problem, fresh: Problem, plan: torch.Tensor) -> None:
+    """Copy a new batch (its tile plan too) and new adapter contents into the captured buffers, in place."""
     for name in ("x", "request_slots", "request_cum_weights"):
         getattr(static, name).copy_(getattr(fresh, name))
+    plan.copy_(plan_of(fresh))
     for name in ("outputs", "lora_a", "lora_b", "slot_ranks"):
         for target, source in zip(getattr(static, name), getattr(fresh, name)):
             target.copy_(source)
@@ -276,19 +333,20 @@ def test_cuda_graph_replay_gpu(requests, rows_per_request):
                  out_features=(384, 128, 128), num_slots=16, max_rank=16, dtype=torch.bfloat16,
                  device="cuda", max_requests=64, rows=requests * rows_per_request)
     static = make_problem(pattern="mixed", seed=0, **shape)
+    plan = plan_of(static)  # read where a batch has one row per unit of weight (tiles_decode)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        torch.ops.mmlora.lora_add_(*static.args())
+        torch.ops.mmlora.lora_add_(*static.args(), plan)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.ops.mmlora.lora_add_(*static.args())
+        torch.ops.mmlora.lora_add_(*static.args(), plan)
     # Same rows each replay; new slots, weights (row ownership) and adapter contents each time.
     for seed, pattern in enumerate(["every_row_different", "mixed", "one_adapter", "zero_weight_requests",
                                     "base_only", "long_segments"], start=1):
         fresh = make_problem(pattern=pattern, seed=seed, **shape)
-        _load_batch(static, fresh)
+        _load_batch(static, fresh, plan)
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(fresh, [output.clone() for output in static.outputs])
