@@ -701,6 +701,9 @@ def lora_add_triton(
     ranks = _padded([ranks.to(torch.int32) for ranks in slot_ranks])
 
     device = inputs.device
+    capacity = plan_capacity(tile_plan) if tile_plan is not None else 0
+    if tile_plan is not None and tile_plan.device != device:
+        raise ValueError(f"lora_add_: the tile plan is on {tile_plan.device}, the rows on {device}")
     a, o, b, features = _padded(lora_a), _padded(flat_outputs), _padded(lora_b), _padded(out_features)
     blocks = [triton.cdiv(features, config.block_n) for features in out_features]
     slots_block = max(16, _next_power_of_2(num_slots))
@@ -738,9 +741,6 @@ def lora_add_triton(
     # The interpreter multiplies bf16 blocks as raw integers: give it float32 operands.
     upcast = _interpreting() and x.dtype == torch.bfloat16
     # A plan is only ever for rows == total weight, in 16-row tiles, up to its capacity.
-    capacity = plan_capacity(tile_plan) if tile_plan is not None else 0
-    if tile_plan is not None and tile_plan.device != device:
-        raise ValueError(f"lora_add_: the tile plan is on {tile_plan.device}, the rows on {device}")
     use_plan = block_m == PLAN_BLOCK_M and rows <= capacity
     tile_meta = torch.empty(num_tiles * 4, dtype=torch.int32, device=device)  # slot, rank of each sibling
     tile_rows = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
@@ -793,8 +793,8 @@ def lora_add_(
 ) -> None:
     """`outputs[j] += LoRA_j(x)` per row's adapter slot; see `reference.lora_add_reference`.
 
-    `tile_plan` (optional, `tile_plan.build_tile_plan` of the same tables) only saves the CUDA
-    kernels work; the result does not depend on it.
+    `tile_plan` (optional) must be `tile_plan.build_tile_plan` of the same request tables: it
+    only saves the CUDA kernels work, and the result is the same with it or without it.
     """
     lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan)
 

@@ -92,12 +92,14 @@ def planned_tile(tile, plan_ptr, capacity, rows, total, num_slots, BLOCK_M: tl.c
     """Whether the plan covers `rows` rows of a batch of this `total`, and if so `tile`'s slot
     (-1: no such tile) and rows. All loads are issued at once: one round trip to memory."""
     header = tl.load(plan_ptr + tl.arange(0, 2))
+    # Clamped indices rather than masks: the tile may lie past the capacity (tiles of a row count
+    # the plan does not cover), and loads stay unmasked, which every Triton interpreter accepts.
     within = tile < capacity
-    slot = tl.load(plan_ptr + _PLAN_HEADER + tile, mask=within, other=-1)
-    tile_rows = tl.load(plan_ptr + _PLAN_HEADER + capacity + tile * BLOCK_M + tl.arange(0, BLOCK_M),
-                        mask=within, other=-1)
+    entry = tl.minimum(tile, capacity - 1)
+    slot = tl.load(plan_ptr + _PLAN_HEADER + entry)
+    tile_rows = tl.load(plan_ptr + _PLAN_HEADER + capacity + entry * BLOCK_M + tl.arange(0, BLOCK_M))
     planned_rows = tl.sum(tl.where(tl.arange(0, 2) == 0, header, 0), axis=0)
     tiles = tl.sum(tl.where(tl.arange(0, 2) == 1, header, 0), axis=0)
     covered = (planned_rows == rows) & (planned_rows == total)
-    slot = tl.where((tile < tiles) & (slot < num_slots), slot, -1)
-    return covered, slot, tile_rows
+    slot = tl.where(within & (tile < tiles) & (slot < num_slots), slot, -1)
+    return covered, slot, tl.where(within, tile_rows, -1)

@@ -148,6 +148,16 @@ def test_triton_reads_the_plan_only_for_the_rows_it_covers_interpreted():
 
 
 @interpreter
+def test_triton_refuses_a_malformed_plan_interpreted():
+    problem = make_problem(pattern="mixed", requests=4, rows_per_request=1, in_features=32,
+                           out_features=(24,), num_slots=4, max_rank=16, dtype=torch.float32, seed=3)
+    outputs = problem.fresh_outputs()
+    with pytest.raises(ValueError, match="tile plan"):
+        lora_add_triton(*problem.args(outputs), plan_of(problem)[:-1])
+    assert all(torch.equal(got, poison) for got, poison in zip(outputs, problem.outputs))  # nothing written
+
+
+@interpreter
 def test_triton_large_weights_interpreted():
     # Weights in the billions over 40 rows: weight * rows far beyond 32 bits.
     problem = make_problem(pattern="mixed", requests=5, rows_per_request=10**9, in_features=32,
