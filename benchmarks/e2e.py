@@ -29,6 +29,7 @@ Each part writes `<part>.json` under --out; the last lines printed are a summary
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -177,6 +178,11 @@ def uncompile(model):
         torch.cuda.empty_cache()
 
 
+def graph_mode(device) -> str | None:
+    """The compile mode of every part's base and mmlora_fx models: CUDA graphs on a GPU."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
 def note(args, progress: dict, key: str, value) -> None:
     """Record one measurement at once, so that a run cut short still leaves its numbers."""
     progress[key] = value
@@ -241,7 +247,7 @@ def part_decode(args, model, adapters, device, results):
     rows = []
     progress = results.setdefault("decode_progress", {})
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = graph_mode(device)
 
     variants = args.variants.split(",")
     base_ms, first_call, mm_ms, mm_first_call, peft_ms = {}, {}, {}, {}, {}
@@ -376,7 +382,7 @@ def part_profile(args, model, adapters, device, results):
     """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs."""
     batches = [1, 16] if not args.tiny else [1, 4]
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = graph_mode(device)
     found = results.setdefault("profile", {})
     progress = results.setdefault("profile_progress", {})
     measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress)
@@ -413,13 +419,13 @@ def part_paths(args, model, adapters, device, results):
     """
     from mmlora_fx.kernels import lora_add as kernels
 
-    chosen = {}
+    chosen, times_given = {}, collections.Counter()
     for name in args.paths.split(","):
-        label = name if name not in chosen else f"{name}#{sum(key.split('#')[0] == name for key in chosen) + 1}"
-        chosen[label] = KERNEL_PATHS[name]
+        times_given[name] += 1
+        chosen[name if times_given[name] == 1 else f"{name}#{times_given[name]}"] = KERNEL_PATHS[name]
     batches = sorted({batch for batch_sizes, _ in chosen.values() for batch in batch_sizes})
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = graph_mode(device)
     found = results.setdefault("paths", {})
     progress = results.setdefault("paths_progress", {})
     measure_base(args, model, steps, mode, lambda step: timed(step, device), found, progress)
@@ -551,7 +557,7 @@ def part_load(args, model, adapters, device, results, spare: Path):
 def part_soak(args, model, adapters, device, results, pool: list[Path]):
     batch = 16 if not args.tiny else 4
     steps = args.soak_steps
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = graph_mode(device)
     names = list(adapters)[:12]
     torch._dynamo.reset()
     mm = mmlora_fx.compile(model, {name: adapters[name] for name in names}, max_loras=8, max_cpu_loras=10,
