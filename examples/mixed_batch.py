@@ -15,6 +15,7 @@ import copy
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,8 @@ def peft_logits(base, adapters: dict, request: dict, name):
 
 
 def main() -> int:
+    # PEFT 0.21 asks transformers 5 for `is_gradient_checkpointing`, deprecated there: not ours to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-qwen2-vl", choices=list(zoo.ZOO))
     parser.add_argument("--inner", default="inductor", help="compiler of the rewritten graphs (inductor, aot_eager)")

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .backend import MMLoRABackend
-from .errors import BatchError
+from .errors import BatchError, VerificationError
 from .runtime import LoRARuntime
 
 __all__ = ["compile", "MultiLoRAModel"]
 
 _PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+# verify()'s default tolerance by output dtype: float32 as the tests hold PEFT; half precision
+# leaves room for the compiled base's own rounding differences (a few percent in bfloat16).
+_DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _first_output(output) -> torch.Tensor:
+    """The logits of a Hugging Face output, or the first tensor of any other output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise VerificationError(f"cannot compare outputs of type {type(output).__name__}: expected logits or a tensor",
+                            [], 0.0)
 
 
 class MultiLoRAModel:
@@ -24,11 +43,20 @@ class MultiLoRAModel:
     `__call__` goes through the compiled graphs), so Hugging Face generation uses the graphs too.
     """
 
-    def __init__(self, model: nn.Module, runtime: LoRARuntime, backend: MMLoRABackend, cuda_graphs: bool = False):
+    def __init__(self, model: nn.Module, runtime: LoRARuntime, backend: MMLoRABackend, cuda_graphs: bool = False,
+                 verbose: bool = False):
         self.model = model
         self.runtime = runtime
         self.backend = backend
         self.cuda_graphs = cuda_graphs
+        self.verbose = verbose
+
+    def _served_call(self):
+        """The scope of a call through the compiled graphs: LoRA hooks on, dynamo quiet, progress."""
+        scope = contextlib.ExitStack()
+        scope.enter_context(self.runtime.call_scope())
+        scope.enter_context(self.backend.progress.call(self.backend.records, self.verbose))
+        return scope
 
     # ------------------------------------------------------------------ running
     def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None) -> None:
@@ -49,7 +77,7 @@ class MultiLoRAModel:
             # Each call is a new step: CUDA-graph trees may then reuse the last call's output
             # memory (clone what you keep) instead of recording a new graph per call.
             torch.compiler.cudagraph_mark_step_begin()
-        with self.runtime.call_scope():
+        with self._served_call():
             return self.model(**batch)
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
@@ -57,7 +85,7 @@ class MultiLoRAModel:
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(kwargs, adapter_names)
-        with self.runtime.call_scope():
+        with self._served_call():
             return self.model.generate(**kwargs)
 
     def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
@@ -68,6 +96,42 @@ class MultiLoRAModel:
         self._prepare(batch, adapter_names)
         with self.runtime.call_scope():
             return self.model.forward(**batch)
+
+    def verify(self, *args, adapter_names: Sequence[str | None] | None = None, tolerance: float | None = None,
+               **batch) -> list[float]:
+        """Run the batch through the compiled graphs and through `eager`; return, per request, the
+        maximum relative error of the compiled output against the eager one.
+
+        Raises `VerificationError` when a request's error is above `tolerance` (by default 1e-4 in
+        float32, 1e-2 in float16, 5e-2 in bfloat16: the dtype of the output). A failure means this
+        model and these inputs come out differently compiled and eager: an upstream torch.compile
+        discrepancy (compare the base model under `torch.compile(model, backend="eager")` with its
+        eager forward to tell) or an mmlora_fx bug (please report it).
+        """
+        if args:
+            raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
+        with torch.no_grad():
+            compiled = _first_output(self(**batch, adapter_names=adapter_names)).detach().clone()
+            eager = _first_output(self.eager(**batch, adapter_names=adapter_names)).detach()
+        if compiled.shape != eager.shape:
+            raise VerificationError(f"the compiled output has shape {tuple(compiled.shape)}, the eager one "
+                                    f"{tuple(eager.shape)}", [], 0.0)
+        if tolerance is None:
+            tolerance = _DEFAULT_TOLERANCE.get(eager.dtype, 1e-4)
+        compiled, eager = compiled.float(), eager.float()
+        errors = [((c - e).abs().max() / e.abs().max().clamp_min(torch.finfo(torch.float32).tiny)).item()
+                  for c, e in zip(compiled, eager)]
+        names = list(adapter_names) if adapter_names is not None else [None] * len(errors)
+        failed = [row for row, error in enumerate(errors) if not error <= tolerance]  # NaN fails too
+        if failed:
+            worst = max(failed, key=lambda row: errors[row] if errors[row] == errors[row] else float("inf"))
+            raise VerificationError(
+                f"compiled and eager outputs differ for request(s) {failed} of {len(errors)}: request {worst} "
+                f"(adapter {names[worst] if worst < len(names) else None!r}) is off by {errors[worst]:.3g} relative, "
+                f"above the tolerance {tolerance:g}. Either torch.compile itself gives this model and these inputs "
+                "another result (compare the base model compiled with backend='eager' against its eager forward), "
+                "or mmlora_fx served a request wrongly (please report it)", errors, tolerance)
+        return errors
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -107,6 +171,7 @@ def compile(
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
+    verbose: bool = False,
     **compile_kwargs,
 ) -> MultiLoRAModel:
     """Compile `model` to serve `adapters` ({name: PEFT adapter directory}) per request.
@@ -117,6 +182,8 @@ def compile(
     by default, everything the given adapters target. `partition_overrides` ({prefix: partition})
     corrects the discovered partitions. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
+    `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
+    prints one summary line instead (the `mmlora_fx` logger, level INFO).
     """
     runtime = LoRARuntime(model, adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
                           max_lora_rank=max_lora_rank, partitions=partitions, target_modules=target_modules,
@@ -124,4 +191,4 @@ def compile(
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **compile_kwargs)
     cuda_graphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
-    return MultiLoRAModel(model, runtime, backend, cuda_graphs=cuda_graphs)
+    return MultiLoRAModel(model, runtime, backend, cuda_graphs=cuda_graphs, verbose=verbose)

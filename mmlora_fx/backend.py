@@ -29,6 +29,7 @@ from torch import fx, nn
 from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import MMLoRAError
 from .passes import InsertLoRAOps
+from .reporting import CompileProgress
 from .runtime import LoRARuntime
 
 __all__ = ["MMLoRABackend", "mmlora_backend", "adapter_names", "RUNTIME_OPTIONS"]
@@ -67,6 +68,7 @@ class MMLoRABackend:
         self.apply_pending_names = apply_pending_names
         self.recorder = GraphRecorder(ModuleNames(runtime.model), runtime.partition_map,
                                       transform=self._rewrite, compile_graph=self._compile)
+        self.progress = CompileProgress()
 
     @property
     def graphs(self) -> int:
@@ -77,7 +79,9 @@ class MMLoRABackend:
         return self.recorder.records
 
     def __call__(self, graph_module: fx.GraphModule, example_inputs: list, **_ignored):
-        return self.recorder(graph_module, example_inputs)
+        compiled = self.recorder(graph_module, example_inputs)
+        self.progress.graph_compiled()
+        return compiled
 
     def _rewrite(self, record: GraphRecord, example_inputs) -> None:
         serving = self.runtime.serving

@@ -19,6 +19,8 @@ from torch import fx, nn
 from .errors import CaptureError
 from .partitions import PartitionMap, discover_partitions
 from .passes import LabelPartitions, ResolveOwners
+from .reporting import quiet_dynamo
+from .upstream import check_supported
 
 __all__ = ["GraphBreak", "GraphInstance", "GraphRecord", "GraphRecorder", "Capture", "capture", "ModuleNames"]
 
@@ -239,12 +241,17 @@ def capture(
     batch: Mapping[str, object],
     partition_map: PartitionMap | None = None,
     partition_overrides: Mapping[str, str] | None = None,
+    verbose: bool = False,
 ) -> Capture:
-    """Run `model(**batch)` once under torch.compile and return every graph dynamo produced."""
+    """Run `model(**batch)` once under torch.compile and return every graph dynamo produced.
+
+    Dynamo's own graph-break warnings are held back unless `verbose`: the capture records every
+    break, and `mmlora-fx inspect` reports them."""
+    check_supported(model)
     if partition_map is None:
         partition_map = discover_partitions(model, partition_overrides)
     recorder = GraphRecorder(ModuleNames(model), partition_map, record_calls=True)
-    with _fresh_dynamo(), torch.no_grad():
+    with _fresh_dynamo(), torch.no_grad(), quiet_dynamo(verbose):
         try:
             torch.compile(model, backend=recorder, dynamic=False)(**batch)
         except Exception as error:  # dynamo wraps user errors; say which model failed

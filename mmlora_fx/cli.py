@@ -80,7 +80,7 @@ def inspect_command(args) -> int:
         serving = ServingPlan.build(linears, scans, partitions=args.partitions, target_modules=args.target_modules)
     print(f"capturing {args.model} ...", file=sys.stderr)
     batch = zoo.make_batch(model, args.images)
-    captured = capture(model, batch, partition_map=partition_map)
+    captured = capture(model, batch, partition_map=partition_map, verbose=args.verbose)
     if serving is not None:
         serving.mark_graphs(captured)
     report = build_report(captured, linears, args.model, scans, serving)
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--target-modules", nargs="+", default=None, metavar="SUFFIX",
                          help="serve LoRA only on modules with these name suffixes (as compile(target_modules=...))")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
+    inspect.add_argument("--verbose", "-v", action="store_true",
+                         help="let torch._dynamo's own messages (one per graph break) through")
     inspect.set_defaults(run=inspect_command)
 
     listing = commands.add_parser("zoo", help="list the built-in tiny models")

@@ -23,6 +23,8 @@ __all__ = [
     "TooManyAdaptersError",
     "PartitionError",
     "CaptureError",
+    "UpstreamBreakageError",
+    "VerificationError",
 ]
 
 
@@ -103,3 +105,22 @@ class PartitionError(MMLoRAError):
 
 class CaptureError(MMLoRAError):
     """The model could not be captured as FX graphs."""
+
+
+class UpstreamBreakageError(MMLoRAError):
+    """The model's family is known to be broken upstream on an installed release of a dependency."""
+
+    def __init__(self, message: str, package: str, version: str, model_class: str):
+        self.package = package
+        self.version = version
+        self.model_class = model_class
+        super().__init__(message)
+
+
+class VerificationError(MMLoRAError):
+    """`MultiLoRAModel.verify`: the compiled path differs from the eager one beyond the tolerance."""
+
+    def __init__(self, message: str, errors: list[float], tolerance: float):
+        self.errors = errors
+        self.tolerance = tolerance
+        super().__init__(message)

@@ -24,6 +24,7 @@ from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, discover_partitions
 from .peft_format import scan_adapter
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
+from .upstream import check_supported
 
 __all__ = ["LoRARuntime"]
 
@@ -53,6 +54,7 @@ class LoRARuntime:
         partition_overrides: Mapping[str, str] | None = None,
         max_batch_size: int = 64,
     ):
+        check_supported(model)  # a family broken upstream gets our words, not a traceback from inside it
         adapters = dict(adapters or {})
         self.model = model
         self.partition_map = discover_partitions(model, partition_overrides)

@@ -12,7 +12,7 @@ import torch
 
 import mmlora_fx
 from mmlora_fx import zoo
-from mmlora_fx.errors import BatchError, TooManyAdaptersError, UnknownAdapterError
+from mmlora_fx.errors import BatchError, TooManyAdaptersError, UnknownAdapterError, VerificationError
 
 from .peft_helpers import all_targets, make_adapter, peft_model_with
 
@@ -151,3 +151,33 @@ def test_bad_batches_fail_before_anything_runs(served):
         served.mm.runtime.manager.max_loras = saved
     assert served.mm.runtime.manager.resident == resident
     assert served.mm.compiled_graphs == compiled
+
+
+def test_verify_returns_each_requests_error_against_eager(served):
+    batch = batch_for(served, seed=11)
+    errors = served.mm.verify(**batch, adapter_names=["bob", None, "alice"])
+    assert len(errors) == 3 and all(0 <= error <= 1e-4 for error in errors), errors
+
+
+def test_verify_raises_where_the_compiled_path_differs(tmp_path):
+    """A model with a deliberate compiled-only difference (its projector scales by 1.5 when traced)."""
+    base = zoo.build("tiny-llava")
+    path = make_adapter(base, tmp_path / "alice", all_targets("tiny-llava"), r=2)
+    model = zoo.build("tiny-llava")
+    projector = model.model.multi_modal_projector
+    plain_forward = projector.forward
+
+    def forward(image_features):
+        output = plain_forward(image_features)
+        return output * 1.5 if torch.compiler.is_compiling() else output
+
+    projector.forward = forward
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(model, {"alice": path}, inner="aot_eager")
+    batch = zoo.make_batch(base, (1, 0), seed=3)
+    with pytest.raises(VerificationError, match=r"request\(s\) \[0\] of 2") as caught:
+        mm.verify(**batch, adapter_names=["alice", None])
+    errors = caught.value.errors
+    assert errors[0] > 1e-2 and errors[1] <= 1e-4, "only the request with an image goes through the projector"
+    # The caller's tolerance decides.
+    assert mm.verify(**batch, adapter_names=["alice", None], tolerance=10.0) == pytest.approx(errors, rel=1e-3)
