@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .backend import MMLoRABackend
+from .backend import MMLoRABackend, our_errors_unwrapped
 from .errors import BatchError, VerificationError
 from .runtime import LoRARuntime
 
@@ -56,6 +56,7 @@ class MultiLoRAModel:
         scope = contextlib.ExitStack()
         scope.enter_context(self.runtime.call_scope())
         scope.enter_context(self.backend.progress.call(self.backend.records, self.verbose))
+        scope.enter_context(our_errors_unwrapped())
         return scope
 
     # ------------------------------------------------------------------ running
@@ -111,8 +112,10 @@ class MultiLoRAModel:
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         with torch.no_grad():
-            compiled = _first_output(self(**batch, adapter_names=adapter_names)).detach().clone()
-            eager = _first_output(self.eager(**batch, adapter_names=adapter_names)).detach()
+            with self.runtime.recording_applied() as applied_compiled:
+                compiled = _first_output(self(**batch, adapter_names=adapter_names)).detach().clone()
+            with self.runtime.recording_applied() as applied_eager:
+                eager = _first_output(self.eager(**batch, adapter_names=adapter_names)).detach()
         if compiled.shape != eager.shape:
             raise VerificationError(f"the compiled output has shape {tuple(compiled.shape)}, the eager one "
                                     f"{tuple(eager.shape)}", [], 0.0)
@@ -125,7 +128,9 @@ class MultiLoRAModel:
         failed = [row for row, error in enumerate(errors) if not error <= tolerance]  # NaN fails too
         if failed:
             worst = max(failed, key=lambda row: errors[row] if errors[row] == errors[row] else float("inf"))
+            missing = sorted(applied_eager - applied_compiled) if not self.cuda_graphs else []
             raise VerificationError(
+                (f"served modules the compiled path did not give their LoRA: {missing}. " if missing else "") +
                 f"compiled and eager outputs differ for request(s) {failed} of {len(errors)}: request {worst} "
                 f"(adapter {names[worst] if worst < len(names) else None!r}) is off by {errors[worst]:.3g} relative, "
                 f"above the tolerance {tolerance:g}. Either torch.compile itself gives this model and these inputs "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -27,10 +28,10 @@ import torch
 from torch import fx, nn
 
 from .capture import GraphRecorder, GraphRecord, ModuleNames
-from .errors import MMLoRAError
-from .passes import InsertLoRAOps
+from .errors import CaptureError, MMLoRAError
+from .passes import CheckLoRACoverage, InsertLoRAOps
 from .reporting import CompileProgress
-from .runtime import LoRARuntime
+from .runtime import LoRARuntime, _eager_lora_hook
 
 __all__ = ["MMLoRABackend", "mmlora_backend", "adapter_names", "RUNTIME_OPTIONS"]
 
@@ -69,6 +70,7 @@ class MMLoRABackend:
         self.recorder = GraphRecorder(ModuleNames(runtime.model), runtime.partition_map,
                                       transform=self._rewrite, compile_graph=self._compile)
         self.progress = CompileProgress()
+        self._served_weights = {id(runtime.linears.weights[module]): module for module in runtime.serving.served}
 
     @property
     def graphs(self) -> int:
@@ -84,8 +86,20 @@ class MMLoRABackend:
         return compiled
 
     def _rewrite(self, record: GraphRecord, example_inputs) -> None:
+        if record.function == _eager_lora_hook.__name__ and record.filename == _eager_lora_hook.__code__.co_filename:
+            # The hook alone in a graph means a linear ran eagerly and its LoRA would be traced away.
+            raise CaptureError(f"dynamo compiled mmlora_fx's LoRA hook as graph {record.index} of its own: a served "
+                               "linear ran outside the graphs and would have run without its adapter")
         serving = self.runtime.serving
-        InsertLoRAOps(lambda linear: serving.serves(linear.module))(record.graph_module)
+        # A served linear's own forward compiled as a frame of its own: its caller ran eagerly, so
+        # `Module.__call__` runs the forward hook around this graph and the hook serves the linear.
+        # An op here as well would add its delta twice (Mistral3's patch merger, #21).
+        hook_served = record.frame_modules.get("self")
+        if not serving.serves(hook_served or ""):
+            hook_served = None
+        InsertLoRAOps(lambda linear: serving.serves(linear.module) and linear.module != hook_served)(record.graph_module)
+        weights = {key: module for key, module in self._served_weights.items() if module != hook_served}
+        CheckLoRACoverage(weights, example_inputs, f"{record.index} ({record.function})")(record.graph_module)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)
@@ -98,6 +112,18 @@ class MMLoRABackend:
             return compiled(*args)
 
         return run
+
+
+@contextlib.contextmanager
+def our_errors_unwrapped():
+    """Re-raise our typed errors that dynamo wrapped in `BackendCompilerFailed` as themselves."""
+    try:
+        yield
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        inner = getattr(error, "inner_exception", None)
+        if isinstance(inner, MMLoRAError):
+            raise inner from None
+        raise
 
 
 # --------------------------------------------------------------------------- per-call names
@@ -125,6 +151,14 @@ class _PendingNames(threading.local):
             runtime.prepare(self.batch.names, self.batch.input_ids, self.batch.has_images)
         self.applied[id(runtime)] = self.version
 
+    def serve_eagerly(self, runtime: LoRARuntime) -> bool:
+        """Whether a linear running outside the graphs gets LoRA now: inside `adapter_names` (with
+        the runtime's tables refreshed for this batch first, as a graph would)."""
+        if self.batch is None:
+            return False
+        self.apply_to(runtime)
+        return True
+
 
 _PENDING = _PendingNames()
 
@@ -140,7 +174,8 @@ def adapter_names(names: Sequence[str | None], input_ids: torch.Tensor | None = 
     _PENDING.batch = _Batch(list(names), input_ids, has_images or input_ids is not None)
     _PENDING.version += 1
     try:
-        yield
+        with our_errors_unwrapped():
+            yield
     finally:
         _PENDING.batch = previous
         _PENDING.version += 1
@@ -179,6 +214,7 @@ def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: 
         inner = options.get("inner", "inductor")
         patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
         runtime = LoRARuntime(model, **runtime_options)
+        runtime.eager_scope = functools.partial(_PENDING.serve_eagerly, runtime)
         backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=patches, apply_pending_names=True)
         entry = _BACKENDS[id(options)] = (options, backend)  # keeps `options` alive: its id stays unique
         model._mmlora_backend = backend

@@ -49,6 +49,8 @@ class GraphRecord:
     graph_module: fx.GraphModule
     graph_break: GraphBreak | None
     instances: list[GraphInstance] = dataclasses.field(default_factory=list)
+    # The module each frame local was when the graph was compiled ("self": the frame's module).
+    frame_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def call_nodes(self) -> list[fx.Node]:
         return [node for node in self.graph_module.graph.nodes if "mmlora_owner_path" in node.meta]
@@ -167,7 +169,7 @@ class GraphRecorder:
         LabelPartitions(self.partition_map)(graph_module)
         record = GraphRecord(
             index=len(self.records), function=code.co_name, filename=code.co_filename,
-            graph_module=graph_module, graph_break=_graph_break(graph_module),
+            graph_module=graph_module, graph_break=_graph_break(graph_module), frame_modules=dict(frame_modules),
         )
         self.records.append(record)
         if self.transform is not None:

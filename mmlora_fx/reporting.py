@@ -81,8 +81,8 @@ def graph_break_summary(records: Sequence, seconds: float, listed: int = 3) -> s
     places = [f"{count}x {reason} at {_short(location)}" if count > 1 else f"{reason} at {_short(location)}"
               for (reason, location), count in breaks.most_common(listed)]
     more = len(breaks) - listed
-    return (f"{text}; dynamo broke the forward {sum(breaks.values())} times (expected in upstream model code, "
-            f"each piece compiled and served): {'; '.join(places)}{f'; and {more} more places' if more > 0 else ''}. "
+    return (f"{text}; dynamo broke the forward {sum(breaks.values())} times (expected in upstream model code): "
+            f"{'; '.join(places)}{f'; and {more} more places' if more > 0 else ''}. "
             "`mmlora-fx inspect` lists them all; compile(..., verbose=True) shows dynamo's own messages")
 
 

@@ -10,7 +10,7 @@ slot buffers of the linears they serve and the table of their partition.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,9 @@ class LoRARuntime:
         self.image_token_ids = _image_token_ids(getattr(model, "config", None))
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
+        # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
+        self.eager_scope: Callable[[], bool] | None = None
+        self.applied: set[str] | None = None  # modules given LoRA, while `recording_applied()` is on
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
 
@@ -122,6 +125,8 @@ class LoRARuntime:
         served, table, lora_a, lora_b, ranks = plan
         if not served:
             return
+        if self.applied is not None:
+            self.applied.update(modules[index] for index in served)
         table.check_rows(x.numel() // x.shape[-1])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
         lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks,
@@ -150,15 +155,26 @@ class LoRARuntime:
         PEFT wrapping the same module, or after compilation is undone) must not pick up a past
         batch's adapters.
         """
+        _never_compile_the_hook()
         self._call_depth += 1
         try:
             yield
         finally:
             self._call_depth -= 1
 
+    @contextlib.contextmanager
+    def recording_applied(self) -> Iterator[set[str]]:
+        """Collect the served modules that got their LoRA inside (a debug aid: `MultiLoRAModel.verify`
+        names the modules the compiled path left out). CUDA-graph replays call no Python and record nothing."""
+        previous, self.applied = self.applied, set()
+        try:
+            yield self.applied
+        finally:
+            self.applied = previous
+
     @property
     def in_call(self) -> bool:
-        return self._call_depth > 0
+        return self._call_depth > 0 or (self.eager_scope is not None and self.eager_scope())
 
     def _add_eager_hooks(self) -> None:
         """LoRA for served linears that run outside compiled graphs, through forward hooks.
@@ -171,11 +187,29 @@ class LoRARuntime:
         compilation, so adding them causes no recompilation. Like the graph op, a hook finds its
         runtime from the weight, so a model compiled again gets no second hook and no second delta.
         Hooks act only inside their runtime's `call_scope()`.
+
+        The hook must never be compiled as a frame of its own, nor what it calls. A linear that runs eagerly inside
+        a compiled region (its caller fell back to eager after a graph break, or dynamo skips its
+        frame) calls the hook with dynamo's frame callback still installed; dynamo would then
+        trace the hook alone, `is_compiling()` would be true in that graph, and the linear would
+        silently run without LoRA (Mistral3's patch merger did, #21). So the hook's code is on
+        dynamo's skip list: it still inlines into graphs that trace a linear's call, and it runs
+        eagerly everywhere else.
         """
+        _never_compile_the_hook()
         for name, module in self.model.named_modules():
             if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
                 module.register_forward_hook(_eager_lora_hook)
                 module._mmlora_hooked = True
+
+
+def _never_compile_the_hook() -> None:
+    # The hook and everything it calls (the runtime, the reference kernels) run without dynamo
+    # when the hook runs as a frame of its own; inlined into a traced module call it still traces.
+    # Cheap, and renewed on every call scope: `torch._dynamo.reset()` may clear code states.
+    from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
+
+    set_code_exec_strategy(_eager_lora_hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 def _eager_lora_hook(module, args, output):

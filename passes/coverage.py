@@ -1,0 +1,77 @@
+"""Check that every served linear a graph computes carries its LoRA op: coverage, not hope.
+
+A served linear's weight can reach a graph in ways `InsertLoRAOps` does not rewrite: a linear
+call whose module could not be resolved, the weight fed to a matmul of its own (`x @ w.t()`), or
+an `nn.Linear` called as a submodule. Each would run the base layer with no adapter and no
+error, so a graph holding one is refused at compile time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import fx, nn
+
+from mmlora_fx.errors import CaptureError
+
+__all__ = ["CheckLoRACoverage"]
+
+
+def _is_tensor_value(node: fx.Node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value is None or isinstance(value, torch.Tensor)
+
+
+class CheckLoRACoverage:
+    """Refuse a graph in which a served linear's weight is used without its LoRA op.
+
+    Matches: placeholders whose example input is the weight of a served linear
+    (`served_weights`: id of the weight tensor -> module name), get_attr nodes holding one,
+    and `call_module` nodes calling a served `nn.Linear`.
+    Allowed users of such a weight: linear calls `InsertLoRAOps` rewrote (`node.meta["mmlora_lora"]`),
+    the LoRA op itself, and nodes that read no tensor from it (its size).
+    Writes nothing into `node.meta`; raises `CaptureError` naming the module, the graph, the node
+    and why.
+    """
+
+    def __init__(self, served_weights: Mapping[int, str], example_inputs: Sequence[object], graph_name: str):
+        self.served_weights = served_weights
+        self.example_inputs = example_inputs
+        self.graph_name = graph_name
+
+    def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
+        for index, node in enumerate(placeholders):
+            tensor = self.example_inputs[index] if index < len(self.example_inputs) else None
+            self._check_users(node, self.served_weights.get(id(tensor)))
+        for node in graph_module.graph.nodes:
+            if node.op == "get_attr":
+                self._check_users(node, self.served_weights.get(id(getattr(graph_module, node.target, None))))
+            elif node.op == "call_module":
+                module = graph_module.get_submodule(node.target)
+                if isinstance(module, nn.Linear) and id(module.weight) in self.served_weights:
+                    self._refuse(self.served_weights[id(module.weight)], node,
+                                 "the linear is called as a submodule, which the LoRA rewrite does not reach")
+        return graph_module
+
+    def _check_users(self, weight: fx.Node, module: str | None) -> None:
+        if module is None:
+            return
+        for user in weight.users:
+            if user.meta.get("mmlora_lora_op") or (user.meta.get("mmlora_lora") and user.args[1] is weight):
+                continue
+            if not _is_tensor_value(user):
+                continue  # reads the weight's size, not its values
+            if user.meta.get("mmlora_linear") is None and user.op == "call_function" and "linear" in str(user.target):
+                reason = "a linear call whose module could not be resolved"
+            else:
+                reason = f"the weight is used by {user.op} {user.target} outside a linear the rewrite serves"
+            self._refuse(module, user, reason)
+
+    def _refuse(self, module: str, node: fx.Node, reason: str) -> None:
+        raise CaptureError(
+            f"served linear {module!r} would run without its LoRA in graph {self.graph_name}, node {node.name!r}: "
+            f"{reason}. Serve it elsewhere or leave it out with target_modules=/partitions= "
+            "(and please report the model)"
+        )
