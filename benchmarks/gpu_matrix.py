@@ -12,7 +12,8 @@ family takes them) moved to the GPU as a processor's output would be. It compare
 
 A comparison passes when its error is at most max(4 x the request's noise, 1e-2). `mistral3` is
 the Mistral3-shaped model of #21 (Pixtral tower 1024 wide, Mistral LM 4096 wide, 4 layers each);
-zoo families run at their tiny widths. Writes `gpu_matrix.json` and prints a table.
+`real-<family>` is a zoo family at real layer widths (LM 4096 wide, tower 1024, two layers each;
+its tiny images and vocabulary kept); `tiny-<family>` runs the zoo's tiny widths. Writes `gpu_matrix.json` and prints a table.
 """
 
 from __future__ import annotations
@@ -83,9 +84,51 @@ def mistral3_batch(seed: int):
     return batch, singles
 
 
+# Real layer widths, two layers each: a 7B-class language model and a ViT-L-class tower.
+REAL_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, num_hidden_layers=2)
+REAL_VISION = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=2)
+
+
+def widened(name: str):
+    """The zoo family `name` at real layer widths (its tiny image sizes and vocabulary kept)."""
+    import transformers
+
+    family = zoo.ZOO[name]
+    config = family.tiny_config()
+    text, vision = config.text_config, config.vision_config
+    for key, value in REAL_TEXT.items():
+        setattr(text, key, value)
+    if name == "tiny-qwen2-vl":
+        text.rope_parameters = dict(text.rope_parameters, mrope_section=[16, 24, 24])
+        for key, value in dict(embed_dim=1280, hidden_size=4096, num_heads=16, depth=2, mlp_ratio=4).items():
+            setattr(vision, key, value)
+    else:
+        for key, value in REAL_VISION.items():
+            setattr(vision, key, value)
+    if name == "tiny-llama4":
+        text.intermediate_size_mlp = REAL_TEXT["intermediate_size"]
+        # The vision adapter's fc1 takes the pixel-shuffled width (hidden / ratio**2 = 4096).
+        for key in ("vision_output_dim", "projector_input_dim", "projector_output_dim"):
+            setattr(vision, key, 4096)
+    if name == "tiny-gemma3":
+        text.query_pre_attn_scalar = REAL_TEXT["head_dim"]
+    torch.manual_seed(0)
+    return getattr(transformers, family.model_class)(config).eval()
+
+
 def family_setup(name: str):
     if name == "mistral3":
         return mistral3_real, mistral3_batch
+    if name.startswith("real-"):
+        zoo_name = "tiny-" + name.removeprefix("real-")
+        model = widened(zoo_name)
+
+        def make_real_batch(seed: int):
+            batch = zoo.make_batch(model, (1, 0, 2), seed=seed)
+            return batch, zoo.split_batch(model, batch)
+
+        return (lambda: widened(zoo_name)), make_real_batch
     model = zoo.build(name)
 
     def make_batch(seed: int):

@@ -79,7 +79,13 @@ class MultiLoRAModel:
             # memory (clone what you keep) instead of recording a new graph per call.
             torch.compiler.cudagraph_mark_step_begin()
         with self._served_call():
-            return self.model(**batch)
+            output = self.model(**batch)
+        self._check_coverage()
+        return output
+
+    def _check_coverage(self) -> None:
+        if not self.cuda_graphs:  # replays call no Python: nothing to count
+            self.runtime.check_coverage()
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
         """Hugging Face `generate` with one adapter per request (prefill with images, decode without)."""
@@ -87,7 +93,9 @@ class MultiLoRAModel:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare(kwargs, adapter_names)
         with self._served_call():
-            return self.model.generate(**kwargs)
+            output = self.model.generate(**kwargs)
+        self._check_coverage()
+        return output
 
     def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
         """The same forward without compilation (LoRA through the runtime's forward hooks): the
@@ -162,6 +170,21 @@ class MultiLoRAModel:
         return self.backend.graphs
 
 
+def _isolated(compile_kwargs: dict) -> dict:
+    """`torch.compile` keywords that keep this model's compiled code apart from other compilations.
+
+    Dynamo keeps one cache per code object for every `torch.compile` in the process. Once a
+    shared code object (transformers' forward wrappers are shared by every model) hits the
+    recompile limit, dynamo marks it run-only, and run-only frames take any cached entry whose
+    guards pass, whatever backend compiled it: another model's plain graphs, without LoRA (#21).
+    torch 2.13's `isolate_recompiles=True` gives this compilation a region of its own."""
+    import inspect
+
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        return {"isolate_recompiles": True, **compile_kwargs}
+    return dict(compile_kwargs)
+
+
 def compile(
     model: nn.Module,
     adapters: Mapping[str, object] | None = None,
@@ -194,6 +217,8 @@ def compile(
                           max_lora_rank=max_lora_rank, partitions=partitions, target_modules=target_modules,
                           partition_overrides=partition_overrides, max_batch_size=max_batch_size)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
-    model.compile(backend=backend, **compile_kwargs)
-    cuda_graphs = mode == "reduce-overhead" or bool((options or {}).get("triton.cudagraphs"))
+    model.compile(backend=backend, **_isolated(compile_kwargs))
+    from torch._inductor import list_mode_options
+
+    cuda_graphs = bool({**(list_mode_options(mode) if mode else {}), **(options or {})}.get("triton.cudagraphs"))
     return MultiLoRAModel(model, runtime, backend, cuda_graphs=cuda_graphs, verbose=verbose)

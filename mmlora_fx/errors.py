@@ -23,6 +23,7 @@ __all__ = [
     "TooManyAdaptersError",
     "PartitionError",
     "CaptureError",
+    "CoverageError",
     "UpstreamBreakageError",
     "VerificationError",
 ]
@@ -105,6 +106,10 @@ class PartitionError(MMLoRAError):
 
 class CaptureError(MMLoRAError):
     """The model could not be captured as FX graphs."""
+
+
+class CoverageError(MMLoRAError):
+    """A served call ran part of the model without the LoRA it was compiled to carry."""
 
 
 class UpstreamBreakageError(MMLoRAError):

@@ -15,7 +15,8 @@ with no table per model class:
   plus, inside the tower, every module holding a linear that is registered after the tower's
   stack of repeated blocks on the path down to it (Qwen2-VL's `visual.merger`, Llama4's
   `vision_model.vision_adapter`); norms after the blocks stay in the tower;
-- the input and output embeddings are `other`, also where they sit inside the language model.
+- the input and output embeddings are `other`, also where they sit inside the language model;
+- a model whose config nests no sub-config (a plain `LlamaForCausalLM`) is all language model.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def discover_partitions(model: nn.Module, overrides: Mapping[str, str] | None = 
     """Find the default prefixes of a Hugging Face multimodal model, then apply `overrides`."""
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
+    if config is not None and not _sub_configs(config):
+        # No modality sub-config (a `LlamaForCausalLM`): the whole model is the language model.
+        entries = [PartitionPrefix("", LANGUAGE_MODEL, "default", "no modality sub-config: the whole model")]
+        return PartitionMap(entries + _embeddings(model, modules)).with_overrides(overrides)
     language_model = _shallowest_built_from(modules, getattr(config, "text_config", None))
     tower = _shallowest_built_from(modules, getattr(config, "vision_config", None))
     if (language_model is None or tower is None) and not overrides:
@@ -121,6 +126,13 @@ def discover_partitions(model: nn.Module, overrides: Mapping[str, str] | None = 
         entries += _connectors_beside(model, modules, tower, language_model)
     entries += _embeddings(model, modules)
     return PartitionMap(entries).with_overrides(overrides)
+
+
+def _sub_configs(config) -> list[str]:
+    """The names of the configs nested in `config` (text_config, vision_config, audio_config, ...)."""
+    from transformers import PretrainedConfig
+
+    return [name for name, value in vars(config).items() if isinstance(value, PretrainedConfig)]
 
 
 def _shallowest_built_from(modules: dict[str, nn.Module], config) -> str | None:

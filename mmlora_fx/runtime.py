@@ -9,6 +9,7 @@ slot buffers of the linears they serve and the table of their partition.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapter_manager import AdapterManager
-from .errors import BatchError, MMLoRAError
+from .errors import BatchError, CoverageError, MMLoRAError
 from .kernels.lora_add import lora_add
 from .linear_index import LinearIndex
 from .lora_op import REGISTRY
@@ -76,6 +77,10 @@ class LoRARuntime:
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
         self.eager_scope: Callable[[], bool] | None = None
         self.applied: set[str] | None = None  # modules given LoRA, while `recording_applied()` is on
+        # LoRA op calls per partition since the last `prepare`, against the partitions it expects.
+        self.applications: collections.Counter[str] = collections.Counter()
+        self.expected_partitions: set[str] = set()
+        self._served_partitions = {self.linears[module].partition for module in self.serving.served}
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
 
@@ -98,7 +103,26 @@ class LoRARuntime:
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
         for partition in _VISION_PARTITIONS:
             self.tables[partition].fill(slots, image_tokens)
+        # The partitions this batch must reach with LoRA: the language model always runs, the
+        # tower and the connector when a request has image tokens; only where a linear is served
+        # and some request asked for an adapter.
+        self.applications.clear()
+        running = {LANGUAGE_MODEL} | (set(_VISION_PARTITIONS) if any(image_tokens) else set())
+        self.expected_partitions = (running & self._served_partitions) if any(slot >= 0 for slot in slots) else set()
         return slots
+
+    def check_coverage(self) -> None:
+        """After a served call (not under CUDA graphs, whose replays call no Python): every partition
+        the batch ran must have had its LoRA applied at least once. None at all means code that is
+        not this model's compiled graphs ran for it."""
+        missing = sorted(partition for partition in self.expected_partitions if not self.applications[partition])
+        if missing:
+            raise CoverageError(
+                f"the forward ran the {' and the '.join(missing)} without a single LoRA application: compiled code "
+                "that mmlora_fx did not rewrite ran for this model (dynamo reuses another compilation's graphs "
+                "once a shared frame hits its recompile limit; torch 2.13's isolate_recompiles prevents it). "
+                "The output is the base model's; call torch._dynamo.reset() before mmlora_fx.compile, or use torch>=2.13"
+            )
 
     def prepare_base(self) -> None:
         """Tables that give every request the base model."""
@@ -125,6 +149,7 @@ class LoRARuntime:
         served, table, lora_a, lora_b, ranks = plan
         if not served:
             return
+        self.applications[table.partition] += 1
         if self.applied is not None:
             self.applied.update(modules[index] for index in served)
         table.check_rows(x.numel() // x.shape[-1])

@@ -30,7 +30,8 @@ class TokenSlotTable:
         # The kernels' grouping of rows by slot for one row per unit of weight (decode), written
         # here once per forward instead of searched for by every kernel program of every layer.
         self.tile_plan = build_tile_plan([], [0]).to(device)
-        # A host copy of the running weights, to check row splits without reading the device.
+        # Host copies of the slots and running weights, to check row splits without reading the device.
+        self.slots: list[int] = []
         self.cum_weights: list[int] = [0]
 
     def fill(self, slots: Sequence[int], weights: Sequence[int]) -> None:
@@ -48,12 +49,22 @@ class TokenSlotTable:
         self.request_slots.copy_(torch.tensor(padded_slots, dtype=torch.int32), non_blocking=True)
         self.request_cum_weights.copy_(torch.tensor(padded_cum, dtype=torch.int64), non_blocking=True)
         self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
+        self.slots = [int(slot) for slot in slots]
         self.cum_weights = cum
 
     def check_rows(self, rows: int) -> None:
         """Refuse an activation whose rows cannot be shared among requests by their weights."""
         total = self.cum_weights[-1]
         if total == 0:
+            if rows and any(slot >= 0 for slot in self.slots):
+                # Rows nobody owns would silently run the base model for requests that asked for
+                # an adapter (an audio tower weighed by image tokens, say): refuse instead.
+                raise BatchError(
+                    f"a {self.partition} layer saw {rows} rows, but no request of the batch owns any {self.partition} "
+                    "row (requests are weighed by their image tokens, and this batch has none): mmlora_fx cannot tell "
+                    "which request these rows belong to. Towers of other modalities (audio) are not served yet; "
+                    "leave this partition out with partitions=[...]"
+                )
             return
         uneven = [index for index, cum in enumerate(self.cum_weights) if (cum * rows) % total]
         if uneven:

@@ -181,3 +181,30 @@ def test_verify_raises_where_the_compiled_path_differs(tmp_path):
     assert errors[0] > 1e-2 and errors[1] <= 1e-4, "only the request with an image goes through the projector"
     # The caller's tolerance decides.
     assert mm.verify(**batch, adapter_names=["alice", None], tolerance=10.0) == pytest.approx(errors, rel=1e-3)
+
+
+def test_a_text_only_language_model_serves_a_mixed_batch_like_peft(tmp_path):
+    from .test_partitions import text_only_lm
+
+    base = text_only_lm()
+    paths = {name: make_adapter(base, tmp_path / name, ["q_proj", "v_proj", "down_proj"], r=2 + 2 * index, seed=index)
+             for index, name in enumerate(["alice", "bob"])}
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(text_only_lm(), paths, max_loras=2, inner="aot_eager")
+    input_ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (3, 9), generator=torch.Generator().manual_seed(2))
+    names = ["bob", None, "alice"]
+    with torch.no_grad():
+        logits = mm(input_ids=input_ids, adapter_names=names).logits
+    peft = peft_model_with(base, paths)
+    for row, name in enumerate(names):
+        with torch.no_grad():
+            if name is None:
+                with peft.disable_adapter():
+                    reference = peft(input_ids=input_ids[row: row + 1]).logits[0]
+            else:
+                peft.set_adapter(name)
+                reference = peft(input_ids=input_ids[row: row + 1]).logits[0]
+            plain = base(input_ids=input_ids[row: row + 1]).logits[0]
+        assert relative_error(logits[row], reference) <= 1e-4, (row, name)
+        if name is not None:
+            assert relative_error(plain, reference) > 1e-2, "the adapter must change the logits"

@@ -16,7 +16,7 @@ import torch
 import mmlora_fx
 from mmlora_fx import runtime as runtime_module
 from mmlora_fx.capture import GraphRecord
-from mmlora_fx.errors import CaptureError
+from mmlora_fx.errors import CaptureError, CoverageError
 
 from .families import MISTRAL3_TARGETS, build_mistral3, mistral3_batch
 from .peft_helpers import make_adapter, peft_model_with
@@ -71,17 +71,36 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("first", ["eager", "aot_eager", "inductor"])
-def test_equals_peft_whatever_was_compiled_before(mistral3, first):
-    # Another model compiled first in the same process: comparing with the base does this.
-    other = torch.compile(copy.deepcopy(mistral3.base), backend=first)
+def compile_and_run_plainly(setting, backend):
+    # Another model compiled in the same process: comparing with the base does this.
+    other = torch.compile(copy.deepcopy(setting.base), backend=backend)
     with torch.no_grad():
-        other(**mistral3.batch.inputs)
+        other(**setting.batch.inputs)
+
+
+def test_equals_peft_whatever_the_process_compiled_before_and_after(mistral3):
+    for backend in ("eager", "aot_eager", "inductor"):
+        compile_and_run_plainly(mistral3, backend)
     mm = serve(mistral3)
     with torch.no_grad():
         assert_equals_peft(mistral3, mm(**mistral3.batch.inputs, adapter_names=NAMES).logits)
         assert_equals_peft(mistral3, mm(**mistral3.batch.inputs, adapter_names=NAMES).logits)  # and again
     assert max(mm.verify(**mistral3.batch.inputs, adapter_names=NAMES)) <= 1e-4
+    compile_and_run_plainly(mistral3, "aot_eager")  # the other order
+    with torch.no_grad():
+        assert_equals_peft(mistral3, mm(**mistral3.batch.inputs, adapter_names=NAMES).logits)
+
+
+def test_without_isolation_reused_foreign_graphs_raise_instead_of_serving_the_base(mistral3, monkeypatch):
+    # Before torch 2.13's isolate_recompiles (the GPU image's torch 2.11 has none), the three
+    # compilations above leave shared frames run-only, and dynamo runs their plain graphs for
+    # this model too. The per-call count of LoRA applications must catch it.
+    monkeypatch.setattr(mmlora_fx.api, "_isolated", dict)
+    for backend in ("eager", "aot_eager", "inductor"):
+        compile_and_run_plainly(mistral3, backend)
+    mm = serve(mistral3)
+    with pytest.raises(CoverageError, match="without a single LoRA application"), torch.no_grad():
+        mm(**mistral3.batch.inputs, adapter_names=NAMES)
 
 
 def test_several_served_models_compiled_uncompiled_and_compiled_again_in_one_process(mistral3):

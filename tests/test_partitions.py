@@ -53,3 +53,22 @@ def test_unknown_partition_names_are_refused():
 def test_a_model_without_tower_or_language_model_says_so():
     with pytest.raises(PartitionError, match="no language model and no vision tower"):
         discover_partitions(nn.Sequential(nn.Linear(2, 2)))
+
+
+def text_only_lm():
+    import torch
+    import transformers
+
+    from mmlora_fx import zoo
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**zoo._text_config())).eval()
+
+
+def test_a_text_only_language_model_is_served_whole_with_no_overrides():
+    partitions = discover_partitions(text_only_lm())
+    assert partitions.partition_of("model.layers.0.self_attn.q_proj") == "language_model"
+    assert partitions.partition_of("model.layers.1.mlp.down_proj") == "language_model"
+    assert partitions.partition_of("lm_head") == "other"
+    assert partitions.partition_of("model.embed_tokens") == "other"
+    assert not partitions.prefixes_of("tower") and not partitions.prefixes_of("connector")

@@ -52,3 +52,14 @@ def test_filling_writes_the_tile_plan_in_place():
     table.fill([], [])
     assert table.tile_plan.data_ptr() == address
     assert int(table.tile_plan[0]) == -1  # no batch: the kernels search (and find nothing)
+
+
+def test_rows_no_request_owns_are_refused_when_an_adapter_was_asked_for():
+    table = TokenSlotTable("tower", max_batch_size=4, device=torch.device("cpu"))
+    table.fill([0, -1], [0, 0])  # an adapter asked for, but no image tokens to weigh the tower by
+    with pytest.raises(BatchError, match="saw 12 rows, but no request of the batch owns any tower row"):
+        table.check_rows(12)
+    table.fill([-1, -1], [0, 0])  # every request on the base model: nothing to attribute
+    table.check_rows(12)
+    table.fill([], [])
+    table.check_rows(12)
