@@ -58,17 +58,19 @@ def installed_version(package: str) -> str | None:
         return None
 
 
-def known_breakage(model_class: type, versions: dict[str, str] | None = None) -> tuple[KnownBreakage, str] | None:
-    """The known breakage (and the installed version) that hits `model_class` or a base of it.
+def known_breakage(model_class: type, versions: dict[str, str] | None = None) -> tuple[KnownBreakage, str, str] | None:
+    """The known breakage that hits `model_class` or a base of it: (entry, installed version, the
+    broken class's name).
 
     `versions` ({package: version}) stands in for what is installed (tests use it)."""
-    names = {cls.__name__ for cls in model_class.__mro__}
+    names = [cls.__name__ for cls in model_class.__mro__]
     for entry in KNOWN_BREAKAGE:
-        if not names.intersection(entry.model_classes):
+        broken = next((name for name in names if name in entry.model_classes), None)
+        if broken is None:
             continue
         version = (versions or {}).get(entry.package) or installed_version(entry.package)
         if version is not None and entry.covers(version):
-            return entry, version
+            return entry, version, broken
     return None
 
 
@@ -76,8 +78,6 @@ def check_supported(model, versions: dict[str, str] | None = None) -> None:
     """Raise `UpstreamBreakageError` if `model`'s family is known broken on an installed release."""
     found = known_breakage(type(model), versions)
     if found is not None:
-        entry, version = found
-        names = {cls.__name__ for cls in type(model).__mro__}
-        model_class = next(name for name in entry.model_classes if name in names)
+        entry, version, model_class = found
         raise UpstreamBreakageError(entry.message(model_class, version), package=entry.package, version=version,
                                     model_class=model_class)

@@ -93,7 +93,8 @@ def pytest_collection_modifyitems(config, items):
     for name, family in zoo.ZOO.items():
         found = known_breakage(getattr(transformers, family.model_class))
         if found is not None:
-            broken[name] = found[0].message(family.model_class, found[1])
+            entry, version, model_class = found
+            broken[name] = entry.message(model_class, version)
     for item in items:
         for name, reason in broken.items():
             if f"[{name}" in item.nodeid or f"-{name}" in item.nodeid:
