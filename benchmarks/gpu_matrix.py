@@ -1,6 +1,6 @@
 """GPU correctness matrix (#21): per family and request, compiled against eager against PEFT, in bf16.
 
-    python benchmarks/gpu_matrix.py --out results/ [--families mistral3,tiny-qwen2-vl,tiny-llava]
+    python benchmarks/gpu_matrix.py --out results/ [--families mistral3,qwen2.5-vl,real-llava,tiny-llava]
 
 Per family: a random-weight model in bf16 on the GPU, two PEFT adapters (rank 16) on every linear
 but the head, a batch of three requests (one image; none; two images of other sizes where the
@@ -10,10 +10,18 @@ family takes them) moved to the GPU as a processor's output would be. It compare
 - mmlora_fx compiled (Inductor; without and with CUDA graphs) against `mm.eager`;
 - `mm.eager` against PEFT run on that request alone.
 
-A comparison passes when its error is at most max(4 x the request's noise, 1e-2). `mistral3` is
-the Mistral3-shaped model of #21 (Pixtral tower 1024 wide, Mistral LM 4096 wide, 4 layers each);
-`real-<family>` is a zoo family at real layer widths (LM 4096 wide, tower 1024, two layers each;
-its tiny images and vocabulary kept); `tiny-<family>` runs the zoo's tiny widths. Writes `gpu_matrix.json` and prints a table.
+A comparison passes when its error is at most max(4 x the request's noise, 1e-2). Families:
+
+- `mistral3`: the Mistral3-shaped model of #21 (Pixtral tower 1024 wide, Mistral LM 4096 wide,
+  4 layers each), outside the zoo;
+- `qwen2.5-vl`: Qwen2.5-VL-7B's layer widths (tower 1280 wide, SwiGLU 3420, windowed attention
+  in one block of two, full in the other; merger to 3584; LM 3584 wide, 18944, 28/4 heads, two
+  layers; its real vocabulary), outside the zoo, images of 448x448, 224x448 and 308x224 pixels;
+- `real-<family>`: a zoo family at real layer widths (LM 4096 wide, tower 1024, two layers each;
+  its tiny images and vocabulary kept);
+- `tiny-<family>`: the zoo's tiny widths.
+
+Writes `gpu_matrix.json` and prints a table.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ def mistral3_real():
     return transformers.Mistral3ForConditionalGeneration(config).eval()
 
 
+# Not shared with tests/families.py's `mistral3_batch`: that one counts image tokens with the tiny
+# tower's patch (4 pixels); this tower's is 14, and its images are sized for it.
 def mistral3_batch(seed: int):
     generator = torch.Generator().manual_seed(seed)
     unit = 28
@@ -80,6 +90,60 @@ def mistral3_batch(seed: int):
             single["pixel_values"] = pixel_values[first: first + len(request)]
             single["image_sizes"] = batch["image_sizes"][first: first + len(request)]
             first += len(request)
+        singles.append(single)
+    return batch, singles
+
+
+def qwen2_5_vl_real(text_width: int = 3584, text_mlp: int = 18944, heads: int = 28, kv_heads: int = 4,
+                   tower_width: int = 1280, tower_mlp: int = 3420, tower_heads: int = 16, vocab: int = 152064):
+    """Qwen2.5-VL at Qwen2.5-VL-7B's layer widths, two layers each (smaller widths check the script)."""
+    import transformers
+
+    config = transformers.Qwen2_5_VLConfig(
+        # Block 0 attends within windows of 112 pixels (4x4 merged patches), block 1 over the image.
+        vision_config=dict(depth=2, hidden_size=tower_width, intermediate_size=tower_mlp, num_heads=tower_heads,
+                           out_hidden_size=text_width, in_channels=3, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+        text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=text_mlp, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=1000000.0,
+                                              mrope_section=[16, 24, 24]),
+                         bos_token_id=zoo.BOS, eos_token_id=zoo.EOS, pad_token_id=zoo.PAD),
+        image_token_id=zoo.IMAGE_TOKEN, video_token_id=zoo.VIDEO_TOKEN, vision_start_token_id=zoo.VISION_START,
+        vision_end_token_id=zoo.VISION_END, bos_token_id=zoo.BOS, eos_token_id=zoo.EOS, pad_token_id=zoo.PAD,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen2_5_vl_batch(model, seed: int):
+    """One 448x448 image; none; 224x448 and 308x224 (windows cut at the image's edge), as packed patches."""
+    vision = model.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    sizes_per_request = [[(448, 448)], [], [(224, 448), (308, 224)]]
+    features = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    grids = [[(1, h // vision.patch_size, w // vision.patch_size) for h, w in sizes] for sizes in sizes_per_request]
+    tokens = [[t * h * w // vision.spatial_merge_size**2 for t, h, w in request] for request in grids]
+    length = max(sum(count + 2 for count in request) for request in tokens) + 16
+    rows, pixels = [], []
+    for request_tokens, request_grids in zip(tokens, grids):
+        images = [token for count in request_tokens
+                  for token in [zoo.VISION_START] + [zoo.IMAGE_TOKEN] * count + [zoo.VISION_END]]
+        text = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.TEXT_TOKEN_LIMIT, (length - 1 - len(images),),
+                             generator=generator).tolist()
+        rows.append([zoo.BOS] + text[:8] + images + text[8:])
+        pixels.append([torch.randn(t * h * w, features, generator=generator) for t, h, w in request_grids])
+    input_ids = torch.tensor(rows)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+             "mm_token_type_ids": (input_ids == zoo.IMAGE_TOKEN).int(),
+             "pixel_values": torch.cat([image for request in pixels for image in request]),
+             "image_grid_thw": torch.tensor([grid for request in grids for grid in request])}
+    singles = []
+    for row, (request_pixels, request_grids) in enumerate(zip(pixels, grids)):
+        single = {key: batch[key][row: row + 1] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if request_grids:
+            single["pixel_values"] = torch.cat(request_pixels)
+            single["image_grid_thw"] = torch.tensor(request_grids)
         singles.append(single)
     return batch, singles
 
@@ -118,24 +182,33 @@ def widened(name: str):
 
 
 def family_setup(name: str):
+    """The family's model (built once) and its batch maker: seed -> (batch, one batch per request)."""
     if name == "mistral3":
-        return mistral3_real, mistral3_batch
+        return mistral3_real(), mistral3_batch
+    if name == "qwen2.5-vl":
+        model = qwen2_5_vl_real()
+        return model, lambda seed: qwen2_5_vl_batch(model, seed)
     if name.startswith("real-"):
-        zoo_name = "tiny-" + name.removeprefix("real-")
-        model = widened(zoo_name)
-
-        def make_real_batch(seed: int):
-            batch = zoo.make_batch(model, (1, 0, 2), seed=seed)
-            return batch, zoo.split_batch(model, batch)
-
-        return (lambda: widened(zoo_name)), make_real_batch
-    model = zoo.build(name)
+        model = widened("tiny-" + name.removeprefix("real-"))
+    else:
+        model = zoo.build(name)
 
     def make_batch(seed: int):
         batch = zoo.make_batch(model, (1, 0, 2), seed=seed)
         return batch, zoo.split_batch(model, batch)
 
-    return (lambda: zoo.build(name)), make_batch
+    return model, make_batch
+
+
+def cast(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """`model.to(device, dtype)`, complex buffers kept complex (Llama4's vision rotary `freqs_ci`:
+    `.to` a real dtype drops their imaginary part, and the tower then runs without its rotation)."""
+    complex_buffers = {name: buffer for name, buffer in model.named_buffers() if buffer.is_complex()}
+    model.to(device, dtype)
+    for name, buffer in complex_buffers.items():
+        module, _, key = name.rpartition(".")
+        model.get_submodule(module)._buffers[key] = buffer.to(device)
+    return model
 
 
 def to_device(batch: dict, device, dtype) -> dict:
@@ -152,9 +225,9 @@ def logits(output):
 
 
 def run_family(name: str, workdir: Path, device: torch.device, dtype: torch.dtype) -> dict:
-    build, make_batch = family_setup(name)
     started = time.perf_counter()
-    base = build().to(device, dtype)
+    base, make_batch = family_setup(name)
+    base = cast(base, device, dtype)
     batch, singles = make_batch(1)
     batch, singles = to_device(batch, device, dtype), [to_device(single, device, dtype) for single in singles]
     # Every linear but the head, by full name (a suffix like `proj` would also catch Qwen2-VL's Conv3d).
@@ -201,10 +274,25 @@ def run_family(name: str, workdir: Path, device: torch.device, dtype: torch.dtyp
     return result
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, `+dirty` when tracked files differ from it; None without git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results")
-    parser.add_argument("--families", default="mistral3,tiny-qwen2-vl,tiny-llava")
+    parser.add_argument("--families", default="mistral3,qwen2.5-vl,real-llava,real-qwen2-vl,real-idefics3,"
+                        "real-gemma3,real-llama4")
     parser.add_argument("--device", default="cuda", help="cpu (with --dtype float32) checks the script")
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
@@ -218,7 +306,7 @@ def main() -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "versions": {"torch": torch.__version__, "triton": triton.__version__,
                            "transformers": transformers.__version__, "peft": peft.__version__},
-              "command": " ".join(sys.argv), "families": []}
+              "command": " ".join(sys.argv), "commit": git_commit(), "families": []}
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.families.split(","):
             try:
