@@ -56,7 +56,20 @@ class Family:
         torch.manual_seed(seed)
         model = getattr(transformers, self.model_class)(self.tiny_config())
         _randomize_constant_parameters(model, seed)
-        return model.to(dtype).eval()
+        return _cast_real_tensors(model, dtype).eval()
+
+
+def _cast_real_tensors(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # `Module.to(dtype)` would also cast complex buffers to real, dropping their imaginary part
+    # (Llama4's vision rotary `freqs_ci` becomes a scaling by cos): cast real floating ones only.
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+    return model
 
 
 def _randomize_constant_parameters(model: nn.Module, seed: int) -> None:
