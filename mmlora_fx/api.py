@@ -60,7 +60,8 @@ class MultiLoRAModel:
         return scope
 
     # ------------------------------------------------------------------ running
-    def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None) -> None:
+    def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None,
+                 images_per_request: Sequence[int] | None = None) -> None:
         input_ids = batch.get("input_ids")
         if adapter_names is None:
             requests = input_ids.shape[0] if input_ids is not None else 1
@@ -68,12 +69,15 @@ class MultiLoRAModel:
         has_images = any(batch.get(key) is not None for key in _PIXEL_KEYS)
         if batch.get("pixel_values_videos") is not None:
             raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
-        self.runtime.prepare(adapter_names, input_ids, has_images)
+        self.runtime.prepare(adapter_names, input_ids, has_images, inputs=batch, images_per_request=images_per_request)
 
-    def __call__(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
+    def __call__(self, *args, adapter_names: Sequence[str | None] | None = None,
+                 images_per_request: Sequence[int] | None = None, **batch):
+        """`images_per_request` (optional) says how many images each request holds, for batches whose
+        image tokens cannot say it (a request's images with no text token between them)."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
-        self._prepare(batch, adapter_names)
+        self._prepare(batch, adapter_names, images_per_request)
         if self.cuda_graphs:
             # Each call is a new step: CUDA-graph trees may then reuse the last call's output
             # memory (clone what you keep) instead of recording a new graph per call.
@@ -84,30 +88,36 @@ class MultiLoRAModel:
         return output
 
     def _check_coverage(self) -> None:
+        self.runtime.check_streams()  # only what ran in Python this call: replays leave nothing to check
         if not self.cuda_graphs:  # replays call no Python: nothing to count
             self.runtime.check_coverage()
 
-    def generate(self, *args, adapter_names: Sequence[str | None] | None = None, **kwargs):
+    def generate(self, *args, adapter_names: Sequence[str | None] | None = None,
+                 images_per_request: Sequence[int] | None = None, **kwargs):
         """Hugging Face `generate` with one adapter per request (prefill with images, decode without)."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
-        self._prepare(kwargs, adapter_names)
+        self._prepare({key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)},
+                      adapter_names, images_per_request)
         with self._served_call():
             output = self.model.generate(**kwargs)
         self._check_coverage()
         return output
 
-    def eager(self, *args, adapter_names: Sequence[str | None] | None = None, **batch):
+    def eager(self, *args, adapter_names: Sequence[str | None] | None = None,
+              images_per_request: Sequence[int] | None = None, **batch):
         """The same forward without compilation (LoRA through the runtime's forward hooks): the
         reference the compiled graphs must equal."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
-        self._prepare(batch, adapter_names)
+        self._prepare(batch, adapter_names, images_per_request)
         with self.runtime.call_scope():
-            return self.model.forward(**batch)
+            output = self.model.forward(**batch)
+        self.runtime.check_streams()
+        return output
 
     def verify(self, *args, adapter_names: Sequence[str | None] | None = None, tolerance: float | None = None,
-               **batch) -> list[float]:
+               images_per_request: Sequence[int] | None = None, **batch) -> list[float]:
         """Run the batch through the compiled graphs and through `eager`; return, per request, the
         maximum relative error of the compiled output against the eager one.
 
@@ -121,9 +131,11 @@ class MultiLoRAModel:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         with torch.no_grad():
             with self.runtime.recording_applied() as applied_compiled:
-                compiled = _first_output(self(**batch, adapter_names=adapter_names)).detach().clone()
+                compiled = _first_output(self(**batch, adapter_names=adapter_names,
+                                              images_per_request=images_per_request)).detach().clone()
             with self.runtime.recording_applied() as applied_eager:
-                eager = _first_output(self.eager(**batch, adapter_names=adapter_names)).detach()
+                eager = _first_output(self.eager(**batch, adapter_names=adapter_names,
+                                                 images_per_request=images_per_request)).detach()
         if compiled.shape != eager.shape:
             raise VerificationError(f"the compiled output has shape {tuple(compiled.shape)}, the eager one "
                                     f"{tuple(eager.shape)}", [], 0.0)

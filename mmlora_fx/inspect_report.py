@@ -10,18 +10,32 @@ import re
 from collections import Counter, defaultdict
 
 import networkx as nx
+import torch
 
 from .capture import Capture
 from .linear_index import LinearIndex
-from .partitions import PARTITIONS
+from .partitions import LANGUAGE_MODEL, PARTITIONS
+from .row_owners import UnitOwnership, rows_are_units
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
 
 SCHEMA = "mmlora-fx.inspect/1"
 
 
-def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None) -> dict:
-    """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`."""
+def _rows_owned(partition: str, shape, units: int | None) -> str:
+    """How the runtime owns the rows of a linear input of `shape` (see `LoRARuntime._owner_table`)."""
+    if partition == LANGUAGE_MODEL:
+        return "per request"
+    if partition not in ("tower", "connector"):
+        return "-"
+    return "per unit" if rows_are_units(shape, units) else "by image tokens"
+
+
+def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
+                 ownership: UnitOwnership | None = None) -> dict:
+    """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
+    `ownership` the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
+    units = ownership.units if ownership is not None else None
     calls = capture.linear_calls()
     graphs = []
     partition_graphs = defaultdict(list)
@@ -32,14 +46,19 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
         for partition, count in counts.items():
             partition_graphs[partition].append(record.index)
             partition_calls[partition] += count
+        nodes = {node.name: node for node in record.graph_module.graph.nodes}
         for node in record.linear_nodes():
             linear = node.meta["mmlora_linear"]
+            value = nodes[linear.input_node].meta.get("example_value") if linear.input_node in nodes else None
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else None
             modules = sorted({instance.linear_modules.get(node.name, linear.module) for instance in record.instances}
                              or {linear.module})
             partition_linear_nodes[node.meta["mmlora_partition"]].append({
                 "graph": record.index, "node": node.name, "modules": modules,
                 "in_features": linear.in_features, "out_features": linear.out_features,
                 "lora": node.meta.get("mmlora_lora") is not None,
+                "input_shape": shape,
+                "rows_owned": _rows_owned(node.meta["mmlora_partition"], shape or [], units),
             })
         frames = sorted({instance.frame_modules.get("self", "") for instance in record.instances})
         graphs.append({
@@ -78,6 +97,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
         ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
         "serving": serving.to_json() if serving is not None else None,
+        "ownership": None if ownership is None else {"units": units, "how": ownership.how},
     }
     return report
 
@@ -158,11 +178,19 @@ def render_text(report: dict) -> str:
         lines.append(f"  linear nodes: {len(entry['linear_nodes'])} (calling {linear_modules} modules)")
         if entry["linear_nodes"]:
             rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     node["in_features"], node["out_features"]] + (["yes" if node["lora"] else "-"]
-                                                                   if report["serving"] else [])
+                     node["in_features"], node["out_features"], node.get("rows_owned", "-")]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
                     for node in entry["linear_nodes"]]
-            header = ["graph", "node", "module(s)", "in", "out"] + (["LoRA"] if report["serving"] else [])
+            header = ["graph", "node", "module(s)", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
             lines += _table(rows, header, indent="    ")
+        lines.append("")
+    ownership = report.get("ownership")
+    if ownership is not None:
+        units = ownership["units"]
+        lines.append("row ownership (tower and connector)")
+        lines.append(f"  units:        {units if units is not None else 'not traced'}: {ownership['how']}")
+        lines.append("  per unit: rows laid out [units, ...] belong unit by unit to the units' requests; by image "
+                     "tokens: shared by the requests' image tokens, checked")
         lines.append("")
     lines.append("graph breaks (each ends the graph named; the next graph resumes after it)")
     if report["graph_breaks"]:

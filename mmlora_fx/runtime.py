@@ -1,10 +1,11 @@
 """The run-time state of a compiled multi-LoRA model: adapters, slot buffers, token tables.
 
-Before each forward, `prepare(adapter_names, input_ids)` makes the batch's adapters resident
-and refills each partition's `TokenSlotTable` in place: the language model weighs each request
-1, the tower and the connector weigh it by its image tokens (images belong to requests in the
-order their image tokens appear). The LoRA ops in the graphs call `apply`, which picks the
-slot buffers of the linears they serve and the table of their partition.
+Before each forward, `prepare(adapter_names, input_ids, ...)` makes the batch's adapters resident
+and refills each partition's tables in place: the language model weighs each request 1; the
+tower and the connector have two tables, one of units (each image, crop or tile the tower
+received, traced to its request by `row_owners`) and one that weighs each request by its image
+tokens. The LoRA ops in the graphs call `apply`, which picks the slot buffers of the linears
+they serve and, from the shape of the rows, the table that says who owns them (`_owner_table`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .errors import BatchError, CoverageError, MMLoRAError
 from .kernels.lora_add import lora_add
 from .linear_index import LinearIndex
 from .lora_op import REGISTRY
-from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, discover_partitions
+from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, TOWER, discover_partitions
 from .peft_format import scan_adapter
+from .row_owners import UnitOwnership, image_token_ids, image_tokens_per_request, outermost, rows_are_units, trace_units
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
@@ -30,15 +32,8 @@ from .upstream import check_supported
 __all__ = ["LoRARuntime"]
 
 _VISION_PARTITIONS = tuple(p for p in LORA_PARTITIONS if p != LANGUAGE_MODEL)
-
-
-def _image_token_ids(config) -> list[int]:
-    ids = []
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if value is not None and value not in ids:
-            ids.append(int(value))
-    return ids
+# Units (images, crops, tiles) one batch may send through a tower: the unit tables' capacity.
+MAX_TOWER_UNITS = 1024
 
 
 class LoRARuntime:
@@ -71,7 +66,17 @@ class LoRARuntime:
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         self.tables = {partition: TokenSlotTable(partition, max_batch_size, device) for partition in LORA_PARTITIONS}
-        self.image_token_ids = _image_token_ids(getattr(model, "config", None))
+        # Per tower/connector partition, slots per unit the tower received (one weight per unit).
+        self.unit_tables = {partition: TokenSlotTable(partition, MAX_TOWER_UNITS, device)
+                            for partition in _VISION_PARTITIONS}
+        self.units = UnitOwnership.unknown("no batch yet")
+        self.tower_roots = outermost(self.partition_map.prefixes_of(TOWER))
+        # How each served tower/connector module's rows were owned in the last forward (inspect shows it).
+        self.ownership: dict[str, str] = {}
+        self._calls: collections.Counter[str] = collections.Counter()  # per module, calls this forward
+        self._stream_rows: collections.Counter[str] = collections.Counter()  # per module, rows seen this forward
+        self._stream_modules: dict[str, tuple[str, int]] = {}
+        self.image_token_ids = image_token_ids(getattr(model, "config", None))
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
@@ -86,8 +91,14 @@ class LoRARuntime:
 
     # ------------------------------------------------------------------ before a forward
     def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,
-                has_images: bool = False) -> list[int]:
-        """Make the batch's adapters resident and refill the token tables; return the slots."""
+                has_images: bool = False, inputs: Mapping[str, object] | None = None,
+                images_per_request: Sequence[int] | None = None) -> list[int]:
+        """Make the batch's adapters resident and refill the token tables; return the slots.
+
+        `inputs` (the batch's keyword inputs) lets the tower's units be traced to their requests
+        (`row_owners`); without it, tower rows are shared by image tokens, with checks.
+        `images_per_request` says how many images each request holds, where the tokens cannot.
+        """
         if isinstance(adapter_names, str):
             raise BatchError("adapter_names takes one name per request (a list), not a single string")
         adapter_names = list(adapter_names)
@@ -99,10 +110,16 @@ class LoRARuntime:
                              f"{self.tables[LANGUAGE_MODEL].max_batch_size}")
         self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
         image_tokens = self._image_tokens(input_ids, has_images, len(adapter_names))
+        units = self._trace_units(inputs, input_ids, image_tokens, images_per_request)
         slots = self.manager.activate(adapter_names)
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
         for partition in _VISION_PARTITIONS:
             self.tables[partition].fill(slots, image_tokens)
+            if units.owners is not None:
+                self.unit_tables[partition].fill([slots[owner] for owner in units.owners], [1] * len(units.owners))
+        self.units = units
+        self._forget_calls()
+        self.ownership.clear()
         # The partitions this batch must reach with LoRA: the language model always runs, the
         # tower and the connector when a request has image tokens; only where a linear is served
         # and some request asked for an adapter.
@@ -128,6 +145,26 @@ class LoRARuntime:
         """Tables that give every request the base model."""
         for table in self.tables.values():
             table.fill([], [])
+        self.units = UnitOwnership.unknown("base model")
+        self._forget_calls()
+
+    def _forget_calls(self) -> None:
+        self._calls.clear()
+        self._stream_rows.clear()
+        self._stream_modules.clear()
+
+    def _trace_units(self, inputs, input_ids, image_tokens, images_per_request) -> UnitOwnership:
+        served_vision = self._served_partitions & set(_VISION_PARTITIONS)
+        if not any(image_tokens) or not served_vision:
+            if images_per_request is not None and any(images_per_request) and not any(image_tokens):
+                raise BatchError("images_per_request gives images, but the batch has no image tokens")
+            return UnitOwnership.unknown("no images")
+        if inputs is None:
+            return UnitOwnership.unknown("the batch's inputs were not given")
+        units = trace_units(self.model, inputs, self.tower_roots, self.image_token_ids, image_tokens, images_per_request)
+        if units.owners is not None and len(units.owners) > MAX_TOWER_UNITS:
+            return UnitOwnership.unknown(f"the tower received {len(units.owners)} units, more than {MAX_TOWER_UNITS}")
+        return units
 
     def _image_tokens(self, input_ids, has_images: bool, requests: int) -> list[int]:
         if input_ids is None or not self.image_token_ids:
@@ -135,10 +172,7 @@ class LoRARuntime:
                 raise BatchError("a batch with images needs input_ids (image tokens say which request owns "
                                  "which image rows in the tower and the connector)")
             return [0] * requests
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in self.image_token_ids:
-            mask |= input_ids == token
-        return mask.sum(dim=-1).tolist()
+        return image_tokens_per_request(input_ids, self.image_token_ids)
 
     # ------------------------------------------------------------------ inside a forward
     def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
@@ -152,10 +186,63 @@ class LoRARuntime:
         self.applications[table.partition] += 1
         if self.applied is not None:
             self.applied.update(modules[index] for index in served)
-        table.check_rows(x.numel() // x.shape[-1])
+        request_slots, cum_weights, tile_plan = self._owner_table(table, x, modules[served[0]])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
-        lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks,
-                 table.request_slots, table.request_cum_weights, table.tile_plan)
+        lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
+
+    def _owner_table(self, table: TokenSlotTable, x: torch.Tensor, module: str):
+        """Who owns the rows of `x`: the tables (slots, running weights, tile plan) the kernels read.
+
+        Language model: one weight per request. Tower and connector: rows laid out `[units, ...]`,
+        with as many units as the tower received, belong unit by unit to the units' requests (exact,
+        for any number of rows per unit); other layouts (all images' patches in one sequence) are
+        shared by image tokens, which holds where rows follow tokens and is checked where it cannot.
+        """
+        rows = x.numel() // x.shape[-1]
+        if table.partition == LANGUAGE_MODEL:
+            table.check_rows(rows)
+            return table.request_slots, table.request_cum_weights, table.tile_plan
+        units = self.units.units
+        self._calls[module] += 1
+        if rows_are_units(x.shape, units):
+            self.ownership[module] = f"per unit ({units} units; {self.units.how})"
+            unit_table = self.unit_tables[table.partition]
+            # Views of fixed buffers: the same addresses at every CUDA-graph replay.
+            return unit_table.request_slots[:units], unit_table.request_cum_weights[:units + 1], unit_table.tile_plan
+        not_traced = f" ({self.units.how})" if units is None else ""
+        total = table.cum_weights[-1]
+        offset = self._stream_rows[module]
+        if offset == 0 and rows >= total:
+            # The whole batch in one call: shared among the requests by their image tokens.
+            self.ownership[module] = "by image tokens" + not_traced
+            self._stream_rows[module] = rows
+            table.check_rows(rows, leading=x.shape[0] if x.dim() >= 3 else 1, why=not_traced)
+            return table.request_slots, table.request_cum_weights, table.tile_plan
+        # Fewer rows than image tokens, or a later call in the same forward (a connector run once
+        # per image): the calls read one stream of rows, one per image token, in the tokens' order.
+        # `check_streams` holds each such stream to exactly the batch's image tokens afterwards.
+        if offset + rows > total:
+            raise BatchError(
+                f"{module} ({table.partition}) ran {self._calls[module]} times in one forward and saw {offset + rows} "
+                f"rows so far, more than the batch's {total} image tokens: which request its rows belong to "
+                "cannot be told" + not_traced)
+        self.ownership[module] = f"by image tokens, one row per token over {self._calls[module]} call(s)" + not_traced
+        self._stream_rows[module] = offset + rows
+        self._stream_modules[module] = (table.partition, total)
+        # The running weights moved to this call's rows, on the device: a CUDA-graph replay recomputes
+        # them from the table's current contents.
+        shifted = (table.request_cum_weights - offset).clamp_(0, rows)
+        return table.request_slots, shifted, None
+
+    def check_streams(self) -> None:
+        """After a forward: each module whose rows were read as a stream of image tokens saw exactly
+        the batch's image tokens (fewer or more means its rows do not follow the tokens)."""
+        for module, (partition, total) in self._stream_modules.items():
+            if self._stream_rows[module] != total:
+                raise BatchError(
+                    f"{module} ({partition}) saw {self._stream_rows[module]} rows in {self._calls[module]} call(s) "
+                    f"for the batch's {total} image tokens: its rows neither follow the image tokens nor come as "
+                    "the tower's units, so which request they belong to cannot be told")
 
     def _plan(self, modules: list[str]):
         served = [index for index, module in enumerate(modules) if module in self.manager.buffers]

@@ -52,8 +52,13 @@ class TokenSlotTable:
         self.slots = [int(slot) for slot in slots]
         self.cum_weights = cum
 
-    def check_rows(self, rows: int) -> None:
-        """Refuse an activation whose rows cannot be shared among requests by their weights."""
+    def check_rows(self, rows: int, leading: int = 1, why: str = "") -> None:
+        """Refuse an activation whose rows cannot be shared among requests by their weights.
+
+        `leading`: the rows come as `[leading, rows // leading]` blocks (one per image or crop, say);
+        a share that cuts a block would give one block two adapters, so it is refused too. `why`
+        ends the message: why the rows could not be owned another way.
+        """
         total = self.cum_weights[-1]
         if total == 0:
             if rows and any(slot >= 0 for slot in self.slots):
@@ -71,8 +76,17 @@ class TokenSlotTable:
             raise BatchError(
                 f"a {self.partition} layer saw {rows} rows, which do not split among the batch's requests in "
                 f"proportion to their weights {self._weights()} (request {uneven[0] - 1} would own a fraction "
-                "of a row); this family needs a declared rows-per-image hook"
+                "of a row): mmlora_fx could not trace this family's tower units to their requests" + why
             )
+        if leading > 1:
+            cut = [index for index, cum in enumerate(self.cum_weights) if (cum * leading) % total]
+            if cut:
+                raise BatchError(
+                    f"a {self.partition} layer saw its rows as {leading} blocks of {rows // leading} (one per image, "
+                    f"crop or tile?), but sharing them by the requests' weights {self._weights()} cuts a block "
+                    f"(request {cut[0] - 1} would own part of one): its rows do not follow the image tokens, and "
+                    "mmlora_fx could not trace this family's tower units to their requests" + why
+                )
 
     def _weights(self) -> list[int]:
         return [b - a for a, b in zip(self.cum_weights, self.cum_weights[1:])]

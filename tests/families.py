@@ -70,3 +70,129 @@ def mistral3_batch(sizes_per_request: list[list[tuple[int, int]]], seed: int = 0
                 single["image_sizes"] = inputs["image_sizes"][first: first + count]
                 first += count
     return Batch(inputs, singles)
+
+
+# LLaVA-NeXT: any-resolution tiling. Each image is cut into a base crop plus a grid of crops chosen
+# by its size, so images of different sizes send different numbers of crops through the tower;
+# the image tokens then follow the unpadded grid (plus a newline per row), not the crops.
+LLAVA_NEXT_CROP = 16
+LLAVA_NEXT_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1", "linear_1", "linear_2", "up_proj", "down_proj"]
+
+
+def build_llava_next(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=LLAVA_NEXT_CROP, patch_size=4, projection_dim=32),
+        text_config=dict(model_type="llama", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512),
+        image_token_index=zoo.IMAGE_TOKEN, vision_feature_layer=-1,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+    )
+    torch.manual_seed(seed)
+    return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+def llava_next_crops(size: tuple[int, int], model) -> int:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return image_size_to_num_patches(size, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+
+
+def _prompt_rows(tokens_per_request: list[list[int]], generator, separate: bool) -> torch.Tensor:
+    """One row per request: text, then each image's tokens (a text token before each when `separate`)."""
+    length = max(sum(tokens) + len(tokens) for tokens in tokens_per_request) + 6
+    rows = []
+    for tokens in tokens_per_request:
+        body = []
+        for count in tokens:
+            body += ([zoo.FIRST_TEXT_TOKEN] if separate else []) + [zoo.IMAGE_TOKEN] * count
+        text = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (length - len(body),), generator=generator).tolist()
+        rows.append(text[:3] + body + text[3:])
+    return torch.tensor(rows)
+
+
+def _split_images(inputs: dict, input_ids, images_per_request: list[int], image_keys: list[str]) -> list[dict]:
+    singles, first = [], 0
+    for row, count in enumerate(images_per_request):
+        single = {"input_ids": input_ids[row: row + 1], "attention_mask": inputs["attention_mask"][row: row + 1]}
+        if count:
+            single.update({key: inputs[key][first: first + count] for key in image_keys})
+            first += count
+        singles.append(single)
+    return singles
+
+
+def llava_next_batch(model, sizes_per_request: list[list[tuple[int, int]]], seed: int = 0,
+                     separate: bool = True) -> Batch:
+    """Requests with images of the given (height, width) sizes, as LLaVA-NeXT's processor gives them:
+    `pixel_values [images, most crops, 3, crop, crop]` (padding crops zero) and `image_sizes`."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [size for request in sizes_per_request for size in request]
+    crops = [llava_next_crops(size, model) for size in sizes]
+    crop = model.config.vision_config.image_size
+    pixel_values = torch.zeros(len(sizes), max(crops, default=1), 3, crop, crop)
+    for index, count in enumerate(crops):
+        pixel_values[index, :count] = torch.randn(count, 3, crop, crop, generator=generator)
+    # Image tokens per image, as the model packs them: counted from its own features of that image.
+    with torch.no_grad():
+        tokens = [model.model.get_image_features(pixel_values[index: index + 1], torch.tensor([size])).pooler_output[0]
+                  .shape[0] for index, size in enumerate(sizes)]
+    per_request, first = [], 0
+    for request in sizes_per_request:
+        per_request.append(tokens[first: first + len(request)])
+        first += len(request)
+    input_ids = _prompt_rows(per_request, generator, separate)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if sizes:
+        inputs.update(pixel_values=pixel_values, image_sizes=torch.tensor(sizes))
+    singles = _split_images(inputs, input_ids, [len(request) for request in sizes_per_request],
+                            ["pixel_values", "image_sizes"])
+    return Batch(inputs, singles)
+
+
+# LFM2-VL: a SigLIP2 NaFlex tower. Its processor pads every image to one patch budget
+# (`pixel_values [images, budget, patch pixels]`, `pixel_attention_mask`), while the image tokens
+# follow each image's own grid; the projector then runs once per image, on that image's tokens.
+LFM2_PATCH, LFM2_BUDGET = 4, 64
+LFM2_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1", "patch_embedding", "linear_1", "linear_2", "w1", "w2"]
+
+
+def build_lfm2_vl(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Lfm2VlConfig(
+        vision_config=dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, patch_size=LFM2_PATCH, num_patches=LFM2_BUDGET, num_channels=3),
+        text_config=dict(model_type="lfm2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, layer_types=["full_attention", "conv"]),
+        image_token_id=zoo.IMAGE_TOKEN, projector_hidden_size=48, downsample_factor=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.Lfm2VlForConditionalGeneration(config).eval()
+
+
+def lfm2_vl_batch(grids_per_request: list[list[tuple[int, int]]], seed: int = 0) -> Batch:
+    """Requests with images of the given (rows, columns) patch grids (even, at most the budget)."""
+    generator = torch.Generator().manual_seed(seed)
+    grids = [grid for request in grids_per_request for grid in request]
+    patch_pixels = 3 * LFM2_PATCH * LFM2_PATCH
+    pixel_values = torch.zeros(len(grids), LFM2_BUDGET, patch_pixels)
+    mask = torch.zeros(len(grids), LFM2_BUDGET, dtype=torch.long)
+    for index, (height, width) in enumerate(grids):
+        pixel_values[index, : height * width] = torch.randn(height * width, patch_pixels, generator=generator)
+        mask[index, : height * width] = 1
+    per_request, first = [], 0
+    for request in grids_per_request:
+        per_request.append([(height // 2) * (width // 2) for height, width in request])
+        first += len(request)
+    input_ids = _prompt_rows(per_request, generator, separate=True)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    keys = ["pixel_values", "spatial_shapes", "pixel_attention_mask"]
+    if grids:
+        inputs.update(pixel_values=pixel_values, spatial_shapes=torch.tensor(grids), pixel_attention_mask=mask)
+    singles = _split_images(inputs, input_ids, [len(request) for request in grids_per_request], keys)
+    return Batch(inputs, singles)

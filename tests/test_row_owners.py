@@ -1,0 +1,98 @@
+"""Which request owns each unit a tower sees: traced through the family's own code, never guessed
+(mmlora_fx/row_owners.py)."""
+
+import pytest
+import torch
+
+from mmlora_fx import zoo
+from mmlora_fx.errors import BatchError
+from mmlora_fx.row_owners import UnitOwnership, ProbeResult, image_token_runs, images_of_requests, probe_tower_units
+
+from .families import build_llava_next, llava_next_batch, llava_next_crops
+
+
+def test_one_image_per_request_with_tokens_is_exact():
+    owners, how = images_of_requests(2, [36, 0, 52], runs=[1, 0, 1], images_per_request=None)
+    assert owners == [0, 2] and "one image per request" in how
+
+
+def test_runs_of_image_tokens_tell_a_requests_images_apart():
+    owners, how = images_of_requests(3, [36, 0, 140], runs=[1, 0, 2], images_per_request=None)
+    assert owners == [0, 2, 2] and "run" in how
+
+
+def test_images_per_request_wins_and_is_checked():
+    assert images_of_requests(3, [8, 0, 8], runs=[1, 0, 1], images_per_request=[1, 0, 2])[0] == [0, 2, 2]
+    with pytest.raises(BatchError, match="says 2 images but the batch has 3"):
+        images_of_requests(3, [8, 0, 8], runs=None, images_per_request=[1, 0, 1])
+    with pytest.raises(BatchError, match="request 0 0 images, but it has 8 image tokens"):
+        images_of_requests(2, [8, 0, 8], runs=None, images_per_request=[0, 1, 1])
+    with pytest.raises(BatchError, match="2 entries but the batch has 3"):
+        images_of_requests(2, [8, 0, 8], runs=None, images_per_request=[1, 1])
+
+
+def test_touching_images_are_not_told_apart_by_tokens_alone():
+    assert images_of_requests(3, [8, 0, 8], runs=[1, 0, 1], images_per_request=None) == (None, "")
+
+
+def test_image_token_runs_count_maximal_runs():
+    image = zoo.IMAGE_TOKEN
+    text = [zoo.FIRST_TEXT_TOKEN + offset for offset in range(6)]
+    ids = torch.tensor([[text[0], image, image, text[1], image, text[2]], text,
+                        [image, image, image, text[3], text[4], image]])
+    assert image_token_runs(ids, [image]) == [2, 0, 2]
+
+
+def test_images_of_equal_units_and_tokens_are_shared_by_tokens():
+    # Three images of one unit each, four tokens each; the last request's two images touch.
+    units = UnitOwnership.from_probe(ProbeResult([0, 1, 2]), [4, 0, 8], runs=[1, 0, 1], images_per_request=None)
+    assert units.owners == [0, 2, 2]
+
+
+@pytest.mark.parametrize("units_per_image, tokens", [([0, 1, 1, 2], [4, 0, 8]), ([0, 1, 2], [4, 0, 9])])
+def test_images_that_differ_are_not_shared_by_tokens(units_per_image, tokens):
+    units = UnitOwnership.from_probe(ProbeResult(units_per_image), tokens, runs=[1, 0, 1], images_per_request=None)
+    assert units.owners is None and "images_per_request" in units.how
+
+
+def test_units_out_of_order_are_not_traced():
+    assert UnitOwnership.from_probe(ProbeResult([1, 0]), [4, 4], runs=[1, 1], images_per_request=None).owners is None
+
+
+def test_probe_finds_each_crop_s_image_and_stops_before_the_tower():
+    model = build_llava_next()
+    sizes = [[(16, 16)], [], [(16, 30), (32, 32)]]
+    batch = llava_next_batch(model, sizes, seed=1)
+    crops = [llava_next_crops(size, model) for request in sizes for size in request]
+    tower_linear = model.model.vision_tower.encoder.layers[0].mlp.fc1
+    calls = []
+    handle = tower_linear.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        probe = probe_tower_units(model, batch.inputs, ["model.vision_tower"])
+    finally:
+        handle.remove()
+    assert probe.sources == [image for image, count in enumerate(crops) for _ in range(count)]
+    assert calls == []  # the tower never ran
+    assert "forward" not in vars(model.model.vision_tower)  # its forward is its class's again
+
+
+def test_probe_follows_requests_through_padding_images():
+    # Idefics3 lays pixels out [requests, images], padding with all-zero images it drops before the tower.
+    model = zoo.build("tiny-idefics3")
+    batch = zoo.make_batch(model, (1, 0, 2), seed=2)
+    probe = probe_tower_units(model, batch, ["model.vision_model"])
+    assert probe.sources == [0, 2, 2]
+
+
+def test_probe_says_why_when_there_is_nothing_to_follow():
+    model = zoo.build("tiny-llava")
+    batch = zoo.make_batch(model, (1, 0, 0), seed=0)
+    assert probe_tower_units(model, {"input_ids": batch["input_ids"]}, ["model.vision_tower"]).sources is None
+    assert "no tower module" in probe_tower_units(model, batch, ["no.such.module"]).reason
+
+
+def test_images_per_request_does_not_map_entries_that_are_not_images():
+    # Qwen2-VL sends all images' patches as the tower's rows: 48 entries for 3 images.
+    units = UnitOwnership.from_probe(ProbeResult(list(range(48))), [0, 4, 8], runs=[0, 1, 2],
+                                     images_per_request=[0, 1, 2])
+    assert units.owners is None and "48 input entries" in units.how
