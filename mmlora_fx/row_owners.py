@@ -171,7 +171,7 @@ def images_of_requests(image_count: int, image_tokens: Sequence[int], runs: Sequ
                              f"{image_tokens[row]} image tokens")
         how = "images_per_request"
     elif sum(1 for tokens in image_tokens if tokens) == image_count:
-        counts, how = [1 if tokens else 0 for tokens in image_tokens], "one image per request with image tokens"
+        counts, how = [1 if tokens else 0 for tokens in image_tokens], "one input entry per request with image tokens"
     elif runs is not None and sum(runs) == image_count:
         counts, how = list(runs), "one run of image tokens per image"
     else:
@@ -185,15 +185,16 @@ class UnitOwnership:
     """The request owning each unit a tower received, for one batch; or why it is not known."""
 
     owners: list[int] | None  # per unit, its request
-    how: str  # how the owners were told (for `mmlora-fx inspect` and errors)
+    how: str  # how the owners were told (for `mmlora-fx inspect` and errors), or why they were not
+    received: int | None = None  # units the tower received, where the probe saw them (owners or not)
 
     @property
     def units(self) -> int | None:
         return len(self.owners) if self.owners is not None else None
 
     @classmethod
-    def unknown(cls, why: str) -> "UnitOwnership":
-        return cls(None, why)
+    def unknown(cls, why: str, received: int | None = None) -> "UnitOwnership":
+        return cls(None, why, received)
 
     @classmethod
     def from_probe(cls, probe: ProbeResult, image_tokens: Sequence[int], runs: Sequence[int] | None,
@@ -202,33 +203,23 @@ class UnitOwnership:
             return cls.unknown(probe.reason)
         sources = probe.sources
         if any(later < earlier for earlier, later in zip(sources, sources[1:])):
-            return cls.unknown("the tower received its units out of the images' order")
+            return cls.unknown("the tower received its units out of the images' order", len(sources))
         images = sorted(set(sources))  # input entries that reached the tower (padding ones do not)
         if images_per_request is not None and sum(images_per_request) != len(images):
             # The entries are not images (all images' patches as rows, say): nothing to map them by.
             return cls.unknown(f"the tower received {len(images)} input entries, not the {sum(images_per_request)} "
-                               "images images_per_request gives")
+                               "images images_per_request gives", len(sources))
         image_owner, how = images_of_requests(len(images), image_tokens, runs, images_per_request)
         if image_owner is not None:
             owner_of = dict(zip(images, image_owner))
-            return cls([owner_of[source] for source in sources], f"units traced to their images; {how}")
-        # Which images belong to which request is not known. Sharing units by image tokens is exact
-        # when every image gives the same units and the same tokens; the checks below hold the
-        # batch to that, and raise where it cannot hold.
-        units_per_image = [sources.count(image) for image in images]
-        untold = (f"the batch does not say which of the {len(images)} images (input entries) its tower received "
-                  f"belong to which request (image tokens per request {_short(image_tokens)}, in "
-                  f"{_short(runs or [])} runs)")
-        if len(set(units_per_image)) != 1:
-            return cls.unknown(f"{untold}, and they differ in units {_short(units_per_image)}: "
-                               "images_per_request=[...] would say it")
-        per_image, left = divmod(sum(image_tokens), len(images))
-        if left or per_image == 0 or any(tokens % per_image for tokens in image_tokens):
-            return cls.unknown(f"{untold}, and the tokens are not whole images of equal tokens: "
-                               "images_per_request=[...] would say it, if those entries are whole images")
-        counts = [tokens // per_image for tokens in image_tokens]
-        owners = [row for row, count in enumerate(counts) for _ in range(count * units_per_image[0])]
-        return cls(owners, "units traced to their images; images of equal units and tokens shared by image tokens")
+            return cls([owner_of[source] for source in sources], f"units traced to their images; {how}", len(sources))
+        # Which images belong to which request is not known. Sharing the units by image tokens would
+        # be a guess (exact only where every image gives the same tokens): say so instead.
+        return cls.unknown(
+            f"the batch does not say which of the {len(images)} input entries its tower received belong to which "
+            f"request (image tokens per request {_short(image_tokens)}, in {_short(runs or [])} runs): put a text "
+            "token between a request's images, or pass images_per_request=[...] if those entries are its images",
+            len(sources))
 
 
 def outermost(prefixes: Sequence[str]) -> list[str]:

@@ -209,6 +209,11 @@ class LoRARuntime:
             unit_table = self.unit_tables[table.partition]
             # Views of fixed buffers: the same addresses at every CUDA-graph replay.
             return unit_table.request_slots[:units], unit_table.request_cum_weights[:units + 1], unit_table.tile_plan
+        if units is None and rows_are_units(x.shape, self.units.received):
+            # Rows come per tower unit, but the units' requests are not known: sharing them by
+            # image tokens would be a guess.
+            raise BatchError(f"{module} ({table.partition}) sees its rows as the tower's {self.units.received} units "
+                             f"{tuple(x.shape)}, but {self.units.how}")
         not_traced = f" ({self.units.how})" if units is None else ""
         total = table.cum_weights[-1]
         offset = self._stream_rows[module]

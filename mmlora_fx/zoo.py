@@ -316,6 +316,9 @@ def make_batch(
 
     before, after = family.wrap_tokens(config)
     image = image_token_id(config)
+    # A text token before each image that has no tokens of its own around it, as chat templates
+    # put one ("<image>\n<image>"): each image's tokens are then a run of their own.
+    before = before or [FIRST_TEXT_TOKEN]
     prompts = [[before + [image] * family.image_tokens(config, size) + after for size in sizes]
                for sizes in image_sizes]
     lengths = [sum(len(prompt) for prompt in request) for request in prompts]

@@ -7,6 +7,8 @@ from torch import nn
 from mmlora_fx.inspect_report import SCHEMA, build_report, collapse_names, render_dot, render_text
 from mmlora_fx.linear_index import LinearIndex
 
+from mmlora_fx import zoo
+
 from .conftest import cached_capture, cached_model, expected_partition
 
 
@@ -56,3 +58,18 @@ def test_collapse_names_folds_one_varying_index():
     assert collapse_names(["a.0.q", "a.1.q", "a.10.q"]) == ["a.{0,1,10}.q"]
     assert collapse_names(["a.0.q", "b.0.q"]) == ["a.0.q", "b.0.q"]
     assert collapse_names(["x.0.y.1", "x.1.y.0"]) == ["x.0.y.1", "x.1.y.0"]
+
+
+def test_report_says_how_tower_and_connector_rows_are_owned():
+    from mmlora_fx.row_owners import image_token_ids, trace_units
+
+    family = "tiny-llava"
+    model, captured = cached_model(family), cached_capture(family)
+    ownership = trace_units(model, zoo.make_batch(model, (0, 1, 2)), ["model.vision_tower"],
+                            image_token_ids(model.config))
+    report = build_report(captured, LinearIndex(model, captured.partition_map), family, ownership=ownership)
+    assert report["ownership"]["units"] == 3 and "run of image tokens" in report["ownership"]["how"]
+    owned = {partition: {node["rows_owned"] for node in entry["linear_nodes"]}
+             for partition, entry in report["partitions"].items() if entry["linear_nodes"]}
+    assert owned == {"tower": {"per unit"}, "connector": {"per unit"}, "language_model": {"per request"}, "other": {"-"}}
+    assert "row ownership" in render_text(report)

@@ -13,7 +13,7 @@ from .families import build_llava_next, llava_next_batch, llava_next_crops
 
 def test_one_image_per_request_with_tokens_is_exact():
     owners, how = images_of_requests(2, [36, 0, 52], runs=[1, 0, 1], images_per_request=None)
-    assert owners == [0, 2] and "one image per request" in how
+    assert owners == [0, 2] and "one input entry per request" in how
 
 
 def test_runs_of_image_tokens_tell_a_requests_images_apart():
@@ -43,10 +43,12 @@ def test_image_token_runs_count_maximal_runs():
     assert image_token_runs(ids, [image]) == [2, 0, 2]
 
 
-def test_images_of_equal_units_and_tokens_are_shared_by_tokens():
-    # Three images of one unit each, four tokens each; the last request's two images touch.
+def test_touching_images_are_not_shared_by_tokens_even_when_they_look_equal():
+    # Three images of one unit each, four tokens each; the last request's two images touch. Sharing
+    # by tokens would be right here, and wrong for a family whose images of equal units differ in tokens.
     units = UnitOwnership.from_probe(ProbeResult([0, 1, 2]), [4, 0, 8], runs=[1, 0, 1], images_per_request=None)
-    assert units.owners == [0, 2, 2]
+    assert units.owners is None and units.received == 3
+    assert "text token between a request's images" in units.how and "images_per_request" in units.how
 
 
 @pytest.mark.parametrize("units_per_image, tokens", [([0, 1, 1, 2], [4, 0, 8]), ([0, 1, 2], [4, 0, 9])])
