@@ -1,11 +1,13 @@
-"""What tracing tower rows to their requests costs (#13), and that it stays CUDA-graph safe.
+"""What tracing tower rows to their requests costs (#13, #20), and that it stays CUDA-graph safe.
 
-    python benchmarks/ownership_cost.py --out results/
+    python benchmarks/ownership_cost.py --out results/ [--family llava-next|qwen2-audio]
 
 A LLaVA-NeXT-shaped model (any-resolution tiling: CLIP-L-wide tower, 336-pixel crops; a 4096-wide
 language model; two layers each), random weights in bf16 on the GPU, two PEFT adapters on every
 linear but the head, a batch of three requests with images of different sizes (3, 0 and 3 + 5
-crops). It measures, median of `--repeats` after warm-up:
+crops). `--family qwen2-audio`: a Qwen2-Audio-shaped model instead (an audio tower of
+Whisper-large's width, 1280, on 30-second clips of 128 mel bins; the same language model), with
+clips of 25 s, none, and 10 s + 30 s. It measures, median of `--repeats` after warm-up:
 
 - `prepare` with the batch's inputs (the probe traces crops to requests) and without (no probe,
   as before #13: tokens only), ms; their difference is the derivation's cost per forward;
@@ -37,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import mmlora_fx  # noqa: E402
 from mmlora_fx import zoo  # noqa: E402
-from tests.families import llava_next_batch  # noqa: E402
+from tests.families import llava_next_batch, qwen2_audio_batch  # noqa: E402
 from tests.peft_helpers import make_adapter  # noqa: E402
 
 SIZES = [[(336, 336)], [], [(336, 672), (672, 672)]]
@@ -63,6 +65,41 @@ def build(widths: str):
         image_token_index=zoo.IMAGE_TOKEN, vision_feature_layer=-1, image_grid_pinpoints=pinpoints)
     torch.manual_seed(0)
     return transformers.LlavaNextForConditionalGeneration(config).eval()
+
+
+def build_audio(widths: str):
+    import transformers
+
+    if widths == "real":
+        audio = dict(d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120, num_mel_bins=128,
+                     max_source_positions=1500)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8)
+    else:
+        audio = dict(d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+                     max_source_positions=50)
+        text = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", encoder_layers=2, **audio),
+        text_config=dict(model_type="qwen2", vocab_size=zoo.VOCAB, num_hidden_layers=2, max_position_embeddings=8192,
+                         **text),
+        audio_token_index=zoo.IMAGE_TOKEN)
+    torch.manual_seed(0)
+    return transformers.Qwen2AudioForConditionalGeneration(config).eval()
+
+
+def audio_batch(model, widths: str):
+    frames = 2 * model.config.audio_config.max_source_positions
+    seconds = [[25], [], [10, 30]]
+    lengths = [[frames * second // 30 for second in request] for request in seconds]
+    import tests.families as families
+
+    families.QWEN2_AUDIO_FRAMES = frames  # the batch helper pads to the tower's clip length
+    batch = qwen2_audio_batch(lengths, seed=1).inputs
+    mels = model.config.audio_config.num_mel_bins
+    if batch["input_features"].shape[1] != mels:  # the helper draws 16 mel bins; widen to the model's
+        batch["input_features"] = torch.randn(batch["input_features"].shape[0], mels, frames) * \
+            batch["feature_attention_mask"][:, None, :]
+    return lengths, batch
 
 
 def timed(function, repeats: int, device) -> list[float]:
@@ -105,12 +142,17 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--widths", default="real", choices=["real", "tiny"])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--family", default="llava-next", choices=["llava-next", "qwen2-audio"])
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sizes = SIZES if args.widths == "real" else [[(16, 16)], [], [(16, 30), (32, 32)]]
-    cpu_model = build(args.widths)
-    batch = llava_next_batch(cpu_model, sizes, seed=1).inputs
+    if args.family == "llava-next":
+        sizes = SIZES if args.widths == "real" else [[(16, 16)], [], [(16, 30), (32, 32)]]
+        cpu_model = build(args.widths)
+        batch = llava_next_batch(cpu_model, sizes, seed=1).inputs
+    else:
+        cpu_model = build_audio(args.widths)
+        sizes, batch = audio_batch(cpu_model, args.widths)
     batch = {key: value.to(device, dtype) if value.is_floating_point() else value.to(device)
              for key, value in batch.items()}
     base = cpu_model.to(device, dtype)
@@ -120,7 +162,7 @@ def main() -> int:
               "versions": {"torch": torch.__version__},
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip(),
-              "command": " ".join(sys.argv), "sizes": sizes,
+              "command": " ".join(sys.argv), "family": args.family, "sizes": sizes,
               "image_tokens": [int((row == zoo.IMAGE_TOKEN).sum()) for row in batch["input_ids"]]}
     import transformers
     report["versions"]["transformers"] = transformers.__version__
@@ -177,7 +219,7 @@ def main() -> int:
     report["probe_share_of_forward"] = cost / report["mmlora_forward"]["median_ms"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ownership_cost.json").write_text(json.dumps(report, indent=2))
+    (out / f"ownership_cost_{args.family}.json").write_text(json.dumps(report, indent=2))
     brief = {key: (value["median_ms"] if isinstance(value, dict) and "median_ms" in value else value)
              for key, value in report.items() if key not in ("cudagraph_replays", "ownership")}
     print(json.dumps(brief, indent=1))

@@ -14,7 +14,8 @@ from .runtime import LoRARuntime
 
 __all__ = ["compile", "MultiLoRAModel"]
 
-_PIXEL_KEYS = ("pixel_values", "pixel_values_videos")
+# Inputs that are media for a tower (pixels, audio features): floating, two or more dims; not these.
+_NOT_MEDIA = ("inputs_embeds",)
 # verify()'s default tolerance by output dtype: float32 as the tests hold PEFT; half precision
 # leaves room for the compiled base's own rounding differences (a few percent in bfloat16).
 _DEFAULT_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -66,7 +67,8 @@ class MultiLoRAModel:
         if adapter_names is None:
             requests = input_ids.shape[0] if input_ids is not None else 1
             adapter_names = [None] * requests
-        has_images = any(batch.get(key) is not None for key in _PIXEL_KEYS)
+        has_images = any(isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
+                         and key not in _NOT_MEDIA for key, value in batch.items())
         if batch.get("pixel_values_videos") is not None:
             raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
         self.runtime.prepare(adapter_names, input_ids, has_images, inputs=batch, images_per_request=images_per_request)

@@ -67,8 +67,8 @@ def inspect_command(args) -> int:
     from .capture import capture
     from .inspect_report import build_report, render_dot, render_text
     from .linear_index import LinearIndex
-    from .partitions import TOWER, discover_partitions
-    from .row_owners import image_token_ids, outermost, trace_units
+    from .partitions import discover_partitions, tower_label
+    from .row_owners import modality_token_ids, outermost, trace_units
     from .peft_format import scan_adapter
     from .serving import ServingPlan
 
@@ -84,8 +84,10 @@ def inspect_command(args) -> int:
     captured = capture(model, batch, partition_map=partition_map, verbose=args.verbose)
     if serving is not None:
         serving.mark_graphs(captured)
-    ownership = trace_units(model, batch, outermost(partition_map.prefixes_of(TOWER)),
-                            image_token_ids(getattr(model, "config", None)))
+    config = getattr(model, "config", None)
+    ownership = {modality: trace_units(model, batch, outermost(partition_map.prefixes_of(tower_label(modality))),
+                                       modality_token_ids(config, modality))
+                 for modality in partition_map.modalities}
     report = build_report(captured, linears, args.model, scans, serving, ownership)
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"

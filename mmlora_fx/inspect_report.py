@@ -14,7 +14,7 @@ import torch
 
 from .capture import Capture
 from .linear_index import LinearIndex
-from .partitions import LANGUAGE_MODEL, PARTITIONS
+from .partitions import LANGUAGE_MODEL, PARTITIONS, modality_of
 from .row_owners import UnitOwnership, rows_are_units
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -22,20 +22,23 @@ __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_name
 SCHEMA = "mmlora-fx.inspect/1"
 
 
-def _rows_owned(partition: str, shape, units: int | None) -> str:
+def _rows_owned(partition: str, shape, ownership: dict) -> str:
     """How the runtime owns the rows of a linear input of `shape` (see `LoRARuntime._owner_table`)."""
     if partition == LANGUAGE_MODEL:
         return "per request"
-    if partition not in ("tower", "connector"):
+    modality = modality_of(partition)
+    if modality is None:
         return "-"
-    return "per unit" if rows_are_units(shape, units) else "by image tokens"
+    traced = ownership.get(modality)
+    units = traced.units if traced is not None else None
+    return "per unit" if rows_are_units(shape, units) else f"by {'image' if modality == 'vision' else modality} tokens"
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
-                 ownership: UnitOwnership | None = None) -> dict:
+                 ownership: dict[str, UnitOwnership] | None = None) -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
-    `ownership` the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
-    units = ownership.units if ownership is not None else None
+    `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
+    ownership = ownership or {}
     calls = capture.linear_calls()
     graphs = []
     partition_graphs = defaultdict(list)
@@ -58,7 +61,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                 "in_features": linear.in_features, "out_features": linear.out_features,
                 "lora": node.meta.get("mmlora_lora") is not None,
                 "input_shape": shape,
-                "rows_owned": _rows_owned(node.meta["mmlora_partition"], shape or [], units),
+                "rows_owned": _rows_owned(node.meta["mmlora_partition"], shape or [], ownership),
             })
         frames = sorted({instance.frame_modules.get("self", "") for instance in record.instances})
         graphs.append({
@@ -74,7 +77,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                 "reason": record.graph_break.reason, "location": record.graph_break.location},
         })
     partitions = {}
-    for partition in PARTITIONS:
+    for partition in list(PARTITIONS) + [p for p in capture.partition_map.lora_partitions if p not in PARTITIONS]:
         partitions[partition] = {
             "prefixes": capture.partition_map.prefixes_of(partition),
             "graphs": partition_graphs.get(partition, []),
@@ -97,7 +100,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
         ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
         "serving": serving.to_json() if serving is not None else None,
-        "ownership": None if ownership is None else {"units": units, "how": ownership.how},
+        "ownership": {modality: {"units": traced.units, "how": traced.how} for modality, traced in ownership.items()},
     }
     return report
 
@@ -184,13 +187,14 @@ def render_text(report: dict) -> str:
             header = ["graph", "node", "module(s)", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
             lines += _table(rows, header, indent="    ")
         lines.append("")
-    ownership = report.get("ownership")
-    if ownership is not None:
-        units = ownership["units"]
-        lines.append("row ownership (tower and connector)")
-        lines.append(f"  units:        {units if units is not None else 'not traced'}: {ownership['how']}")
-        lines.append("  per unit: rows laid out [units, ...] belong unit by unit to the units' requests; by image "
-                     "tokens: shared by the requests' image tokens, checked")
+    ownership = report.get("ownership") or {}
+    if ownership:
+        lines.append("row ownership (towers and connectors)")
+        for modality, traced in ownership.items():
+            units = traced["units"]
+            lines.append(f"  {modality + ' units:':14}{units if units is not None else 'not traced'}: {traced['how']}")
+        lines.append("  per unit: rows laid out [units, ...] belong unit by unit to the units' requests; by tokens: "
+                     "shared by the requests' tokens of that modality, checked")
         lines.append("")
     lines.append("graph breaks (each ends the graph named; the next graph resumes after it)")
     if report["graph_breaks"]:

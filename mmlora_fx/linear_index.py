@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .partitions import LORA_PARTITIONS, PartitionMap
+from .partitions import PartitionMap, can_carry_lora
 
 __all__ = ["LinearInfo", "LinearIndex"]
 
@@ -23,7 +23,7 @@ class LinearInfo:
 
     @property
     def can_carry_lora(self) -> bool:
-        return self.partition in LORA_PARTITIONS
+        return can_carry_lora(self.partition)
 
 
 class LinearIndex:

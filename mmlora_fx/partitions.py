@@ -1,17 +1,23 @@
-"""Which submodules are the vision tower, the connector and the language model.
+"""Which submodules are the towers, the connectors and the language model.
 
 A `PartitionMap` is a table of module-name prefixes, each with a partition label; a module
 belongs to the partition of the longest prefix that owns it, so `model.visual.merger`
 (connector) wins over `model.visual` (tower). Modules no prefix owns are `other`.
 
+Labels: `language_model`; per modality, a tower and a connector. The vision modality's are
+`tower` and `connector`; every other modality's name them: `tower:audio`, `connector:audio`
+(the modality is the sub-config's name without `_config`: `audio_config` -> audio).
+
 `discover_partitions` derives the table from the module tree of a Hugging Face multimodal model,
 with no table per model class:
 
-- the language model is the shallowest submodule built from `config.text_config`, the tower the
-  shallowest one built from `config.vision_config` (each module keeps the config it was built
-  from);
-- the connector is every module with parameters that sits beside the tower and the language
-  model under their common parent (LLaVA's `multi_modal_projector`, Idefics3's `connector`),
+- the language model is the shallowest submodule built from `config.text_config`; each other
+  sub-config (`vision_config`, `audio_config`, `speech_config`, ...) that built a submodule gives
+  a tower, the shallowest one built from it (each module keeps the config it was built from);
+- a tower's connector is every module with parameters that sits beside the tower and the language
+  model under their common parent (LLaVA's `multi_modal_projector`, Idefics3's `connector`; with
+  several towers there, the modules whose name says the tower's modality, and an error for those
+  that say none),
   plus, inside the tower, every module holding a linear that is registered after the tower's
   stack of repeated blocks on the path down to it (Qwen2-VL's `visual.merger`, Llama4's
   `vision_model.vision_adapter`); norms after the blocks stay in the tower;
@@ -22,6 +28,7 @@ with no table per model class:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -29,14 +36,50 @@ from torch import nn
 from .errors import PartitionError
 
 TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER = "tower", "connector", "language_model", "other"
+VISION = "vision"
+# The vision modality's labels; other modalities' add theirs (`tower:audio`).
 PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER)
-# Partitions that can carry LoRA; `other` (embeddings, lm_head, glue) never does.
+# Partitions that can carry LoRA, for a vision-language model; `other` (embeddings, lm_head, glue) never does.
 LORA_PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL)
+_MODALITY_LABEL = re.compile(r"^(tower|connector):([a-z][a-z0-9_]*)$")
+# Words in a module's name that say it belongs to a modality (for connectors beside several towers).
+_MODALITY_WORDS = {VISION: ("vision", "visual", "image", "vit"), "audio": ("audio", "speech", "sound")}
 
 __all__ = [
-    "TOWER", "CONNECTOR", "LANGUAGE_MODEL", "OTHER", "PARTITIONS", "LORA_PARTITIONS",
-    "PartitionPrefix", "PartitionMap", "discover_partitions",
+    "TOWER", "CONNECTOR", "LANGUAGE_MODEL", "OTHER", "PARTITIONS", "LORA_PARTITIONS", "VISION",
+    "PartitionPrefix", "PartitionMap", "discover_partitions", "tower_label", "connector_label",
+    "modality_of", "is_partition", "can_carry_lora", "kind_of",
 ]
+
+
+def tower_label(modality: str) -> str:
+    return TOWER if modality == VISION else f"{TOWER}:{modality}"
+
+
+def connector_label(modality: str) -> str:
+    return CONNECTOR if modality == VISION else f"{CONNECTOR}:{modality}"
+
+
+def kind_of(partition: str) -> str:
+    """`tower`, `connector`, `language_model` or `other`, whatever the modality."""
+    match = _MODALITY_LABEL.match(partition)
+    return match.group(1) if match else partition
+
+
+def modality_of(partition: str) -> str | None:
+    """The modality of a tower or connector label (None for the language model and `other`)."""
+    if partition in (TOWER, CONNECTOR):
+        return VISION
+    match = _MODALITY_LABEL.match(partition)
+    return match.group(2) if match else None
+
+
+def is_partition(label: str) -> bool:
+    return label in PARTITIONS or _MODALITY_LABEL.match(label) is not None
+
+
+def can_carry_lora(label: str) -> bool:
+    return is_partition(label) and label != OTHER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +96,10 @@ class PartitionMap:
     def __init__(self, prefixes: Iterable[PartitionPrefix]):
         self._prefixes: dict[str, PartitionPrefix] = {}
         for entry in prefixes:
-            if entry.partition not in PARTITIONS:
+            if not is_partition(entry.partition):
                 raise PartitionError(
                     f"prefix {entry.prefix!r}: unknown partition {entry.partition!r}; "
-                    f"use one of {', '.join(PARTITIONS)}"
+                    f"use one of {', '.join(PARTITIONS)}, or tower:<modality> / connector:<modality>"
                 )
             self._prefixes[entry.prefix] = entry
 
@@ -87,6 +130,18 @@ class PartitionMap:
     def prefixes_of(self, partition: str) -> list[str]:
         return [entry.prefix for entry in self.prefixes if entry.partition == partition]
 
+    @property
+    def lora_partitions(self) -> list[str]:
+        """The labels of this map that can carry LoRA: the language model, then towers and connectors."""
+        labels = {entry.partition for entry in self.prefixes if can_carry_lora(entry.partition)}
+        return sorted(labels, key=lambda label: (label != LANGUAGE_MODEL, modality_of(label) != VISION, label))
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities that have a tower, vision first."""
+        found = {modality_of(entry.partition) for entry in self.prefixes if kind_of(entry.partition) == TOWER}
+        return sorted(found, key=lambda modality: (modality != VISION, modality))
+
     def to_json(self) -> list[dict]:
         return [dataclasses.asdict(entry) for entry in self.prefixes]
 
@@ -106,24 +161,31 @@ def discover_partitions(model: nn.Module, overrides: Mapping[str, str] | None = 
         entries = [PartitionPrefix("", LANGUAGE_MODEL, "default", "no modality sub-config: the whole model")]
         return PartitionMap(entries + _embeddings(model, modules)).with_overrides(overrides)
     language_model = _shallowest_built_from(modules, getattr(config, "text_config", None))
-    tower = _shallowest_built_from(modules, getattr(config, "vision_config", None))
-    if (language_model is None or tower is None) and not overrides:
-        missing = [label for label, name in (("language model", language_model), ("vision tower", tower))
-                   if name is None]
+    towers = {}  # modality -> tower prefix
+    for name in _sub_configs(config):
+        if name == "text_config" or not name.endswith("_config"):
+            continue
+        tower = _shallowest_built_from(modules, getattr(config, name))
+        if tower is not None and tower != language_model and not any(_is_under(tower, other) for other in towers.values()):
+            towers[name[: -len("_config")]] = tower
+    if (language_model is None or not towers) and not overrides:
+        missing = [label for label, found in (("language model", language_model), ("modality tower", towers))
+                   if not found]
         raise PartitionError(
             f"{type(model).__name__}: found no {' and no '.join(missing)} "
-            "(no submodule was built from config.text_config / config.vision_config); "
-            "pass the prefixes yourself, e.g. {'model.visual': 'tower', ...}"
+            f"(no submodule was built from config.text_config / any other of its sub-configs "
+            f"{_sub_configs(config)}); pass the prefixes yourself, e.g. {{'model.visual': 'tower', ...}}"
         )
     entries: list[PartitionPrefix] = []
     if language_model is not None:
         entries.append(PartitionPrefix(language_model, LANGUAGE_MODEL, "default",
                                        "built from config.text_config"))
-    if tower is not None:
-        entries.append(PartitionPrefix(tower, TOWER, "default", "built from config.vision_config"))
-        entries += _connectors_inside_tower(modules, tower)
-    if tower is not None and language_model is not None:
-        entries += _connectors_beside(model, modules, tower, language_model)
+    for modality, tower in towers.items():
+        entries.append(PartitionPrefix(tower, tower_label(modality), "default",
+                                       f"built from config.{modality}_config"))
+        entries += _connectors_inside_tower(modules, tower, connector_label(modality))
+    if towers and language_model is not None:
+        entries += _connectors_beside(model, modules, towers, language_model)
     entries += _embeddings(model, modules)
     return PartitionMap(entries).with_overrides(overrides)
 
@@ -132,6 +194,8 @@ def _sub_configs(config) -> list[str]:
     """The names of the configs nested in `config` (text_config, vision_config, audio_config, ...)."""
     from transformers import PretrainedConfig
 
+    if config is None:
+        return []
     return [name for name, value in vars(config).items() if isinstance(value, PretrainedConfig)]
 
 
@@ -169,7 +233,7 @@ def _block_stack(modules: dict[str, nn.Module], tower: str) -> str | None:
     return best
 
 
-def _connectors_inside_tower(modules: dict[str, nn.Module], tower: str) -> list[PartitionPrefix]:
+def _connectors_inside_tower(modules: dict[str, nn.Module], tower: str, label: str) -> list[PartitionPrefix]:
     stack = _block_stack(modules, tower)
     if stack is None:
         return []
@@ -185,7 +249,7 @@ def _connectors_inside_tower(modules: dict[str, nn.Module], tower: str) -> list[
         for child, module in children[position + 1 :]:
             if _holds_linear(module):
                 name = f"{parent}.{child}" if parent else child
-                entries.append(PartitionPrefix(name, CONNECTOR, "default",
+                entries.append(PartitionPrefix(name, label, "default",
                                                f"inside the tower, after its blocks {stack}"))
         parent = f"{parent}.{step}" if parent else step
     return entries
@@ -200,18 +264,34 @@ def _common_parent(first: str, second: str) -> str:
     return ".".join(common)
 
 
-def _connectors_beside(model, modules, tower: str, language_model: str) -> list[PartitionPrefix]:
-    parent = _common_parent(tower, language_model)
+def _connectors_beside(model, modules, towers: dict[str, str], language_model: str) -> list[PartitionPrefix]:
     embeddings = {_module_name(modules, model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None),
                   _module_name(modules, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)}
-    entries = []
-    for child, module in modules[parent].named_children():
-        name = f"{parent}.{child}" if parent else child
-        if _is_under(tower, name) or _is_under(language_model, name) or name in embeddings:
-            continue
-        if any(True for _ in module.parameters()):
-            entries.append(PartitionPrefix(name, CONNECTOR, "default",
-                                           "beside the tower and the language model"))
+    entries, unclaimed = [], []
+    for modality, tower in towers.items():
+        parent = _common_parent(tower, language_model)
+        for child, module in modules[parent].named_children():
+            name = f"{parent}.{child}" if parent else child
+            if (_is_under(language_model, name) or name in embeddings or any(_is_under(t, name) for t in towers.values())
+                    or not any(True for _ in module.parameters())):
+                continue
+            if len(towers) == 1:
+                owner = modality
+            else:
+                # Several towers beside one language model: the module's name must say whose it is.
+                claims = [m for m in towers if any(word in child.lower() for word in _MODALITY_WORDS.get(m, (m,)))]
+                if len(claims) != 1:
+                    unclaimed.append(name)
+                    continue
+                owner = claims[0]
+            if owner == modality and all(entry.prefix != name for entry in entries):
+                entries.append(PartitionPrefix(name, connector_label(modality), "default",
+                                               "beside the tower and the language model"))
+    if unclaimed:
+        raise PartitionError(
+            f"{type(model).__name__}: {sorted(set(unclaimed))} sit beside the towers {towers} and the language model, "
+            "and their names do not say which tower they serve; name them with partition_overrides, e.g. "
+            f"{{'{sorted(set(unclaimed))[0]}': 'connector:audio'}}")
     return entries
 
 

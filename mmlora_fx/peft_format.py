@@ -27,7 +27,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .linear_index import LinearIndex
-from .partitions import LORA_PARTITIONS
+from .partitions import can_carry_lora
 
 __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
            "selected_by_config", "CONFIG_FILE", "WEIGHTS_FILE"]
@@ -208,7 +208,7 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
             raise UnsupportedAdapterError(name, f"is a {kind}, not a Linear; only LoRA on linear layers is served",
                                           module=module)
         partition = linears[module].partition
-        if partition not in LORA_PARTITIONS:
+        if not can_carry_lora(partition):
             raise UnsupportedAdapterError(
                 name, f"is in partition '{partition}' (lm_head, embeddings); LoRA there is not served", module=module
             )

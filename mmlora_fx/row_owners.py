@@ -33,7 +33,7 @@ from torch import nn
 from .errors import BatchError
 
 __all__ = ["UnitOwnership", "probe_tower_units", "images_of_requests", "image_token_runs", "image_token_ids",
-           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost"]
+           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids"]
 
 # Tags must stay exact in the dtype the family casts pixels to: bfloat16 holds integers up to 256.
 _MAX_TAGGED_ENTRIES = 256
@@ -49,11 +49,12 @@ class _TowerEntered(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
-    """Per unit the tower received: the index of the input entry (image, or request) it came from;
-    or why that could not be told."""
+    """Per unit the tower received: the index of the input entry (image, clip, or request) it came
+    from, and which input that was; or why that could not be told."""
 
     sources: list[int] | None
     reason: str = ""
+    key: str | None = None
 
 
 def _short(values: Sequence[int], limit: int = 12) -> str:
@@ -61,9 +62,9 @@ def _short(values: Sequence[int], limit: int = 12) -> str:
     return str(values) if len(values) <= limit else f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)})]"
 
 
-def _tagged(value: torch.Tensor) -> torch.Tensor:
+def _tagged(value: torch.Tensor, offset: int) -> torch.Tensor:
     shape = (value.shape[0],) + (1,) * (value.dim() - 1)
-    tags = torch.arange(1, value.shape[0] + 1, device=value.device, dtype=value.dtype).view(shape)
+    tags = torch.arange(offset + 1, offset + value.shape[0] + 1, device=value.device, dtype=value.dtype).view(shape)
     return torch.where(value != 0, tags, torch.zeros((), dtype=value.dtype, device=value.device))
 
 
@@ -73,17 +74,24 @@ def _tensors_of(args, kwargs):
             yield value
 
 
-def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots: Sequence[str],
-                      pixel_key: str = "pixel_values") -> ProbeResult:
+def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots: Sequence[str]) -> ProbeResult:
     """Run `model`'s uncompiled forward on tagged inputs until a tower root is entered; return, per
-    unit of the tower's input, the index along `pixel_key`'s leading dimension it came from."""
-    pixels = batch.get(pixel_key)
-    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point() or pixels.dim() < 2:
-        return ProbeResult(None, f"the batch has no floating {pixel_key} to follow")
-    if pixels.shape[0] > _MAX_TAGGED_ENTRIES:
-        return ProbeResult(None, f"{pixel_key} has {pixels.shape[0]} leading entries, more than can be tagged exactly")
+    unit of the tower's input, the index along its source input's leading dimension it came from.
+
+    Every floating input of two or more dimensions (`pixel_values`, `input_features`, ...) is tagged,
+    each with its own range of tags, so the tower's input also says which of them feeds it."""
     tagged = {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
-    tagged[pixel_key] = _tagged(pixels)
+    ranges = {}  # key -> (first tag - 1, entries)
+    for key, value in tagged.items():
+        if not value.is_floating_point() or value.dim() < 2:
+            continue
+        used = sum(entries for _, entries in ranges.values())
+        if used + value.shape[0] > _MAX_TAGGED_ENTRIES:
+            continue  # too many to tag exactly; left as it is
+        ranges[key] = (used, value.shape[0])
+        tagged[key] = _tagged(value, used)
+    if not ranges:
+        return ProbeResult(None, "the batch has no floating input (pixels, audio features) to follow")
     modules = dict(model.named_modules())
     roots = [modules[name] for name in tower_roots if name in modules]
     if not roots:
@@ -108,7 +116,7 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
             del root.forward
     if entered is None:
         return ProbeResult(None, "the forward never entered the tower")
-    limit = pixels.shape[0]
+    limit = sum(entries for _, entries in ranges.values())
     for value in _tensors_of(entered.args, entered.kwargs):
         if not value.is_floating_point() or value.dim() < 2 or value.shape[0] == 0:
             continue
@@ -118,20 +126,33 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
         highest = flat.amax(dim=1)
         lowest = torch.where(flat > 0, flat, torch.full_like(flat, float(limit + 1))).amin(dim=1)
         if bool((highest == 0).any()):
-            return ProbeResult(None, "a unit the tower received holds no pixel of any input image")
+            return ProbeResult(None, "a unit the tower received holds no entry of any input")
         if not bool((lowest == highest).all()):
-            return ProbeResult(None, "a unit the tower received mixes pixels of two input images")
-        return ProbeResult([int(tag) - 1 for tag in highest.tolist()])
-    return ProbeResult(None, f"the tower's input does not carry {pixel_key}'s entries (it is computed from them)")
+            return ProbeResult(None, "a unit the tower received mixes two input entries")
+        tags = [int(tag) for tag in highest.tolist()]
+        keys = {key for key, (first, entries) in ranges.items() if first < tags[0] <= first + entries}
+        key = keys.pop()
+        first, entries = ranges[key]
+        if not all(first < tag <= first + entries for tag in tags):
+            return ProbeResult(None, "a tower's input mixes entries of two inputs")
+        return ProbeResult([tag - first - 1 for tag in tags], key=key)
+    return ProbeResult(None, "the tower's input does not carry any input's entries (it is computed from them)")
 
 
 def image_token_ids(config) -> list[int]:
     """The ids a config gives its image placeholder token."""
+    return modality_token_ids(config, "vision")
+
+
+def modality_token_ids(config, modality: str) -> list[int]:
+    """The ids a config gives a modality's placeholder token (`image_token_id`, `audio_token_index`, ...)."""
+    names = ("image",) if modality == "vision" else (modality,)
     ids = []
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if value is not None and value not in ids:
-            ids.append(int(value))
+    for name in names:
+        for key in (f"{name}_token_id", f"{name}_token_index"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value not in ids:
+                ids.append(int(value))
     return ids
 
 
@@ -155,7 +176,7 @@ def image_token_runs(input_ids: torch.Tensor, token_ids: Sequence[int]) -> list[
 
 
 def images_of_requests(image_count: int, image_tokens: Sequence[int], runs: Sequence[int] | None,
-                       images_per_request: Sequence[int] | None) -> tuple[list[int] | None, str]:
+                       images_per_request: Sequence[int] | None, what: str = "image") -> tuple[list[int] | None, str]:
     """The request of each of `image_count` images (in order), and how that was told; None if it cannot be."""
     requests = len(image_tokens)
     if images_per_request is not None:
@@ -171,9 +192,9 @@ def images_of_requests(image_count: int, image_tokens: Sequence[int], runs: Sequ
                              f"{image_tokens[row]} image tokens")
         how = "images_per_request"
     elif sum(1 for tokens in image_tokens if tokens) == image_count:
-        counts, how = [1 if tokens else 0 for tokens in image_tokens], "one input entry per request with image tokens"
+        counts, how = [1 if tokens else 0 for tokens in image_tokens], f"one input entry per request with {what} tokens"
     elif runs is not None and sum(runs) == image_count:
-        counts, how = list(runs), "one run of image tokens per image"
+        counts, how = list(runs), f"one run of {what} tokens per {what}"
     else:
         return None, ""
     owners = [row for row, count in enumerate(counts) for _ in range(count)]
@@ -198,27 +219,31 @@ class UnitOwnership:
 
     @classmethod
     def from_probe(cls, probe: ProbeResult, image_tokens: Sequence[int], runs: Sequence[int] | None,
-                   images_per_request: Sequence[int] | None) -> "UnitOwnership":
+                   images_per_request: Sequence[int] | None, what: str = "image") -> "UnitOwnership":
+        """`what` names the modality's items in messages (image, audio)."""
         if probe.sources is None:
             return cls.unknown(probe.reason)
         sources = probe.sources
         if any(later < earlier for earlier, later in zip(sources, sources[1:])):
-            return cls.unknown("the tower received its units out of the images' order", len(sources))
+            return cls.unknown(f"the tower received its units out of the {what}s' order", len(sources))
         images = sorted(set(sources))  # input entries that reached the tower (padding ones do not)
         if images_per_request is not None and sum(images_per_request) != len(images):
             # The entries are not images (all images' patches as rows, say): nothing to map them by.
             return cls.unknown(f"the tower received {len(images)} input entries, not the {sum(images_per_request)} "
                                "images images_per_request gives", len(sources))
-        image_owner, how = images_of_requests(len(images), image_tokens, runs, images_per_request)
+        image_owner, how = images_of_requests(len(images), image_tokens, runs, images_per_request, what)
         if image_owner is not None:
             owner_of = dict(zip(images, image_owner))
-            return cls([owner_of[source] for source in sources], f"units traced to their images; {how}", len(sources))
+            return cls([owner_of[source] for source in sources], f"units traced to their {probe.key} entries; {how}",
+                       len(sources))
         # Which images belong to which request is not known. Sharing the units by image tokens would
         # be a guess (exact only where every image gives the same tokens): say so instead.
         return cls.unknown(
-            f"the batch does not say which of the {len(images)} input entries its tower received belong to which "
-            f"request (image tokens per request {_short(image_tokens)}, in {_short(runs or [])} runs): put a text "
-            "token between a request's images, or pass images_per_request=[...] if those entries are its images",
+            f"the batch does not say which of the {len(images)} {probe.key} entries its tower received belong to which "
+            f"request ({what} tokens per request {_short(image_tokens)}, in {_short(runs or [])} runs): "
+            + (f"put a text token between a request's images, or pass images_per_request=[...] if those entries "
+               "are its images" if what == "image" else
+               f"give each request at most one {probe.key} entry, or a text token between its {what} items"),
             len(sources))
 
 
@@ -230,7 +255,7 @@ def outermost(prefixes: Sequence[str]) -> list[str]:
 
 def trace_units(model: nn.Module, inputs: Mapping[str, object], tower_roots: Sequence[str],
                 token_ids: Sequence[int], image_tokens: Sequence[int] | None = None,
-                images_per_request: Sequence[int] | None = None) -> UnitOwnership:
+                images_per_request: Sequence[int] | None = None, what: str = "image") -> UnitOwnership:
     """The request of each unit `model`'s tower receives for the batch `inputs` (see the module's doc)."""
     input_ids = inputs.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or not token_ids:
@@ -238,7 +263,8 @@ def trace_units(model: nn.Module, inputs: Mapping[str, object], tower_roots: Seq
     if image_tokens is None:
         image_tokens = image_tokens_per_request(input_ids, token_ids)
     probe = probe_tower_units(model, inputs, tower_roots)
-    return UnitOwnership.from_probe(probe, image_tokens, image_token_runs(input_ids, token_ids), images_per_request)
+    return UnitOwnership.from_probe(probe, image_tokens, image_token_runs(input_ids, token_ids), images_per_request,
+                                    what)
 
 
 def rows_are_units(shape: Sequence[int], units: int | None) -> bool:

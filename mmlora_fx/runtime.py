@@ -18,20 +18,19 @@ import torch
 from torch import nn
 
 from .adapter_manager import AdapterManager
-from .errors import BatchError, CoverageError, MMLoRAError
+from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
 from .linear_index import LinearIndex
 from .lora_op import REGISTRY
-from .partitions import LANGUAGE_MODEL, LORA_PARTITIONS, TOWER, discover_partitions
+from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
-from .row_owners import UnitOwnership, image_token_ids, image_tokens_per_request, outermost, rows_are_units, trace_units
+from .row_owners import UnitOwnership, image_tokens_per_request, modality_token_ids, outermost, rows_are_units, trace_units
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
 __all__ = ["LoRARuntime"]
 
-_VISION_PARTITIONS = tuple(p for p in LORA_PARTITIONS if p != LANGUAGE_MODEL)
 # Units (images, crops, tiles) one batch may send through a tower: the unit tables' capacity.
 MAX_TOWER_UNITS = 1024
 
@@ -65,18 +64,25 @@ class LoRARuntime:
                                       max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank)
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
-        self.tables = {partition: TokenSlotTable(partition, max_batch_size, device) for partition in LORA_PARTITIONS}
+        partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]
+        self.tables = {partition: TokenSlotTable(partition, max_batch_size, device) for partition in partitions}
+        # Towers and connectors, each with its modality (vision, audio, ...): their rows belong to
+        # requests by that modality's tokens and the units its tower received.
+        self.modality_partitions = {partition: modality_of(partition) for partition in partitions[1:]}
+        self.modalities = sorted(set(self.modality_partitions.values()), key=lambda m: (m != "vision", m))
         # Per tower/connector partition, slots per unit the tower received (one weight per unit).
         self.unit_tables = {partition: TokenSlotTable(partition, MAX_TOWER_UNITS, device)
-                            for partition in _VISION_PARTITIONS}
-        self.units = UnitOwnership.unknown("no batch yet")
-        self.tower_roots = outermost(self.partition_map.prefixes_of(TOWER))
+                            for partition in self.modality_partitions}
+        self.units = {modality: UnitOwnership.unknown("no batch yet") for modality in self.modalities}
+        self.tower_roots = {modality: outermost(self.partition_map.prefixes_of(tower_label(modality)))
+                            for modality in self.modalities}
+        config = getattr(model, "config", None)
+        self.token_ids = {modality: modality_token_ids(config, modality) for modality in self.modalities}
         # How each served tower/connector module's rows were owned in the last forward (inspect shows it).
         self.ownership: dict[str, str] = {}
         self._calls: collections.Counter[str] = collections.Counter()  # per module, calls this forward
         self._stream_rows: collections.Counter[str] = collections.Counter()  # per module, rows seen this forward
         self._stream_modules: dict[str, tuple[str, int]] = {}
-        self.image_token_ids = image_token_ids(getattr(model, "config", None))
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
@@ -86,6 +92,14 @@ class LoRARuntime:
         self.applications: collections.Counter[str] = collections.Counter()
         self.expected_partitions: set[str] = set()
         self._served_partitions = {self.linears[module].partition for module in self.serving.served}
+        for partition in sorted(self._served_partitions & set(self.modality_partitions)):
+            modality = self.modality_partitions[partition]
+            if not self.token_ids[modality]:
+                # Without the modality's placeholder token no row of its tower can be given a request.
+                raise PartitionError(
+                    f"{partition} is served, but this model's config names no {modality} token "
+                    f"({'image' if modality == 'vision' else modality}_token_id): which request owns its rows "
+                    "cannot be told. Check partition_overrides, or leave it out with partitions=[...]")
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
 
@@ -109,22 +123,26 @@ class LoRARuntime:
             raise BatchError(f"the batch has {len(adapter_names)} requests but max_batch_size is "
                              f"{self.tables[LANGUAGE_MODEL].max_batch_size}")
         self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
-        image_tokens = self._image_tokens(input_ids, has_images, len(adapter_names))
-        units = self._trace_units(inputs, input_ids, image_tokens, images_per_request)
+        tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
+        units = {modality: self._trace_units(modality, inputs, tokens[modality],
+                                             images_per_request if modality == "vision" else None)
+                 for modality in self.modalities}
         slots = self.manager.activate(adapter_names)
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
-        for partition in _VISION_PARTITIONS:
-            self.tables[partition].fill(slots, image_tokens)
-            if units.owners is not None:
-                self.unit_tables[partition].fill([slots[owner] for owner in units.owners], [1] * len(units.owners))
+        for partition, modality in self.modality_partitions.items():
+            self.tables[partition].fill(slots, tokens[modality])
+            owners = units[modality].owners
+            if owners is not None:
+                self.unit_tables[partition].fill([slots[owner] for owner in owners], [1] * len(owners))
         self.units = units
         self._forget_calls()
         self.ownership.clear()
-        # The partitions this batch must reach with LoRA: the language model always runs, the
-        # tower and the connector when a request has image tokens; only where a linear is served
-        # and some request asked for an adapter.
+        # The partitions this batch must reach with LoRA: the language model always runs, a
+        # modality's tower and connector when a request has that modality's tokens; only where a
+        # linear is served and some request asked for an adapter.
         self.applications.clear()
-        running = {LANGUAGE_MODEL} | (set(_VISION_PARTITIONS) if any(image_tokens) else set())
+        running = {LANGUAGE_MODEL} | {partition for partition, modality in self.modality_partitions.items()
+                                      if any(tokens[modality])}
         self.expected_partitions = (running & self._served_partitions) if any(slot >= 0 for slot in slots) else set()
         return slots
 
@@ -145,7 +163,7 @@ class LoRARuntime:
         """Tables that give every request the base model."""
         for table in self.tables.values():
             table.fill([], [])
-        self.units = UnitOwnership.unknown("base model")
+        self.units = {modality: UnitOwnership.unknown("base model") for modality in self.modalities}
         self._forget_calls()
 
     def _forget_calls(self) -> None:
@@ -153,26 +171,34 @@ class LoRARuntime:
         self._stream_rows.clear()
         self._stream_modules.clear()
 
-    def _trace_units(self, inputs, input_ids, image_tokens, images_per_request) -> UnitOwnership:
-        served_vision = self._served_partitions & set(_VISION_PARTITIONS)
-        if not any(image_tokens) or not served_vision:
-            if images_per_request is not None and any(images_per_request) and not any(image_tokens):
-                raise BatchError("images_per_request gives images, but the batch has no image tokens")
-            return UnitOwnership.unknown("no images")
+    def _trace_units(self, modality: str, inputs, tokens, items_per_request) -> UnitOwnership:
+        served = {p for p, m in self.modality_partitions.items() if m == modality} & self._served_partitions
+        if not any(tokens) or not served:
+            if items_per_request is not None and any(items_per_request) and not any(tokens):
+                raise BatchError(f"images_per_request gives images, but the batch has no {modality} tokens")
+            return UnitOwnership.unknown(f"no {modality} tokens")
         if inputs is None:
             return UnitOwnership.unknown("the batch's inputs were not given")
-        units = trace_units(self.model, inputs, self.tower_roots, self.image_token_ids, image_tokens, images_per_request)
+        units = trace_units(self.model, inputs, self.tower_roots[modality], self.token_ids[modality], tokens,
+                            items_per_request, "image" if modality == "vision" else modality)
         if units.owners is not None and len(units.owners) > MAX_TOWER_UNITS:
             return UnitOwnership.unknown(f"the tower received {len(units.owners)} units, more than {MAX_TOWER_UNITS}")
         return units
 
-    def _image_tokens(self, input_ids, has_images: bool, requests: int) -> list[int]:
-        if input_ids is None or not self.image_token_ids:
-            if has_images:
-                raise BatchError("a batch with images needs input_ids (image tokens say which request owns "
-                                 "which image rows in the tower and the connector)")
-            return [0] * requests
-        return image_tokens_per_request(input_ids, self.image_token_ids)
+    def _modality_tokens(self, input_ids, has_media: bool, requests: int) -> dict[str, list[int]]:
+        """Per modality, each request's placeholder tokens (its images', its audio's)."""
+        tokens = {}
+        for modality in self.modalities:
+            ids = self.token_ids[modality]
+            if input_ids is None or not ids:
+                if has_media:
+                    raise BatchError(f"a batch with images or audio needs input_ids ({modality} tokens say which "
+                                     f"request owns which rows in the {modality} tower and connector)"
+                                     + ("" if ids else f"; this model's config names no {modality} token id"))
+                tokens[modality] = [0] * requests
+            else:
+                tokens[modality] = image_tokens_per_request(input_ids, ids)
+        return tokens
 
     # ------------------------------------------------------------------ inside a forward
     def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
@@ -202,24 +228,25 @@ class LoRARuntime:
         if table.partition == LANGUAGE_MODEL:
             table.check_rows(rows)
             return table.request_slots, table.request_cum_weights, table.tile_plan
-        units = self.units.units
+        traced = self.units[self.modality_partitions[table.partition]]
+        units = traced.units
         self._calls[module] += 1
         if rows_are_units(x.shape, units):
-            self.ownership[module] = f"per unit ({units} units; {self.units.how})"
+            self.ownership[module] = f"per unit ({units} units; {traced.how})"
             unit_table = self.unit_tables[table.partition]
             # Views of fixed buffers: the same addresses at every CUDA-graph replay.
             return unit_table.request_slots[:units], unit_table.request_cum_weights[:units + 1], unit_table.tile_plan
-        if units is None and rows_are_units(x.shape, self.units.received):
+        if units is None and rows_are_units(x.shape, traced.received):
             # Rows come per tower unit, but the units' requests are not known: sharing them by
-            # image tokens would be a guess.
-            raise BatchError(f"{module} ({table.partition}) sees its rows as the tower's {self.units.received} units "
-                             f"{tuple(x.shape)}, but {self.units.how}")
-        not_traced = f" ({self.units.how})" if units is None else ""
+            # tokens would be a guess.
+            raise BatchError(f"{module} ({table.partition}) sees its rows as the tower's {traced.received} units "
+                             f"{tuple(x.shape)}, but {traced.how}")
+        not_traced = f" ({traced.how})" if units is None else ""
         total = table.cum_weights[-1]
         offset = self._stream_rows[module]
         if offset == 0 and rows >= total:
             # The whole batch in one call: shared among the requests by their image tokens.
-            self.ownership[module] = "by image tokens" + not_traced
+            self.ownership[module] = f"by {self._token_word(table.partition)} tokens" + not_traced
             self._stream_rows[module] = rows
             table.check_rows(rows, leading=x.shape[0] if x.dim() >= 3 else 1, why=not_traced)
             return table.request_slots, table.request_cum_weights, table.tile_plan
@@ -229,15 +256,21 @@ class LoRARuntime:
         if offset + rows > total:
             raise BatchError(
                 f"{module} ({table.partition}) ran {self._calls[module]} times in one forward and saw {offset + rows} "
-                f"rows so far, more than the batch's {total} image tokens: which request its rows belong to "
+                f"rows so far, more than the batch's {total} {self._token_word(table.partition)} tokens: which "
+                "request its rows belong to "
                 "cannot be told" + not_traced)
-        self.ownership[module] = f"by image tokens, one row per token over {self._calls[module]} call(s)" + not_traced
+        self.ownership[module] = (f"by {self._token_word(table.partition)} tokens, one row per token over "
+                                  f"{self._calls[module]} call(s)" + not_traced)
         self._stream_rows[module] = offset + rows
         self._stream_modules[module] = (table.partition, total)
         # The running weights moved to this call's rows, on the device: a CUDA-graph replay recomputes
         # them from the table's current contents.
         shifted = (table.request_cum_weights - offset).clamp_(0, rows)
         return table.request_slots, shifted, None
+
+    def _token_word(self, partition: str) -> str:
+        modality = self.modality_partitions[partition]
+        return "image" if modality == "vision" else modality
 
     def check_streams(self) -> None:
         """After a forward: each module whose rows were read as a stream of image tokens saw exactly
@@ -246,7 +279,7 @@ class LoRARuntime:
             if self._stream_rows[module] != total:
                 raise BatchError(
                     f"{module} ({partition}) saw {self._stream_rows[module]} rows in {self._calls[module]} call(s) "
-                    f"for the batch's {total} image tokens: its rows neither follow the image tokens nor come as "
+                    f"for the batch's {total} {self._token_word(partition)} tokens: its rows neither follow the tokens nor come as "
                     "the tower's units, so which request they belong to cannot be told")
 
     def _plan(self, modules: list[str]):

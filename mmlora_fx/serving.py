@@ -18,7 +18,6 @@ from collections.abc import Iterable
 
 from .errors import MMLoRAError
 from .linear_index import LinearIndex
-from .partitions import LORA_PARTITIONS
 
 __all__ = ["ServingPlan", "module_suffix"]
 
@@ -48,13 +47,14 @@ class ServingPlan:
         """`adapters` are anything with a `.modules` mapping keyed by module name."""
         explicit = partitions is not None or target_modules is not None
         adapter_modules = sorted({module for adapter in adapters for module in adapter.modules})
+        known = linears.partition_map.lora_partitions
         if partitions is None:
             partitions = sorted({linears[module].partition for module in adapter_modules if module in linears}) \
-                if adapter_modules else list(LORA_PARTITIONS)
-        unknown = [partition for partition in partitions if partition not in LORA_PARTITIONS]
+                if adapter_modules else list(known)
+        unknown = [partition for partition in partitions if partition not in known]
         if unknown:
-            raise MMLoRAError(f"partitions={list(partitions)}: {unknown} cannot carry LoRA; "
-                              f"choose from {', '.join(LORA_PARTITIONS)}")
+            raise MMLoRAError(f"partitions={list(partitions)}: {unknown} cannot carry LoRA in this model; "
+                              f"choose from {', '.join(known)}")
         if target_modules is None:
             if adapter_modules:
                 target_modules = sorted({module_suffix(module) for module in adapter_modules})

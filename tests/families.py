@@ -196,3 +196,98 @@ def lfm2_vl_batch(grids_per_request: list[list[tuple[int, int]]], seed: int = 0)
         inputs.update(pixel_values=pixel_values, spatial_shapes=torch.tensor(grids), pixel_attention_mask=mask)
     singles = _split_images(inputs, input_ids, [len(request) for request in grids_per_request], keys)
     return Batch(inputs, singles)
+
+
+# Qwen2-Audio: a Whisper-style audio tower. Every clip is padded to the same number of mel frames
+# (`input_features [clips, mels, frames]`, `feature_attention_mask [clips, frames]`), so the tower
+# sees the same rows per clip, while a clip's audio tokens follow its own length.
+QWEN2_AUDIO_FRAMES = 100  # 2 x max_source_positions
+QWEN2_AUDIO_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1", "linear", "gate_proj", "down_proj"]
+
+
+def build_qwen2_audio(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=QWEN2_AUDIO_FRAMES // 2),
+        text_config=dict(model_type="qwen2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512),
+        audio_token_index=zoo.IMAGE_TOKEN,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen2AudioForConditionalGeneration(config).eval()
+
+
+def qwen2_audio_tokens(frames: int) -> int:
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def qwen2_audio_batch(frames_per_request: list[list[int]], seed: int = 0,
+                      mask_key: str = "feature_attention_mask") -> Batch:
+    """Requests with audio clips of the given lengths in mel frames (at most QWEN2_AUDIO_FRAMES)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [frames for request in frames_per_request for frames in request]
+    features = torch.zeros(len(lengths), 16, QWEN2_AUDIO_FRAMES)
+    mask = torch.zeros(len(lengths), QWEN2_AUDIO_FRAMES, dtype=torch.long)
+    for index, frames in enumerate(lengths):
+        features[index, :, :frames] = torch.randn(16, frames, generator=generator)
+        mask[index, :frames] = 1
+    per_request = [[qwen2_audio_tokens(frames) for frames in request] for request in frames_per_request]
+    input_ids = _prompt_rows(per_request, generator, separate=True)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if lengths:
+        inputs.update({"input_features": features, mask_key: mask})
+    singles = _split_images(inputs, input_ids, [len(request) for request in frames_per_request],
+                            ["input_features", mask_key])
+    return Batch(inputs, singles)
+
+
+def build_audioflamingo3(seed: int = 0) -> torch.nn.Module:
+    """AudioFlamingo3: clips padded like Qwen2-Audio's, masked by `input_features_mask`, pooled after the tower."""
+    import transformers
+
+    config = transformers.AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=64, num_mel_bins=16,
+                          max_source_positions=QWEN2_AUDIO_FRAMES // 2),
+        text_config=dict(model_type="qwen2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512),
+        audio_token_id=zoo.IMAGE_TOKEN,
+    )
+    torch.manual_seed(seed)
+    return transformers.AudioFlamingo3ForConditionalGeneration(config).eval()
+
+
+# Voxtral: a Whisper-style tower on 30-second chunks (`input_features [chunks, mels, frames]`),
+# whose projector stacks four frames into one row (a reshape): one audio token per four frames.
+VOXTRAL_FRAMES = 40  # 2 x max_source_positions
+VOXTRAL_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1", "linear_1", "linear_2", "up_proj", "down_proj"]
+
+
+def build_voxtral(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.VoxtralConfig(
+        audio_config=dict(model_type="voxtral_encoder", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, num_mel_bins=16, max_source_positions=VOXTRAL_FRAMES // 2),
+        text_config=dict(model_type="llama", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512),
+        audio_token_id=zoo.IMAGE_TOKEN,
+    )
+    torch.manual_seed(seed)
+    return transformers.VoxtralForConditionalGeneration(config).eval()
+
+
+def voxtral_batch(chunks_per_request: list[int], seed: int = 0) -> Batch:
+    """Requests with the given numbers of 30-second chunks of audio (each chunk its tokens' run)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens_per_chunk = VOXTRAL_FRAMES // 2 // 2  # the tower halves the frames, the projector stacks 4 -> 2x2
+    features = torch.randn(sum(chunks_per_request), 16, VOXTRAL_FRAMES, generator=generator)
+    per_request = [[tokens_per_chunk * chunks] if chunks else [] for chunks in chunks_per_request]
+    input_ids = _prompt_rows(per_request, generator, separate=True)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "input_features": features}
+    return Batch(inputs, _split_images(inputs, input_ids, chunks_per_request, ["input_features"]))

@@ -67,8 +67,10 @@ def test_report_says_how_tower_and_connector_rows_are_owned():
     model, captured = cached_model(family), cached_capture(family)
     ownership = trace_units(model, zoo.make_batch(model, (0, 1, 2)), ["model.vision_tower"],
                             image_token_ids(model.config))
-    report = build_report(captured, LinearIndex(model, captured.partition_map), family, ownership=ownership)
-    assert report["ownership"]["units"] == 3 and "run of image tokens" in report["ownership"]["how"]
+    report = build_report(captured, LinearIndex(model, captured.partition_map), family,
+                          ownership={"vision": ownership})
+    vision = report["ownership"]["vision"]
+    assert vision["units"] == 3 and "run of image tokens" in vision["how"]
     owned = {partition: {node["rows_owned"] for node in entry["linear_nodes"]}
              for partition, entry in report["partitions"].items() if entry["linear_nodes"]}
     assert owned == {"tower": {"per unit"}, "connector": {"per unit"}, "language_model": {"per request"}, "other": {"-"}}

@@ -51,7 +51,7 @@ def test_unknown_partition_names_are_refused():
 
 
 def test_a_model_without_tower_or_language_model_says_so():
-    with pytest.raises(PartitionError, match="no language model and no vision tower"):
+    with pytest.raises(PartitionError, match="no language model and no modality tower"):
         discover_partitions(nn.Sequential(nn.Linear(2, 2)))
 
 

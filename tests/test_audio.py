@@ -1,0 +1,137 @@
+"""Audio towers (#20): found from the model's audio sub-config, and every row of them owned by
+its own request, as image towers are. Each request against PEFT on that request alone (float32,
+1e-4), with clips of different lengths in one batch."""
+
+import copy
+
+import pytest
+import torch
+
+import mmlora_fx
+from mmlora_fx.partitions import discover_partitions
+
+from mmlora_fx.errors import BatchError, PartitionError
+
+from .families import (QWEN2_AUDIO_TARGETS, VOXTRAL_TARGETS, build_audioflamingo3, build_qwen2_audio, build_voxtral,
+                       qwen2_audio_batch, voxtral_batch)
+from .peft_helpers import make_adapter, peft_model_with
+
+NAMES = ["alice", None, "bob"]
+# A long clip; none; a short one and a full one: 23, 0 and 8 + 25 audio tokens for 50 tower rows each.
+FRAMES = [[90], [], [30, 100]]
+
+
+def _family(tmp_path_factory, name, build, targets):
+    root = tmp_path_factory.mktemp(name)
+    base = build()
+    paths = {adapter: make_adapter(base, root / adapter, targets, r=4, lora_alpha=9, seed=index)
+             for index, adapter in enumerate(["alice", "bob"])}
+    return base, paths, peft_model_with(base, paths)
+
+
+@pytest.fixture(scope="module")
+def qwen2_audio(tmp_path_factory):
+    return _family(tmp_path_factory, "qwen2_audio", build_qwen2_audio, QWEN2_AUDIO_TARGETS)
+
+
+@pytest.fixture(scope="module")
+def audioflamingo3(tmp_path_factory):
+    return _family(tmp_path_factory, "audioflamingo3", build_audioflamingo3, QWEN2_AUDIO_TARGETS + ["linear_1"])
+
+
+@pytest.fixture(scope="module")
+def voxtral(tmp_path_factory):
+    return _family(tmp_path_factory, "voxtral", build_voxtral, VOXTRAL_TARGETS)
+
+
+def assert_equals_peft(peft, batch, logits, label=""):
+    for row, (single, name) in enumerate(zip(batch.singles, NAMES)):
+        reference = peft_reference(peft, single, name)
+        error = ((logits[row] - reference).abs().max() / reference.abs().max()).item()
+        assert error <= 1e-4, (label, row, name, error)
+
+
+def peft_reference(peft, single, name):
+    with torch.no_grad():
+        if name is None:
+            with peft.disable_adapter():
+                return peft(**single).logits[0]
+        peft.set_adapter(name)
+        return peft(**single).logits[0]
+
+
+def test_the_audio_tower_and_its_projector_are_partitions_of_their_own(qwen2_audio):
+    partitions = discover_partitions(qwen2_audio[0])
+    assert partitions.partition_of("model.audio_tower.layers.0.self_attn.q_proj") == "tower:audio"
+    assert partitions.partition_of("model.multi_modal_projector.linear") == "connector:audio"
+    assert partitions.lora_partitions == ["language_model", "connector:audio", "tower:audio"]
+
+
+def test_clips_of_different_lengths_equal_peft_per_request(qwen2_audio):
+    base, paths, peft = qwen2_audio
+    batch = qwen2_audio_batch(FRAMES, seed=1)
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad():
+        for run in (mm.eager, mm):
+            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    ownership = mm.runtime.ownership
+    assert ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (3 units")
+    assert ownership["model.multi_modal_projector.linear"].startswith("per unit (3 units")
+
+
+def test_masked_and_pooled_clips_equal_peft_per_request(audioflamingo3):
+    # AudioFlamingo3 masks clips by `input_features_mask` and pools after its tower.
+    base, paths, peft = audioflamingo3
+    batch = qwen2_audio_batch(FRAMES, seed=3, mask_key="input_features_mask")
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad():
+        for run in (mm.eager, mm):
+            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    assert mm.runtime.ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (3 units")
+
+
+def test_partitions_restrict_by_modality(qwen2_audio):
+    base, paths, _ = qwen2_audio
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager", partitions=["tower:audio"])
+    assert mm.runtime.serving.served and all(module.startswith("model.audio_tower") for module in mm.runtime.serving.served)
+
+
+def test_stacked_frames_equal_peft_per_request(voxtral):
+    # The projector stacks four frames into a row: its rows follow the audio tokens, one each.
+    base, paths, peft = voxtral
+    batch = voxtral_batch([1, 0, 1], seed=1)
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad():
+        for run in (mm.eager, mm):
+            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    assert mm.runtime.ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (2 units")
+    assert mm.runtime.ownership["model.multi_modal_projector.linear_1"] == "by audio tokens"
+
+
+def test_chunks_the_tokens_do_not_tell_apart_are_refused(voxtral):
+    # Two chunks of one request give one run of audio tokens: which chunk is whose is not told.
+    base, paths, _ = voxtral
+    batch = voxtral_batch([1, 0, 2], seed=2)
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad(), pytest.raises(BatchError, match=r"tower:audio.*3 input_features entries"):
+        mm.eager(**batch.inputs, adapter_names=NAMES)
+
+
+def test_an_override_never_leaves_tower_rows_unowned(qwen2_audio):
+    # Named as the vision tower, the audio tower's rows would be weighed by image tokens, which this
+    # model does not have: refused when compiling.
+    base, paths, _ = qwen2_audio
+    overrides = {"model.audio_tower": "tower", "model.multi_modal_projector": "connector"}
+    with pytest.raises(PartitionError, match="names no vision token"):
+        mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager", partition_overrides=overrides)
+
+
+def test_an_override_to_another_modality_is_refused_when_its_rows_have_no_owner(qwen2_audio):
+    # A tower named for a modality with no tokens in the batch: its rows belong to no request.
+    base, paths, _ = qwen2_audio
+    overrides = {"model.audio_tower": "tower:audio", "model.multi_modal_projector.linear": "tower:speech"}
+    with pytest.raises(PartitionError, match="tower:speech is served, but this model's config names no speech token"):
+        mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager", partition_overrides=overrides)
