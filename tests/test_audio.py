@@ -44,6 +44,17 @@ def voxtral(tmp_path_factory):
     return _family(tmp_path_factory, "voxtral", build_voxtral, VOXTRAL_TARGETS)
 
 
+def served_equals_peft(family, batch):
+    """Compile `family` with both adapters; assert eager and compiled each equal PEFT per request."""
+    base, paths, peft = family
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad():
+        for run in (mm.eager, mm):
+            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    return mm
+
+
 def assert_equals_peft(peft, batch, logits, label=""):
     for row, (single, name) in enumerate(zip(batch.singles, NAMES)):
         reference = peft_reference(peft, single, name)
@@ -68,13 +79,7 @@ def test_the_audio_tower_and_its_projector_are_partitions_of_their_own(qwen2_aud
 
 
 def test_clips_of_different_lengths_equal_peft_per_request(qwen2_audio):
-    base, paths, peft = qwen2_audio
-    batch = qwen2_audio_batch(FRAMES, seed=1)
-    torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
-    with torch.no_grad():
-        for run in (mm.eager, mm):
-            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    mm = served_equals_peft(qwen2_audio, qwen2_audio_batch(FRAMES, seed=1))
     ownership = mm.runtime.ownership
     assert ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (3 units")
     assert ownership["model.multi_modal_projector.linear"].startswith("per unit (3 units")
@@ -82,13 +87,7 @@ def test_clips_of_different_lengths_equal_peft_per_request(qwen2_audio):
 
 def test_masked_and_pooled_clips_equal_peft_per_request(audioflamingo3):
     # AudioFlamingo3 masks clips by `input_features_mask` and pools after its tower.
-    base, paths, peft = audioflamingo3
-    batch = qwen2_audio_batch(FRAMES, seed=3, mask_key="input_features_mask")
-    torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
-    with torch.no_grad():
-        for run in (mm.eager, mm):
-            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    mm = served_equals_peft(audioflamingo3, qwen2_audio_batch(FRAMES, seed=3, mask_key="input_features_mask"))
     assert mm.runtime.ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (3 units")
 
 
@@ -100,13 +99,7 @@ def test_partitions_restrict_by_modality(qwen2_audio):
 
 def test_stacked_frames_equal_peft_per_request(voxtral):
     # The projector stacks four frames into a row: its rows follow the audio tokens, one each.
-    base, paths, peft = voxtral
-    batch = voxtral_batch([1, 0, 1], seed=1)
-    torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
-    with torch.no_grad():
-        for run in (mm.eager, mm):
-            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+    mm = served_equals_peft(voxtral, voxtral_batch([1, 0, 1], seed=1))
     assert mm.runtime.ownership["model.audio_tower.layers.0.fc1"].startswith("per unit (2 units")
     assert mm.runtime.ownership["model.multi_modal_projector.linear_1"] == "by audio tokens"
 
