@@ -190,7 +190,11 @@ class LoRARuntime:
         tokens = {}
         for modality in self.modalities:
             ids = self.token_ids[modality]
-            if input_ids is None or not ids:
+            if not has_media and input_ids is not None:
+                # No media: no tower runs, so no row needs an owner; skip reading input_ids back
+                # (on a GPU that read is a host sync, every decode step).
+                tokens[modality] = [0] * requests
+            elif input_ids is None or not ids:
                 if has_media:
                     raise BatchError(f"a batch with images or audio needs input_ids ({modality} tokens say which "
                                      f"request owns which rows in the {modality} tower and connector)"
