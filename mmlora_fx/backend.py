@@ -27,9 +27,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
+from . import lora_op  # noqa: F401  (registers torch.ops.mmlora.lora_linear_)
 from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import CaptureError, MMLoRAError
-from .passes import CheckLoRACoverage, InsertLoRAOps
+from .passes import Rewrite
 from .reporting import CompileProgress
 from .runtime import LoRARuntime, _eager_lora_hook
 
@@ -68,7 +69,7 @@ class MMLoRABackend:
         self.compile_graph = inner_compiler(inner, mode, config_patches)
         self.apply_pending_names = apply_pending_names
         self.recorder = GraphRecorder(ModuleNames(runtime.model), runtime.partition_map,
-                                      transform=self._rewrite, compile_graph=self._compile)
+                                      rewrite_for=self._rewrite, compile_graph=self._compile)
         self.progress = CompileProgress()
         self._served_weights = {id(runtime.linears.weights[module]): module for module in runtime.serving.served}
 
@@ -85,7 +86,7 @@ class MMLoRABackend:
         self.progress.graph_compiled()
         return compiled
 
-    def _rewrite(self, record: GraphRecord, example_inputs) -> None:
+    def _rewrite(self, record: GraphRecord, example_inputs) -> Rewrite:
         if record.function == _eager_lora_hook.__name__ and record.filename == _eager_lora_hook.__code__.co_filename:
             # The hook alone in a graph means a linear ran eagerly and its LoRA would be traced away.
             raise CaptureError(f"dynamo compiled mmlora_fx's LoRA hook as graph {record.index} of its own: a served "
@@ -97,9 +98,10 @@ class MMLoRABackend:
         hook_served = record.frame_modules.get("self")
         if not serving.serves(hook_served or ""):
             hook_served = None
-        InsertLoRAOps(lambda linear: serving.serves(linear.module) and linear.module != hook_served)(record.graph_module)
         weights = {key: module for key, module in self._served_weights.items() if module != hook_served}
-        CheckLoRACoverage(weights, example_inputs, f"{record.index} ({record.function})")(record.graph_module)
+        return Rewrite(serves=lambda linear: serving.serves(linear.module) and linear.module != hook_served,
+                       op=torch.ops.mmlora.lora_linear_.default, served_weights=weights,
+                       graph_name=f"{record.index} ({record.function})", error=CaptureError)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

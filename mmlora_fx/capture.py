@@ -1,9 +1,10 @@
 """Capture a model's forward as the FX graphs dynamo produces, graph breaks included.
 
-`GraphRecorder` is a torch.compile backend that runs the ownership and partition passes on
-every graph dynamo hands it, keeps a `GraphRecord` of it, and (optionally) notes each call of
-the compiled graph: dynamo reuses one graph for every instance of a block, so the calls say
-which modules a graph really served.
+`GraphRecorder` is a torch.compile backend that runs the passes (`passes.pipeline.run_passes`:
+labelling, and the rewrite where its `rewrite_for` gives one) on every graph dynamo hands it,
+keeps a `GraphRecord` of it, and (optionally) notes each call of the compiled graph: dynamo
+reuses one graph for every instance of a block, so the calls say which modules a graph really
+served.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from torch import fx, nn
 
 from .errors import CaptureError
-from .partitions import PartitionMap, discover_partitions
-from .passes import LabelPartitions, ResolveOwners
+from .partitions import OTHER, PartitionMap, discover_partitions
+from .passes import Labelling, Rewrite, is_call_node, linear_of, owner_path_of, run_passes
 from .reporting import quiet_dynamo
 from .upstream import check_supported
 
@@ -53,10 +54,17 @@ class GraphRecord:
     frame_modules: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def call_nodes(self) -> list[fx.Node]:
-        return [node for node in self.graph_module.graph.nodes if "mmlora_owner_path" in node.meta]
+        return [node for node in self.graph_module.graph.nodes if is_call_node(node)]
 
     def linear_nodes(self) -> list[fx.Node]:
-        return [node for node in self.call_nodes() if node.meta.get("mmlora_linear") is not None]
+        return [node for node in self.call_nodes() if linear_of(node) is not None]
+
+    def modules_of(self, node: fx.Node) -> list[str]:
+        """The linear modules a linear node called, over the graph's recorded calls (a graph is
+        reused for every instance of a block); the module it was traced with if none was recorded."""
+        modules = {instance.linear_modules.get(node.name) for instance in self.instances}
+        modules.discard(None)
+        return sorted(modules or {linear_of(node).module})
 
 
 class ModuleNames:
@@ -141,23 +149,23 @@ def _graph_break(graph_module: fx.GraphModule) -> GraphBreak | None:
 class GraphRecorder:
     """A torch.compile backend that labels and records every graph before compiling it.
 
-    `transform(record, example_inputs)` may rewrite the graph module after labelling;
-    `compile_graph(graph_module, example_inputs)` makes the callable dynamo runs (the graph
-    itself, run eagerly, by default). With `record_calls`, every call of a graph appends a
-    `GraphInstance` to its record.
+    `rewrite_for(record, example_inputs)` may give a `passes.Rewrite` for a graph (the passes run
+    it after labelling); `compile_graph(graph_module, example_inputs)` makes the callable dynamo
+    runs (the graph itself, run eagerly, by default). With `record_calls`, every call of a graph
+    appends a `GraphInstance` to its record.
     """
 
     def __init__(
         self,
         names: ModuleNames,
         partition_map: PartitionMap,
-        transform: Callable[[GraphRecord, list], None] | None = None,
+        rewrite_for: Callable[[GraphRecord, list], Rewrite | None] | None = None,
         compile_graph: Callable[[fx.GraphModule, list], Callable] | None = None,
         record_calls: bool = False,
     ):
         self.names = names
         self.partition_map = partition_map
-        self.transform = transform
+        self.rewrite_for = rewrite_for
         self.compile_graph = compile_graph
         self.record_calls = record_calls
         self.records: list[GraphRecord] = []
@@ -165,24 +173,26 @@ class GraphRecorder:
     def __call__(self, graph_module: fx.GraphModule, example_inputs: list, **_options) -> Callable:
         code, frame = _compiling_frame()
         frame_modules = self.names.frame_modules(frame)
-        ResolveOwners(frame_modules, self.names.linear_module, example_inputs)(graph_module)
-        LabelPartitions(self.partition_map)(graph_module)
         record = GraphRecord(
             index=len(self.records), function=code.co_name, filename=code.co_filename,
             graph_module=graph_module, graph_break=_graph_break(graph_module), frame_modules=dict(frame_modules),
         )
         self.records.append(record)
-        if self.transform is not None:
-            self.transform(record, example_inputs)
+        labelling = Labelling(frame_modules, self.names.linear_module, self._label_of, example_inputs)
+        rewrite = self.rewrite_for(record, example_inputs) if self.rewrite_for is not None else None
+        run_passes(graph_module, labelling, rewrite)
         compiled = self.compile_graph(graph_module, example_inputs) if self.compile_graph else graph_module.forward
         if not self.record_calls:
             return compiled
         return self._recording(record, compiled)
 
+    def _label_of(self, module: str | None) -> str:
+        return self.partition_map.partition_of(module) if module is not None else OTHER
+
     def _recording(self, record: GraphRecord, compiled: Callable) -> Callable:
-        linear_weights = {node.name: node.meta["mmlora_linear"].weight_input for node in record.linear_nodes()
-                          if node.meta["mmlora_linear"].weight_input is not None}
-        linear_owners = {node.name: node.meta["mmlora_owner_path"] for node in record.linear_nodes()}
+        linear_weights = {node.name: linear_of(node).weight_input for node in record.linear_nodes()
+                          if linear_of(node).weight_input is not None}
+        linear_owners = {node.name: owner_path_of(node) for node in record.linear_nodes()}
         names = self.names
 
         def run(*args):
@@ -220,11 +230,7 @@ class Capture:
         calls: dict[str, list[tuple[int, str]]] = {}
         for record in self.graphs:
             for node in record.linear_nodes():
-                modules = {instance.linear_modules.get(node.name) for instance in record.instances}
-                modules.discard(None)
-                if not modules:
-                    modules = {node.meta["mmlora_linear"].module}
-                for module in sorted(modules):
+                for module in record.modules_of(node):
                     calls.setdefault(module, []).append((record.index, node.name))
         return calls
 

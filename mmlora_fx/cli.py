@@ -82,8 +82,6 @@ def inspect_command(args) -> int:
     print(f"capturing {args.model} ...", file=sys.stderr)
     batch = zoo.make_batch(model, args.images)
     captured = capture(model, batch, partition_map=partition_map, verbose=args.verbose)
-    if serving is not None:
-        serving.mark_graphs(captured)
     config = getattr(model, "config", None)
     ownership = {modality: trace_units(model, batch, outermost(partition_map.prefixes_of(tower_label(modality))),
                                        modality_token_ids(config, modality))

@@ -15,6 +15,7 @@ import torch
 from .capture import Capture
 from .linear_index import LinearIndex
 from .partitions import LANGUAGE_MODEL, PARTITIONS, modality_of
+from .passes import linear_of, lora_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -45,23 +46,23 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     partition_calls = Counter()
     partition_linear_nodes = defaultdict(list)
     for record in capture.graphs:
-        counts = Counter(node.meta["mmlora_partition"] for node in record.call_nodes())
+        counts = Counter(partition_of(node) for node in record.call_nodes())
         for partition, count in counts.items():
             partition_graphs[partition].append(record.index)
             partition_calls[partition] += count
         nodes = {node.name: node for node in record.graph_module.graph.nodes}
         for node in record.linear_nodes():
-            linear = node.meta["mmlora_linear"]
+            linear = linear_of(node)
             value = nodes[linear.input_node].meta.get("example_value") if linear.input_node in nodes else None
             shape = list(value.shape) if isinstance(value, torch.Tensor) else None
-            modules = sorted({instance.linear_modules.get(node.name, linear.module) for instance in record.instances}
-                             or {linear.module})
-            partition_linear_nodes[node.meta["mmlora_partition"]].append({
+            modules = record.modules_of(node)
+            partition_linear_nodes[partition_of(node)].append({
                 "graph": record.index, "node": node.name, "modules": modules,
                 "in_features": linear.in_features, "out_features": linear.out_features,
-                "lora": node.meta.get("mmlora_lora") is not None,
+                # Rewritten graphs say it; a capture is asked what the served set would give.
+                "lora": lora_of(node) is not None or (serving is not None and any(map(serving.serves, modules))),
                 "input_shape": shape,
-                "rows_owned": _rows_owned(node.meta["mmlora_partition"], shape or [], ownership),
+                "rows_owned": _rows_owned(partition_of(node), shape or [], ownership),
             })
         frames = sorted({instance.frame_modules.get("self", "") for instance in record.instances})
         graphs.append({

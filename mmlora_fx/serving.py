@@ -70,15 +70,6 @@ class ServingPlan:
     def serves(self, module: str) -> bool:
         return module in self.served
 
-    def mark_graphs(self, capture) -> None:
-        """Note on every linear node of a capture whether it would carry a LoRA op."""
-        for record in capture.graphs:
-            for node in record.linear_nodes():
-                modules = {instance.linear_modules.get(node.name) for instance in record.instances}
-                modules.discard(None)
-                modules = modules or {node.meta["mmlora_linear"].module}
-                node.meta["mmlora_lora"] = "served" if any(self.serves(m) for m in modules) else None
-
     def to_json(self) -> dict:
         return {"partitions": list(self.partitions), "target_modules": list(self.target_modules),
                 "explicit": self.explicit, "served_modules": len(self.served)}

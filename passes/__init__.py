@@ -1,9 +1,16 @@
-"""FX passes of mmlora_fx: module ownership, partition labels, and the LoRA rewrite."""
+"""FX passes of mmlora_fx: module ownership, partition labels, and the LoRA rewrite.
 
-from .coverage import CheckLoRACoverage
+`pipeline.run_passes` runs them in order; `meta` holds the `node.meta` keys and their readers.
+Nothing here imports `mmlora_fx`: what a pass needs from it is passed in.
+"""
+
+from .coverage import CheckLoRACoverage, UncoveredLinearError
 from .lora_rewrite import InsertLoRAOps, lora_ops
+from .meta import is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_path_of, partition_of
 from .ownership import LinearCall, ResolveOwners, is_linear_call, parse_module_path
-from .partition import LabelPartitions, partition_of
+from .partition import LabelPartitions
+from .pipeline import Labelling, Rewrite, run_passes
 
-__all__ = ["CheckLoRACoverage", "LinearCall", "ResolveOwners", "LabelPartitions", "InsertLoRAOps", "is_linear_call",
-           "lora_ops", "parse_module_path", "partition_of"]
+__all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "ResolveOwners", "LabelPartitions",
+           "InsertLoRAOps", "Labelling", "Rewrite", "run_passes", "is_linear_call", "lora_ops", "parse_module_path",
+           "is_call_node", "is_lora_op", "linear_of", "lora_of", "owner_of", "owner_path_of", "partition_of"]

@@ -13,9 +13,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from mmlora_fx.errors import CaptureError
+from .meta import is_lora_op, linear_of, lora_of
 
-__all__ = ["CheckLoRACoverage"]
+__all__ = ["CheckLoRACoverage", "UncoveredLinearError"]
+
+
+class UncoveredLinearError(Exception):
+    """A served linear would run without its LoRA op (the default error of `CheckLoRACoverage`)."""
 
 
 def _is_tensor_value(node: fx.Node) -> bool:
@@ -31,14 +35,16 @@ class CheckLoRACoverage:
     and `call_module` nodes calling a served `nn.Linear`.
     Allowed users of such a weight: linear calls `InsertLoRAOps` rewrote (`node.meta["mmlora_lora"]`),
     the LoRA op itself, and nodes that read no tensor from it (its size).
-    Writes nothing into `node.meta`; raises `CaptureError` naming the module, the graph, the node
-    and why.
+    Writes nothing into `node.meta`; raises `error` (mmlora_fx passes its `CaptureError`) naming
+    the module, the graph, the node and why.
     """
 
-    def __init__(self, served_weights: Mapping[int, str], example_inputs: Sequence[object], graph_name: str):
+    def __init__(self, served_weights: Mapping[int, str], example_inputs: Sequence[object], graph_name: str,
+                 error: type[Exception] = UncoveredLinearError):
         self.served_weights = served_weights
         self.example_inputs = example_inputs
         self.graph_name = graph_name
+        self.error = error
 
     def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
         placeholders = [node for node in graph_module.graph.nodes if node.op == "placeholder"]
@@ -59,18 +65,18 @@ class CheckLoRACoverage:
         if module is None:
             return
         for user in weight.users:
-            if user.meta.get("mmlora_lora_op") or (user.meta.get("mmlora_lora") and user.args[1] is weight):
+            if is_lora_op(user) or (lora_of(user) and user.args[1] is weight):
                 continue
             if not _is_tensor_value(user):
                 continue  # reads the weight's size, not its values
-            if user.meta.get("mmlora_linear") is None and user.op == "call_function" and "linear" in str(user.target):
+            if linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
                 reason = "a linear call whose module could not be resolved"
             else:
                 reason = f"the weight is used by {user.op} {user.target} outside a linear the rewrite serves"
             self._refuse(module, user, reason)
 
     def _refuse(self, module: str, node: fx.Node, reason: str) -> None:
-        raise CaptureError(
+        raise self.error(
             f"served linear {module!r} would run without its LoRA in graph {self.graph_name}, node {node.name!r}: "
             f"{reason}. Serve it elsewhere or leave it out with target_modules=/partitions= "
             "(and please report the model)"

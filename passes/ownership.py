@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import fx
 
+from .meta import LINEAR, OWNER, OWNER_PATH, owner_of, owner_path_of
+
 __all__ = [
     "LinearCall",
     "ResolveOwners",
@@ -96,11 +98,11 @@ class ResolveOwners:
             if node.op not in ("call_function", "call_method", "call_module"):
                 continue
             local, relative = self._owner_path(node)
-            node.meta["mmlora_owner_path"] = (local, relative)
+            node.meta[OWNER_PATH] = (local, relative)
             root = self.frame_modules.get(local)
-            node.meta["mmlora_owner"] = join_module_path(root, relative) if root is not None else None
+            node.meta[OWNER] = join_module_path(root, relative) if root is not None else None
             if is_linear_call(node):
-                node.meta["mmlora_linear"] = self._linear_call(graph_module, node, placeholder_index)
+                node.meta[LINEAR] = self._linear_call(graph_module, node, placeholder_index)
         return graph_module
 
     @staticmethod
@@ -117,10 +119,10 @@ class ResolveOwners:
         tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
         module = None
         if tensor is not None:
-            module = self.linear_module(tensor, node.meta["mmlora_owner_path"], self.frame_modules)
+            module = self.linear_module(tensor, owner_path_of(node), self.frame_modules)
         if module is None:
             # No parameter behind the weight: fall back to the owner path.
-            module = node.meta.get("mmlora_owner")
+            module = owner_of(node)
         value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
         if value is None or module is None:
             return None

@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import fx
 
-from mmlora_fx.partitions import OTHER, PartitionMap
+from .meta import PARTITION, is_call_node, linear_of, owner_of, partition_of
 
 __all__ = ["LabelPartitions", "partition_of"]
-
-
-def partition_of(node: fx.Node) -> str | None:
-    """The partition label `LabelPartitions` gave `node`, or None for nodes it does not label."""
-    return node.meta.get("mmlora_partition")
 
 
 class LabelPartitions:
     """Label call nodes by the longest partition prefix owning their module.
 
-    Matches: every node `ResolveOwners` gave an owner (`node.meta["mmlora_owner"]`).
-    Writes `node.meta["mmlora_partition"]`: the partition of the linear's own module for linear
-    calls, of the owning module otherwise; `other` when the owner is unknown or no prefix owns it.
+    Matches: every call node `ResolveOwners` labelled.
+    Writes `node.meta["mmlora_partition"]`: `label_of(module)` of the linear's own module for linear
+    calls, of the owning module otherwise, `label_of(None)` when the owner is unknown (the caller's
+    partition table says what that is: `other`).
     """
 
-    def __init__(self, partition_map: PartitionMap):
-        self.partition_map = partition_map
+    def __init__(self, label_of: Callable[[str | None], str]):
+        self.label_of = label_of
 
     def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
         for node in graph_module.graph.nodes:
-            if "mmlora_owner_path" not in node.meta:
+            if not is_call_node(node):
                 continue
-            linear = node.meta.get("mmlora_linear")
-            owner = linear.module if linear is not None else node.meta.get("mmlora_owner")
-            node.meta["mmlora_partition"] = self.partition_map.partition_of(owner) if owner is not None else OTHER
+            linear = linear_of(node)
+            node.meta[PARTITION] = self.label_of(linear.module if linear is not None else owner_of(node))
         return graph_module

@@ -63,3 +63,21 @@ def test_outside_a_served_call_the_uncompiled_model_is_the_base_model(tmp_path):
         assert (served - base(**three).logits).abs().max() > 1e-2
         torch.testing.assert_close(plain_three, base(**three).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(plain_one, base(**one).logits, rtol=1e-5, atol=1e-5)
+
+
+class _NoHostRead(torch.Tensor):
+    """input_ids whose values may not be read back to the host (as a GPU tensor's would sync)."""
+
+    def tolist(self):
+        raise AssertionError("input_ids were read back to the host")
+
+
+def test_a_batch_without_media_does_not_read_its_tokens_back(tmp_path):
+    # A decode step: no pixels or audio, so no tower runs and no row needs an owner.
+    family = "tiny-llava"
+    base = zoo.build(family)
+    runtime = mmlora_fx.compile(base, {"a": make_adapter(base, tmp_path / "a", all_targets(family), r=2)},
+                                inner="eager").runtime
+    input_ids = torch.tensor([[5, 6], [7, 8]]).as_subclass(_NoHostRead)
+    assert runtime.prepare(["a", None], input_ids, has_images=False) == [0, -1]
+    assert runtime.tables["tower"].cum_weights == [0, 0, 0]

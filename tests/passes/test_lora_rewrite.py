@@ -1,13 +1,11 @@
 """The LoRA rewrite: one op per group of served siblings, placed before any use of their outputs."""
 
-import copy
-
 import torch
 from torch import fx, nn
 
 from mmlora_fx.capture import GraphRecorder, ModuleNames
 from mmlora_fx.partitions import PartitionMap, PartitionPrefix
-from mmlora_fx.passes import InsertLoRAOps, lora_ops
+from mmlora_fx.passes import Rewrite, lora_ops
 
 
 class Attention(nn.Module):
@@ -24,18 +22,21 @@ class Attention(nn.Module):
         return self.o(mixed) + self.norm(x)
 
 
+def no_lora(outputs, x, weights):
+    """Stands in for the LoRA op: the rewrite is under test here, not a runtime."""
+
+
 def rewrite(model, serves):
-    """The model's graph, labelled and rewritten (a copy: the op needs a runtime to run)."""
-    rewritten = []
+    """The model's graph, labelled and rewritten, with `no_lora` as the op."""
     recorder = GraphRecorder(
         ModuleNames(model), PartitionMap([PartitionPrefix("", "language_model", "user")]),
-        transform=lambda record, inputs: rewritten.append(InsertLoRAOps(serves)(copy.deepcopy(record.graph_module))),
+        rewrite_for=lambda record, inputs: Rewrite(serves, no_lora, {}, str(record.index)),
     )
     torch._dynamo.reset()
     torch.compile(model, backend=recorder, fullgraph=True)(torch.randn(2, 3, 8))
     torch._dynamo.reset()
-    [graph_module] = rewritten
-    return graph_module
+    [record] = recorder.records
+    return record.graph_module
 
 
 def test_siblings_share_one_op_that_precedes_every_use():

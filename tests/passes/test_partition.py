@@ -20,5 +20,5 @@ def test_labels_follow_the_owner_and_default_to_other():
     third.meta.update(mmlora_owner_path=("other", ""), mmlora_owner=None)
     table = PartitionMap([PartitionPrefix("model.visual", "tower", "user"),
                           PartitionPrefix("model.visual.merger", "connector", "user")])
-    LabelPartitions(table)(module)
+    LabelPartitions(lambda owner: table.partition_of(owner) if owner is not None else "other")(module)
     assert [partition_of(node) for node in (x, first, second, third)] == [None, "connector", "tower", "other"]

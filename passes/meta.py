@@ -1,0 +1,67 @@
+"""The `node.meta` keys the passes write, and their readers: the contract, written once.
+
+Every key is written by exactly one pass and read through the functions below, never as a raw
+string elsewhere:
+
+| key | written by | value |
+| --- | --- | --- |
+| `mmlora_owner_path` | `ResolveOwners` | (frame local, relative path) of the innermost module owning the node |
+| `mmlora_owner` | `ResolveOwners` | that path made absolute, or None |
+| `mmlora_linear` | `ResolveOwners` | a `LinearCall` on linear calls (module from the weight tensor) |
+| `mmlora_partition` | `LabelPartitions` | the partition label of the node (`InsertLoRAOps` copies it onto its ops) |
+| `mmlora_lora` | `InsertLoRAOps` | on a served linear: `{"op": op node name, "group": sibling node names}` |
+| `mmlora_lora_op` | `InsertLoRAOps` | True on each inserted LoRA op |
+
+A node with `mmlora_owner_path` is a *call node* (call_function, call_method, call_module).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+__all__ = [
+    "OWNER_PATH", "OWNER", "LINEAR", "PARTITION", "LORA", "LORA_OP",
+    "is_call_node", "owner_path_of", "owner_of", "linear_of", "partition_of", "lora_of", "is_lora_op",
+]
+
+OWNER_PATH = "mmlora_owner_path"
+OWNER = "mmlora_owner"
+LINEAR = "mmlora_linear"
+PARTITION = "mmlora_partition"
+LORA = "mmlora_lora"
+LORA_OP = "mmlora_lora_op"
+
+
+def is_call_node(node: fx.Node) -> bool:
+    """Whether `ResolveOwners` labelled `node` (a call node)."""
+    return OWNER_PATH in node.meta
+
+
+def owner_path_of(node: fx.Node) -> tuple[str | None, str] | None:
+    return node.meta.get(OWNER_PATH)
+
+
+def owner_of(node: fx.Node) -> str | None:
+    """The absolute module owning `node`, or None where the frame local is not a known module."""
+    return node.meta.get(OWNER)
+
+
+def linear_of(node: fx.Node):
+    """The `LinearCall` of a linear call node, or None."""
+    return node.meta.get(LINEAR)
+
+
+def partition_of(node: fx.Node) -> str | None:
+    """The partition label `LabelPartitions` gave `node`, or None for nodes it does not label."""
+    return node.meta.get(PARTITION)
+
+
+def lora_of(node: fx.Node) -> dict[str, Any] | None:
+    """On a served linear, its LoRA op and sibling group; None on other nodes."""
+    return node.meta.get(LORA)
+
+
+def is_lora_op(node: fx.Node) -> bool:
+    return bool(node.meta.get(LORA_OP))

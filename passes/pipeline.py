@@ -1,0 +1,70 @@
+"""The one place that orders mmlora_fx's FX passes.
+
+Every graph dynamo hands mmlora_fx goes through `run_passes`: first the labelling passes, which
+every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend), then, when a
+`Rewrite` is given, the LoRA rewrite and the check that it covered every served linear.
+
+1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
+2. `LabelPartitions`: the partition of each call node;
+3. `InsertLoRAOps`: a LoRA op after each served linear (sibling groups share one);
+4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
+
+The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
+partition table, the op, the error to raise) comes in through `Labelling` and `Rewrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import fx
+
+from .coverage import CheckLoRACoverage, UncoveredLinearError
+from .lora_rewrite import InsertLoRAOps
+from .ownership import LinearCall, ResolveOwners
+from .partition import LabelPartitions
+
+__all__ = ["Labelling", "Rewrite", "run_passes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Labelling:
+    """What the labelling passes need for one graph.
+
+    `frame_modules`: the module each frame local is, for this compilation; `linear_module(weight,
+    owner_path, frame_modules)`: the linear module a weight tensor belongs to; `label_of(module)`:
+    the partition of an absolute module name (or of None: an unknown owner).
+    """
+
+    frame_modules: Mapping[str, str]
+    linear_module: Callable
+    label_of: Callable[[str | None], str]
+    example_inputs: Sequence[object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """What the LoRA rewrite needs for one graph.
+
+    `serves(linear_call)`: whether a linear call gets a LoRA op; `op`: the op to insert;
+    `served_weights`: id of each served weight tensor -> its module, for the coverage check;
+    `graph_name`: how errors name the graph; `error`: the exception type they raise.
+    """
+
+    serves: Callable[[LinearCall], bool]
+    op: object
+    served_weights: Mapping[int, str]
+    graph_name: str
+    error: type[Exception] = UncoveredLinearError
+
+
+def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
+    """Run the passes on `graph_module` in order (see the module's doc); return it, rewritten in place."""
+    ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs)(graph_module)
+    LabelPartitions(labelling.label_of)(graph_module)
+    if rewrite is not None:
+        InsertLoRAOps(rewrite.serves, rewrite.op)(graph_module)
+        CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
+                          rewrite.error)(graph_module)
+    return graph_module
