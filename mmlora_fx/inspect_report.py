@@ -16,7 +16,7 @@ from .capture import Capture
 from .linear_index import LinearIndex
 from .partitions import LANGUAGE_MODEL, PARTITIONS, modality_of
 from .passes import linear_of, lora_of, partition_of
-from .row_owners import UnitOwnership, rows_are_units
+from .row_owners import UnitOwnership, rows_are_units, token_name
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
 
@@ -32,7 +32,7 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
         return "-"
     traced = ownership.get(modality)
     units = traced.units if traced is not None else None
-    return "per unit" if rows_are_units(shape, units) else f"by {'image' if modality == 'vision' else modality} tokens"
+    return "per unit" if rows_are_units(shape, units) else f"by {token_name(modality)} tokens"
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,

@@ -32,8 +32,8 @@ from torch import nn
 
 from .errors import BatchError
 
-__all__ = ["UnitOwnership", "probe_tower_units", "images_of_requests", "image_token_runs", "image_token_ids",
-           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids"]
+__all__ = ["UnitOwnership", "probe_tower_units", "images_of_requests", "image_token_runs",
+           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids", "token_name"]
 
 # Tags must stay exact in the dtype the family casts pixels to: bfloat16 holds integers up to 256.
 _MAX_TAGGED_ENTRIES = 256
@@ -139,20 +139,18 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
     return ProbeResult(None, "the tower's input does not carry any input's entries (it is computed from them)")
 
 
-def image_token_ids(config) -> list[int]:
-    """The ids a config gives its image placeholder token."""
-    return modality_token_ids(config, "vision")
+def token_name(modality: str) -> str:
+    """What configs and messages call a modality's items and tokens: `image` for vision, else the modality."""
+    return "image" if modality == "vision" else modality
 
 
 def modality_token_ids(config, modality: str) -> list[int]:
     """The ids a config gives a modality's placeholder token (`image_token_id`, `audio_token_index`, ...)."""
-    names = ("image",) if modality == "vision" else (modality,)
     ids = []
-    for name in names:
-        for key in (f"{name}_token_id", f"{name}_token_index"):
-            value = getattr(config, key, None)
-            if isinstance(value, int) and value not in ids:
-                ids.append(int(value))
+    for key in (f"{token_name(modality)}_token_id", f"{token_name(modality)}_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(int(value))
     return ids
 
 

@@ -24,7 +24,8 @@ from .linear_index import LinearIndex
 from .lora_op import REGISTRY
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
-from .row_owners import UnitOwnership, image_tokens_per_request, modality_token_ids, outermost, rows_are_units, trace_units
+from .row_owners import (UnitOwnership, image_tokens_per_request, modality_token_ids, outermost, rows_are_units,
+                         token_name, trace_units)
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
@@ -92,13 +93,15 @@ class LoRARuntime:
         self.applications: collections.Counter[str] = collections.Counter()
         self.expected_partitions: set[str] = set()
         self._served_partitions = {self.linears[module].partition for module in self.serving.served}
+        self._served_modalities = {self.modality_partitions[p] for p in self._served_partitions
+                                   if p in self.modality_partitions}
         for partition in sorted(self._served_partitions & set(self.modality_partitions)):
             modality = self.modality_partitions[partition]
             if not self.token_ids[modality]:
                 # Without the modality's placeholder token no row of its tower can be given a request.
                 raise PartitionError(
                     f"{partition} is served, but this model's config names no {modality} token "
-                    f"({'image' if modality == 'vision' else modality}_token_id): which request owns its rows "
+                    f"({token_name(modality)}_token_id): which request owns its rows "
                     "cannot be told. Check partition_overrides, or leave it out with partitions=[...]")
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
@@ -172,15 +175,14 @@ class LoRARuntime:
         self._stream_modules.clear()
 
     def _trace_units(self, modality: str, inputs, tokens, items_per_request) -> UnitOwnership:
-        served = {p for p, m in self.modality_partitions.items() if m == modality} & self._served_partitions
-        if not any(tokens) or not served:
+        if not any(tokens) or modality not in self._served_modalities:
             if items_per_request is not None and any(items_per_request) and not any(tokens):
                 raise BatchError(f"images_per_request gives images, but the batch has no {modality} tokens")
             return UnitOwnership.unknown(f"no {modality} tokens")
         if inputs is None:
             return UnitOwnership.unknown("the batch's inputs were not given")
         units = trace_units(self.model, inputs, self.tower_roots[modality], self.token_ids[modality], tokens,
-                            items_per_request, "image" if modality == "vision" else modality)
+                            items_per_request, token_name(modality))
         if units.owners is not None and len(units.owners) > MAX_TOWER_UNITS:
             return UnitOwnership.unknown(f"the tower received {len(units.owners)} units, more than {MAX_TOWER_UNITS}")
         return units
@@ -190,16 +192,14 @@ class LoRARuntime:
         tokens = {}
         for modality in self.modalities:
             ids = self.token_ids[modality]
-            if not has_media and input_ids is not None:
+            if not has_media:
                 # No media: no tower runs, so no row needs an owner; skip reading input_ids back
                 # (on a GPU that read is a host sync, every decode step).
                 tokens[modality] = [0] * requests
             elif input_ids is None or not ids:
-                if has_media:
-                    raise BatchError(f"a batch with images or audio needs input_ids ({modality} tokens say which "
-                                     f"request owns which rows in the {modality} tower and connector)"
-                                     + ("" if ids else f"; this model's config names no {modality} token id"))
-                tokens[modality] = [0] * requests
+                raise BatchError(f"a batch with images or audio needs input_ids ({modality} tokens say which "
+                                 f"request owns which rows in the {modality} tower and connector)"
+                                 + ("" if ids else f"; this model's config names no {modality} token id"))
             else:
                 tokens[modality] = image_tokens_per_request(input_ids, ids)
         return tokens
@@ -261,8 +261,7 @@ class LoRARuntime:
             raise BatchError(
                 f"{module} ({table.partition}) ran {self._calls[module]} times in one forward and saw {offset + rows} "
                 f"rows so far, more than the batch's {total} {self._token_word(table.partition)} tokens: which "
-                "request its rows belong to "
-                "cannot be told" + not_traced)
+                "request its rows belong to cannot be told" + not_traced)
         self.ownership[module] = (f"by {self._token_word(table.partition)} tokens, one row per token over "
                                   f"{self._calls[module]} call(s)" + not_traced)
         self._stream_rows[module] = offset + rows
@@ -273,8 +272,7 @@ class LoRARuntime:
         return table.request_slots, shifted, None
 
     def _token_word(self, partition: str) -> str:
-        modality = self.modality_partitions[partition]
-        return "image" if modality == "vision" else modality
+        return token_name(self.modality_partitions[partition])
 
     def check_streams(self) -> None:
         """After a forward: each module whose rows were read as a stream of image tokens saw exactly

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .row_owners import modality_token_ids
+
 __all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id"]
 
 VOCAB = 320
@@ -84,11 +86,10 @@ def _randomize_constant_parameters(model: nn.Module, seed: int) -> None:
 
 
 def image_token_id(config) -> int:
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if value is not None:
-            return int(value)
-    raise AttributeError(f"{type(config).__name__} names no image token")
+    ids = modality_token_ids(config, "vision")
+    if not ids:
+        raise AttributeError(f"{type(config).__name__} names no image token")
+    return ids[0]
 
 
 def _text_config(**overrides) -> dict:

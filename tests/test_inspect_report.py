@@ -61,12 +61,12 @@ def test_collapse_names_folds_one_varying_index():
 
 
 def test_report_says_how_tower_and_connector_rows_are_owned():
-    from mmlora_fx.row_owners import image_token_ids, trace_units
+    from mmlora_fx.row_owners import modality_token_ids, trace_units
 
     family = "tiny-llava"
     model, captured = cached_model(family), cached_capture(family)
     ownership = trace_units(model, zoo.make_batch(model, (0, 1, 2)), ["model.vision_tower"],
-                            image_token_ids(model.config))
+                            modality_token_ids(model.config, "vision"))
     report = build_report(captured, LinearIndex(model, captured.partition_map), family,
                           ownership={"vision": ownership})
     vision = report["ownership"]["vision"]
