@@ -10,6 +10,22 @@ import torch
 
 from mmlora_fx import zoo
 
+def tiny_text(model_type: str, **overrides) -> dict:
+    """The tiny language model every family here uses (one layer, 64 wide), as a sub-config dict."""
+    config = dict(model_type=model_type, vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config.update(overrides)
+    return config
+
+
+def with_random_weights(model_class: str, config, seed: int) -> torch.nn.Module:
+    """`transformers.<model_class>(config)` with random weights drawn from `seed`, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval()
+
+
 # Mistral3: a Pixtral tower (images of any size, padded to the batch's largest, cut back by
 # `image_sizes`) and a patch merger in the projector that merges 2x2 patches.
 MISTRAL3_PATCH, MISTRAL3_MERGE = 4, 2
@@ -23,13 +39,10 @@ def build_mistral3(seed: int = 0) -> torch.nn.Module:
     config = transformers.Mistral3Config(
         vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, image_size=32, patch_size=MISTRAL3_PATCH, head_dim=16),
-        text_config=dict(model_type="mistral", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=512),
+        text_config=tiny_text("mistral", head_dim=16),
         image_token_index=zoo.IMAGE_TOKEN, spatial_merge_size=MISTRAL3_MERGE, vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    return transformers.Mistral3ForConditionalGeneration(config).eval()
+    return with_random_weights("Mistral3ForConditionalGeneration", config, seed)
 
 
 @dataclasses.dataclass
@@ -85,14 +98,11 @@ def build_llava_next(seed: int = 0) -> torch.nn.Module:
     config = transformers.LlavaNextConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, image_size=LLAVA_NEXT_CROP, patch_size=4, projection_dim=32),
-        text_config=dict(model_type="llama", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=512),
+        text_config=tiny_text("llama", head_dim=16),
         image_token_index=zoo.IMAGE_TOKEN, vision_feature_layer=-1,
         image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
     )
-    torch.manual_seed(seed)
-    return transformers.LlavaNextForConditionalGeneration(config).eval()
+    return with_random_weights("LlavaNextForConditionalGeneration", config, seed)
 
 
 def llava_next_crops(size: tuple[int, int], model) -> int:
@@ -114,12 +124,13 @@ def _prompt_rows(tokens_per_request: list[list[int]], generator, separate: bool)
     return torch.tensor(rows)
 
 
-def _split_images(inputs: dict, input_ids, images_per_request: list[int], image_keys: list[str]) -> list[dict]:
+def _split_media(inputs: dict, input_ids, items_per_request: list[int], media_keys: list[str]) -> list[dict]:
+    """Each request alone: its row of `input_ids` and its own entries of every key in `media_keys`."""
     singles, first = [], 0
-    for row, count in enumerate(images_per_request):
+    for row, count in enumerate(items_per_request):
         single = {"input_ids": input_ids[row: row + 1], "attention_mask": inputs["attention_mask"][row: row + 1]}
         if count:
-            single.update({key: inputs[key][first: first + count] for key in image_keys})
+            single.update({key: inputs[key][first: first + count] for key in media_keys})
             first += count
         singles.append(single)
     return singles
@@ -148,7 +159,7 @@ def llava_next_batch(model, sizes_per_request: list[list[tuple[int, int]]], seed
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if sizes:
         inputs.update(pixel_values=pixel_values, image_sizes=torch.tensor(sizes))
-    singles = _split_images(inputs, input_ids, [len(request) for request in sizes_per_request],
+    singles = _split_media(inputs, input_ids, [len(request) for request in sizes_per_request],
                             ["pixel_values", "image_sizes"])
     return Batch(inputs, singles)
 
@@ -166,13 +177,10 @@ def build_lfm2_vl(seed: int = 0) -> torch.nn.Module:
     config = transformers.Lfm2VlConfig(
         vision_config=dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, patch_size=LFM2_PATCH, num_patches=LFM2_BUDGET, num_channels=3),
-        text_config=dict(model_type="lfm2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, layer_types=["full_attention", "conv"]),
+        text_config=tiny_text("lfm2", num_hidden_layers=2, layer_types=["full_attention", "conv"]),
         image_token_id=zoo.IMAGE_TOKEN, projector_hidden_size=48, downsample_factor=2,
     )
-    torch.manual_seed(seed)
-    return transformers.Lfm2VlForConditionalGeneration(config).eval()
+    return with_random_weights("Lfm2VlForConditionalGeneration", config, seed)
 
 
 def lfm2_vl_batch(grids_per_request: list[list[tuple[int, int]]], seed: int = 0) -> Batch:
@@ -194,7 +202,7 @@ def lfm2_vl_batch(grids_per_request: list[list[tuple[int, int]]], seed: int = 0)
     keys = ["pixel_values", "spatial_shapes", "pixel_attention_mask"]
     if grids:
         inputs.update(pixel_values=pixel_values, spatial_shapes=torch.tensor(grids), pixel_attention_mask=mask)
-    singles = _split_images(inputs, input_ids, [len(request) for request in grids_per_request], keys)
+    singles = _split_media(inputs, input_ids, [len(request) for request in grids_per_request], keys)
     return Batch(inputs, singles)
 
 
@@ -211,13 +219,10 @@ def build_qwen2_audio(seed: int = 0) -> torch.nn.Module:
     config = transformers.Qwen2AudioConfig(
         audio_config=dict(model_type="qwen2_audio_encoder", d_model=32, encoder_layers=1, encoder_attention_heads=2,
                           encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=QWEN2_AUDIO_FRAMES // 2),
-        text_config=dict(model_type="qwen2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512),
+        text_config=tiny_text("qwen2"),
         audio_token_index=zoo.IMAGE_TOKEN,
     )
-    torch.manual_seed(seed)
-    return transformers.Qwen2AudioForConditionalGeneration(config).eval()
+    return with_random_weights("Qwen2AudioForConditionalGeneration", config, seed)
 
 
 def qwen2_audio_tokens(frames: int) -> int:
@@ -239,7 +244,7 @@ def qwen2_audio_batch(frames_per_request: list[list[int]], seed: int = 0,
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if lengths:
         inputs.update({"input_features": features, mask_key: mask})
-    singles = _split_images(inputs, input_ids, [len(request) for request in frames_per_request],
+    singles = _split_media(inputs, input_ids, [len(request) for request in frames_per_request],
                             ["input_features", mask_key])
     return Batch(inputs, singles)
 
@@ -252,13 +257,10 @@ def build_audioflamingo3(seed: int = 0) -> torch.nn.Module:
         audio_config=dict(model_type="audioflamingo3_encoder", hidden_size=32, num_hidden_layers=1,
                           num_attention_heads=2, intermediate_size=64, num_mel_bins=16,
                           max_source_positions=QWEN2_AUDIO_FRAMES // 2),
-        text_config=dict(model_type="qwen2", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512),
+        text_config=tiny_text("qwen2"),
         audio_token_id=zoo.IMAGE_TOKEN,
     )
-    torch.manual_seed(seed)
-    return transformers.AudioFlamingo3ForConditionalGeneration(config).eval()
+    return with_random_weights("AudioFlamingo3ForConditionalGeneration", config, seed)
 
 
 # Voxtral: a Whisper-style tower on 30-second chunks (`input_features [chunks, mels, frames]`),
@@ -273,13 +275,10 @@ def build_voxtral(seed: int = 0) -> torch.nn.Module:
     config = transformers.VoxtralConfig(
         audio_config=dict(model_type="voxtral_encoder", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=64, num_mel_bins=16, max_source_positions=VOXTRAL_FRAMES // 2),
-        text_config=dict(model_type="llama", vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=512),
+        text_config=tiny_text("llama", head_dim=16),
         audio_token_id=zoo.IMAGE_TOKEN,
     )
-    torch.manual_seed(seed)
-    return transformers.VoxtralForConditionalGeneration(config).eval()
+    return with_random_weights("VoxtralForConditionalGeneration", config, seed)
 
 
 def voxtral_batch(chunks_per_request: list[int], seed: int = 0) -> Batch:
@@ -290,4 +289,4 @@ def voxtral_batch(chunks_per_request: list[int], seed: int = 0) -> Batch:
     per_request = [[tokens_per_chunk * chunks] if chunks else [] for chunks in chunks_per_request]
     input_ids = _prompt_rows(per_request, generator, separate=True)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "input_features": features}
-    return Batch(inputs, _split_images(inputs, input_ids, chunks_per_request, ["input_features"]))
+    return Batch(inputs, _split_media(inputs, input_ids, chunks_per_request, ["input_features"]))
