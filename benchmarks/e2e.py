@@ -417,7 +417,7 @@ def part_paths(args, model, adapters, device, results):
     one hold `min(batch, 8)` distinct adapters. A name given twice is compiled and timed twice
     (`name#2`): the spread between compilations of the same code.
     """
-    from mmlora_fx.kernels import lora_add as kernels
+    from mmlora_fx.kernels import launch_config as kernels
 
     chosen, times_given = {}, collections.Counter()
     for name in args.paths.split(","):

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from mmlora_fx.kernels.lora_add import choose_config, lora_add_triton
+from mmlora_fx.kernels.launch_config import choose_config
+from mmlora_fx.kernels.lora_add import lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_gather_bmm
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 

@@ -1,7 +1,7 @@
 """Tile plans: the tile path's grouping of rows by adapter slot, worked out on the host.
 
 Without a plan, every shrink program of every op call finds its tile from the request tables
-(`lora_add._find_tile`): a search over all requests and slots, run again by each of the
+(`tile_kernels._find_tile`): a search over all requests and slots, run again by each of the
 ~264 programs of each of a layer's four calls. At decode sizes that search is the largest part
 of the shrink. Yet every call of a partition within one forward shares the same request tables,
 and at decode the same row count. So when the tables are filled (`TokenSlotTable.fill`, once per

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from mmlora_fx.kernels.lora_add import LaunchConfig, choose_config, lora_add_, lora_add_triton, tile_bound
+from mmlora_fx.kernels.launch_config import LaunchConfig, choose_config, tile_bound
+from mmlora_fx.kernels.lora_add import lora_add_, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_reference
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
