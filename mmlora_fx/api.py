@@ -62,7 +62,8 @@ class MultiLoRAModel:
 
     # ------------------------------------------------------------------ running
     def _prepare(self, batch: Mapping, adapter_names: Sequence[str | None] | None,
-                 images_per_request: Sequence[int] | None = None) -> None:
+                 images_per_request: Sequence[int] | None = None,
+                 items_per_request: Mapping[str, Sequence[int]] | None = None) -> None:
         input_ids = batch.get("input_ids")
         if adapter_names is None:
             requests = input_ids.shape[0] if input_ids is not None else 1
@@ -71,15 +72,21 @@ class MultiLoRAModel:
                          and key not in _NOT_MEDIA for key, value in batch.items())
         if batch.get("pixel_values_videos") is not None:
             raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
-        self.runtime.prepare(adapter_names, input_ids, has_images, inputs=batch, images_per_request=images_per_request)
+        items = dict(items_per_request or {})
+        if images_per_request is not None:
+            items["image"] = images_per_request
+        self.runtime.prepare(adapter_names, input_ids, has_images, inputs=batch, items_per_request=items)
 
     def __call__(self, *args, adapter_names: Sequence[str | None] | None = None,
-                 images_per_request: Sequence[int] | None = None, **batch):
+                 images_per_request: Sequence[int] | None = None,
+                 items_per_request: Mapping[str, Sequence[int]] | None = None, **batch):
         """`images_per_request` (optional) says how many images each request holds, for batches whose
-        image tokens cannot say it (a request's images with no text token between them)."""
+        image tokens cannot say it (a request's images with no text token between them);
+        `items_per_request` does the same for any modality, by its tokens' name: `{"audio": [1, 0, 2]}`
+        (Voxtral's 30-second chunks of one clip, say)."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
-        self._prepare(batch, adapter_names, images_per_request)
+        self._prepare(batch, adapter_names, images_per_request, items_per_request)
         if self.cuda_graphs:
             # Each call is a new step: CUDA-graph trees may then reuse the last call's output
             # memory (clone what you keep) instead of recording a new graph per call.
@@ -95,31 +102,34 @@ class MultiLoRAModel:
             self.runtime.check_coverage()
 
     def generate(self, *args, adapter_names: Sequence[str | None] | None = None,
-                 images_per_request: Sequence[int] | None = None, **kwargs):
+                 images_per_request: Sequence[int] | None = None,
+                 items_per_request: Mapping[str, Sequence[int]] | None = None, **kwargs):
         """Hugging Face `generate` with one adapter per request (prefill with images, decode without)."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
         self._prepare({key: value for key, value in kwargs.items() if isinstance(value, torch.Tensor)},
-                      adapter_names, images_per_request)
+                      adapter_names, images_per_request, items_per_request)
         with self._served_call():
             output = self.model.generate(**kwargs)
         self._check_coverage()
         return output
 
     def eager(self, *args, adapter_names: Sequence[str | None] | None = None,
-              images_per_request: Sequence[int] | None = None, **batch):
+              images_per_request: Sequence[int] | None = None,
+              items_per_request: Mapping[str, Sequence[int]] | None = None, **batch):
         """The same forward without compilation (LoRA through the runtime's forward hooks): the
         reference the compiled graphs must equal."""
         if args:
             raise TypeError("pass the batch as keyword arguments (input_ids=..., pixel_values=...)")
-        self._prepare(batch, adapter_names, images_per_request)
+        self._prepare(batch, adapter_names, images_per_request, items_per_request)
         with self.runtime.call_scope():
             output = self.model.forward(**batch)
         self.runtime.check_streams()
         return output
 
     def verify(self, *args, adapter_names: Sequence[str | None] | None = None, tolerance: float | None = None,
-               images_per_request: Sequence[int] | None = None, **batch) -> list[float]:
+               images_per_request: Sequence[int] | None = None,
+               items_per_request: Mapping[str, Sequence[int]] | None = None, **batch) -> list[float]:
         """Run the batch through the compiled graphs and through `eager`; return, per request, the
         maximum relative error of the compiled output against the eager one.
 
@@ -134,10 +144,12 @@ class MultiLoRAModel:
         with torch.no_grad():
             with self.runtime.recording_applied() as applied_compiled:
                 compiled = _first_output(self(**batch, adapter_names=adapter_names,
-                                              images_per_request=images_per_request)).detach().clone()
+                                              images_per_request=images_per_request,
+                                                 items_per_request=items_per_request)).detach().clone()
             with self.runtime.recording_applied() as applied_eager:
                 eager = _first_output(self.eager(**batch, adapter_names=adapter_names,
-                                                 images_per_request=images_per_request)).detach()
+                                                 images_per_request=images_per_request,
+                                                 items_per_request=items_per_request)).detach()
         if compiled.shape != eager.shape:
             raise VerificationError(f"the compiled output has shape {tuple(compiled.shape)}, the eager one "
                                     f"{tuple(eager.shape)}", [], 0.0)

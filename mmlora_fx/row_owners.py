@@ -17,9 +17,14 @@ rows cannot be shared among requests by image tokens. Two steps find each unit's
    reshaping run, on the host's dispatch of the same device: no tower, no language model.
 2. **Images to requests** (`images_of_requests`): the `i`-th image belongs to the request where
    the `i`-th image's tokens sit. With one image per request that has image tokens, or the count
-   per request given (`images_per_request`), or each image's tokens a run of their own (a text
-   token between two images, as every chat template puts), this is exact. Otherwise it is not
-   derived, and the caller decides what is safe (see `UnitOwnership.from_batch`).
+   per request given (`images_per_request`, `items_per_request`), or only one request with image
+   tokens, or each image's tokens a run of their own (a text token between two images, as every
+   chat template puts), this is exact. Otherwise it is not derived, and the caller decides what
+   is safe (see `UnitOwnership.from_probe`).
+
+Some towers see no units at all: an omni thinker cuts every clip to its length and joins them
+into one sequence before its tower. There the rows of the tower's first served linear are traced
+to their clips instead (`probe_tower_rows`), and owned run by run.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from torch import nn
 
 from .errors import BatchError
 
-__all__ = ["UnitOwnership", "probe_tower_units", "images_of_requests", "image_token_runs",
-           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids", "token_name"]
+__all__ = ["UnitOwnership", "probe_tower_units", "probe_tower_rows", "images_of_requests", "image_token_runs",
+           "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids", "token_name",
+           "count_name"]
 
 # Tags must stay exact in the dtype the family casts pixels to: bfloat16 holds integers up to 256.
 _MAX_TAGGED_ENTRIES = 256
@@ -125,18 +131,109 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
             continue  # not our tags: some other floating input of the tower
         highest = flat.amax(dim=1)
         lowest = torch.where(flat > 0, flat, torch.full_like(flat, float(limit + 1))).amin(dim=1)
+        seen = [key for key, (first, entries) in ranges.items()
+                if bool(((flat > first) & (flat <= first + entries)).any())]
+        key = seen[0] if len(seen) == 1 else None  # the input feeding the tower, even where its units mix entries
         if bool((highest == 0).any()):
-            return ProbeResult(None, "a unit the tower received holds no entry of any input")
+            return ProbeResult(None, "a unit the tower received holds no entry of any input", key=key)
         if not bool((lowest == highest).all()):
-            return ProbeResult(None, "a unit the tower received mixes two input entries")
+            return ProbeResult(None, "a unit the tower received mixes two input entries", key=key)
         tags = [int(tag) for tag in highest.tolist()]
-        keys = {key for key, (first, entries) in ranges.items() if first < tags[0] <= first + entries}
-        key = keys.pop()
+        if key is None:
+            return ProbeResult(None, "a tower's input mixes entries of two inputs")
         first, entries = ranges[key]
         if not all(first < tag <= first + entries for tag in tags):
             return ProbeResult(None, "a tower's input mixes entries of two inputs")
         return ProbeResult([tag - first - 1 for tag in tags], key=key)
     return ProbeResult(None, "the tower's input does not carry any input's entries (it is computed from them)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProbe:
+    """The rows a tower's first served linear saw, as runs of consecutive rows from one input entry:
+    `(entry, rows)` in row order; or why that could not be told."""
+
+    runs: list[tuple[int, int]] | None
+    rows: int = 0
+    reason: str = ""
+
+
+def _stopped_input(model: nn.Module, batch: Mapping[str, object], stop_at: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The first input of the first module of `stop_at` that `model`'s uncompiled forward on `batch` calls."""
+
+    def stop(*args, **kwargs):
+        raise _TowerEntered(args, kwargs)
+
+    for module in stop_at:
+        module.forward = stop  # an instance attribute, deleted below: the class's forward is untouched
+    try:
+        with torch.no_grad():
+            model.forward(**batch)
+    except _TowerEntered as reached:
+        first = next(_tensors_of(reached.args, reached.kwargs), None)
+        return first.detach() if first is not None else None
+    finally:
+        for module in stop_at:
+            del module.forward
+    return None
+
+
+def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
+                     stop_at: Sequence[str]) -> RowProbe:
+    """Which entry of `batch[key]` each row of the first of the `stop_at` linears comes from.
+
+    For towers that join all items into one sequence of rows (a thinker cutting clips to their
+    lengths and concatenating them), where no unit is one item. Tags do not survive a convolution,
+    but NaN does: it reaches exactly the rows computed from it. So the forward runs, up to that
+    linear, with entries poisoned by their index's bits: for bit `b`, once with NaN in the entries
+    whose bit is 1 and once in those whose bit is 0 (zeros kept, as the tags keep them). A row
+    from one entry is NaN in exactly one run of each pair, which spells the entry; a row from no
+    entry or from two is NaN in neither or both, and the rows are not told. 2 x ceil(log2 entries)
+    forwards of the family's code up to its tower's first linear: the stem, no layer.
+    """
+    value = batch[key]
+    modules = dict(model.named_modules())
+    stop_modules = [modules[name] for name in stop_at if name in modules]
+    if not isinstance(value, torch.Tensor) or not stop_modules:
+        return RowProbe(None, reason="nothing to probe")
+    entries = value.shape[0]
+    bits = max(1, (entries - 1).bit_length())
+    index = torch.arange(entries, device=value.device).view((entries,) + (1,) * (value.dim() - 1))
+    nan = torch.full((), float("nan"), dtype=value.dtype, device=value.device)
+    spelled, rows = None, None
+    for bit in range(bits):
+        poisoned_in = []
+        for rail in (1, 0):
+            chosen = ((index >> bit) & 1) == rail
+            batch_now = dict(batch)
+            batch_now[key] = torch.where(chosen & (value != 0), nan, value)
+            try:
+                seen = _stopped_input(model, batch_now, stop_modules)
+            except Exception as error:  # the family's own code refused NaN: say so, fall back safely
+                return RowProbe(None, reason=f"the forward on poisoned inputs failed: {type(error).__name__}: "
+                                             f"{str(error)[:200]}")
+            if seen is None or seen.dim() == 0:
+                return RowProbe(None, reason="the forward never reached the tower's first served linear")
+            flat = seen.reshape(-1, seen.shape[-1])
+            if rows is not None and flat.shape[0] != rows:
+                return RowProbe(None, reason="the tower's first served linear saw a different number of rows per run")
+            rows = flat.shape[0]
+            poisoned_in.append(torch.isnan(flat).any(dim=-1))
+        one, zero = poisoned_in
+        if not bool((one ^ zero).all()):
+            return RowProbe(None, rows=rows, reason="a row of the tower's first served linear comes from no input entry "
+                                                    "or from two")
+        spelled = one.long() << bit if spelled is None else spelled | (one.long() << bit)
+    owners = spelled.tolist()
+    if any(entry >= entries for entry in owners):
+        return RowProbe(None, rows=rows, reason="a row of the tower's first served linear spells no input entry")
+    runs: list[tuple[int, int]] = []
+    for entry in owners:
+        if runs and runs[-1][0] == entry:
+            runs[-1] = (entry, runs[-1][1] + 1)
+        else:
+            runs.append((entry, 1))
+    return RowProbe(runs, rows=rows)
 
 
 def token_name(modality: str) -> str:
@@ -173,24 +270,34 @@ def image_token_runs(input_ids: torch.Tensor, token_ids: Sequence[int]) -> list[
     return starts.sum(dim=-1).tolist()
 
 
+def count_name(what: str) -> str:
+    """The call argument that gives a modality's items per request, as messages name it."""
+    return "images_per_request" if what == "image" else f"items_per_request[{what!r}]"
+
+
 def images_of_requests(image_count: int, image_tokens: Sequence[int], runs: Sequence[int] | None,
                        images_per_request: Sequence[int] | None, what: str = "image") -> tuple[list[int] | None, str]:
-    """The request of each of `image_count` images (in order), and how that was told; None if it cannot be."""
+    """The request of each of `image_count` items (images, clips; in order), and how that was told;
+    None if it cannot be. `what` names the items in messages."""
     requests = len(image_tokens)
+    given = count_name(what)
     if images_per_request is not None:
         counts = [int(count) for count in images_per_request]
         if len(counts) != requests:
-            raise BatchError(f"images_per_request has {len(counts)} entries but the batch has {requests} requests")
+            raise BatchError(f"{given} has {len(counts)} entries but the batch has {requests} requests")
         if sum(counts) != image_count:
-            raise BatchError(f"images_per_request says {sum(counts)} images but the batch has {image_count}")
+            raise BatchError(f"{given} says {sum(counts)} {what}s but the batch has {image_count}")
         mismatched = [row for row, (count, tokens) in enumerate(zip(counts, image_tokens)) if (count > 0) != (tokens > 0)]
         if mismatched:
             row = mismatched[0]
-            raise BatchError(f"images_per_request gives request {row} {counts[row]} images, but it has "
-                             f"{image_tokens[row]} image tokens")
-        how = "images_per_request"
+            raise BatchError(f"{given} gives request {row} {counts[row]} {what}s, but it has "
+                             f"{image_tokens[row]} {what} tokens")
+        how = given
     elif sum(1 for tokens in image_tokens if tokens) == image_count:
         counts, how = [1 if tokens else 0 for tokens in image_tokens], f"one input entry per request with {what} tokens"
+    elif sum(1 for tokens in image_tokens if tokens) == 1:
+        # One request has this modality's tokens: every item is its own, however many.
+        counts, how = [image_count if tokens else 0 for tokens in image_tokens], f"one request with {what} tokens"
     elif runs is not None and sum(runs) == image_count:
         counts, how = list(runs), f"one run of {what} tokens per {what}"
     else:
@@ -206,6 +313,10 @@ class UnitOwnership:
     owners: list[int] | None  # per unit, its request
     how: str  # how the owners were told (for `mmlora-fx inspect` and errors), or why they were not
     received: int | None = None  # units the tower received, where the probe saw them (owners or not)
+    # For towers whose rows are one sequence of all items (no unit is an item): per run of rows, its
+    # request and its length, and the rows in all, as the tower's first served linear saw them.
+    row_runs: list[tuple[int, int]] | None = None
+    rows: int | None = None
 
     @property
     def units(self) -> int | None:
@@ -228,7 +339,7 @@ class UnitOwnership:
         if images_per_request is not None and sum(images_per_request) != len(images):
             # The entries are not images (all images' patches as rows, say): nothing to map them by.
             return cls.unknown(f"the tower received {len(images)} input entries, not the {sum(images_per_request)} "
-                               "images images_per_request gives", len(sources))
+                               f"{what}s {count_name(what)} gives", len(sources))
         image_owner, how = images_of_requests(len(images), image_tokens, runs, images_per_request, what)
         if image_owner is not None:
             owner_of = dict(zip(images, image_owner))
@@ -241,8 +352,27 @@ class UnitOwnership:
             f"request ({what} tokens per request {_short(image_tokens)}, in {_short(runs or [])} runs): "
             + (f"put a text token between a request's images, or pass images_per_request=[...] if those entries "
                "are its images" if what == "image" else
-               f"give each request at most one {probe.key} entry, or a text token between its {what} items"),
+               f"pass {count_name(what)}=[...] if those entries are its {what} items, or put a text token between "
+               f"a request's {what} items"),
             len(sources))
+
+
+    @classmethod
+    def from_row_probe(cls, probe: RowProbe, key: str, image_tokens: Sequence[int], runs: Sequence[int] | None,
+                       images_per_request: Sequence[int] | None, what: str = "image") -> "UnitOwnership":
+        if probe.runs is None:
+            return cls.unknown(probe.reason)
+        entries = [entry for entry, _ in probe.runs]
+        if any(later < earlier for earlier, later in zip(entries, entries[1:])):
+            return cls.unknown(f"the tower's rows come out of the {what}s' order")
+        items = sorted(set(entries))
+        item_owner, how = images_of_requests(len(items), image_tokens, runs, images_per_request, what)
+        if item_owner is None:
+            return cls.unknown(f"the batch does not say which of the {len(items)} {key} entries in the tower's rows "
+                               f"belong to which request ({what} tokens per request {_short(image_tokens)})")
+        owner_of = dict(zip(items, item_owner))
+        return cls(None, f"rows traced to their {key} entries; {how}", row_runs=[(owner_of[entry], count)
+                   for entry, count in probe.runs], rows=probe.rows)
 
 
 def outermost(prefixes: Sequence[str]) -> list[str]:
@@ -253,16 +383,28 @@ def outermost(prefixes: Sequence[str]) -> list[str]:
 
 def trace_units(model: nn.Module, inputs: Mapping[str, object], tower_roots: Sequence[str],
                 token_ids: Sequence[int], image_tokens: Sequence[int] | None = None,
-                images_per_request: Sequence[int] | None = None, what: str = "image") -> UnitOwnership:
-    """The request of each unit `model`'s tower receives for the batch `inputs` (see the module's doc)."""
+                images_per_request: Sequence[int] | None = None, what: str = "image",
+                served: Sequence[str] = ()) -> UnitOwnership:
+    """The request of each unit `model`'s tower receives for the batch `inputs` (see the module's doc).
+
+    Where the tower's units are not items (all clips joined into one sequence before it), and
+    `served` names the linears served in the tower and its connector, the rows of the first of them
+    are traced instead (`probe_tower_rows`)."""
     input_ids = inputs.get("input_ids")
     if not isinstance(input_ids, torch.Tensor) or not token_ids:
         return UnitOwnership.unknown("the batch has no input_ids with image tokens")
     if image_tokens is None:
         image_tokens = image_tokens_per_request(input_ids, token_ids)
+    runs = image_token_runs(input_ids, token_ids)
     probe = probe_tower_units(model, inputs, tower_roots)
-    return UnitOwnership.from_probe(probe, image_tokens, image_token_runs(input_ids, token_ids), images_per_request,
-                                    what)
+    units = UnitOwnership.from_probe(probe, image_tokens, runs, images_per_request, what)
+    if units.owners is None and probe.sources is None and probe.key is not None and served:
+        rows = UnitOwnership.from_row_probe(probe_tower_rows(model, inputs, probe.key, served), probe.key,
+                                            image_tokens, runs, images_per_request, what)
+        if rows.row_runs is not None:
+            return rows
+        return UnitOwnership.unknown(f"{units.how}, and {rows.how}")
+    return units
 
 
 def rows_are_units(shape: Sequence[int], units: int | None) -> bool:

@@ -24,7 +24,7 @@ from .linear_index import LinearIndex
 from .lora_op import REGISTRY
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
-from .row_owners import (UnitOwnership, image_tokens_per_request, modality_token_ids, outermost, rows_are_units,
+from .row_owners import (UnitOwnership, count_name, image_tokens_per_request, modality_token_ids, outermost, rows_are_units,
                          token_name, trace_units)
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
@@ -95,6 +95,10 @@ class LoRARuntime:
         self._served_partitions = {self.linears[module].partition for module in self.serving.served}
         self._served_modalities = {self.modality_partitions[p] for p in self._served_partitions
                                    if p in self.modality_partitions}
+        # Per modality, its tower's and connector's served linears in model order (the row probe stops at the first).
+        self._served_by_modality = {modality: [info.name for info in self.linears if info.name in self.serving.served
+                                               and self.modality_partitions.get(info.partition) == modality]
+                                    for modality in self.modalities}
         for partition in sorted(self._served_partitions & set(self.modality_partitions)):
             modality = self.modality_partitions[partition]
             if not self.token_ids[modality]:
@@ -109,12 +113,13 @@ class LoRARuntime:
     # ------------------------------------------------------------------ before a forward
     def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,
                 has_images: bool = False, inputs: Mapping[str, object] | None = None,
-                images_per_request: Sequence[int] | None = None) -> list[int]:
+                items_per_request: Mapping[str, Sequence[int]] | None = None) -> list[int]:
         """Make the batch's adapters resident and refill the token tables; return the slots.
 
         `inputs` (the batch's keyword inputs) lets the tower's units be traced to their requests
         (`row_owners`); without it, tower rows are shared by image tokens, with checks.
-        `images_per_request` says how many images each request holds, where the tokens cannot.
+        `items_per_request` says, by a modality's token name (`image`, `audio`), how many of its
+        items each request holds, where the tokens cannot.
         """
         if isinstance(adapter_names, str):
             raise BatchError("adapter_names takes one name per request (a list), not a single string")
@@ -126,17 +131,25 @@ class LoRARuntime:
             raise BatchError(f"the batch has {len(adapter_names)} requests but max_batch_size is "
                              f"{self.tables[LANGUAGE_MODEL].max_batch_size}")
         self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
+        items = dict(items_per_request or {})
+        unknown = sorted(set(items) - {token_name(modality) for modality in self.modalities})
+        if unknown:
+            raise BatchError(f"items_per_request names {unknown}, but this model's towers take "
+                             f"{[token_name(modality) for modality in self.modalities]}")
         tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
-        units = {modality: self._trace_units(modality, inputs, tokens[modality],
-                                             images_per_request if modality == "vision" else None)
+        units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
                  for modality in self.modalities}
         slots = self.manager.activate(adapter_names)
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
         for partition, modality in self.modality_partitions.items():
             self.tables[partition].fill(slots, tokens[modality])
-            owners = units[modality].owners
+            owners, row_runs = units[modality].owners, units[modality].row_runs
             if owners is not None:
                 self.unit_tables[partition].fill([slots[owner] for owner in owners], [1] * len(owners))
+            elif row_runs is not None:
+                # Runs of rows instead of units: the same table, each run weighted by its rows.
+                self.unit_tables[partition].fill([slots[owner] for owner, _ in row_runs],
+                                                 [count for _, count in row_runs])
         self.units = units
         self._forget_calls()
         self.ownership.clear()
@@ -177,14 +190,17 @@ class LoRARuntime:
     def _trace_units(self, modality: str, inputs, tokens, items_per_request) -> UnitOwnership:
         if not any(tokens) or modality not in self._served_modalities:
             if items_per_request is not None and any(items_per_request) and not any(tokens):
-                raise BatchError(f"images_per_request gives images, but the batch has no {modality} tokens")
+                raise BatchError(f"{count_name(token_name(modality))} gives {token_name(modality)} items, but the "
+                                 f"batch has no {token_name(modality)} tokens")
             return UnitOwnership.unknown(f"no {modality} tokens")
         if inputs is None:
             return UnitOwnership.unknown("the batch's inputs were not given")
         units = trace_units(self.model, inputs, self.tower_roots[modality], self.token_ids[modality], tokens,
-                            items_per_request, token_name(modality))
+                            items_per_request, token_name(modality), self._served_by_modality[modality])
         if units.owners is not None and len(units.owners) > MAX_TOWER_UNITS:
             return UnitOwnership.unknown(f"the tower received {len(units.owners)} units, more than {MAX_TOWER_UNITS}")
+        if units.row_runs is not None and len(units.row_runs) > MAX_TOWER_UNITS:
+            return UnitOwnership.unknown(f"the tower's rows come in {len(units.row_runs)} runs, more than {MAX_TOWER_UNITS}")
         return units
 
     def _modality_tokens(self, input_ids, has_media: bool, requests: int) -> dict[str, list[int]]:
@@ -240,6 +256,11 @@ class LoRARuntime:
             unit_table = self.unit_tables[table.partition]
             # Views of fixed buffers: the same addresses at every CUDA-graph replay.
             return unit_table.request_slots[:units], unit_table.request_cum_weights[:units + 1], unit_table.tile_plan
+        if traced.row_runs is not None and rows == traced.rows:
+            # The rows the probe traced, run by run (all items' rows in one sequence).
+            self.ownership[module] = f"per row ({rows} rows in {len(traced.row_runs)} runs; {traced.how})"
+            unit_table, runs = self.unit_tables[table.partition], len(traced.row_runs)
+            return unit_table.request_slots[:runs], unit_table.request_cum_weights[:runs + 1], unit_table.tile_plan
         if units is None and rows_are_units(x.shape, traced.received):
             # Rows come per tower unit, but the units' requests are not known: sharing them by
             # tokens would be a guess.

@@ -290,3 +290,82 @@ def voxtral_batch(chunks_per_request: list[int], seed: int = 0) -> Batch:
     input_ids = _prompt_rows(per_request, generator, separate=True)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "input_features": features}
     return Batch(inputs, _split_media(inputs, input_ids, chunks_per_request, ["input_features"]))
+
+
+# Qwen2.5-Omni's thinker: an audio tower and a vision tower beside one language model. The thinker
+# cuts every clip back to its own length and joins them as `[mels, frames]` before its audio tower,
+# which chunks, convolves and packs them: the tower's rows are all clips' frames in one sequence.
+OMNI_AUDIO_TOKEN, OMNI_IMAGE_TOKEN = zoo.IMAGE_TOKEN, zoo.IMAGE_TOKEN + 1
+OMNI_AUDIO_START, OMNI_AUDIO_END, OMNI_VISION_START, OMNI_VISION_END = 300, 301, 302, 303
+OMNI_FRAMES, OMNI_PATCH = 60, 4
+OMNI_TARGETS = ["q_proj", "v_proj", "out_proj", "fc1", "audio_tower.proj", "attn.q", "attn.proj", "mlp.0", "mlp.2", "gate_proj", "down_proj"]
+
+
+def build_qwen2_5_omni(seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.Qwen2_5OmniThinkerConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          d_model=32, max_source_positions=OMNI_FRAMES // 2, n_window=10, output_dim=64),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3,
+                           patch_size=OMNI_PATCH, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           fullatt_block_indexes=[0]),
+        text_config=tiny_text("qwen2_5_omni_text", rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                        mrope_section=[2, 3, 3])),
+        audio_token_index=OMNI_AUDIO_TOKEN, image_token_index=OMNI_IMAGE_TOKEN, video_token_index=zoo.IMAGE_TOKEN + 2,
+        audio_start_token_id=OMNI_AUDIO_START, audio_end_token_id=OMNI_AUDIO_END,
+    )
+    config.vision_start_token_id, config.vision_end_token_id = OMNI_VISION_START, OMNI_VISION_END
+    return with_random_weights("Qwen2_5OmniThinkerForConditionalGeneration", config, seed)
+
+
+def omni_audio_tokens(frames: int) -> int:
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def omni_batch(requests: list[dict], seed: int = 0) -> Batch:
+    """Requests each with audio clips (`"audio": [frames, ...]`) and images (`"images": [(rows, columns)
+    of patches, ...]`), in that order in the prompt, as the thinker's processor lays them out."""
+    generator = torch.Generator().manual_seed(seed)
+    clips = [frames for request in requests for frames in request.get("audio", [])]
+    grids = [grid for request in requests for grid in request.get("images", [])]
+    bodies = []
+    for request in requests:
+        body = []
+        for frames in request.get("audio", []):
+            body += [OMNI_AUDIO_START] + [OMNI_AUDIO_TOKEN] * omni_audio_tokens(frames) + [OMNI_AUDIO_END]
+        for rows, columns in request.get("images", []):
+            body += [OMNI_VISION_START] + [OMNI_IMAGE_TOKEN] * (rows * columns // 4) + [OMNI_VISION_END]
+        bodies.append(body)
+    length = max(len(body) for body in bodies) + 6
+    input_ids = []
+    for body in bodies:
+        text = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (length - len(body),), generator=generator).tolist()
+        input_ids.append(text[:3] + body + text[3:])
+    input_ids = torch.tensor(input_ids)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    features = torch.zeros(len(clips), 16, OMNI_FRAMES)
+    mask = torch.zeros(len(clips), OMNI_FRAMES, dtype=torch.long)
+    for index, frames in enumerate(clips):
+        features[index, :, :frames] = torch.randn(16, frames, generator=generator)
+        mask[index, :frames] = 1
+    patch_pixels = 3 * 2 * OMNI_PATCH * OMNI_PATCH
+    patches = [torch.randn(rows * columns, patch_pixels, generator=generator) for rows, columns in grids]
+    if clips:
+        inputs.update(input_features=features, feature_attention_mask=mask)
+    if grids:
+        inputs.update(pixel_values=torch.cat(patches), image_grid_thw=torch.tensor([[1, r, c] for r, c in grids]))
+    singles, clip, image = [], 0, 0
+    for row, request in enumerate(requests):
+        single = {"input_ids": input_ids[row: row + 1], "attention_mask": inputs["attention_mask"][row: row + 1]}
+        count = len(request.get("audio", []))
+        if count:
+            single.update(input_features=features[clip: clip + count], feature_attention_mask=mask[clip: clip + count])
+            clip += count
+        count = len(request.get("images", []))
+        if count:
+            single.update(pixel_values=torch.cat(patches[image: image + count]),
+                          image_grid_thw=inputs["image_grid_thw"][image: image + count])
+            image += count
+        singles.append(single)
+    return Batch(inputs, singles)

@@ -12,8 +12,8 @@ from mmlora_fx.partitions import discover_partitions
 
 from mmlora_fx.errors import BatchError, PartitionError
 
-from .families import (QWEN2_AUDIO_TARGETS, VOXTRAL_TARGETS, build_audioflamingo3, build_qwen2_audio, build_voxtral,
-                       qwen2_audio_batch, voxtral_batch)
+from .families import (OMNI_TARGETS, QWEN2_AUDIO_TARGETS, VOXTRAL_TARGETS, build_audioflamingo3, build_qwen2_5_omni,
+                       build_qwen2_audio, build_voxtral, omni_batch, qwen2_audio_batch, voxtral_batch)
 from .peft_helpers import make_adapter, peft_model_with
 
 NAMES = ["alice", None, "bob"]
@@ -40,23 +40,28 @@ def audioflamingo3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    return _family(tmp_path_factory, "omni", build_qwen2_5_omni, OMNI_TARGETS)
+
+
+@pytest.fixture(scope="module")
 def voxtral(tmp_path_factory):
     return _family(tmp_path_factory, "voxtral", build_voxtral, VOXTRAL_TARGETS)
 
 
-def served_equals_peft(family, batch):
+def served_equals_peft(family, batch, names=NAMES, **call):
     """Compile `family` with both adapters; assert eager and compiled each equal PEFT per request."""
     base, paths, peft = family
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
     with torch.no_grad():
         for run in (mm.eager, mm):
-            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=NAMES).logits, run)
+            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=names, **call).logits, names, run)
     return mm
 
 
-def assert_equals_peft(peft, batch, logits, label=""):
-    for row, (single, name) in enumerate(zip(batch.singles, NAMES)):
+def assert_equals_peft(peft, batch, logits, names=NAMES, label=""):
+    for row, (single, name) in enumerate(zip(batch.singles, names)):
         reference = peft_reference(peft, single, name)
         error = ((logits[row] - reference).abs().max() / reference.abs().max()).item()
         assert error <= 1e-4, (label, row, name, error)
@@ -128,3 +133,50 @@ def test_an_override_to_another_modality_is_refused_when_its_rows_have_no_owner(
     overrides = {"model.audio_tower": "tower:audio", "model.multi_modal_projector.linear": "tower:speech"}
     with pytest.raises(PartitionError, match="tower:speech is served, but this model's config names no speech token"):
         mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager", partition_overrides=overrides)
+
+
+OMNI_NAMES = ["alice", None, "bob", "alice", "bob"]
+# Audio alone; an image alone; two clips and an image; text alone; an image and a clip. Clip lengths
+# chosen so that the tower's rows (half the frames) are not twice the audio tokens: 25 rows for 12
+# tokens, 12 for 6, 30 for 15, 20 for 10.
+OMNI_REQUESTS = [{"audio": [50]}, {"images": [(4, 4)]}, {"audio": [23, 60], "images": [(2, 4)]}, {},
+                 {"audio": [40], "images": [(2, 2)]}]
+
+
+def test_an_omni_batch_of_audio_images_and_text_equals_peft_per_request(omni):
+    # Qwen2.5-Omni's thinker joins all clips into one sequence before its tower: no unit is a clip, so
+    # the rows of the tower's first served linear are traced to their clips (NaN through the stem).
+    mm = served_equals_peft(omni, omni_batch(OMNI_REQUESTS, seed=1), OMNI_NAMES)
+    assert mm.runtime.ownership["model.audio_tower.layers.0.fc1"].startswith("per row (87 rows in 4 runs")
+    assert mm.runtime.ownership["model.audio_tower.proj"].startswith("by audio tokens")
+    assert mm.runtime.ownership["model.visual.blocks.0.attn.q"].startswith("by image tokens")
+
+
+def test_the_omni_partitions_name_both_modalities(omni):
+    partitions = discover_partitions(omni[0])
+    assert partitions.partition_of("model.audio_tower.layers.0.fc1") == "tower:audio"
+    assert partitions.partition_of("model.audio_tower.proj") == "connector:audio"
+    assert partitions.partition_of("model.visual.blocks.0.attn.q") == "tower"
+    assert partitions.partition_of("model.visual.merger.mlp.0") == "connector"
+    assert partitions.modalities == ["vision", "audio"]
+
+
+def test_chunks_counted_per_request_equal_peft_per_request(voxtral):
+    # Said by the caller: request 2's one run of audio tokens is two 30-second chunks.
+    mm = served_equals_peft(voxtral, voxtral_batch([1, 0, 2], seed=2), items_per_request={"audio": [1, 0, 2]})
+    assert "items_per_request['audio']" in mm.runtime.ownership["model.audio_tower.layers.0.fc1"]
+
+
+def test_chunks_of_the_only_request_with_audio_are_all_its_own(voxtral):
+    mm = served_equals_peft(voxtral, voxtral_batch([0, 0, 3], seed=4))
+    assert "one request with audio tokens" in mm.runtime.ownership["model.audio_tower.layers.0.fc1"]
+
+
+def test_items_per_request_must_name_a_modality_of_the_model(voxtral):
+    base, paths, _ = voxtral
+    batch = voxtral_batch([1, 0, 1], seed=2)
+    mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
+    with torch.no_grad(), pytest.raises(BatchError, match=r"names \['image'\], but this model's towers take \['audio'\]"):
+        mm.eager(**batch.inputs, adapter_names=NAMES, items_per_request={"image": [1, 0, 1]})
+    with torch.no_grad(), pytest.raises(BatchError, match=r"received 2 input entries, not the 3 audios items_per_request\['audio'\] gives"):
+        mm.eager(**batch.inputs, adapter_names=NAMES, items_per_request={"audio": [1, 0, 2]})

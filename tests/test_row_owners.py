@@ -6,7 +6,8 @@ import torch
 
 from mmlora_fx import zoo
 from mmlora_fx.errors import BatchError
-from mmlora_fx.row_owners import UnitOwnership, ProbeResult, image_token_runs, images_of_requests, probe_tower_units
+from mmlora_fx.row_owners import (UnitOwnership, ProbeResult, image_token_runs, images_of_requests, probe_tower_rows,
+                                  probe_tower_units)
 
 from .families import build_llava_next, llava_next_batch, llava_next_crops
 
@@ -98,3 +99,42 @@ def test_images_per_request_does_not_map_entries_that_are_not_images():
     units = UnitOwnership.from_probe(ProbeResult(list(range(48))), [0, 4, 8], runs=[0, 1, 2],
                                      images_per_request=[0, 1, 2])
     assert units.owners is None and "48 input entries" in units.how
+
+
+class _JoiningThinker(torch.nn.Module):
+    """Cuts each clip to its length and joins them into one `[mels, frames]` sequence, as omni
+    thinkers do; its tower convolves (per clip, or across the joined sequence) before a linear."""
+
+    def __init__(self, per_clip: bool):
+        super().__init__()
+        self.per_clip = per_clip
+        self.tower = torch.nn.ModuleDict({"conv": torch.nn.Conv1d(4, 8, 3, padding=1), "fc": torch.nn.Linear(8, 8)})
+
+    def forward(self, input_features, feature_attention_mask):
+        joined = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)
+        lengths = feature_attention_mask.sum(-1).tolist()
+        if self.per_clip:
+            rows = torch.cat([self.tower["conv"](clip[None])[0] for clip in joined.split(lengths, dim=1)], dim=1)
+        else:
+            rows = self.tower["conv"](joined[None])[0]
+        return self.tower["fc"](rows.T)
+
+
+def _clips(lengths, width=12):
+    features, mask = torch.zeros(len(lengths), 4, width), torch.zeros(len(lengths), width, dtype=torch.long)
+    for index, length in enumerate(lengths):
+        features[index, :, :length] = torch.randn(4, length)
+        mask[index, :length] = 1
+    return {"input_features": features, "feature_attention_mask": mask}
+
+
+def test_rows_of_joined_clips_are_traced_run_by_run():
+    # Five clips need three bits: six forwards up to the tower's linear, none of them past it.
+    probe = probe_tower_rows(_JoiningThinker(per_clip=True), _clips([5, 12, 1, 7, 3]), "input_features", ["tower.fc"])
+    assert probe.runs == [(0, 5), (1, 12), (2, 1), (3, 7), (4, 3)] and probe.rows == 28
+
+
+def test_rows_mixing_two_clips_are_not_told():
+    # Convolved across the joined sequence, the rows at each seam come from two clips.
+    probe = probe_tower_rows(_JoiningThinker(per_clip=False), _clips([5, 12, 3]), "input_features", ["tower.fc"])
+    assert probe.runs is None and "from no input entry or from two" in probe.reason
