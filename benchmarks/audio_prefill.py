@@ -55,6 +55,7 @@ with `aot_eager` so that no C++ is built) checks the script; its times are not m
 from __future__ import annotations
 
 import argparse
+import fcntl
 import collections
 import copy
 import json
@@ -350,9 +351,11 @@ def run_once(args) -> int:
         mark = phase("adapters written", mark)
 
         with torch.no_grad():
-            # A second copy for mmlora_fx, which compiles its model in place: both stay compiled
-            # so that their forwards can alternate.
-            ours_model = copy.deepcopy(model)
+            # A second module tree for mmlora_fx, which compiles its model in place: both stay
+            # compiled so that their forwards can alternate. It shares the weights (the memo maps
+            # every tensor to itself), so that three runs fit one GPU at once (--share-gpu).
+            shared = {id(tensor): tensor for tensor in list(model.parameters()) + list(model.buffers())}
+            ours_model = copy.deepcopy(model, memo=shared)
             eager_base = model(**batch, use_cache=False).logits
             mark = phase("eager base forward", mark)
 
@@ -392,6 +395,14 @@ def run_once(args) -> int:
             mark = phase(f"warm-up ({args.warmup} of each)", mark)
             result["waited_for_siblings_s"] = wait_for_siblings(
                 Path(args.barrier) if args.barrier else None, args.barrier_count, args.run_index, args.barrier_timeout_s)
+            if args.share_gpu and args.barrier:
+                # Runs sharing one GPU compile at once but time one at a time: the lock is held
+                # from here to the end of the run (timing, checks, syncs).
+                gpu_lock = open(Path(args.barrier) / "gpu.lock", "w")
+                began = time.perf_counter()
+                fcntl.flock(gpu_lock, fcntl.LOCK_EX)
+                result["waited_for_gpu_s"] = time.perf_counter() - began
+                mark = phase("GPU to itself", mark)
 
             # Interleaved: a block of each per round, the order alternating, so that drift of the
             # machine (clocks, temperature, the host) falls on both.
@@ -538,6 +549,8 @@ def child_command(args, index: int, result: Path, cache: Path, barrier: Path, co
                "--barrier-timeout-s", str(args.barrier_timeout_s), "--inner", args.inner]
     if args.tiny:
         command.append("--tiny")
+    if args.share_gpu:
+        command.append("--share-gpu")
     if args.layers is not None:
         command += ["--layers", str(args.layers)]
     if args.no_syncs:
@@ -559,8 +572,9 @@ def run_wave(args, indices: list[int], deadline: float | None, runs_dir: Path) -
             environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "base" / "inductor"),
                                TRITON_CACHE_DIR=str(cache / "base" / "triton"), PYTHONUNBUFFERED="1")
             if len(indices) > 1:
-                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                environment["CUDA_VISIBLE_DEVICES"] = visible.split(",")[slot] if visible else str(slot)
+                if not args.share_gpu:
+                    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                    environment["CUDA_VISIBLE_DEVICES"] = visible.split(",")[slot] if visible else str(slot)
                 # Compilations in parallel share the host's cores; each gets its share of workers.
                 environment["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(indices) - 2))
             result = runs_dir / f"run{index}.json"
@@ -622,6 +636,8 @@ def main() -> int:
     parser.add_argument("--commit", help="the code's commit (the device copy's git HEAD may be stale)")
     parser.add_argument("--runs", type=int, default=3, help="independent compilations, one subprocess each")
     parser.add_argument("--gpus", type=int, default=1, help="runs at once, one GPU each (1: one after another)")
+    parser.add_argument("--share-gpu", action="store_true",
+                        help="the --gpus runs at once share one GPU: they compile together and time one at a time")
     parser.add_argument("--layers", type=int, help="cut the tower and the language model to this many layers")
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to check the script")
     parser.add_argument("--rounds", type=int, help="timed rounds, each a block of base and of mmlora_fx (4; --tiny 2)")

@@ -18,7 +18,7 @@ qkv/proj/fc1/fc2 of the tower and the merger MLP, written in PEFT's format. Part
 - soak: decode steps with random adapter mixes while adapters are loaded, evicted and
   reloaded; every 100 steps the compiled output is checked against the uncompiled reference
   (same LoRA through forward hooks); no recompilation or recapture; memory at start and end.
-- paths: decode with kernel paths forced by patching `kernels.lora_add`'s defaults (`--paths`,
+- paths: decode with kernel paths forced by patching `kernels.launch_config`'s defaults (`--paths`,
   names in `KERNEL_PATHS`), each against the base on the same machine.
 - profile: device time of decode steps split into kernels and idle, base against mmlora_fx.
 
@@ -44,6 +44,7 @@ import torch
 
 import mmlora_fx
 from mmlora_fx import zoo
+from mmlora_fx.graph_captures import CudaGraphCaptures
 
 SEVEN_B = dict(
     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -145,29 +146,6 @@ def timed(fn, device, repeats=20, warmup=3) -> float:
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-class CaptureCounter:
-    """Counts CUDA graph captures (cudagraph trees record through torch.cuda.CUDAGraph)."""
-
-    def __init__(self):
-        self.count = 0
-        self._original = None
-
-    def __enter__(self):
-        if torch.cuda.is_available():
-            self._original = torch.cuda.CUDAGraph.capture_begin
-
-            def counting(graph, *args, **kwargs):
-                self.count += 1
-                return self._original(graph, *args, **kwargs)
-
-            torch.cuda.CUDAGraph.capture_begin = counting
-        return self
-
-    def __exit__(self, *exc):
-        if self._original is not None:
-            torch.cuda.CUDAGraph.capture_begin = self._original
 
 
 def uncompile(model):
@@ -400,7 +378,7 @@ def part_profile(args, model, adapters, device, results):
 
 
 KERNEL_PATHS = {
-    # name -> (batch sizes, module globals of kernels.lora_add to set)
+    # name -> (batch sizes, module globals of kernels.launch_config to set)
     "tiles": ([1], {"_PER_ROW_MAX_ROWS": 0, "_DEPENDENT_LAUNCH_MAX_ROWS": 0}),
     "rows": ([1], {"_PER_ROW_MAX_ROWS": 8, "_DEPENDENT_LAUNCH_MAX_ROWS": 0}),
     "rows_dependent": ([1], {"_PER_ROW_MAX_ROWS": 8, "_DEPENDENT_LAUNCH_MAX_ROWS": 4}),
@@ -412,7 +390,7 @@ KERNEL_PATHS = {
 def part_paths(args, model, adapters, device, results):
     """Decode with each kernel path of `--paths` forced, on one machine (an A/B of the defaults).
 
-    The paths are `kernels.lora_add`'s module defaults, patched here (benchmark only); each
+    The paths are `kernels.launch_config`'s module defaults, patched here (benchmark only); each
     needs its own compilation, since CUDA graphs keep the kernels they captured. Batches above
     one hold `min(batch, 8)` distinct adapters. A name given twice is compiled and timed twice
     (`name#2`): the spread between compilations of the same code.
@@ -455,7 +433,7 @@ def part_paths(args, model, adapters, device, results):
 # --------------------------------------------------------------------------- prefill
 def prefill_batch(model, spec, requests: int):
     size = (spec["image"], spec["image"])
-    batch = zoo.make_batch(model, [1] * requests, image_sizes=[[size]] * requests, text_tokens=64, seed=11)
+    batch = zoo.make_batch(model, [1] * requests, item_sizes=[[size]] * requests, text_tokens=64, seed=11)
     device = next(model.parameters()).device
     return {key: value.to(device) if key != "pixel_values" else value.to(device, torch.bfloat16)
             for key, value in batch.items()}
@@ -580,7 +558,7 @@ def part_soak(args, model, adapters, device, results, pool: list[Path]):
     memory_start = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     checks, loads, fresh = [], 0, 0
     began = time.perf_counter()
-    with CaptureCounter() as captures:
+    with CudaGraphCaptures() as captures:
         for index in range(steps):
             assignment = random_names()
             mm.runtime.prepare(assignment)

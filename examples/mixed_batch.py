@@ -2,10 +2,11 @@
 
     python examples/mixed_batch.py [--model tiny-qwen2-vl] [--inner inductor]
 
-Builds a zoo model (random weights, no download), makes two LoRA adapters with PEFT over its
-vision tower, connector and language model, compiles the model with `mmlora_fx.compile`, runs one
-batch whose requests carry different adapters (one the base model) and different numbers of
-images, and prints, per request, how far its logits are from PEFT's for that request alone.
+Builds a zoo model (random weights, no download; `--model tiny-qwen2-audio` for audio), makes two
+LoRA adapters with PEFT over its tower, connector and language model, compiles the model with
+`mmlora_fx.compile`, runs one batch whose requests carry different adapters (one the base model)
+and different numbers of images (or audio clips), and prints, per request, how far its logits are
+from PEFT's for that request alone.
 """
 
 from __future__ import annotations
@@ -22,31 +23,6 @@ import torch
 
 import mmlora_fx
 from mmlora_fx import zoo
-
-# Module-name suffixes of each family's tower, connector and language-model linears.
-TARGETS = {
-    "tiny-qwen2-vl": ["qkv", "fc1", "mlp.0", "mlp.2", "q_proj", "v_proj", "down_proj"],
-    "tiny-llava": ["out_proj", "fc1", "linear_1", "linear_2", "q_proj", "v_proj", "down_proj"],
-    "tiny-idefics3": ["out_proj", "fc2", "proj", "q_proj", "k_proj", "down_proj"],
-    "tiny-gemma3": ["out_proj", "fc1", "q_proj", "o_proj", "down_proj"],
-    "tiny-llama4": ["fc2", "fc1", "linear_1", "q_proj", "v_proj", "down_proj"],
-}
-
-
-def make_adapter(model, path: Path, target_modules, rank: int, seed: int) -> Path:
-    """Train nothing: a PEFT LoRA adapter with random A and B, saved as PEFT saves it."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=3 * rank + 1, target_modules=target_modules, init_lora_weights=False)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.5 / parameter.shape[1] ** 0.5)
-    peft_model.save_pretrained(str(path))
-    return path
-
 
 def peft_logits(base, adapters: dict, request: dict, name):
     """What PEFT gives for one request alone, with its adapter (or none)."""
@@ -69,20 +45,24 @@ def main() -> int:
 
     base = zoo.build(args.model)
     workdir = Path(tempfile.mkdtemp(prefix="mmlora-fx-example-"))
-    adapters = {name: make_adapter(base, workdir / name, TARGETS[args.model], rank, seed)
+    family = zoo.ZOO[args.model]
+    adapters = {name: zoo.make_adapter(base, workdir / name, family.all_targets, r=rank, lora_alpha=3 * rank + 1,
+                                       seed=seed)
                 for seed, (name, rank) in enumerate([("alice", 4), ("bob", 8)])}
-    print(f"{args.model}: adapters alice (rank 4) and bob (rank 8) over tower, connector and language model")
+    what = zoo.token_name(family.modality)
+    items = "images" if what == "image" else "clips"
+    print(f"{args.model}: adapters alice (rank 4) and bob (rank 8) over {what} tower, connector and language model")
 
     started = time.perf_counter()
     mm = mmlora_fx.compile(zoo.build(args.model), adapters, max_loras=2, inner=args.inner)
-    batch = zoo.make_batch(base, images_per_request=(1, 0, 2), seed=1)
+    batch = zoo.make_batch(base, (1, 0, 2), seed=1)
     names = ["alice", None, "bob"]
     print(f"compiling with {args.inner} and running one mixed batch (a minute or two on a CPU) ...")
     with torch.no_grad():
         logits = mm(**batch, adapter_names=names).logits
     print(f"done in {time.perf_counter() - started:.0f} s, {mm.compiled_graphs} graphs compiled\n")
 
-    print(f"{'request':>7}  {'images':>6}  {'adapter':8}  {'rel. error vs PEFT':>18}  {'adapter effect':>14}  agrees")
+    print(f"{'request':>7}  {items:>6}  {'adapter':8}  {'rel. error vs PEFT':>18}  {'adapter effect':>14}  agrees")
     worst = 0.0
     images = (1, 0, 2)
     for row, (request, name) in enumerate(zip(zoo.split_batch(base, batch), names)):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .backend import MMLoRABackend, our_errors_unwrapped
 from .errors import BatchError, VerificationError
-from .runtime import LoRARuntime
+from .runtime import LoRARuntime, ServingOptions
 
 __all__ = ["compile", "MultiLoRAModel"]
 
@@ -215,10 +215,10 @@ def compile(
     model: nn.Module,
     adapters: Mapping[str, object] | None = None,
     *,
-    max_loras: int = 4,
-    max_lora_rank: int = 16,
-    max_cpu_loras: int | None = None,
-    max_batch_size: int = 64,
+    max_loras: int = ServingOptions.max_loras,
+    max_lora_rank: int = ServingOptions.max_lora_rank,
+    max_cpu_loras: int | None = ServingOptions.max_cpu_loras,
+    max_batch_size: int = ServingOptions.max_batch_size,
     partitions: Sequence[str] | None = None,
     target_modules: Sequence[str] | None = None,
     partition_overrides: Mapping[str, str] | None = None,
@@ -231,17 +231,19 @@ def compile(
     """Compile `model` to serve `adapters` ({name: PEFT adapter directory}) per request.
 
     `max_loras` adapters can be in one batch (GPU slots), `max_cpu_loras` stay cached on the CPU;
-    `max_lora_rank` sizes the slot buffers. `partitions` (tower, connector, language_model) and
-    `target_modules` (module-name suffixes) restrict where LoRA is served, for every adapter;
-    by default, everything the given adapters target. `partition_overrides` ({prefix: partition})
-    corrects the discovered partitions. `inner` is the compiler of the rewritten graphs (Inductor
+    `max_lora_rank` sizes the slot buffers. `partitions` (tower, connector, language_model, and
+    `tower:audio` and the like) and `target_modules` (module-name suffixes) restrict where LoRA is
+    served, for every adapter; by default, everything the given adapters target.
+    `partition_overrides` ({prefix: partition}) corrects the discovered partitions. These are
+    `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
     prints one summary line instead (the `mmlora_fx` logger, level INFO).
     """
-    runtime = LoRARuntime(model, adapters, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-                          max_lora_rank=max_lora_rank, partitions=partitions, target_modules=target_modules,
-                          partition_overrides=partition_overrides, max_batch_size=max_batch_size)
+    serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                             max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
+                             partition_overrides=partition_overrides)
+    runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))
     from torch._inductor import list_mode_options

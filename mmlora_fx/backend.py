@@ -32,12 +32,12 @@ from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import CaptureError, MMLoRAError
 from .passes import Rewrite
 from .reporting import CompileProgress
-from .runtime import LoRARuntime, _eager_lora_hook
+from .runtime import LoRARuntime, ServingOptions, _eager_lora_hook
 
 __all__ = ["MMLoRABackend", "mmlora_backend", "adapter_names", "RUNTIME_OPTIONS"]
 
-RUNTIME_OPTIONS = ("adapters", "max_loras", "max_cpu_loras", "max_lora_rank", "partitions", "target_modules",
-                   "partition_overrides", "max_batch_size")
+# The backend's options that are not Inductor's: the adapters, how they are served, the inner compiler.
+RUNTIME_OPTIONS = ("adapters",) + ServingOptions.names()
 
 
 def inner_compiler(name: str, mode: str | None = None, config_patches: Mapping | None = None):
@@ -212,10 +212,9 @@ def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: 
     entry = _BACKENDS.get(id(options))
     if entry is None or entry[0] is not options:
         model = _model_being_compiled()
-        runtime_options = {key: options[key] for key in RUNTIME_OPTIONS if key in options}
         inner = options.get("inner", "inductor")
         patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
-        runtime = LoRARuntime(model, **runtime_options)
+        runtime = LoRARuntime(model, options.get("adapters"), ServingOptions.taken_from(options))
         runtime.eager_scope = functools.partial(_PENDING.serve_eagerly, runtime)
         backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=patches, apply_pending_names=True)
         entry = _BACKENDS[id(options)] = (options, backend)  # keeps `options` alive: its id stays unique

@@ -68,7 +68,7 @@ def inspect_command(args) -> int:
     from .inspect_report import build_report, render_dot, render_text
     from .linear_index import LinearIndex
     from .partitions import discover_partitions, tower_label
-    from .row_owners import modality_token_ids, outermost, trace_units
+    from .row_owners import modality_token_ids, outermost, token_name, trace_units
     from .peft_format import scan_adapter
     from .serving import ServingPlan
 
@@ -84,7 +84,7 @@ def inspect_command(args) -> int:
     captured = capture(model, batch, partition_map=partition_map, verbose=args.verbose)
     config = getattr(model, "config", None)
     ownership = {modality: trace_units(model, batch, outermost(partition_map.prefixes_of(tower_label(modality))),
-                                       modality_token_ids(config, modality))
+                                       modality_token_ids(config, modality), what=token_name(modality))
                  for modality in partition_map.modalities}
     report = build_report(captured, linears, args.model, scans, serving, ownership)
     if args.format == "json":
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a PEFT LoRA adapter directory; repeat for several")
     inspect.add_argument("--format", choices=("text", "json", "dot"), default="text")
     inspect.add_argument("--images", type=_images, default=[0, 1, 2], metavar="N,N,...",
-                         help="images per request of the example batch (default 0,1,2)")
+                         help="images (audio clips, for an audio model) per request of the example batch "
+                              "(default 0,1,2)")
     inspect.add_argument("--partition", action="append", default=[], metavar="PREFIX=PARTITION",
                          help="override or add a partition prefix (tower, connector, language_model, other)")
     inspect.add_argument("--partitions", nargs="+", default=None, metavar="PARTITION",

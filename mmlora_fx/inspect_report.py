@@ -14,7 +14,7 @@ import torch
 
 from .capture import Capture
 from .linear_index import LinearIndex
-from .partitions import LANGUAGE_MODEL, PARTITIONS, modality_of
+from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
 from .passes import linear_of, lora_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
 
@@ -78,7 +78,9 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                 "reason": record.graph_break.reason, "location": record.graph_break.location},
         })
     partitions = {}
-    for partition in list(PARTITIONS) + [p for p in capture.partition_map.lora_partitions if p not in PARTITIONS]:
+    # The model's own partitions (an audio-only model has no vision tower to list), in a fixed order.
+    present = set(capture.partition_map.lora_partitions) | {LANGUAGE_MODEL, OTHER}
+    for partition in [p for p in PARTITIONS if p in present] + sorted(present - set(PARTITIONS)):
         partitions[partition] = {
             "prefixes": capture.partition_map.prefixes_of(partition),
             "graphs": partition_graphs.get(partition, []),

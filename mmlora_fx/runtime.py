@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -30,28 +31,48 @@ from .serving import ServingPlan
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
-__all__ = ["LoRARuntime"]
+__all__ = ["LoRARuntime", "ServingOptions"]
 
 # Units (images, crops, tiles) one batch may send through a tower: the unit tables' capacity.
 MAX_TOWER_UNITS = 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class ServingOptions:
+    """How a model is served, as `mmlora_fx.compile` and the `mmlora` backend take it: written once.
+
+    `max_loras` adapters fit in one batch (GPU slots), `max_cpu_loras` stay cached on the CPU
+    (default: every adapter given), `max_lora_rank` sizes the slot buffers, `max_batch_size` the
+    token tables; `partitions` and `target_modules` restrict where LoRA is served;
+    `partition_overrides` ({prefix: partition}) corrects the discovered partitions."""
+
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    max_lora_rank: int = 16
+    max_batch_size: int = 64
+    partitions: Sequence[str] | None = None
+    target_modules: Sequence[str] | None = None
+    partition_overrides: Mapping[str, str] | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def taken_from(cls, options: Mapping[str, object]) -> "ServingOptions":
+        """The serving options among `options` (a backend's options dict holds Inductor's too)."""
+        return cls(**{name: options[name] for name in cls.names() if name in options})
+
+
 class LoRARuntime:
-    def __init__(
-        self,
-        model: nn.Module,
-        adapters: Mapping[str, object] | None = None,
-        *,
-        max_loras: int = 4,
-        max_cpu_loras: int | None = None,
-        max_lora_rank: int = 16,
-        partitions: Sequence[str] | None = None,
-        target_modules: Sequence[str] | None = None,
-        partition_overrides: Mapping[str, str] | None = None,
-        max_batch_size: int = 64,
-    ):
+    def __init__(self, model: nn.Module, adapters: Mapping[str, object] | None = None,
+                 options: ServingOptions = ServingOptions()):
         check_supported(model)  # a family broken upstream gets our words, not a traceback from inside it
         adapters = dict(adapters or {})
+        self.options = options
+        max_loras, max_cpu_loras, max_lora_rank = options.max_loras, options.max_cpu_loras, options.max_lora_rank
+        partitions, target_modules = options.partitions, options.target_modules
+        partition_overrides, max_batch_size = options.partition_overrides, options.max_batch_size
         self.model = model
         self.partition_map = discover_partitions(model, partition_overrides)
         self.linears = LinearIndex(model, self.partition_map)

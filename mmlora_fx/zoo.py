@@ -2,7 +2,8 @@
 
 Each family builds a model from a small config (nothing is downloaded) and knows how to make a
 valid batch for any model of its class, tiny or not: several requests, each with its own number
-of images (zero included) and, where the family allows it, its own image sizes. Every request in
+of media items (images, or audio clips; zero included) and, where the family allows it, their own
+sizes. Every request in
 a batch has the same length (text fills what images do not), so a row of the batch can be
 compared with the same request run alone, without padding.
 """
@@ -15,9 +16,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .row_owners import modality_token_ids
+from .row_owners import image_token_runs, modality_token_ids, token_name
 
-__all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id"]
+__all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id", "item_token_id",
+           "make_adapter"]
 
 VOCAB = 320
 # Ids below FIRST_TEXT_TOKEN are special tokens in the tiny configs; text is drawn above them.
@@ -29,28 +31,39 @@ TEXT_TOKEN_LIMIT = 1000  # text ids stay low so that real vocabularies' special 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """A model family: its class, a tiny config, and how its images become inputs and tokens.
+    """A model family: its class, a tiny config, and how its media items become inputs and tokens.
 
-    `image_sizes(config)` lists (height, width) sizes in pixels the family takes, the default
-    first; `accepts(config, size)` says whether it takes another; `image_tokens(config, size)` is the number of image tokens one such image becomes in
-    the language model's input; `pixel_inputs(config, sizes_per_request, generator)` makes the
-    image inputs of a batch; `wrap_tokens(config)` gives the tokens around each image's tokens.
+    An item is an image (`modality` "vision", its size `(height, width)` in pixels) or an audio
+    clip ("audio", its size `(frames,)` in mel frames). `item_sizes(config)` lists sizes the family
+    takes, the default first; `accepts(config, size)` says whether it takes another;
+    `item_tokens(config, size)` is the number of placeholder tokens one such item becomes in the
+    language model's input; `media_inputs(config, sizes_per_request, generator)` makes the media
+    inputs of a batch; `wrap_tokens(config)` gives the tokens around each item's tokens. `targets`:
+    PEFT `target_modules` suffixes in the tower, the connector and the language model, for
+    adapters over all three.
     """
 
     name: str
     model_class: str
     tiny_config: Callable[[], object]
-    image_sizes: Callable[[object], tuple[tuple[int, int], ...]]
-    image_tokens: Callable[[object, tuple[int, int]], int]
-    pixel_inputs: Callable[[object, list[list[tuple[int, int]]], torch.Generator], dict]
+    item_sizes: Callable[[object], tuple[tuple[int, ...], ...]]
+    item_tokens: Callable[[object, tuple[int, ...]], int]
+    media_inputs: Callable[[object, list[list[tuple[int, ...]]], torch.Generator], dict]
+    targets: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     wrap_tokens: Callable[[object], tuple[list[int], list[int]]] = lambda config: ([], [])
     notes: str = ""
-    accepts: Callable[[object, tuple[int, int]], bool] | None = None
+    accepts: Callable[[object, tuple[int, ...]], bool] | None = None
+    modality: str = "vision"
 
-    def takes(self, config, size: tuple[int, int]) -> bool:
+    def takes(self, config, size: tuple[int, ...]) -> bool:
         if self.accepts is not None:
             return self.accepts(config, size)
-        return size in self.image_sizes(config)
+        return size in self.item_sizes(config)
+
+    @property
+    def all_targets(self) -> list[str]:
+        """The tower's, the connector's and the language model's target suffixes, in that order."""
+        return [suffix for part in self.targets for suffix in part]
 
     def build(self, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
         import transformers
@@ -85,11 +98,17 @@ def _randomize_constant_parameters(model: nn.Module, seed: int) -> None:
                 parameter.add_(noise.to(parameter.dtype))
 
 
-def image_token_id(config) -> int:
-    ids = modality_token_ids(config, "vision")
+def image_token_id(config, modality: str = "vision") -> int:
+    """The placeholder token of `modality`'s items (images by default) in `config`."""
+    ids = modality_token_ids(config, modality)
     if not ids:
-        raise AttributeError(f"{type(config).__name__} names no image token")
+        raise AttributeError(f"{type(config).__name__} names no {token_name(modality)} token")
     return ids[0]
+
+
+def item_token_id(model: nn.Module) -> int:
+    """The placeholder token of the items of `model`'s zoo family (images, or audio clips)."""
+    return image_token_id(model.config, family_of(model).modality)
 
 
 def _text_config(**overrides) -> dict:
@@ -250,26 +269,105 @@ def _llama4_tokens(config, size):
     return int(patches * vision.pixel_shuffle_ratio**2)
 
 
+# --------------------------------------------------------------------------- Qwen2-Audio
+def _qwen2_audio_config():
+    from transformers import Qwen2AudioConfig
+
+    text = _text_config(model_type="qwen2")
+    del text["head_dim"]
+    return Qwen2AudioConfig(
+        audio_config=dict(model_type="qwen2_audio_encoder", d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                          encoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50),
+        text_config=text, audio_token_index=IMAGE_TOKEN, pad_token_id=PAD,
+    )
+
+
+def _qwen2_audio_frames(config) -> int:
+    # Every clip is padded to the tower's full window (30 s in the real model): 2 frames per position.
+    return 2 * config.audio_config.max_source_positions
+
+
+def _qwen2_audio_sizes(config):
+    frames = _qwen2_audio_frames(config)
+    return ((frames,), (frames * 3 // 5,), (frames * 3 // 10,))
+
+
+def _qwen2_audio_tokens(config, size):
+    return ((size[0] - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def _qwen2_audio_features(config, sizes_per_request, generator):
+    lengths = [size[0] for sizes in sizes_per_request for size in sizes]
+    if not lengths:
+        return {}
+    frames = _qwen2_audio_frames(config)
+    features = torch.zeros(len(lengths), config.audio_config.num_mel_bins, frames)
+    mask = torch.zeros(len(lengths), frames, dtype=torch.long)
+    for index, length in enumerate(lengths):
+        features[index, :, :length] = torch.randn(config.audio_config.num_mel_bins, length, generator=generator)
+        mask[index, :length] = 1
+    return {"input_features": features, "feature_attention_mask": mask}
+
+
 ZOO: dict[str, Family] = {
     family.name: family
     for family in [
         Family("tiny-qwen2-vl", "Qwen2VLForConditionalGeneration", _qwen2_vl_config, _qwen2_vl_sizes,
                _qwen2_vl_tokens, _qwen2_vl_pixels,
+               (("qkv", "fc1"), ("mlp.0", "mlp.2"), ("q_proj", "v_proj", "gate_proj", "down_proj")),
                wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
                notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size",
                accepts=_qwen2_vl_accepts),
         Family("tiny-llava", "LlavaForConditionalGeneration", _llava_config, _square_image, _llava_tokens,
-               _stacked_pixels, notes="CLIP tower, two-layer MLP projector"),
+               _stacked_pixels, (("out_proj", "fc1"), ("linear_1", "linear_2"), ("q_proj", "v_proj", "up_proj",
+                                                                                  "down_proj")),
+               notes="CLIP tower, two-layer MLP projector"),
         Family("tiny-idefics3", "Idefics3ForConditionalGeneration", _idefics3_config, _square_image,
-               _idefics3_tokens, _idefics3_pixels, notes="SigLIP-style tower, pixel-shuffle connector"),
+               _idefics3_tokens, _idefics3_pixels,
+               (("out_proj", "fc2"), ("proj",), ("q_proj", "k_proj", "gate_proj", "down_proj")),
+               notes="SigLIP-style tower, pixel-shuffle connector"),
+        # Gemma3's connector has no linear layer, so no connector target.
         Family("tiny-gemma3", "Gemma3ForConditionalGeneration", _gemma3_config, _square_image,
-               lambda config, size: config.mm_tokens_per_image, _stacked_pixels, wrap_tokens=_boi_eoi,
+               lambda config, size: config.mm_tokens_per_image, _stacked_pixels,
+               (("out_proj", "fc1"), (), ("q_proj", "o_proj", "up_proj", "down_proj")), wrap_tokens=_boi_eoi,
                notes="SigLIP tower, pooled projector (its projection is a bare parameter, not a linear)"),
         Family("tiny-llama4", "Llama4ForConditionalGeneration", _llama4_config, _square_image, _llama4_tokens,
-               _stacked_pixels, wrap_tokens=_boi_eoi,
+               _stacked_pixels, (("fc2", "patch_embedding.linear"), ("fc1", "linear_1"),
+                                 ("q_proj", "v_proj", "gate_proj", "down_proj")), wrap_tokens=_boi_eoi,
                notes="dense text layers (no MoE); one image is one tile; vision adapter MLP is connector"),
+        Family("tiny-qwen2-audio", "Qwen2AudioForConditionalGeneration", _qwen2_audio_config, _qwen2_audio_sizes,
+               _qwen2_audio_tokens, _qwen2_audio_features,
+               (("q_proj", "out_proj", "fc1"), ("multi_modal_projector.linear",), ("v_proj", "gate_proj", "down_proj")),
+               accepts=lambda config, size: len(size) == 1 and 3 <= size[0] <= _qwen2_audio_frames(config),
+               modality="audio",
+               notes="Whisper-style audio tower on clips padded to one window (sizes in mel frames); audio only"),
     ]
 }
+
+
+def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r: int = 4, lora_alpha: float = 8,
+                 seed: int = 0, **config):
+    """Train nothing: save a PEFT LoRA adapter for `model` with random A and B, as PEFT saves it.
+
+    `init_lora_weights=False` gives B random values, and B is then widened so that an adapter
+    changes the logits clearly (PEFT's own random B is small). Needs PEFT (the tests' and the
+    example's dependency, not the package's). Returns the adapter's directory."""
+    import copy
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    # A string is PEFT's regex form: passed on as it is.
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    peft_config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, init_lora_weights=False, **config)
+    peft_model = get_peft_model(copy.deepcopy(model), peft_config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5 / max(1, parameter.shape[1]) ** 0.5)
+    peft_model.save_pretrained(str(path))
+    return Path(path)
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -289,39 +387,42 @@ def family_of(model: nn.Module) -> Family:
 
 def make_batch(
     model: nn.Module,
-    images_per_request: Sequence[int] = (0, 1, 2),
-    image_sizes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    items_per_request: Sequence[int] = (0, 1, 2),
+    item_sizes: Sequence[Sequence[tuple[int, ...]]] | None = None,
     text_tokens: int = 6,
     seed: int = 0,
 ) -> dict:
-    """A batch with one row per request, request `r` holding `images_per_request[r]` images.
+    """A batch with one row per request, request `r` holding `items_per_request[r]` media items
+    (images; audio clips for an audio family).
 
-    `image_sizes[r]` optionally gives the (height, width) of each image of request `r` (the
-    family's default size otherwise). Every row has the same length and at least `text_tokens`
-    text tokens; image tokens sit inside the text. Returns the model's keyword inputs, with an
-    all-ones `attention_mask`.
+    `item_sizes[r]` optionally gives the size of each item of request `r` (`(height, width)` of an
+    image, `(frames,)` of a clip; the family's default size otherwise). Every row has the same
+    length and at least `text_tokens` text tokens; each item's tokens sit inside the text, a run
+    of their own. Returns the model's keyword inputs, with an all-ones `attention_mask`.
     """
     family = family_of(model)
     config = model.config
-    sizes_allowed = family.image_sizes(config)
+    sizes_allowed = family.item_sizes(config)
     generator = torch.Generator().manual_seed(seed)
-    if image_sizes is None:
-        image_sizes = [[sizes_allowed[0]] * count for count in images_per_request]
-    image_sizes = [[tuple(size) for size in sizes] for sizes in image_sizes]
-    if [len(sizes) for sizes in image_sizes] != list(images_per_request):
-        raise ValueError("image_sizes must give one size per image of each request")
-    for sizes in image_sizes:
+    if item_sizes is None:
+        item_sizes = [[sizes_allowed[0]] * count for count in items_per_request]
+    item_sizes = [[tuple(size) for size in sizes] for sizes in item_sizes]
+    if [len(sizes) for sizes in item_sizes] != list(items_per_request):
+        raise ValueError("item_sizes must give one size per item of each request")
+    what = token_name(family.modality)
+    for sizes in item_sizes:
         for size in sizes:
             if not family.takes(config, size):
-                raise ValueError(f"{family.name} takes images of sizes like {sizes_allowed}, not {size}")
+                items = "images" if what == "image" else f"{what} items"
+                raise ValueError(f"{family.name} takes {items} of sizes like {sizes_allowed}, not {size}")
 
     before, after = family.wrap_tokens(config)
-    image = image_token_id(config)
-    # A text token before each image that has no tokens of its own around it, as chat templates
-    # put one ("<image>\n<image>"): each image's tokens are then a run of their own.
+    item = image_token_id(config, family.modality)
+    # A text token before each item that has no tokens of its own around it, as chat templates
+    # put one ("<image>\n<image>"): each item's tokens are then a run of their own.
     before = before or [FIRST_TEXT_TOKEN]
-    prompts = [[before + [image] * family.image_tokens(config, size) + after for size in sizes]
-               for sizes in image_sizes]
+    prompts = [[before + [item] * family.item_tokens(config, size) + after for size in sizes]
+               for sizes in item_sizes]
     lengths = [sum(len(prompt) for prompt in request) for request in prompts]
     total = max(lengths, default=0) + text_tokens + 1
     vocab = min(config.get_text_config().vocab_size, TEXT_TOKEN_LIMIT)
@@ -334,21 +435,22 @@ def make_batch(
         rows.append([bos] + head + [token for prompt in request for token in prompt] + tail)
     input_ids = torch.tensor(rows)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    batch.update(family.pixel_inputs(config, image_sizes, generator))
+    batch.update(family.media_inputs(config, item_sizes, generator))
     if family.model_class == "Qwen2VLForConditionalGeneration":
-        batch["mm_token_type_ids"] = (input_ids == image).int()
+        batch["mm_token_type_ids"] = (input_ids == item).int()
     return batch
 
 
 def split_batch(model: nn.Module, batch: dict) -> list[dict]:
-    """Cut a batch from `make_batch` into one batch per request, each holding its own images."""
+    """Cut a batch from `make_batch` into one batch per request, each holding its own items."""
     family = family_of(model)
     config = model.config
-    image = image_token_id(config)
-    per_image = family.image_tokens(config, family.image_sizes(config)[0])
+    item = image_token_id(config, family.modality)
+    per_image = family.item_tokens(config, family.item_sizes(config)[0])
+    runs = image_token_runs(batch["input_ids"], [item])
     requests, next_image, next_row = [], 0, 0
     for index, row in enumerate(batch["input_ids"]):
-        tokens = int((row == image).sum())
+        tokens = int((row == item).sum())
         single = {key: batch[key][index : index + 1]
                   for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in batch}
         if tokens and family.model_class == "Qwen2VLForConditionalGeneration":
@@ -364,6 +466,12 @@ def split_batch(model: nn.Module, batch: dict) -> list[dict]:
             next_row += rows
         elif tokens and family.model_class == "Idefics3ForConditionalGeneration":
             single["pixel_values"] = batch["pixel_values"][index : index + 1, : tokens // per_image]
+        elif tokens and family.modality == "audio":
+            # Clips of different lengths give different tokens: one run of tokens per clip.
+            count = runs[index]
+            for key in ("input_features", "feature_attention_mask"):
+                single[key] = batch[key][next_image : next_image + count]
+            next_image += count
         elif tokens:
             count = tokens // per_image
             single["pixel_values"] = batch["pixel_values"][next_image : next_image + count]

@@ -53,8 +53,16 @@ GROUND_TRUTH = {
     },
 }
 
+GROUND_TRUTH["tiny-qwen2-audio"] = {
+    "tower:audio": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc[12])",
+    "connector:audio": r"model\.multi_modal_projector\.linear",
+    "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
+    "other": r"lm_head",
+}
+
 # Modules that hold the connector's (non-linear) work, one per family.
 CONNECTOR_MODULES = {
+    "tiny-qwen2-audio": "model.multi_modal_projector",
     "tiny-qwen2-vl": "model.visual.merger",
     "tiny-llava": "model.multi_modal_projector",
     "tiny-idefics3": "model.connector",

@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+from mmlora_fx import zoo
 from mmlora_fx.adapter_manager import AdapterManager
 from mmlora_fx.errors import (
     AdapterError,
@@ -17,12 +18,12 @@ from mmlora_fx.errors import (
     UnknownAdapterError,
 )
 from mmlora_fx.linear_index import LinearIndex
-from mmlora_fx.partitions import discover_partitions
+from mmlora_fx.partitions import connector_label, discover_partitions, tower_label
 from mmlora_fx.peft_format import WEIGHTS_FILE
 from mmlora_fx.serving import ServingPlan
 
 from .conftest import cached_model
-from .peft_helpers import FAMILY_TARGETS, all_targets, lora_layers, make_adapter, peft_model_with
+from .peft_helpers import all_targets, lora_layers, make_adapter, peft_model_with
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,20 @@ def assert_same(before, after):
             assert torch.equal(old, new), module
 
 
-@pytest.mark.parametrize("family", list(FAMILY_TARGETS))
+@pytest.mark.parametrize("family", list(zoo.ZOO))
 def test_slot_buffers_reproduce_peft_delta_for_every_module(tmp_path, family):
     model = cached_model(family)
-    tower, connector, language_model = FAMILY_TARGETS[family]
+    tower, connector, language_model = (list(part) for part in zoo.ZOO[family].targets)
     paths = {
         "low": make_adapter(model, tmp_path / "low", tower + connector + language_model, r=2, lora_alpha=4, seed=1),
         "high": make_adapter(model, tmp_path / "high", tower + language_model, r=6, lora_alpha=3, seed=2,
                              use_rslora=True, rank_pattern={language_model[0]: 4}),
     }
-    manager = make_manager(None, family, max_loras=2)
+    modality = zoo.ZOO[family].modality
+    tower_partition, connector_partition = tower_label(modality), connector_label(modality)
+    model_linears = LinearIndex(model, discover_partitions(model))
+    serving = ServingPlan.build(model_linears, partitions=[tower_partition, connector_partition, "language_model"])
+    manager = make_manager(None, family, max_loras=2, serving=serving)
     manager.load_many(paths)
     slots = manager.activate(["high", None, "low"])
     assert slots[1] == -1 and sorted([slots[0], slots[2]]) == [0, 1]
@@ -81,8 +86,8 @@ def test_slot_buffers_reproduce_peft_delta_for_every_module(tmp_path, family):
                 assert int(buffers.ranks[slot]) == 0 and not buffers.lora_a[slot].any(), module
     partitions = {manager.linears[module].partition for module in manager.buffers
                   if int(manager.buffers[module].ranks[slots[2]]) > 0}
-    assert {"tower", "language_model"} <= partitions
-    assert ("connector" in partitions) == bool(connector)
+    assert {tower_partition, "language_model"} <= partitions
+    assert (connector_partition in partitions) == bool(connector)
 
 
 def test_smaller_ranks_are_padded_with_zeros(adapters):

@@ -32,7 +32,7 @@ class Served:
 def image_sizes(family, counts):
     if family != "tiny-qwen2-vl":
         return None
-    sizes = zoo.ZOO[family].image_sizes(zoo.ZOO[family].tiny_config())
+    sizes = zoo.ZOO[family].item_sizes(zoo.ZOO[family].tiny_config())
     # Different sizes within and across requests: [], [small], [square, wide] ...
     pool = [sizes[1], sizes[0], sizes[2], sizes[0]]
     start = [sum(counts[:index]) for index in range(len(counts))]
@@ -40,7 +40,7 @@ def image_sizes(family, counts):
 
 
 def batch_for(served, counts=(0, 1, 2), seed=0):
-    return zoo.make_batch(served.base, counts, image_sizes=image_sizes(served.family, list(counts)), seed=seed)
+    return zoo.make_batch(served.base, counts, item_sizes=image_sizes(served.family, list(counts)), seed=seed)
 
 
 def peft_logits(served, single, name):

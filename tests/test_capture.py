@@ -5,6 +5,7 @@ import re
 from torch import nn
 
 from mmlora_fx import zoo
+from mmlora_fx import partitions
 from mmlora_fx.capture import capture
 
 from .conftest import CONNECTOR_MODULES, cached_capture, cached_model, expected_partition
@@ -34,7 +35,7 @@ def test_connector_nodes_are_not_labelled_tower(family):
     connector = CONNECTOR_MODULES[family]
     labels = {node.meta["mmlora_partition"] for record in captured.graphs for node in record.call_nodes()
               if (node.meta["mmlora_owner"] or "").startswith(connector)}
-    assert labels == {"connector"}
+    assert labels == {partitions.connector_label(zoo.ZOO[family].modality)}
 
 
 def test_reused_graphs_record_one_instance_per_block():

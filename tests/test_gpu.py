@@ -8,28 +8,11 @@ import torch
 
 import mmlora_fx
 from mmlora_fx import zoo
+from mmlora_fx.graph_captures import CudaGraphCaptures
 
 from .peft_helpers import all_targets, make_adapter
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-class CaptureCounter:
-    def __init__(self):
-        self.count = 0
-
-    def __enter__(self):
-        self.original = torch.cuda.CUDAGraph.capture_begin
-
-        def counting(graph, *args, **kwargs):
-            self.count += 1
-            return self.original(graph, *args, **kwargs)
-
-        torch.cuda.CUDAGraph.capture_begin = counting
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.CUDAGraph.capture_begin = self.original
 
 
 def rewind(cache, length: int) -> None:
@@ -84,7 +67,7 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, tmp_
     for _ in range(3):  # warm-up, recording, first replay
         step(names)
     graphs = mm.compiled_graphs
-    with CaptureCounter() as captures:
+    with CudaGraphCaptures() as captures:
         step(["bob", "alice", "alice"])
         step([None, None, "bob"])
         mm.load_adapter("carol", paths["carol"])  # evicts the least recently used slot

@@ -6,6 +6,7 @@ from torch import nn
 
 from mmlora_fx.inspect_report import SCHEMA, build_report, collapse_names, render_dot, render_text
 from mmlora_fx.linear_index import LinearIndex
+from mmlora_fx.partitions import connector_label, tower_label
 
 from mmlora_fx import zoo
 
@@ -31,13 +32,15 @@ def test_json_lists_every_linear_exactly_once_with_its_partition(family):
 
 def test_partitions_summarise_graphs_nodes_and_linears(family):
     report = report_of(family)
-    assert set(report["partitions"]) == {"tower", "connector", "language_model", "other"}
+    modality = zoo.ZOO[family].modality
+    tower, connector = tower_label(modality), connector_label(modality)
+    assert set(report["partitions"]) == {tower, connector, "language_model", "other"}
     for partition, entry in report["partitions"].items():
         for node in entry["linear_nodes"]:
             assert node["in_features"] > 0 and node["out_features"] > 0
             assert all(expected_partition(family, module) == partition for module in node["modules"])
-    assert report["partitions"]["tower"]["call_nodes"] > 0
-    assert report["partitions"]["connector"]["call_nodes"] > 0
+    assert report["partitions"][tower]["call_nodes"] > 0
+    assert report["partitions"][connector]["call_nodes"] > 0
 
 
 def test_text_names_partitions_breaks_and_linears():

@@ -4,7 +4,8 @@ import pytest
 from torch import nn
 
 from mmlora_fx.errors import PartitionError
-from mmlora_fx.partitions import PartitionMap, PartitionPrefix, discover_partitions
+from mmlora_fx import zoo
+from mmlora_fx.partitions import PartitionMap, PartitionPrefix, connector_label, discover_partitions, tower_label
 
 from .conftest import CONNECTOR_MODULES, cached_model, expected_partition
 
@@ -19,10 +20,10 @@ def test_default_prefixes_label_every_linear_as_the_ground_truth_says(family):
 
 def test_the_connector_is_told_apart_from_the_tower(family):
     partitions = discover_partitions(cached_model(family))
-    connector = CONNECTOR_MODULES[family]
-    assert partitions.partition_of(connector) == "connector"
-    assert partitions.prefixes_of("tower"), "a tower prefix is found"
-    assert connector not in partitions.prefixes_of("tower")
+    connector, modality = CONNECTOR_MODULES[family], zoo.ZOO[family].modality
+    assert partitions.partition_of(connector) == connector_label(modality)
+    assert partitions.prefixes_of(tower_label(modality)), "a tower prefix is found"
+    assert connector not in partitions.prefixes_of(tower_label(modality))
 
 
 def test_longest_prefix_wins():
