@@ -10,7 +10,8 @@ from .meta import is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_
 from .ownership import LinearCall, ResolveOwners, is_linear_call, parse_module_path
 from .partition import LabelPartitions
 from .pipeline import Labelling, Rewrite, run_passes
+from .targets import LINEAR, TargetKind
 
 __all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "ResolveOwners", "LabelPartitions",
-           "InsertLoRAOps", "Labelling", "Rewrite", "run_passes", "is_linear_call", "lora_ops", "parse_module_path",
+           "InsertLoRAOps", "TargetKind", "LINEAR", "Labelling", "Rewrite", "run_passes", "is_linear_call", "lora_ops", "parse_module_path",
            "is_call_node", "is_lora_op", "linear_of", "lora_of", "owner_of", "owner_path_of", "partition_of"]

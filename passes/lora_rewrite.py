@@ -1,4 +1,4 @@
-"""Insert a LoRA op after every served linear, one op per group of siblings sharing an input.
+"""Insert a LoRA op after every served target, one op per group of siblings sharing an input.
 
 The op, `torch.ops.mmlora.lora_linear_(outputs, x, weights)`, adds each row's adapter delta to
 the linear outputs in place. It is bound to nothing at rewrite time: dynamo reuses one graph for
@@ -8,13 +8,13 @@ token-to-slot table from the weights it receives, at run time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
 
-from .meta import LORA, LORA_OP, PARTITION, is_lora_op, linear_of, partition_of
-from .ownership import LinearCall
+from .meta import LORA, LORA_OP, PARTITION, is_lora_op, partition_of
+from .targets import LINEAR, TargetKind
 
 __all__ = ["InsertLoRAOps", "lora_ops"]
 
@@ -29,53 +29,54 @@ def _defined_before(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, int]) -
 
 
 class InsertLoRAOps:
-    """Rewrite served linears to carry LoRA.
+    """Rewrite served targets to carry LoRA.
 
-    Matches: linear call nodes labelled by `ResolveOwners` (`node.meta["mmlora_linear"]`) for
-    which `serves(linear_call)` is true. Inserts `op(outputs, x, weights)` (an in-place custom op,
-    `torch.ops.mmlora.lora_linear_.default` in mmlora_fx) after each group. Served linears that read the same input node within one
-    partition are siblings (q/k/v, gate/up): they are moved next to each other and share one op,
-    so that the LoRA shrink reads the input once.
-    Writes `node.meta["mmlora_lora"]` on each served linear (the op node's name and the sibling
+    Matches: nodes that one of `kinds` (`passes.targets`; by default the linear calls labelled by
+    `ResolveOwners`) matches and for which `serves(target)` is true. Inserts the kind's op (or
+    `op`, an in-place custom op, `torch.ops.mmlora.lora_linear_.default` in mmlora_fx) as
+    `op(outputs, rows, weights)` after each group. Served targets of one kind that read the same
+    rows within one partition are siblings (q/k/v, gate/up): they are moved next to each other and
+    share one op, so that the LoRA shrink reads the input once.
+    Writes `node.meta["mmlora_lora"]` on each served target (the op node's name and the sibling
     group), and `node.meta["mmlora_lora_op"] = True` on each inserted op.
     """
 
-    def __init__(self, serves: Callable[[LinearCall], bool], op, max_siblings: int = 3):
+    def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,)):
         self.serves = serves
         self.op = op
-        self.max_siblings = max_siblings
+        self.kinds = tuple(kinds)
 
     def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
         graph = graph_module.graph
         order = {node: index for index, node in enumerate(graph.nodes)}
         open_groups: dict[tuple, list[fx.Node]] = {}
-        groups: list[list[fx.Node]] = []
+        groups: list[tuple[TargetKind, list[fx.Node]]] = []
         for node in graph.nodes:
-            linear = linear_of(node)
-            if linear is None or not self.serves(linear):
+            kind = next((kind for kind in self.kinds if kind.match(node) is not None), None)
+            if kind is None or not self.serves(kind.match(node)):
                 continue
-            key = (node.args[0], partition_of(node))
+            key = (kind.name, kind.rows_of(node), partition_of(node))
             group = open_groups.get(key)
-            # A sibling joins only if it can move up next to the group's first linear.
-            if group is None or len(group) == self.max_siblings or not _defined_before(node, group[0], order):
+            # A sibling joins only if it can move up next to the group's first target.
+            if group is None or len(group) == kind.max_siblings or not _defined_before(node, group[0], order):
                 group = open_groups[key] = []
-                groups.append(group)
+                groups.append((kind, group))
             group.append(node)
-        for group in groups:
-            self._rewrite(graph, group, self.op)
+        for kind, group in groups:
+            self._rewrite(graph, group, kind, kind.op if kind.op is not None else self.op)
         graph.lint()
         graph_module.recompile()
         return graph_module
 
     @staticmethod
-    def _rewrite(graph: fx.Graph, group: list[fx.Node], lora_op) -> None:
+    def _rewrite(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, lora_op) -> None:
         first = group[0]
         anchor = first
         for sibling in group[1:]:
             anchor.append(sibling)  # moves the sibling right after the previous member
             anchor = sibling
         with graph.inserting_after(anchor):
-            op = graph.call_function(lora_op, (list(group), first.args[0], [node.args[1] for node in group]))
+            op = graph.call_function(lora_op, (list(group), kind.rows_of(first), [kind.weight_of(node) for node in group]))
         op.meta[LORA_OP] = True
         op.meta[PARTITION] = partition_of(first)
         if "example_value" in first.meta:

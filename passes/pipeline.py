@@ -6,7 +6,8 @@ every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend
 
 1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
 2. `LabelPartitions`: the partition of each call node;
-3. `InsertLoRAOps`: a LoRA op after each served linear (sibling groups share one);
+3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `targets` lists (sibling groups
+   share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -24,6 +25,7 @@ from .coverage import CheckLoRACoverage, UncoveredLinearError
 from .lora_rewrite import InsertLoRAOps
 from .ownership import LinearCall, ResolveOwners
 from .partition import LabelPartitions
+from .targets import LINEAR, TargetKind
 
 __all__ = ["Labelling", "Rewrite", "run_passes"]
 
@@ -47,9 +49,10 @@ class Labelling:
 class Rewrite:
     """What the LoRA rewrite needs for one graph.
 
-    `serves(linear_call)`: whether a linear call gets a LoRA op; `op`: the op to insert;
-    `served_weights`: id of each served weight tensor -> its module, for the coverage check;
-    `graph_name`: how errors name the graph; `error`: the exception type they raise.
+    `serves(target)`: whether a target (a `LinearCall` for a linear) gets a LoRA op; `op`: the op
+    to insert for kinds that bring none; `served_weights`: id of each served weight tensor -> its
+    module, for the coverage check; `graph_name`: how errors name the graph; `error`: the
+    exception type they raise; `kinds`: what counts as a target (`passes.targets`).
     """
 
     serves: Callable[[LinearCall], bool]
@@ -57,6 +60,7 @@ class Rewrite:
     served_weights: Mapping[int, str]
     graph_name: str
     error: type[Exception] = UncoveredLinearError
+    kinds: Sequence[TargetKind] = (LINEAR,)
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -64,7 +68,7 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
     ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs)(graph_module)
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
-        InsertLoRAOps(rewrite.serves, rewrite.op)(graph_module)
+        InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

@@ -5,7 +5,7 @@ from torch import fx, nn
 
 from mmlora_fx.capture import GraphRecorder, ModuleNames
 from mmlora_fx.partitions import PartitionMap, PartitionPrefix
-from mmlora_fx.passes import Rewrite, lora_ops
+from mmlora_fx.passes import LINEAR, InsertLoRAOps, Rewrite, TargetKind, lora_of, lora_ops
 
 
 class Attention(nn.Module):
@@ -75,3 +75,34 @@ def test_at_most_three_siblings_per_op():
     graph_module = rewrite(Wide(), lambda linear: True)
     assert isinstance(graph_module, fx.GraphModule)
     assert sorted(len(op.args[0]) for op in lora_ops(graph_module)) == [2, 3]
+
+
+class Projector(nn.Module):
+    """A bare parameter used in a matmul (Gemma3's projector does this): no linear module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return torch.matmul(x, self.a), torch.matmul(x, self.b)
+
+
+def test_a_new_target_kind_is_one_entry_with_its_own_op():
+    # A kind for `matmul(rows, parameter)`: its matcher and its op, no change to the rewrite.
+    def matmul_op(outputs, rows, weights):
+        """Stands in for a matmul kind's own LoRA op."""
+
+    def is_parameter_matmul(node):
+        return node if node.op == "call_function" and node.target is torch.matmul else None
+
+    kind = TargetKind("matmul", match=is_parameter_matmul, rows_of=lambda node: node.args[0],
+                      weight_of=lambda node: node.args[1], op=matmul_op)
+    graph_module = fx.symbolic_trace(Projector())
+    InsertLoRAOps(lambda target: True, no_lora, kinds=[LINEAR, kind])(graph_module)
+    ops = lora_ops(graph_module)
+    assert [op.target for op in ops] == [matmul_op, matmul_op]  # the kind's op, not the default one
+    for op, weight in zip(ops, ["a", "b"]):
+        [output], rows, [parameter] = op.args
+        assert output.target is torch.matmul and rows.op == "placeholder" and parameter.target == weight
+        assert lora_of(output)["op"] == op.name

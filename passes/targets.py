@@ -1,0 +1,39 @@
+"""What the LoRA rewrite recognises as a target: one small matcher per kind, plus the op it inserts.
+
+A kind says, for a node, whether it is a target of that kind (the record a labelling pass wrote
+for it, or None), which node's rows LoRA reads (targets of one kind that read the same rows in
+one partition are siblings and share one op), and which argument is the weight the op resolves
+its adapter buffers by at run time. Today's one kind is a linear call; the next ones (a grouped
+matmul over a 3D expert weight, an embedding lookup, a convolution, a matmul with a bare
+parameter) are new entries here, each with its own matcher and op, not branches in the rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import fx
+
+from .meta import linear_of
+
+__all__ = ["TargetKind", "LINEAR"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetKind:
+    """`match(node)`: the node's target record (what `serves` is asked about), or None;
+    `rows_of(node)`: the input node whose rows LoRA reads; `weight_of(node)`: the weight argument;
+    `op`: the op inserted after a group, `op(outputs, rows, weights)` (None: the rewrite's default
+    op); at most `max_siblings` targets share one op."""
+
+    name: str
+    match: Callable[[fx.Node], object | None]
+    rows_of: Callable[[fx.Node], fx.Node]
+    weight_of: Callable[[fx.Node], fx.Node]
+    op: object = None
+    max_siblings: int = 3
+
+
+# `F.linear(x, weight, bias)` calls labelled by `ResolveOwners` (`node.meta["mmlora_linear"]`).
+LINEAR = TargetKind("linear", match=linear_of, rows_of=lambda node: node.args[0], weight_of=lambda node: node.args[1])
