@@ -75,7 +75,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.e2e import SEVEN_B, synchronize  # noqa: E402
+from benchmarks import e2e  # noqa: E402
+from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
 from mmlora_fx import zoo  # noqa: E402
 
 CLIP_SECONDS = [30, 10, None, 20, 30, 5, None, 15]  # one entry per request; None: text only
@@ -151,27 +152,11 @@ def adapter_modules(model) -> dict[str, tuple[int, int]]:
 
 
 def write_adapter(path: Path, modules, seed: int, device) -> Path:
-    """A PEFT LoRA adapter with random A and B, written as PEFT writes it (bf16 safetensors).
-
-    Drawn on the device (a PEFT model of a 16 GB model would be a second copy on the host); the
-    scales are e2e's. PEFT's suffix rule over `target_modules` picks exactly `modules`: the
-    tower has no o/gate/up/down projection and the language model no out_proj/fc1/fc2."""
-    from safetensors.torch import save_file
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tensors = {}
-    for name, (fan_in, fan_out) in modules.items():
-        a = torch.randn(RANK, fan_in, generator=generator, device=device) / fan_in**0.5
-        b = torch.randn(fan_out, RANK, generator=generator, device=device) * (0.05 / RANK**0.5)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    """e2e's random adapter writer (e2e's scales), over `modules`. PEFT's suffix rule over the
+    targets picks exactly `modules`: the tower has no o/gate/up/down projection and the language
+    model no out_proj/fc1/fc2."""
     targets = sorted(set(LM_TARGETS + AUDIO_TARGETS)) + [PROJECTOR.rsplit(".", 1)[-1]]
-    config = dict(peft_type="LORA", r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0, bias="none",
-                  task_type=None, use_rslora=False, use_dora=False)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-    return path
+    return e2e.write_adapter(path, modules, seed, device, target_modules=targets, lora_alpha=ALPHA)
 
 
 def audio_tokens(frames: int) -> int:
@@ -264,20 +249,6 @@ def row_errors(ours, reference, attention_mask) -> list[float]:
         a, b = ours[row][keep].float(), reference[row][keep].float()
         errors.append(((a - b).abs().max() / b.abs().max()).item())
     return errors
-
-
-def syncs_in(function, device) -> int | None:
-    """Host synchronisations inside `function()`, counted by torch's sync debug mode (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for warning in caught if "synchroniz" in str(warning.message).lower())
 
 
 def fresh_caches(root: Path, which: str) -> None:

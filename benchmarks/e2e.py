@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,8 +93,10 @@ def adapter_modules(model) -> dict[str, tuple[int, int]]:
     return found
 
 
-def write_adapter(path: Path, modules, seed: int, device) -> Path:
-    """A PEFT LoRA adapter with random weights, written as PEFT writes it (bf16 safetensors)."""
+def write_adapter(path: Path, modules, seed: int, device, target_modules=None, lora_alpha: float = 2 * RANK) -> Path:
+    """A PEFT LoRA adapter with random weights on `modules` ({name: (in, out)}), written as PEFT
+    writes it (bf16 safetensors), drawn on `device` (a PEFT model of a 16 GB model would be a
+    second copy on the host). `target_modules` goes into its config (e2e's suffixes by default)."""
     from safetensors.torch import save_file
 
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -105,7 +108,7 @@ def write_adapter(path: Path, modules, seed: int, device) -> Path:
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
-    config = dict(peft_type="LORA", r=RANK, lora_alpha=2 * RANK, target_modules=LM_TARGETS + VISION_TARGETS,
+    config = dict(peft_type="LORA", r=RANK, lora_alpha=lora_alpha, target_modules=target_modules or LM_TARGETS + VISION_TARGETS,
                   lora_dropout=0.0, bias="none", task_type=None, use_rslora=False, use_dora=False)
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
@@ -141,6 +144,20 @@ def timed(fn, device, repeats=20, warmup=3) -> float:
             fn()
             samples.append((time.perf_counter() - began) * 1e3)
     return statistics.median(samples)
+
+
+def syncs_in(function, device) -> int | None:
+    """Host synchronisations inside `function()`, counted by torch's sync debug mode (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum(1 for warning in caught if "synchroniz" in str(warning.message).lower())
 
 
 def synchronize(device):

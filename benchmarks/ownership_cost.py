@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import mmlora_fx  # noqa: E402
 from mmlora_fx import zoo  # noqa: E402
 from tests.families import llava_next_batch, qwen2_audio_batch  # noqa: E402
+from benchmarks.e2e import syncs_in  # noqa: E402
 from tests.peft_helpers import make_adapter  # noqa: E402
 
 SIZES = [[(336, 336)], [], [(336, 672), (672, 672)]]
@@ -117,19 +118,6 @@ def timed(function, repeats: int, device) -> list[float]:
 
 def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "runs": times}
-
-
-def syncs_in(function, device) -> int:
-    if device.type != "cuda":
-        return -1
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            function()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum(1 for warning in caught if "synchroniz" in str(warning.message).lower())
 
 
 def error(ours, reference) -> list[float]:
