@@ -17,6 +17,7 @@ are exactly as before.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterFolderError,
     AdapterTargetError,
     DuplicateAdapterError,
     PinnedAdapterError,
@@ -35,7 +39,7 @@ from .linear_index import LinearIndex
 from .peft_format import LoRAAdapter, read_adapter
 from .serving import ServingPlan
 
-__all__ = ["SlotBuffers", "AdapterManager", "BASE_NAMES"]
+__all__ = ["SlotBuffers", "AdapterManager", "AdapterStats", "BASE_NAMES"]
 
 # PEFT's convention for "no adapter" in a mixed batch, plus None.
 BASE_NAMES = (None, "__base__")
@@ -78,6 +82,29 @@ class _Entry:
     dropped: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass
+class AdapterStats:
+    """What the adapter tiers did since the manager was made (`mm.stats()` gives a copy).
+
+    GPU: a batch's adapter found in a slot is a hit, one written into a slot a miss (a slot write,
+    `slot_writes` and their host seconds: on a GPU the copies are queued, not waited for); a
+    resident adapter pushed out of its slot is a GPU eviction. CPU: a miss's adapter found in the
+    CPU cache is a hit, one read again from its directory a miss; disk reads (loads, reloads and
+    misses) count with their seconds; an adapter pushed out of the CPU cache is a CPU eviction."""
+
+    gpu_hits: int = 0
+    gpu_misses: int = 0
+    gpu_evictions: int = 0
+    cpu_hits: int = 0
+    cpu_misses: int = 0
+    cpu_evictions: int = 0
+    disk_reads: int = 0
+    disk_read_s: float = 0.0
+    slot_writes: int = 0
+    slot_write_s: float = 0.0
+    reloads: int = 0
+
+
 class AdapterManager:
     def __init__(
         self,
@@ -116,6 +143,7 @@ class AdapterManager:
         self._slots: list[str | None] = [None] * max_loras
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._pinned: set[str] = set()
+        self.stats = AdapterStats()
 
     # ------------------------------------------------------------------ what is known
     @property
@@ -147,6 +175,14 @@ class AdapterManager:
 
     # ------------------------------------------------------------------ loading
     def _read(self, name: str, path) -> tuple[LoRAAdapter, tuple[str, ...]]:
+        began = time.perf_counter()
+        try:
+            return self._read_validated(name, path)
+        finally:
+            self.stats.disk_reads += 1
+            self.stats.disk_read_s += time.perf_counter() - began
+
+    def _read_validated(self, name: str, path) -> tuple[LoRAAdapter, tuple[str, ...]]:
         adapter = read_adapter(name, path, self.linears, max_rank=self.max_lora_rank)
         unserved = sorted(module for module in adapter.modules if not self.serving.serves(module))
         if unserved and not self.serving.explicit:
@@ -193,6 +229,47 @@ class AdapterManager:
         for name, path in tqdm(items, desc="loading adapters", unit="adapter", disable=len(items) < 4 or None):
             self.load(name, path, pin=name in pin)
 
+    def load_folder(self, folder) -> list[str]:
+        """Load every adapter directory in `folder` (one holding `adapter_config.json`), each under
+        its directory's name, with a progress bar; return the names loaded, in name order.
+
+        A bad adapter does not stop the others: they are loaded, and then `AdapterFolderError`
+        names each one that failed with its own typed error. Names already loaded are refused
+        there too (use `reload` for new weights under a loaded name)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdapterFileError(None, f"{str(folder)!r} is not a directory of adapters")
+        found = sorted(path for path in folder.iterdir() if (path / "adapter_config.json").is_file())
+        loaded, failed = [], {}
+        for path in tqdm(found, desc="loading adapters", unit="adapter", disable=len(found) < 4 or None):
+            try:
+                self.load(path.name, path)
+            except AdapterError as error:
+                failed[path.name] = error
+            else:
+                loaded.append(path.name)
+        if failed:
+            raise AdapterFolderError(folder, failed, loaded)
+        return loaded
+
+    def reload(self, name: str, path=None) -> None:
+        """New weights under a loaded name, from `path` (by default its own directory, read again).
+
+        Validated first: a bad file leaves the old weights everywhere. Then every tier holds the
+        new ones: the CPU cache, and the GPU slot if resident (rewritten in place, so the next
+        forward serves them, CUDA-graph replays included); an evicted adapter is read from the new
+        path when a batch needs it."""
+        entry = self._entry(name)
+        path = entry.path if path is None else Path(path)
+        adapter, dropped = self._read(name, path)
+        # Nothing below can fail: commit.
+        self._known[name] = _Entry(path, dropped)
+        self.stats.reloads += 1
+        self._cache(name, adapter)
+        slot = self._resident.get(name)
+        if slot is not None:
+            self._write_slot(slot, adapter)
+
     def _cache(self, name: str, adapter: LoRAAdapter) -> None:
         self._cpu[name] = adapter
         self._cpu.move_to_end(name)
@@ -201,11 +278,14 @@ class AdapterManager:
             if victim is None:
                 break
             del self._cpu[victim]
+            self.stats.cpu_evictions += 1
 
     def _cpu_adapter(self, name: str) -> LoRAAdapter:
         if name in self._cpu:
             self._cpu.move_to_end(name)
+            self.stats.cpu_hits += 1
             return self._cpu[name]
+        self.stats.cpu_misses += 1
         adapter, _ = self._read(name, self._known[name].path)
         self._cache(name, adapter)
         return adapter
@@ -269,6 +349,8 @@ class AdapterManager:
         for name in distinct:
             if name in self._resident:
                 self._resident.move_to_end(name)
+        self.stats.gpu_hits += len(distinct) - len(missing)
+        self.stats.gpu_misses += len(missing)
         for name in missing:
             slot = self._free_slot(keep=distinct)
             self._write_slot(slot, adapters[name])
@@ -284,10 +366,17 @@ class AdapterManager:
             if name not in keep and name not in self._pinned:
                 del self._resident[name]
                 self._slots[slot] = None
+                self.stats.gpu_evictions += 1
                 return slot
         raise TooManyAdaptersError("no GPU slot can be freed")  # check_batch makes this unreachable
 
     def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        began = time.perf_counter()
+        self._write_slot_buffers(slot, adapter)
+        self.stats.slot_writes += 1
+        self.stats.slot_write_s += time.perf_counter() - began
+
+    def _write_slot_buffers(self, slot: int, adapter: LoRAAdapter) -> None:
         for module, buffers in self.buffers.items():
             weights = adapter.modules.get(module)
             if weights is None:

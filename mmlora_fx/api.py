@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .adapter_manager import AdapterStats
 from .backend import MMLoRABackend, our_errors_unwrapped
 from .errors import BatchError, VerificationError
 from .runtime import LoRARuntime, ServingOptions
@@ -180,6 +182,21 @@ class MultiLoRAModel:
 
     def load_adapter(self, name: str, path, pin: bool = False) -> None:
         self.runtime.manager.load(name, path, pin=pin)
+
+    def load_adapters(self, folder) -> list[str]:
+        """Load every adapter directory in `folder` under its directory's name (a progress bar when
+        there are many); see `AdapterManager.load_folder` for what happens to bad ones."""
+        return self.runtime.manager.load_folder(folder)
+
+    def reload_adapter(self, name: str, path=None) -> None:
+        """New weights under a loaded name (from `path`, or its directory read again): served from
+        the next call on, whichever tier held the old ones."""
+        self.runtime.manager.reload(name, path)
+
+    def stats(self) -> AdapterStats:
+        """A copy of the adapter tiers' counters: hits, misses and evictions per tier, disk reads
+        and slot writes with their seconds."""
+        return dataclasses.replace(self.runtime.manager.stats)
 
     def unload_adapter(self, name: str) -> None:
         self.runtime.manager.unload(name)

@@ -19,6 +19,7 @@ __all__ = [
     "DuplicateAdapterError",
     "UnknownAdapterError",
     "PinnedAdapterError",
+    "AdapterFolderError",
     "BatchError",
     "TooManyAdaptersError",
     "PartitionError",
@@ -90,6 +91,17 @@ class UnknownAdapterError(AdapterError, KeyError):
 
 class PinnedAdapterError(AdapterError):
     """Pinning would leave no room for other adapters, or the adapter is pinned."""
+
+
+class AdapterFolderError(AdapterError):
+    """Some adapters of a folder could not be loaded; the others were. `failed` maps each name
+    that failed to its error, `loaded` lists the names that were loaded."""
+
+    def __init__(self, folder, failed: dict, loaded: list):
+        self.failed, self.loaded = dict(failed), list(loaded)
+        first = next(iter(self.failed.values()))
+        super().__init__(None, f"{len(self.failed)} of the adapters in {str(folder)!r} could not be loaded "
+                               f"({', '.join(self.failed)}); the other {len(self.loaded)} were. First: {first}")
 
 
 class BatchError(MMLoRAError, ValueError):

@@ -337,3 +337,84 @@ def test_every_bad_adapter_is_refused_with_its_error_and_nothing_changes(tmp_pat
         manager.load("bad", _break(kind, adapters["c"], tmp_path / "bad"))
     assert "adapter 'bad'" in str(raised.value)
     assert_same(before, snapshot(manager))
+
+
+def slot_weights(manager, name):
+    """Every served module's (A, B) in `name`'s GPU slot."""
+    slot = manager.resident[name]
+    return {module: (b.lora_a[slot].clone(), b.lora_b[slot].clone()) for module, b in manager.buffers.items()}
+
+
+def weights_of(adapters, source, **options):
+    """The slot weights `source` gets in a fresh manager: what serving it must look like."""
+    fresh = make_manager(adapters, max_loras=1, **options)
+    fresh.load("x", adapters[source])
+    fresh.activate(["x"])
+    return slot_weights(fresh, "x")
+
+
+def assert_weights_equal(got, expected):
+    assert got.keys() == expected.keys()
+    for module, (a, b) in got.items():
+        assert torch.equal(a, expected[module][0]) and torch.equal(b, expected[module][1]), module
+
+
+@pytest.mark.parametrize("tier", ["gpu slot", "cpu cache", "disk only"])
+def test_reloading_a_name_serves_the_new_weights_in_every_tier(adapters, tier):
+    # "a" is reloaded with c's weights (another rank, rsLoRA): wherever "a" sat, the next batch gets c's.
+    manager = make_manager(adapters, max_loras=1, max_cpu_loras=1 if tier == "disk only" else 2)
+    manager.load("a", adapters["a"])
+    manager.activate(["a"])
+    if tier != "gpu slot":
+        manager.load("b", adapters["b"])  # with one CPU entry, a leaves the CPU cache
+        manager.activate(["b"])  # and its GPU slot
+        assert "a" not in manager.resident and ("a" in manager.cpu_cached) == (tier == "cpu cache")
+    manager.reload("a", adapters["c"])
+    manager.activate(["a"])
+    assert_weights_equal(slot_weights(manager, "a"), weights_of(adapters, "c"))
+
+
+def test_a_failed_reload_keeps_the_old_weights_everywhere(tmp_path, adapters):
+    manager = make_manager(adapters, max_loras=2)
+    manager.load("a", adapters["a"])
+    manager.activate(["a"])
+    shutil.copytree(adapters["b"], tmp_path / "broken")
+    (tmp_path / "broken" / WEIGHTS_FILE).write_bytes(b"garbage")
+    before = snapshot(manager)
+    with pytest.raises(AdapterError, match="corrupt or unreadable"):
+        manager.reload("a", tmp_path / "broken")
+    assert_same(before, snapshot(manager))
+    with pytest.raises(UnknownAdapterError):
+        manager.reload("nobody", adapters["b"])
+
+
+def test_a_folder_loads_every_good_adapter_and_names_the_bad_ones(tmp_path, adapters):
+    from mmlora_fx.errors import AdapterFolderError
+
+    folder = tmp_path / "folder"
+    for name in "bcd":
+        shutil.copytree(adapters[name], folder / name)
+    (folder / "c" / WEIGHTS_FILE).write_bytes(b"garbage")
+    (folder / "notes").mkdir()  # no adapter_config.json: not an adapter, skipped
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=4)
+    manager.load("a", adapters["a"])
+    manager.activate(["a"])
+    with pytest.raises(AdapterFolderError, match=r"1 of the adapters .* could not be loaded \(c\)") as raised:
+        manager.load_folder(folder)
+    assert raised.value.loaded == ["b", "d"] and isinstance(raised.value.failed["c"], AdapterError)
+    assert manager.names == ["a", "b", "d"] and "a" in manager.resident
+    with pytest.raises(AdapterError, match="not a directory"):
+        manager.load_folder(tmp_path / "nowhere")
+
+
+def test_stats_count_hits_misses_evictions_and_reads_per_tier(adapters):
+    manager = make_manager(adapters, max_loras=1, max_cpu_loras=1)
+    manager.load("a", adapters["a"])  # one disk read
+    manager.load("b", adapters["b"])  # one disk read; a leaves the CPU cache
+    manager.activate(["b"])  # GPU miss, CPU hit, one slot write
+    manager.activate(["b"])  # GPU hit
+    manager.activate(["a"])  # GPU miss and eviction of b, CPU miss (a disk read), b leaves the CPU cache
+    stats = manager.stats
+    assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_evictions) == (1, 2, 1)
+    assert (stats.cpu_hits, stats.cpu_misses, stats.cpu_evictions) == (1, 1, 2)
+    assert stats.disk_reads == 3 and stats.disk_read_s > 0 and stats.slot_writes == 2 and stats.slot_write_s > 0

@@ -113,8 +113,17 @@ def test_swapping_adapters_needs_no_recompilation(served, tmp_path):
     names = ["dave", None, "bob"]
     with torch.no_grad():
         assert_matches_peft(served, batch, names, served.mm(**batch, adapter_names=names).logits)
+    # Same name, new weights: bob serves dave's from the next call on (its slot rewritten in place).
+    reloads = served.mm.stats().reloads
+    served.mm.reload_adapter("bob", dave)
+    batch = batch_for(served, seed=5)
+    with torch.no_grad():
+        assert_matches_peft(served, batch, ["dave", None, "carol"],
+                            served.mm(**batch, adapter_names=["bob", None, "carol"]).logits)
+    assert served.mm.stats().reloads == reloads + 1
     assert served.mm.compiled_graphs == compiled, "adapter changes must not recompile"
-    served.mm.load_adapter("alice", served.paths["alice"])  # restore for the tests that follow
+    served.mm.reload_adapter("bob", served.paths["bob"])  # restore for the tests that follow
+    served.mm.load_adapter("alice", served.paths["alice"])
 
 
 def test_greedy_generate_gives_peft_tokens_per_request(served):
