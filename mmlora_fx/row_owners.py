@@ -29,6 +29,7 @@ to their clips instead (`probe_tower_rows`), and owned run by run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -80,6 +81,24 @@ def _tensors_of(args, kwargs):
             yield value
 
 
+@contextlib.contextmanager
+def _stopping_at(modules: Sequence[nn.Module], stop_for):
+    """`stop_for(module)` as the instance `forward` of each of `modules` for the scope; whatever
+    instance `forward` they had before (accelerate's device hooks set one) is put back, the class's
+    is untouched."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = stop_for(module)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, saved):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
 def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots: Sequence[str]) -> ProbeResult:
     """Run `model`'s uncompiled forward on tagged inputs until a tower root is entered; return, per
     unit of the tower's input, the index along its source input's leading dimension it came from.
@@ -106,20 +125,15 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
     def stop(*args, **kwargs):
         raise _TowerEntered(args, kwargs)
 
-    for root in roots:
-        root.forward = stop  # an instance attribute, deleted below: the class's forward is untouched
     entered = None
     try:
-        with torch.no_grad():
+        with _stopping_at(roots, lambda root: stop), torch.no_grad():
             model.forward(**tagged)
     except _TowerEntered as reached:
         entered = reached
     except Exception as error:  # the family's own code refused the tags: say so, fall back safely
         return ProbeResult(None, f"the forward on tagged inputs stopped before the tower: {type(error).__name__}: "
                                  f"{str(error)[:200]}")
-    finally:
-        for root in roots:
-            del root.forward
     if entered is None:
         return ProbeResult(None, "the forward never entered the tower")
     limit = sum(entries for _, entries in ranges.values())
@@ -156,26 +170,28 @@ class RowProbe:
     runs: list[tuple[int, int]] | None
     rows: int = 0
     reason: str = ""
+    module: str | None = None  # the linear whose rows these are
 
 
-def _stopped_input(model: nn.Module, batch: Mapping[str, object], stop_at: Sequence[nn.Module]) -> torch.Tensor | None:
-    """The first input of the first module of `stop_at` that `model`'s uncompiled forward on `batch` calls."""
+def _stopped_input(model: nn.Module, batch: Mapping[str, object],
+                   stop_at: Sequence[nn.Module]) -> tuple[torch.Tensor | None, nn.Module | None]:
+    """The first input of the first module of `stop_at` that `model`'s uncompiled forward on `batch`
+    calls, and that module."""
+    reached_module = []
 
-    def stop(*args, **kwargs):
-        raise _TowerEntered(args, kwargs)
+    def stopper(module):
+        def stop(*args, **kwargs):
+            reached_module.append(module)
+            raise _TowerEntered(args, kwargs)
+        return stop
 
-    for module in stop_at:
-        module.forward = stop  # an instance attribute, deleted below: the class's forward is untouched
     try:
-        with torch.no_grad():
+        with _stopping_at(stop_at, stopper), torch.no_grad():
             model.forward(**batch)
     except _TowerEntered as reached:
         first = next(_tensors_of(reached.args, reached.kwargs), None)
-        return first.detach() if first is not None else None
-    finally:
-        for module in stop_at:
-            del module.forward
-    return None
+        return (first.detach() if first is not None else None), reached_module[0]
+    return None, None
 
 
 def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
@@ -188,8 +204,10 @@ def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
     linear, with entries poisoned by their index's bits: for bit `b`, once with NaN in the entries
     whose bit is 1 and once in those whose bit is 0 (zeros kept, as the tags keep them). A row
     from one entry is NaN in exactly one run of each pair, which spells the entry; a row from no
-    entry or from two is NaN in neither or both, and the rows are not told. 2 x ceil(log2 entries)
-    forwards of the family's code up to its tower's first linear: the stem, no layer.
+    entry or from two is NaN in neither or both, and the rows are not told; so is a first call that
+    sees only some entries (a tower running its linear on windows of the rows). 2 x max(1,
+    ceil(log2 entries)) forwards of the family's code up to that linear: the stem only where the
+    tower's first linear is served (otherwise the layers before the first served one run too).
     """
     value = batch[key]
     modules = dict(model.named_modules())
@@ -200,7 +218,8 @@ def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
     bits = max(1, (entries - 1).bit_length())
     index = torch.arange(entries, device=value.device).view((entries,) + (1,) * (value.dim() - 1))
     nan = torch.full((), float("nan"), dtype=value.dtype, device=value.device)
-    spelled, rows = None, None
+    spelled, rows, reached = None, None, None
+    names_of = {id(module): name for name, module in modules.items()}
     for bit in range(bits):
         poisoned_in = []
         for rail in (1, 0):
@@ -208,16 +227,16 @@ def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
             batch_now = dict(batch)
             batch_now[key] = torch.where(chosen & (value != 0), nan, value)
             try:
-                seen = _stopped_input(model, batch_now, stop_modules)
+                seen, module = _stopped_input(model, batch_now, stop_modules)
             except Exception as error:  # the family's own code refused NaN: say so, fall back safely
                 return RowProbe(None, reason=f"the forward on poisoned inputs failed: {type(error).__name__}: "
                                              f"{str(error)[:200]}")
             if seen is None or seen.dim() == 0:
                 return RowProbe(None, reason="the forward never reached the tower's first served linear")
             flat = seen.reshape(-1, seen.shape[-1])
-            if rows is not None and flat.shape[0] != rows:
-                return RowProbe(None, reason="the tower's first served linear saw a different number of rows per run")
-            rows = flat.shape[0]
+            if (rows is not None and flat.shape[0] != rows) or (reached is not None and module is not reached):
+                return RowProbe(None, reason="the poisoned forwards reached different linears or rows")
+            rows, reached = flat.shape[0], module
             poisoned_in.append(torch.isnan(flat).any(dim=-1))
         one, zero = poisoned_in
         if not bool((one ^ zero).all()):
@@ -227,13 +246,22 @@ def probe_tower_rows(model: nn.Module, batch: Mapping[str, object], key: str,
     owners = spelled.tolist()
     if any(entry >= entries for entry in owners):
         return RowProbe(None, rows=rows, reason="a row of the tower's first served linear spells no input entry")
+    # Every entry with values must be in these rows: a tower that runs its linear once per window
+    # of the joined rows shows the probe its first window only, and runs from it would be applied
+    # to the other windows' rows.
+    present = (value.reshape(entries, -1) != 0).any(dim=1).nonzero().flatten().tolist()
+    missing = sorted(set(present) - set(owners))
+    if missing:
+        return RowProbe(None, rows=rows, reason=f"the first call of the tower's first served linear saw {len(set(owners))} "
+                                                f"of the {len(present)} {key} entries (the tower runs it on part of "
+                                                "the rows at a time)")
     runs: list[tuple[int, int]] = []
     for entry in owners:
         if runs and runs[-1][0] == entry:
             runs[-1] = (entry, runs[-1][1] + 1)
         else:
             runs.append((entry, 1))
-    return RowProbe(runs, rows=rows)
+    return RowProbe(runs, rows=rows, module=names_of.get(id(reached)))
 
 
 def token_name(modality: str) -> str:
@@ -270,6 +298,11 @@ def image_token_runs(input_ids: torch.Tensor, token_ids: Sequence[int]) -> list[
     return starts.sum(dim=-1).tolist()
 
 
+def items_word(what: str) -> str:
+    """A modality's items in messages: "images", "audio items"."""
+    return "images" if what == "image" else f"{what} items"
+
+
 def count_name(what: str) -> str:
     """The call argument that gives a modality's items per request, as messages name it."""
     return "images_per_request" if what == "image" else f"items_per_request[{what!r}]"
@@ -286,11 +319,11 @@ def images_of_requests(image_count: int, image_tokens: Sequence[int], runs: Sequ
         if len(counts) != requests:
             raise BatchError(f"{given} has {len(counts)} entries but the batch has {requests} requests")
         if sum(counts) != image_count:
-            raise BatchError(f"{given} says {sum(counts)} {what}s but the batch has {image_count}")
+            raise BatchError(f"{given} says {sum(counts)} {items_word(what)} but the batch has {image_count}")
         mismatched = [row for row, (count, tokens) in enumerate(zip(counts, image_tokens)) if (count > 0) != (tokens > 0)]
         if mismatched:
             row = mismatched[0]
-            raise BatchError(f"{given} gives request {row} {counts[row]} {what}s, but it has "
+            raise BatchError(f"{given} gives request {row} {counts[row]} {items_word(what)}, but it has "
                              f"{image_tokens[row]} {what} tokens")
         how = given
     elif sum(1 for tokens in image_tokens if tokens) == image_count:
@@ -317,6 +350,7 @@ class UnitOwnership:
     # request and its length, and the rows in all, as the tower's first served linear saw them.
     row_runs: list[tuple[int, int]] | None = None
     rows: int | None = None
+    rows_module: str | None = None  # the linear whose rows were traced (its partition's layers use the runs)
 
     @property
     def units(self) -> int | None:
@@ -334,12 +368,12 @@ class UnitOwnership:
             return cls.unknown(probe.reason)
         sources = probe.sources
         if any(later < earlier for earlier, later in zip(sources, sources[1:])):
-            return cls.unknown(f"the tower received its units out of the {what}s' order", len(sources))
+            return cls.unknown(f"the tower received its units out of the {items_word(what)}' order", len(sources))
         images = sorted(set(sources))  # input entries that reached the tower (padding ones do not)
         if images_per_request is not None and sum(images_per_request) != len(images):
             # The entries are not images (all images' patches as rows, say): nothing to map them by.
             return cls.unknown(f"the tower received {len(images)} input entries, not the {sum(images_per_request)} "
-                               f"{what}s {count_name(what)} gives", len(sources))
+                               f"{items_word(what)} {count_name(what)} gives", len(sources))
         image_owner, how = images_of_requests(len(images), image_tokens, runs, images_per_request, what)
         if image_owner is not None:
             owner_of = dict(zip(images, image_owner))
@@ -364,7 +398,7 @@ class UnitOwnership:
             return cls.unknown(probe.reason)
         entries = [entry for entry, _ in probe.runs]
         if any(later < earlier for earlier, later in zip(entries, entries[1:])):
-            return cls.unknown(f"the tower's rows come out of the {what}s' order")
+            return cls.unknown(f"the tower's rows come out of the {items_word(what)}' order")
         items = sorted(set(entries))
         item_owner, how = images_of_requests(len(items), image_tokens, runs, images_per_request, what)
         if item_owner is None:
@@ -372,7 +406,7 @@ class UnitOwnership:
                                f"belong to which request ({what} tokens per request {_short(image_tokens)})")
         owner_of = dict(zip(items, item_owner))
         return cls(None, f"rows traced to their {key} entries; {how}", row_runs=[(owner_of[entry], count)
-                   for entry, count in probe.runs], rows=probe.rows)
+                   for entry, count in probe.runs], rows=probe.rows, rows_module=probe.module)
 
 
 def outermost(prefixes: Sequence[str]) -> list[str]:

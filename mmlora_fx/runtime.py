@@ -106,6 +106,7 @@ class LoRARuntime:
         self._stream_rows: collections.Counter[str] = collections.Counter()  # per module, rows seen this forward
         self._stream_modules: dict[str, tuple[str, int]] = {}
         self._plans: dict[tuple[str, ...], tuple] = {}
+        self._traced_tables_used: set[str] = set()  # modalities whose layers have read the unit tables
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
         self.eager_scope: Callable[[], bool] | None = None
@@ -160,6 +161,13 @@ class LoRARuntime:
         tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
         units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
                  for modality in self.modalities}
+        for modality in sorted(self._traced_tables_used):
+            traced = units[modality]
+            if any(tokens[modality]) and traced.owners is None and traced.row_runs is None:
+                # Layers that read the unit tables before may be replayed from CUDA graphs with
+                # those addresses baked in: tables left from an earlier batch would be read.
+                raise BatchError(f"the {modality} tower's layers were served from its traced units or rows, but this "
+                                 f"batch's cannot be traced ({traced.how}): which request owns its rows cannot be told")
         slots = self.manager.activate(adapter_names)
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
         for partition, modality in self.modality_partitions.items():
@@ -262,8 +270,10 @@ class LoRARuntime:
 
         Language model: one weight per request. Tower and connector: rows laid out `[units, ...]`,
         with as many units as the tower received, belong unit by unit to the units' requests (exact,
-        for any number of rows per unit); other layouts (all images' patches in one sequence) are
-        shared by image tokens, which holds where rows follow tokens and is checked where it cannot.
+        for any number of rows per unit); rows of the partition the row probe traced, as many as it
+        saw, belong run by run to the runs' requests; other layouts (all images' patches in one
+        sequence) are shared by image tokens, which holds where rows follow tokens and is checked
+        where it cannot.
         """
         rows = x.numel() // x.shape[-1]
         if table.partition == LANGUAGE_MODEL:
@@ -274,12 +284,21 @@ class LoRARuntime:
         self._calls[module] += 1
         if rows_are_units(x.shape, units):
             self.ownership[module] = f"per unit ({units} units; {traced.how})"
+            self._traced_tables_used.add(self.modality_partitions[table.partition])
             unit_table = self.unit_tables[table.partition]
             # Views of fixed buffers: the same addresses at every CUDA-graph replay.
             return unit_table.request_slots[:units], unit_table.request_cum_weights[:units + 1], unit_table.tile_plan
-        if traced.row_runs is not None and rows == traced.rows:
-            # The rows the probe traced, run by run (all items' rows in one sequence).
+        if (traced.row_runs is not None and rows == traced.rows
+                and self.linears[traced.rows_module].partition == table.partition):
+            # The rows the probe traced, run by run (all items' rows in one sequence): for the
+            # layers of the partition probed, each seeing them once per forward, whole.
+            if self._calls[module] > 1:
+                raise BatchError(
+                    f"{module} ({table.partition}) ran {self._calls[module]} times in one forward on {rows} rows each, "
+                    f"but the rows traced ({traced.rows_module}'s first call) are the whole batch's: which request "
+                    "these rows belong to cannot be told")
             self.ownership[module] = f"per row ({rows} rows in {len(traced.row_runs)} runs; {traced.how})"
+            self._traced_tables_used.add(self.modality_partitions[table.partition])
             unit_table, runs = self.unit_tables[table.partition], len(traced.row_runs)
             return unit_table.request_slots[:runs], unit_table.request_cum_weights[:runs + 1], unit_table.tile_plan
         if units is None and rows_are_units(x.shape, traced.received):

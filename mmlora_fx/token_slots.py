@@ -67,7 +67,8 @@ class TokenSlotTable:
                 raise BatchError(
                     f"a {self.partition} layer saw {rows} rows, but no request of the batch owns any {self.partition} "
                     "row (requests are weighed by their image tokens, and this batch has none): mmlora_fx cannot tell "
-                    "which request these rows belong to. Towers of other modalities (audio) are not served yet; "
+                    "which request these rows belong to (a tower named for a modality its rows are not of, by "
+                    "partition_overrides?); "
                     "leave this partition out with partitions=[...]"
                 )
             return

@@ -138,3 +138,34 @@ def test_rows_mixing_two_clips_are_not_told():
     # Convolved across the joined sequence, the rows at each seam come from two clips.
     probe = probe_tower_rows(_JoiningThinker(per_clip=False), _clips([5, 12, 3]), "input_features", ["tower.fc"])
     assert probe.runs is None and "from no input entry or from two" in probe.reason
+
+
+class _WindowedThinker(_JoiningThinker):
+    """Runs its tower's linear on fixed windows of the joined rows: its first call sees part of them."""
+
+    def __init__(self):
+        super().__init__(per_clip=True)
+
+    def forward(self, input_features, feature_attention_mask):
+        joined = input_features.permute(0, 2, 1)[feature_attention_mask.bool()].permute(1, 0)
+        lengths = feature_attention_mask.sum(-1).tolist()
+        rows = torch.cat([self.tower["conv"](clip[None])[0] for clip in joined.split(lengths, dim=1)], dim=1).T
+        return torch.cat([self.tower["fc"](window) for window in rows.split(8)])
+
+
+def test_rows_seen_in_windows_are_not_told():
+    # Clips of 4, 4 and 8 frames: the first window holds clips 0 and 1 only, and its runs would be
+    # applied to the second window's rows too (clip 2's): refused instead.
+    probe = probe_tower_rows(_WindowedThinker(), _clips([4, 4, 8]), "input_features", ["tower.fc"])
+    assert probe.runs is None and "saw 2 of the 3 input_features entries" in probe.reason
+
+
+def test_a_probe_puts_back_the_instance_forward_it_found():
+    # accelerate's device hooks set an instance forward on modules; the probe must not drop it.
+    model = _JoiningThinker(per_clip=True)
+    hooked = model.tower["fc"].forward
+    model.tower["fc"].forward = hooked
+    probe = probe_tower_rows(model, _clips([5, 3]), "input_features", ["tower.fc"])
+    assert probe.runs == [(0, 5), (1, 3)] and probe.module == "tower.fc"
+    assert model.tower["fc"].__dict__["forward"] is hooked
+    assert "forward" not in model.tower["conv"].__dict__
