@@ -76,6 +76,9 @@ class MultiLoRAModel:
             raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
         items = dict(items_per_request or {})
         if images_per_request is not None:
+            if "image" in items:
+                raise BatchError("images per request given twice (images_per_request and items_per_request['image']): "
+                                 "give them once")
             items["image"] = images_per_request
         self.runtime.prepare(adapter_names, input_ids, has_images, inputs=batch, items_per_request=items)
 

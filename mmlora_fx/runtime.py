@@ -156,8 +156,13 @@ class LoRARuntime:
         items = dict(items_per_request or {})
         unknown = sorted(set(items) - {token_name(modality) for modality in self.modalities})
         if unknown:
-            raise BatchError(f"items_per_request names {unknown}, but this model's towers take "
+            raise BatchError(f"{', '.join(count_name(key) for key in unknown)} given, but this model's towers take "
                              f"{[token_name(modality) for modality in self.modalities]}")
+        for key, counts in items.items():
+            # Checked whether or not the counts are needed for this batch: a wrong call fails every time.
+            if len(counts) != len(adapter_names):
+                raise BatchError(f"{count_name(key)} has {len(counts)} entries but the batch has {len(adapter_names)} "
+                                 "requests")
         tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
         units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
                  for modality in self.modalities}

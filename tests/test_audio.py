@@ -176,7 +176,11 @@ def test_items_per_request_must_name_a_modality_of_the_model(voxtral):
     base, paths, _ = voxtral
     batch = voxtral_batch([1, 0, 1], seed=2)
     mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
-    with torch.no_grad(), pytest.raises(BatchError, match=r"names \['image'\], but this model's towers take \['audio'\]"):
+    with torch.no_grad(), pytest.raises(BatchError, match=r"images_per_request given, but this model's towers take \['audio'\]"):
         mm.eager(**batch.inputs, adapter_names=NAMES, items_per_request={"image": [1, 0, 1]})
+    with torch.no_grad(), pytest.raises(BatchError, match=r"items_per_request\['audio'\] has 2 entries but the batch has 3"):
+        mm.eager(**batch.inputs, adapter_names=NAMES, items_per_request={"audio": [1, 0]})
+    with torch.no_grad(), pytest.raises(BatchError, match="given twice"):
+        mm.eager(**batch.inputs, adapter_names=NAMES, images_per_request=[1, 0, 1], items_per_request={"image": [1, 0, 1]})
     with torch.no_grad(), pytest.raises(BatchError, match=r"received 2 input entries, not the 3 audio items items_per_request\['audio'\] gives"):
         mm.eager(**batch.inputs, adapter_names=NAMES, items_per_request={"audio": [1, 0, 2]})
