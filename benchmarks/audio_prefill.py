@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import e2e  # noqa: E402
+from benchmarks.run_record import checkout_commit, versions  # noqa: E402
 from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
 from mmlora_fx import zoo  # noqa: E402
 
@@ -437,26 +438,6 @@ def run_once(args) -> int:
 
 
 # --------------------------------------------------------------------------- the runs
-def versions() -> dict:
-    import transformers
-
-    found = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
-    for name in ("triton", "peft"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError:
-            found[name] = None
-    return found
-
-
-def checkout_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def summarise(runs: list[dict]) -> dict:
     done = [run for run in runs if "base_ms" in run and "mmlora_ms" in run]
 

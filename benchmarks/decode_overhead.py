@@ -105,6 +105,7 @@ sys.path.insert(0, str(HERE))  # e2e
 import torch  # noqa: E402
 
 import e2e  # noqa: E402
+from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 
 SMI_FIELDS = "clocks.sm,clocks.mem,temperature.gpu,power.draw"
@@ -181,26 +182,6 @@ def spread(values: list[float]) -> dict | None:
 
 def parse_ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
-
-
-def versions() -> dict:
-    import importlib.metadata as metadata
-
-    found = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
-    for package in ("triton", "transformers", "peft"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def git_head() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def smi_ids() -> list[str]:
@@ -700,7 +681,7 @@ def parent(args) -> int:
         log("main", t0, "no --commit given: the local git HEAD is recorded (stale on the device)")
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.executable).name, *sys.argv]), commit=args.commit, git_head_here=git_head(),
+        command=" ".join([Path(sys.executable).name, *sys.argv]), commit=args.commit, git_head_here=checkout_commit(),
         versions=versions(), settings=config, spec="TINY" if config["tiny"] else "SEVEN_B", kv=e2e.KV,
         rank=e2e.RANK, device=None, gpu=None)
     if not config["tiny"]:

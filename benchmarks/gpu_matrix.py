@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import mmlora_fx  # noqa: E402
 from mmlora_fx import zoo  # noqa: E402
+from benchmarks.run_record import checkout_commit, versions  # noqa: E402
 from tests.peft_helpers import make_adapter, peft_model_with  # noqa: E402
 
 NAMES = ["alice", None, "bob"]
@@ -274,20 +275,6 @@ def run_family(name: str, workdir: Path, device: torch.device, dtype: torch.dtyp
     return result
 
 
-def git_commit() -> str | None:
-    """The checkout's commit, `+dirty` when tracked files differ from it; None without git."""
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results")
@@ -299,14 +286,9 @@ def main() -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import peft
-    import transformers
-    import triton
-
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                           "transformers": transformers.__version__, "peft": peft.__version__},
-              "command": " ".join(sys.argv), "commit": git_commit(), "families": []}
+              "versions": versions(),
+              "command": " ".join(sys.argv), "commit": checkout_commit(), "families": []}
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.families.split(","):
             try:
