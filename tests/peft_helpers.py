@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,3 +35,41 @@ def lora_layers(peft_model):
     prefix = "base_model.model."
     return {name[len(prefix):]: module for name, module in peft_model.named_modules()
             if isinstance(module, LoraLayer)}
+
+
+class PeftFamily(NamedTuple):
+    """A base model, its adapters on disk by name, and a PEFT model holding them all."""
+
+    base: torch.nn.Module
+    paths: dict
+    peft: object
+
+
+def peft_family(root, build, targets, names=("alice", "bob")) -> PeftFamily:
+    """`build()` with one rank-4 adapter per name over `targets`, saved under `root`."""
+    base = build()
+    paths = {name: make_adapter(base, root / name, targets, r=4, lora_alpha=9, seed=index)
+             for index, name in enumerate(names)}
+    return PeftFamily(base, paths, peft_model_with(base, paths))
+
+
+def peft_logits(peft_model, single: dict, name):
+    """What PEFT gives for one request alone with adapter `name` (None or "__base__": the base model)."""
+    with torch.no_grad():
+        if name in (None, "__base__"):
+            with peft_model.disable_adapter():
+                return peft_model(**single).logits[0]
+        peft_model.set_adapter(name)
+        return peft_model(**single).logits[0]
+
+
+def relative_error(ours, reference) -> float:
+    """The largest absolute difference over the reference's largest magnitude (in float32)."""
+    return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+def assert_rows_equal_peft(peft_model, singles, logits, names, label="") -> None:
+    """Row `r` of `logits` equals PEFT on `singles[r]` alone with adapter `names[r]`, to 1e-4."""
+    for row, (single, name) in enumerate(zip(singles, names)):
+        error = relative_error(logits[row], peft_logits(peft_model, single, name))
+        assert error <= 1e-4, (label, row, name, error)

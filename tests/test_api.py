@@ -14,7 +14,7 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.errors import BatchError, TooManyAdaptersError, UnknownAdapterError, VerificationError
 
-from .peft_helpers import all_targets, make_adapter, peft_model_with
+from .peft_helpers import all_targets, make_adapter, peft_logits, peft_model_with, relative_error
 
 FAMILIES = list(zoo.ZOO)
 RANKS = {"alice": 2, "bob": 4, "carol": 8}
@@ -43,22 +43,9 @@ def batch_for(served, counts=(0, 1, 2), seed=0):
     return zoo.make_batch(served.base, counts, item_sizes=image_sizes(served.family, list(counts)), seed=seed)
 
 
-def peft_logits(served, single, name):
-    with torch.no_grad():
-        if name in (None, "__base__"):
-            with served.peft.disable_adapter():
-                return served.peft(**single).logits[0]
-        served.peft.set_adapter(name)
-        return served.peft(**single).logits[0]
-
-
-def relative_error(ours, reference):
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
-
-
 def assert_matches_peft(served, batch, names, logits):
     for row, (single, name) in enumerate(zip(zoo.split_batch(served.base, batch), names)):
-        reference = peft_logits(served, single, name)
+        reference = peft_logits(served.peft, single, name)
         assert relative_error(logits[row], reference) <= 1e-4, (served.family, row, name)
         if name not in (None, "__base__"):
             with torch.no_grad():

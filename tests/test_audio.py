@@ -14,7 +14,7 @@ from mmlora_fx.errors import BatchError, PartitionError
 
 from .families import (OMNI_TARGETS, QWEN2_AUDIO_TARGETS, VOXTRAL_TARGETS, build_audioflamingo3, build_qwen2_5_omni,
                        build_qwen2_audio, build_voxtral, omni_batch, qwen2_audio_batch, voxtral_batch)
-from .peft_helpers import make_adapter, peft_model_with
+from .peft_helpers import assert_rows_equal_peft, peft_family
 
 NAMES = ["alice", None, "bob"]
 # A long clip; none; a short one and a full one: 23, 0 and 8 + 25 audio tokens for 50 tower rows each.
@@ -22,11 +22,7 @@ FRAMES = [[90], [], [30, 100]]
 
 
 def _family(tmp_path_factory, name, build, targets):
-    root = tmp_path_factory.mktemp(name)
-    base = build()
-    paths = {adapter: make_adapter(base, root / adapter, targets, r=4, lora_alpha=9, seed=index)
-             for index, adapter in enumerate(["alice", "bob"])}
-    return base, paths, peft_model_with(base, paths)
+    return peft_family(tmp_path_factory.mktemp(name), build, targets)
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +52,9 @@ def served_equals_peft(family, batch, names=NAMES, **call):
     mm = mmlora_fx.compile(copy.deepcopy(base), paths, max_loras=2, inner="eager")
     with torch.no_grad():
         for run in (mm.eager, mm):
-            assert_equals_peft(peft, batch, run(**batch.inputs, adapter_names=names, **call).logits, names, run)
+            assert_rows_equal_peft(peft, batch.singles, run(**batch.inputs, adapter_names=names, **call).logits,
+                                   names, run)
     return mm
-
-
-def assert_equals_peft(peft, batch, logits, names=NAMES, label=""):
-    for row, (single, name) in enumerate(zip(batch.singles, names)):
-        reference = peft_reference(peft, single, name)
-        error = ((logits[row] - reference).abs().max() / reference.abs().max()).item()
-        assert error <= 1e-4, (label, row, name, error)
-
-
-def peft_reference(peft, single, name):
-    with torch.no_grad():
-        if name is None:
-            with peft.disable_adapter():
-                return peft(**single).logits[0]
-        peft.set_adapter(name)
-        return peft(**single).logits[0]
 
 
 def test_the_audio_tower_and_its_projector_are_partitions_of_their_own(qwen2_audio):

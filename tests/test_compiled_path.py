@@ -19,7 +19,7 @@ from mmlora_fx.capture import GraphRecord
 from mmlora_fx.errors import CaptureError, CoverageError
 
 from .families import MISTRAL3_TARGETS, build_mistral3, mistral3_batch
-from .peft_helpers import make_adapter, peft_model_with
+from .peft_helpers import assert_rows_equal_peft, make_adapter, peft_model_with
 
 NAMES = ["alice", None, "bob"]
 # One 32x32 image, none, and two of other aspect ratios: the merger sees each image's own grid.
@@ -43,20 +43,8 @@ def mistral3(tmp_path_factory):
     return Setting(base, paths, peft_model_with(base, paths), mistral3_batch(SIZES, seed=1))
 
 
-def peft_logits(setting, single, name):
-    with torch.no_grad():
-        if name is None:
-            with setting.peft.disable_adapter():
-                return setting.peft(**single).logits[0]
-        setting.peft.set_adapter(name)
-        return setting.peft(**single).logits[0]
-
-
 def assert_equals_peft(setting, logits, names=NAMES):
-    for row, (single, name) in enumerate(zip(setting.batch.singles, names)):
-        reference = peft_logits(setting, single, name)
-        error = ((logits[row] - reference).abs().max() / reference.abs().max()).item()
-        assert error <= 1e-4, (row, name, error)
+    assert_rows_equal_peft(setting.peft, setting.batch.singles, logits, names)
 
 
 def serve(setting, adapters=("alice", "bob")):

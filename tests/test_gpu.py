@@ -10,7 +10,7 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.graph_captures import CudaGraphCaptures
 
-from .peft_helpers import all_targets, make_adapter
+from .peft_helpers import all_targets, make_adapter, relative_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -19,10 +19,6 @@ def rewind(cache, length: int) -> None:
     """Set a static cache back to `length` tokens (it appends at its own running length)."""
     for layer in cache.layers:
         layer.cumulative_length.fill_(length)
-
-
-def relative_error(ours, reference):
-    return ((ours.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])

@@ -10,7 +10,6 @@ Each request is compared with PEFT on that request alone (float32, 1e-4).
 """
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from mmlora_fx.errors import BatchError
 
 from .families import (LFM2_TARGETS, LLAVA_NEXT_TARGETS, build_lfm2_vl, build_llava_next, lfm2_vl_batch,
                        llava_next_batch)
-from .peft_helpers import make_adapter, peft_model_with
+from .peft_helpers import assert_rows_equal_peft, peft_family
 
 NAMES = ["alice", None, "bob"]
 # One small image; none; a wide one and a large one: 3, 0 and 3 + 5 crops, 36, 0 and 52 + 88 tokens.
@@ -29,19 +28,8 @@ LLAVA_NEXT_SIZES = [[(16, 16)], [], [(16, 30), (32, 32)]]
 LFM2_GRIDS = [[(4, 6)], [], [(8, 8), (6, 4)]]
 
 
-@dataclasses.dataclass
-class Family:
-    base: torch.nn.Module
-    paths: dict
-    peft: object
-
-
 def _family(tmp_path_factory, name, build, targets):
-    root = tmp_path_factory.mktemp(name)
-    base = build()
-    paths = {adapter: make_adapter(base, root / adapter, targets, r=4, lora_alpha=9, seed=index)
-             for index, adapter in enumerate(["alice", "bob"])}
-    return Family(base, paths, peft_model_with(base, paths))
+    return peft_family(tmp_path_factory.mktemp(name), build, targets)
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +43,7 @@ def lfm2_vl(tmp_path_factory):
 
 
 def assert_equals_peft(family, batch, logits, names=NAMES):
-    for row, (single, name) in enumerate(zip(batch.singles, names)):
-        with torch.no_grad():
-            if name is None:
-                with family.peft.disable_adapter():
-                    reference = family.peft(**single).logits[0]
-            else:
-                family.peft.set_adapter(name)
-                reference = family.peft(**single).logits[0]
-        error = ((logits[row] - reference).abs().max() / reference.abs().max()).item()
-        assert error <= 1e-4, (row, name, error)
+    assert_rows_equal_peft(family.peft, batch.singles, logits, names)
 
 
 def served(family, **options):
