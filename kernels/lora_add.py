@@ -230,12 +230,10 @@ def lora_add_triton(
 
 def lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan=None) -> None:
     """The op's body, for callers already inside a custom op: Triton on CUDA, the reference elsewhere."""
-    tables = BatchTables(slot_ranks, request_slots, request_cum_weights, tile_plan)
     if x.is_cuda:
-        launch(outputs, x, lora_a, lora_b, tables)
+        launch(outputs, x, lora_a, lora_b, BatchTables(slot_ranks, request_slots, request_cum_weights, tile_plan))
     else:
-        lora_add_reference(outputs, x, lora_a, lora_b, tables.slot_ranks, tables.request_slots,
-                           tables.request_cum_weights)
+        lora_add_reference(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
 
 
 # The op's schema is made of tensors (a custom op cannot take a dataclass): its tables are
