@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapter_manager import AdapterStats
 from .backend import MMLoRABackend, our_errors_unwrapped
-from .errors import BatchError, VerificationError
+from .errors import BatchError, DefaultAdapterError, VerificationError
 from .runtime import LoRARuntime, ServingOptions
 
 __all__ = ["compile", "MultiLoRAModel"]
@@ -202,7 +202,27 @@ class MultiLoRAModel:
         return dataclasses.replace(self.runtime.manager.stats)
 
     def unload_adapter(self, name: str) -> None:
+        defaulting = self.runtime.defaults.items_defaulting_to(name)
+        if defaulting:
+            raise DefaultAdapterError(name, f"is the default adapter for {' and '.join(defaulting)} requests: "
+                                            "set another default (set_default_adapter) before unloading it")
         self.runtime.manager.unload(name)
+
+    @property
+    def default_adapters(self) -> dict[str, str]:
+        """The default adapter of each modality ({"image": name}): requests that carry that modality
+        and name no adapter (None) get it; "__base__" still means the base model."""
+        return self.runtime.defaults.as_dict()
+
+    def set_default_adapter(self, item: str, name: str | None) -> None:
+        """Make the loaded adapter `name` the default for requests carrying `item` ("image",
+        "audio"); None removes the default."""
+        self.runtime.defaults.set(item, name)
+
+    def adapter_names_for(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor) -> list[str | None]:
+        """The names a batch with these `input_ids` runs with, defaults applied: what a decode loop
+        driven by hand passes for the steps after its prefill (decode steps carry no media tokens)."""
+        return self.runtime.names_with_defaults(adapter_names, input_ids)
 
     def pin_adapter(self, name: str) -> None:
         self.runtime.manager.pin(name)
@@ -242,6 +262,7 @@ def compile(
     partitions: Sequence[str] | None = None,
     target_modules: Sequence[str] | None = None,
     partition_overrides: Mapping[str, str] | None = None,
+    default_adapters: Mapping[str, str] | None = None,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -254,7 +275,9 @@ def compile(
     `max_lora_rank` sizes the slot buffers. `partitions` (tower, connector, language_model, and
     `tower:audio` and the like) and `target_modules` (module-name suffixes) restrict where LoRA is
     served, for every adapter; by default, everything the given adapters target.
-    `partition_overrides` ({prefix: partition}) corrects the discovered partitions. These are
+    `partition_overrides` ({prefix: partition}) corrects the discovered partitions.
+    `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
+    and name no adapter (None) with that adapter; "__base__" still means the base model. These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
@@ -262,7 +285,7 @@ def compile(
     """
     serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
-                             partition_overrides=partition_overrides)
+                             partition_overrides=partition_overrides, default_adapters=default_adapters)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

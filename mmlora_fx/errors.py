@@ -19,6 +19,7 @@ __all__ = [
     "DuplicateAdapterError",
     "UnknownAdapterError",
     "PinnedAdapterError",
+    "DefaultAdapterError",
     "AdapterFolderError",
     "BatchError",
     "TooManyAdaptersError",
@@ -91,6 +92,11 @@ class UnknownAdapterError(AdapterError, KeyError):
 
 class PinnedAdapterError(AdapterError):
     """Pinning would leave no room for other adapters, or the adapter is pinned."""
+
+
+class DefaultAdapterError(AdapterError):
+    """A default adapter given for a modality the model has no tower for, or unloading an adapter
+    that is still some modality's default."""
 
 
 class AdapterFolderError(AdapterError):

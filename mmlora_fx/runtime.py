@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapter_manager import AdapterManager
+from .default_adapters import DefaultAdapters
 from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
 from .linear_index import LinearIndex
@@ -44,7 +45,9 @@ class ServingOptions:
     `max_loras` adapters fit in one batch (GPU slots), `max_cpu_loras` stay cached on the CPU
     (default: every adapter given), `max_lora_rank` sizes the slot buffers, `max_batch_size` the
     token tables; `partitions` and `target_modules` restrict where LoRA is served;
-    `partition_overrides` ({prefix: partition}) corrects the discovered partitions."""
+    `partition_overrides` ({prefix: partition}) corrects the discovered partitions;
+    `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
+    and name no adapter with that adapter (`default_adapters.py`)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -53,6 +56,7 @@ class ServingOptions:
     partitions: Sequence[str] | None = None
     target_modules: Sequence[str] | None = None
     partition_overrides: Mapping[str, str] | None = None
+    default_adapters: Mapping[str, str] | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -129,6 +133,10 @@ class LoRARuntime:
                     f"{partition} is served, but this model's config names no {modality} token "
                     f"({token_name(modality)}_token_id): which request owns its rows "
                     "cannot be told. Check partition_overrides, or leave it out with partitions=[...]")
+        self.adapter_names: list[str | None] = []  # the last batch's, defaults applied
+        self.defaults = DefaultAdapters([token_name(modality) for modality in self.modalities],
+                                        is_loaded=lambda name: name in self.manager.names)
+        self.defaults.update(options.default_adapters or {})
         REGISTRY.register(self, self.linears.weights)
         self._add_eager_hooks()
 
@@ -152,7 +160,6 @@ class LoRARuntime:
         if len(adapter_names) > self.tables[LANGUAGE_MODEL].max_batch_size:
             raise BatchError(f"the batch has {len(adapter_names)} requests but max_batch_size is "
                              f"{self.tables[LANGUAGE_MODEL].max_batch_size}")
-        self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
         items = dict(items_per_request or {})
         unknown = sorted(set(items) - {token_name(modality) for modality in self.modalities})
         if unknown:
@@ -164,6 +171,9 @@ class LoRARuntime:
                 raise BatchError(f"{count_name(key)} has {len(counts)} entries but the batch has {len(adapter_names)} "
                                  "requests")
         tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
+        adapter_names = self._with_defaults(adapter_names, tokens)
+        self.adapter_names = adapter_names
+        self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
         units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
                  for modality in self.modalities}
         for modality in sorted(self._traced_tables_used):
@@ -195,6 +205,14 @@ class LoRARuntime:
                                       if any(tokens[modality])}
         self.expected_partitions = (running & self._served_partitions) if any(slot >= 0 for slot in slots) else set()
         return slots
+
+    def names_with_defaults(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor) -> list[str | None]:
+        """The names a batch with these `input_ids` runs with, each modality's default adapter given
+        to the requests that carry it and name none."""
+        return self._with_defaults(list(adapter_names), self._modality_tokens(input_ids, True, len(adapter_names)))
+
+    def _with_defaults(self, adapter_names: list[str | None], tokens: Mapping[str, list[int]]) -> list[str | None]:
+        return self.defaults.resolve(adapter_names, {token_name(modality): tokens[modality] for modality in self.modalities})
 
     def check_coverage(self) -> None:
         """After a served call (not under CUDA graphs, whose replays call no Python): every partition
