@@ -72,8 +72,9 @@ class MultiLoRAModel:
             adapter_names = [None] * requests
         has_images = any(isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2
                          and key not in _NOT_MEDIA for key, value in batch.items())
-        if batch.get("pixel_values_videos") is not None:
-            raise BatchError("videos are not served yet: their tower rows cannot be told from the images'")
+        if batch.get("pixel_values_videos") is not None and not self.runtime.video_token_ids:
+            raise BatchError("the batch has videos, but this model's config names no video token (video_token_id): "
+                             "which request owns the vision tower's video rows cannot be told")
         items = dict(items_per_request or {})
         if images_per_request is not None:
             if "image" in items:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import BatchError
 
-__all__ = ["UnitOwnership", "probe_tower_units", "probe_tower_rows", "images_of_requests", "image_token_runs",
+__all__ = ["UnitOwnership", "probe_tower_units", "probe_tower_rows", "first_input_entering", "images_of_requests", "image_token_runs",
            "image_tokens_per_request", "trace_units", "rows_are_units", "outermost", "modality_token_ids", "token_name",
            "count_name"]
 
@@ -160,6 +160,43 @@ def probe_tower_units(model: nn.Module, batch: Mapping[str, object], tower_roots
             return ProbeResult(None, "a tower's input mixes entries of two inputs")
         return ProbeResult([tag - first - 1 for tag in tags], key=key)
     return ProbeResult(None, "the tower's input does not carry any input's entries (it is computed from them)")
+
+
+def first_input_entering(model: nn.Module, batch: Mapping[str, object], tower_roots: Sequence[str],
+                         keys: Sequence[str]) -> tuple[str | None, str]:
+    """Which of `keys` (floating inputs of the batch: `pixel_values`, `pixel_values_videos`) the
+    tower receives first, by running `model`'s uncompiled forward until the tower is entered with
+    each key's values set to a constant of its own (zeros kept); or None and why not.
+
+    A family that runs its vision tower once for the images and once for the videos (Qwen2-VL)
+    decides the order in its own code; this reads it off that code, for any number of entries."""
+    marked = dict(batch)
+    for index, key in enumerate(keys):
+        value = batch[key]
+        marked[key] = torch.where(value != 0, torch.full((), index + 1, dtype=value.dtype, device=value.device),
+                                  torch.zeros((), dtype=value.dtype, device=value.device))
+    modules = dict(model.named_modules())
+    roots = [modules[name] for name in tower_roots if name in modules]
+    if not roots:
+        return None, "no tower module to stop at"
+
+    def stop(*args, **kwargs):
+        raise _TowerEntered(args, kwargs)
+
+    try:
+        with _stopping_at(roots, lambda root: stop), torch.no_grad():
+            model.forward(**marked)
+    except _TowerEntered as reached:
+        for value in _tensors_of(reached.args, reached.kwargs):
+            if not value.is_floating_point() or value.numel() == 0:
+                continue
+            seen = {int(mark) for mark in value.detach().unique().tolist() if mark != 0}
+            if len(seen) == 1 and 1 <= next(iter(seen)) <= len(keys):
+                return keys[next(iter(seen)) - 1], ""
+        return None, "the tower's first input carries none of the marked inputs whole (it is computed from them)"
+    except Exception as error:  # the family's own code refused the marks: say so
+        return None, f"the forward on marked inputs stopped before the tower: {type(error).__name__}: {str(error)[:200]}"
+    return None, "the forward never entered the tower"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,8 @@ from .linear_index import LinearIndex
 from .lora_op import REGISTRY
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
-from .row_owners import (UnitOwnership, count_name, image_tokens_per_request, modality_token_ids, outermost, rows_are_units,
-                         token_name, trace_units)
+from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
+                         outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
@@ -104,6 +104,14 @@ class LoRARuntime:
                             for modality in self.modalities}
         config = getattr(model, "config", None)
         self.token_ids = {modality: modality_token_ids(config, modality) for modality in self.modalities}
+        # Videos go through the vision tower in a call of their own (Qwen2-VL runs it once for the
+        # images, once for the videos); their rows belong to requests by video tokens, in tables of
+        # their own, and `_vision_entries` says which call of a forward carries which.
+        self.video_token_ids = modality_token_ids(config, "video") if "vision" in self.modalities else []
+        self.video_tables = ({partition: TokenSlotTable(partition, max_batch_size, device)
+                              for partition, modality in self.modality_partitions.items() if modality == "vision"}
+                             if self.video_token_ids else {})
+        self._vision_entries: tuple[str, ...] = ()
         # How each served tower/connector module's rows were owned in the last forward (inspect shows it).
         self.ownership: dict[str, str] = {}
         self._calls: collections.Counter[str] = collections.Counter()  # per module, calls this forward
@@ -134,7 +142,8 @@ class LoRARuntime:
                     f"({token_name(modality)}_token_id): which request owns its rows "
                     "cannot be told. Check partition_overrides, or leave it out with partitions=[...]")
         self.adapter_names: list[str | None] = []  # the last batch's, defaults applied
-        self.defaults = DefaultAdapters([token_name(modality) for modality in self.modalities],
+        self.defaults = DefaultAdapters([token_name(modality) for modality in self.modalities]
+                                        + (["video"] if self.video_token_ids else []),
                                         is_loaded=lambda name: name in self.manager.names)
         self.defaults.update(options.default_adapters or {})
         REGISTRY.register(self, self.linears.weights)
@@ -174,7 +183,11 @@ class LoRARuntime:
         adapter_names = self._with_defaults(adapter_names, tokens)
         self.adapter_names = adapter_names
         self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
+        entries = self._vision_entry_order(inputs, tokens) if any(tokens.get("video", ())) else ()
         units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
+                 if not (modality == "vision" and entries[:1] == ("video",)) else
+                 # The tower's first call carries the videos: the units probe would see theirs.
+                 UnitOwnership.unknown("the videos enter the vision tower first")
                  for modality in self.modalities}
         for modality in sorted(self._traced_tables_used):
             traced = units[modality]
@@ -194,6 +207,9 @@ class LoRARuntime:
                 # Runs of rows instead of units: the same table, each run weighted by its rows.
                 self.unit_tables[partition].fill([slots[owner] for owner, _ in row_runs],
                                                  [count for _, count in row_runs])
+        for partition, table in self.video_tables.items():
+            table.fill(slots, tokens["video"])
+        self._vision_entries = entries
         self.units = units
         self._forget_calls()
         self.ownership.clear()
@@ -202,7 +218,7 @@ class LoRARuntime:
         # linear is served and some request asked for an adapter.
         self.applications.clear()
         running = {LANGUAGE_MODEL} | {partition for partition, modality in self.modality_partitions.items()
-                                      if any(tokens[modality])}
+                                      if any(tokens[modality]) or (modality == "vision" and entries)}
         self.expected_partitions = (running & self._served_partitions) if any(slot >= 0 for slot in slots) else set()
         return slots
 
@@ -212,7 +228,10 @@ class LoRARuntime:
         return self._with_defaults(list(adapter_names), self._modality_tokens(input_ids, True, len(adapter_names)))
 
     def _with_defaults(self, adapter_names: list[str | None], tokens: Mapping[str, list[int]]) -> list[str | None]:
-        return self.defaults.resolve(adapter_names, {token_name(modality): tokens[modality] for modality in self.modalities})
+        items = {token_name(modality): tokens[modality] for modality in self.modalities}
+        if "video" in tokens:
+            items["video"] = tokens["video"]
+        return self.defaults.resolve(adapter_names, items)
 
     def check_coverage(self) -> None:
         """After a served call (not under CUDA graphs, whose replays call no Python): every partition
@@ -270,7 +289,28 @@ class LoRARuntime:
                                  + ("" if ids else f"; this model's config names no {modality} token id"))
             else:
                 tokens[modality] = image_tokens_per_request(input_ids, ids)
+        if self.video_token_ids:
+            tokens["video"] = (image_tokens_per_request(input_ids, self.video_token_ids) if has_media and input_ids is not None
+                               else [0] * requests)
         return tokens
+
+    def _vision_entry_order(self, inputs: Mapping[str, object] | None, tokens: Mapping[str, list[int]]) -> tuple[str, ...]:
+        """Which calls of the vision tower a forward makes for this batch, in order: ("video",) for
+        videos alone, and for images and videos whichever the family's code runs first, read off
+        that code (`first_input_entering`), never assumed."""
+        if not any(tokens["vision"]):
+            return ("video",)
+        if "vision" not in self._served_modalities:
+            return ("image", "video")  # no vision layer reads the tables: the order does not matter
+        media = [key for key, value in (inputs or {}).items() if isinstance(value, torch.Tensor)
+                 and value.is_floating_point() and value.dim() >= 2 and key != "inputs_embeds"]
+        videos = [key for key in media if "video" in key]
+        first, why = (first_input_entering(self.model, inputs, self.tower_roots["vision"], media) if videos
+                      else (None, "the batch's inputs were not given, or none of them is named for videos"))
+        if first is None:
+            raise BatchError(f"the batch has images and videos, but which call of the vision tower carries which "
+                             f"cannot be told ({why}): run them in separate batches")
+        return ("video", "image") if first in videos else ("image", "video")
 
     # ------------------------------------------------------------------ inside a forward
     def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
@@ -302,9 +342,18 @@ class LoRARuntime:
         if table.partition == LANGUAGE_MODEL:
             table.check_rows(rows)
             return table.request_slots, table.request_cum_weights, table.tile_plan
+        self._calls[module] += 1
+        if self._vision_entries and self.modality_partitions[table.partition] == "vision":
+            call = self._calls[module]
+            if call > len(self._vision_entries):
+                raise BatchError(f"{module} ({table.partition}) ran {call} times in one forward, but the vision tower "
+                                 f"is called {len(self._vision_entries)} time(s) for this batch's "
+                                 f"{' and '.join(kind + 's' for kind in self._vision_entries)}: which call carries "
+                                 "the videos cannot be told")
+            if self._vision_entries[call - 1] == "video":
+                return self._video_owner_table(table.partition, x, module)
         traced = self.units[self.modality_partitions[table.partition]]
         units = traced.units
-        self._calls[module] += 1
         if rows_are_units(x.shape, units):
             self.ownership[module] = f"per unit ({units} units; {traced.how})"
             self._traced_tables_used.add(self.modality_partitions[table.partition])
@@ -355,12 +404,32 @@ class LoRARuntime:
         shifted = (table.request_cum_weights - offset).clamp_(0, rows)
         return table.request_slots, shifted, None
 
+    def _video_owner_table(self, partition: str, x: torch.Tensor, module: str):
+        """The rows of the vision tower's videos call, shared among the requests by their video
+        tokens, with the same checks as images shared by tokens (whole rows, whole blocks)."""
+        table = self.video_tables[partition]
+        rows = x.numel() // x.shape[-1]
+        if rows < table.cum_weights[-1]:
+            raise BatchError(f"{module} ({partition}) saw {rows} rows in the videos' call, fewer than the batch's "
+                             f"{table.cum_weights[-1]} video tokens: which request its rows belong to cannot be told")
+        table.check_rows(rows, leading=x.shape[0] if x.dim() >= 3 else 1, why=" (videos are shared by video tokens)")
+        self.ownership[module] = "; ".join(filter(None, [self.ownership.get(module), "videos by video tokens"]))
+        return table.request_slots, table.request_cum_weights, table.tile_plan
+
     def _token_word(self, partition: str) -> str:
         return token_name(self.modality_partitions[partition])
 
     def check_streams(self) -> None:
         """After a forward: each module whose rows were read as a stream of image tokens saw exactly
-        the batch's image tokens (fewer or more means its rows do not follow the tokens)."""
+        the batch's image tokens (fewer or more means its rows do not follow the tokens); with
+        videos, each vision layer that ran did so once per call of the tower."""
+        if len(self._vision_entries) > 1:
+            short = sorted(module for module, calls in self._calls.items() if calls < len(self._vision_entries)
+                           and self.modality_partitions.get(self.linears[module].partition) == "vision")
+            if short:
+                raise BatchError(f"{short[0]} ran {self._calls[short[0]]} time(s) in a forward that called the vision "
+                                 f"tower for {' and '.join(kind + 's' for kind in self._vision_entries)}: which of its "
+                                 "calls carried the videos cannot be told")
         for module, (partition, total) in self._stream_modules.items():
             if self._stream_rows[module] != total:
                 raise BatchError(
