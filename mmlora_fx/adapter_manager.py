@@ -265,16 +265,25 @@ class AdapterManager:
         the manager: the worker thread runs it."""
         began = time.perf_counter()
         before = _fingerprint(path)
-        adapter, dropped = self._read_validated(name, path)
-        after = _fingerprint(path)
-        if before != after:
+        try:
+            adapter, dropped = self._read_validated(name, path)
+        except AdapterError as error:
+            # A file half written when read is corrupt: say why, when it changed meanwhile.
+            if _fingerprint(path) != before:
+                raise self._changed(name, path, before) from error
+            raise
+        if _fingerprint(path) != before:
             # A file replaced or rewritten while read: the tensors may mix two versions.
-            raise AdapterChangedError(
-                name, f"{str(path)!r} changed on disk while it was being read ({CONFIG_FILE}, {WEIGHTS_FILE}: size, "
-                      f"mtime, inode {before} before, {after} after); nothing of it was kept: load it again once "
-                      "it is written completely (write to a new directory and rename it, to replace atomically)")
+            raise self._changed(name, path, before)
         packed = self._pack(adapter, dropped)
         return packed, time.perf_counter() - began
+
+    @staticmethod
+    def _changed(name: str, path: Path, before: tuple) -> AdapterChangedError:
+        return AdapterChangedError(
+            name, f"{str(path)!r} changed on disk while it was being read ({CONFIG_FILE}, {WEIGHTS_FILE}: size, "
+                  f"mtime, inode {before} before, {_fingerprint(path)} after); nothing of it was kept: load it "
+                  "again once it is written completely (write a new directory and rename it, to replace atomically)")
 
     def _read_validated(self, name: str, path):
         dtypes = {buffers.lora_a.dtype for buffers in self.buffers.values()}
