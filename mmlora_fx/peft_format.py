@@ -258,7 +258,10 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
         if max_rank is not None and rank > max_rank:
             raise AdapterRankError(name, f"rank {rank} is above max_lora_rank={max_rank}", module=module)
         for kind, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if not torch.isfinite(tensor).all():
+            # min and max are NaN when any value is, and infinite when one is: one pass, no
+            # temporary (isfinite().all() is 25x slower on bf16 on a CPU: most of a load).
+            low, high = torch.aminmax(tensor)
+            if not (math.isfinite(low.item()) and math.isfinite(high.item())):
                 raise AdapterValueError(name, f"{kind} holds NaN or infinite values", module=module)
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
