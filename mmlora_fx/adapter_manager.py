@@ -1,4 +1,4 @@
-"""Adapters by name: a CPU cache and a fixed number of GPU slots, both LRU, with pinning.
+"""Adapters by name: a CPU cache and a fixed number of GPU slots, both LRU, with pinning and prefetch.
 
 Every served linear owns stacked slot buffers, allocated once, whose addresses never change
 (CUDA graphs replay them): `lora_a [max_loras, max_lora_rank, in]`, `lora_b [max_loras, out,
@@ -6,26 +6,37 @@ max_lora_rank]` with the scaling folded in, and `ranks [max_loras]` (0 where the
 slot does not adapt the linear). Smaller ranks are padded with zeros. Loading an adapter into a
 slot writes that slot only.
 
-Adapters are known by name (`register`/`load`), cached on the CPU (validated, in the buffers'
-dtype, in pinned memory when the buffers are on a GPU) up to `max_cpu_loras`, and resident in
-at most `max_loras` GPU slots. Evicted adapters are read again from their directory when a batch
-needs them. Pinned adapters are never evicted from either. Every operation validates first and
-changes state only once nothing can fail: after an error, the manager and every loaded adapter
-are exactly as before.
+Adapters are known by name (`register`/`load`), cached on the CPU up to `max_cpu_loras`, and
+resident in at most `max_loras` GPU slots. A CPU-cache entry is already in the slot layout: one
+flat buffer per adapter (pinned when the slots are on a GPU) holding each linear's A and B padded
+to `max_lora_rank`, so a slot write is two contiguous copies per linear from views of it, queued
+on a side stream with an event the step's stream waits on. Evicted adapters are read again from
+their directory when a batch needs them. Pinned adapters are never evicted from either.
+
+`prefetch(names)` announces the adapters of the next steps: it reads what is not cached (on a
+background thread when the slots are on a GPU) and copies them into slots no pending batch
+uses, so that the step that needs them finds them resident.
+
+Every operation validates first and changes state only once nothing can fail: after an error,
+the manager and every loaded adapter are exactly as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import (
+    AdapterChangedError,
     AdapterError,
     AdapterFileError,
     AdapterFolderError,
@@ -36,7 +47,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .linear_index import LinearIndex
-from .peft_format import LoRAAdapter, read_adapter
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from .serving import ServingPlan
 
 __all__ = ["SlotBuffers", "AdapterManager", "AdapterStats", "BASE_NAMES"]
@@ -54,19 +65,10 @@ class SlotBuffers:
     lora_b: torch.Tensor  # [max_loras, out_features, max_lora_rank]
     ranks: torch.Tensor  # int32 [max_loras]
 
-    def write(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None) -> None:
-        if lora_a is None:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-            self.ranks[slot] = 0
-            return
-        rank = lora_a.shape[0]
-        non_blocking = lora_a.is_pinned()
-        self.lora_a[slot, :rank].copy_(lora_a, non_blocking=non_blocking)
-        self.lora_a[slot, rank:].zero_()
-        self.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=non_blocking)
-        self.lora_b[slot, :, rank:].zero_()
-        self.ranks[slot] = rank
+    def clear(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ranks[slot] = 0
 
     def delta(self, slot: int) -> torch.Tensor:
         """`scaling * B @ A` of the adapter in `slot`, as a [out, in] matrix."""
@@ -83,14 +85,34 @@ class _Entry:
 
 
 @dataclasses.dataclass
+class _Packed:
+    """An adapter in the slot layout, as the CPU cache keeps it: `flats` (one buffer per dtype,
+    pinned when the slots are on a GPU) and, per adapted linear, views of them shaped like one
+    slot of its buffers (`[max_lora_rank, in]`, `[out, max_lora_rank]`, zero-padded) and its rank."""
+
+    flats: list[torch.Tensor]
+    views: dict[str, tuple[torch.Tensor, torch.Tensor, int]]
+    dropped: tuple[str, ...]
+
+    def nbytes(self) -> int:
+        return sum(flat.nbytes for flat in self.flats)
+
+
+@dataclasses.dataclass
 class AdapterStats:
     """What the adapter tiers did since the manager was made (`mm.stats()` gives a copy).
 
     GPU: a batch's adapter found in a slot is a hit, one written into a slot a miss (a slot write,
     `slot_writes` and their host seconds: on a GPU the copies are queued, not waited for); a
     resident adapter pushed out of its slot is a GPU eviction. CPU: a miss's adapter found in the
-    CPU cache is a hit, one read again from its directory a miss; disk reads (loads, reloads and
-    misses) count with their seconds; an adapter pushed out of the CPU cache is a CPU eviction."""
+    CPU cache is a hit, one read again from its directory a miss; disk reads (loads, reloads,
+    misses and prefetches) count with their seconds; an adapter pushed out of the CPU cache is a
+    CPU eviction. Prefetch: `prefetched` names announced, `prefetch_hits` a batch's adapters
+    found in the slot a prefetch wrote, `prefetch_deferred` announced adapters that found no slot
+    to take (every slot held by the pending batch, pinned or announced; their copy is made when
+    their batch comes), `prefetch_waits` batches that waited for a background read they
+    needed, `prefetch_failures` background reads that failed (their error is raised at the next
+    call naming the adapter)."""
 
     gpu_hits: int = 0
     gpu_misses: int = 0
@@ -103,6 +125,24 @@ class AdapterStats:
     slot_writes: int = 0
     slot_write_s: float = 0.0
     reloads: int = 0
+    prefetched: int = 0
+    prefetch_hits: int = 0
+    prefetch_deferred: int = 0
+    prefetch_waits: int = 0
+    prefetch_failures: int = 0
+
+
+def _fingerprint(path: Path) -> tuple:
+    """What says an adapter's files are the ones read: each file's size, mtime and inode."""
+    found = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            stat = os.stat(path / name)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(found)
 
 
 class AdapterManager:
@@ -114,7 +154,10 @@ class AdapterManager:
         max_cpu_loras: int | None = None,
         max_lora_rank: int = 16,
         device: torch.device | str | None = None,
+        background_reads: bool | None = None,
     ):
+        """`background_reads`: prefetch reads adapter files on a worker thread (by default when
+        the slots are on a GPU; on the CPU prefetch reads in the caller's thread)."""
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, not {max_loras}")
         max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
@@ -139,10 +182,35 @@ class AdapterManager:
                 ranks=torch.zeros(max_loras, dtype=torch.int32, device=target),
             )
         self._known: dict[str, _Entry] = {}
-        self._cpu: OrderedDict[str, LoRAAdapter] = OrderedDict()  # least recently used first
+        self._cpu: OrderedDict[str, _Packed] = OrderedDict()  # least recently used first
         self._slots: list[str | None] = [None] * max_loras
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._pinned: set[str] = set()
+        # Each slot's rank per linear as last written: a write changes `ranks` only where it
+        # differs (hundreds of one-element writes per adapter otherwise).
+        self._slot_ranks: dict[str, list[int]] = {module: [0] * max_loras for module in self.buffers}
+        on_gpu = any(buffers.lora_a.is_cuda for buffers in self.buffers.values())
+        self._pin = on_gpu
+        # Slot writes from activate and prefetch go on a side stream. Per slot, `_ready` is the
+        # event of its last side-stream write (a step's stream waits on it before reading the
+        # slot) and `_free` an event after which no queued step reads it any more (a write waits
+        # on it). `_in_flight` holds the slots of the last batch made resident: its step may still
+        # be queued, and until the next batch stamps them with `_free`, nothing writes them.
+        self._stream = torch.cuda.Stream(next(iter(self.buffers.values())).lora_a.device) if on_gpu else None
+        self._ready: list[torch.cuda.Event | None] = [None] * max_loras
+        self._free: list[torch.cuda.Event | None] = [None] * max_loras
+        self._in_flight: set[int] = set()
+        # Prefetch: names announced for coming batches (kept out of other prefetches' way), reads
+        # under way on the worker (with the entry they read for: a name unloaded or reloaded
+        # meanwhile makes the result stale), and background errors kept for the next call
+        # naming the adapter. The worker only reads files and builds a `_Packed`; every change
+        # to the manager's state is made by the caller's thread, so no lock is needed.
+        self._background = on_gpu if background_reads is None else background_reads
+        self._executor: ThreadPoolExecutor | None = None
+        self._announced: OrderedDict[str, None] = OrderedDict()
+        self._pending: dict[str, tuple[_Entry, Future]] = {}
+        self._failed: dict[str, AdapterError] = {}
+        self._prefetched: set[str] = set()  # written into a slot by prefetch, not yet used by a batch
         self.stats = AdapterStats()
 
     # ------------------------------------------------------------------ what is known
@@ -164,6 +232,15 @@ class AdapterManager:
         """Adapters in GPU slots (name -> slot), least recently used first."""
         return dict(self._resident)
 
+    @property
+    def announced(self) -> list[str]:
+        """Names announced by `prefetch` and not yet used by a batch."""
+        return list(self._announced)
+
+    def cpu_cache_bytes(self) -> int:
+        """Host bytes the CPU cache holds (padded to `max_lora_rank`)."""
+        return sum(packed.nbytes() for packed in self._cpu.values())
+
     def dropped_modules(self, name: str) -> tuple[str, ...]:
         return self._entry(name).dropped
 
@@ -173,17 +250,46 @@ class AdapterManager:
             raise UnknownAdapterError(name, f"is not loaded (loaded: {known})")
         return self._known[name]
 
-    # ------------------------------------------------------------------ loading
-    def _read(self, name: str, path) -> tuple[LoRAAdapter, tuple[str, ...]]:
-        began = time.perf_counter()
-        try:
-            return self._read_validated(name, path)
-        finally:
-            self.stats.disk_reads += 1
-            self.stats.disk_read_s += time.perf_counter() - began
+    # ------------------------------------------------------------------ reading
+    def _read(self, name: str, path) -> _Packed:
+        packed, seconds = self._read_packed(name, Path(path))
+        self._count_read(seconds)
+        return packed
 
-    def _read_validated(self, name: str, path) -> tuple[LoRAAdapter, tuple[str, ...]]:
-        adapter = read_adapter(name, path, self.linears, max_rank=self.max_lora_rank)
+    def _count_read(self, seconds: float) -> None:
+        self.stats.disk_reads += 1
+        self.stats.disk_read_s += seconds
+
+    def _read_packed(self, name: str, path: Path) -> tuple[_Packed, float]:
+        """Read, validate and pack the adapter at `path`; (packed, seconds). Touches no state of
+        the manager: the worker thread runs it."""
+        began = time.perf_counter()
+        before = _fingerprint(path)
+        try:
+            adapter, dropped = self._read_validated(name, path)
+        except AdapterError as error:
+            # A file half written when read is corrupt: say why, when it changed meanwhile.
+            if _fingerprint(path) != before:
+                raise self._changed(name, path, before) from error
+            raise
+        if _fingerprint(path) != before:
+            # A file replaced or rewritten while read: the tensors may mix two versions.
+            raise self._changed(name, path, before)
+        packed = self._pack(adapter, dropped)
+        return packed, time.perf_counter() - began
+
+    @staticmethod
+    def _changed(name: str, path: Path, before: tuple) -> AdapterChangedError:
+        return AdapterChangedError(
+            name, f"{str(path)!r} changed on disk while it was being read ({CONFIG_FILE}, {WEIGHTS_FILE}: size, "
+                  f"mtime, inode {before} before, {_fingerprint(path)} after); nothing of it was kept: load it "
+                  "again once it is written completely (write a new directory and rename it, to replace atomically)")
+
+    def _read_validated(self, name: str, path):
+        dtypes = {buffers.lora_a.dtype for buffers in self.buffers.values()}
+        # Matrices come in the buffers' dtype straight away when there is one: no float32 pass.
+        adapter = read_adapter(name, path, self.linears, max_rank=self.max_lora_rank,
+                               dtype=next(iter(dtypes)) if len(dtypes) == 1 else None)
         unserved = sorted(module for module in adapter.modules if not self.serving.serves(module))
         if unserved and not self.serving.explicit:
             raise AdapterTargetError(
@@ -196,14 +302,36 @@ class AdapterManager:
             )
         for module in unserved:
             del adapter.modules[module]
-        for module in adapter.modules.values():
-            dtype = self.buffers[module.module].lora_a.dtype
-            lora_a, lora_b = module.lora_a.to(dtype), module.lora_b.to(dtype)
-            if self.buffers[module.module].lora_a.is_cuda:
-                lora_a, lora_b = lora_a.pin_memory(), lora_b.pin_memory()
-            adapter.modules[module.module] = dataclasses.replace(module, lora_a=lora_a, lora_b=lora_b)
         return adapter, tuple(unserved)
 
+    def _pack(self, adapter, dropped: tuple[str, ...]) -> _Packed:
+        """The adapter in the slot layout, one flat host buffer per dtype (pinned for a GPU)."""
+        rank_cap = self.max_lora_rank
+        sizes: dict[torch.dtype, int] = {}
+        for module in adapter.modules:
+            buffers = self.buffers[module]
+            size = buffers.lora_a[0].numel() + buffers.lora_b[0].numel()
+            sizes[buffers.lora_a.dtype] = sizes.get(buffers.lora_a.dtype, 0) + size
+        flats = {dtype: torch.empty(size, dtype=dtype, pin_memory=self._pin) for dtype, size in sizes.items()}
+        offsets = dict.fromkeys(sizes, 0)
+        views = {}
+        for module, weights in adapter.modules.items():
+            buffers = self.buffers[module]
+            dtype, rank = buffers.lora_a.dtype, weights.rank
+            in_features, out_features = buffers.lora_a.shape[2], buffers.lora_b.shape[1]
+            flat, offset = flats[dtype], offsets[dtype]
+            a = flat[offset:offset + rank_cap * in_features].view(rank_cap, in_features)
+            offset += rank_cap * in_features
+            b = flat[offset:offset + out_features * rank_cap].view(out_features, rank_cap)
+            offsets[dtype] = offset + out_features * rank_cap
+            a[:rank].copy_(weights.lora_a)
+            a[rank:].zero_()
+            b[:, :rank].copy_(weights.lora_b)
+            b[:, rank:].zero_()
+            views[module] = (a, b, rank)
+        return _Packed(list(flats.values()), views, dropped)
+
+    # ------------------------------------------------------------------ loading
     def load(self, name: str, path, pin: bool = False) -> None:
         """Read, validate and cache the adapter at `path` under `name`; `pin` keeps it resident."""
         if not isinstance(name, str) or not name or name in BASE_NAMES:
@@ -214,10 +342,10 @@ class AdapterManager:
             raise PinnedAdapterError(
                 name, f"cannot be pinned: {len(self._pinned)} adapters are pinned and max_loras is {self.max_loras}"
             )
-        adapter, dropped = self._read(name, path)
+        packed = self._read(name, path)
         # Nothing below can fail: commit.
-        self._known[name] = _Entry(Path(path), dropped)
-        self._cache(name, adapter)
+        self._known[name] = _Entry(Path(path), packed.dropped)
+        self._cache(name, packed)
         if pin:
             self._pinned.add(name)
             self.activate([name])
@@ -256,51 +384,53 @@ class AdapterManager:
         """New weights under a loaded name, from `path` (by default its own directory, read again).
 
         Validated first: a bad file leaves the old weights everywhere. Then every tier holds the
-        new ones: the CPU cache, and the GPU slot if resident (rewritten in place, so the next
-        forward serves them, CUDA-graph replays included); an evicted adapter is read from the new
-        path when a batch needs it."""
+        new ones: the CPU cache, and the GPU slot if resident (rewritten in place, after the
+        queued steps that read it, so the next forward serves them, CUDA-graph replays
+        included); an evicted adapter is read from the new path when a batch needs it."""
         entry = self._entry(name)
         path = entry.path if path is None else Path(path)
-        adapter, dropped = self._read(name, path)
-        # Nothing below can fail: commit.
-        self._known[name] = _Entry(path, dropped)
+        packed = self._read(name, path)
+        # Nothing below can fail: commit. A read of the old weights under way is stale now.
+        self._known[name] = _Entry(path, packed.dropped)
+        self._forget_reads(name)
         self.stats.reloads += 1
-        self._cache(name, adapter)
+        self._cache(name, packed)
         slot = self._resident.get(name)
         if slot is not None:
-            self._write_slot(slot, adapter)
+            self._write_slot(slot, packed, in_order=True)
 
-    def _cache(self, name: str, adapter: LoRAAdapter) -> None:
-        self._cpu[name] = adapter
+    def _cache(self, name: str, packed: _Packed) -> None:
+        self._cpu[name] = packed
         self._cpu.move_to_end(name)
         while len(self._cpu) > self.max_cpu_loras:
-            victim = next((n for n in self._cpu if n not in self._pinned and n != name), None)
+            # Announced adapters go last: evicting one would mean reading it again for its batch.
+            candidates = [n for n in self._cpu if n not in self._pinned and n != name]
+            victim = next((n for n in candidates if n not in self._announced), None) or next(iter(candidates), None)
             if victim is None:
                 break
             del self._cpu[victim]
             self.stats.cpu_evictions += 1
 
-    def _cpu_adapter(self, name: str) -> LoRAAdapter:
-        if name in self._cpu:
-            self._cpu.move_to_end(name)
-            self.stats.cpu_hits += 1
-            return self._cpu[name]
-        self.stats.cpu_misses += 1
-        adapter, _ = self._read(name, self._known[name].path)
-        self._cache(name, adapter)
-        return adapter
-
     def unload(self, name: str) -> None:
-        """Forget `name`: its CPU entry, its GPU slot (zeroed) and its pin."""
+        """Forget `name`: its CPU entry, its GPU slot (zeroed), its pin, its announcement."""
         self._entry(name)
         slot = self._resident.pop(name, None)
         if slot is not None:
             self._slots[slot] = None
-            for buffers in self.buffers.values():
-                buffers.write(slot, None, None)
+            self._clear_slot(slot)
         self._cpu.pop(name, None)
         self._pinned.discard(name)
+        self._forget_reads(name)
+        self._announced.pop(name, None)
+        self._prefetched.discard(name)
         del self._known[name]
+
+    def _forget_reads(self, name: str) -> None:
+        """Drop a background read of `name` and a kept error: they were for another version."""
+        pending = self._pending.pop(name, None)
+        if pending is not None:
+            pending[1].cancel()  # a read already running finishes; its result is then discarded
+        self._failed.pop(name, None)
 
     def pin(self, name: str) -> None:
         self._entry(name)
@@ -316,6 +446,113 @@ class AdapterManager:
     def unpin(self, name: str) -> None:
         self._entry(name)
         self._pinned.discard(name)
+
+    def close(self) -> None:
+        """Stop the worker thread (reads under way finish first)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, names: Iterable[str | None]) -> None:
+        """Announce the adapters the next batches need, so that those batches do not wait for them.
+
+        Each name is read from its directory when not in the CPU cache (on the worker thread when
+        reads are in the background: this call then returns at once) and copied into a GPU slot
+        that no pending batch reads and that holds no pinned or announced adapter (on the side
+        stream). With no such slot the copy is made when its batch comes (`prefetch_deferred`).
+        An unknown name raises `UnknownAdapterError` before anything changes; a read that failed
+        in the background raises its error at the next `prefetch` or `activate` naming it; a
+        read that fails here raises at the end of this call, after the other names were served.
+        Unloading an announced name drops its announcement."""
+        distinct = list(dict.fromkeys(name for name in names if name not in BASE_NAMES))
+        for name in distinct:
+            self._entry(name)
+        self._raise_kept_errors(distinct)
+        self._collect_reads()
+        for name in distinct:
+            self._announced[name] = None
+            self._announced.move_to_end(name)
+            self.stats.prefetched += 1
+        failed: list[AdapterError] = []
+        for name in distinct:
+            if name in self._resident:
+                self._resident.move_to_end(name)
+            elif name in self._cpu:
+                self._prefetch_copy(name)
+            elif name in self._pending:
+                continue
+            elif self._background:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmlora-prefetch")
+                entry = self._known[name]
+                self._pending[name] = (entry, self._executor.submit(self._read_packed, name, entry.path))
+            else:
+                try:
+                    packed = self._read(name, self._known[name].path)
+                except AdapterError as error:
+                    failed.append(error)
+                    continue
+                self._cache(name, packed)
+                self._prefetch_copy(name)
+        if failed:
+            raise failed[0]
+
+    def _raise_kept_errors(self, names: Sequence[str]) -> None:
+        """A background read's error, for the first of `names` that has one: raised once."""
+        for name in names:
+            error = self._failed.pop(name, None)
+            if error is not None:
+                raise error
+
+    def _collect_reads(self) -> None:
+        """Commit the background reads that finished: into the CPU cache, and into a slot when
+        announced; a failure is kept for the next call naming the adapter."""
+        for name, (entry, future) in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[name]
+            if self._known.get(name) is not entry:
+                continue  # unloaded or reloaded since: stale
+            error = future.exception()
+            if error is not None:
+                self.stats.prefetch_failures += 1
+                self._failed[name] = error
+                continue
+            packed, seconds = future.result()
+            self._count_read(seconds)
+            self._cache(name, packed)
+            if name in self._announced and name not in self._resident:
+                self._prefetch_copy(name)
+
+    def wait_for_reads(self) -> None:
+        """Wait for the background reads under way and commit them (tests; a clean shutdown)."""
+        for _, future in list(self._pending.values()):
+            with contextlib.suppress(Exception):
+                future.result()
+        self._collect_reads()
+
+    def _prefetch_copy(self, name: str) -> None:
+        slot = self._prefetch_slot()
+        if slot is None:
+            self.stats.prefetch_deferred += 1
+            return
+        self._write_slot(slot, self._cpu[name])
+        self._slots[slot] = name
+        self._resident[name] = slot
+        self._prefetched.add(name)
+
+    def _prefetch_slot(self) -> int | None:
+        """A slot prefetch may write: free, or the least recently used not pinned or announced;
+        never one the pending batch reads."""
+        for slot, name in enumerate(self._slots):
+            if name is None and slot not in self._in_flight:
+                return slot
+        for name, slot in self._resident.items():
+            if slot not in self._in_flight and name not in self._pinned and name not in self._announced:
+                self._evict(name)
+                return slot
+        return None
 
     # ------------------------------------------------------------------ GPU slots
     def check_batch(self, adapter_names: Sequence[str | None]) -> list[str]:
@@ -341,45 +578,163 @@ class AdapterManager:
         return distinct
 
     def activate(self, adapter_names: Sequence[str | None]) -> list[int]:
-        """Make every adapter of a batch resident; return each request's slot (-1: base model)."""
+        """Make every adapter of a batch resident; return each request's slot (-1: base model).
+
+        On a GPU the slot writes are queued on the side stream and the current stream waits for
+        those of the batch's slots: the step that follows never reads a slot still being written."""
         distinct = self.check_batch(adapter_names)
-        # Read evicted adapters first: a file that went bad fails here, before any slot changes.
+        self._raise_kept_errors(distinct)
+        # Read what is missing first: a file that went bad fails here, before any state changes.
         missing = [name for name in distinct if name not in self._resident]
-        adapters = {name: self._cpu_adapter(name) for name in missing}
+        fetched = self._finish_reads(missing)
+        packs, read = {}, {}
+        for name in missing:
+            if name in self._cpu:
+                packs[name] = self._cpu[name]
+            elif name in fetched:
+                packs[name] = fetched[name][0]
+            else:
+                packs[name] = read[name] = self._read(name, self._known[name].path)
+        # Nothing below can fail: commit. Cache hits are touched first, so that caching the others
+        # evicts adapters this batch does not need.
+        for name in missing:
+            if name in self._cpu:
+                self._cpu.move_to_end(name)
+                self.stats.cpu_hits += 1
+        for name in missing:
+            if name not in self._cpu:
+                self.stats.cpu_misses += 1
+                if name in fetched:
+                    self._count_read(fetched[name][1])
+                self._cache(name, packs[name])
         for name in distinct:
             if name in self._resident:
                 self._resident.move_to_end(name)
         self.stats.gpu_hits += len(distinct) - len(missing)
         self.stats.gpu_misses += len(missing)
+        self.stats.prefetch_hits += sum(1 for name in distinct if name in self._prefetched and name not in missing)
+        self._stamp_in_flight()
         for name in missing:
             slot = self._free_slot(keep=distinct)
-            self._write_slot(slot, adapters[name])
+            self._write_slot(slot, packs[name])
             self._slots[slot] = name
             self._resident[name] = slot
+        slots = [self._resident[name] for name in distinct]
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._stream.device)
+            for slot in slots:
+                if self._ready[slot] is not None:
+                    current.wait_event(self._ready[slot])
+                    self._ready[slot] = None
+        self._in_flight = set(slots)
+        for name in distinct:
+            self._announced.pop(name, None)
+            self._prefetched.discard(name)
+        # Other reads that finished: cached, and copied for their batch into slots this one does not read.
+        self._collect_reads()
         return [-1 if name in BASE_NAMES else self._resident[name] for name in adapter_names]
+
+    def _finish_reads(self, names: Sequence[str]) -> dict[str, tuple[_Packed, float]]:
+        """The background reads of `names`, waited for; the first failure raised (and dropped, so
+        that the next call reads the file again). Nothing is committed here."""
+        waiting = [name for name in names if name in self._pending]
+        if any(not self._pending[name][1].done() for name in waiting):
+            self.stats.prefetch_waits += 1
+        for name in waiting:
+            error = self._pending[name][1].exception()
+            if error is not None:
+                del self._pending[name]
+                self.stats.prefetch_failures += 1
+                raise error
+        results = {name: self._pending.pop(name)[1].result() for name in waiting}
+        return results
+
+    def _stamp_in_flight(self) -> None:
+        """The last batch's slots are free to overwrite once the work queued so far is done."""
+        if self._stream is not None and self._in_flight:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._stream.device))
+            for slot in self._in_flight:
+                self._free[slot] = event
+        self._in_flight = set()
+
+    def _evict(self, name: str) -> None:
+        slot = self._resident.pop(name)
+        self._slots[slot] = None
+        self._prefetched.discard(name)
+        self.stats.gpu_evictions += 1
 
     def _free_slot(self, keep: Sequence[str]) -> int:
         for slot, name in enumerate(self._slots):
             if name is None:
                 return slot
-        for name, slot in self._resident.items():  # least recently used first
-            if name not in keep and name not in self._pinned:
-                del self._resident[name]
-                self._slots[slot] = None
-                self.stats.gpu_evictions += 1
-                return slot
-        raise TooManyAdaptersError("no GPU slot can be freed")  # check_batch makes this unreachable
+        # Least recently used first; adapters announced for a later batch only when nothing else is left.
+        candidates = [name for name in self._resident if name not in keep and name not in self._pinned]
+        victim = next((name for name in candidates if name not in self._announced), None) or next(iter(candidates), None)
+        if victim is None:
+            raise TooManyAdaptersError("no GPU slot can be freed")  # check_batch makes this unreachable
+        slot = self._resident[victim]
+        self._evict(victim)
+        return slot
 
-    def _write_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+    def _write_slot(self, slot: int, packed: _Packed, in_order: bool = False) -> None:
+        """Copy `packed` into `slot`: on the side stream after the steps that read the slot, or,
+        `in_order`, on the current stream (a resident adapter rewritten in place by `reload`:
+        after the queued steps that read the old weights, before the next)."""
         began = time.perf_counter()
-        self._write_slot_buffers(slot, adapter)
+        if self._stream is None:
+            self._copy_into(slot, packed)
+        elif in_order:
+            current = torch.cuda.current_stream(self._stream.device)
+            if self._ready[slot] is not None:
+                current.wait_event(self._ready[slot])
+                self._ready[slot] = None
+            self._copy_into(slot, packed)
+            # A later side-stream write waits for this one and for the steps queued before it.
+            self._free[slot] = torch.cuda.Event()
+            self._free[slot].record(current)
+        else:
+            with torch.cuda.stream(self._stream):
+                if self._free[slot] is not None:
+                    self._stream.wait_event(self._free[slot])
+                if self._ready[slot] is not None:
+                    self._stream.wait_event(self._ready[slot])
+                self._copy_into(slot, packed)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+                self._ready[slot] = event
         self.stats.slot_writes += 1
         self.stats.slot_write_s += time.perf_counter() - began
 
-    def _write_slot_buffers(self, slot: int, adapter: LoRAAdapter) -> None:
+    def _copy_into(self, slot: int, packed: _Packed) -> None:
+        # Two contiguous copies per linear from the pinned flat buffer (per-linear buffers keep
+        # the layout the kernels read; one copy per adapter would need a slot-major layout).
         for module, buffers in self.buffers.items():
-            weights = adapter.modules.get(module)
-            if weights is None:
-                buffers.write(slot, None, None)
+            views = packed.views.get(module)
+            rank = 0 if views is None else views[2]
+            if views is None:
+                buffers.lora_a[slot].zero_()
+                buffers.lora_b[slot].zero_()
             else:
-                buffers.write(slot, weights.lora_a, weights.lora_b)
+                buffers.lora_a[slot].copy_(views[0], non_blocking=self._pin)
+                buffers.lora_b[slot].copy_(views[1], non_blocking=self._pin)
+            if self._slot_ranks[module][slot] != rank:
+                buffers.ranks[slot] = rank
+                self._slot_ranks[module][slot] = rank
+
+    def _clear_slot(self, slot: int) -> None:
+        """Zero a slot (unload) in order on the current stream, after the steps that read it."""
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._stream.device)
+            if self._ready[slot] is not None:
+                current.wait_event(self._ready[slot])
+                self._ready[slot] = None
+            # Side-stream writes into this slot must wait for the zeroing too.
+            event = torch.cuda.Event()
+        for module, buffers in self.buffers.items():
+            buffers.clear(slot)
+            self._slot_ranks[module][slot] = 0
+        if self._stream is not None:
+            event.record(torch.cuda.current_stream(self._stream.device))
+            self._free[slot] = event
+        self._in_flight.discard(slot)

@@ -197,9 +197,19 @@ class MultiLoRAModel:
         the next call on, whichever tier held the old ones."""
         self.runtime.manager.reload(name, path)
 
+    def prefetch(self, adapter_names: Sequence[str | None]) -> None:
+        """Announce the adapters the next calls will name (a batch's names, or any list): those
+        not in the CPU cache are read (in the background on a GPU: this returns at once) and
+        copied into free GPU slots on a side stream while the current step runs, so the call
+        that names them does not wait. Slots the last call reads, pinned and announced adapters
+        are never taken; with none left the copy is made at that call (`stats().prefetch_deferred`).
+        An unknown name raises `UnknownAdapterError`; a background read's error is raised by the
+        next call or prefetch naming that adapter."""
+        self.runtime.manager.prefetch(adapter_names)
+
     def stats(self) -> AdapterStats:
         """A copy of the adapter tiers' counters: hits, misses and evictions per tier, disk reads
-        and slot writes with their seconds."""
+        and slot writes with their seconds, prefetch hits, waits, deferrals and failures."""
         return dataclasses.replace(self.runtime.manager.stats)
 
     def unload_adapter(self, name: str) -> None:

@@ -10,6 +10,7 @@ __all__ = [
     "MMLoRAError",
     "AdapterError",
     "AdapterFileError",
+    "AdapterChangedError",
     "AdapterFormatError",
     "UnsupportedAdapterError",
     "AdapterRankError",
@@ -53,6 +54,11 @@ class AdapterError(MMLoRAError, ValueError):
 
 class AdapterFileError(AdapterError):
     """Adapter files are missing, unreadable, corrupt, or only in an unsafe format."""
+
+
+class AdapterChangedError(AdapterFileError):
+    """An adapter's files changed on disk while they were being read: what was read may mix two
+    versions, so it is not kept. Read it again once the files are written completely."""
 
 
 class AdapterFormatError(AdapterError):

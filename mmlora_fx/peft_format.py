@@ -258,15 +258,22 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
         if max_rank is not None and rank > max_rank:
             raise AdapterRankError(name, f"rank {rank} is above max_lora_rank={max_rank}", module=module)
         for kind, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            if not torch.isfinite(tensor).all():
+            # min and max are NaN when any value is, and infinite when one is: one pass, no
+            # temporary (isfinite().all() is 25x slower on bf16 on a CPU: most of a load).
+            low, high = torch.aminmax(tensor)
+            if not (math.isfinite(low.item()) and math.isfinite(high.item())):
                 raise AdapterValueError(name, f"{kind} holds NaN or infinite values", module=module)
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         out_dtype = dtype or torch.float32
+        # The scaling is folded in float64 for float32 and float64 matrices (one rounding); for
+        # half-precision ones float32 is enough (its product rounds to the same 8 or 11 bits but
+        # in rare ties) and it keeps a big adapter's load close to the time of reading its file.
+        fold = torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
         modules[module] = LoRAModule(
             module=module,
             lora_a=lora_a.to(out_dtype).contiguous(),
-            lora_b=(lora_b.double() * scaling).to(out_dtype).contiguous(),
+            lora_b=(lora_b.to(fold) * scaling).to(out_dtype).contiguous(),
             rank=rank,
             scaling=scaling,
         )
