@@ -3,6 +3,8 @@
 Run through the device tool (`python -m pytest -m gpu`); skipped without CUDA.
 """
 
+import random
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from mmlora_fx import zoo
 from mmlora_fx.graph_captures import CudaGraphCaptures
 
 from .peft_helpers import all_targets, make_adapter, relative_error
+from .test_adapter_manager import adapters, make_manager  # noqa: F401 (a fixture)
+from .test_adapters_at_scale import expected  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -73,3 +77,33 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, tmp_
     assert captures.count == 0, "adapter changes must not recapture CUDA graphs"
     assert mm.compiled_graphs == graphs, "adapter changes must not recompile"
     assert torch.isfinite(last).all()
+
+
+def test_side_stream_slot_writes_serve_the_files_across_prefetch_reload_and_unload(adapters, expected):  # noqa: F811
+    """The slot copies of #22 run on a side stream, from pinned memory, with reads in the background:
+    after every activate, each slot the batch reads holds exactly its adapter (read on the step's
+    stream, as the next forward would), whatever was prefetched, evicted, reloaded or unloaded."""
+    manager = make_manager(adapters, max_loras=3, max_cpu_loras=3, device="cuda", background_reads=True)
+    manager.load_many(adapters)
+    rng = random.Random(0)
+    names = sorted(adapters)
+    busy = torch.randn(2048, 2048, device="cuda")
+    for step in range(40):
+        batch = rng.sample(names, rng.randint(1, 3))
+        slots = manager.activate(batch)
+        busy = busy @ busy / busy.norm()  # a step's work on the current stream, before and after the copies
+        for name, slot in zip(batch, slots):
+            for module, (a, b, rank) in expected[name].items():
+                buffers = manager.buffers[module]
+                assert torch.equal(buffers.lora_a[slot].cpu(), a) and torch.equal(buffers.lora_b[slot].cpu(), b), (
+                    step, name, module)
+                assert int(buffers.ranks[slot]) == rank
+        manager.prefetch(rng.sample(names, 2))
+        if step % 10 == 9:
+            victim = rng.choice(names)
+            manager.reload(victim, adapters[victim])
+        if step == 25:
+            manager.unload("e")
+            names.remove("e")
+    manager.close()
+    assert manager.stats.prefetch_hits > 0
