@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--every", type=float, default=30.0, help="seconds between stack dumps")
     parser.add_argument("--tiny", action="store_true", help="e2e's tiny config on the CPU")
+    parser.add_argument("--base-first", action="store_true",
+                        help="compile and call the base first in the same process, as decode_overhead.py does")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stacks = open(args.out / "stacks.txt", "w")
@@ -60,6 +62,21 @@ def main() -> int:
     adapters = {f"a{index}": e2e.write_adapter(root / f"a{index}", modules, seed=index, device=device)
                 for index in range(args.adapters)}
     log(f"{args.adapters} adapters written")
+    if args.base_first:
+        import copy
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+        tensors = list(model.parameters()) + list(model.buffers())
+        base = torch.compile(copy.deepcopy(model, memo={id(tensor): tensor for tensor in tensors}),
+                             mode=e2e.graph_mode(device), dynamic=False)
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            step(base)
+        e2e.synchronize(device)
+        step.rewind()
+        log("base compiled, recorded and replayed")
     mode = e2e.graph_mode(device)
     mm = mmlora_fx.compile(model, adapters, max_loras=min(32, args.adapters), max_lora_rank=e2e.RANK, mode=mode,
                            dynamic=False, max_batch_size=max(64, args.batch), inner="inductor")
