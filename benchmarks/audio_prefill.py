@@ -529,6 +529,9 @@ def run_wave(args, indices: list[int], deadline: float | None, runs_dir: Path) -
                     environment["CUDA_VISIBLE_DEVICES"] = visible.split(",")[slot] if visible else str(slot)
                 # Compilations in parallel share the host's cores; each gets its share of workers.
                 environment["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(indices) - 2))
+                # Intra-op threads too: runs x cores OpenMP threads stalled the adapter loads of
+                # concurrent runs (decode_overhead.py, 2026-12-06).
+                environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(indices)))
             result = runs_dir / f"run{index}.json"
             command = child_command(args, index, result, cache, barrier, len(indices))
             # A session of its own, so that a stopped run takes its compile workers with it.

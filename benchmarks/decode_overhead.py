@@ -696,6 +696,10 @@ def parent(args) -> int:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
         # The runs compile side by side: split the cores rather than start runs x cores workers.
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+        # And their intra-op threads: runs x cores OpenMP threads made every small host op of the
+        # adapter loads wait on descheduled threads (2026-12-06, H100: two runs sat in
+        # AdapterManager._pack for 85 s and more, where one process loads the 32 adapters in 3 s).
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         children[index] = subprocess.Popen([sys.executable, script, *common, "--role", "child",
                                             "--index", str(index)], env=env)
     log("main", t0, f"{config['runs']} runs started; budget {args.budget_s:.0f} s")
