@@ -258,6 +258,13 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
         raise AdapterTargetError(
             name, f"targets {len(absent)} module(s) the model does not have: {shown}", module=absent[0]
         )
+    if config.get("ensure_weight_tying") and any(module in linears and linears[module].kind == EMBEDDING
+                                                 for module in modules):
+        # PEFT then ties lm_head's LoRA to the embedding's (A and B swapped and transposed)
+        # instead of reading the head's own tensors: a different adapter from the one saved.
+        raise UnsupportedAdapterError(
+            name, "ensure_weight_tying (LoRA tied between the input embeddings and lm_head) is not served; "
+            "save the adapter with ensure_weight_tying=False (separate embedding and head LoRA)")
     for module in modules:
         if module not in linears:
             kind = linears.module_types[module]

@@ -262,6 +262,13 @@ def test_nan_in_embedding_lora(tmp_path, linears, head_and_embedding_adapter):
         read_adapter("x", path, linears)
 
 
+def test_lora_tied_between_embeddings_and_head_is_refused(tmp_path, linears, head_and_embedding_adapter):
+    shutil.copytree(head_and_embedding_adapter, tmp_path / "a")
+    edit_config(tmp_path / "a", ensure_weight_tying=True)
+    with pytest.raises(UnsupportedAdapterError, match="ensure_weight_tying .* is not served"):
+        read_adapter("x", tmp_path / "a", linears)
+
+
 def test_an_embedding_outside_the_language_model_is_refused(tmp_path):
     """A tower's position embeddings see no language-model tokens: nothing can own their rows."""
     model = cached_model("tiny-llava")
