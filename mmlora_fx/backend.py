@@ -30,7 +30,7 @@ from torch import fx, nn
 from . import lora_op  # noqa: F401  (registers torch.ops.mmlora.lora_linear_)
 from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import CaptureError, MMLoRAError
-from .passes import Rewrite
+from .passes import EMBEDDING, LINEAR, Rewrite
 from .reporting import CompileProgress
 from .runtime import LoRARuntime, ServingOptions, _eager_lora_hook
 
@@ -71,7 +71,12 @@ class MMLoRABackend:
         self.recorder = GraphRecorder(ModuleNames(runtime.model), runtime.partition_map,
                                       rewrite_for=self._rewrite, compile_graph=self._compile)
         self.progress = CompileProgress()
-        self._served_weights = {id(runtime.linears.weights[module]): module for module in runtime.serving.served}
+        # A tied head and embedding share one weight: both names, where both are served.
+        self._served_weights: dict[int, tuple[str, ...]] = {}
+        for module in sorted(runtime.serving.served):
+            key = id(runtime.linears.weights[module])
+            self._served_weights[key] = self._served_weights.get(key, ()) + (module,)
+        self._kinds = (LINEAR, EMBEDDING.with_op(torch.ops.mmlora.lora_embedding_.default))
 
     @property
     def graphs(self) -> int:
@@ -98,10 +103,12 @@ class MMLoRABackend:
         hook_served = record.frame_modules.get("self")
         if not serving.serves(hook_served or ""):
             hook_served = None
-        weights = {key: module for key, module in self._served_weights.items() if module != hook_served}
-        return Rewrite(serves=lambda linear: serving.serves(linear.module) and linear.module != hook_served,
+        weights = {key: tuple(module for module in modules if module != hook_served)
+                   for key, modules in self._served_weights.items()}
+        weights = {key: modules for key, modules in weights.items() if modules}
+        return Rewrite(serves=lambda target: serving.serves(target.module) and target.module != hook_served,
                        op=torch.ops.mmlora.lora_linear_.default, served_weights=weights,
-                       graph_name=f"{record.index} ({record.function})", error=CaptureError)
+                       graph_name=f"{record.index} ({record.function})", error=CaptureError, kinds=self._kinds)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .partitions import OTHER, PartitionMap, discover_partitions
-from .passes import Labelling, Rewrite, is_call_node, linear_of, owner_path_of, run_passes
+from .passes import Labelling, Rewrite, embedding_of, is_call_node, linear_of, owner_path_of, run_passes, target_of
 from .reporting import quiet_dynamo
 from .upstream import check_supported
 
@@ -59,12 +59,15 @@ class GraphRecord:
     def linear_nodes(self) -> list[fx.Node]:
         return [node for node in self.call_nodes() if linear_of(node) is not None]
 
+    def embedding_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if embedding_of(node) is not None]
+
     def modules_of(self, node: fx.Node) -> list[str]:
-        """The linear modules a linear node called, over the graph's recorded calls (a graph is
+        """The modules a linear or embedding node called, over the graph's recorded calls (a graph is
         reused for every instance of a block); the module it was traced with if none was recorded."""
         modules = {instance.linear_modules.get(node.name) for instance in self.instances}
         modules.discard(None)
-        return sorted(modules or {linear_of(node).module})
+        return sorted(modules or {target_of(node).module})
 
 
 class ModuleNames:
@@ -190,9 +193,10 @@ class GraphRecorder:
         return self.partition_map.partition_of(module) if module is not None else OTHER
 
     def _recording(self, record: GraphRecord, compiled: Callable) -> Callable:
-        linear_weights = {node.name: linear_of(node).weight_input for node in record.linear_nodes()
-                          if linear_of(node).weight_input is not None}
-        linear_owners = {node.name: owner_path_of(node) for node in record.linear_nodes()}
+        targets = record.linear_nodes() + record.embedding_nodes()
+        linear_weights = {node.name: target_of(node).weight_input for node in targets
+                          if target_of(node).weight_input is not None}
+        linear_owners = {node.name: owner_path_of(node) for node in targets}
         names = self.names
 
         def run(*args):
@@ -227,9 +231,16 @@ class Capture:
 
     def linear_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every linear module that ran, with the (graph, node) pairs that called it."""
+        return self._calls(GraphRecord.linear_nodes)
+
+    def embedding_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every embedding module looked up, with the (graph, node) pairs that did."""
+        return self._calls(GraphRecord.embedding_nodes)
+
+    def _calls(self, nodes_of) -> dict[str, list[tuple[int, str]]]:
         calls: dict[str, list[tuple[int, str]]] = {}
         for record in self.graphs:
-            for node in record.linear_nodes():
+            for node in nodes_of(record):
                 for module in record.modules_of(node):
                     calls.setdefault(module, []).append((record.index, node.name))
         return calls

@@ -17,6 +17,7 @@ __all__ = [
     "AdapterShapeError",
     "AdapterTargetError",
     "AdapterValueError",
+    "BaseWeightCopyError",
     "DuplicateAdapterError",
     "UnknownAdapterError",
     "PinnedAdapterError",
@@ -83,6 +84,11 @@ class AdapterTargetError(AdapterError):
 
 class AdapterValueError(AdapterError):
     """The adapter holds NaN or infinite weights."""
+
+
+class BaseWeightCopyError(AdapterError):
+    """The adapter carries a copy of a base layer's weight (PEFT saves the embeddings and lm_head it
+    targets) that differs from the model's, in values or in shape (a resized vocabulary)."""
 
 
 class DuplicateAdapterError(AdapterError):

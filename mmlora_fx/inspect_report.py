@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 
 from .capture import Capture
-from .linear_index import LinearIndex
+from .linear_index import EMBEDDING, LINEAR, LinearIndex
 from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
-from .passes import linear_of, lora_of, partition_of
+from .passes import embedding_of, linear_of, lora_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -40,11 +40,12 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
     ownership = ownership or {}
-    calls = capture.linear_calls()
+    calls = {**capture.embedding_calls(), **capture.linear_calls()}
     graphs = []
     partition_graphs = defaultdict(list)
     partition_calls = Counter()
     partition_linear_nodes = defaultdict(list)
+    partition_embedding_nodes = defaultdict(list)
     for record in capture.graphs:
         counts = Counter(partition_of(node) for node in record.call_nodes())
         for partition, count in counts.items():
@@ -63,6 +64,19 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                 "lora": lora_of(node) is not None or (serving is not None and any(map(serving.serves, modules))),
                 "input_shape": shape,
                 "rows_owned": _rows_owned(partition_of(node), shape or [], ownership),
+            })
+        for node in record.embedding_nodes():
+            lookup = embedding_of(node)
+            value = nodes[lookup.ids_node].meta.get("example_value") if lookup.ids_node in nodes else None
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else None
+            modules = record.modules_of(node)
+            partition_embedding_nodes[partition_of(node)].append({
+                "graph": record.index, "node": node.name, "modules": modules,
+                "num_embeddings": lookup.num_embeddings, "embedding_dim": lookup.embedding_dim,
+                "lora": lora_of(node) is not None or (serving is not None and any(map(serving.serves, modules))),
+                "input_shape": shape,
+                # Token ids are rows of the language model only (embeddings elsewhere carry no LoRA).
+                "rows_owned": "per request" if partition_of(node) == LANGUAGE_MODEL else "-",
             })
         frames = sorted({instance.frame_modules.get("self", "") for instance in record.instances})
         graphs.append({
@@ -86,6 +100,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             "graphs": partition_graphs.get(partition, []),
             "call_nodes": partition_calls.get(partition, 0),
             "linear_nodes": partition_linear_nodes.get(partition, []),
+            "embedding_nodes": partition_embedding_nodes.get(partition, []),
         }
     report = {
         "schema": SCHEMA,
@@ -99,7 +114,13 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             {"module": info.name, "partition": info.partition, "in_features": info.in_features,
              "out_features": info.out_features, "bias": info.bias,
              "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
-            for info in linears
+            for info in linears if info.kind == LINEAR
+        ],
+        "embeddings": [
+            {"module": info.name, "partition": info.partition, "num_embeddings": info.in_features,
+             "embedding_dim": info.out_features, "can_carry_lora": info.can_carry_lora,
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears if info.kind == EMBEDDING
         ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
         "serving": serving.to_json() if serving is not None else None,
@@ -111,7 +132,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
 def _adapter_entry(scan, linears: LinearIndex, calls, serving) -> dict:
     modules = []
     for module, rank in scan.modules.items():
-        entry = {"module": module, "partition": linears[module].partition, "rank": rank,
+        entry = {"module": module, "kind": linears[module].kind, "partition": linears[module].partition, "rank": rank,
                  "nodes": [{"graph": graph, "node": node} for graph, node in calls.get(module, [])]}
         if serving is not None:
             entry["served"] = serving.serves(module)
@@ -174,7 +195,8 @@ def _ranges(indices: list[int]) -> str:
 def render_text(report: dict) -> str:
     model = report["model"]
     lines = [f"{model['name']} ({model['class']}): {len(report['graphs'])} graphs, "
-             f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules", ""]
+             f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules, "
+             f"{len(report.get('embeddings', []))} embeddings", ""]
     for partition, entry in report["partitions"].items():
         linear_modules = sum(len(node["modules"]) for node in entry["linear_nodes"])
         lines.append(f"{partition}")
@@ -188,6 +210,15 @@ def render_text(report: dict) -> str:
                     + (["yes" if node["lora"] else "-"] if report["serving"] else [])
                     for node in entry["linear_nodes"]]
             header = ["graph", "node", "module(s)", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
+            lines += _table(rows, header, indent="    ")
+        lookups = entry.get("embedding_nodes", [])
+        if lookups:
+            lines.append(f"  embedding lookups: {len(lookups)}")
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     node["num_embeddings"], node["embedding_dim"], node["rows_owned"]]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
+                    for node in lookups]
+            header = ["graph", "node", "module(s)", "tokens", "dim", "rows owned"] + (["LoRA"] if report["serving"] else [])
             lines += _table(rows, header, indent="    ")
         lines.append("")
     ownership = report.get("ownership") or {}
@@ -210,17 +241,17 @@ def render_text(report: dict) -> str:
         serving = report["serving"]
         lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",
                   f"  target modules: {', '.join(serving['target_modules'])}",
-                  f"  served linears: {serving['served_modules']}"]
+                  f"  served layers:  {serving['served_modules']} (linears and embeddings)"]
     for adapter in report["adapters"]:
         lines += ["", f"adapter {adapter['name']} ({adapter['path']})"]
-        rows = [[entry["module"], entry["partition"], entry["rank"],
+        rows = [[entry["module"], entry.get("kind", LINEAR), entry["partition"], entry["rank"],
                  ", ".join(f"{node['graph']}:{node['node']}" for node in entry["nodes"]) or "(not called)"]
                 + ([("yes" if entry["served"] else "no, outside the served set")] if "served" in entry else [])
                 for entry in adapter["modules"]]
-        header = ["module", "partition", "rank", "graph:node"] + (["served"] if report["serving"] else [])
+        header = ["module", "kind", "partition", "rank", "graph:node"] + (["served"] if report["serving"] else [])
         lines += _table(rows, header)
         if adapter["unmatched_keys"]:
-            lines.append(f"  ERROR: {len(adapter['unmatched_keys'])} tensor(s) match no linear of the model:")
+            lines.append(f"  ERROR: {len(adapter['unmatched_keys'])} tensor(s) match no linear or embedding of the model:")
             lines += [f"    {key}" for key in adapter["unmatched_keys"]]
     return "\n".join(lines) + "\n"
 

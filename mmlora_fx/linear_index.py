@@ -1,4 +1,11 @@
-"""Every linear layer of a model, by absolute name, with its shape and partition."""
+"""Every layer of a model that LoRA can target, by absolute name, with its shape and partition.
+
+Two kinds: linear layers (`nn.Linear`) and embedding lookups (`nn.Embedding`). An embedding is
+indexed like a linear taking a one-hot token: `in_features` is its number of embeddings,
+`out_features` its embedding size, which is the layout of PEFT's `lora_embedding_A [r,
+num_embeddings]` and `lora_embedding_B [embedding_dim, r]` too, so the adapter reader, the slot
+buffers and the serving plan treat both kinds alike.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +14,35 @@ import dataclasses
 import torch
 from torch import nn
 
-from .partitions import PartitionMap, can_carry_lora
+from .partitions import LANGUAGE_MODEL, PartitionMap, can_carry_lora
 
-__all__ = ["LinearInfo", "LinearIndex"]
+__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING"]
+
+LINEAR, EMBEDDING = "linear", "embedding"
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearInfo:
     name: str
-    in_features: int
-    out_features: int
+    in_features: int  # an embedding's number of embeddings (its vocabulary)
+    out_features: int  # an embedding's embedding size
     bias: bool
     partition: str
     dtype: torch.dtype
+    kind: str = LINEAR
 
     @property
     def can_carry_lora(self) -> bool:
+        # An embedding's rows are token ids; only the language model's token table owns those.
+        if self.kind == EMBEDDING:
+            return self.partition == LANGUAGE_MODEL
         return can_carry_lora(self.partition)
 
 
 class LinearIndex:
-    """The model's `nn.Linear` modules and, to explain bad targets, every other module's type."""
+    """The model's `nn.Linear` and `nn.Embedding` modules and, to explain bad targets, every other
+    module's type. `weights` maps each indexed module to its weight (a tied head and embedding
+    share one tensor)."""
 
     def __init__(self, model: nn.Module, partition_map: PartitionMap):
         self.partition_map = partition_map
@@ -46,6 +61,17 @@ class LinearIndex:
                     dtype=module.weight.dtype,
                 )
                 self.weights[name] = module.weight
+            elif isinstance(module, nn.Embedding):
+                self.linears[name] = LinearInfo(
+                    name=name,
+                    in_features=module.num_embeddings,
+                    out_features=module.embedding_dim,
+                    bias=False,
+                    partition=partition_map.partition_of(name),
+                    dtype=module.weight.dtype,
+                    kind=EMBEDDING,
+                )
+                self.weights[name] = module.weight
 
     def __contains__(self, name: str) -> bool:
         return name in self.linears
@@ -60,4 +86,9 @@ class LinearIndex:
         return len(self.linears)
 
     def in_partitions(self, partitions) -> list[LinearInfo]:
-        return [info for info in self.linears.values() if info.partition in partitions]
+        """The targets of `partitions` that can carry LoRA."""
+        return [info for info in self.linears.values() if info.partition in partitions and info.can_carry_lora]
+
+    def of_kind(self, kind: str) -> dict[str, torch.Tensor]:
+        """The weights of the indexed modules of one kind, by module."""
+        return {name: self.weights[name] for name, info in self.linears.items() if info.kind == kind}

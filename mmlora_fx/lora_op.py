@@ -1,10 +1,14 @@
-"""The graph-level LoRA op: `torch.ops.mmlora.lora_linear_(outputs, x, weights)`.
+"""The graph-level LoRA ops: `torch.ops.mmlora.lora_linear_(outputs, x, weights)` and
+`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)`.
 
-The rewrite pass puts one after each served linear (or group of siblings). Dynamo reuses a graph
-for every instance of a block, so the op cannot know at rewrite time whose weights it will see:
-it looks the weight tensors up here, finds the runtime and the linears they belong to, and hands
-that runtime the work. Under CUDA graphs the lookup runs once, at capture; the replays reuse the
-buffers it found, whose contents the runtime changes in place.
+The rewrite pass puts one after each served target (a linear or group of siblings, an embedding
+lookup). Dynamo reuses a graph for every instance of a block, so the op cannot know at rewrite
+time whose weights it will see: it looks the weight tensors up here, finds the runtime and the
+modules they belong to, and hands that runtime the work. Under CUDA graphs the lookup runs once,
+at capture; the replays reuse the buffers it found, whose contents the runtime changes in place.
+
+A tied head and embedding share one weight tensor, so a weight is registered per kind of use:
+the embedding op resolves it to the embedding, the linear op to the head.
 """
 
 from __future__ import annotations
@@ -15,27 +19,27 @@ import torch
 
 from .errors import MMLoRAError
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_"]
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_"]
 
 
 class WeightRegistry:
-    """Which runtime and linear module a weight tensor belongs to, by storage address."""
+    """Which runtime and module a weight tensor belongs to, by kind of use and storage address."""
 
     def __init__(self):
-        self._entries: dict[int, tuple[weakref.ReferenceType, str, tuple]] = {}
+        self._entries: dict[tuple[str, int], tuple[weakref.ReferenceType, str, tuple]] = {}
 
-    def register(self, runtime, weights: dict[str, torch.Tensor]) -> None:
-        """Record every linear weight of `runtime`'s model (served or not) under `runtime`."""
+    def register(self, runtime, weights: dict[str, torch.Tensor], kind: str = "linear") -> None:
+        """Record every `kind` weight of `runtime`'s model (served or not) under `runtime`."""
         reference = weakref.ref(runtime)
         for module, weight in weights.items():
-            self._entries[weight.data_ptr()] = (reference, module, tuple(weight.shape))
+            self._entries[(kind, weight.data_ptr())] = (reference, module, tuple(weight.shape))
 
-    def resolve(self, weight: torch.Tensor):
-        entry = self._entries.get(weight.data_ptr())
+    def resolve(self, weight: torch.Tensor, kind: str = "linear"):
+        entry = self._entries.get((kind, weight.data_ptr()))
         runtime = entry[0]() if entry is not None else None
         if runtime is None or entry[2] != tuple(weight.shape):
             raise MMLoRAError(
-                f"a LoRA op received a weight of shape {tuple(weight.shape)} that belongs to no compiled model: "
+                f"a LoRA op received a {kind} weight of shape {tuple(weight.shape)} that belongs to no compiled model: "
                 "were the model's parameters moved or replaced after mmlora_fx.compile?"
             )
         return runtime, entry[1]
@@ -54,4 +58,16 @@ def lora_linear_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[tor
 
 @lora_linear_.register_fake
 def _lora_linear_fake(outputs, x, weights) -> None:
+    return None
+
+
+@torch.library.custom_op("mmlora::lora_embedding_", mutates_args=("outputs",))
+def lora_embedding_(outputs: list[torch.Tensor], ids: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Add each row's adapter delta to the lookups `outputs` of token `ids` in the embedding `weights[0]`."""
+    runtime, module = REGISTRY.resolve(weights[0], "embedding")
+    runtime.apply_embedding(outputs[0], ids, module)
+
+
+@lora_embedding_.register_fake
+def _lora_embedding_fake(outputs, ids, weights) -> None:
     return None

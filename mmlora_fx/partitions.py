@@ -21,7 +21,10 @@ with no table per model class:
   plus, inside the tower, every module holding a linear that is registered after the tower's
   stack of repeated blocks on the path down to it (Qwen2-VL's `visual.merger`, Llama4's
   `vision_model.vision_adapter`); norms after the blocks stay in the tower;
-- the input and output embeddings are `other`, also where they sit inside the language model;
+- the input and output embeddings (the token embedding and `lm_head`, wherever they sit: beside
+  the language model in a VLM, inside it in Llama4) are the language model's: the rows they see
+  are its token rows (prefill `[B, S]`, decode `[B, 1]`, the head's `logits_to_keep` rows), so
+  its token table owns them;
 - a model whose config nests no sub-config (a plain `LlamaForCausalLM`) is all language model.
 """
 
@@ -39,7 +42,7 @@ TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER = "tower", "connector", "language_model"
 VISION = "vision"
 # The vision modality's labels; other modalities' add theirs (`tower:audio`).
 PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL, OTHER)
-# Partitions that can carry LoRA, for a vision-language model; `other` (embeddings, lm_head, glue) never does.
+# Partitions that can carry LoRA, for a vision-language model; `other` (glue no prefix owns) never does.
 LORA_PARTITIONS = (TOWER, CONNECTOR, LANGUAGE_MODEL)
 _MODALITY_LABEL = re.compile(r"^(tower|connector):([a-z][a-z0-9_]*)$")
 # Words in a module's name that say it belongs to a modality (for connectors beside several towers).
@@ -313,5 +316,6 @@ def _embeddings(model: nn.Module, modules: dict[str, nn.Module]) -> list[Partiti
             continue
         name = _module_name(modules, module)
         if name:
-            entries.append(PartitionPrefix(name, OTHER, "default", what))
+            entries.append(PartitionPrefix(name, LANGUAGE_MODEL, "default",
+                                           f"{what}: their rows are the language model's tokens"))
     return entries

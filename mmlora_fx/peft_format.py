@@ -1,8 +1,9 @@
 """Read PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`) safely.
 
 Reading validates everything before anything is kept: the files, the config, every tensor's
-name, shape, rank and values, and that each targeted module is a linear layer of the model that
-can carry LoRA. Tensors are read with safetensors only; a pickle is never opened. Each module's
+name, shape, rank and values, and that each targeted module is a linear or embedding layer of the
+model that can carry LoRA. Full copies of base weights (PEFT saves the embeddings and lm_head
+an adapter targets) are accepted only where they equal the model's weights. Tensors are read with safetensors only; a pickle is never opened. Each module's
 scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, after `rank_pattern` and
 `alpha_pattern`) is folded into its B matrix once, here.
 """
@@ -24,9 +25,10 @@ from .errors import (
     AdapterShapeError,
     AdapterTargetError,
     AdapterValueError,
+    BaseWeightCopyError,
     UnsupportedAdapterError,
 )
-from .linear_index import LinearIndex
+from .linear_index import EMBEDDING, LINEAR, LinearIndex
 from .partitions import can_carry_lora
 
 __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
@@ -35,17 +37,45 @@ __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_ada
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# A linear's LoRA (`lora_A.weight`, an optional adapter name before `.weight`) and an
+# embedding's (`lora_embedding_A`, a bare parameter: no `.weight`).
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:(?P<linear>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+                  r"|(?P<embedding>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?)$")
+# A full copy of a base layer's weight: PEFT saves one for every embedding layer (input
+# embeddings and lm_head) an adapter targets or `save_embedding_layers` names, wrapped
+# (`<module>.base_layer.weight`) or not (`<module>.weight`).
+_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight$")
 _UNSUPPORTED_KEYS = {
-    "lora_embedding_A": "LoRA on embedding layers is not served",
-    "lora_embedding_B": "LoRA on embedding layers is not served",
     "lora_magnitude_vector": "DoRA (use_dora) is not served",
 }
+# Which role each tensor name plays, and the kind of layer it belongs on.
+_ROLES = {"lora_A": ("lora_A", LINEAR), "lora_B": ("lora_B", LINEAR),
+          "lora_embedding_A": ("lora_A", EMBEDDING), "lora_embedding_B": ("lora_B", EMBEDDING)}
+
+
+def _lora_key(key: str) -> tuple[str, str, str] | None:
+    """(module, "lora_A" or "lora_B", kind of layer it belongs on) of a LoRA tensor name, or None."""
+    match = _KEY.match(key)
+    if match is None:
+        return None
+    role, kind = _ROLES[match.group("linear") or match.group("embedding")]
+    return match.group("module"), role, kind
+
+
+def _base_copy_module(key: str, linears: LinearIndex) -> str | None:
+    """The module whose base weight `key` copies (one the model indexes), or None."""
+    match = _BASE_COPY.match(key)
+    if match is None or match.group("module") not in linears:
+        return None
+    return match.group("module")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRAModule:
-    """One adapted linear: `delta(x) = x @ lora_a.T @ lora_b.T`, scaling already in `lora_b`."""
+    """One adapted layer: `delta(x) = x @ lora_a.T @ lora_b.T`, scaling already in `lora_b`.
+
+    An embedding's is the same with `x` the one-hot token: `lora_a` is PEFT's `lora_embedding_A`
+    `[rank, num_embeddings]`, `lora_b` its `lora_embedding_B` `[embedding_dim, rank]`, scaled."""
 
     module: str
     lora_a: torch.Tensor  # [rank, in_features]
@@ -172,27 +202,53 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
 
 
-def _group_by_module(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _group_by_module(name: str, tensors: dict[str, torch.Tensor],
+                     linears: LinearIndex) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The LoRA pairs by module, and the base-weight copies by module."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    copies: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         for marker, problem in _UNSUPPORTED_KEYS.items():
             if f".{marker}" in key:
                 raise UnsupportedAdapterError(name, f"tensor {key!r}: {problem}")
-        if key.endswith(".base_layer.weight"):
-            raise UnsupportedAdapterError(
-                name, f"tensor {key!r} replaces a base layer's weight (PEFT saves those when LoRA targets "
-                "lm_head or embeddings); LoRA there is not served")
-        match = _KEY.match(key)
-        if match is None:
+        parsed = _lora_key(key)
+        if parsed is None:
+            module = _base_copy_module(key, linears)
+            if module is None:
+                raise AdapterFormatError(
+                    name, f"tensor {key!r} is not a LoRA weight (expected base_model.model.<module>.lora_A.weight, "
+                    "or lora_embedding_A on an embedding)"
+                )
+            copies[module] = tensor
+            continue
+        module, role, kind = parsed
+        if module in linears and linears[module].kind != kind:
             raise AdapterFormatError(
-                name, f"tensor {key!r} is not a LoRA weight (expected base_model.model.<module>.lora_A.weight)"
-            )
-        grouped.setdefault(match.group("module"), {})[match.group("kind")] = tensor
+                name, f"tensor {key!r} is a {kind}'s LoRA weight, but the module is a {linears.module_types[module]}",
+                module=module)
+        grouped.setdefault(module, {})[role] = tensor
     for module, pair in grouped.items():
         if set(pair) != {"lora_A", "lora_B"}:
             missing = "lora_B" if "lora_A" in pair else "lora_A"
             raise AdapterFormatError(name, f"{missing} weight is missing", module=module)
-    return grouped
+    return grouped, copies
+
+
+def _check_base_copies(name: str, copies: dict[str, torch.Tensor], linears: LinearIndex) -> None:
+    """A copy of a base weight equal to the model's changes nothing; any other would replace the
+    model's weight for this adapter only, which is not served."""
+    for module, copy in sorted(copies.items()):
+        weight = linears.weights[module]
+        if tuple(copy.shape) != tuple(weight.shape):
+            raise BaseWeightCopyError(
+                name, f"the adapter carries a copy of this layer's base weight of shape {tuple(copy.shape)}, but the "
+                f"model's is {tuple(weight.shape)} (was the vocabulary resized when the adapter was trained?); an "
+                "adapter that replaces base weights is not served", module=module)
+        if not torch.equal(copy.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+            raise BaseWeightCopyError(
+                name, "the adapter carries a copy of this layer's base weight that differs from the model's (trained "
+                "or resized embeddings, or another base model); an adapter that replaces base weights is not served",
+                module=module)
 
 
 def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: dict) -> None:
@@ -202,16 +258,26 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
         raise AdapterTargetError(
             name, f"targets {len(absent)} module(s) the model does not have: {shown}", module=absent[0]
         )
+    if config.get("ensure_weight_tying") and any(module in linears and linears[module].kind == EMBEDDING
+                                                 for module in modules):
+        # PEFT then ties lm_head's LoRA to the embedding's (A and B swapped and transposed)
+        # instead of reading the head's own tensors: a different adapter from the one saved.
+        raise UnsupportedAdapterError(
+            name, "ensure_weight_tying (LoRA tied between the input embeddings and lm_head) is not served; "
+            "save the adapter with ensure_weight_tying=False (separate embedding and head LoRA)")
     for module in modules:
         if module not in linears:
             kind = linears.module_types[module]
-            raise UnsupportedAdapterError(name, f"is a {kind}, not a Linear; only LoRA on linear layers is served",
-                                          module=module)
-        partition = linears[module].partition
-        if not can_carry_lora(partition):
             raise UnsupportedAdapterError(
-                name, f"is in partition '{partition}' (lm_head, embeddings); LoRA there is not served", module=module
-            )
+                name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those is served", module=module)
+        info = linears[module]
+        if not info.can_carry_lora:
+            where = ("outside the language model (its rows are not the language model's tokens)"
+                     if info.kind == EMBEDDING and can_carry_lora(info.partition) else
+                     "in no partition that carries LoRA (override it with partition_overrides)")
+            raise UnsupportedAdapterError(
+                name, f"is a {info.kind} in partition '{info.partition}', {where}; LoRA there is not served",
+                module=module)
         if not selected_by_config(config, module):
             raise AdapterFormatError(
                 name, "has weights, but the config's target_modules/layers_to_transform do not select it",
@@ -228,10 +294,11 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     """
     path = Path(path)
     config = read_adapter_config(name, path)
-    grouped = _group_by_module(name, _read_tensors(name, path))
+    grouped, copies = _group_by_module(name, _read_tensors(name, path), linears)
     if not grouped:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA weights")
     _check_targets(name, sorted(grouped), linears, config)
+    _check_base_copies(name, copies, linears)
 
     default_rank = int(config.get("r", 8))
     default_alpha = float(config.get("lora_alpha", 8))
@@ -244,11 +311,13 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
                                           "must be matrices", module=module)
         rank = lora_a.shape[0]
         if lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank:
+            names = ("lora_A", "lora_B") if info.kind == LINEAR else ("lora_embedding_A", "lora_embedding_B")
+            layer = (f"a linear of {info.in_features} -> {info.out_features}" if info.kind == LINEAR else
+                     f"an embedding of {info.in_features} tokens of size {info.out_features}")
             raise AdapterShapeError(
                 name,
-                f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit a linear of "
-                f"{info.in_features} -> {info.out_features} (expected [r, {info.in_features}] and "
-                f"[{info.out_features}, r])",
+                f"{names[0]} {tuple(lora_a.shape)} and {names[1]} {tuple(lora_b.shape)} do not fit {layer} "
+                f"(expected [r, {info.in_features}] and [{info.out_features}, r])",
                 module=module,
             )
         configured_rank = int(_pattern_value(config.get("rank_pattern"), module, default_rank))
@@ -287,8 +356,8 @@ class AdapterScan:
     name: str
     path: Path
     config: dict
-    modules: dict[str, int]  # module -> rank, for modules the model has as linears
-    unmatched: list[str]  # tensor names whose module is not a linear of the model
+    modules: dict[str, int]  # module -> rank, for modules the model has as linears or embeddings
+    unmatched: list[str]  # tensor names whose module is not a linear or an embedding of the model
 
 
 def scan_adapter(name: str, path, linears: LinearIndex) -> AdapterScan:
@@ -303,11 +372,13 @@ def scan_adapter(name: str, path, linears: LinearIndex) -> AdapterScan:
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
             for key in handle.keys():
-                match = _KEY.match(key)
-                if match is None or match.group("module") not in linears:
+                parsed = _lora_key(key)
+                if parsed is None and _base_copy_module(key, linears) is not None:
+                    continue  # a copy of a base weight: checked when the adapter is read
+                if parsed is None or parsed[0] not in linears:
                     unmatched.append(key)
-                elif match.group("kind") == "lora_A":
-                    modules[match.group("module")] = int(handle.get_slice(key).get_shape()[0])
+                elif parsed[1] == "lora_A":
+                    modules[parsed[0]] = int(handle.get_slice(key).get_shape()[0])
     except (SafetensorError, OSError) as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
     return AdapterScan(name, path, config, dict(sorted(modules.items())), sorted(unmatched))

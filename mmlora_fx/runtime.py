@@ -22,7 +22,8 @@ from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
 from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
-from .linear_index import LinearIndex
+from .kernels.lora_embedding import lora_embedding_add
+from .linear_index import EMBEDDING, LINEAR, LinearIndex
 from .lora_op import REGISTRY
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
@@ -146,7 +147,8 @@ class LoRARuntime:
                                         + (["video"] if self.video_token_ids else []),
                                         is_loaded=lambda name: name in self.manager.names)
         self.defaults.update(options.default_adapters or {})
-        REGISTRY.register(self, self.linears.weights)
+        for kind in (LINEAR, EMBEDDING):
+            REGISTRY.register(self, self.linears.of_kind(kind), kind)
         self._add_eager_hooks()
 
     # ------------------------------------------------------------------ before a forward
@@ -327,6 +329,32 @@ class LoRARuntime:
         request_slots, cum_weights, tile_plan = self._owner_table(table, x, modules[served[0]])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
         lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
+
+    def apply_embedding(self, output: torch.Tensor, ids: torch.Tensor, module: str,
+                        output_scale: torch.Tensor | None = None) -> None:
+        """Add the LoRA delta of the embedding `module` to `output`, its lookup of the token `ids`.
+
+        Embeddings are served in the language model only: the token ids are its rows, one weight
+        per request. `output_scale` multiplies the delta where the lookup's output was already
+        scaled (an eager hook on Gemma3's scaled embedding sees the product; PEFT scales its
+        delta the same way)."""
+        plan = self._plans.get((module,))
+        if plan is None:
+            plan = self._plans[(module,)] = self._plan([module])
+        served, table, lora_a, lora_b, ranks = plan
+        if not served:
+            return
+        self.applications[table.partition] += 1
+        if self.applied is not None:
+            self.applied.add(module)
+        table.check_rows(ids.numel())
+        if output_scale is None:
+            lora_embedding_add(output, ids, lora_a[0], lora_b[0], ranks[0], table.request_slots,
+                               table.request_cum_weights)
+            return
+        delta = torch.zeros_like(output)
+        lora_embedding_add(delta, ids, lora_a[0], lora_b[0], ranks[0], table.request_slots, table.request_cum_weights)
+        output += delta * output_scale.to(output.dtype)
 
     def _owner_table(self, table: TokenSlotTable, x: torch.Tensor, module: str):
         """Who owns the rows of `x`: the tables (slots, running weights, tile plan) the kernels read.
@@ -519,7 +547,24 @@ def _never_compile_the_hook() -> None:
 
 def _eager_lora_hook(module, args, output):
     if not torch.compiler.is_compiling():
-        runtime, name = REGISTRY.resolve(module.weight)
-        if runtime.in_call:
-            runtime.apply([output], args[0], [name])
+        if isinstance(module, nn.Embedding):
+            runtime, name = REGISTRY.resolve(module.weight, EMBEDDING)
+            if runtime.in_call:
+                runtime.apply_embedding(output, args[0], name, _embedding_output_scale(module))
+        else:
+            runtime, name = REGISTRY.resolve(module.weight)
+            if runtime.in_call:
+                runtime.apply([output], args[0], [name])
     return output
+
+
+def _embedding_output_scale(module: nn.Embedding) -> torch.Tensor | None:
+    """The factor an embedding's forward multiplies its lookup by (Gemma3's scaled embeddings keep
+    it as `embed_scale`, which PEFT applies to its delta too), or None. The graph path needs none:
+    its op adds the delta to the lookup itself, before the forward scales it."""
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, (int, float)):
+        return torch.tensor(float(scale), device=module.weight.device)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    return None

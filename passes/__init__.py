@@ -6,12 +6,14 @@ Nothing here imports `mmlora_fx`: what a pass needs from it is passed in.
 
 from .coverage import CheckLoRACoverage, UncoveredLinearError
 from .lora_rewrite import InsertLoRAOps, lora_ops
-from .meta import is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_path_of, partition_of
-from .ownership import LinearCall, ResolveOwners, is_linear_call, parse_module_path
+from .meta import (embedding_of, is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_path_of, partition_of,
+                   target_of)
+from .ownership import EmbeddingCall, LinearCall, ResolveOwners, is_embedding_call, is_linear_call, parse_module_path
 from .partition import LabelPartitions
 from .pipeline import Labelling, Rewrite, run_passes
-from .targets import LINEAR, TargetKind
+from .targets import EMBEDDING, LINEAR, TargetKind
 
-__all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "ResolveOwners", "LabelPartitions",
-           "InsertLoRAOps", "TargetKind", "LINEAR", "Labelling", "Rewrite", "run_passes", "is_linear_call", "lora_ops", "parse_module_path",
-           "is_call_node", "is_lora_op", "linear_of", "lora_of", "owner_of", "owner_path_of", "partition_of"]
+__all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "EmbeddingCall", "ResolveOwners", "LabelPartitions",
+           "InsertLoRAOps", "TargetKind", "LINEAR", "EMBEDDING", "Labelling", "Rewrite", "run_passes", "is_linear_call",
+           "is_embedding_call", "lora_ops", "parse_module_path", "is_call_node", "is_lora_op", "linear_of", "embedding_of",
+           "target_of", "lora_of", "owner_of", "owner_path_of", "partition_of"]

@@ -8,12 +8,12 @@ error, so a graph holding one is refused at compile time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import fx, nn
 
-from .meta import is_lora_op, linear_of, lora_of
+from .meta import is_lora_op, linear_of, lora_of, target_of
 
 __all__ = ["CheckLoRACoverage", "UncoveredLinearError"]
 
@@ -30,18 +30,21 @@ def _is_tensor_value(node: fx.Node) -> bool:
 class CheckLoRACoverage:
     """Refuse a graph in which a served linear's weight is used without its LoRA op.
 
-    Matches: placeholders whose example input is the weight of a served linear
-    (`served_weights`: id of the weight tensor -> module name), get_attr nodes holding one,
-    and `call_module` nodes calling a served `nn.Linear`.
-    Allowed users of such a weight: linear calls `InsertLoRAOps` rewrote (`node.meta["mmlora_lora"]`),
-    the LoRA op itself, and nodes that read no tensor from it (its size).
+    Matches: placeholders whose example input is the weight of a served target
+    (`served_weights`: id of the weight tensor -> module name, or the names of the served modules
+    sharing it: a tied head and embedding), get_attr nodes holding one, and `call_module` nodes
+    calling a served `nn.Linear` or `nn.Embedding`.
+    Allowed users of such a weight: targets `InsertLoRAOps` rewrote (`node.meta["mmlora_lora"]`),
+    the LoRA op itself, targets resolved to another module sharing the weight that is not served
+    (the head tied to a served embedding), and nodes that read no tensor from it (its size).
     Writes nothing into `node.meta`; raises `error` (mmlora_fx passes its `CaptureError`) naming
     the module, the graph, the node and why.
     """
 
-    def __init__(self, served_weights: Mapping[int, str], example_inputs: Sequence[object], graph_name: str,
-                 error: type[Exception] = UncoveredLinearError):
-        self.served_weights = served_weights
+    def __init__(self, served_weights: Mapping[int, str | Collection[str]], example_inputs: Sequence[object],
+                 graph_name: str, error: type[Exception] = UncoveredLinearError):
+        self.served_weights = {key: (value,) if isinstance(value, str) else tuple(value)
+                               for key, value in served_weights.items()}
         self.example_inputs = example_inputs
         self.graph_name = graph_name
         self.error = error
@@ -56,28 +59,34 @@ class CheckLoRACoverage:
                 self._check_users(node, self.served_weights.get(id(getattr(graph_module, node.target, None))))
             elif node.op == "call_module":
                 module = graph_module.get_submodule(node.target)
-                if isinstance(module, nn.Linear) and id(module.weight) in self.served_weights:
+                if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) in self.served_weights:
                     self._refuse(self.served_weights[id(module.weight)], node,
-                                 "the linear is called as a submodule, which the LoRA rewrite does not reach")
+                                 f"the {type(module).__name__} is called as a submodule, which the LoRA rewrite does "
+                                 "not reach")
         return graph_module
 
-    def _check_users(self, weight: fx.Node, module: str | None) -> None:
-        if module is None:
+    def _check_users(self, weight: fx.Node, modules: tuple[str, ...] | None) -> None:
+        if modules is None:
             return
         for user in weight.users:
-            if is_lora_op(user) or (lora_of(user) and user.args[1] is weight):
+            if is_lora_op(user) or (lora_of(user) and weight in user.args[:2]):
                 continue
             if not _is_tensor_value(user):
                 continue  # reads the weight's size, not its values
+            target = target_of(user)
+            if target is not None and target.module not in modules:
+                continue  # another module's use of a shared weight, and that module is not served
             if linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
                 reason = "a linear call whose module could not be resolved"
             else:
                 reason = f"the weight is used by {user.op} {user.target} outside a linear the rewrite serves"
-            self._refuse(module, user, reason)
+            self._refuse(modules, user, reason)
 
-    def _refuse(self, module: str, node: fx.Node, reason: str) -> None:
+    def _refuse(self, modules: tuple[str, ...], node: fx.Node, reason: str) -> None:
+        target = target_of(node)
+        module = target.module if target is not None and target.module in modules else " / ".join(modules)
         raise self.error(
-            f"served linear {module!r} would run without its LoRA in graph {self.graph_name}, node {node.name!r}: "
+            f"served layer {module!r} would run without its LoRA in graph {self.graph_name}, node {node.name!r}: "
             f"{reason}. Serve it elsewhere or leave it out with target_modules=/partitions= "
             "(and please report the model)"
         )

@@ -1,7 +1,8 @@
 """Insert a LoRA op after every served target, one op per group of siblings sharing an input.
 
-The op, `torch.ops.mmlora.lora_linear_(outputs, x, weights)`, adds each row's adapter delta to
-the linear outputs in place. It is bound to nothing at rewrite time: dynamo reuses one graph for
+The op, `torch.ops.mmlora.lora_linear_(outputs, x, weights)` for linears (each kind of target
+brings its own: `lora_embedding_(outputs, ids, weights)` for embedding lookups), adds each row's
+adapter delta to the target's outputs in place. It is bound to nothing at rewrite time: dynamo reuses one graph for
 every instance of a block, so the op resolves the adapter buffers and the partition's
 token-to-slot table from the weights it receives, at run time.
 """
@@ -45,6 +46,9 @@ class InsertLoRAOps:
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
+        unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
+        if unbound:
+            raise ValueError(f"target kinds {unbound} need an op of their own: pass kind.with_op(op)")
 
     def __call__(self, graph_module: fx.GraphModule) -> fx.GraphModule:
         graph = graph_module.graph

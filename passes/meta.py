@@ -8,8 +8,9 @@ string elsewhere:
 | `mmlora_owner_path` | `ResolveOwners` | (frame local, relative path) of the innermost module owning the node |
 | `mmlora_owner` | `ResolveOwners` | that path made absolute, or None |
 | `mmlora_linear` | `ResolveOwners` | a `LinearCall` on linear calls (module from the weight tensor) |
+| `mmlora_embedding` | `ResolveOwners` | an `EmbeddingCall` on embedding lookups (module from the weight tensor) |
 | `mmlora_partition` | `LabelPartitions` | the partition label of the node (`InsertLoRAOps` copies it onto its ops) |
-| `mmlora_lora` | `InsertLoRAOps` | on a served linear: `{"op": op node name, "group": sibling node names}` |
+| `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}` |
 | `mmlora_lora_op` | `InsertLoRAOps` | True on each inserted LoRA op |
 
 A node with `mmlora_owner_path` is a *call node* (call_function, call_method, call_module).
@@ -22,13 +23,15 @@ from typing import Any
 from torch import fx
 
 __all__ = [
-    "OWNER_PATH", "OWNER", "LINEAR", "PARTITION", "LORA", "LORA_OP",
-    "is_call_node", "owner_path_of", "owner_of", "linear_of", "partition_of", "lora_of", "is_lora_op",
+    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "PARTITION", "LORA", "LORA_OP",
+    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "target_of", "partition_of", "lora_of",
+    "is_lora_op",
 ]
 
 OWNER_PATH = "mmlora_owner_path"
 OWNER = "mmlora_owner"
 LINEAR = "mmlora_linear"
+EMBEDDING = "mmlora_embedding"
 PARTITION = "mmlora_partition"
 LORA = "mmlora_lora"
 LORA_OP = "mmlora_lora_op"
@@ -53,13 +56,23 @@ def linear_of(node: fx.Node):
     return node.meta.get(LINEAR)
 
 
+def embedding_of(node: fx.Node):
+    """The `EmbeddingCall` of an embedding lookup node, or None."""
+    return node.meta.get(EMBEDDING)
+
+
+def target_of(node: fx.Node):
+    """The record of a node LoRA can target (a `LinearCall` or an `EmbeddingCall`), or None."""
+    return node.meta.get(LINEAR) or node.meta.get(EMBEDDING)
+
+
 def partition_of(node: fx.Node) -> str | None:
     """The partition label `LabelPartitions` gave `node`, or None for nodes it does not label."""
     return node.meta.get(PARTITION)
 
 
 def lora_of(node: fx.Node) -> dict[str, Any] | None:
-    """On a served linear, its LoRA op and sibling group; None on other nodes."""
+    """On a served target, its LoRA op and sibling group; None on other nodes."""
     return node.meta.get(LORA)
 
 

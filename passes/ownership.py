@@ -16,17 +16,20 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import fx
 
-from .meta import LINEAR, OWNER, OWNER_PATH, owner_of, owner_path_of
+from .meta import EMBEDDING, LINEAR, OWNER, OWNER_PATH, owner_of, owner_path_of
 
 __all__ = [
     "LinearCall",
+    "EmbeddingCall",
     "ResolveOwners",
     "is_linear_call",
+    "is_embedding_call",
     "join_module_path",
     "parse_module_path",
 ]
 
 _LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
+_EMBEDDING_TARGETS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
 _ROOT = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]")
 _ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]|\.([A-Za-z_][A-Za-z_0-9]*)")
 
@@ -43,8 +46,31 @@ class LinearCall:
     weight_input: int | None  # index of the weight among the graph's placeholders
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCall:
+    """An embedding lookup found in a graph: its module (for this instance) and its table's shape."""
+
+    module: str
+    num_embeddings: int
+    embedding_dim: int
+    ids_node: str
+    weight_input: int | None  # index of the weight among the graph's placeholders
+
+
 def is_linear_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _LINEAR_TARGETS
+
+
+def is_embedding_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _EMBEDDING_TARGETS
+
+
+def embedding_args(node: fx.Node):
+    """(ids, weight) of an embedding call: `F.embedding(ids, weight)`, `torch.embedding(weight, ids)`."""
+    args = list(node.args) + [None, None]
+    if node.target is torch.nn.functional.embedding:
+        return node.kwargs.get("input", args[0]), node.kwargs.get("weight", args[1])
+    return args[1], args[0]
 
 
 def parse_module_path(path: str) -> tuple[str | None, str]:
@@ -78,7 +104,9 @@ class ResolveOwners:
         is, for the instance being compiled); None when the local is not a known module;
       - `mmlora_linear` (linear calls only): a `LinearCall` whose module comes from the weight
         tensor (`linear_module(weight, owner_path, frame_modules)` names it), which is exact
-        even where the owner path is not.
+        even where the owner path is not;
+      - `mmlora_embedding` (embedding lookups only): an `EmbeddingCall`, its module found the
+        same way (a tied head and embedding share the weight: the owner path picks which).
     """
 
     def __init__(
@@ -103,7 +131,20 @@ class ResolveOwners:
             node.meta[OWNER] = join_module_path(root, relative) if root is not None else None
             if is_linear_call(node):
                 node.meta[LINEAR] = self._linear_call(graph_module, node, placeholder_index)
+            elif is_embedding_call(node):
+                node.meta[EMBEDDING] = self._embedding_call(graph_module, node, placeholder_index)
         return graph_module
+
+    def _embedding_call(self, graph_module, node, placeholder_index) -> EmbeddingCall | None:
+        ids, weight = embedding_args(node)
+        tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
+        module = self.linear_module(tensor, owner_path_of(node), self.frame_modules) if tensor is not None else None
+        value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
+        # A lookup in a table that is no module's parameter is nothing LoRA can target.
+        if value is None or module is None or not isinstance(ids, fx.Node):
+            return None
+        return EmbeddingCall(module=module, num_embeddings=int(value.shape[0]), embedding_dim=int(value.shape[1]),
+                             ids_node=ids.name, weight_input=weight_input)
 
     @staticmethod
     def _owner_path(node: fx.Node) -> tuple[str | None, str]:

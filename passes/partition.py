@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .meta import PARTITION, is_call_node, linear_of, owner_of, partition_of
+from .meta import PARTITION, is_call_node, owner_of, partition_of, target_of
 
 __all__ = ["LabelPartitions", "partition_of"]
 
@@ -15,8 +15,8 @@ class LabelPartitions:
     """Label call nodes by the longest partition prefix owning their module.
 
     Matches: every call node `ResolveOwners` labelled.
-    Writes `node.meta["mmlora_partition"]`: `label_of(module)` of the linear's own module for linear
-    calls, of the owning module otherwise, `label_of(None)` when the owner is unknown (the caller's
+    Writes `node.meta["mmlora_partition"]`: `label_of(module)` of the linear's or embedding's own
+    module for linear calls and embedding lookups, of the owning module otherwise, `label_of(None)` when the owner is unknown (the caller's
     partition table says what that is: `other`).
     """
 
@@ -27,6 +27,6 @@ class LabelPartitions:
         for node in graph_module.graph.nodes:
             if not is_call_node(node):
                 continue
-            linear = linear_of(node)
-            node.meta[PARTITION] = self.label_of(linear.module if linear is not None else owner_of(node))
+            target = target_of(node)
+            node.meta[PARTITION] = self.label_of(target.module if target is not None else owner_of(node))
         return graph_module

@@ -6,8 +6,8 @@ every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend
 
 1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
 2. `LabelPartitions`: the partition of each call node;
-3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `targets` lists (sibling groups
-   share one);
+3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
+   embedding lookups; sibling linears share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -49,15 +49,16 @@ class Labelling:
 class Rewrite:
     """What the LoRA rewrite needs for one graph.
 
-    `serves(target)`: whether a target (a `LinearCall` for a linear) gets a LoRA op; `op`: the op
-    to insert for kinds that bring none; `served_weights`: id of each served weight tensor -> its
-    module, for the coverage check; `graph_name`: how errors name the graph; `error`: the
+    `serves(target)`: whether a target (a `LinearCall` for a linear, an `EmbeddingCall` for an
+    embedding lookup) gets a LoRA op; `op`: the op to insert for kinds that bring none;
+    `served_weights`: id of each served weight tensor -> its module (or the served modules sharing
+    it), for the coverage check; `graph_name`: how errors name the graph; `error`: the
     exception type they raise; `kinds`: what counts as a target (`passes.targets`).
     """
 
     serves: Callable[[LinearCall], bool]
     op: object
-    served_weights: Mapping[int, str]
+    served_weights: Mapping[int, str | tuple[str, ...]]
     graph_name: str
     error: type[Exception] = UncoveredLinearError
     kinds: Sequence[TargetKind] = (LINEAR,)

@@ -3,9 +3,11 @@
 A kind says, for a node, whether it is a target of that kind (the record a labelling pass wrote
 for it, or None), which node's rows LoRA reads (targets of one kind that read the same rows in
 one partition are siblings and share one op), and which argument is the weight the op resolves
-its adapter buffers by at run time. Today's one kind is a linear call; the next ones (a grouped
-matmul over a 3D expert weight, an embedding lookup, a convolution, a matmul with a bare
-parameter) are new entries here, each with its own matcher and op, not branches in the rewrite.
+its adapter buffers by at run time. Two kinds today: a linear call, and an embedding lookup (whose
+"rows" are its token ids, and whose op the caller binds: `EMBEDDING.with_op(op)`, since passes
+import nothing from mmlora_fx). The next ones (a grouped matmul over a 3D expert weight, a
+convolution, a matmul with a bare parameter) are new entries here, each with its own matcher and
+op, not branches in the rewrite.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .meta import linear_of
+from .meta import embedding_of, linear_of
+from .ownership import embedding_args
 
-__all__ = ["TargetKind", "LINEAR"]
+__all__ = ["TargetKind", "LINEAR", "EMBEDDING"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,16 @@ class TargetKind:
     weight_of: Callable[[fx.Node], fx.Node]
     op: object = None
     max_siblings: int = 3
+    needs_op: bool = False  # the rewrite's default op does not fit this kind: bind one with `with_op`
+
+    def with_op(self, op) -> "TargetKind":
+        return dataclasses.replace(self, op=op)
 
 
 # `F.linear(x, weight, bias)` calls labelled by `ResolveOwners` (`node.meta["mmlora_linear"]`).
 LINEAR = TargetKind("linear", match=linear_of, rows_of=lambda node: node.args[0], weight_of=lambda node: node.args[1])
+
+# `F.embedding(ids, weight)` lookups labelled by `ResolveOwners` (`node.meta["mmlora_embedding"]`):
+# the op reads the token ids, not the looked-up rows, and each lookup has its own op.
+EMBEDDING = TargetKind("embedding", match=embedding_of, rows_of=lambda node: embedding_args(node)[0],
+                       weight_of=lambda node: embedding_args(node)[1], max_siblings=1, needs_op=True)

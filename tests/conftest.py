@@ -23,41 +23,36 @@ GROUND_TRUTH = {
     "tiny-qwen2-vl": {
         "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])",
         "connector": r"model\.visual\.merger\.mlp\.[02]",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "other": r"lm_head",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
     },
     "tiny-llava": {
         "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
         "connector": r"model\.multi_modal_projector\.linear_[12]",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "other": r"lm_head",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
     },
     "tiny-idefics3": {
         "tower": r"model\.vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
         "connector": r"model\.connector\.modality_projection\.proj",
-        "language_model": r"model\.text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "other": r"lm_head",
+        "language_model": r"model\.text_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
     },
     "tiny-gemma3": {
         "tower": r"model\.vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
         # The pooled projector multiplies by a bare parameter: the connector has no linear.
         "connector": r"(?!)",
-        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-        "other": r"lm_head",
+        "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
     },
     "tiny-llama4": {
         "tower": r"vision_model\.(patch_embedding\.linear|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.fc[12]))",
         "connector": r"vision_model\.vision_adapter\.mlp\.fc[12]|multi_modal_projector\.linear_1",
-        "language_model": r"language_model\.model\.layers\.\d+\.(self_attn\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)",
-        "other": r"language_model\.lm_head",
+        # The head sits inside the language model here (Llama4ForCausalLM): it is the language model's too.
+        "language_model": r"language_model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)|lm_head)",
     },
 }
 
 GROUND_TRUTH["tiny-qwen2-audio"] = {
     "tower:audio": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc[12])",
     "connector:audio": r"model\.multi_modal_projector\.linear",
-    "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-    "other": r"lm_head",
+    "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)|lm_head",
 }
 
 # Modules that hold the connector's (non-linear) work, one per family.

@@ -290,7 +290,7 @@ def _break(kind, source, target):
         torch.save({}, target / "adapter_model.bin")
     elif kind == "corrupt safetensors":
         weights.write_bytes(weights.read_bytes()[:100])
-    elif kind in ("shape", "target absent", "nan", "inf", "lm_head"):
+    elif kind in ("shape", "target absent", "nan", "inf", "base copy"):
         key = next(k for k in sorted(tensors) if "layers.0.self_attn.q_proj.lora_A" in k)
         if kind == "shape":
             tensors[key] = torch.randn(tensors[key].shape[0], 3)
@@ -298,9 +298,10 @@ def _break(kind, source, target):
             for part in ("lora_A", "lora_B"):
                 old = key.replace("lora_A", part)
                 tensors[old.replace("layers.0", "layers.9")] = tensors.pop(old)
-        elif kind == "lm_head":
-            for part in ("lora_A", "lora_B"):
-                tensors[f"base_model.model.lm_head.{part}.weight"] = tensors.pop(key.replace("lora_A", part))
+        elif kind == "base copy":
+            # A copy of the base head that is not the model's (PEFT saves one when LoRA targets lm_head).
+            head = cached_model("tiny-qwen2-vl").lm_head.weight
+            tensors["base_model.model.lm_head.base_layer.weight"] = head.detach() + 1e-3
         else:
             tensors[key][0, 0] = float(kind)
         save_file(tensors, str(weights))
@@ -321,7 +322,7 @@ def _break(kind, source, target):
     ("target absent", "AdapterTargetError", "the model does not have"),
     ("nan", "AdapterValueError", "NaN or infinite"),
     ("inf", "AdapterValueError", "NaN or infinite"),
-    ("lm_head", "UnsupportedAdapterError", "partition 'other'"),
+    ("base copy", "BaseWeightCopyError", "module 'lm_head': .*differs from the model's"),
     ("dora", "UnsupportedAdapterError", "DoRA"),
     ("modules_to_save", "UnsupportedAdapterError", "modules_to_save"),
 ])

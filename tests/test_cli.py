@@ -31,7 +31,7 @@ def test_inspect_reports_adapter_keys_that_match_nothing_as_an_error(tmp_path, c
     save_file(tensors, str(path / "adapter_model.safetensors"))
     assert main(["inspect", "tiny-llava", "--adapter", str(path)]) == 1
     captured = capsys.readouterr()
-    assert "ERROR: 2 tensor(s) match no linear of the model" in captured.out
+    assert "ERROR: 2 tensor(s) match no linear or embedding of the model" in captured.out
     assert "linear_9" in captured.err
 
 
@@ -39,7 +39,20 @@ def test_inspect_restrictions_show_what_is_served(capsys):
     assert main(["inspect", "tiny-llava", "--partitions", "language_model", "--target-modules", "q_proj"]) == 0
     text = capsys.readouterr().out
     assert "partitions:     language_model" in text and "target modules: q_proj" in text
-    assert "served linears: 2" in text
+    assert "served layers:  2 (linears and embeddings)" in text
+
+
+def test_inspect_shows_embedding_and_head_lora_as_served_targets(tmp_path, capsys):
+    path = make_adapter(cached_model("tiny-llava"), tmp_path / "head", ["embed_tokens", "lm_head", "q_proj"], r=2)
+    assert main(["inspect", "tiny-llava", "--adapter", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "embedding lookups: 1" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  model.") or
+            line.startswith("  lm_head")}
+    assert rows["model.language_model.embed_tokens"][1:3] == ["embedding", "language_model"]
+    assert rows["lm_head"][1:3] == ["linear", "language_model"]
+    assert rows["model.language_model.embed_tokens"][-1] == rows["lm_head"][-1] == "yes"
+    assert "match no linear" not in text, "PEFT's copies of the base weights are no unmatched keys"
 
 
 def test_zoo_lists_the_tiny_models(capsys):

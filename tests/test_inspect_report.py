@@ -28,6 +28,11 @@ def test_json_lists_every_linear_exactly_once_with_its_partition(family):
     for entry in report["linears"]:
         assert entry["partition"] == expected_partition(family, entry["module"])
         assert entry["calls"], f"{entry['module']} was called by some graph node"
+    embeddings = {entry["module"]: entry for entry in report["embeddings"]}
+    assert sorted(embeddings) == sorted(name for name, module in model.named_modules()
+                                        if isinstance(module, nn.Embedding))
+    tokens = embeddings[next(name for name, module in model.named_modules() if module is model.get_input_embeddings())]
+    assert tokens["partition"] == "language_model" and tokens["can_carry_lora"] and tokens["calls"]
 
 
 def test_partitions_summarise_graphs_nodes_and_linears(family):
@@ -76,5 +81,8 @@ def test_report_says_how_tower_and_connector_rows_are_owned():
     assert vision["units"] == 3 and "run of image tokens" in vision["how"]
     owned = {partition: {node["rows_owned"] for node in entry["linear_nodes"]}
              for partition, entry in report["partitions"].items() if entry["linear_nodes"]}
-    assert owned == {"tower": {"per unit"}, "connector": {"per unit"}, "language_model": {"per request"}, "other": {"-"}}
+    assert owned == {"tower": {"per unit"}, "connector": {"per unit"}, "language_model": {"per request"}}
+    lookups = report["partitions"]["language_model"]["embedding_nodes"]
+    assert [node["modules"] for node in lookups] == [["model.language_model.embed_tokens"]]
+    assert lookups[0]["rows_owned"] == "per request"
     assert "row ownership" in render_text(report)

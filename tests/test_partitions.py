@@ -18,6 +18,15 @@ def test_default_prefixes_label_every_linear_as_the_ground_truth_says(family):
             assert partitions.partition_of(name) == expected_partition(family, name), name
 
 
+def test_the_input_embeddings_and_the_head_are_the_language_models_wherever_they_sit(family):
+    """Their rows are the language model's tokens, nested in it (Llama4's head) or beside it (a VLM's)."""
+    model = cached_model(family)
+    partitions = discover_partitions(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+        assert partitions.partition_of(names[id(layer)]) == "language_model", names[id(layer)]
+
+
 def test_the_connector_is_told_apart_from_the_tower(family):
     partitions = discover_partitions(cached_model(family))
     connector, modality = CONNECTOR_MODULES[family], zoo.ZOO[family].modality
@@ -70,6 +79,6 @@ def test_a_text_only_language_model_is_served_whole_with_no_overrides():
     partitions = discover_partitions(text_only_lm())
     assert partitions.partition_of("model.layers.0.self_attn.q_proj") == "language_model"
     assert partitions.partition_of("model.layers.1.mlp.down_proj") == "language_model"
-    assert partitions.partition_of("lm_head") == "other"
-    assert partitions.partition_of("model.embed_tokens") == "other"
+    assert partitions.partition_of("lm_head") == "language_model"
+    assert partitions.partition_of("model.embed_tokens") == "language_model"
     assert not partitions.prefixes_of("tower") and not partitions.prefixes_of("connector")

@@ -15,6 +15,7 @@ from mmlora_fx.errors import (
     AdapterShapeError,
     AdapterTargetError,
     AdapterValueError,
+    BaseWeightCopyError,
     UnsupportedAdapterError,
 )
 from mmlora_fx.linear_index import LinearIndex
@@ -47,7 +48,10 @@ def assert_deltas_match_peft(adapter, path, name="a"):
     for module, weights in adapter.modules.items():
         ours = weights.lora_b.double() @ weights.lora_a.double()
         theirs = layers[module].get_delta_weight(name).double()
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+        if name in layers[module].lora_embedding_A:
+            theirs = theirs.T  # PEFT gives an embedding's delta as [num_embeddings, dim]
+        # PEFT multiplies in float32: its rounding, not ours, sets the bound.
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("options", [
@@ -193,14 +197,86 @@ def test_unsupported_config_features(tmp_path, linears, good_adapter, change, me
         read_adapter("x", tmp_path / "a", linears)
 
 
-def test_lora_on_lm_head_and_embeddings_is_refused(tmp_path, linears):
-    model = cached_model(FAMILY)
-    path = make_adapter(model, tmp_path / "head", ["lm_head"])
-    with pytest.raises(UnsupportedAdapterError, match=r"lm_head.*not served"):
+@pytest.fixture(scope="module")
+def head_and_embedding_adapter(tmp_path_factory):
+    """LoRA on the input embeddings and lm_head beside a linear, saved with PEFT's defaults (which
+    add full copies of both base weights)."""
+    path = tmp_path_factory.mktemp("adapters") / "head"
+    return make_adapter(cached_model(FAMILY), path, ["embed_tokens", "lm_head", "q_proj"], r=4, lora_alpha=8)
+
+
+def test_embedding_and_lm_head_lora_reproduce_peft_delta(linears, head_and_embedding_adapter):
+    tensors = load_file(str(head_and_embedding_adapter / WEIGHTS_FILE))
+    assert any(key.endswith("embed_tokens.base_layer.weight") for key in tensors), "PEFT saved the base copies"
+    adapter = read_adapter("a", head_and_embedding_adapter, linears)
+    embedding = "model.language_model.embed_tokens"
+    assert {embedding, "lm_head"} <= set(adapter.modules)
+    assert adapter.modules[embedding].lora_a.shape == (4, linears[embedding].in_features)
+    assert_deltas_match_peft(adapter, head_and_embedding_adapter)
+    scan = scan_adapter("a", head_and_embedding_adapter, linears)
+    assert not scan.unmatched and scan.modules[embedding] == 4 and scan.modules["lm_head"] == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda copy: copy.add_(1e-3), "differs from the model's"),
+    (lambda copy: torch.cat([copy, copy[:8]]), r"shape \(328, 64\), but the model's is \(320, 64\).*resized"),
+], ids=["values", "resized"])
+def test_a_base_copy_that_differs_from_the_models_is_refused(tmp_path, linears, head_and_embedding_adapter,
+                                                              change, message):
+    def edit(tensors):
+        key = first_key(tensors, "embed_tokens.base_layer.weight")
+        tensors[key] = change(tensors[key].clone())
+
+    path = broken_copy(head_and_embedding_adapter, tmp_path / "a", edit)
+    with pytest.raises(BaseWeightCopyError, match=r"module 'model\.language_model\.embed_tokens': .*" + message):
         read_adapter("x", path, linears)
-    path = make_adapter(model, tmp_path / "embed", ["embed_tokens"])
-    with pytest.raises(UnsupportedAdapterError, match="embedding"):
+
+
+def test_embedding_lora_of_the_wrong_shape_names_the_embedding(tmp_path, linears, head_and_embedding_adapter):
+    def widen(tensors):
+        key = first_key(tensors, "lora_embedding_A")
+        tensors[key] = torch.randn(4, tensors[key].shape[1] + 10)
+
+    path = broken_copy(head_and_embedding_adapter, tmp_path / "a", widen)
+    with pytest.raises(AdapterShapeError, match=r"embed_tokens': lora_embedding_A \(4, 330\) .* do not fit an "
+                                                r"embedding of 320 tokens of size 64"):
         read_adapter("x", path, linears)
+
+
+def test_embedding_lora_on_a_linear_and_the_reverse_are_format_errors(tmp_path, linears, head_and_embedding_adapter):
+    def onto_lm_head(tensors):
+        for kind in ("lora_embedding_A", "lora_embedding_B"):
+            tensors[f"base_model.model.lm_head.{kind}"] = tensors.pop(first_key(tensors, kind))
+
+    path = broken_copy(head_and_embedding_adapter, tmp_path / "a", onto_lm_head)
+    with pytest.raises(AdapterFormatError, match=r"is a embedding's LoRA weight, but the module is a Linear"):
+        read_adapter("x", path, linears)
+
+
+def test_nan_in_embedding_lora(tmp_path, linears, head_and_embedding_adapter):
+    def poison(tensors):
+        tensors[first_key(tensors, "lora_embedding_B")][0, 0] = float("nan")
+
+    path = broken_copy(head_and_embedding_adapter, tmp_path / "a", poison)
+    with pytest.raises(AdapterValueError, match=r"embed_tokens': lora_B holds NaN"):
+        read_adapter("x", path, linears)
+
+
+def test_lora_tied_between_embeddings_and_head_is_refused(tmp_path, linears, head_and_embedding_adapter):
+    shutil.copytree(head_and_embedding_adapter, tmp_path / "a")
+    edit_config(tmp_path / "a", ensure_weight_tying=True)
+    with pytest.raises(UnsupportedAdapterError, match="ensure_weight_tying .* is not served"):
+        read_adapter("x", tmp_path / "a", linears)
+
+
+def test_an_embedding_outside_the_language_model_is_refused(tmp_path):
+    """A tower's position embeddings see no language-model tokens: nothing can own their rows."""
+    model = cached_model("tiny-llava")
+    path = make_adapter(model, tmp_path / "a", ["position_embedding"])
+    tower_linears = LinearIndex(model, discover_partitions(model))
+    with pytest.raises(UnsupportedAdapterError, match=r"position_embedding': is a embedding in partition 'tower', "
+                                                      "outside the language model"):
+        read_adapter("x", path, tower_linears)
 
 
 def test_weights_the_config_does_not_select(tmp_path, linears, good_adapter):
@@ -210,12 +286,10 @@ def test_weights_the_config_does_not_select(tmp_path, linears, good_adapter):
         read_adapter("x", tmp_path / "a", linears)
 
 
-def test_lora_weights_on_a_module_in_partition_other(tmp_path, linears, good_adapter):
-    def to_lm_head(tensors):
-        for kind in ("lora_A", "lora_B"):
-            key = first_key(tensors, f"layers.0.self_attn.q_proj.{kind}")
-            tensors[f"base_model.model.lm_head.{kind}.weight"] = tensors.pop(key)
-
-    path = broken_copy(good_adapter, tmp_path / "a", to_lm_head)
-    with pytest.raises(UnsupportedAdapterError, match=r"module 'lm_head': is in partition 'other'"):
-        read_adapter("x", path, linears)
+def test_lora_weights_on_a_module_in_partition_other(good_adapter):
+    model = cached_model(FAMILY)
+    layer = "model.language_model.layers.0"
+    linears = LinearIndex(model, discover_partitions(model, {layer: "other"}))
+    with pytest.raises(UnsupportedAdapterError, match=rf"module '{layer}\.[a-z_.]+': is a linear in partition 'other', "
+                                                      "in no partition that carries LoRA"):
+        read_adapter("x", good_adapter, linears)

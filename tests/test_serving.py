@@ -96,5 +96,5 @@ def test_siblings_share_one_op():
         mm(**zoo.make_batch(base, (0, 1)), adapter_names=[None, None])
     ops = [op for record in mm.backend.records for op in lora_ops(record.graph_module)]
     group_sizes = sorted(len(op.args[0]) for op in ops)
-    # Per layer: q/k/v (3), o (1), gate/up (2), down (1); two layers.
-    assert group_sizes == [1, 1, 1, 1, 2, 2, 3, 3]
+    # Per layer: q/k/v (3), o (1), gate/up (2), down (1); two layers; the input embeddings and lm_head (1 each).
+    assert group_sizes == [1, 1, 1, 1, 1, 1, 2, 2, 3, 3]

@@ -54,7 +54,7 @@ def test_a_served_weight_used_outside_a_linear_is_refused_naming_module_graph_an
     with pytest.raises(CaptureError) as caught:
         check(Block(disguised=True), {"up", "down"})
     message = str(caught.value)
-    assert "served linear 'down' would run without its LoRA in graph 0 (forward)" in message
+    assert "served layer 'down' would run without its LoRA in graph 0 (forward)" in message
     assert "outside a linear the rewrite serves" in message
 
 
