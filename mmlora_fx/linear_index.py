@@ -1,10 +1,13 @@
 """Every layer of a model that LoRA can target, by absolute name, with its shape and partition.
 
-Two kinds: linear layers (`nn.Linear`) and embedding lookups (`nn.Embedding`). An embedding is
-indexed like a linear taking a one-hot token: `in_features` is its number of embeddings,
-`out_features` its embedding size, which is the layout of PEFT's `lora_embedding_A [r,
-num_embeddings]` and `lora_embedding_B [embedding_dim, r]` too, so the adapter reader, the slot
-buffers and the serving plan treat both kinds alike.
+Kinds: linear layers (`nn.Linear`), embedding lookups (`nn.Embedding`), and bare 2D parameters
+a module multiplies its input by (`x @ W`: Gemma3's `mm_input_projection_weight`; PEFT's
+`target_parameters`), indexed by the parameter's own name (`module.parameter`). Each is indexed
+like a linear: an embedding takes a one-hot token (`in_features` its number of embeddings,
+`out_features` its embedding size, the layout of PEFT's `lora_embedding_A [r, num_embeddings]`
+and `lora_embedding_B [embedding_dim, r]` too); a parameter `W [in, out]` of `x @ W` has
+`in_features = W.shape[0]`. So the adapter reader, the slot buffers and the serving plan treat
+every kind alike.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from torch import nn
 
 from .partitions import LANGUAGE_MODEL, PartitionMap, can_carry_lora
 
-__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING"]
+__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING", "PARAMETER", "IMPLICIT_KINDS"]
 
-LINEAR, EMBEDDING = "linear", "embedding"
+LINEAR, EMBEDDING, PARAMETER = "linear", "embedding", "parameter"
+# The kinds served where nothing names targets (no adapter, no target_modules): a bare parameter
+# is served only where named, since only its use in a graph says whether it is a matmul's.
+IMPLICIT_KINDS = (LINEAR, EMBEDDING)
+# Modules whose parameters are their layer's own (served, or refused, as that layer).
+_LAYERS = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +48,21 @@ class LinearInfo:
 
 
 class LinearIndex:
-    """The model's `nn.Linear` and `nn.Embedding` modules and, to explain bad targets, every other
-    module's type. `weights` maps each indexed module to its weight (a tied head and embedding
-    share one tensor)."""
+    """The model's `nn.Linear` and `nn.Embedding` modules, the bare 2D parameters of its other
+    modules and, to explain bad targets, every other module's type and every other bare
+    parameter's shape (`bare_parameters`). `weights` maps each indexed target to its weight (a tied
+    head and embedding share one tensor)."""
 
     def __init__(self, model: nn.Module, partition_map: PartitionMap):
         self.partition_map = partition_map
         self.linears: dict[str, LinearInfo] = {}
         self.module_types: dict[str, str] = {}
         self.weights: dict[str, torch.Tensor] = {}
+        self.bare_parameters: dict[str, tuple[int, ...]] = {}
         for name, module in model.named_modules():
             self.module_types[name] = type(module).__name__
+            if not isinstance(module, _LAYERS):
+                self._index_parameters(name, module, partition_map)
             if isinstance(module, nn.Linear):
                 self.linears[name] = LinearInfo(
                     name=name,
@@ -72,6 +84,23 @@ class LinearIndex:
                     kind=EMBEDDING,
                 )
                 self.weights[name] = module.weight
+
+    def _index_parameters(self, name: str, module: nn.Module, partition_map: PartitionMap) -> None:
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            full = f"{name}.{parameter_name}" if name else parameter_name
+            if parameter.dim() != 2:
+                self.bare_parameters[full] = tuple(parameter.shape)
+                continue
+            self.linears[full] = LinearInfo(
+                name=full,
+                in_features=parameter.shape[0],
+                out_features=parameter.shape[1],
+                bias=False,
+                partition=partition_map.partition_of(full),
+                dtype=parameter.dtype,
+                kind=PARAMETER,
+            )
+            self.weights[full] = parameter
 
     def __contains__(self, name: str) -> bool:
         return name in self.linears

@@ -23,8 +23,10 @@ from .default_adapters import DefaultAdapters
 from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
-from .linear_index import EMBEDDING, LINEAR, LinearIndex
+from .linear_index import EMBEDDING, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
+from .parameter_hooks import add_parameter_hooks
+from .parameter_hooks import never_compile as _never_compile_parameter_hooks
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
@@ -132,6 +134,7 @@ class LoRARuntime:
                                    if p in self.modality_partitions}
         # Per modality, its tower's and connector's served linears in model order (the row probe stops at the first).
         self._served_by_modality = {modality: [info.name for info in self.linears if info.name in self.serving.served
+                                               and info.kind == LINEAR
                                                and self.modality_partitions.get(info.partition) == modality]
                                     for modality in self.modalities}
         for partition in sorted(self._served_partitions & set(self.modality_partitions)):
@@ -149,6 +152,8 @@ class LoRARuntime:
         self.defaults.update(options.default_adapters or {})
         for kind in (LINEAR, EMBEDDING):
             REGISTRY.register(self, self.linears.of_kind(kind), kind)
+        # `x @ W` is served by the linear op (its adapter is in a linear's layout): a linear use of W.
+        REGISTRY.register(self, self.linears.of_kind(PARAMETER), LINEAR)
         self._add_eager_hooks()
 
     # ------------------------------------------------------------------ before a forward
@@ -534,6 +539,9 @@ class LoRARuntime:
             if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
                 module.register_forward_hook(_eager_lora_hook)
                 module._mmlora_hooked = True
+        # Bare parameters have no forward of their own: their holders watch their matmuls.
+        add_parameter_hooks(self.model, {name: weight for name, weight in self.linears.of_kind(PARAMETER).items()
+                                         if name in self.manager.buffers})
 
 
 def _never_compile_the_hook() -> None:
@@ -543,6 +551,7 @@ def _never_compile_the_hook() -> None:
     from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
 
     set_code_exec_strategy(_eager_lora_hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    _never_compile_parameter_hooks()
 
 
 def _eager_lora_hook(module, args, output):
