@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .partitions import OTHER, PartitionMap, discover_partitions
-from .passes import (Labelling, Rewrite, embedding_of, is_call_node, linear_of, owner_path_of, parameter_matmul_of,
+from .passes import (Labelling, Rewrite, conv_of, embedding_of, is_call_node, linear_of, owner_path_of, parameter_matmul_of,
                      run_passes, target_of)
 from .reporting import quiet_dynamo
 from .upstream import check_supported
@@ -62,6 +62,9 @@ class GraphRecord:
 
     def embedding_nodes(self) -> list[fx.Node]:
         return [node for node in self.call_nodes() if embedding_of(node) is not None]
+
+    def conv_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if conv_of(node) is not None]
 
     def parameter_matmul_nodes(self) -> list[fx.Node]:
         return [node for node in self.call_nodes() if parameter_matmul_of(node) is not None]
@@ -257,6 +260,10 @@ class Capture:
     def embedding_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every embedding module looked up, with the (graph, node) pairs that did."""
         return self._calls(GraphRecord.embedding_nodes)
+
+    def conv_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every convolution module that ran, with the (graph, node) pairs that called it."""
+        return self._calls(GraphRecord.conv_nodes)
 
     def parameter_matmul_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every parameter multiplied by (`x @ W`), with the (graph, node) pairs that did."""

@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 
 from .capture import Capture
-from .linear_index import EMBEDDING, LINEAR, PARAMETER, LinearIndex
+from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
 from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
-from .passes import embedding_of, linear_of, lora_of, parameter_matmul_of, partition_of
+from .passes import conv_of, embedding_of, linear_of, lora_of, parameter_matmul_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -40,13 +40,15 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
     ownership = ownership or {}
-    calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls()}
+    calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
+             **capture.conv_calls()}
     graphs = []
     partition_graphs = defaultdict(list)
     partition_calls = Counter()
     partition_linear_nodes = defaultdict(list)
     partition_embedding_nodes = defaultdict(list)
     partition_matmul_nodes = defaultdict(list)
+    partition_conv_nodes = defaultdict(list)
     for record in capture.graphs:
         counts = Counter(partition_of(node) for node in record.call_nodes())
         for partition, count in counts.items():
@@ -60,6 +62,17 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
             partition_matmul_nodes[partition_of(node)].append(
                 _linear_like(record, node, parameter_matmul_of(node), nodes, serving, ownership))
+        for node in record.conv_nodes():
+            entry = _linear_like(record, node, conv_of(node), nodes, serving, ownership)
+            entry["kernel"] = list(conv_of(node).kernel)
+            # The rows are its patches: [entries, positions, pixels], or [patches, pixels] (one each).
+            shape = entry["input_shape"] or []
+            positions = 1
+            for size, step in zip(shape[2:], entry["kernel"]):
+                positions *= size // step
+            rows = shape[:1] + ([positions] if positions > 1 else []) + [entry["in_features"]] if shape else []
+            entry["rows_owned"] = _rows_owned(partition_of(node), rows, ownership)
+            partition_conv_nodes[partition_of(node)].append(entry)
         for node in record.embedding_nodes():
             lookup = embedding_of(node)
             value = nodes[lookup.ids_node].meta.get("example_value") if lookup.ids_node in nodes else None
@@ -97,6 +110,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             "linear_nodes": partition_linear_nodes.get(partition, []),
             "embedding_nodes": partition_embedding_nodes.get(partition, []),
             "parameter_matmul_nodes": partition_matmul_nodes.get(partition, []),
+            "conv_nodes": partition_conv_nodes.get(partition, []),
         }
     report = {
         "schema": SCHEMA,
@@ -117,6 +131,12 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
              "embedding_dim": info.out_features, "can_carry_lora": info.can_carry_lora,
              "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
             for info in linears if info.kind == EMBEDDING
+        ],
+        "convs": [
+            {"module": info.name, "partition": info.partition, "in_features": info.in_features,
+             "out_features": info.out_features, "can_carry_lora": info.can_carry_lora, "refusal": info.refusal,
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears if info.kind == CONV
         ],
         "parameters": [
             {"parameter": info.name, "partition": info.partition, "in_features": info.in_features,
@@ -213,7 +233,8 @@ def render_text(report: dict) -> str:
     model = report["model"]
     lines = [f"{model['name']} ({model['class']}): {len(report['graphs'])} graphs, "
              f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules, "
-             f"{len(report.get('embeddings', []))} embeddings, {len(report.get('parameters', []))} 2D parameters", ""]
+             f"{len(report.get('embeddings', []))} embeddings, {len(report.get('convs', []))} convolutions, "
+             f"{len(report.get('parameters', []))} 2D parameters", ""]
     for partition, entry in report["partitions"].items():
         linear_modules = sum(len(node["modules"]) for node in entry["linear_nodes"])
         lines.append(f"{partition}")
@@ -236,6 +257,16 @@ def render_text(report: dict) -> str:
                     + (["yes" if node["lora"] else "-"] if report["serving"] else [])
                     for node in lookups]
             header = ["graph", "node", "module(s)", "tokens", "dim", "rows owned"] + (["LoRA"] if report["serving"] else [])
+            lines += _table(rows, header, indent="    ")
+        convs = entry.get("conv_nodes", [])
+        if convs:
+            lines.append(f"  convolutions: {len(convs)}")
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     "x".join(map(str, node["kernel"])), node["in_features"], node["out_features"], node["rows_owned"]]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
+                    for node in convs]
+            header = ["graph", "node", "module(s)", "kernel", "in", "out", "rows owned"] + (["LoRA"] if report["serving"]
+                                                                                             else [])
             lines += _table(rows, header, indent="    ")
         matmuls = entry.get("parameter_matmul_nodes", [])
         if matmuls:
@@ -267,7 +298,8 @@ def render_text(report: dict) -> str:
         serving = report["serving"]
         lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",
                   f"  target modules: {', '.join(serving['target_modules'])}",
-                  f"  served layers:  {serving['served_modules']} (linears, embeddings, 2D parameters)"]
+                  f"  served layers:  {serving['served_modules']} (linears, embeddings, patch embeddings, 2D "
+                  "parameters)"]
     for adapter in report["adapters"]:
         lines += ["", f"adapter {adapter['name']} ({adapter['path']})"]
         rows = [[entry["module"], entry.get("kind", LINEAR), entry["partition"], entry["rank"],

@@ -29,7 +29,7 @@ from .errors import (
     BaseWeightCopyError,
     UnsupportedAdapterError,
 )
-from .linear_index import EMBEDDING, LINEAR, PARAMETER, LinearIndex
+from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
 from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter
 from .partitions import can_carry_lora
 
@@ -78,6 +78,15 @@ def _target_name(adapter: str, module: str, config: dict, linears: LinearIndex) 
     if config.get("target_parameters") and module not in linears:
         return parameter_target(adapter, module, config, linears) or module
     return module
+
+
+def _conv_as_linear(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's conv LoRA (`lora_A [r, C, *kernel]`, `lora_B [out, r, 1, ...]`) as a linear's on each
+    patch's flattened pixels (`[r, C * prod(kernel)]`, `[out, r]`); other shapes are left for the
+    shape check to refuse."""
+    if lora_a.dim() >= 3 and lora_b.dim() == lora_a.dim() and all(size == 1 for size in lora_b.shape[2:]):
+        return lora_a.flatten(1), lora_b.flatten(1)
+    return lora_a, lora_b
 
 
 def _base_copy_module(key: str, linears: LinearIndex) -> str | None:
@@ -291,6 +300,8 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
                 name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those (and on 2D parameters named "
                 "by target_parameters) is served", module=module)
         info = linears[module]
+        if info.refusal is not None:
+            raise UnsupportedAdapterError(name, f"is {info.refusal}", module=module)
         if not info.can_carry_lora:
             where = ("outside the language model (its rows are not the language model's tokens)"
                      if info.kind == EMBEDDING and can_carry_lora(info.partition) else
@@ -327,17 +338,22 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     for module in sorted(grouped):
         lora_a, lora_b = grouped[module]["lora_A"], grouped[module]["lora_B"]
         info = linears[module]
-        if lora_a.dim() != 2 or lora_b.dim() != 2:
-            raise AdapterShapeError(name, f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} "
-                                          "must be matrices", module=module)
         peft_a, peft_b = lora_a, lora_b
+        if info.kind == CONV:
+            lora_a, lora_b = _conv_as_linear(lora_a, lora_b)
+        if lora_a.dim() != 2 or lora_b.dim() != 2:
+            raise AdapterShapeError(name, f"lora_A {tuple(peft_a.shape)} and lora_B {tuple(peft_b.shape)} "
+                                          "must be matrices" + (" (a conv's: [r, C, *kernel] and [out, r, 1, ...])"
+                                                                if info.kind == CONV else ""), module=module)
         if info.kind == PARAMETER:
             lora_a, lora_b = as_linear_layout(lora_a, lora_b)
         rank = lora_a.shape[0]
         if lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank:
             names = ("lora_embedding_A", "lora_embedding_B") if info.kind == EMBEDDING else ("lora_A", "lora_B")
             layer = (f"an embedding of {info.in_features} tokens of size {info.out_features}" if info.kind == EMBEDDING
-                     else f"the parameter used as x @ W" if info.kind == PARAMETER
+                     else "the parameter used as x @ W" if info.kind == PARAMETER
+                     else f"a patch embedding of {info.in_features} pixels per patch -> {info.out_features} channels "
+                          "(lora_A flattened to [r, C * prod(kernel)])" if info.kind == CONV
                      else f"a linear of {info.in_features} -> {info.out_features}")
             expected = (peft_shapes(info.in_features, info.out_features) if info.kind == PARAMETER
                         else f"[r, {info.in_features}] and [{info.out_features}, r]")

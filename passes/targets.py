@@ -7,8 +7,9 @@ its adapter buffers by at run time. Two kinds today: a linear call, and an embed
 "rows" are its token ids, and whose op the caller binds: `EMBEDDING.with_op(op)`, since passes
 import nothing from mmlora_fx), and a matmul with a bare 2D parameter (`x @ W`, served by the
 linear op: its adapter is read into a linear's layout). The next ones (a grouped matmul over a
-3D expert weight, a convolution) are new entries here, each with its own matcher and op, not
-branches in the rewrite.
+3D expert weight) are new entries here, each with its own matcher and op, not branches in the
+rewrite. A convolution (a patch embedding) is one too: its op, bound by the caller like the
+embedding's, unfolds the patches of its input.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .meta import embedding_of, linear_of, parameter_matmul_of
+from .meta import conv_of, embedding_of, linear_of, parameter_matmul_of
 from .ownership import embedding_args
 
-__all__ = ["TargetKind", "LINEAR", "EMBEDDING", "PARAMETER_MATMUL"]
+__all__ = ["TargetKind", "LINEAR", "EMBEDDING", "CONV", "PARAMETER_MATMUL"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,3 +57,8 @@ EMBEDDING = TargetKind("embedding", match=embedding_of, rows_of=lambda node: emb
 # adapter is stored in a linear's layout, so the rewrite's default (linear) op serves it.
 PARAMETER_MATMUL = TargetKind("parameter_matmul", match=parameter_matmul_of, rows_of=lambda node: node.args[0],
                               weight_of=lambda node: node.args[1])
+
+# `torch.conv2d(x, weight, ...)` (and conv1d/3d) labelled by `ResolveOwners` (`node.meta["mmlora_conv"]`):
+# the op reads the convolution's input and unfolds its patches; each convolution has its own op.
+CONV = TargetKind("conv", match=conv_of, rows_of=lambda node: node.args[0], weight_of=lambda node: node.args[1],
+                  max_siblings=1, needs_op=True)

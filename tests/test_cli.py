@@ -39,7 +39,7 @@ def test_inspect_restrictions_show_what_is_served(capsys):
     assert main(["inspect", "tiny-llava", "--partitions", "language_model", "--target-modules", "q_proj"]) == 0
     text = capsys.readouterr().out
     assert "partitions:     language_model" in text and "target modules: q_proj" in text
-    assert "served layers:  2 (linears, embeddings, 2D parameters)" in text
+    assert "served layers:  2 (linears, embeddings, patch embeddings, 2D parameters)" in text
 
 
 def test_inspect_shows_embedding_and_head_lora_as_served_targets(tmp_path, capsys):
@@ -72,6 +72,21 @@ def test_inspect_shows_a_target_parameter_and_its_matmul(tmp_path, capsys):
     assert (entry["kind"], entry["partition"], entry["served"]) == ("parameter", "connector", True)
     assert main(["inspect", "tiny-gemma3", "--adapter", str(path)]) == 0
     assert "matmuls x @ W with a parameter: 1" in capsys.readouterr().out
+
+
+def test_inspect_shows_patch_embedding_convs_and_their_rows(tmp_path, capsys):
+    path = make_adapter(cached_model("tiny-llava"), tmp_path / "patches", ["patch_embedding"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-llava", "--adapter", str(path), "--format", "json", "-o", str(output)]) == 0
+    report = json.loads(output.read_text())
+    name = "model.vision_tower.embeddings.patch_embedding"
+    [conv] = report["convs"]
+    assert (conv["module"], conv["partition"], conv["in_features"], conv["can_carry_lora"]) == (name, "tower", 48, True)
+    [node] = report["partitions"]["tower"]["conv_nodes"]
+    assert node["modules"] == [name] and node["kernel"] == [4, 4] and node["lora"] and node["rows_owned"] == "per unit"
+    assert report["adapters"][0]["modules"][0]["kind"] == "conv"
+    assert main(["inspect", "tiny-llava", "--adapter", str(path)]) == 0
+    assert "convolutions: 1" in capsys.readouterr().out
 
 
 def test_zoo_lists_the_tiny_models(capsys):
