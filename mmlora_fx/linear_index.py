@@ -1,24 +1,36 @@
 """Every layer of a model that LoRA can target, by absolute name, with its shape and partition.
 
-Two kinds: linear layers (`nn.Linear`) and embedding lookups (`nn.Embedding`). An embedding is
-indexed like a linear taking a one-hot token: `in_features` is its number of embeddings,
-`out_features` its embedding size, which is the layout of PEFT's `lora_embedding_A [r,
-num_embeddings]` and `lora_embedding_B [embedding_dim, r]` too, so the adapter reader, the slot
-buffers and the serving plan treat both kinds alike.
+Kinds: linear layers (`nn.Linear`), embedding lookups (`nn.Embedding`), convolutions
+(`nn.Conv1d/2d/3d`: LoRA is served on the non-overlapping patch embeddings among them, a linear on
+each patch's `C * prod(kernel)` pixels, the layout of PEFT's flattened `lora_A`), and bare 2D parameters
+a module multiplies its input by (`x @ W`: Gemma3's `mm_input_projection_weight`; PEFT's
+`target_parameters`), indexed by the parameter's own name (`module.parameter`). Each is indexed
+like a linear: an embedding takes a one-hot token (`in_features` its number of embeddings,
+`out_features` its embedding size, the layout of PEFT's `lora_embedding_A [r, num_embeddings]`
+and `lora_embedding_B [embedding_dim, r]` too); a parameter `W [in, out]` of `x @ W` has
+`in_features = W.shape[0]`. So the adapter reader, the slot buffers and the serving plan treat
+every kind alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
 
 from .partitions import LANGUAGE_MODEL, PartitionMap, can_carry_lora
 
-__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING"]
+__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING", "PARAMETER", "CONV", "IMPLICIT_KINDS",
+           "patch_embedding_refusal"]
 
-LINEAR, EMBEDDING = "linear", "embedding"
+LINEAR, EMBEDDING, PARAMETER, CONV = "linear", "embedding", "parameter", "conv"
+# The kinds served where nothing names targets (no adapter, no target_modules): a bare parameter
+# is served only where named, since only its use in a graph says whether it is a matmul's.
+IMPLICIT_KINDS = (LINEAR, EMBEDDING)
+# Modules whose parameters are their layer's own (served, or refused, as that layer).
+_LAYERS = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,9 +42,12 @@ class LinearInfo:
     partition: str
     dtype: torch.dtype
     kind: str = LINEAR
+    refusal: str | None = None  # why this layer cannot carry LoRA whatever its partition (a conv's geometry)
 
     @property
     def can_carry_lora(self) -> bool:
+        if self.refusal is not None:
+            return False
         # An embedding's rows are token ids; only the language model's token table owns those.
         if self.kind == EMBEDDING:
             return self.partition == LANGUAGE_MODEL
@@ -40,17 +55,21 @@ class LinearInfo:
 
 
 class LinearIndex:
-    """The model's `nn.Linear` and `nn.Embedding` modules and, to explain bad targets, every other
-    module's type. `weights` maps each indexed module to its weight (a tied head and embedding
-    share one tensor)."""
+    """The model's `nn.Linear` and `nn.Embedding` modules, the bare 2D parameters of its other
+    modules and, to explain bad targets, every other module's type and every other bare
+    parameter's shape (`bare_parameters`). `weights` maps each indexed target to its weight (a tied
+    head and embedding share one tensor)."""
 
     def __init__(self, model: nn.Module, partition_map: PartitionMap):
         self.partition_map = partition_map
         self.linears: dict[str, LinearInfo] = {}
         self.module_types: dict[str, str] = {}
         self.weights: dict[str, torch.Tensor] = {}
+        self.bare_parameters: dict[str, tuple[int, ...]] = {}
         for name, module in model.named_modules():
             self.module_types[name] = type(module).__name__
+            if not isinstance(module, _LAYERS):
+                self._index_parameters(name, module, partition_map)
             if isinstance(module, nn.Linear):
                 self.linears[name] = LinearInfo(
                     name=name,
@@ -59,6 +78,18 @@ class LinearIndex:
                     bias=module.bias is not None,
                     partition=partition_map.partition_of(name),
                     dtype=module.weight.dtype,
+                )
+                self.weights[name] = module.weight
+            elif isinstance(module, nn.modules.conv._ConvNd):
+                self.linears[name] = LinearInfo(
+                    name=name,
+                    in_features=module.in_channels * math.prod(module.kernel_size),
+                    out_features=module.out_channels,
+                    bias=module.bias is not None,
+                    partition=partition_map.partition_of(name),
+                    dtype=module.weight.dtype,
+                    kind=CONV,
+                    refusal=patch_embedding_refusal(module),
                 )
                 self.weights[name] = module.weight
             elif isinstance(module, nn.Embedding):
@@ -72,6 +103,23 @@ class LinearIndex:
                     kind=EMBEDDING,
                 )
                 self.weights[name] = module.weight
+
+    def _index_parameters(self, name: str, module: nn.Module, partition_map: PartitionMap) -> None:
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            full = f"{name}.{parameter_name}" if name else parameter_name
+            if parameter.dim() != 2:
+                self.bare_parameters[full] = tuple(parameter.shape)
+                continue
+            self.linears[full] = LinearInfo(
+                name=full,
+                in_features=parameter.shape[0],
+                out_features=parameter.shape[1],
+                bias=False,
+                partition=partition_map.partition_of(full),
+                dtype=parameter.dtype,
+                kind=PARAMETER,
+            )
+            self.weights[full] = parameter
 
     def __contains__(self, name: str) -> bool:
         return name in self.linears
@@ -92,3 +140,24 @@ class LinearIndex:
     def of_kind(self, kind: str) -> dict[str, torch.Tensor]:
         """The weights of the indexed modules of one kind, by module."""
         return {name: self.weights[name] for name, info in self.linears.items() if info.kind == kind}
+
+
+def patch_embedding_refusal(conv: nn.Module) -> str | None:
+    """Why the convolution `conv` is not a non-overlapping patch embedding (kernel == stride, no
+    padding, dilation 1, one group, not transposed), or None if it is: only there is PEFT's conv
+    LoRA a linear on each patch, which is what is served."""
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return "a transposed convolution"
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    problems = [
+        f"kernel {tuple(conv.kernel_size)} != stride {tuple(conv.stride)}" if tuple(conv.kernel_size) != tuple(conv.stride)
+        else None,
+        f"padding {padding!r}" if padding not in ("valid", (0,) * len(conv.kernel_size)) else None,
+        f"dilation {tuple(conv.dilation)}" if any(step != 1 for step in conv.dilation) else None,
+        f"groups={conv.groups}" if conv.groups != 1 else None,
+    ]
+    problems = [problem for problem in problems if problem]
+    if not problems:
+        return None
+    return (f"a {type(conv).__name__} that is not a non-overlapping patch embedding ({', '.join(problems)}); LoRA "
+            "is served on convolutions whose kernel equals their stride, with no padding, dilation or groups")

@@ -1,5 +1,5 @@
 """The graph-level LoRA ops: `torch.ops.mmlora.lora_linear_(outputs, x, weights)` and
-`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)`.
+`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)` and `torch.ops.mmlora.lora_conv_(outputs, x, weights)`.
 
 The rewrite pass puts one after each served target (a linear or group of siblings, an embedding
 lookup). Dynamo reuses a graph for every instance of a block, so the op cannot know at rewrite
@@ -19,7 +19,7 @@ import torch
 
 from .errors import MMLoRAError
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_"]
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_"]
 
 
 class WeightRegistry:
@@ -70,4 +70,16 @@ def lora_embedding_(outputs: list[torch.Tensor], ids: torch.Tensor, weights: lis
 
 @lora_embedding_.register_fake
 def _lora_embedding_fake(outputs, ids, weights) -> None:
+    return None
+
+
+@torch.library.custom_op("mmlora::lora_conv_", mutates_args=("outputs",))
+def lora_conv_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Add each row's adapter delta to `outputs[0]`, the patch embedding by `weights[0]` of `x`."""
+    runtime, module = REGISTRY.resolve(weights[0], "conv")
+    runtime.apply_conv(outputs[0], x, module)
+
+
+@lora_conv_.register_fake
+def _lora_conv_fake(outputs, x, weights) -> None:
     return None

@@ -7,7 +7,7 @@ every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend
 1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
 2. `LabelPartitions`: the partition of each call node;
 3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
-   embedding lookups; sibling linears share one);
+   embedding lookups, matmuls with a bare parameter; sibling linears share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -36,13 +36,16 @@ class Labelling:
 
     `frame_modules`: the module each frame local is, for this compilation; `linear_module(weight,
     owner_path, frame_modules)`: the linear module a weight tensor belongs to; `label_of(module)`:
-    the partition of an absolute module name (or of None: an unknown owner).
+    the partition of an absolute module name (or of None: an unknown owner); `parameter_name(weight,
+    owner_path, frame_modules)`: a parameter's absolute name (None: matmuls with parameters are
+    not labelled).
     """
 
     frame_modules: Mapping[str, str]
     linear_module: Callable
     label_of: Callable[[str | None], str]
     example_inputs: Sequence[object]
+    parameter_name: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,8 @@ class Rewrite:
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
     """Run the passes on `graph_module` in order (see the module's doc); return it, rewritten in place."""
-    ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs)(graph_module)
+    ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs,
+                  labelling.parameter_name)(graph_module)
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
         InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds)(graph_module)
