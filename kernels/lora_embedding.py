@@ -70,8 +70,11 @@ def lora_embedding_add(output, ids, lora_a, lora_b, slot_ranks, request_slots, r
     shrunk = torch.where(keep, lora_a[gather, :, flat_ids].float(), 0.0)
     delta = torch.zeros(rows, flat.shape[-1], dtype=torch.float32, device=flat.device)
     for slot in range(lora_a.shape[0]):
-        mine = torch.where((slots == slot)[:, None], shrunk, 0.0)
-        delta += mine @ lora_b[slot].float().T
+        # Masked after the product, not only before it: a slot no row of this batch reads (an
+        # idle slot, or one a prefetch is writing on a side stream) must not reach the other
+        # rows through 0 * inf = NaN.
+        mine = (slots == slot)[:, None]
+        delta += torch.where(mine, torch.where(mine, shrunk, 0.0) @ lora_b[slot].float().T, 0.0)
     flat += delta.to(flat.dtype)
 
 

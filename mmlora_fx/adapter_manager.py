@@ -132,6 +132,15 @@ class AdapterStats:
     prefetch_failures: int = 0
 
 
+def _typed(name: str, error: BaseException) -> AdapterError:
+    """A background read's failure as the adapter's typed error (out of memory while pinning, say)."""
+    if isinstance(error, AdapterError):
+        return error
+    typed = AdapterFileError(name, f"reading it in the background failed: {type(error).__name__}: {error}")
+    typed.__cause__ = error
+    return typed
+
+
 def _fingerprint(path: Path) -> tuple:
     """What says an adapter's files are the ones read: each file's size, mtime and inode."""
     found = []
@@ -517,7 +526,7 @@ class AdapterManager:
             error = future.exception()
             if error is not None:
                 self.stats.prefetch_failures += 1
-                self._failed[name] = error
+                self._failed[name] = _typed(name, error)
                 continue
             packed, seconds = future.result()
             self._count_read(seconds)
@@ -645,7 +654,7 @@ class AdapterManager:
             if error is not None:
                 del self._pending[name]
                 self.stats.prefetch_failures += 1
-                raise error
+                raise _typed(name, error)
         results = {name: self._pending.pop(name)[1].result() for name in waiting}
         return results
 

@@ -66,6 +66,14 @@ class LinearIndex:
         self.module_types: dict[str, str] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.bare_parameters: dict[str, tuple[int, ...]] = {}
+        # Only the input embeddings look up the requests' tokens: a learned position table (GPT-2's
+        # `wpe`, OPT's offset positions) looks up ids shared by every request, or computed from
+        # them, so its rows are no request's and the token table would hand them out wrongly.
+        getter = getattr(model, "get_input_embeddings", None)
+        try:
+            input_embeddings = getter() if callable(getter) else None
+        except (NotImplementedError, AttributeError):
+            input_embeddings = None
         for name, module in model.named_modules():
             self.module_types[name] = type(module).__name__
             if not isinstance(module, _LAYERS):
@@ -101,6 +109,9 @@ class LinearIndex:
                     partition=partition_map.partition_of(name),
                     dtype=module.weight.dtype,
                     kind=EMBEDDING,
+                    refusal=None if module is input_embeddings else (
+                        "an embedding other than the model's input embeddings (get_input_embeddings()): its ids "
+                        "are not the requests' tokens (a position table, say), so no request owns its rows"),
                 )
                 self.weights[name] = module.weight
 

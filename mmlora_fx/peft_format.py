@@ -382,10 +382,19 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
         # half-precision ones float32 is enough (its product rounds to the same 8 or 11 bits but
         # in rare ties) and it keeps a big adapter's load close to the time of reading its file.
         fold = torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
+        converted_a = lora_a.to(out_dtype).contiguous()
+        folded_b = (lora_b.to(fold) * scaling).to(out_dtype).contiguous()
+        if out_dtype == torch.float16:
+            # Finite in the file, infinite after the cast or the scaling (float16 ends at 65504):
+            # an infinite B times a zero row is NaN, so it would spoil other requests' rows too.
+            for kind, tensor in (("lora_A", converted_a), (f"lora_B times its scaling {scaling:g}", folded_b)):
+                low, high = torch.aminmax(tensor)
+                if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+                    raise AdapterValueError(name, f"{kind} overflows float16, the model's dtype", module=module)
         modules[module] = LoRAModule(
             module=module,
-            lora_a=lora_a.to(out_dtype).contiguous(),
-            lora_b=(lora_b.to(fold) * scaling).to(out_dtype).contiguous(),
+            lora_a=converted_a,
+            lora_b=folded_b,
             rank=rank,
             scaling=scaling,
         )

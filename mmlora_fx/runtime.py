@@ -109,12 +109,15 @@ class LoRARuntime:
         config = getattr(model, "config", None)
         self.token_ids = {modality: modality_token_ids(config, modality) for modality in self.modalities}
         # Videos go through the vision tower in a call of their own (Qwen2-VL runs it once for the
-        # images, once for the videos); their rows belong to requests by video tokens, in tables of
-        # their own, and `_vision_entries` says which call of a forward carries which.
+        # images, once for the videos); their rows belong to requests by video tokens.
+        # `_vision_entries` says which call of a forward carries which, and the tables are kept per
+        # call, not per kind: the k-th call of a vision layer reads the k-th table, which `prepare`
+        # fills with the tokens of whatever that call carries in this batch. So a CUDA-graph replay
+        # of a first call reads the right tokens whether this batch's first call has images or videos.
         self.video_token_ids = modality_token_ids(config, "video") if "vision" in self.modalities else []
-        self.video_tables = ({partition: TokenSlotTable(partition, max_batch_size, device)
-                              for partition, modality in self.modality_partitions.items() if modality == "vision"}
-                             if self.video_token_ids else {})
+        self.second_call_tables = ({partition: TokenSlotTable(partition, max_batch_size, device)
+                                    for partition, modality in self.modality_partitions.items() if modality == "vision"}
+                                   if self.video_token_ids else {})
         self._vision_entries: tuple[str, ...] = ()
         # How each served tower/connector module's rows were owned in the last forward (inspect shows it).
         self.ownership: dict[str, str] = {}
@@ -189,8 +192,8 @@ class LoRARuntime:
                                  "requests")
         tokens = self._modality_tokens(input_ids, has_images, len(adapter_names))
         adapter_names = self._with_defaults(adapter_names, tokens)
-        self.adapter_names = adapter_names
         self.manager.check_batch(adapter_names)  # every name known, few enough: before any change
+        self.adapter_names = adapter_names
         entries = self._vision_entry_order(inputs, tokens) if any(tokens.get("video", ())) else ()
         units = {modality: self._trace_units(modality, inputs, tokens[modality], items.get(token_name(modality)))
                  if not (modality == "vision" and entries[:1] == ("video",)) else
@@ -199,7 +202,8 @@ class LoRARuntime:
                  for modality in self.modalities}
         for modality in sorted(self._traced_tables_used):
             traced = units[modality]
-            if any(tokens[modality]) and traced.owners is None and traced.row_runs is None:
+            media = any(tokens[modality]) or (modality == "vision" and bool(entries))
+            if media and traced.owners is None and traced.row_runs is None:
                 # Layers that read the unit tables before may be replayed from CUDA graphs with
                 # those addresses baked in: tables left from an earlier batch would be read.
                 raise BatchError(f"the {modality} tower's layers were served from its traced units or rows, but this "
@@ -207,7 +211,8 @@ class LoRARuntime:
         slots = self.manager.activate(adapter_names)
         self.tables[LANGUAGE_MODEL].fill(slots, [1] * len(slots))
         for partition, modality in self.modality_partitions.items():
-            self.tables[partition].fill(slots, tokens[modality])
+            first = tokens["video"] if modality == "vision" and entries[:1] == ("video",) else tokens[modality]
+            self.tables[partition].fill(slots, first)
             owners, row_runs = units[modality].owners, units[modality].row_runs
             if owners is not None:
                 self.unit_tables[partition].fill([slots[owner] for owner in owners], [1] * len(owners))
@@ -215,8 +220,10 @@ class LoRARuntime:
                 # Runs of rows instead of units: the same table, each run weighted by its rows.
                 self.unit_tables[partition].fill([slots[owner] for owner, _ in row_runs],
                                                  [count for _, count in row_runs])
-        for partition, table in self.video_tables.items():
-            table.fill(slots, tokens["video"])
+        for partition, table in self.second_call_tables.items():
+            # The second call's: the videos after the images, or the images after the videos.
+            table.fill(slots, tokens["video"] if entries[1:] == ("video",) else tokens["vision"] if entries[1:] else
+                       [0] * len(slots))
         self._vision_entries = entries
         self.units = units
         self._forget_calls()
@@ -406,8 +413,10 @@ class LoRARuntime:
                                  f"is called {len(self._vision_entries)} time(s) for this batch's "
                                  f"{' and '.join(kind + 's' for kind in self._vision_entries)}: which call carries "
                                  "the videos cannot be told")
+            if call == 2:
+                table = self.second_call_tables[table.partition]
             if self._vision_entries[call - 1] == "video":
-                return self._video_owner_table(table.partition, x, module)
+                return self._video_owner_table(table, x, module)
         traced = self.units[self.modality_partitions[table.partition]]
         units = traced.units
         if rows_are_units(x.shape, units):
@@ -460,10 +469,11 @@ class LoRARuntime:
         shifted = (table.request_cum_weights - offset).clamp_(0, rows)
         return table.request_slots, shifted, None
 
-    def _video_owner_table(self, partition: str, x: torch.Tensor, module: str):
+    def _video_owner_table(self, table: TokenSlotTable, x: torch.Tensor, module: str):
         """The rows of the vision tower's videos call, shared among the requests by their video
-        tokens, with the same checks as images shared by tokens (whole rows, whole blocks)."""
-        table = self.video_tables[partition]
+        tokens (`table`: that call's, filled with them), with the same checks as images shared by
+        tokens (whole rows, whole blocks)."""
+        partition = table.partition
         rows = x.numel() // x.shape[-1]
         if rows < table.cum_weights[-1]:
             raise BatchError(f"{module} ({partition}) saw {rows} rows in the videos' call, fewer than the batch's "

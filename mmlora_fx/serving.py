@@ -66,8 +66,12 @@ class ServingPlan:
                 target_modules = sorted({module_suffix(info.name) for info in candidates})
         served = frozenset(info.name for info in candidates if _matches(info.name, target_modules))
         if not served:
-            raise MMLoRAError(f"no linear layer is served: partitions={list(partitions)} and "
-                              f"target_modules={list(target_modules)} select none")
+            # Name the layers the suffixes do match but that cannot carry LoRA, and why.
+            refused = [f"{info.name} ({info.refusal})" for info in linears
+                       if info.refusal is not None and _matches(info.name, target_modules)][:3]
+            raise MMLoRAError(f"no layer is served: partitions={list(partitions)} and "
+                              f"target_modules={list(target_modules)} select none"
+                              + (f"; they match {', '.join(refused)}" if refused else ""))
         return cls(tuple(partitions), tuple(target_modules), explicit, served)
 
     def serves(self, module: str) -> bool:

@@ -27,6 +27,22 @@ def test_the_op_body_equals_the_reference_per_row_slot_and_rank():
     torch.testing.assert_close(ours[2, 0], expected)
 
 
+def test_a_slot_no_row_reads_cannot_reach_the_other_rows():
+    """An infinite value in an idle slot (or one a prefetch is writing) leaves every other row
+    finite and equal to the reference: 0 * inf would otherwise be NaN in all of them."""
+    generator = torch.Generator().manual_seed(1)
+    lora_a, lora_b = torch.randn(3, 4, 50, generator=generator), torch.randn(3, 8, 4, generator=generator)
+    lora_b[2, 0, 0] = float("inf")
+    ranks = torch.tensor([4, 4, 4], dtype=torch.int32)
+    ids = torch.randint(0, 50, (2, 5), generator=generator)
+    request_slots, cum = torch.tensor([0, -1], dtype=torch.int32), torch.tensor([0, 1, 2])
+    ours, reference = torch.zeros(2, 5, 8), torch.zeros(2, 5, 8)
+    lora_embedding_add(ours, ids, lora_a, lora_b, ranks, request_slots, cum)
+    lora_embedding_add_reference(reference, ids, lora_a, lora_b, ranks, request_slots, cum)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, reference)
+
+
 def test_the_custom_op_and_its_fake_trace():
     """The op compiles (its fake gives Inductor the shapes) and mutates the lookup in place."""
     lora_a, lora_b = torch.randn(2, 4, 30), torch.randn(2, 8, 4)

@@ -184,6 +184,18 @@ def test_nan_and_inf_weights(tmp_path, linears, good_adapter, value):
         read_adapter("x", path, linears)
 
 
+def test_weights_that_overflow_float16_once_scaled_are_refused(tmp_path, linears, good_adapter):
+    """Finite in the file, infinite in a float16 slot after folding alpha/r into B: refused, since
+    an infinite B would turn other requests' rows into NaN (0 * inf) in a mixed batch."""
+    def large(tensors):
+        tensors[first_key(tensors, "fc1.lora_B")][0, 0] = 60000.0  # finite in float16, not times alpha/r > 1.1
+
+    path = broken_copy(good_adapter, tmp_path / "a", large)
+    read_adapter("x", path, linears, dtype=torch.float32)  # float32 holds it
+    with pytest.raises(AdapterValueError, match=r"module '.*fc1': lora_B times its scaling .* overflows float16"):
+        read_adapter("x", path, linears, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(use_dora=True), "DoRA"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
@@ -274,9 +286,24 @@ def test_an_embedding_outside_the_language_model_is_refused(tmp_path):
     model = cached_model("tiny-llava")
     path = make_adapter(model, tmp_path / "a", ["position_embedding"])
     tower_linears = LinearIndex(model, discover_partitions(model))
-    with pytest.raises(UnsupportedAdapterError, match=r"position_embedding': is a embedding in partition 'tower', "
-                                                      "outside the language model"):
+    with pytest.raises(UnsupportedAdapterError, match=r"position_embedding': is an embedding other than the model's "
+                                                      "input embeddings"):
         read_adapter("x", path, tower_linears)
+
+
+def test_a_position_table_in_the_language_model_is_refused(tmp_path):
+    """GPT-2's `wpe` looks up positions shared by every request, not the requests' tokens: its rows
+    would be handed out by the token table wrongly, so only `get_input_embeddings()` is served."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).eval()
+    path = make_adapter(model, tmp_path / "a", ["wpe", "wte"])
+    linears = LinearIndex(model, discover_partitions(model))
+    assert linears["transformer.wte"].can_carry_lora and not linears["transformer.wpe"].can_carry_lora
+    with pytest.raises(UnsupportedAdapterError, match=r"transformer.wpe': is an embedding other than the model's "
+                                                      "input embeddings"):
+        read_adapter("x", path, linears)
 
 
 def test_weights_the_config_does_not_select(tmp_path, linears, good_adapter):

@@ -98,6 +98,22 @@ def test_eager_mixed_batch_with_videos_equals_peft_per_request(family, layout):
     assert mm.runtime._vision_entries == (("image", "video") if "pixel_values" in batch else ("video",))
 
 
+def test_tables_are_kept_per_call_of_the_tower_not_per_kind(family):
+    """What CUDA-graph replays rely on: a vision layer's first call always reads the partition's
+    table and its second the second-call table, each filled with whatever that call carries."""
+    mm = mmlora_fx.compile(zoo.build(FAMILY), family.paths, max_loras=3)
+    runtime = mm.runtime
+    batch, _ = video_batch(family.base, [[IMAGE, CLIP], [LONG]])
+    mm.eager(**batch, adapter_names=["alice", "bob"])
+    images, videos = [4, 0], [4, 12]  # image and video tokens per request
+    assert runtime.tables["tower"].cum_weights == [0, images[0], sum(images)]
+    assert runtime.second_call_tables["tower"].cum_weights == [0, videos[0], sum(videos)]
+    batch, _ = video_batch(family.base, [[CLIP], [LONG]])  # videos alone: the first call carries them
+    mm.eager(**batch, adapter_names=["alice", "bob"])
+    assert runtime.tables["tower"].cum_weights == [0, 4, 16]
+    assert runtime.second_call_tables["tower"].cum_weights == [0, 0, 0]
+
+
 def test_compiled_mixed_batch_with_videos_equals_peft_per_request(family):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(zoo.build(FAMILY), family.paths, max_loras=3)
