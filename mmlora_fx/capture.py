@@ -107,6 +107,11 @@ class ModuleNames:
         modules = [name.rpartition(".")[0] for name in names]
         return owner if owner in modules else modules[0]
 
+    def parameter_name(self, weight, owner_path, frame_modules) -> str | None:
+        """The absolute name of the parameter `weight` (a 3D expert weight), or None."""
+        names = self.parameters.get(id(weight))
+        return names[0] if names else None
+
 
 def _compiling_frame():
     """The frame dynamo is compiling right now: its code, and the frame object itself.
@@ -181,7 +186,8 @@ class GraphRecorder:
             graph_module=graph_module, graph_break=_graph_break(graph_module), frame_modules=dict(frame_modules),
         )
         self.records.append(record)
-        labelling = Labelling(frame_modules, self.names.linear_module, self._label_of, example_inputs)
+        labelling = Labelling(frame_modules, self.names.linear_module, self._label_of, example_inputs,
+                              self.names.parameter_name)
         rewrite = self.rewrite_for(record, example_inputs) if self.rewrite_for is not None else None
         run_passes(graph_module, labelling, rewrite)
         compiled = self.compile_graph(graph_module, example_inputs) if self.compile_graph else graph_module.forward

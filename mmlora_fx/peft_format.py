@@ -28,7 +28,7 @@ from .errors import (
     BaseWeightCopyError,
     UnsupportedAdapterError,
 )
-from .linear_index import EMBEDDING, LINEAR, LinearIndex
+from .linear_index import EMBEDDING, EXPERTS, LINEAR, LinearIndex
 from .partitions import can_carry_lora
 
 __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
@@ -128,8 +128,8 @@ def read_adapter_config(name: str, path: Path) -> dict:
         )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise UnsupportedAdapterError(name, "trained biases (bias != 'none' or lora_bias) are not served")
-    if config.get("target_parameters"):
-        raise UnsupportedAdapterError(name, "target_parameters (LoRA on bare parameters) is not served")
+    if config.get("target_parameters") is not None and not isinstance(config["target_parameters"], list):
+        raise AdapterFormatError(name, f"{CONFIG_FILE}: target_parameters must be a list of parameter names")
     for key in ("r", "lora_alpha"):
         if key in config and not isinstance(config[key], (int, float)):
             raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must be a number, not {config[key]!r}")
@@ -202,9 +202,38 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
 
 
-def _group_by_module(name: str, tensors: dict[str, torch.Tensor],
-                     linears: LinearIndex) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The LoRA pairs by module, and the base-weight copies by module."""
+def _selected_parameter(config: dict, parameter: str) -> bool:
+    """PEFT's `target_parameters` rule: the name, or a dotted suffix of it, is listed."""
+    return any(parameter == key or parameter.endswith(f".{key}") for key in config.get("target_parameters") or ())
+
+
+def _parameter_of(name: str, module: str, linears: LinearIndex, config: dict) -> str | None:
+    """The parameter a LoRA pair on `module` (`owner(.base_layer)*`) adapts, or None when `module`
+    holds no 3D parameter. PEFT wraps each targeted parameter of a module in a `ParamWrapper`,
+    nested in the module's registration order: the last one's tensors sit on the module itself,
+    each earlier one's one `.base_layer` deeper."""
+    owner, depth = module, 0
+    while owner.endswith(".base_layer"):
+        owner, depth = owner[: -len(".base_layer")], depth + 1
+    if owner not in linears.parameters_of or (depth == 0 and owner in linears):
+        return None
+    selected = [parameter for parameter in linears.parameters_of[owner] if _selected_parameter(config, f"{owner}.{parameter}")]
+    if depth >= len(selected):
+        raise AdapterFormatError(
+            name, f"LoRA weights {depth} wrapper(s) deep, but the config's target_parameters select "
+            f"{len(selected)} parameter(s) of this module ({selected}): which parameter they adapt cannot be told",
+            module=owner)
+    parameter = f"{owner}.{selected[len(selected) - 1 - depth]}"
+    if parameter not in linears:
+        raise UnsupportedAdapterError(
+            name, "target_parameters on a parameter that is not a 3D expert weight [experts, d1, d2] is not served",
+            module=parameter)
+    return parameter
+
+
+def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: LinearIndex,
+                     config: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The LoRA pairs by module (or by 3D parameter), and the base-weight copies by module."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -222,6 +251,9 @@ def _group_by_module(name: str, tensors: dict[str, torch.Tensor],
             copies[module] = tensor
             continue
         module, role, kind = parsed
+        parameter = _parameter_of(name, module, linears, config) if kind == LINEAR else None
+        if parameter is not None:
+            module, kind = parameter, EXPERTS
         if module in linears and linears[module].kind != kind:
             raise AdapterFormatError(
                 name, f"tensor {key!r} is a {kind}'s LoRA weight, but the module is a {linears.module_types[module]}",
@@ -252,7 +284,7 @@ def _check_base_copies(name: str, copies: dict[str, torch.Tensor], linears: Line
 
 
 def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: dict) -> None:
-    absent = [module for module in modules if module not in linears.module_types]
+    absent = [module for module in modules if module not in linears.module_types and module not in linears]
     if absent:
         shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         raise AdapterTargetError(
@@ -278,7 +310,7 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
             raise UnsupportedAdapterError(
                 name, f"is a {info.kind} in partition '{info.partition}', {where}; LoRA there is not served",
                 module=module)
-        if not selected_by_config(config, module):
+        if info.kind != EXPERTS and not selected_by_config(config, module):
             raise AdapterFormatError(
                 name, "has weights, but the config's target_modules/layers_to_transform do not select it",
                 module=module,
@@ -294,7 +326,7 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     """
     path = Path(path)
     config = read_adapter_config(name, path)
-    grouped, copies = _group_by_module(name, _read_tensors(name, path), linears)
+    grouped, copies = _group_by_module(name, _read_tensors(name, path), linears, config)
     if not grouped:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA weights")
     _check_targets(name, sorted(grouped), linears, config)
@@ -309,8 +341,10 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
         if lora_a.dim() != 2 or lora_b.dim() != 2:
             raise AdapterShapeError(name, f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} "
                                           "must be matrices", module=module)
-        rank = lora_a.shape[0]
-        if lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank:
+        if info.kind == EXPERTS:  # shapes checked per expert there
+            lora_a, lora_b = _per_expert(name, module, lora_a, lora_b, info)
+        rank = lora_a.shape[-2]
+        if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank):
             names = ("lora_A", "lora_B") if info.kind == LINEAR else ("lora_embedding_A", "lora_embedding_B")
             layer = (f"a linear of {info.in_features} -> {info.out_features}" if info.kind == LINEAR else
                      f"an embedding of {info.in_features} tokens of size {info.out_features}")
@@ -349,6 +383,23 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     return LoRAAdapter(name=name, path=path, config=config, modules=modules)
 
 
+def _per_expert(name: str, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, info):
+    """PEFT's `ParamWrapper` factors of a 3D weight, split per expert: `lora_A [r * experts, in]`
+    holds expert `e`'s A in rows `e*r ... e*r + r - 1`; `lora_B [out, r * experts]` interleaves the
+    experts (expert `e`'s column `j` is column `j * experts + e`). Returns `[experts, r, in]` and
+    `[experts, out, r]`."""
+    experts = info.num_experts
+    expected = f"[r * {experts}, {info.in_features}] and [{info.out_features}, r * {experts}]"
+    if (lora_a.shape[0] % experts or lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
+            or lora_b.shape[1] != lora_a.shape[0] or lora_a.shape[0] == 0):
+        raise AdapterShapeError(
+            name, f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit a 3D expert weight of "
+            f"{experts} experts mapping {info.in_features} -> {info.out_features} (expected {expected})", module=module)
+    rank = lora_a.shape[0] // experts
+    return (lora_a.reshape(experts, rank, info.in_features),
+            lora_b.reshape(info.out_features, rank, experts).permute(2, 0, 1))
+
+
 @dataclasses.dataclass
 class AdapterScan:
     """What an adapter's tensor names target, without loading its weights."""
@@ -375,10 +426,13 @@ def scan_adapter(name: str, path, linears: LinearIndex) -> AdapterScan:
                 parsed = _lora_key(key)
                 if parsed is None and _base_copy_module(key, linears) is not None:
                     continue  # a copy of a base weight: checked when the adapter is read
-                if parsed is None or parsed[0] not in linears:
+                parameter = _parameter_of(name, parsed[0], linears, config) if parsed and parsed[2] == LINEAR else None
+                module = parameter or (parsed[0] if parsed else None)
+                if parsed is None or module not in linears:
                     unmatched.append(key)
                 elif parsed[1] == "lora_A":
-                    modules[parsed[0]] = int(handle.get_slice(key).get_shape()[0])
+                    rows = int(handle.get_slice(key).get_shape()[0])
+                    modules[module] = rows // linears[module].num_experts if parameter else rows
     except (SafetensorError, OSError) as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
     return AdapterScan(name, path, config, dict(sorted(modules.items())), sorted(unmatched))

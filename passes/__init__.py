@@ -6,14 +6,15 @@ Nothing here imports `mmlora_fx`: what a pass needs from it is passed in.
 
 from .coverage import CheckLoRACoverage, UncoveredLinearError
 from .lora_rewrite import InsertLoRAOps, lora_ops
-from .meta import (embedding_of, is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_path_of, partition_of,
+from .meta import (embedding_of, experts_of, is_call_node, is_lora_op, linear_of, lora_of, owner_of, owner_path_of, partition_of,
                    target_of)
-from .ownership import EmbeddingCall, LinearCall, ResolveOwners, is_embedding_call, is_linear_call, parse_module_path
+from .ownership import EmbeddingCall, ExpertsCall, LinearCall, ResolveOwners, is_embedding_call, is_linear_call, parse_module_path
 from .partition import LabelPartitions
 from .pipeline import Labelling, Rewrite, run_passes
-from .targets import EMBEDDING, LINEAR, TargetKind
+from .row_layout import RowLayout
+from .targets import EMBEDDING, EXPERTS, LINEAR, TargetKind
 
-__all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "EmbeddingCall", "ResolveOwners", "LabelPartitions",
+__all__ = ["CheckLoRACoverage", "UncoveredLinearError", "LinearCall", "EmbeddingCall", "ExpertsCall", "RowLayout", "EXPERTS", "experts_of", "ResolveOwners", "LabelPartitions",
            "InsertLoRAOps", "TargetKind", "LINEAR", "EMBEDDING", "Labelling", "Rewrite", "run_passes", "is_linear_call",
            "is_embedding_call", "lora_ops", "parse_module_path", "is_call_node", "is_lora_op", "linear_of", "embedding_of",
            "target_of", "lora_of", "owner_of", "owner_path_of", "partition_of"]

@@ -9,8 +9,9 @@ string elsewhere:
 | `mmlora_owner` | `ResolveOwners` | that path made absolute, or None |
 | `mmlora_linear` | `ResolveOwners` | a `LinearCall` on linear calls (module from the weight tensor) |
 | `mmlora_embedding` | `ResolveOwners` | an `EmbeddingCall` on embedding lookups (module from the weight tensor) |
+| `mmlora_experts` | `ResolveOwners` | an `ExpertsCall` on batched matmuls with a 3D expert weight (parameter from the weight tensor) |
 | `mmlora_partition` | `LabelPartitions` | the partition label of the node (`InsertLoRAOps` copies it onto its ops) |
-| `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}` |
+| `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}`; also on the nodes that read its weight for it (an expert matmul's `W[ids]`) |
 | `mmlora_lora_op` | `InsertLoRAOps` | True on each inserted LoRA op |
 
 A node with `mmlora_owner_path` is a *call node* (call_function, call_method, call_module).
@@ -23,8 +24,8 @@ from typing import Any
 from torch import fx
 
 __all__ = [
-    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "PARTITION", "LORA", "LORA_OP",
-    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "target_of", "partition_of", "lora_of",
+    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "PARTITION", "LORA", "LORA_OP",
+    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "target_of", "partition_of", "lora_of",
     "is_lora_op",
 ]
 
@@ -32,6 +33,7 @@ OWNER_PATH = "mmlora_owner_path"
 OWNER = "mmlora_owner"
 LINEAR = "mmlora_linear"
 EMBEDDING = "mmlora_embedding"
+EXPERTS = "mmlora_experts"
 PARTITION = "mmlora_partition"
 LORA = "mmlora_lora"
 LORA_OP = "mmlora_lora_op"
@@ -61,9 +63,14 @@ def embedding_of(node: fx.Node):
     return node.meta.get(EMBEDDING)
 
 
+def experts_of(node: fx.Node):
+    """The `ExpertsCall` of a batched matmul with a 3D expert weight, or None."""
+    return node.meta.get(EXPERTS)
+
+
 def target_of(node: fx.Node):
-    """The record of a node LoRA can target (a `LinearCall` or an `EmbeddingCall`), or None."""
-    return node.meta.get(LINEAR) or node.meta.get(EMBEDDING)
+    """The record of a node LoRA can target (a `LinearCall`, an `EmbeddingCall` or an `ExpertsCall`), or None."""
+    return node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(EXPERTS)
 
 
 def partition_of(node: fx.Node) -> str | None:

@@ -4,10 +4,11 @@ Every graph dynamo hands mmlora_fx goes through `run_passes`: first the labellin
 every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend), then, when a
 `Rewrite` is given, the LoRA rewrite and the check that it covered every served linear.
 
-1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
+1. `ResolveOwners`: the absolute module owning each call node, each linear call's module, and
+   each expert matmul's 3D weight with its rows' token layout;
 2. `LabelPartitions`: the partition of each call node;
 3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
-   embedding lookups; sibling linears share one);
+   embedding lookups, expert matmuls; sibling linears share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -43,6 +44,7 @@ class Labelling:
     linear_module: Callable
     label_of: Callable[[str | None], str]
     example_inputs: Sequence[object]
+    parameter_name: Callable | None = None  # the absolute name of a parameter tensor (3D expert weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Rewrite:
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
     """Run the passes on `graph_module` in order (see the module's doc); return it, rewritten in place."""
-    ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs)(graph_module)
+    ResolveOwners(labelling.frame_modules, labelling.linear_module, labelling.example_inputs,
+                  labelling.parameter_name)(graph_module)
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
         InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds)(graph_module)

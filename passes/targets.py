@@ -5,9 +5,10 @@ for it, or None), which node's rows LoRA reads (targets of one kind that read th
 one partition are siblings and share one op), and which argument is the weight the op resolves
 its adapter buffers by at run time. Two kinds today: a linear call, and an embedding lookup (whose
 "rows" are its token ids, and whose op the caller binds: `EMBEDDING.with_op(op)`, since passes
-import nothing from mmlora_fx). The next ones (a grouped matmul over a 3D expert weight, a
-convolution, a matmul with a bare parameter) are new entries here, each with its own matcher and
-op, not branches in the rewrite.
+import nothing from mmlora_fx). A third, a batched matmul over a 3D expert weight (`EXPERTS`),
+passes its op the per-row expert ids and the facts of the product. The next ones (a grouped
+matmul, a convolution, a matmul with a bare parameter) are new entries here, each with its own
+matcher and op, not branches in the rewrite.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .meta import embedding_of, linear_of
+from .meta import embedding_of, experts_of, linear_of
 from .ownership import embedding_args
 
-__all__ = ["TargetKind", "LINEAR", "EMBEDDING"]
+__all__ = ["TargetKind", "LINEAR", "EMBEDDING", "EXPERTS"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,10 @@ class TargetKind:
     op: object = None
     max_siblings: int = 3
     needs_op: bool = False  # the rewrite's default op does not fit this kind: bind one with `with_op`
+    # What else the op takes after its weights (the node's facts it needs at run time), and the
+    # nodes other than the target that read its weight on its behalf (both: expert matmuls).
+    extra_args: Callable[[fx.Node], tuple] = lambda node: ()
+    weight_readers: Callable[[fx.Node], list[fx.Node]] = lambda node: []
 
     def with_op(self, op) -> "TargetKind":
         return dataclasses.replace(self, op=op)
@@ -49,3 +54,35 @@ LINEAR = TargetKind("linear", match=linear_of, rows_of=lambda node: node.args[0]
 # the op reads the token ids, not the looked-up rows, and each lookup has its own op.
 EMBEDDING = TargetKind("embedding", match=embedding_of, rows_of=lambda node: embedding_args(node)[0],
                        weight_of=lambda node: embedding_args(node)[1], max_siblings=1, needs_op=True)
+
+
+def _experts_served(node: fx.Node):
+    # A matmul whose rows' tokens could not be told is no target: the coverage check refuses a
+    # served weight used there, with the reason.
+    call = experts_of(node)
+    return call if call is not None and call.layout is not None else None
+
+
+def _node_named(node: fx.Node, name: str | None) -> fx.Node | None:
+    if name is None:
+        return None
+    return next(arg for arg in node.graph.nodes if arg.name == name)
+
+
+def _experts_weight(node: fx.Node) -> fx.Node:
+    gather = _node_named(node, experts_of(node).gather_node)
+    return gather.args[0] if gather is not None else node.args[1]
+
+
+def _experts_extra(node: fx.Node) -> tuple:
+    call = experts_of(node)
+    return (_node_named(node, call.expert_ids_node), call.contracted_dim, call.layout.tiles, call.layout.interleave)
+
+
+# `torch.bmm` with a 3D expert weight labelled by `ResolveOwners` (`node.meta["mmlora_experts"]`):
+# the op reads the rows the product reads, and gets the expert ids of a gathered weight, which
+# weight dimension is summed over, and the rows' token layout. One op per matmul.
+EXPERTS = TargetKind("experts", match=_experts_served, rows_of=lambda node: _node_named(node, experts_of(node).input_node),
+                     weight_of=_experts_weight, max_siblings=1, needs_op=True, extra_args=_experts_extra,
+                     weight_readers=lambda node: [reader for reader in [_node_named(node, experts_of(node).gather_node)]
+                                                  if reader is not None])
