@@ -122,7 +122,8 @@ def add_expert_hooks(runtime, model, served: dict[str, torch.Tensor]) -> None:
     for name, module in model.named_modules():
         if name in blocks and not getattr(module, "_mmlora_expert_hooked", False):
             module.register_forward_pre_hook(_enter(runtime, weights, name), with_kwargs=True)
-            module.register_forward_hook(_leave)
+            # always_call: the mode is left even when the forward raises (an expert loop refused, say).
+            module.register_forward_hook(_leave, always_call=True)
             module._mmlora_expert_hooked = True
 
 

@@ -154,6 +154,8 @@ def test_an_expert_loop_over_data_dependent_tokens_is_refused_naming_the_weight(
     with pytest.raises(CaptureError, match=r"experts\.gate_up_proj.*batched_mm"):
         with torch.no_grad():
             mm.eager(input_ids=token_batch(seed=1), adapter_names=NAMES)
+    # The refused forward left no torch-function mode behind (later code would run inside it).
+    assert torch._C._len_torch_function_stack() == 0
 
 
 # --------------------------------------------------------------------------- typed errors
