@@ -19,7 +19,8 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .partitions import OTHER, PartitionMap, discover_partitions
-from .passes import Labelling, Rewrite, embedding_of, is_call_node, linear_of, owner_path_of, run_passes, target_of
+from .passes import (Labelling, Rewrite, conv_of, embedding_of, experts_of, is_call_node, linear_of, owner_path_of,
+                     parameter_matmul_of, run_passes, target_of)
 from .reporting import quiet_dynamo
 from .upstream import check_supported
 
@@ -62,9 +63,21 @@ class GraphRecord:
     def embedding_nodes(self) -> list[fx.Node]:
         return [node for node in self.call_nodes() if embedding_of(node) is not None]
 
+    def conv_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if conv_of(node) is not None]
+
+    def parameter_matmul_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if parameter_matmul_of(node) is not None]
+
+    def target_nodes(self) -> list[fx.Node]:
+        """Every node of a kind LoRA can target (linears, embedding lookups, convolutions, matmuls with a
+        parameter, expert matmuls)."""
+        return [node for node in self.call_nodes() if target_of(node) is not None]
+
     def modules_of(self, node: fx.Node) -> list[str]:
-        """The modules a linear or embedding node called, over the graph's recorded calls (a graph is
-        reused for every instance of a block); the module it was traced with if none was recorded."""
+        """The modules a target node called (for a matmul with a parameter: the parameter's name), over
+        the graph's recorded calls (a graph is reused for every instance of a block); the module it
+        was traced with if none was recorded."""
         modules = {instance.linear_modules.get(node.name) for instance in self.instances}
         modules.discard(None)
         return sorted(modules or {target_of(node).module})
@@ -108,9 +121,13 @@ class ModuleNames:
         return owner if owner in modules else modules[0]
 
     def parameter_name(self, weight, owner_path, frame_modules) -> str | None:
-        """The absolute name of the parameter `weight` (a 3D expert weight), or None."""
-        names = self.parameters.get(id(weight))
-        return names[0] if names else None
+        """The absolute name of the parameter `weight` (`module.parameter`: a 2D `x @ W` or a 3D expert
+        weight), preferring the one at `owner_path`; None for a tensor that is no parameter."""
+        module = self.linear_module(weight, owner_path, frame_modules)
+        if module is None:
+            return None
+        names = self.parameters[id(weight)]
+        return next(name for name in names if name.rpartition(".")[0] == module)
 
 
 def _compiling_frame():
@@ -199,11 +216,14 @@ class GraphRecorder:
         return self.partition_map.partition_of(module) if module is not None else OTHER
 
     def _recording(self, record: GraphRecord, compiled: Callable) -> Callable:
-        targets = record.linear_nodes() + record.embedding_nodes()
+        targets = record.target_nodes()
         linear_weights = {node.name: target_of(node).weight_input for node in targets
                           if target_of(node).weight_input is not None}
         linear_owners = {node.name: owner_path_of(node) for node in targets}
         names = self.names
+        # A matmul's target (x @ W, or an expert matmul) is the parameter itself, the other kinds' their module.
+        name_of = {node.name: names.parameter_name if parameter_matmul_of(node) is not None or experts_of(node) is not None
+                   else names.linear_module for node in targets}
 
         def run(*args):
             frame = sys._getframe(1)
@@ -214,7 +234,7 @@ class GraphRecorder:
             frame_modules = names.frame_modules(frame) if frame is not None else {}
             linear_modules = {}
             for node_name, index in linear_weights.items():
-                module = names.linear_module(args[index], linear_owners[node_name], frame_modules)
+                module = name_of[node_name](args[index], linear_owners[node_name], frame_modules)
                 if module is not None:
                     linear_modules[node_name] = module
             record.instances.append(GraphInstance(frame_modules, linear_modules))
@@ -242,6 +262,14 @@ class Capture:
     def embedding_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every embedding module looked up, with the (graph, node) pairs that did."""
         return self._calls(GraphRecord.embedding_nodes)
+
+    def conv_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every convolution module that ran, with the (graph, node) pairs that called it."""
+        return self._calls(GraphRecord.conv_nodes)
+
+    def parameter_matmul_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every parameter multiplied by (`x @ W`), with the (graph, node) pairs that did."""
+        return self._calls(GraphRecord.parameter_matmul_nodes)
 
     def _calls(self, nodes_of) -> dict[str, list[tuple[int, str]]]:
         calls: dict[str, list[tuple[int, str]]] = {}

@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 
 from .capture import Capture
-from .linear_index import EMBEDDING, LINEAR, LinearIndex
+from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
 from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
-from .passes import embedding_of, linear_of, lora_of, partition_of
+from .passes import conv_of, embedding_of, linear_of, lora_of, parameter_matmul_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -40,12 +40,15 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
     ownership = ownership or {}
-    calls = {**capture.embedding_calls(), **capture.linear_calls()}
+    calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
+             **capture.conv_calls()}
     graphs = []
     partition_graphs = defaultdict(list)
     partition_calls = Counter()
     partition_linear_nodes = defaultdict(list)
     partition_embedding_nodes = defaultdict(list)
+    partition_matmul_nodes = defaultdict(list)
+    partition_conv_nodes = defaultdict(list)
     for record in capture.graphs:
         counts = Counter(partition_of(node) for node in record.call_nodes())
         for partition, count in counts.items():
@@ -53,18 +56,23 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             partition_calls[partition] += count
         nodes = {node.name: node for node in record.graph_module.graph.nodes}
         for node in record.linear_nodes():
-            linear = linear_of(node)
-            value = nodes[linear.input_node].meta.get("example_value") if linear.input_node in nodes else None
-            shape = list(value.shape) if isinstance(value, torch.Tensor) else None
-            modules = record.modules_of(node)
-            partition_linear_nodes[partition_of(node)].append({
-                "graph": record.index, "node": node.name, "modules": modules,
-                "in_features": linear.in_features, "out_features": linear.out_features,
-                # Rewritten graphs say it; a capture is asked what the served set would give.
-                "lora": lora_of(node) is not None or (serving is not None and any(map(serving.serves, modules))),
-                "input_shape": shape,
-                "rows_owned": _rows_owned(partition_of(node), shape or [], ownership),
-            })
+            partition_linear_nodes[partition_of(node)].append(
+                _linear_like(record, node, linear_of(node), nodes, serving, ownership))
+        for node in record.parameter_matmul_nodes():
+            # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
+            partition_matmul_nodes[partition_of(node)].append(
+                _linear_like(record, node, parameter_matmul_of(node), nodes, serving, ownership))
+        for node in record.conv_nodes():
+            entry = _linear_like(record, node, conv_of(node), nodes, serving, ownership)
+            entry["kernel"] = list(conv_of(node).kernel)
+            # The rows are its patches: [entries, positions, pixels], or [patches, pixels] (one each).
+            shape = entry["input_shape"] or []
+            positions = 1
+            for size, step in zip(shape[2:], entry["kernel"]):
+                positions *= size // step
+            rows = shape[:1] + ([positions] if positions > 1 else []) + [entry["in_features"]] if shape else []
+            entry["rows_owned"] = _rows_owned(partition_of(node), rows, ownership)
+            partition_conv_nodes[partition_of(node)].append(entry)
         for node in record.embedding_nodes():
             lookup = embedding_of(node)
             value = nodes[lookup.ids_node].meta.get("example_value") if lookup.ids_node in nodes else None
@@ -101,6 +109,8 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             "call_nodes": partition_calls.get(partition, 0),
             "linear_nodes": partition_linear_nodes.get(partition, []),
             "embedding_nodes": partition_embedding_nodes.get(partition, []),
+            "parameter_matmul_nodes": partition_matmul_nodes.get(partition, []),
+            "conv_nodes": partition_conv_nodes.get(partition, []),
         }
     report = {
         "schema": SCHEMA,
@@ -122,11 +132,38 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
              "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
             for info in linears if info.kind == EMBEDDING
         ],
+        "convs": [
+            {"module": info.name, "partition": info.partition, "in_features": info.in_features,
+             "out_features": info.out_features, "can_carry_lora": info.can_carry_lora, "refusal": info.refusal,
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears if info.kind == CONV
+        ],
+        "parameters": [
+            {"parameter": info.name, "partition": info.partition, "in_features": info.in_features,
+             "out_features": info.out_features,
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears if info.kind == PARAMETER
+        ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
         "serving": serving.to_json() if serving is not None else None,
         "ownership": {modality: {"units": traced.units, "how": traced.how} for modality, traced in ownership.items()},
     }
     return report
+
+
+def _linear_like(record, node, target, nodes, serving, ownership) -> dict:
+    """A linear call's (or a matmul with a parameter's) entry: its modules, shape, LoRA and rows."""
+    value = nodes[target.input_node].meta.get("example_value") if target.input_node in nodes else None
+    shape = list(value.shape) if isinstance(value, torch.Tensor) else None
+    modules = record.modules_of(node)
+    return {
+        "graph": record.index, "node": node.name, "modules": modules,
+        "in_features": target.in_features, "out_features": target.out_features,
+        # Rewritten graphs say it; a capture is asked what the served set would give.
+        "lora": lora_of(node) is not None or (serving is not None and any(map(serving.serves, modules))),
+        "input_shape": shape,
+        "rows_owned": _rows_owned(partition_of(node), shape or [], ownership),
+    }
 
 
 def _adapter_entry(scan, linears: LinearIndex, calls, serving) -> dict:
@@ -196,7 +233,8 @@ def render_text(report: dict) -> str:
     model = report["model"]
     lines = [f"{model['name']} ({model['class']}): {len(report['graphs'])} graphs, "
              f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules, "
-             f"{len(report.get('embeddings', []))} embeddings", ""]
+             f"{len(report.get('embeddings', []))} embeddings, {len(report.get('convs', []))} convolutions, "
+             f"{len(report.get('parameters', []))} 2D parameters", ""]
     for partition, entry in report["partitions"].items():
         linear_modules = sum(len(node["modules"]) for node in entry["linear_nodes"])
         lines.append(f"{partition}")
@@ -220,6 +258,25 @@ def render_text(report: dict) -> str:
                     for node in lookups]
             header = ["graph", "node", "module(s)", "tokens", "dim", "rows owned"] + (["LoRA"] if report["serving"] else [])
             lines += _table(rows, header, indent="    ")
+        convs = entry.get("conv_nodes", [])
+        if convs:
+            lines.append(f"  convolutions: {len(convs)}")
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     "x".join(map(str, node["kernel"])), node["in_features"], node["out_features"], node["rows_owned"]]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
+                    for node in convs]
+            header = ["graph", "node", "module(s)", "kernel", "in", "out", "rows owned"] + (["LoRA"] if report["serving"]
+                                                                                             else [])
+            lines += _table(rows, header, indent="    ")
+        matmuls = entry.get("parameter_matmul_nodes", [])
+        if matmuls:
+            lines.append(f"  matmuls x @ W with a parameter: {len(matmuls)}")
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     node["in_features"], node["out_features"], node["rows_owned"]]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
+                    for node in matmuls]
+            header = ["graph", "node", "parameter", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
+            lines += _table(rows, header, indent="    ")
         lines.append("")
     ownership = report.get("ownership") or {}
     if ownership:
@@ -241,7 +298,8 @@ def render_text(report: dict) -> str:
         serving = report["serving"]
         lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",
                   f"  target modules: {', '.join(serving['target_modules'])}",
-                  f"  served layers:  {serving['served_modules']} (linears and embeddings)"]
+                  f"  served layers:  {serving['served_modules']} (linears, embeddings, patch embeddings, 2D "
+                  "parameters)"]
     for adapter in report["adapters"]:
         lines += ["", f"adapter {adapter['name']} ({adapter['path']})"]
         rows = [[entry["module"], entry.get("kind", LINEAR), entry["partition"], entry["rank"],
@@ -251,7 +309,8 @@ def render_text(report: dict) -> str:
         header = ["module", "kind", "partition", "rank", "graph:node"] + (["served"] if report["serving"] else [])
         lines += _table(rows, header)
         if adapter["unmatched_keys"]:
-            lines.append(f"  ERROR: {len(adapter['unmatched_keys'])} tensor(s) match no linear or embedding of the model:")
+            lines.append(f"  ERROR: {len(adapter['unmatched_keys'])} tensor(s) match no linear, embedding or "
+                         "target parameter of the model:")
             lines += [f"    {key}" for key in adapter["unmatched_keys"]]
     return "\n".join(lines) + "\n"
 

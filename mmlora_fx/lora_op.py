@@ -1,5 +1,5 @@
 """The graph-level LoRA ops: `torch.ops.mmlora.lora_linear_(outputs, x, weights)`,
-`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)` and
+`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)`, `torch.ops.mmlora.lora_conv_(outputs, x, weights)` and
 `torch.ops.mmlora.lora_experts_(outputs, x, weights, expert_ids, contracted_dim, tiles, interleave)`.
 
 The rewrite pass puts one after each served target (a linear or group of siblings, an embedding
@@ -20,7 +20,7 @@ import torch
 
 from .errors import MMLoRAError
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_experts_"]
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
 
 
 class WeightRegistry:
@@ -86,4 +86,16 @@ def lora_experts_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[to
 
 @lora_experts_.register_fake
 def _lora_experts_fake(outputs, x, weights, expert_ids, contracted_dim, tiles, interleave) -> None:
+    return None
+
+
+@torch.library.custom_op("mmlora::lora_conv_", mutates_args=("outputs",))
+def lora_conv_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    """Add each row's adapter delta to `outputs[0]`, the patch embedding by `weights[0]` of `x`."""
+    runtime, module = REGISTRY.resolve(weights[0], "conv")
+    runtime.apply_conv(outputs[0], x, module)
+
+
+@lora_conv_.register_fake
+def _lora_conv_fake(outputs, x, weights) -> None:
     return None

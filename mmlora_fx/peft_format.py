@@ -2,7 +2,9 @@
 
 Reading validates everything before anything is kept: the files, the config, every tensor's
 name, shape, rank and values, and that each targeted module is a linear or embedding layer of the
-model that can carry LoRA. Full copies of base weights (PEFT saves the embeddings and lm_head
+model that can carry LoRA, or a bare parameter PEFT's `target_parameters` picks (`parameter_targets`
+says which: a 2D one used as `x @ W`, read into a linear's layout, or a 3D expert weight, split per
+expert). Full copies of base weights (PEFT saves the embeddings and lm_head
 an adapter targets) are accepted only where they equal the model's weights. Tensors are read with safetensors only; a pickle is never opened. Each module's
 scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, after `rank_pattern` and
 `alpha_pattern`) is folded into its B matrix once, here.
@@ -28,7 +30,8 @@ from .errors import (
     BaseWeightCopyError,
     UnsupportedAdapterError,
 )
-from .linear_index import EMBEDDING, EXPERTS, LINEAR, LinearIndex
+from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
+from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter, split_wrappers
 from .partitions import can_carry_lora
 
 __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
@@ -59,7 +62,33 @@ def _lora_key(key: str) -> tuple[str, str, str] | None:
     if match is None:
         return None
     role, kind = _ROLES[match.group("linear") or match.group("embedding")]
-    return match.group("module"), role, kind
+    # PEFT wraps a module whose parameter `target_parameters` picks, so the names of every layer
+    # below it get `.base_layer` (`vision_model.base_layer.model...`): dropped. The trailing ones say
+    # which of the module's wrapped parameters the pair adapts (`parameter_targets`): kept.
+    owner, depth = split_wrappers(match.group("module"))
+    return ".".join(part for part in owner.split(".") if part != "base_layer") + ".base_layer" * depth, role, kind
+
+
+def _tensor_kind(kind: str) -> str:
+    """Which tensor names a target of `kind` carries: an embedding's `lora_embedding_A/B`, every
+    other kind's `lora_A/B`."""
+    return EMBEDDING if kind == EMBEDDING else LINEAR
+
+
+def _target_name(adapter: str, module: str, config: dict, linears: LinearIndex) -> str:
+    """The indexed target PEFT's LoRA saved under `module` adapts: the module itself, or the
+    parameter of it that `target_parameters` picks (PEFT saves that under the module's name,
+    `.base_layer` once per later-wrapped parameter of the module): `parameter_targets` decides."""
+    return parameter_target(adapter, module, config, linears) or module
+
+
+def _conv_as_linear(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's conv LoRA (`lora_A [r, C, *kernel]`, `lora_B [out, r, 1, ...]`) as a linear's on each
+    patch's flattened pixels (`[r, C * prod(kernel)]`, `[out, r]`); other shapes are left for the
+    shape check to refuse."""
+    if lora_a.dim() >= 3 and lora_b.dim() == lora_a.dim() and all(size == 1 for size in lora_b.shape[2:]):
+        return lora_a.flatten(1), lora_b.flatten(1)
+    return lora_a, lora_b
 
 
 def _base_copy_module(key: str, linears: LinearIndex) -> str | None:
@@ -202,38 +231,10 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
 
 
-def _selected_parameter(config: dict, parameter: str) -> bool:
-    """PEFT's `target_parameters` rule: the name, or a dotted suffix of it, is listed."""
-    return any(parameter == key or parameter.endswith(f".{key}") for key in config.get("target_parameters") or ())
-
-
-def _parameter_of(name: str, module: str, linears: LinearIndex, config: dict) -> str | None:
-    """The parameter a LoRA pair on `module` (`owner(.base_layer)*`) adapts, or None when `module`
-    holds no 3D parameter. PEFT wraps each targeted parameter of a module in a `ParamWrapper`,
-    nested in the module's registration order: the last one's tensors sit on the module itself,
-    each earlier one's one `.base_layer` deeper."""
-    owner, depth = module, 0
-    while owner.endswith(".base_layer"):
-        owner, depth = owner[: -len(".base_layer")], depth + 1
-    if owner not in linears.parameters_of or (depth == 0 and owner in linears):
-        return None
-    selected = [parameter for parameter in linears.parameters_of[owner] if _selected_parameter(config, f"{owner}.{parameter}")]
-    if depth >= len(selected):
-        raise AdapterFormatError(
-            name, f"LoRA weights {depth} wrapper(s) deep, but the config's target_parameters select "
-            f"{len(selected)} parameter(s) of this module ({selected}): which parameter they adapt cannot be told",
-            module=owner)
-    parameter = f"{owner}.{selected[len(selected) - 1 - depth]}"
-    if parameter not in linears:
-        raise UnsupportedAdapterError(
-            name, "target_parameters on a parameter that is not a 3D expert weight [experts, d1, d2] is not served",
-            module=parameter)
-    return parameter
-
-
 def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: LinearIndex,
                      config: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The LoRA pairs by module (or by 3D parameter), and the base-weight copies by module."""
+    """The LoRA pairs by target (a module, or the parameter `target_parameters` picks), and the
+    base-weight copies by module."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -251,13 +252,13 @@ def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: Linea
             copies[module] = tensor
             continue
         module, role, kind = parsed
-        parameter = _parameter_of(name, module, linears, config) if kind == LINEAR else None
-        if parameter is not None:
-            module, kind = parameter, EXPERTS
-        if module in linears and linears[module].kind != kind:
+        module = _target_name(name, module, config, linears)
+        if module in linears and _tensor_kind(linears[module].kind) != kind:
             raise AdapterFormatError(
                 name, f"tensor {key!r} is a {kind}'s LoRA weight, but the module is a {linears.module_types[module]}",
                 module=module)
+        if role in grouped.get(module, {}):
+            raise AdapterFormatError(name, f"tensor {key!r} is a second {role} for this layer", module=module)
         grouped.setdefault(module, {})[role] = tensor
     for module, pair in grouped.items():
         if set(pair) != {"lora_A", "lora_B"}:
@@ -301,16 +302,21 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
         if module not in linears:
             kind = linears.module_types[module]
             raise UnsupportedAdapterError(
-                name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those is served", module=module)
+                name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those, on patch-embedding "
+                "convolutions and on 2D (x @ W) and 3D (expert) parameters named by target_parameters is served", module=module)
         info = linears[module]
+        if info.refusal is not None:
+            raise UnsupportedAdapterError(name, f"is {info.refusal}", module=module)
         if not info.can_carry_lora:
             where = ("outside the language model (its rows are not the language model's tokens)"
-                     if info.kind == EMBEDDING and can_carry_lora(info.partition) else
+                     if info.kind in (EMBEDDING, EXPERTS) and can_carry_lora(info.partition) else
                      "in no partition that carries LoRA (override it with partition_overrides)")
             raise UnsupportedAdapterError(
                 name, f"is a {info.kind} in partition '{info.partition}', {where}; LoRA there is not served",
                 module=module)
-        if info.kind != EXPERTS and not selected_by_config(config, module):
+        selected = (selected_parameter(config, module) if info.kind in (PARAMETER, EXPERTS)
+                    else selected_by_config(config, module))
+        if not selected:
             raise AdapterFormatError(
                 name, "has weights, but the config's target_modules/layers_to_transform do not select it",
                 module=module,
@@ -338,20 +344,32 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     for module in sorted(grouped):
         lora_a, lora_b = grouped[module]["lora_A"], grouped[module]["lora_B"]
         info = linears[module]
+        peft_a, peft_b = lora_a, lora_b
+        if info.kind == CONV:
+            lora_a, lora_b = _conv_as_linear(lora_a, lora_b)
         if lora_a.dim() != 2 or lora_b.dim() != 2:
-            raise AdapterShapeError(name, f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} "
-                                          "must be matrices", module=module)
-        if info.kind == EXPERTS:  # shapes checked per expert there
+            raise AdapterShapeError(name, f"lora_A {tuple(peft_a.shape)} and lora_B {tuple(peft_b.shape)} "
+                                          "must be matrices" + (" (a conv's: [r, C, *kernel] and [out, r, 1, ...])"
+                                                                if info.kind == CONV else ""), module=module)
+        if info.kind == PARAMETER:
+            lora_a, lora_b = as_linear_layout(lora_a, lora_b)
+        if info.kind == EXPERTS:  # shapes checked per expert there: [experts, r, in] and [experts, out, r]
             lora_a, lora_b = _per_expert(name, module, lora_a, lora_b, info)
         rank = lora_a.shape[-2]
-        if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank):
-            names = ("lora_A", "lora_B") if info.kind == LINEAR else ("lora_embedding_A", "lora_embedding_B")
-            layer = (f"a linear of {info.in_features} -> {info.out_features}" if info.kind == LINEAR else
-                     f"an embedding of {info.in_features} tokens of size {info.out_features}")
+        if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
+                                     or lora_b.shape[1] != rank):
+            names = ("lora_embedding_A", "lora_embedding_B") if info.kind == EMBEDDING else ("lora_A", "lora_B")
+            layer = (f"an embedding of {info.in_features} tokens of size {info.out_features}" if info.kind == EMBEDDING
+                     else "the parameter used as x @ W" if info.kind == PARAMETER
+                     else f"a patch embedding of {info.in_features} pixels per patch -> {info.out_features} channels "
+                          "(lora_A flattened to [r, C * prod(kernel)])" if info.kind == CONV
+                     else f"a linear of {info.in_features} -> {info.out_features}")
+            expected = (peft_shapes(info.in_features, info.out_features) if info.kind == PARAMETER
+                        else f"[r, {info.in_features}] and [{info.out_features}, r]")
             raise AdapterShapeError(
                 name,
-                f"{names[0]} {tuple(lora_a.shape)} and {names[1]} {tuple(lora_b.shape)} do not fit {layer} "
-                f"(expected [r, {info.in_features}] and [{info.out_features}, r])",
+                f"{names[0]} {tuple(peft_a.shape)} and {names[1]} {tuple(peft_b.shape)} do not fit {layer} "
+                f"(expected {expected})",
                 module=module,
             )
         configured_rank = int(_pattern_value(config.get("rank_pattern"), module, default_rank))
@@ -426,13 +444,14 @@ def scan_adapter(name: str, path, linears: LinearIndex) -> AdapterScan:
                 parsed = _lora_key(key)
                 if parsed is None and _base_copy_module(key, linears) is not None:
                     continue  # a copy of a base weight: checked when the adapter is read
-                parameter = _parameter_of(name, parsed[0], linears, config) if parsed and parsed[2] == LINEAR else None
-                module = parameter or (parsed[0] if parsed else None)
-                if parsed is None or module not in linears:
+                target = _target_name(name, parsed[0], config, linears) if parsed is not None else None
+                if target not in linears:
                     unmatched.append(key)
                 elif parsed[1] == "lora_A":
                     rows = int(handle.get_slice(key).get_shape()[0])
-                    modules[module] = rows // linears[module].num_experts if parameter else rows
+                    # An expert weight's lora_A stacks every expert's A: its rank is a share of the rows.
+                    modules[target] = (rows // linears[target].num_experts if linears[target].kind == EXPERTS
+                                       else rows)
     except (SafetensorError, OSError) as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
     return AdapterScan(name, path, config, dict(sorted(modules.items())), sorted(unmatched))

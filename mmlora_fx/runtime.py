@@ -25,8 +25,11 @@ from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
-from .linear_index import EMBEDDING, EXPERTS, LINEAR, LinearIndex
+from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
+from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
+from .parameter_hooks import add_parameter_hooks
+from .parameter_hooks import never_compile as _never_compile_parameter_hooks
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
@@ -134,6 +137,7 @@ class LoRARuntime:
                                    if p in self.modality_partitions}
         # Per modality, its tower's and connector's served linears in model order (the row probe stops at the first).
         self._served_by_modality = {modality: [info.name for info in self.linears if info.name in self.serving.served
+                                               and info.kind == LINEAR
                                                and self.modality_partitions.get(info.partition) == modality]
                                     for modality in self.modalities}
         for partition in sorted(self._served_partitions & set(self.modality_partitions)):
@@ -149,8 +153,10 @@ class LoRARuntime:
                                         + (["video"] if self.video_token_ids else []),
                                         is_loaded=lambda name: name in self.manager.names)
         self.defaults.update(options.default_adapters or {})
-        for kind in (LINEAR, EMBEDDING, EXPERTS):
+        for kind in (LINEAR, EMBEDDING, CONV, EXPERTS):
             REGISTRY.register(self, self.linears.of_kind(kind), kind)
+        # `x @ W` is served by the linear op (its adapter is in a linear's layout): a linear use of W.
+        REGISTRY.register(self, self.linears.of_kind(PARAMETER), LINEAR)
         self._add_eager_hooks()
 
     # ------------------------------------------------------------------ before a forward
@@ -380,6 +386,28 @@ class LoRARuntime:
                          contracted_dim == info.in_dim, tiles, interleave, table.request_slots,
                          table.request_cum_weights)
 
+    def apply_conv(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
+        """Add the LoRA delta of the patch embedding `module` to `output`, its convolution of `x`.
+
+        The patches are the rows (`kernels/lora_patch_conv.py`): `[entries, positions, pixels]`,
+        owned per unit where the entries are the tower's units (images), or `[patches, pixels]`
+        where each entry is one patch (Qwen2-VL's packed patches), shared by image tokens as the
+        tower's other layers' rows are."""
+        plan = self._plans.get((module,))
+        if plan is None:
+            plan = self._plans[(module,)] = self._plan([module])
+        served, table, lora_a, lora_b, ranks = plan
+        if not served:
+            return
+        self.applications[table.partition] += 1
+        if self.applied is not None:
+            self.applied.add(module)
+        kernel = tuple(self.linears.weights[module].shape[2:])  # == the stride: a patch embedding
+        rows = patch_rows(x, kernel)
+        request_slots, cum_weights, tile_plan = self._owner_table(table, rows, module)
+        lora_patch_conv_add(output, x, kernel, lora_a[0], lora_b[0], ranks[0], request_slots, cum_weights, tile_plan,
+                            rows=rows)
+
     def _owner_table(self, table: TokenSlotTable, x: torch.Tensor, module: str):
         """Who owns the rows of `x`: the tables (slots, running weights, tile plan) the kernels read.
 
@@ -561,6 +589,9 @@ class LoRARuntime:
         # Expert matmuls are no modules: their MoE blocks are watched instead (`expert_hooks.py`).
         add_expert_hooks(self, self.model, {name: self.linears.weights[name] for name in self.manager.buffers
                                             if self.linears[name].kind == EXPERTS})
+        # Bare parameters have no forward of their own: their holders watch their matmuls.
+        add_parameter_hooks(self.model, {name: weight for name, weight in self.linears.of_kind(PARAMETER).items()
+                                         if name in self.manager.buffers})
 
 
 def _never_compile_the_hook() -> None:
@@ -570,6 +601,7 @@ def _never_compile_the_hook() -> None:
     from torch._dynamo.eval_frame import FrameAction, FrameExecStrategy, set_code_exec_strategy
 
     set_code_exec_strategy(_eager_lora_hook.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+    _never_compile_parameter_hooks()
 
 
 def _eager_lora_hook(module, args, output):
@@ -578,6 +610,10 @@ def _eager_lora_hook(module, args, output):
             runtime, name = REGISTRY.resolve(module.weight, EMBEDDING)
             if runtime.in_call:
                 runtime.apply_embedding(output, args[0], name, _embedding_output_scale(module))
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            runtime, name = REGISTRY.resolve(module.weight, CONV)
+            if runtime.in_call:
+                runtime.apply_conv(output, args[0], name)
         else:
             runtime, name = REGISTRY.resolve(module.weight)
             if runtime.in_call:

@@ -2,11 +2,13 @@
 
 The served set is fixed at compile time: each served linear gets slot buffers and a LoRA op in
 the graph, so that adapters loaded later need no recompilation. It is every linear in the
-allowed `partitions` whose name ends with one of the `target_modules` suffixes.
+allowed `partitions` whose name ends with one of the `target_modules` suffixes (a bare
+parameter's name ends with the parameter's: `mm_input_projection_weight`).
 
 When the user gives `partitions=` or `target_modules=`, they are deployment restrictions applied
 to every adapter: adapter modules outside them are dropped (and `inspect` shows which). When the
-user gives neither, both are derived from the adapters given to `compile`, and an adapter loaded
+user gives neither, both are derived from the adapters given to `compile` (with no adapter either,
+every linear and embedding: a bare parameter is served only where named), and an adapter loaded
 later that targets a linear outside that set is refused, since silently dropping part of it
 would change its results.
 """
@@ -17,7 +19,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from .errors import MMLoRAError
-from .linear_index import LinearIndex
+from .linear_index import IMPLICIT_KINDS, LinearIndex
 
 __all__ = ["ServingPlan", "module_suffix"]
 
@@ -55,13 +57,14 @@ class ServingPlan:
         if unknown:
             raise MMLoRAError(f"partitions={list(partitions)}: {unknown} cannot carry LoRA in this model; "
                               f"choose from {', '.join(known)}")
+        implicit = target_modules is None and not adapter_modules
+        candidates = [info for info in linears.in_partitions(partitions) if not implicit or info.kind in IMPLICIT_KINDS]
         if target_modules is None:
             if adapter_modules:
                 target_modules = sorted({module_suffix(module) for module in adapter_modules})
             else:
-                target_modules = sorted({module_suffix(info.name) for info in linears.in_partitions(partitions)})
-        served = frozenset(info.name for info in linears.in_partitions(partitions)
-                           if _matches(info.name, target_modules))
+                target_modules = sorted({module_suffix(info.name) for info in candidates})
+        served = frozenset(info.name for info in candidates if _matches(info.name, target_modules))
         if not served:
             raise MMLoRAError(f"no linear layer is served: partitions={list(partitions)} and "
                               f"target_modules={list(target_modules)} select none")

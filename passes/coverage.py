@@ -84,7 +84,9 @@ class CheckLoRACoverage:
             elif linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
                 reason = "a linear call whose module could not be resolved"
             else:
-                reason = f"the weight is used by {user.op} {user.target} outside a linear the rewrite serves"
+                reason = (f"the weight is used by {user.op} {user.target} outside a target the rewrite serves (a "
+                          "linear, an embedding lookup, a patch-embedding convolution, a matmul x @ W with the parameter, "
+                          "a batched matmul with the expert weight)")
             self._refuse(modules, user, reason)
 
     def _refuse(self, modules: tuple[str, ...], node: fx.Node, reason: str) -> None:

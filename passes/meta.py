@@ -10,6 +10,8 @@ string elsewhere:
 | `mmlora_linear` | `ResolveOwners` | a `LinearCall` on linear calls (module from the weight tensor) |
 | `mmlora_embedding` | `ResolveOwners` | an `EmbeddingCall` on embedding lookups (module from the weight tensor) |
 | `mmlora_experts` | `ResolveOwners` | an `ExpertsCall` on batched matmuls with a 3D expert weight (parameter from the weight tensor) |
+| `mmlora_conv` | `ResolveOwners` | a `ConvCall` on convolutions (module from the weight tensor) |
+| `mmlora_parameter_matmul` | `ResolveOwners` | a `ParameterMatmulCall` on `matmul(x, W)` with `W` a 2D parameter (named from the tensor) |
 | `mmlora_partition` | `LabelPartitions` | the partition label of the node (`InsertLoRAOps` copies it onto its ops) |
 | `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}`; also on the nodes that read its weight for it (an expert matmul's `W[ids]`) |
 | `mmlora_lora_op` | `InsertLoRAOps` | True on each inserted LoRA op |
@@ -24,9 +26,9 @@ from typing import Any
 from torch import fx
 
 __all__ = [
-    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "PARTITION", "LORA", "LORA_OP",
-    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "target_of", "partition_of", "lora_of",
-    "is_lora_op",
+    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "CONV", "PARAMETER_MATMUL", "PARTITION", "LORA", "LORA_OP",
+    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "conv_of", "parameter_matmul_of",
+    "target_of", "partition_of", "lora_of", "is_lora_op",
 ]
 
 OWNER_PATH = "mmlora_owner_path"
@@ -34,6 +36,8 @@ OWNER = "mmlora_owner"
 LINEAR = "mmlora_linear"
 EMBEDDING = "mmlora_embedding"
 EXPERTS = "mmlora_experts"
+CONV = "mmlora_conv"
+PARAMETER_MATMUL = "mmlora_parameter_matmul"
 PARTITION = "mmlora_partition"
 LORA = "mmlora_lora"
 LORA_OP = "mmlora_lora_op"
@@ -68,9 +72,21 @@ def experts_of(node: fx.Node):
     return node.meta.get(EXPERTS)
 
 
+def conv_of(node: fx.Node):
+    """The `ConvCall` of a convolution node, or None."""
+    return node.meta.get(CONV)
+
+
+def parameter_matmul_of(node: fx.Node):
+    """The `ParameterMatmulCall` of a `matmul(x, W)` node with `W` a module's 2D parameter, or None."""
+    return node.meta.get(PARAMETER_MATMUL)
+
+
 def target_of(node: fx.Node):
-    """The record of a node LoRA can target (a `LinearCall`, an `EmbeddingCall` or an `ExpertsCall`), or None."""
-    return node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(EXPERTS)
+    """The record of a node LoRA can target (a `LinearCall`, an `EmbeddingCall`, an `ExpertsCall`, a
+    `ConvCall` or a `ParameterMatmulCall`), or None."""
+    return (node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(EXPERTS) or node.meta.get(CONV)
+            or node.meta.get(PARAMETER_MATMUL))
 
 
 def partition_of(node: fx.Node) -> str | None:

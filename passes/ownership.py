@@ -10,28 +10,36 @@ weight belongs to).
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx
 
-from .meta import EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, owner_of, owner_path_of
+from .meta import CONV, EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of
 from .row_layout import RowLayout, canonical_name, row_layout_of
 
 __all__ = [
     "LinearCall",
     "EmbeddingCall",
     "ExpertsCall",
+    "ParameterMatmulCall",
+    "ConvCall",
     "ResolveOwners",
     "is_linear_call",
     "is_embedding_call",
+    "is_matmul_call",
+    "is_conv_call",
     "join_module_path",
     "parse_module_path",
 ]
 
 _LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear}
 _EMBEDDING_TARGETS = {torch.nn.functional.embedding, torch.embedding, torch.ops.aten.embedding.default}
+_MATMUL_TARGETS = {torch.matmul, operator.matmul}
+_CONV_TARGETS = {torch.conv1d, torch.conv2d, torch.conv3d}
 _ROOT = re.compile(r"^L\[['\"]([^'\"]+)['\"]\]")
 _ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]|\[['\"]([^'\"]+)['\"]\]|\[(\d+)\]|\.([A-Za-z_][A-Za-z_0-9]*)")
 
@@ -82,6 +90,31 @@ class ExpertsCall:
     weight_input: int | None
 
 
+@dataclasses.dataclass(frozen=True)
+class ParameterMatmulCall:
+    """`matmul(x, W)` with `W` a module's 2D parameter (Gemma3's projector): the parameter's name
+    (`module.parameter`, in `module` like the other records' targets) and `W`'s shape `[in, out]`."""
+
+    module: str
+    in_features: int
+    out_features: int
+    input_node: str
+    weight_input: int | None  # index of the weight among the graph's placeholders
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCall:
+    """A convolution found in a graph (`torch.conv2d(x, weight, bias, stride, ...)`): its module,
+    and its weight's shape `[out, in, *kernel]` (`in_features`: the pixels of one patch, `in * prod(kernel)`)."""
+
+    module: str
+    in_features: int
+    out_features: int
+    kernel: tuple[int, ...]
+    input_node: str
+    weight_input: int | None  # index of the weight among the graph's placeholders
+
+
 def is_linear_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _LINEAR_TARGETS
 
@@ -93,6 +126,14 @@ def is_embedding_call(node: fx.Node) -> bool:
 def _shape(node):
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def is_conv_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _CONV_TARGETS
+
+
+def is_matmul_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _MATMUL_TARGETS and len(node.args) == 2
 
 
 def embedding_args(node: fx.Node):
@@ -139,7 +180,12 @@ class ResolveOwners:
         same way (a tied head and embedding share the weight: the owner path picks which);
       - `mmlora_experts` (`torch.bmm` calls reading a 3D parameter, directly or gathered by an
         index: `W[ids]`): an `ExpertsCall` naming the parameter (`parameter_name(weight, ...)`),
-        with the layout of its rows' tokens walked back to the op that made it (`row_layout.py`).
+        with the layout of its rows' tokens walked back to the op that made it (`row_layout.py`);
+      - `mmlora_parameter_matmul` (`torch.matmul(x, W)` / `x @ W` whose `W` is a 2D parameter that
+        `parameter_name(weight, owner_path, frame_modules)` names; not given: none is recorded): a
+        `ParameterMatmulCall`;
+      - `mmlora_conv` (convolutions `torch.conv1d/2d/3d` only): a `ConvCall`, its module found from
+        the weight as a linear's is.
     """
 
     def __init__(
@@ -168,6 +214,12 @@ class ResolveOwners:
                 node.meta[LINEAR] = self._linear_call(graph_module, node, placeholder_index)
             elif is_embedding_call(node):
                 node.meta[EMBEDDING] = self._embedding_call(graph_module, node, placeholder_index)
+            elif is_conv_call(node):
+                node.meta[CONV] = self._conv_call(graph_module, node, placeholder_index)
+            elif is_matmul_call(node) and self.parameter_name is not None:
+                record = self._parameter_matmul_call(graph_module, node, placeholder_index)
+                if record is not None:
+                    node.meta[PARAMETER_MATMUL] = record
         if self.parameter_name is not None:
             expert_layouts: dict[fx.Node, RowLayout] = {}
             for node in graph_module.graph.nodes:
@@ -216,6 +268,30 @@ class ResolveOwners:
                            contracted_dim=contracted, input_node=rows.name, expert_ids_node=ids.name if ids is not None else None,
                            gather_node=(right if found_right is not None else left).name if ids is not None else None,
                            layout=layout, why=why, weight_input=index)
+
+    def _conv_call(self, graph_module, node, placeholder_index) -> ConvCall | None:
+        x, weight = node.args[0], node.args[1]
+        tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
+        module = self.linear_module(tensor, owner_path_of(node), self.frame_modules) if tensor is not None else None
+        value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
+        if value is None or module is None or not isinstance(x, fx.Node):
+            return None
+        kernel = tuple(int(size) for size in value.shape[2:])
+        return ConvCall(module=module, in_features=int(value.shape[1]) * math.prod(kernel),
+                        out_features=int(value.shape[0]), kernel=kernel, input_node=x.name, weight_input=weight_input)
+
+    def _parameter_matmul_call(self, graph_module, node, placeholder_index) -> ParameterMatmulCall | None:
+        x, weight = node.args
+        tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
+        value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
+        # Only a parameter of the model multiplied from the right, as a matrix, is a target.
+        if tensor is None or value is None or value.dim() != 2 or not isinstance(x, fx.Node):
+            return None
+        name = self.parameter_name(tensor, owner_path_of(node), self.frame_modules)
+        if name is None:
+            return None
+        return ParameterMatmulCall(module=name, in_features=int(value.shape[0]), out_features=int(value.shape[1]),
+                                   input_node=x.name, weight_input=weight_input)
 
     def _embedding_call(self, graph_module, node, placeholder_index) -> EmbeddingCall | None:
         ids, weight = embedding_args(node)

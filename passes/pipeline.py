@@ -8,7 +8,8 @@ every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend
    each expert matmul's 3D weight with its rows' token layout;
 2. `LabelPartitions`: the partition of each call node;
 3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
-   embedding lookups, expert matmuls; sibling linears share one);
+   embedding lookups, expert matmuls, matmuls with a bare parameter, patch-embedding convolutions;
+   sibling linears share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -37,14 +38,16 @@ class Labelling:
 
     `frame_modules`: the module each frame local is, for this compilation; `linear_module(weight,
     owner_path, frame_modules)`: the linear module a weight tensor belongs to; `label_of(module)`:
-    the partition of an absolute module name (or of None: an unknown owner).
+    the partition of an absolute module name (or of None: an unknown owner); `parameter_name(weight,
+    owner_path, frame_modules)`: a parameter's absolute name (None: matmuls with parameters are
+    not labelled).
     """
 
     frame_modules: Mapping[str, str]
     linear_module: Callable
     label_of: Callable[[str | None], str]
     example_inputs: Sequence[object]
-    parameter_name: Callable | None = None  # the absolute name of a parameter tensor (3D expert weights)
+    parameter_name: Callable | None = None  # the absolute name of a parameter tensor (2D `x @ W`, 3D expert weights)
 
 
 @dataclasses.dataclass(frozen=True)

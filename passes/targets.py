@@ -3,12 +3,14 @@
 A kind says, for a node, whether it is a target of that kind (the record a labelling pass wrote
 for it, or None), which node's rows LoRA reads (targets of one kind that read the same rows in
 one partition are siblings and share one op), and which argument is the weight the op resolves
-its adapter buffers by at run time. Two kinds today: a linear call, and an embedding lookup (whose
+its adapter buffers by at run time. The kinds: a linear call, an embedding lookup (whose
 "rows" are its token ids, and whose op the caller binds: `EMBEDDING.with_op(op)`, since passes
-import nothing from mmlora_fx). A third, a batched matmul over a 3D expert weight (`EXPERTS`),
-passes its op the per-row expert ids and the facts of the product. The next ones (a grouped
-matmul, a convolution, a matmul with a bare parameter) are new entries here, each with its own
-matcher and op, not branches in the rewrite.
+import nothing from mmlora_fx), a matmul with a bare 2D parameter (`x @ W`, served by the
+linear op: its adapter is read into a linear's layout), and a batched matmul over a 3D expert
+weight (`EXPERTS`), which passes its op the per-row expert ids and the facts of the product. A
+convolution (a patch embedding) is one too: its op, bound by the caller like the embedding's,
+unfolds the patches of its input. The next ones (a grouped matmul over a 3D expert weight) are
+new entries here, each with its own matcher and op, not branches in the rewrite.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from collections.abc import Callable
 
 from torch import fx
 
-from .meta import embedding_of, experts_of, linear_of
+from .meta import conv_of, embedding_of, experts_of, linear_of, parameter_matmul_of
 from .ownership import embedding_args
 
-__all__ = ["TargetKind", "LINEAR", "EMBEDDING", "EXPERTS"]
+__all__ = ["TargetKind", "LINEAR", "EMBEDDING", "EXPERTS", "CONV", "PARAMETER_MATMUL"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +88,14 @@ EXPERTS = TargetKind("experts", match=_experts_served, rows_of=lambda node: _nod
                      weight_of=_experts_weight, max_siblings=1, needs_op=True, extra_args=_experts_extra,
                      weight_readers=lambda node: [reader for reader in [_node_named(node, experts_of(node).gather_node)]
                                                   if reader is not None])
+
+# `torch.matmul(x, W)` / `x @ W` with `W` a module's 2D parameter, labelled by `ResolveOwners`
+# (`node.meta["mmlora_parameter_matmul"]`). `x @ W` is a linear of `W.shape[0] -> W.shape[1]` whose
+# adapter is stored in a linear's layout, so the rewrite's default (linear) op serves it.
+PARAMETER_MATMUL = TargetKind("parameter_matmul", match=parameter_matmul_of, rows_of=lambda node: node.args[0],
+                              weight_of=lambda node: node.args[1])
+
+# `torch.conv2d(x, weight, ...)` (and conv1d/3d) labelled by `ResolveOwners` (`node.meta["mmlora_conv"]`):
+# the op reads the convolution's input and unfolds its patches; each convolution has its own op.
+CONV = TargetKind("conv", match=conv_of, rows_of=lambda node: node.args[0], weight_of=lambda node: node.args[1],
+                  max_siblings=1, needs_op=True)

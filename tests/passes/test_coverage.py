@@ -55,7 +55,7 @@ def test_a_served_weight_used_outside_a_linear_is_refused_naming_module_graph_an
         check(Block(disguised=True), {"up", "down"})
     message = str(caught.value)
     assert "served layer 'down' would run without its LoRA in graph 0 (forward)" in message
-    assert "outside a linear the rewrite serves" in message
+    assert "outside a target the rewrite serves" in message
 
 
 def test_unserved_weights_may_be_used_anyhow():
