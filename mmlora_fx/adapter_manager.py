@@ -58,11 +58,11 @@ BASE_NAMES = (None, "__base__")
 
 @dataclasses.dataclass
 class SlotBuffers:
-    """The stacked slot buffers of one served linear."""
+    """The stacked slot buffers of one served linear (or 3D expert weight: one pair per expert)."""
 
     module: str
-    lora_a: torch.Tensor  # [max_loras, max_lora_rank, in_features]
-    lora_b: torch.Tensor  # [max_loras, out_features, max_lora_rank]
+    lora_a: torch.Tensor  # [max_loras, max_lora_rank, in_features]; experts: [max_loras, experts, R, in]
+    lora_b: torch.Tensor  # [max_loras, out_features, max_lora_rank]; experts: [max_loras, experts, out, R]
     ranks: torch.Tensor  # int32 [max_loras]
 
     def clear(self, slot: int) -> None:
@@ -71,9 +71,9 @@ class SlotBuffers:
         self.ranks[slot] = 0
 
     def delta(self, slot: int) -> torch.Tensor:
-        """`scaling * B @ A` of the adapter in `slot`, as a [out, in] matrix."""
+        """`scaling * B @ A` of the adapter in `slot`, as a [out, in] matrix ([experts, out, in] for experts)."""
         rank = int(self.ranks[slot])
-        return self.lora_b[slot, :, :rank].float() @ self.lora_a[slot, :rank].float()
+        return self.lora_b[slot, ..., :rank].float() @ self.lora_a[slot, ..., :rank, :].float()
 
 
 @dataclasses.dataclass
@@ -184,10 +184,14 @@ class AdapterManager:
             info = linears[module]
             weight = linears.weights[module]
             target = torch.device(device) if device is not None else weight.device
+            # A 3D expert weight's buffers hold each expert's factors: [max_loras, experts, ...].
+            experts = (info.num_experts,) if info.num_experts else ()
             self.buffers[module] = SlotBuffers(
                 module=module,
-                lora_a=torch.zeros(max_loras, max_lora_rank, info.in_features, dtype=weight.dtype, device=target),
-                lora_b=torch.zeros(max_loras, info.out_features, max_lora_rank, dtype=weight.dtype, device=target),
+                lora_a=torch.zeros(max_loras, *experts, max_lora_rank, info.in_features, dtype=weight.dtype,
+                                   device=target),
+                lora_b=torch.zeros(max_loras, *experts, info.out_features, max_lora_rank, dtype=weight.dtype,
+                                   device=target),
                 ranks=torch.zeros(max_loras, dtype=torch.int32, device=target),
             )
         self._known: dict[str, _Entry] = {}
@@ -315,7 +319,6 @@ class AdapterManager:
 
     def _pack(self, adapter, dropped: tuple[str, ...]) -> _Packed:
         """The adapter in the slot layout, one flat host buffer per dtype (pinned for a GPU)."""
-        rank_cap = self.max_lora_rank
         sizes: dict[torch.dtype, int] = {}
         for module in adapter.modules:
             buffers = self.buffers[module]
@@ -327,16 +330,17 @@ class AdapterManager:
         for module, weights in adapter.modules.items():
             buffers = self.buffers[module]
             dtype, rank = buffers.lora_a.dtype, weights.rank
-            in_features, out_features = buffers.lora_a.shape[2], buffers.lora_b.shape[1]
+            a_shape, b_shape = buffers.lora_a.shape[1:], buffers.lora_b.shape[1:]
             flat, offset = flats[dtype], offsets[dtype]
-            a = flat[offset:offset + rank_cap * in_features].view(rank_cap, in_features)
-            offset += rank_cap * in_features
-            b = flat[offset:offset + out_features * rank_cap].view(out_features, rank_cap)
-            offsets[dtype] = offset + out_features * rank_cap
-            a[:rank].copy_(weights.lora_a)
-            a[rank:].zero_()
-            b[:, :rank].copy_(weights.lora_b)
-            b[:, rank:].zero_()
+            a = flat[offset:offset + buffers.lora_a[0].numel()].view(a_shape)
+            offset += buffers.lora_a[0].numel()
+            b = flat[offset:offset + buffers.lora_b[0].numel()].view(b_shape)
+            offsets[dtype] = offset + buffers.lora_b[0].numel()
+            # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
+            a[..., :rank, :].copy_(weights.lora_a)
+            a[..., rank:, :].zero_()
+            b[..., :rank].copy_(weights.lora_b)
+            b[..., rank:].zero_()
             views[module] = (a, b, rank)
         return _Packed(list(flats.values()), views, dropped)
 

@@ -30,7 +30,7 @@ from torch import fx, nn
 from . import lora_op  # noqa: F401  (registers torch.ops.mmlora.lora_linear_)
 from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import CaptureError, MMLoRAError
-from .passes import CONV, EMBEDDING, LINEAR, PARAMETER_MATMUL, Rewrite
+from .passes import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER_MATMUL, Rewrite
 from .reporting import CompileProgress
 from .runtime import LoRARuntime, ServingOptions, _eager_lora_hook
 
@@ -77,7 +77,8 @@ class MMLoRABackend:
             key = id(runtime.linears.weights[module])
             self._served_weights[key] = self._served_weights.get(key, ()) + (module,)
         self._kinds = (LINEAR, EMBEDDING.with_op(torch.ops.mmlora.lora_embedding_.default), PARAMETER_MATMUL,
-                       CONV.with_op(torch.ops.mmlora.lora_conv_.default))
+                       CONV.with_op(torch.ops.mmlora.lora_conv_.default),
+                       EXPERTS.with_op(torch.ops.mmlora.lora_experts_.default))
 
     @property
     def graphs(self) -> int:

@@ -19,8 +19,8 @@ from torch import fx, nn
 
 from .errors import CaptureError
 from .partitions import OTHER, PartitionMap, discover_partitions
-from .passes import (Labelling, Rewrite, conv_of, embedding_of, is_call_node, linear_of, owner_path_of, parameter_matmul_of,
-                     run_passes, target_of)
+from .passes import (Labelling, Rewrite, conv_of, embedding_of, experts_of, is_call_node, linear_of, owner_path_of,
+                     parameter_matmul_of, run_passes, target_of)
 from .reporting import quiet_dynamo
 from .upstream import check_supported
 
@@ -70,7 +70,8 @@ class GraphRecord:
         return [node for node in self.call_nodes() if parameter_matmul_of(node) is not None]
 
     def target_nodes(self) -> list[fx.Node]:
-        """Every node of a kind LoRA can target (linears, embedding lookups, matmuls with a parameter)."""
+        """Every node of a kind LoRA can target (linears, embedding lookups, convolutions, matmuls with a
+        parameter, expert matmuls)."""
         return [node for node in self.call_nodes() if target_of(node) is not None]
 
     def modules_of(self, node: fx.Node) -> list[str]:
@@ -120,7 +121,8 @@ class ModuleNames:
         return owner if owner in modules else modules[0]
 
     def parameter_name(self, weight, owner_path, frame_modules) -> str | None:
-        """The absolute name of the parameter `weight` (`module.parameter`), preferring the one at `owner_path`."""
+        """The absolute name of the parameter `weight` (`module.parameter`: a 2D `x @ W` or a 3D expert
+        weight), preferring the one at `owner_path`; None for a tensor that is no parameter."""
         module = self.linear_module(weight, owner_path, frame_modules)
         if module is None:
             return None
@@ -219,9 +221,9 @@ class GraphRecorder:
                           if target_of(node).weight_input is not None}
         linear_owners = {node.name: owner_path_of(node) for node in targets}
         names = self.names
-        # A matmul's target is the parameter itself, the other kinds' their module.
-        name_of = {node.name: names.parameter_name if parameter_matmul_of(node) is not None else names.linear_module
-                   for node in targets}
+        # A matmul's target (x @ W, or an expert matmul) is the parameter itself, the other kinds' their module.
+        name_of = {node.name: names.parameter_name if parameter_matmul_of(node) is not None or experts_of(node) is not None
+                   else names.linear_module for node in targets}
 
         def run(*args):
             frame = sys._getframe(1)

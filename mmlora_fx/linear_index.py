@@ -2,14 +2,19 @@
 
 Kinds: linear layers (`nn.Linear`), embedding lookups (`nn.Embedding`), convolutions
 (`nn.Conv1d/2d/3d`: LoRA is served on the non-overlapping patch embeddings among them, a linear on
-each patch's `C * prod(kernel)` pixels, the layout of PEFT's flattened `lora_A`), and bare 2D parameters
-a module multiplies its input by (`x @ W`: Gemma3's `mm_input_projection_weight`; PEFT's
-`target_parameters`), indexed by the parameter's own name (`module.parameter`). Each is indexed
-like a linear: an embedding takes a one-hot token (`in_features` its number of embeddings,
-`out_features` its embedding size, the layout of PEFT's `lora_embedding_A [r, num_embeddings]`
-and `lora_embedding_B [embedding_dim, r]` too); a parameter `W [in, out]` of `x @ W` has
-`in_features = W.shape[0]`. So the adapter reader, the slot buffers and the serving plan treat
-every kind alike.
+each patch's `C * prod(kernel)` pixels, the layout of PEFT's flattened `lora_A`), and the bare
+parameters of other modules, indexed by the parameter's own name (`module.parameter`), which PEFT's
+`target_parameters` reach: a 2D parameter is one a module multiplies its input by (`x @ W`:
+Gemma3's `mm_input_projection_weight`; kind `parameter`), a 3D one an expert weight `[experts, d1,
+d2]` (`...experts.gate_up_proj`, used in `torch.bmm`; kind `experts`, its in/out following PEFT's
+reading of the dimensions: `d2 -> d1`, or `d1 -> d2` where the owning module says
+`is_transposed`). The dimension alone decides which (`parameter_kind`); parameters of any other
+dimension are kept in `bare_parameters`, to explain a refusal. Each is indexed like a linear: an
+embedding takes a one-hot token (`in_features` its number of embeddings, `out_features` its
+embedding size, the layout of PEFT's `lora_embedding_A [r, num_embeddings]` and `lora_embedding_B
+[embedding_dim, r]` too); a parameter `W [in, out]` of `x @ W` has `in_features = W.shape[0]`; an
+expert weight is a linear per expert. So the adapter reader, the slot buffers and the serving plan
+treat every kind alike.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from torch import nn
 
 from .partitions import LANGUAGE_MODEL, PartitionMap, can_carry_lora
 
-__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING", "PARAMETER", "CONV", "IMPLICIT_KINDS",
-           "patch_embedding_refusal"]
+__all__ = ["LinearInfo", "LinearIndex", "LINEAR", "EMBEDDING", "PARAMETER", "CONV", "EXPERTS", "IMPLICIT_KINDS",
+           "parameter_kind", "patch_embedding_refusal"]
 
-LINEAR, EMBEDDING, PARAMETER, CONV = "linear", "embedding", "parameter", "conv"
+LINEAR, EMBEDDING, PARAMETER, CONV, EXPERTS = "linear", "embedding", "parameter", "conv", "experts"
 # The kinds served where nothing names targets (no adapter, no target_modules): a bare parameter
-# is served only where named, since only its use in a graph says whether it is a matmul's.
+# (2D or 3D) is served only where named, since only its use in a graph says whether it is a matmul's.
 IMPLICIT_KINDS = (LINEAR, EMBEDDING)
 # Modules whose parameters are their layer's own (served, or refused, as that layer).
 _LAYERS = (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd)
@@ -43,19 +48,22 @@ class LinearInfo:
     dtype: torch.dtype
     kind: str = LINEAR
     refusal: str | None = None  # why this layer cannot carry LoRA whatever its partition (a conv's geometry)
+    num_experts: int = 0  # experts only
+    in_dim: int = 0  # experts only: the weight's dimension (1 or 2) PEFT calls its input
 
     @property
     def can_carry_lora(self) -> bool:
         if self.refusal is not None:
             return False
-        # An embedding's rows are token ids; only the language model's token table owns those.
-        if self.kind == EMBEDDING:
+        # An embedding's rows are token ids, an expert matmul's rows tokens laid out for the
+        # experts: only the language model's token table owns those.
+        if self.kind in (EMBEDDING, EXPERTS):
             return self.partition == LANGUAGE_MODEL
         return can_carry_lora(self.partition)
 
 
 class LinearIndex:
-    """The model's `nn.Linear` and `nn.Embedding` modules, the bare 2D parameters of its other
+    """The model's `nn.Linear`, `nn.Embedding` and convolution modules, the bare 2D and 3D parameters of its other
     modules and, to explain bad targets, every other module's type and every other bare
     parameter's shape (`bare_parameters`). `weights` maps each indexed target to its weight (a tied
     head and embedding share one tensor)."""
@@ -74,6 +82,9 @@ class LinearIndex:
             input_embeddings = getter() if callable(getter) else None
         except (NotImplementedError, AttributeError):
             input_embeddings = None
+        # Modules holding bare parameters: all their own parameters' names, in registration order
+        # (PEFT nests one wrapper per targeted parameter in that order; its tensor names say the depth).
+        self.parameters_of: dict[str, list[str]] = {}
         for name, module in model.named_modules():
             self.module_types[name] = type(module).__name__
             if not isinstance(module, _LAYERS):
@@ -116,20 +127,33 @@ class LinearIndex:
                 self.weights[name] = module.weight
 
     def _index_parameters(self, name: str, module: nn.Module, partition_map: PartitionMap) -> None:
-        for parameter_name, parameter in module.named_parameters(recurse=False):
+        own = list(module.named_parameters(recurse=False))
+        if own:
+            self.parameters_of[name] = [attribute for attribute, _ in own]
+        for parameter_name, parameter in own:
             full = f"{name}.{parameter_name}" if name else parameter_name
-            if parameter.dim() != 2:
+            kind = parameter_kind(parameter)
+            if kind == PARAMETER:
+                self.linears[full] = LinearInfo(
+                    name=full,
+                    in_features=parameter.shape[0],
+                    out_features=parameter.shape[1],
+                    bias=False,
+                    partition=partition_map.partition_of(full),
+                    dtype=parameter.dtype,
+                    kind=PARAMETER,
+                )
+            elif kind == EXPERTS:
+                experts, d1, d2 = parameter.shape
+                # PEFT's ParamWrapper reads [experts, out, in] unless the module says `is_transposed`.
+                in_dim = 1 if getattr(module, "is_transposed", False) else 2
+                self.linears[full] = LinearInfo(
+                    name=full, in_features=(d1, d2)[in_dim - 1], out_features=(d2, d1)[in_dim - 1], bias=False,
+                    partition=partition_map.partition_of(full), dtype=parameter.dtype, kind=EXPERTS,
+                    num_experts=experts, in_dim=in_dim)
+            else:
                 self.bare_parameters[full] = tuple(parameter.shape)
                 continue
-            self.linears[full] = LinearInfo(
-                name=full,
-                in_features=parameter.shape[0],
-                out_features=parameter.shape[1],
-                bias=False,
-                partition=partition_map.partition_of(full),
-                dtype=parameter.dtype,
-                kind=PARAMETER,
-            )
             self.weights[full] = parameter
 
     def __contains__(self, name: str) -> bool:
@@ -151,6 +175,12 @@ class LinearIndex:
     def of_kind(self, kind: str) -> dict[str, torch.Tensor]:
         """The weights of the indexed modules of one kind, by module."""
         return {name: self.weights[name] for name, info in self.linears.items() if info.kind == kind}
+
+
+def parameter_kind(parameter: torch.Tensor) -> str | None:
+    """The kind of LoRA target a bare parameter is (PEFT's `target_parameters`), from its dimension
+    alone: 2D `x @ W` (`PARAMETER`), 3D expert weight (`EXPERTS`), or None (not served)."""
+    return {2: PARAMETER, 3: EXPERTS}.get(parameter.dim())
 
 
 def patch_embedding_refusal(conv: nn.Module) -> str | None:

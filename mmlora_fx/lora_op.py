@@ -1,5 +1,6 @@
-"""The graph-level LoRA ops: `torch.ops.mmlora.lora_linear_(outputs, x, weights)` and
-`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)` and `torch.ops.mmlora.lora_conv_(outputs, x, weights)`.
+"""The graph-level LoRA ops: `torch.ops.mmlora.lora_linear_(outputs, x, weights)`,
+`torch.ops.mmlora.lora_embedding_(outputs, ids, weights)`, `torch.ops.mmlora.lora_conv_(outputs, x, weights)` and
+`torch.ops.mmlora.lora_experts_(outputs, x, weights, expert_ids, contracted_dim, tiles, interleave)`.
 
 The rewrite pass puts one after each served target (a linear or group of siblings, an embedding
 lookup). Dynamo reuses a graph for every instance of a block, so the op cannot know at rewrite
@@ -19,7 +20,7 @@ import torch
 
 from .errors import MMLoRAError
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_"]
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
 
 
 class WeightRegistry:
@@ -70,6 +71,21 @@ def lora_embedding_(outputs: list[torch.Tensor], ids: torch.Tensor, weights: lis
 
 @lora_embedding_.register_fake
 def _lora_embedding_fake(outputs, ids, weights) -> None:
+    return None
+
+
+@torch.library.custom_op("mmlora::lora_experts_", mutates_args=("outputs",))
+def lora_experts_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[torch.Tensor],
+                  expert_ids: torch.Tensor | None, contracted_dim: int, tiles: int, interleave: int) -> None:
+    """Add each row's adapter delta for its expert to `outputs[0]`, the product of the rows `x`
+    with the 3D expert weight `weights[0]` (gathered by `expert_ids` when given), summed over the
+    weight's dimension `contracted_dim`; the rows' tokens are laid out `(tiles, interleave)`."""
+    runtime, module = REGISTRY.resolve(weights[0], "experts")
+    runtime.apply_experts(outputs[0], x, module, expert_ids, contracted_dim, tiles, interleave)
+
+
+@lora_experts_.register_fake
+def _lora_experts_fake(outputs, x, weights, expert_ids, contracted_dim, tiles, interleave) -> None:
     return None
 
 

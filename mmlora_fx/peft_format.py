@@ -2,8 +2,9 @@
 
 Reading validates everything before anything is kept: the files, the config, every tensor's
 name, shape, rank and values, and that each targeted module is a linear or embedding layer of the
-model that can carry LoRA, or a bare 2D parameter PEFT's `target_parameters` picks (read into a
-linear's layout by `parameter_targets`). Full copies of base weights (PEFT saves the embeddings and lm_head
+model that can carry LoRA, or a bare parameter PEFT's `target_parameters` picks (`parameter_targets`
+says which: a 2D one used as `x @ W`, read into a linear's layout, or a 3D expert weight, split per
+expert). Full copies of base weights (PEFT saves the embeddings and lm_head
 an adapter targets) are accepted only where they equal the model's weights. Tensors are read with safetensors only; a pickle is never opened. Each module's
 scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, after `rank_pattern` and
 `alpha_pattern`) is folded into its B matrix once, here.
@@ -29,8 +30,8 @@ from .errors import (
     BaseWeightCopyError,
     UnsupportedAdapterError,
 )
-from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
-from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter
+from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
+from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter, split_wrappers
 from .partitions import can_carry_lora
 
 __all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
@@ -61,9 +62,11 @@ def _lora_key(key: str) -> tuple[str, str, str] | None:
     if match is None:
         return None
     role, kind = _ROLES[match.group("linear") or match.group("embedding")]
-    # PEFT wraps a module whose parameter `target_parameters` picks, so the names of the module's
-    # own LoRA and of every layer below it get `.base_layer` (`vision_model.base_layer.model...`).
-    return match.group("module").replace(".base_layer", ""), role, kind
+    # PEFT wraps a module whose parameter `target_parameters` picks, so the names of every layer
+    # below it get `.base_layer` (`vision_model.base_layer.model...`): dropped. The trailing ones say
+    # which of the module's wrapped parameters the pair adapts (`parameter_targets`): kept.
+    owner, depth = split_wrappers(match.group("module"))
+    return ".".join(part for part in owner.split(".") if part != "base_layer") + ".base_layer" * depth, role, kind
 
 
 def _tensor_kind(kind: str) -> str:
@@ -74,10 +77,9 @@ def _tensor_kind(kind: str) -> str:
 
 def _target_name(adapter: str, module: str, config: dict, linears: LinearIndex) -> str:
     """The indexed target PEFT's LoRA saved under `module` adapts: the module itself, or the
-    parameter of it that `target_parameters` picks (PEFT saves that under the module's name)."""
-    if config.get("target_parameters") and module not in linears:
-        return parameter_target(adapter, module, config, linears) or module
-    return module
+    parameter of it that `target_parameters` picks (PEFT saves that under the module's name,
+    `.base_layer` once per later-wrapped parameter of the module): `parameter_targets` decides."""
+    return parameter_target(adapter, module, config, linears) or module
 
 
 def _conv_as_linear(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +157,8 @@ def read_adapter_config(name: str, path: Path) -> dict:
         )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise UnsupportedAdapterError(name, "trained biases (bias != 'none' or lora_bias) are not served")
+    if config.get("target_parameters") is not None and not isinstance(config["target_parameters"], list):
+        raise AdapterFormatError(name, f"{CONFIG_FILE}: target_parameters must be a list of parameter names")
     for key in ("r", "lora_alpha"):
         if key in config and not isinstance(config[key], (int, float)):
             raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must be a number, not {config[key]!r}")
@@ -229,7 +233,8 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
 
 def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: LinearIndex,
                      config: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """The LoRA pairs by module, and the base-weight copies by module."""
+    """The LoRA pairs by target (a module, or the parameter `target_parameters` picks), and the
+    base-weight copies by module."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     copies: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -297,19 +302,20 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
         if module not in linears:
             kind = linears.module_types[module]
             raise UnsupportedAdapterError(
-                name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those (and on 2D parameters named "
-                "by target_parameters) is served", module=module)
+                name, f"is a {kind}, not a Linear or an Embedding; only LoRA on those, on patch-embedding "
+                "convolutions and on 2D (x @ W) and 3D (expert) parameters named by target_parameters is served", module=module)
         info = linears[module]
         if info.refusal is not None:
             raise UnsupportedAdapterError(name, f"is {info.refusal}", module=module)
         if not info.can_carry_lora:
             where = ("outside the language model (its rows are not the language model's tokens)"
-                     if info.kind == EMBEDDING and can_carry_lora(info.partition) else
+                     if info.kind in (EMBEDDING, EXPERTS) and can_carry_lora(info.partition) else
                      "in no partition that carries LoRA (override it with partition_overrides)")
             raise UnsupportedAdapterError(
                 name, f"is a {info.kind} in partition '{info.partition}', {where}; LoRA there is not served",
                 module=module)
-        selected = selected_parameter(config, module) if info.kind == PARAMETER else selected_by_config(config, module)
+        selected = (selected_parameter(config, module) if info.kind in (PARAMETER, EXPERTS)
+                    else selected_by_config(config, module))
         if not selected:
             raise AdapterFormatError(
                 name, "has weights, but the config's target_modules/layers_to_transform do not select it",
@@ -347,8 +353,11 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
                                                                 if info.kind == CONV else ""), module=module)
         if info.kind == PARAMETER:
             lora_a, lora_b = as_linear_layout(lora_a, lora_b)
-        rank = lora_a.shape[0]
-        if lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features or lora_b.shape[1] != rank:
+        if info.kind == EXPERTS:  # shapes checked per expert there: [experts, r, in] and [experts, out, r]
+            lora_a, lora_b = _per_expert(name, module, lora_a, lora_b, info)
+        rank = lora_a.shape[-2]
+        if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
+                                     or lora_b.shape[1] != rank):
             names = ("lora_embedding_A", "lora_embedding_B") if info.kind == EMBEDDING else ("lora_A", "lora_B")
             layer = (f"an embedding of {info.in_features} tokens of size {info.out_features}" if info.kind == EMBEDDING
                      else "the parameter used as x @ W" if info.kind == PARAMETER
@@ -401,6 +410,23 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
     return LoRAAdapter(name=name, path=path, config=config, modules=modules)
 
 
+def _per_expert(name: str, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, info):
+    """PEFT's `ParamWrapper` factors of a 3D weight, split per expert: `lora_A [r * experts, in]`
+    holds expert `e`'s A in rows `e*r ... e*r + r - 1`; `lora_B [out, r * experts]` interleaves the
+    experts (expert `e`'s column `j` is column `j * experts + e`). Returns `[experts, r, in]` and
+    `[experts, out, r]`."""
+    experts = info.num_experts
+    expected = f"[r * {experts}, {info.in_features}] and [{info.out_features}, r * {experts}]"
+    if (lora_a.shape[0] % experts or lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
+            or lora_b.shape[1] != lora_a.shape[0] or lora_a.shape[0] == 0):
+        raise AdapterShapeError(
+            name, f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit a 3D expert weight of "
+            f"{experts} experts mapping {info.in_features} -> {info.out_features} (expected {expected})", module=module)
+    rank = lora_a.shape[0] // experts
+    return (lora_a.reshape(experts, rank, info.in_features),
+            lora_b.reshape(info.out_features, rank, experts).permute(2, 0, 1))
+
+
 @dataclasses.dataclass
 class AdapterScan:
     """What an adapter's tensor names target, without loading its weights."""
@@ -431,7 +457,10 @@ def scan_adapter(name: str, path, linears: LinearIndex) -> AdapterScan:
                 if target not in linears:
                     unmatched.append(key)
                 elif parsed[1] == "lora_A":
-                    modules[target] = int(handle.get_slice(key).get_shape()[0])
+                    rows = int(handle.get_slice(key).get_shape()[0])
+                    # An expert weight's lora_A stacks every expert's A: its rank is a share of the rows.
+                    modules[target] = (rows // linears[target].num_experts if linears[target].kind == EXPERTS
+                                       else rows)
     except (SafetensorError, OSError) as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
     return AdapterScan(name, path, config, dict(sorted(modules.items())), sorted(unmatched))

@@ -20,11 +20,13 @@ from torch import nn
 
 from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
+from .expert_hooks import add_expert_hooks
 from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
+from .kernels.lora_experts import lora_experts_add
 from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
-from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
+from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
 from .parameter_hooks import add_parameter_hooks
 from .parameter_hooks import never_compile as _never_compile_parameter_hooks
@@ -154,7 +156,7 @@ class LoRARuntime:
                                         + (["video"] if self.video_token_ids else []),
                                         is_loaded=lambda name: name in self.manager.names)
         self.defaults.update(options.default_adapters or {})
-        for kind in (LINEAR, EMBEDDING, CONV):
+        for kind in (LINEAR, EMBEDDING, CONV, EXPERTS):
             REGISTRY.register(self, self.linears.of_kind(kind), kind)
         # `x @ W` is served by the linear op (its adapter is in a linear's layout): a linear use of W.
         REGISTRY.register(self, self.linears.of_kind(PARAMETER), LINEAR)
@@ -369,6 +371,28 @@ class LoRARuntime:
         lora_embedding_add(delta, ids, lora_a[0], lora_b[0], ranks[0], table.request_slots, table.request_cum_weights)
         output += delta * output_scale.to(output.dtype)
 
+    def apply_experts(self, output: torch.Tensor, x: torch.Tensor, module: str, expert_ids: torch.Tensor | None,
+                      contracted_dim: int, tiles: int, interleave: int) -> None:
+        """Add the LoRA of the 3D expert weight `module` to `output`, its batched product with the
+        rows `x` (per expert `[experts, T, c]`, or gathered by `expert_ids`), summed over the weight's
+        dimension `contracted_dim`; the rows hold the language model's tokens laid out `(tiles,
+        interleave)` (`passes/row_layout.py`)."""
+        buffers = self.manager.buffers.get(module)
+        if buffers is None:
+            return
+        info = self.linears[module]
+        table = self.tables[info.partition]
+        self.applications[table.partition] += 1
+        if self.applied is not None:
+            self.applied.add(module)
+        rows = x.shape[0] * x.shape[1] if expert_ids is None else x.shape[0]
+        if rows % (tiles * interleave):
+            raise BatchError(f"{module}: {rows} expert rows do not hold whole tokens laid out {tiles} x {interleave}")
+        table.check_rows(rows // (tiles * interleave))
+        lora_experts_add(output, x, buffers.lora_a, buffers.lora_b, buffers.ranks, expert_ids,
+                         contracted_dim == info.in_dim, tiles, interleave, table.request_slots,
+                         table.request_cum_weights)
+
     def apply_conv(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
         """Add the LoRA delta of the patch embedding `module` to `output`, its convolution of `x`.
 
@@ -572,6 +596,9 @@ class LoRARuntime:
             if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
                 module.register_forward_hook(_eager_lora_hook)
                 module._mmlora_hooked = True
+        # Expert matmuls are no modules: their MoE blocks are watched instead (`expert_hooks.py`).
+        add_expert_hooks(self, self.model, {name: self.linears.weights[name] for name in self.manager.buffers
+                                            if self.linears[name].kind == EXPERTS})
         # Bare parameters have no forward of their own: their holders watch their matmuls.
         add_parameter_hooks(self.model, {name: weight for name, weight in self.linears.of_kind(PARAMETER).items()
                                          if name in self.manager.buffers})

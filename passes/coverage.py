@@ -2,7 +2,9 @@
 
 A served linear's weight can reach a graph in ways `InsertLoRAOps` does not rewrite: a linear
 call whose module could not be resolved, the weight fed to a matmul of its own (`x @ w.t()`), or
-an `nn.Linear` called as a submodule. Each would run the base layer with no adapter and no
+an `nn.Linear` called as a submodule. A served expert weight likewise: read by anything but a
+batched matmul whose rows' tokens were traced (an expert loop's `F.linear(x[idx], W[e])`, a
+grouped matmul, rows gathered by a data-dependent index). Each would run the base layer with no adapter and no
 error, so a graph holding one is refused at compile time.
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .meta import is_lora_op, linear_of, lora_of, target_of
+from .meta import experts_of, is_lora_op, linear_of, lora_of, target_of
 
 __all__ = ["CheckLoRACoverage", "UncoveredLinearError"]
 
@@ -76,11 +78,15 @@ class CheckLoRACoverage:
             target = target_of(user)
             if target is not None and target.module not in modules:
                 continue  # another module's use of a shared weight, and that module is not served
-            if linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
+            experts = next((experts_of(node) for node in [user, *user.users] if experts_of(node) is not None), None)
+            if experts is not None and experts.layout is None:
+                reason = f"an expert matmul whose rows' tokens cannot be told ({experts.why})"
+            elif linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
                 reason = "a linear call whose module could not be resolved"
             else:
                 reason = (f"the weight is used by {user.op} {user.target} outside a target the rewrite serves (a "
-                          "linear, an embedding lookup, a matmul x @ W with the parameter)")
+                          "linear, an embedding lookup, a patch-embedding convolution, a matmul x @ W with the parameter, "
+                          "a batched matmul with the expert weight)")
             self._refuse(modules, user, reason)
 
     def _refuse(self, modules: tuple[str, ...], node: fx.Node, reason: str) -> None:

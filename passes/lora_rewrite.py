@@ -80,10 +80,13 @@ class InsertLoRAOps:
             anchor.append(sibling)  # moves the sibling right after the previous member
             anchor = sibling
         with graph.inserting_after(anchor):
-            op = graph.call_function(lora_op, (list(group), kind.rows_of(first), [kind.weight_of(node) for node in group]))
+            op = graph.call_function(lora_op, (list(group), kind.rows_of(first), [kind.weight_of(node) for node in group],
+                                               *kind.extra_args(first)))
         op.meta[LORA_OP] = True
         op.meta[PARTITION] = partition_of(first)
         if "example_value" in first.meta:
             op.meta["example_value"] = None
         for node in group:
             node.meta[LORA] = {"op": op.name, "group": [member.name for member in group]}
+            for reader in kind.weight_readers(node):
+                reader.meta[LORA] = {"op": op.name, "group": [member.name for member in group]}

@@ -9,10 +9,11 @@ string elsewhere:
 | `mmlora_owner` | `ResolveOwners` | that path made absolute, or None |
 | `mmlora_linear` | `ResolveOwners` | a `LinearCall` on linear calls (module from the weight tensor) |
 | `mmlora_embedding` | `ResolveOwners` | an `EmbeddingCall` on embedding lookups (module from the weight tensor) |
+| `mmlora_experts` | `ResolveOwners` | an `ExpertsCall` on batched matmuls with a 3D expert weight (parameter from the weight tensor) |
 | `mmlora_conv` | `ResolveOwners` | a `ConvCall` on convolutions (module from the weight tensor) |
 | `mmlora_parameter_matmul` | `ResolveOwners` | a `ParameterMatmulCall` on `matmul(x, W)` with `W` a 2D parameter (named from the tensor) |
 | `mmlora_partition` | `LabelPartitions` | the partition label of the node (`InsertLoRAOps` copies it onto its ops) |
-| `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}` |
+| `mmlora_lora` | `InsertLoRAOps` | on a served target: `{"op": op node name, "group": sibling node names}`; also on the nodes that read its weight for it (an expert matmul's `W[ids]`) |
 | `mmlora_lora_op` | `InsertLoRAOps` | True on each inserted LoRA op |
 
 A node with `mmlora_owner_path` is a *call node* (call_function, call_method, call_module).
@@ -25,15 +26,16 @@ from typing import Any
 from torch import fx
 
 __all__ = [
-    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "CONV", "PARAMETER_MATMUL", "PARTITION", "LORA", "LORA_OP",
-    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "conv_of", "parameter_matmul_of", "target_of",
-    "partition_of", "lora_of", "is_lora_op",
+    "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "CONV", "PARAMETER_MATMUL", "PARTITION", "LORA", "LORA_OP",
+    "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "conv_of", "parameter_matmul_of",
+    "target_of", "partition_of", "lora_of", "is_lora_op",
 ]
 
 OWNER_PATH = "mmlora_owner_path"
 OWNER = "mmlora_owner"
 LINEAR = "mmlora_linear"
 EMBEDDING = "mmlora_embedding"
+EXPERTS = "mmlora_experts"
 CONV = "mmlora_conv"
 PARAMETER_MATMUL = "mmlora_parameter_matmul"
 PARTITION = "mmlora_partition"
@@ -65,6 +67,11 @@ def embedding_of(node: fx.Node):
     return node.meta.get(EMBEDDING)
 
 
+def experts_of(node: fx.Node):
+    """The `ExpertsCall` of a batched matmul with a 3D expert weight, or None."""
+    return node.meta.get(EXPERTS)
+
+
 def conv_of(node: fx.Node):
     """The `ConvCall` of a convolution node, or None."""
     return node.meta.get(CONV)
@@ -76,9 +83,10 @@ def parameter_matmul_of(node: fx.Node):
 
 
 def target_of(node: fx.Node):
-    """The record of a node LoRA can target (a `LinearCall`, an `EmbeddingCall`, a `ConvCall` or a
-    `ParameterMatmulCall`), or None."""
-    return node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(CONV) or node.meta.get(PARAMETER_MATMUL)
+    """The record of a node LoRA can target (a `LinearCall`, an `EmbeddingCall`, an `ExpertsCall`, a
+    `ConvCall` or a `ParameterMatmulCall`), or None."""
+    return (node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(EXPERTS) or node.meta.get(CONV)
+            or node.meta.get(PARAMETER_MATMUL))
 
 
 def partition_of(node: fx.Node) -> str | None:

@@ -18,11 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import fx
 
-from .meta import CONV, EMBEDDING, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of
+from .meta import CONV, EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of
+from .row_layout import RowLayout, canonical_name, row_layout_of
 
 __all__ = [
     "LinearCall",
     "EmbeddingCall",
+    "ExpertsCall",
     "ParameterMatmulCall",
     "ConvCall",
     "ResolveOwners",
@@ -66,6 +68,29 @@ class EmbeddingCall:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertsCall:
+    """A batched matmul with a 3D expert weight `[experts, d1, d2]` found in a graph.
+
+    Two forms: `bmm(x [experts, T, d1], W)` (each expert's batch, Llama4) and `bmm(W[ids] [S, d1, d2],
+    x [S, d2, 1])` or `bmm(x [S, 1, d1], W[ids])` (each row with its own expert `ids[row]`:
+    transformers' `batched_mm`). `contracted_dim` (1 or 2) is the weight's dimension the product
+    sums over; `layout` the token each row holds (`row_layout.py`), None where it could not be
+    told, with the reason in `why` (the target is then refused, not served)."""
+
+    module: str  # the parameter's absolute name: `...experts.gate_up_proj`
+    num_experts: int
+    in_features: int  # the contracted size
+    out_features: int
+    contracted_dim: int
+    input_node: str
+    expert_ids_node: str | None  # the per-row expert index of the gathered form
+    gather_node: str | None  # the `W[ids]` node of the gathered form (it reads the weight too)
+    layout: RowLayout | None
+    why: str
+    weight_input: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ParameterMatmulCall:
     """`matmul(x, W)` with `W` a module's 2D parameter (Gemma3's projector): the parameter's name
     (`module.parameter`, in `module` like the other records' targets) and `W`'s shape `[in, out]`."""
@@ -96,6 +121,11 @@ def is_linear_call(node: fx.Node) -> bool:
 
 def is_embedding_call(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _EMBEDDING_TARGETS
+
+
+def _shape(node):
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
 def is_conv_call(node: fx.Node) -> bool:
@@ -148,6 +178,9 @@ class ResolveOwners:
         even where the owner path is not;
       - `mmlora_embedding` (embedding lookups only): an `EmbeddingCall`, its module found the
         same way (a tied head and embedding share the weight: the owner path picks which);
+      - `mmlora_experts` (`torch.bmm` calls reading a 3D parameter, directly or gathered by an
+        index: `W[ids]`): an `ExpertsCall` naming the parameter (`parameter_name(weight, ...)`),
+        with the layout of its rows' tokens walked back to the op that made it (`row_layout.py`);
       - `mmlora_parameter_matmul` (`torch.matmul(x, W)` / `x @ W` whose `W` is a 2D parameter that
         `parameter_name(weight, owner_path, frame_modules)` names; not given: none is recorded): a
         `ParameterMatmulCall`;
@@ -187,7 +220,54 @@ class ResolveOwners:
                 record = self._parameter_matmul_call(graph_module, node, placeholder_index)
                 if record is not None:
                     node.meta[PARAMETER_MATMUL] = record
+        if self.parameter_name is not None:
+            expert_layouts: dict[fx.Node, RowLayout] = {}
+            for node in graph_module.graph.nodes:
+                if node.op == "call_function" and canonical_name(node.target) == "bmm":
+                    call = self._experts_call(graph_module, node, placeholder_index, expert_layouts)
+                    if call is not None:
+                        node.meta[EXPERTS] = call
+                        if call.layout is not None:
+                            expert_layouts[node] = call.layout
         return graph_module
+
+    def _expert_weight(self, graph_module, node, placeholder_index):
+        """(weight node, 3D parameter tensor, placeholder index, expert ids node or None) of a bmm operand."""
+        if not isinstance(node, fx.Node):
+            return None
+        ids = None
+        if node.op == "call_function" and canonical_name(node.target) == "getitem" and isinstance(node.args[1], fx.Node):
+            node, ids = node.args[0], node.args[1]
+        tensor, index = self._tensor_of(graph_module, node, placeholder_index)
+        if not isinstance(tensor, torch.nn.Parameter) or tensor.dim() != 3:
+            return None
+        return node, tensor, index, ids
+
+    def _experts_call(self, graph_module, node, placeholder_index, expert_layouts) -> ExpertsCall | None:
+        left, right = node.args[0], node.args[1]
+        found_right = self._expert_weight(graph_module, right, placeholder_index)
+        found_left = self._expert_weight(graph_module, left, placeholder_index) if found_right is None else None
+        if found_right is None and found_left is None:
+            return None
+        weight, tensor, index, ids = found_right or found_left
+        # x @ W sums over the weight's dim 1; W @ x over its dim 2.
+        contracted = 1 if found_right is not None else 2
+        rows = left if found_right is not None else right
+        if ids is None and (found_left is not None or _shape(rows) is None or _shape(rows)[0] != tensor.shape[0]):
+            return None  # not one batch per expert: nothing this kind serves (coverage refuses a served weight)
+        module = self.parameter_name(tensor, owner_path_of(node), self.frame_modules)
+        if module is None:
+            return None
+        experts, d1, d2 = (int(size) for size in tensor.shape)
+        in_features, out_features = (d1, d2) if contracted == 1 else (d2, d1)
+        layout, why = row_layout_of(rows, expert_layouts)
+        if layout is not None and ids is None and (layout.tiles != experts or layout.interleave != 1):
+            layout, why = None, (f"each expert's batch must hold every token once (rows tiled {experts} times), but "
+                                 f"the rows are laid out {layout}")
+        return ExpertsCall(module=module, num_experts=experts, in_features=in_features, out_features=out_features,
+                           contracted_dim=contracted, input_node=rows.name, expert_ids_node=ids.name if ids is not None else None,
+                           gather_node=(right if found_right is not None else left).name if ids is not None else None,
+                           layout=layout, why=why, weight_input=index)
 
     def _conv_call(self, graph_module, node, placeholder_index) -> ConvCall | None:
         x, weight = node.args[0], node.args[1]

@@ -4,10 +4,12 @@ Every graph dynamo hands mmlora_fx goes through `run_passes`: first the labellin
 every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend), then, when a
 `Rewrite` is given, the LoRA rewrite and the check that it covered every served linear.
 
-1. `ResolveOwners`: the absolute module owning each call node, and each linear call's module;
+1. `ResolveOwners`: the absolute module owning each call node, each linear call's module, and
+   each expert matmul's 3D weight with its rows' token layout;
 2. `LabelPartitions`: the partition of each call node;
 3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
-   embedding lookups, matmuls with a bare parameter; sibling linears share one);
+   embedding lookups, expert matmuls, matmuls with a bare parameter, patch-embedding convolutions;
+   sibling linears share one);
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -45,7 +47,7 @@ class Labelling:
     linear_module: Callable
     label_of: Callable[[str | None], str]
     example_inputs: Sequence[object]
-    parameter_name: Callable | None = None
+    parameter_name: Callable | None = None  # the absolute name of a parameter tensor (2D `x @ W`, 3D expert weights)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch import nn
 import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.errors import AdapterShapeError, CaptureError, UnsupportedAdapterError
-from mmlora_fx.linear_index import PARAMETER, LinearIndex
+from mmlora_fx.linear_index import EXPERTS, PARAMETER, LinearIndex
 from mmlora_fx.partitions import discover_partitions
 from mmlora_fx.passes import lora_ops, parameter_matmul_of
 from mmlora_fx.peft_format import WEIGHTS_FILE, read_adapter
@@ -112,18 +112,54 @@ def with_extra_parameters(**shapes) -> nn.Module:
     return model
 
 
-def test_a_3d_expert_parameter_is_refused_as_17s(tmp_path):
+def test_a_3d_parameter_is_an_expert_weight_served_in_the_language_model_only(tmp_path):
+    """The one reader of target_parameters gives a 3D parameter to the experts kind: read per expert
+    (checked against PEFT's delta) in the language model, refused as experts in the connector."""
     model = with_extra_parameters(experts=(2, 32, 64))
-    path = make_adapter(model, tmp_path / "experts", ["q_proj"], target_parameters=["experts"])
-    with pytest.raises(UnsupportedAdapterError, match=r"experts of shape \(2, 32, 64\), a 3D \(expert\).*#17"):
-        read_adapter("experts", path, LinearIndex(model, discover_partitions(model)))
+    mlp = "model.language_model.layers.0.mlp"
+    model.get_submodule(mlp).register_parameter("experts", nn.Parameter(torch.randn(3, 16, 32)))
+    index = LinearIndex(model, discover_partitions(model))
+    connector, language = index[f"{PROJECTOR}.experts"], index[f"{mlp}.experts"]
+    assert (connector.kind, connector.partition, connector.num_experts) == (EXPERTS, "connector", 2)
+    assert (language.kind, language.partition, language.num_experts) == (EXPERTS, "language_model", 3)
+    assert (language.in_features, language.out_features) == (32, 16)  # PEFT reads [experts, out, in]
+
+    path = make_adapter(model, tmp_path / "experts", ["q_proj"], target_parameters=[f"{mlp}.experts"])
+    ours = read_adapter("experts", path, index).modules[f"{mlp}.experts"]
+    peft_delta = lora_layers(peft_model_with(model, {"experts": path}))[mlp].get_delta_weight("experts")
+    torch.testing.assert_close((ours.lora_b.double() @ ours.lora_a.double()), peft_delta.double(), rtol=1e-5, atol=1e-6)
+
+    path = make_adapter(model, tmp_path / "connector", ["q_proj"], target_parameters=[f"{PROJECTOR}.experts"])
+    with pytest.raises(UnsupportedAdapterError, match=r"experts in partition 'connector'.*not the language model's"):
+        read_adapter("connector", path, index)
 
 
-def test_two_parameters_of_one_module_are_refused(tmp_path):
+def test_a_parameter_neither_2d_nor_3d_is_refused_naming_its_shape(tmp_path):
+    import json
+
+    model = with_extra_parameters(scale=(64,))
+    # PEFT makes no LoRA on a 1D parameter: a projection adapter whose config names the 1D one.
+    path = make_adapter(model, tmp_path / "scale", ["q_proj"], target_parameters=["mm_input_projection_weight"])
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["target_parameters"] = ["scale"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedAdapterError, match=r"scale of shape \(64,\), a 1D parameter"):
+        read_adapter("scale", path, LinearIndex(model, discover_partitions(model)))
+
+
+def test_two_parameters_of_one_module_are_told_apart_by_peft_nesting(tmp_path):
+    """PEFT nests one wrapper per parameter of a module (`.base_layer` deeper for each earlier one):
+    each pair is read onto its own parameter, held to PEFT's delta for that parameter."""
     model = with_extra_parameters(second=(32, 64))
     path = make_adapter(model, tmp_path / "two", ["q_proj"], target_parameters=["mm_input_projection_weight", "second"])
-    with pytest.raises(UnsupportedAdapterError, match="picks 2 parameters of one module"):
-        read_adapter("two", path, LinearIndex(model, discover_partitions(model)))
+    modules = read_adapter("two", path, LinearIndex(model, discover_partitions(model))).modules
+    layers = {layer.parameter_name: layer for name, layer in lora_layers(peft_model_with(model, {"two": path})).items()
+              if name.startswith(PROJECTOR)}
+    assert set(layers) == {"mm_input_projection_weight", "second"}
+    for parameter, layer in layers.items():
+        ours = modules[f"{PROJECTOR}.{parameter}"]
+        torch.testing.assert_close((ours.lora_b.double() @ ours.lora_a.double()).T,
+                                   layer.get_delta_weight("two").double(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_parameter_not_used_in_a_matmul_is_refused_at_the_first_call(tmp_path):

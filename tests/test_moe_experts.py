@@ -1,0 +1,185 @@
+"""LoRA on mixture-of-experts weights (PEFT's `target_parameters`), per request in mixed batches, against PEFT.
+
+A Llama4 with MoE layers (every other layer: four experts, a shared expert) serves adapters over
+the fused expert weights, the shared expert, attention, the vision tower and the connector; a
+Qwen3-MoE language model serves them through transformers' `batched_mm` experts (each row gathers
+its expert's weight). Every request is held to PEFT on that request alone with its adapter, to
+1e-4 (float32, CPU), eager and compiled, and each adapter's expert LoRA is shown to move PEFT's
+own logits well above that. Adapters that do not fit, and experts run in a form whose rows'
+tokens cannot be told, are refused with typed errors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import mmlora_fx
+from mmlora_fx import zoo
+from mmlora_fx.errors import AdapterFormatError, AdapterShapeError, CaptureError
+from mmlora_fx.passes import lora_ops
+
+from .peft_helpers import all_targets, lora_layers, make_adapter, peft_logits, peft_model_with, relative_error
+from .test_embedding_head import assert_requests_equal_peft, token_batch
+
+NAMES = ["bob", None, "alice"]
+LLAMA4_EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+QWEN3_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def llama4_moe():
+    from transformers import Llama4Config
+
+    config = Llama4Config(
+        vision_config=zoo._vision_config(intermediate_size=128, patch_size=2, vision_output_dim=64,
+                                         pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64),
+        # Layer 1 is MoE (interleave_moe_layer_step=2), layer 0 dense, as Llama4 Maverick interleaves them.
+        text_config=zoo._text_config(intermediate_size_mlp=128, interleave_moe_layer_step=2, num_local_experts=4,
+                                     num_experts_per_tok=1, no_rope_layers=[1, 0],
+                                     layer_types=["chunked_attention", "full_attention"], attention_chunk_size=256),
+        image_token_index=zoo.IMAGE_TOKEN, boi_token_index=zoo.BOI_TOKEN, eoi_token_index=zoo.EOI_TOKEN,
+        pad_token_id=zoo.PAD)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForConditionalGeneration(config)
+    zoo._randomize_constant_parameters(model, 0)
+    return model.eval()
+
+
+def qwen3_moe(experts_implementation: str = "batched_mm"):
+    config = transformers.Qwen3MoeConfig(**zoo._text_config(), moe_intermediate_size=32, num_local_experts=4,
+                                         num_experts_per_tok=2, decoder_sparse_step=1)
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def expert_adapters(base, root, targets, parameters):
+    return {name: make_adapter(base, root / name, targets, r=2 + 2 * index, lora_alpha=5 + index, seed=index,
+                               target_parameters=parameters)
+            for index, name in enumerate(["alice", "bob"])}
+
+
+def expert_ops(mm) -> int:
+    return sum(op.target is torch.ops.mmlora.lora_experts_.default
+               for record in mm.backend.records for op in lora_ops(record.graph_module))
+
+
+def assert_expert_lora_matters(peft, single, parameters, names=("alice", "bob")):
+    """Each adapter's LoRA on each expert weight moves PEFT's logits well above the tolerance."""
+    layers = lora_layers(peft)
+    for name in names:
+        full = peft_logits(peft, single, name)
+        for parameter in parameters:
+            layer = next(layer for layer in layers.values() if getattr(layer, "parameter_name", None) == parameter)
+            saved = layer.scaling[name]
+            layer.scaling[name] = 0.0
+            try:
+                assert relative_error(peft_logits(peft, single, name), full) > 1e-2, (name, parameter)
+            finally:
+                layer.scaling[name] = saved
+
+
+# --------------------------------------------------------------------------- Llama4: bmm per expert
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    base = llama4_moe()
+    targets = all_targets("tiny-llama4") + ["shared_expert.up_proj"]
+    paths = expert_adapters(base, tmp_path_factory.mktemp("llama4"), targets, LLAMA4_EXPERTS)
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(llama4_moe(), paths, max_loras=2, inner="aot_eager")
+    return base, mm, peft_model_with(base, paths)
+
+
+def test_llama4_moe_mixed_batch_equals_peft_eager_and_compiled(llama4):
+    base, mm, peft = llama4
+    served = mm.runtime.serving.served
+    assert {"language_model.model.layers.1.feed_forward.experts.gate_up_proj",
+            "language_model.model.layers.1.feed_forward.experts.down_proj",
+            "language_model.model.layers.1.feed_forward.shared_expert.up_proj"} <= served
+    assert any(module.startswith("vision_model.") for module in served)
+    batch = zoo.make_batch(base, (1, 0, 2), seed=3)
+    singles = zoo.split_batch(base, batch)
+    with torch.no_grad():
+        eager = mm.eager(**batch, adapter_names=NAMES).logits
+        compiled = mm(**batch, adapter_names=NAMES).logits
+        assert_requests_equal_peft(peft, singles, eager, NAMES, "eager")
+        assert_requests_equal_peft(peft, singles, compiled, NAMES, "compiled")
+        assert_expert_lora_matters(peft, singles[0], ["gate_up_proj", "down_proj"])
+    assert expert_ops(mm) == 2
+
+
+def test_llama4_moe_decode_rows_equal_peft(llama4):
+    base, mm, peft = llama4
+    input_ids = token_batch(seed=8, length=5)
+    options = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = mm.generate(input_ids=input_ids, adapter_names=NAMES, **options)
+        for row, name in enumerate(NAMES):
+            single = input_ids[row: row + 1]
+            if name is None:
+                with peft.disable_adapter():
+                    reference = peft.generate(input_ids=single, **options)
+            else:
+                peft.set_adapter(name)
+                reference = peft.generate(input_ids=single, **options)
+            for step, (score, expected) in enumerate(zip(ours.scores, reference.scores)):
+                assert relative_error(score[row], expected[0]) <= 1e-4, (name, step)
+
+
+# --------------------------------------------------------------------------- Qwen3-MoE: batched_mm, gathered rows
+def test_qwen3_moe_batched_mm_experts_equal_peft_eager_and_inductor(tmp_path):
+    base = qwen3_moe()
+    paths = expert_adapters(base, tmp_path, ["q_proj"], QWEN3_EXPERTS)
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(qwen3_moe(), paths, max_loras=2)  # Inductor
+    peft = peft_model_with(base, paths)
+    input_ids = token_batch(seed=4)
+    singles = [{"input_ids": input_ids[row: row + 1]} for row in range(3)]
+    with torch.no_grad():
+        eager = mm.eager(input_ids=input_ids, adapter_names=NAMES).logits
+        compiled = mm(input_ids=input_ids, adapter_names=NAMES).logits
+        assert_requests_equal_peft(peft, singles, eager, NAMES, "eager")
+        assert_requests_equal_peft(peft, singles, compiled, NAMES, "compiled")
+        assert_expert_lora_matters(peft, singles[2], ["gate_up_proj", "down_proj"])
+    assert expert_ops(mm) == 2 * base.config.num_hidden_layers
+
+
+def test_an_expert_loop_over_data_dependent_tokens_is_refused_naming_the_weight(tmp_path):
+    base = qwen3_moe("eager")
+    paths = expert_adapters(base, tmp_path, ["q_proj"], QWEN3_EXPERTS)
+    mm = mmlora_fx.compile(qwen3_moe("eager"), paths, max_loras=2, inner="aot_eager")
+    with pytest.raises(CaptureError, match=r"experts\.gate_up_proj.*batched_mm"):
+        with torch.no_grad():
+            mm.eager(input_ids=token_batch(seed=1), adapter_names=NAMES)
+    # The refused forward left no torch-function mode behind (later code would run inside it).
+    assert torch._C._len_torch_function_stack() == 0
+
+
+# --------------------------------------------------------------------------- typed errors
+def test_expert_lora_of_the_wrong_shape_is_refused_and_nothing_loaded_is_lost(tmp_path, llama4):
+    base, mm, _ = llama4
+    path = make_adapter(base, tmp_path / "bad", ["q_proj"], r=2, target_parameters=LLAMA4_EXPERTS)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    key = next(key for key in tensors if key.endswith("experts.lora_A.weight"))
+    tensors[key] = tensors[key][:-1]  # 7 rows: not r x 4 experts
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    before = mm.runtime.manager.names
+    with pytest.raises(AdapterShapeError, match=r"down_proj.*4 experts"):
+        mm.load_adapter("bad", path)
+    assert mm.runtime.manager.names == before
+
+
+def test_expert_lora_nested_deeper_than_the_config_selects_is_refused(tmp_path, llama4):
+    base, mm, _ = llama4
+    path = make_adapter(base, tmp_path / "nested", ["q_proj"], r=2, target_parameters=LLAMA4_EXPERTS)
+    config = json.loads((path / "adapter_config.json").read_text())
+    # Two wrappers' tensors, but a config naming one parameter: which tensors adapt which is unknown.
+    config["target_parameters"] = ["feed_forward.experts.down_proj"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="wrapper"):
+        mm.load_adapter("nested", path)
