@@ -481,12 +481,17 @@ class AdapterManager:
         distinct = list(dict.fromkeys(name for name in names if name not in BASE_NAMES))
         for name in distinct:
             self._entry(name)
-        self._raise_kept_errors(distinct)
+        # Reads that finished first: a failure among them is this call's to raise, not a stale
+        # error for a later call while a fresh read of the same file is under way.
         self._collect_reads()
+        self._raise_kept_errors(distinct)
         for name in distinct:
             self._announced[name] = None
             self._announced.move_to_end(name)
             self.stats.prefetched += 1
+        # Announcements no batch used expire, oldest first: at most one slot's worth stays held.
+        while len(self._announced) > self.max_loras:
+            self._announced.popitem(last=False)
         failed: list[AdapterError] = []
         for name in distinct:
             if name in self._resident:

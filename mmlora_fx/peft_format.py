@@ -267,6 +267,17 @@ def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: Linea
     return grouped, copies
 
 
+def _equal_in_chunks(copy: torch.Tensor, weight: torch.Tensor, chunk_bytes: int = 64 << 20) -> bool:
+    """`copy` (host) equals `weight` (any device), compared a slab of rows at a time: a 150k-token
+    vocabulary's full copy on the GPU would be a gigabyte of temporary, from a prefetch thread."""
+    rows = max(1, chunk_bytes // max(1, weight[0].numel() * weight.element_size()))
+    for start in range(0, weight.shape[0], rows):
+        part = copy[start:start + rows].to(device=weight.device, dtype=weight.dtype)
+        if not torch.equal(part, weight[start:start + rows]):
+            return False
+    return True
+
+
 def _check_base_copies(name: str, copies: dict[str, torch.Tensor], linears: LinearIndex) -> None:
     """A copy of a base weight equal to the model's changes nothing; any other would replace the
     model's weight for this adapter only, which is not served."""
@@ -277,7 +288,7 @@ def _check_base_copies(name: str, copies: dict[str, torch.Tensor], linears: Line
                 name, f"the adapter carries a copy of this layer's base weight of shape {tuple(copy.shape)}, but the "
                 f"model's is {tuple(weight.shape)} (was the vocabulary resized when the adapter was trained?); an "
                 "adapter that replaces base weights is not served", module=module)
-        if not torch.equal(copy.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+        if not _equal_in_chunks(copy, weight.detach()):
             raise BaseWeightCopyError(
                 name, "the adapter carries a copy of this layer's base weight that differs from the model's (trained "
                 "or resized embeddings, or another base model); an adapter that replaces base weights is not served",

@@ -290,3 +290,12 @@ def test_prefetched_adapters_equal_peft_per_request_in_a_mixed_batch(tmp_path):
         with torch.no_grad():
             plain = base(**single).logits[0]
         assert relative_error(plain, reference) > 1e-2, "the adapter must change the logits"
+
+
+def test_announcements_no_batch_uses_expire_oldest_first(adapters):  # noqa: F811
+    """An adapter announced and never used must not hold a slot against later prefetches forever."""
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=5)
+    manager.load_many(adapters)
+    for name in "abc":
+        manager.prefetch([name])
+    assert manager.announced == ["b", "c"]

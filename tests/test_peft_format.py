@@ -320,3 +320,14 @@ def test_lora_weights_on_a_module_in_partition_other(good_adapter):
     with pytest.raises(UnsupportedAdapterError, match=rf"module '{layer}\.[a-z_.]+': is a linear in partition 'other', "
                                                       "in no partition that carries LoRA"):
         read_adapter("x", good_adapter, linears)
+
+
+def test_base_weight_copies_are_compared_slab_by_slab():
+    """A copy that differs only in its last rows is told apart with slabs much smaller than it."""
+    from mmlora_fx.peft_format import _equal_in_chunks
+
+    weight = torch.randn(100, 8)
+    copy = weight.clone()
+    assert _equal_in_chunks(copy, weight, chunk_bytes=3 * 8 * 4)
+    copy[99, 7] += 1
+    assert not _equal_in_chunks(copy, weight, chunk_bytes=3 * 8 * 4)
