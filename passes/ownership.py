@@ -270,7 +270,9 @@ class ResolveOwners:
                            layout=layout, why=why, weight_input=index)
 
     def _conv_call(self, graph_module, node, placeholder_index) -> ConvCall | None:
-        x, weight = node.args[0], node.args[1]
+        # `torch.conv1d(x, w)` or with keywords (LFM2's short convolutions pass `weight=`).
+        x = node.args[0] if len(node.args) > 0 else node.kwargs.get("input")
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
         module = self.linear_module(tensor, owner_path_of(node), self.frame_modules) if tensor is not None else None
         value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
@@ -281,6 +283,8 @@ class ResolveOwners:
                         out_features=int(value.shape[0]), kernel=kernel, input_node=x.name, weight_input=weight_input)
 
     def _parameter_matmul_call(self, graph_module, node, placeholder_index) -> ParameterMatmulCall | None:
+        if len(node.args) != 2:  # `torch.matmul(input=..., other=...)`: not the `x @ W` form recognised
+            return None
         x, weight = node.args
         tensor, weight_input = self._tensor_of(graph_module, weight, placeholder_index)
         value = weight.meta.get("example_value") if isinstance(weight, fx.Node) else None
