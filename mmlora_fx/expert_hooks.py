@@ -17,6 +17,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .errors import CaptureError
+from .linear_index import EXPERTS
+from .lora_op import REGISTRY
 from .passes.row_layout import TOKEN_ROWS, canonical_name, layout_made_by, row_preserving
 
 __all__ = ["ExpertRowsMode", "add_expert_hooks"]
@@ -121,15 +123,21 @@ def add_expert_hooks(runtime, model, served: dict[str, torch.Tensor]) -> None:
     blocks = {owner.rpartition(".")[0] for owner in owners}
     for name, module in model.named_modules():
         if name in blocks and not getattr(module, "_mmlora_expert_hooked", False):
-            module.register_forward_pre_hook(_enter(runtime, weights, name), with_kwargs=True)
+            # The hook finds its runtime from a served weight at each call, as the linears' does: a
+            # model compiled again has a new runtime, and the first one's would no longer be in a call.
+            weight = next(tensor for served_name, tensor in served.items() if served_name.startswith(name + "."))
+            module.register_forward_pre_hook(_enter(weight, weights, name), with_kwargs=True)
             # always_call: the mode is left even when the forward raises (an expert loop refused, say).
             module.register_forward_hook(_leave, always_call=True)
             module._mmlora_expert_hooked = True
 
 
-def _enter(runtime, weights, block):
+def _enter(weight, weights, block):
     def enter(module, args, kwargs):
-        if torch.compiler.is_compiling() or not runtime.in_call:
+        if torch.compiler.is_compiling():
+            return None
+        runtime, _ = REGISTRY.resolve(weight, EXPERTS)
+        if not runtime.in_call:
             return None
         mode = ExpertRowsMode(runtime, weights, block)
         hidden = args[0] if args else next(iter(kwargs.values()), None)

@@ -183,3 +183,20 @@ def test_expert_lora_nested_deeper_than_the_config_selects_is_refused(tmp_path, 
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterFormatError, match="wrapper"):
         mm.load_adapter("nested", path)
+
+
+def test_a_model_compiled_again_keeps_its_expert_lora_outside_the_graphs(tmp_path):
+    """The eager expert path finds its runtime from the weights at each call: after a second
+    compile of the same model, `mm.eager` (the reference) still carries the expert LoRA."""
+    base = qwen3_moe()
+    paths = expert_adapters(base, tmp_path, ["q_proj"], QWEN3_EXPERTS)
+    peft = peft_model_with(base, paths)
+    model = qwen3_moe()
+    mmlora_fx.compile(model, paths, max_loras=2, inner="aot_eager")
+    model._compiled_call_impl = None  # compiled again, as a user who changes the served set would
+    again = mmlora_fx.compile(model, paths, max_loras=2, inner="aot_eager")
+    input_ids = token_batch(seed=4)
+    singles = [{"input_ids": input_ids[row: row + 1]} for row in range(3)]
+    with torch.no_grad():
+        eager = again.eager(input_ids=input_ids, adapter_names=NAMES).logits
+    assert_requests_equal_peft(peft, singles, eager, NAMES, "eager after a second compile")
