@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import CaptureError
 from .lora_op import REGISTRY
 
 __all__ = ["add_parameter_hooks", "never_compile"]
@@ -40,10 +41,31 @@ class _ParameterLoRAMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        served_product = func in _MATMULS and len(args) == 2 and not kwargs and id(args[1]) in self.parameters
+        if not served_product and getattr(func, "__name__", "") not in _QUERIES:
+            used = [self.parameters[id(arg)] for arg in _tensors(args, kwargs) if id(arg) in self.parameters]
+            if used:
+                # PEFT's parametrization changes every use of W; only `x @ W` gets its LoRA here.
+                raise CaptureError(
+                    f"served parameter {used[0]!r} is used by {getattr(func, '__name__', func)} in code run outside "
+                    "the compiled graphs, not as the right side of x @ W: its LoRA would be left out there (PEFT "
+                    "applies it to every use). Leave it out of the adapter's target_parameters")
         result = func(*args, **kwargs)
-        if func in _MATMULS and len(args) == 2 and not kwargs and id(args[1]) in self.parameters:
+        if served_product:
             self.runtime.apply([result], args[0], [self.parameters[id(args[1])]])
         return result
+
+
+# What may look at a served parameter without using its values.
+_QUERIES = {"__get__", "size", "dim", "numel", "stride", "is_contiguous", "data_ptr", "element_size", "__len__"}
+
+
+def _tensors(args, kwargs):
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+        elif isinstance(value, torch.Tensor):
+            yield value
 
 
 def _enter(module, args):
@@ -79,7 +101,10 @@ def add_parameter_hooks(model: nn.Module, served: Mapping[str, torch.Tensor]) ->
     for module_name, parameters in by_module.items():
         module = model.get_submodule(module_name)
         if getattr(module, "_mmlora_parameter_lora", None) is not None:
-            continue  # compiled again: the hooks find the new runtime from the parameter, no second delta
+            # Compiled again: the hooks find the new runtime from the parameter, no second delta;
+            # parameters this compile serves beyond the last one's join the watched set.
+            module._mmlora_parameter_lora.update(parameters)
+            continue
         module._mmlora_parameter_lora = parameters
         module._mmlora_parameter_tensor = next(tensor for tensor in served.values() if id(tensor) in parameters)
         module._mmlora_parameter_modes = []

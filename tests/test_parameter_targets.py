@@ -172,3 +172,8 @@ def test_a_parameter_not_used_in_a_matmul_is_refused_at_the_first_call(tmp_path)
     with pytest.raises(CaptureError, match="'vision_model.positional_embedding_vlm' would run without its LoRA"):
         with torch.no_grad():
             mm(**zoo.make_batch(base, (1, 0), seed=3), adapter_names=["table", None])
+    # Outside the graphs too (`mm.eager`, and `generate`, which encodes images eagerly): refused,
+    # not run with the table's LoRA left out.
+    with pytest.raises(CaptureError, match="'vision_model.positional_embedding_vlm' is used by .* not as the right side"):
+        with torch.no_grad():
+            mm.eager(**zoo.make_batch(base, (1, 0), seed=3), adapter_names=["table", None])
