@@ -118,6 +118,30 @@ def _rows(shape) -> int:
     return count
 
 
+# Ops that move rows: what they return holds the tokens in another order, or only some of them.
+_ROW_MOVING = {"transpose", "permute", "t", "swapaxes", "swapdims", "movedim", "flip", "roll", "index_select",
+               "gather", "take", "sort", "argsort", "cat", "stack", "masked_select", "nonzero", "index", "unbind"}
+
+
+def _moved_before(node, depth: int) -> str | None:
+    """Why the rows `node` holds may not be the tokens in order, or None. Walked back through ops
+    that keep rows in place to the op that computed them (a norm, a linear: row by row) or to a
+    graph input; an op that moves rows, or a second layout, on the way is the reason."""
+    if depth == 0 or not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    name = canonical_name(node.target)
+    if name in _ROW_MOVING or layout_made_by(name, tuple(node.args), dict(node.kwargs)) is not None:
+        return f"{node.format_node()} moves or repeats the token rows before they are laid out for the experts"
+    if name == "getitem" and isinstance(node.args[0], fx.Node) and not _indexes_features_only(node.args[1]) \
+            and canonical_name(node.args[0].target) not in ("chunk", "split"):
+        return f"{node.format_node()} picks rows by an index before they are laid out for the experts"
+    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(_value(arg), torch.Tensor)]
+    full = [arg for arg in sources if row_preserving(name, node.args, node.kwargs, _shape(arg), _shape(node))]
+    if not full:
+        return None  # computed here, row by row as far as the walk can tell (a norm, a linear)
+    return next((why for why in (_moved_before(arg, depth - 1) for arg in full) if why is not None), None)
+
+
 def row_layout_of(node: fx.Node, expert_layouts: dict[fx.Node, RowLayout], depth: int = 64) -> tuple[RowLayout | None, str]:
     """(layout of the token rows `node` holds, "") or (None, why not): walks the graph back from
     `node` to the op that laid the rows out. `expert_layouts` holds the expert matmuls already
@@ -129,7 +153,10 @@ def row_layout_of(node: fx.Node, expert_layouts: dict[fx.Node, RowLayout], depth
     name = canonical_name(node.target)
     made = layout_made_by(name, tuple(node.args), dict(node.kwargs))
     if made is not None:
-        return made, ""
+        # The layout is made of token rows only if what was repeated still holds the tokens in
+        # order: `h.transpose(0, 1).reshape(-1, H).repeat(n, 1)` repeats them sequence-major.
+        why = _moved_before(node.args[0], depth - 1)
+        return (made, "") if why is None else (None, why)
     if name == "getitem" and isinstance(node.args[0], fx.Node) and canonical_name(node.args[0].target) in ("chunk", "split"):
         # `chunk(x, 2, dim=-1)[i]`: a split of the features, checked on the chunk itself.
         return row_layout_of(node.args[0], expert_layouts, depth - 1)

@@ -200,3 +200,25 @@ def test_a_model_compiled_again_keeps_its_expert_lora_outside_the_graphs(tmp_pat
     with torch.no_grad():
         eager = again.eager(input_ids=input_ids, adapter_names=NAMES).logits
     assert_requests_equal_peft(peft, singles, eager, NAMES, "eager after a second compile")
+
+
+def test_tokens_moved_before_the_expert_layout_are_refused_in_the_graph(tmp_path, monkeypatch):
+    """A MoE block that lays its tokens out sequence-major before repeating them for the experts
+    (the same maths per token, so PEFT is unchanged) must be refused, not served with the
+    requests' rows mixed up: the repeat's input is walked back to where the rows were computed."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    def sequence_major(self, hidden_states):
+        batch, length, hidden = hidden_states.shape
+        rows = hidden_states.transpose(0, 1).reshape(-1, hidden)
+        _, weights, experts = self.gate(rows)
+        return self.experts(rows, experts, weights).view(length, batch, hidden).transpose(0, 1)
+
+    monkeypatch.setattr(modeling_qwen3_moe.Qwen3MoeSparseMoeBlock, "forward", sequence_major)
+    base = qwen3_moe()
+    paths = expert_adapters(base, tmp_path, ["q_proj"], QWEN3_EXPERTS)
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(qwen3_moe(), paths, max_loras=2, inner="aot_eager")
+    with pytest.raises(CaptureError, match="moves or repeats the token rows before they are laid out"):
+        with torch.no_grad():
+            mm(input_ids=token_batch(seed=4), adapter_names=NAMES)
