@@ -81,6 +81,10 @@ class CheckLoRACoverage:
             experts = next((experts_of(node) for node in [user, *user.users] if experts_of(node) is not None), None)
             if experts is not None and experts.layout is None:
                 reason = f"an expert matmul whose rows' tokens cannot be told ({experts.why})"
+            elif linear_of(user) is not None and linear_of(user).rows_picked is not None:
+                reason = (f"a linear on rows picked by an index ({linear_of(user).rows_picked}): which request each "
+                          "row belongs to cannot be told (per-expert linears on routed tokens are not served; "
+                          "fused 3D expert weights are)")
             elif linear_of(user) is None and user.op == "call_function" and "linear" in str(user.target):
                 reason = "a linear call whose module could not be resolved"
             else:

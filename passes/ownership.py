@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .meta import CONV, EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of
-from .row_layout import RowLayout, canonical_name, row_layout_of
+from .row_layout import RowLayout, canonical_name, row_layout_of, rows_picked_by_index
 
 __all__ = [
     "LinearCall",
@@ -54,6 +54,8 @@ class LinearCall:
     bias: bool
     input_node: str
     weight_input: int | None  # index of the weight among the graph's placeholders
+    # Why its rows are picked by a data-dependent index (a per-expert linear on routed tokens), or None.
+    rows_picked: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +338,7 @@ class ResolveOwners:
             bias=bias is not None,
             input_node=x.name if isinstance(x, fx.Node) else str(x),
             weight_input=weight_input,
+            rows_picked=rows_picked_by_index(x),
         )
 
     def _tensor_of(self, graph_module, weight, placeholder_index):

@@ -28,7 +28,8 @@ import operator
 import torch
 from torch import fx
 
-__all__ = ["RowLayout", "TOKEN_ROWS", "canonical_name", "row_preserving", "layout_made_by", "row_layout_of"]
+__all__ = ["RowLayout", "TOKEN_ROWS", "canonical_name", "row_preserving", "layout_made_by", "row_layout_of",
+           "rows_picked_by_index"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,3 +179,26 @@ def row_layout_of(node: fx.Node, expert_layouts: dict[fx.Node, RowLayout], depth
     if len(found) > 1:
         return None, f"{node.name} mixes rows of layouts {sorted(map(str, found))}"
     return found.pop(), ""
+
+
+_PICKING = {"index_select", "gather", "take", "masked_select", "index"}
+
+
+def rows_picked_by_index(node, depth: int = 16) -> str | None:
+    """Why the rows `node` holds were picked by a data-dependent index (`h[token_idx]`,
+    `index_select`: a per-expert `nn.Linear` on the tokens routed to it), or None. Walked back
+    through ops that keep rows in place to the op that computed them. A linear on such rows holds
+    some of the tokens, in the router's order: no share of the requests' rows fits them."""
+    if depth == 0 or not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    name = canonical_name(node.target)
+    if name in _PICKING:
+        return f"{node.format_node()} picks the rows by an index"
+    if name == "getitem" and len(node.args) > 1 and isinstance(node.args[0], fx.Node) \
+            and canonical_name(node.args[0].target) not in ("chunk", "split"):
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(isinstance(item, fx.Node) for item in index):
+            return f"{node.format_node()} picks the rows by an index"
+    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(_value(arg), torch.Tensor)]
+    full = [arg for arg in sources if row_preserving(name, node.args, node.kwargs, _shape(arg), _shape(node))]
+    return next((why for why in (rows_picked_by_index(arg, depth - 1) for arg in full) if why is not None), None)

@@ -50,7 +50,14 @@ class TargetKind:
 
 
 # `F.linear(x, weight, bias)` calls labelled by `ResolveOwners` (`node.meta["mmlora_linear"]`).
-LINEAR = TargetKind("linear", match=linear_of, rows_of=lambda node: node.args[0], weight_of=lambda node: node.args[1])
+def _linear_on_token_rows(node: fx.Node):
+    """A linear call whose rows are not picked by an index (those are refused by the coverage check)."""
+    call = linear_of(node)
+    return call if call is not None and call.rows_picked is None else None
+
+
+LINEAR = TargetKind("linear", match=_linear_on_token_rows, rows_of=lambda node: node.args[0],
+                    weight_of=lambda node: node.args[1])
 
 # `F.embedding(ids, weight)` lookups labelled by `ResolveOwners` (`node.meta["mmlora_embedding"]`):
 # the op reads the token ids, not the looked-up rows, and each lookup has its own op.

@@ -222,3 +222,27 @@ def test_tokens_moved_before_the_expert_layout_are_refused_in_the_graph(tmp_path
     with pytest.raises(CaptureError, match="moves or repeats the token rows before they are laid out"):
         with torch.no_grad():
             mm(input_ids=token_batch(seed=4), adapter_names=NAMES)
+
+
+def test_a_linear_on_rows_picked_by_an_index_is_refused(tmp_path, monkeypatch):
+    """A per-expert `nn.Linear` sees the tokens routed to it (`h[idx]`): some rows, in the router's
+    order. No share of the requests' rows fits them, so the served linear is refused at the first
+    call instead of being given rows by position."""
+    from transformers.models.llama import modeling_llama
+
+    from .test_embedding_head import adapters_for, text_lm
+
+    def routed(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        order = torch.argsort(flat[:, 0])  # a data-dependent routing of the token rows
+        picked = flat[order]
+        out = self.down_proj(self.act_fn(self.gate_proj(picked)) * self.up_proj(picked))
+        return torch.zeros_like(flat).index_copy(0, order, out).view_as(x)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", routed)
+    paths = adapters_for(text_lm(), tmp_path, ["gate_proj", "down_proj"])
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(text_lm(), paths, max_loras=2, inner="aot_eager")
+    with pytest.raises(CaptureError, match="a linear on rows picked by an index"):
+        with torch.no_grad():
+            mm(input_ids=token_batch(seed=1), adapter_names=NAMES)
