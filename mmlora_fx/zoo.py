@@ -19,7 +19,7 @@ from torch import nn
 from .row_owners import image_token_runs, modality_token_ids, token_name
 
 __all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id", "item_token_id",
-           "make_adapter"]
+           "make_adapter", "split_targets"]
 
 VOCAB = 320
 # Ids below FIRST_TEXT_TOKEN are special tokens in the tiny configs; text is drawn above them.
@@ -39,8 +39,10 @@ class Family:
     `item_tokens(config, size)` is the number of placeholder tokens one such item becomes in the
     language model's input; `media_inputs(config, sizes_per_request, generator)` makes the media
     inputs of a batch; `wrap_tokens(config)` gives the tokens around each item's tokens. `targets`:
-    PEFT `target_modules` suffixes in the tower, the connector and the language model, for
-    adapters over all three.
+    PEFT target suffixes in the tower, the connector and the language model, for adapters over all
+    three: `target_modules` suffixes, and names of 3D expert weights (`mlp.experts.gate_up_proj`),
+    which name a parameter, not a module, and are PEFT `target_parameters` (`make_adapter` tells
+    them apart on the model).
     """
 
     name: str
@@ -255,12 +257,18 @@ def _llama4_config():
         # The vision adapter's fc1 takes the pixel-shuffled width: hidden_size / ratio**2.
         vision_config=_vision_config(intermediate_size=128, patch_size=2, vision_output_dim=64,
                                      pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64),
-        # Dense text layers: the MoE routing is not what this zoo exercises.
-        text_config=_text_config(intermediate_size_mlp=128, moe_layers=[], num_local_experts=1,
-                                 no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
-                                 attention_chunk_size=256),
+        # MoE layers interleaved with dense ones as Llama4 Maverick has them (interleave_moe_layer_step=2:
+        # layer 1 is MoE, layer 0 dense): a router, four routed experts (fused 3D weights), a shared expert.
+        text_config=_text_config(intermediate_size_mlp=128, interleave_moe_layer_step=2, num_local_experts=4,
+                                 num_experts_per_tok=1, no_rope_layers=[1, 0],
+                                 layer_types=["chunked_attention", "full_attention"], attention_chunk_size=256),
         image_token_index=IMAGE_TOKEN, boi_token_index=BOI_TOKEN, eoi_token_index=EOI_TOKEN, pad_token_id=PAD,
     )
+
+
+# The routed experts' fused 3D weights: PEFT `target_parameters` (the shared expert's linears are
+# reached by the module suffixes gate_proj, down_proj).
+_LLAMA4_EXPERTS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
 
 
 def _llama4_tokens(config, size):
@@ -333,8 +341,10 @@ ZOO: dict[str, Family] = {
                notes="SigLIP tower, pooled projector (its projection is a bare parameter, not a linear)"),
         Family("tiny-llama4", "Llama4ForConditionalGeneration", _llama4_config, _square_image, _llama4_tokens,
                _stacked_pixels, (("fc2", "patch_embedding.linear"), ("fc1", "linear_1"),
-                                 ("q_proj", "v_proj", "gate_proj", "down_proj")), wrap_tokens=_boi_eoi,
-               notes="dense text layers (no MoE); one image is one tile; vision adapter MLP is connector"),
+                                 ("q_proj", "v_proj", "gate_proj", "down_proj", *_LLAMA4_EXPERTS)),
+               wrap_tokens=_boi_eoi,
+               notes="MoE every other text layer (4 experts, shared expert); one image is one tile; "
+                     "vision adapter MLP is connector"),
         Family("tiny-qwen2-audio", "Qwen2AudioForConditionalGeneration", _qwen2_audio_config, _qwen2_audio_sizes,
                _qwen2_audio_tokens, _qwen2_audio_features,
                (("q_proj", "out_proj", "fc1"), ("multi_modal_projector.linear",), ("v_proj", "gate_proj", "down_proj")),
@@ -350,7 +360,9 @@ def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r:
     """Train nothing: save a PEFT LoRA adapter for `model` with random A and B, as PEFT saves it.
 
     `init_lora_weights=False` gives B random values, and B is then widened so that an adapter
-    changes the logits clearly (PEFT's own random B is small). Needs PEFT (the tests' and the
+    changes the logits clearly (PEFT's own random B is small). Targets that name a parameter, not a
+    module (a 3D expert weight, `experts.gate_up_proj`), go to PEFT's `target_parameters`
+    (`split_targets`), beside any passed as `target_parameters=`. Needs PEFT (the tests' and the
     example's dependency, not the package's). Returns the adapter's directory."""
     import copy
     from pathlib import Path
@@ -359,7 +371,14 @@ def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r:
 
     torch.manual_seed(seed)
     # A string is PEFT's regex form: passed on as it is.
-    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    if isinstance(target_modules, str):
+        targets = target_modules
+    else:
+        targets, parameters = split_targets(model, target_modules)
+        if parameters:
+            extra = config.pop("target_parameters", None) or []
+            extra = [extra] if isinstance(extra, str) else list(extra)
+            config["target_parameters"] = list(dict.fromkeys(extra + parameters))
     peft_config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, init_lora_weights=False, **config)
     peft_model = get_peft_model(copy.deepcopy(model), peft_config)
     with torch.no_grad():
@@ -368,6 +387,24 @@ def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r:
                 parameter.normal_(0.0, 0.5 / max(1, parameter.shape[1]) ** 0.5)
     peft_model.save_pretrained(str(path))
     return Path(path)
+
+
+def split_targets(model: nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`targets` as PEFT's (`target_modules`, `target_parameters`): a target that ends no module's name
+    but ends a parameter's (`experts.gate_up_proj`, a 3D expert weight) is a parameter target."""
+    modules = [name for name, _ in model.named_modules()]
+    parameters = [name for name, _ in model.named_parameters()]
+
+    def ends(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    module_targets, parameter_targets = [], []
+    for target in targets:
+        if not any(ends(name, target) for name in modules) and any(ends(name, target) for name in parameters):
+            parameter_targets.append(target)
+        else:
+            module_targets.append(target)
+    return module_targets, parameter_targets
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:

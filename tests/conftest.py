@@ -45,7 +45,10 @@ GROUND_TRUTH = {
         "tower": r"vision_model\.(patch_embedding\.linear|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.fc[12]))",
         "connector": r"vision_model\.vision_adapter\.mlp\.fc[12]|multi_modal_projector\.linear_1",
         # The head sits inside the language model here (Llama4ForCausalLM): it is the language model's too.
-        "language_model": r"language_model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)|lm_head)",
+        # Dense layers' feed_forward.{gate,up,down}_proj; MoE layers' router and shared expert (their
+        # routed experts are 3D parameters, no linears).
+        "language_model": r"language_model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|"
+                          r"feed_forward\.((shared_expert\.)?(gate|up|down)_proj|router))|lm_head)",
     },
 }
 
