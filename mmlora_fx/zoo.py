@@ -190,6 +190,34 @@ def _qwen2_vl_pixels(config, sizes_per_request, generator):
     return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
 
 
+# --------------------------------------------------------------------------- Qwen3-VL-MoE
+# Qwen2-VL's packed patches and grids (`image_grid_thw`, `mm_token_type_ids` for M-RoPE); its tower adds
+# deepstack mergers (the features of tower layer 0 merged and added to the language model's first
+# layer at the image tokens) beside the final merger; every text layer is MoE (4 experts, top 2, no
+# shared expert), served through transformers' `batched_mm` experts (the default expert loop over
+# data-dependent token indices is refused).
+_QWEN3_VL_MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _qwen3_vl_moe_config():
+    from transformers import Qwen3VLMoeConfig
+
+    text = _text_config(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                        tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                             mrope_interleaved=True))
+    config = Qwen3VLMoeConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    config._experts_implementation = "batched_mm"  # reaches the text config (and every sub-config)
+    return config
+
+
 # --------------------------------------------------------------------------- LLaVA
 def _llava_config():
     from transformers import LlavaConfig
@@ -326,6 +354,13 @@ ZOO: dict[str, Family] = {
                wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
                notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size",
                accepts=_qwen2_vl_accepts),
+        Family("tiny-qwen3-vl-moe", "Qwen3VLMoeForConditionalGeneration", _qwen3_vl_moe_config, _qwen2_vl_sizes,
+               _qwen2_vl_tokens, _qwen2_vl_pixels,
+               (("attn.qkv", "mlp.linear_fc1"), ("merger.linear_fc1", "deepstack_merger_list.0.linear_fc2"),
+                ("q_proj", "o_proj", *_QWEN3_VL_MOE_EXPERTS)),
+               wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
+               notes="Qwen2-VL's packed patches, deepstack mergers; MoE text layers (4 experts, batched_mm)",
+               accepts=_qwen2_vl_accepts),
         Family("tiny-llava", "LlavaForConditionalGeneration", _llava_config, _square_image, _llava_tokens,
                _stacked_pixels, (("out_proj", "fc1"), ("linear_1", "linear_2"), ("q_proj", "v_proj", "up_proj",
                                                                                   "down_proj")),
@@ -353,6 +388,11 @@ ZOO: dict[str, Family] = {
                notes="Whisper-style audio tower on clips padded to one window (sizes in mel frames); audio only"),
     ]
 }
+
+
+# Families that take every image's patches packed in one `pixel_values [patches, features]`, with
+# `image_grid_thw` and `mm_token_type_ids` (text 0, image 1) for their M-RoPE positions.
+_PACKED_PATCHES = ("Qwen2VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 
 
 def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r: int = 4, lora_alpha: float = 8,
@@ -473,7 +513,7 @@ def make_batch(
     input_ids = torch.tensor(rows)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     batch.update(family.media_inputs(config, item_sizes, generator))
-    if family.model_class == "Qwen2VLForConditionalGeneration":
+    if family.model_class in _PACKED_PATCHES:
         batch["mm_token_type_ids"] = (input_ids == item).int()
     return batch
 
@@ -490,7 +530,7 @@ def split_batch(model: nn.Module, batch: dict) -> list[dict]:
         tokens = int((row == item).sum())
         single = {key: batch[key][index : index + 1]
                   for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in batch}
-        if tokens and family.model_class == "Qwen2VLForConditionalGeneration":
+        if tokens and family.model_class in _PACKED_PATCHES:
             grids, seen, rows = [], 0, 0
             while seen < tokens:
                 grid = batch["image_grid_thw"][next_image]

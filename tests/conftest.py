@@ -52,6 +52,15 @@ GROUND_TRUTH = {
     },
 }
 
+GROUND_TRUTH["tiny-qwen3-vl-moe"] = {
+    "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])",
+    # The final merger and the deepstack mergers (registered after the blocks, called between them).
+    "connector": r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc[12]",
+    # Every text layer is MoE: attention linears, and the router (`mlp.gate`, no nn.Linear: F.linear on
+    # its own weight); the experts are 3D parameters.
+    "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate)|lm_head",
+}
+
 GROUND_TRUTH["tiny-qwen2-audio"] = {
     "tower:audio": r"model\.audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc[12])",
     "connector:audio": r"model\.multi_modal_projector\.linear",
@@ -62,6 +71,7 @@ GROUND_TRUTH["tiny-qwen2-audio"] = {
 CONNECTOR_MODULES = {
     "tiny-qwen2-audio": "model.multi_modal_projector",
     "tiny-qwen2-vl": "model.visual.merger",
+    "tiny-qwen3-vl-moe": "model.visual.deepstack_merger_list",
     "tiny-llava": "model.multi_modal_projector",
     "tiny-idefics3": "model.connector",
     "tiny-gemma3": "model.multi_modal_projector",

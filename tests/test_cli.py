@@ -2,6 +2,7 @@
 
 import json
 
+from mmlora_fx import zoo
 from mmlora_fx.cli import main
 
 from .conftest import cached_model
@@ -91,4 +92,6 @@ def test_inspect_shows_patch_embedding_convs_and_their_rows(tmp_path, capsys):
 
 def test_zoo_lists_the_tiny_models(capsys):
     assert main(["zoo"]) == 0
-    assert "tiny-qwen2-vl" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(zoo.ZOO)
+    assert len({line.index(zoo.ZOO[line.split()[0]].model_class) for line in lines}) == 1, "aligned columns"

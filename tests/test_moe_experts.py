@@ -22,7 +22,8 @@ from mmlora_fx import zoo
 from mmlora_fx.errors import AdapterFormatError, AdapterShapeError, CaptureError
 from mmlora_fx.passes import lora_ops
 
-from .peft_helpers import all_targets, lora_layers, make_adapter, peft_logits, peft_model_with, relative_error
+from .peft_helpers import (all_targets, assert_expert_lora_matters, make_adapter, peft_model_with,
+                           relative_error)
 from .test_embedding_head import assert_requests_equal_peft, token_batch
 
 NAMES = ["bob", None, "alice"]
@@ -52,21 +53,6 @@ def expert_adapters(base, root, targets, parameters):
 def expert_ops(mm) -> int:
     return sum(op.target is torch.ops.mmlora.lora_experts_.default
                for record in mm.backend.records for op in lora_ops(record.graph_module))
-
-
-def assert_expert_lora_matters(peft, single, parameters, names=("alice", "bob")):
-    """Each adapter's LoRA on each expert weight moves PEFT's logits well above the tolerance."""
-    layers = lora_layers(peft)
-    for name in names:
-        full = peft_logits(peft, single, name)
-        for parameter in parameters:
-            layer = next(layer for layer in layers.values() if getattr(layer, "parameter_name", None) == parameter)
-            saved = layer.scaling[name]
-            layer.scaling[name] = 0.0
-            try:
-                assert relative_error(peft_logits(peft, single, name), full) > 1e-2, (name, parameter)
-            finally:
-                layer.scaling[name] = saved
 
 
 # --------------------------------------------------------------------------- Llama4: bmm per expert
