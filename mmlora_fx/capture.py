@@ -69,6 +69,9 @@ class GraphRecord:
     def parameter_matmul_nodes(self) -> list[fx.Node]:
         return [node for node in self.call_nodes() if parameter_matmul_of(node) is not None]
 
+    def expert_nodes(self) -> list[fx.Node]:
+        return [node for node in self.call_nodes() if experts_of(node) is not None]
+
     def target_nodes(self) -> list[fx.Node]:
         """Every node of a kind LoRA can target (linears, embedding lookups, convolutions, matmuls with a
         parameter, expert matmuls)."""
@@ -266,6 +269,10 @@ class Capture:
     def conv_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every convolution module that ran, with the (graph, node) pairs that called it."""
         return self._calls(GraphRecord.conv_nodes)
+
+    def expert_calls(self) -> dict[str, list[tuple[int, str]]]:
+        """Every 3D expert weight multiplied by (`torch.bmm`), with the (graph, node) pairs that did."""
+        return self._calls(GraphRecord.expert_nodes)
 
     def parameter_matmul_calls(self) -> dict[str, list[tuple[int, str]]]:
         """Every parameter multiplied by (`x @ W`), with the (graph, node) pairs that did."""

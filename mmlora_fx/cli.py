@@ -107,8 +107,10 @@ def inspect_command(args) -> int:
 def zoo_command(args) -> int:
     from . import zoo
 
+    name_width = max(len(name) for name in zoo.ZOO)
+    class_width = max(len(family.model_class) for family in zoo.ZOO.values())
     for name, family in zoo.ZOO.items():
-        print(f"{name:16} {family.model_class:36} {family.notes}")
+        print(f"{name:{name_width}}  {family.model_class:{class_width}}  {family.notes}")
     return 0
 
 

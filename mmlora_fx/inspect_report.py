@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 
 from .capture import Capture
-from .linear_index import CONV, EMBEDDING, LINEAR, PARAMETER, LinearIndex
+from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
-from .passes import conv_of, embedding_of, linear_of, lora_of, parameter_matmul_of, partition_of
+from .passes import conv_of, embedding_of, experts_of, linear_of, lora_of, parameter_matmul_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
 
 __all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
@@ -41,7 +41,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
-             **capture.conv_calls()}
+             **capture.conv_calls(), **capture.expert_calls()}
     graphs = []
     partition_graphs = defaultdict(list)
     partition_calls = Counter()
@@ -49,6 +49,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     partition_embedding_nodes = defaultdict(list)
     partition_matmul_nodes = defaultdict(list)
     partition_conv_nodes = defaultdict(list)
+    partition_expert_nodes = defaultdict(list)
     for record in capture.graphs:
         counts = Counter(partition_of(node) for node in record.call_nodes())
         for partition, count in counts.items():
@@ -73,6 +74,15 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             rows = shape[:1] + ([positions] if positions > 1 else []) + [entry["in_features"]] if shape else []
             entry["rows_owned"] = _rows_owned(partition_of(node), rows, ownership)
             partition_conv_nodes[partition_of(node)].append(entry)
+        for node in record.expert_nodes():
+            call = experts_of(node)
+            entry = _linear_like(record, node, call, nodes, serving, ownership)
+            entry["num_experts"] = call.num_experts
+            entry["form"] = "gathered" if call.expert_ids_node is not None else "per expert"
+            entry["layout"] = None if call.layout is None else {"tiles": call.layout.tiles,
+                                                                "interleave": call.layout.interleave}
+            entry["rows_owned"] = _expert_rows_owned(partition_of(node), call)
+            partition_expert_nodes[partition_of(node)].append(entry)
         for node in record.embedding_nodes():
             lookup = embedding_of(node)
             value = nodes[lookup.ids_node].meta.get("example_value") if lookup.ids_node in nodes else None
@@ -111,6 +121,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             "embedding_nodes": partition_embedding_nodes.get(partition, []),
             "parameter_matmul_nodes": partition_matmul_nodes.get(partition, []),
             "conv_nodes": partition_conv_nodes.get(partition, []),
+            "expert_nodes": partition_expert_nodes.get(partition, []),
         }
     report = {
         "schema": SCHEMA,
@@ -144,6 +155,16 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
              "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
             for info in linears if info.kind == PARAMETER
         ],
+        "experts": [
+            {"parameter": info.name, "partition": info.partition, "num_experts": info.num_experts,
+             "shape": list(linears.weights[info.name].shape),
+             # PEFT's reading (its lora_A [r * experts, in], lora_B [out, r * experts]), not the product's.
+             "in_features": info.in_features, "out_features": info.out_features,
+             "can_carry_lora": info.can_carry_lora,
+             **({"served": serving.serves(info.name)} if serving is not None else {}),
+             "calls": [{"graph": graph, "node": node} for graph, node in calls.get(info.name, [])]}
+            for info in linears if info.kind == EXPERTS
+        ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
         "serving": serving.to_json() if serving is not None else None,
         "ownership": {modality: {"units": traced.units, "how": traced.how} for modality, traced in ownership.items()},
@@ -164,6 +185,21 @@ def _linear_like(record, node, target, nodes, serving, ownership) -> dict:
         "input_shape": shape,
         "rows_owned": _rows_owned(partition_of(node), shape or [], ownership),
     }
+
+
+def _expert_rows_owned(partition: str, call) -> str:
+    """How the runtime owns an expert matmul's rows: the language model's tokens, laid out for the
+    experts (`passes/row_layout.py`); refused where the layout could not be told."""
+    if partition != LANGUAGE_MODEL:
+        return "-"
+    if call.layout is None:
+        return f"refused: {call.why}"
+    layout = []
+    if call.layout.tiles > 1:
+        layout.append(f"tokens tiled {call.layout.tiles}x")
+    if call.layout.interleave > 1:
+        layout.append(f"{call.layout.interleave} rows per token")
+    return "per request" + (f" ({', '.join(layout)})" if layout else "")
 
 
 def _adapter_entry(scan, linears: LinearIndex, calls, serving) -> dict:
@@ -234,7 +270,7 @@ def render_text(report: dict) -> str:
     lines = [f"{model['name']} ({model['class']}): {len(report['graphs'])} graphs, "
              f"{len(report['graph_breaks'])} graph breaks, {len(report['linears'])} linear modules, "
              f"{len(report.get('embeddings', []))} embeddings, {len(report.get('convs', []))} convolutions, "
-             f"{len(report.get('parameters', []))} 2D parameters", ""]
+             f"{len(report.get('parameters', []))} 2D parameters, {len(report.get('experts', []))} expert weights", ""]
     for partition, entry in report["partitions"].items():
         linear_modules = sum(len(node["modules"]) for node in entry["linear_nodes"])
         lines.append(f"{partition}")
@@ -277,6 +313,17 @@ def render_text(report: dict) -> str:
                     for node in matmuls]
             header = ["graph", "node", "parameter", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
             lines += _table(rows, header, indent="    ")
+        experts = entry.get("expert_nodes", [])
+        if experts:
+            lines.append(f"  expert matmuls (3D expert weights): {len(experts)}")
+            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
+                     f"{node['num_experts']}x{node['in_features']}x{node['out_features']}", node["form"],
+                     node["rows_owned"]]
+                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
+                    for node in experts]
+            header = ["graph", "node", "parameter", "experts x in x out", "form", "rows owned"] + (
+                ["LoRA"] if report["serving"] else [])
+            lines += _table(rows, header, indent="    ")
         lines.append("")
     ownership = report.get("ownership") or {}
     if ownership:
@@ -299,7 +346,7 @@ def render_text(report: dict) -> str:
         lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",
                   f"  target modules: {', '.join(serving['target_modules'])}",
                   f"  served layers:  {serving['served_modules']} (linears, embeddings, patch embeddings, 2D "
-                  "parameters)"]
+                  "parameters, expert weights)"]
     for adapter in report["adapters"]:
         lines += ["", f"adapter {adapter['name']} ({adapter['path']})"]
         rows = [[entry["module"], entry.get("kind", LINEAR), entry["partition"], entry["rank"],

@@ -226,13 +226,17 @@ def _holds_linear(module: nn.Module) -> bool:
 
 
 def _block_stack(modules: dict[str, nn.Module], tower: str) -> str | None:
-    """The tower's stack of repeated blocks: its ModuleList with the most parameters."""
-    best, best_size = None, 0
+    """The tower's stack of repeated blocks: its ModuleList as long as the tower's config says it has
+    layers (`num_hidden_layers`, Qwen's `depth`), the one with the most parameters among those or, where
+    none is, among all. A tiny tower's blocks can weigh less than the lists of modules that run beside
+    them (Qwen3-VL's deepstack mergers, one per chosen block)."""
+    layers = getattr(getattr(modules.get(tower), "config", None), "num_hidden_layers", None)
+    best, best_key = None, None
     for name, module in modules.items():
         if isinstance(module, nn.ModuleList) and _is_under(name, tower) and len(module) > 0:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = name, size
+            key = (len(module) == layers, sum(p.numel() for p in module.parameters()))
+            if best_key is None or key > best_key:
+                best, best_key = name, key
     return best
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from .row_owners import image_token_runs, modality_token_ids, token_name
 
 __all__ = ["Family", "ZOO", "build", "family_of", "make_batch", "split_batch", "image_token_id", "item_token_id",
-           "make_adapter"]
+           "make_adapter", "split_targets"]
 
 VOCAB = 320
 # Ids below FIRST_TEXT_TOKEN are special tokens in the tiny configs; text is drawn above them.
@@ -39,8 +39,10 @@ class Family:
     `item_tokens(config, size)` is the number of placeholder tokens one such item becomes in the
     language model's input; `media_inputs(config, sizes_per_request, generator)` makes the media
     inputs of a batch; `wrap_tokens(config)` gives the tokens around each item's tokens. `targets`:
-    PEFT `target_modules` suffixes in the tower, the connector and the language model, for
-    adapters over all three.
+    PEFT target suffixes in the tower, the connector and the language model, for adapters over all
+    three: `target_modules` suffixes, and names of 3D expert weights (`mlp.experts.gate_up_proj`),
+    which name a parameter, not a module, and are PEFT `target_parameters` (`make_adapter` tells
+    them apart on the model).
     """
 
     name: str
@@ -188,6 +190,34 @@ def _qwen2_vl_pixels(config, sizes_per_request, generator):
     return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
 
 
+# --------------------------------------------------------------------------- Qwen3-VL-MoE
+# Qwen2-VL's packed patches and grids (`image_grid_thw`, `mm_token_type_ids` for M-RoPE); its tower adds
+# deepstack mergers (the features of tower layer 0 merged and added to the language model's first
+# layer at the image tokens) beside the final merger; every text layer is MoE (4 experts, top 2, no
+# shared expert), served through transformers' `batched_mm` experts (the default expert loop over
+# data-dependent token indices is refused).
+_QWEN3_VL_MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _qwen3_vl_moe_config():
+    from transformers import Qwen3VLMoeConfig
+
+    text = _text_config(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                        tie_word_embeddings=False,
+                        rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2],
+                                             mrope_interleaved=True))
+    config = Qwen3VLMoeConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    config._experts_implementation = "batched_mm"  # reaches the text config (and every sub-config)
+    return config
+
+
 # --------------------------------------------------------------------------- LLaVA
 def _llava_config():
     from transformers import LlavaConfig
@@ -255,12 +285,18 @@ def _llama4_config():
         # The vision adapter's fc1 takes the pixel-shuffled width: hidden_size / ratio**2.
         vision_config=_vision_config(intermediate_size=128, patch_size=2, vision_output_dim=64,
                                      pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64),
-        # Dense text layers: the MoE routing is not what this zoo exercises.
-        text_config=_text_config(intermediate_size_mlp=128, moe_layers=[], num_local_experts=1,
-                                 no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
-                                 attention_chunk_size=256),
+        # MoE layers interleaved with dense ones as Llama4 Maverick has them (interleave_moe_layer_step=2:
+        # layer 1 is MoE, layer 0 dense): a router, four routed experts (fused 3D weights), a shared expert.
+        text_config=_text_config(intermediate_size_mlp=128, interleave_moe_layer_step=2, num_local_experts=4,
+                                 num_experts_per_tok=1, no_rope_layers=[1, 0],
+                                 layer_types=["chunked_attention", "full_attention"], attention_chunk_size=256),
         image_token_index=IMAGE_TOKEN, boi_token_index=BOI_TOKEN, eoi_token_index=EOI_TOKEN, pad_token_id=PAD,
     )
+
+
+# The routed experts' fused 3D weights: PEFT `target_parameters` (the shared expert's linears are
+# reached by the module suffixes gate_proj, down_proj).
+_LLAMA4_EXPERTS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
 
 
 def _llama4_tokens(config, size):
@@ -318,6 +354,13 @@ ZOO: dict[str, Family] = {
                wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
                notes="all images' patches packed into one tower call; spatial_merge_size 2; any image size",
                accepts=_qwen2_vl_accepts),
+        Family("tiny-qwen3-vl-moe", "Qwen3VLMoeForConditionalGeneration", _qwen3_vl_moe_config, _qwen2_vl_sizes,
+               _qwen2_vl_tokens, _qwen2_vl_pixels,
+               (("attn.qkv", "mlp.linear_fc1"), ("merger.linear_fc1", "deepstack_merger_list.0.linear_fc2"),
+                ("q_proj", "o_proj", *_QWEN3_VL_MOE_EXPERTS)),
+               wrap_tokens=lambda config: ([config.vision_start_token_id], [config.vision_end_token_id]),
+               notes="Qwen2-VL's packed patches, deepstack mergers; MoE text layers (4 experts, batched_mm)",
+               accepts=_qwen2_vl_accepts),
         Family("tiny-llava", "LlavaForConditionalGeneration", _llava_config, _square_image, _llava_tokens,
                _stacked_pixels, (("out_proj", "fc1"), ("linear_1", "linear_2"), ("q_proj", "v_proj", "up_proj",
                                                                                   "down_proj")),
@@ -333,8 +376,10 @@ ZOO: dict[str, Family] = {
                notes="SigLIP tower, pooled projector (its projection is a bare parameter, not a linear)"),
         Family("tiny-llama4", "Llama4ForConditionalGeneration", _llama4_config, _square_image, _llama4_tokens,
                _stacked_pixels, (("fc2", "patch_embedding.linear"), ("fc1", "linear_1"),
-                                 ("q_proj", "v_proj", "gate_proj", "down_proj")), wrap_tokens=_boi_eoi,
-               notes="dense text layers (no MoE); one image is one tile; vision adapter MLP is connector"),
+                                 ("q_proj", "v_proj", "gate_proj", "down_proj", *_LLAMA4_EXPERTS)),
+               wrap_tokens=_boi_eoi,
+               notes="MoE every other text layer (4 experts, shared expert); one image is one tile; "
+                     "vision adapter MLP is connector"),
         Family("tiny-qwen2-audio", "Qwen2AudioForConditionalGeneration", _qwen2_audio_config, _qwen2_audio_sizes,
                _qwen2_audio_tokens, _qwen2_audio_features,
                (("q_proj", "out_proj", "fc1"), ("multi_modal_projector.linear",), ("v_proj", "gate_proj", "down_proj")),
@@ -345,12 +390,19 @@ ZOO: dict[str, Family] = {
 }
 
 
+# Families that take every image's patches packed in one `pixel_values [patches, features]`, with
+# `image_grid_thw` and `mm_token_type_ids` (text 0, image 1) for their M-RoPE positions.
+_PACKED_PATCHES = ("Qwen2VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+
+
 def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r: int = 4, lora_alpha: float = 8,
                  seed: int = 0, **config):
     """Train nothing: save a PEFT LoRA adapter for `model` with random A and B, as PEFT saves it.
 
     `init_lora_weights=False` gives B random values, and B is then widened so that an adapter
-    changes the logits clearly (PEFT's own random B is small). Needs PEFT (the tests' and the
+    changes the logits clearly (PEFT's own random B is small). Targets that name a parameter, not a
+    module (a 3D expert weight, `experts.gate_up_proj`), go to PEFT's `target_parameters`
+    (`split_targets`), beside any passed as `target_parameters=`. Needs PEFT (the tests' and the
     example's dependency, not the package's). Returns the adapter's directory."""
     import copy
     from pathlib import Path
@@ -359,7 +411,14 @@ def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r:
 
     torch.manual_seed(seed)
     # A string is PEFT's regex form: passed on as it is.
-    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    if isinstance(target_modules, str):
+        targets = target_modules
+    else:
+        targets, parameters = split_targets(model, target_modules)
+        if parameters:
+            extra = config.pop("target_parameters", None) or []
+            extra = [extra] if isinstance(extra, str) else list(extra)
+            config["target_parameters"] = list(dict.fromkeys(extra + parameters))
     peft_config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, init_lora_weights=False, **config)
     peft_model = get_peft_model(copy.deepcopy(model), peft_config)
     with torch.no_grad():
@@ -368,6 +427,24 @@ def make_adapter(model: nn.Module, path, target_modules: Sequence[str] | str, r:
                 parameter.normal_(0.0, 0.5 / max(1, parameter.shape[1]) ** 0.5)
     peft_model.save_pretrained(str(path))
     return Path(path)
+
+
+def split_targets(model: nn.Module, targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`targets` as PEFT's (`target_modules`, `target_parameters`): a target that ends no module's name
+    but ends a parameter's (`experts.gate_up_proj`, a 3D expert weight) is a parameter target."""
+    modules = [name for name, _ in model.named_modules()]
+    parameters = [name for name, _ in model.named_parameters()]
+
+    def ends(name: str, target: str) -> bool:
+        return name == target or name.endswith(f".{target}")
+
+    module_targets, parameter_targets = [], []
+    for target in targets:
+        if not any(ends(name, target) for name in modules) and any(ends(name, target) for name in parameters):
+            parameter_targets.append(target)
+        else:
+            module_targets.append(target)
+    return module_targets, parameter_targets
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -436,7 +513,7 @@ def make_batch(
     input_ids = torch.tensor(rows)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     batch.update(family.media_inputs(config, item_sizes, generator))
-    if family.model_class == "Qwen2VLForConditionalGeneration":
+    if family.model_class in _PACKED_PATCHES:
         batch["mm_token_type_ids"] = (input_ids == item).int()
     return batch
 
@@ -453,7 +530,7 @@ def split_batch(model: nn.Module, batch: dict) -> list[dict]:
         tokens = int((row == item).sum())
         single = {key: batch[key][index : index + 1]
                   for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in batch}
-        if tokens and family.model_class == "Qwen2VLForConditionalGeneration":
+        if tokens and family.model_class in _PACKED_PATCHES:
             grids, seen, rows = [], 0, 0
             while seen < tokens:
                 grid = batch["image_grid_thw"][next_image]

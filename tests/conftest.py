@@ -45,8 +45,20 @@ GROUND_TRUTH = {
         "tower": r"vision_model\.(patch_embedding\.linear|model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.fc[12]))",
         "connector": r"vision_model\.vision_adapter\.mlp\.fc[12]|multi_modal_projector\.linear_1",
         # The head sits inside the language model here (Llama4ForCausalLM): it is the language model's too.
-        "language_model": r"language_model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|feed_forward\.(gate|up|down)_proj)|lm_head)",
+        # Dense layers' feed_forward.{gate,up,down}_proj; MoE layers' router and shared expert (their
+        # routed experts are 3D parameters, no linears).
+        "language_model": r"language_model\.(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|"
+                          r"feed_forward\.((shared_expert\.)?(gate|up|down)_proj|router))|lm_head)",
     },
+}
+
+GROUND_TRUTH["tiny-qwen3-vl-moe"] = {
+    "tower": r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])",
+    # The final merger and the deepstack mergers (registered after the blocks, called between them).
+    "connector": r"model\.visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc[12]",
+    # Every text layer is MoE: attention linears, and the router (`mlp.gate`, no nn.Linear: F.linear on
+    # its own weight); the experts are 3D parameters.
+    "language_model": r"model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate)|lm_head",
 }
 
 GROUND_TRUTH["tiny-qwen2-audio"] = {
@@ -59,6 +71,7 @@ GROUND_TRUTH["tiny-qwen2-audio"] = {
 CONNECTOR_MODULES = {
     "tiny-qwen2-audio": "model.multi_modal_projector",
     "tiny-qwen2-vl": "model.visual.merger",
+    "tiny-qwen3-vl-moe": "model.visual.deepstack_merger_list",
     "tiny-llava": "model.multi_modal_projector",
     "tiny-idefics3": "model.connector",
     "tiny-gemma3": "model.multi_modal_projector",

@@ -73,3 +73,25 @@ def assert_rows_equal_peft(peft_model, singles, logits, names, label="") -> None
     for row, (single, name) in enumerate(zip(singles, names)):
         error = relative_error(logits[row], peft_logits(peft_model, single, name))
         assert error <= 1e-4, (label, row, name, error)
+
+
+def expert_parameters(peft_model) -> list[str]:
+    """The names (`gate_up_proj`, ...) of the 3D expert weights PEFT's `target_parameters` wrapped."""
+    return sorted({layer.parameter_name for layer in lora_layers(peft_model).values()
+                   if getattr(layer, "parameter_name", None) is not None
+                   and layer.get_param().dim() == 3})
+
+
+def assert_expert_lora_matters(peft_model, single, parameters, names=("alice", "bob")) -> None:
+    """Each adapter's LoRA on each expert weight moves PEFT's logits well above the tolerance."""
+    layers = lora_layers(peft_model)
+    for name in names:
+        full = peft_logits(peft_model, single, name)
+        for parameter in parameters:
+            layer = next(layer for layer in layers.values() if getattr(layer, "parameter_name", None) == parameter)
+            saved = layer.scaling[name]
+            layer.scaling[name] = 0.0
+            try:
+                assert relative_error(peft_logits(peft_model, single, name), full) > 1e-2, (name, parameter)
+            finally:
+                layer.scaling[name] = saved

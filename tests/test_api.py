@@ -1,8 +1,9 @@
 """mmlora_fx.compile: a mixed-adapter batch gives, per request, what PEFT gives for it alone.
 
 Every zoo family is compiled once (Inductor, the default) with three PEFT adapters of different
-ranks over its tower, connector and language model; the batches hold requests with 0, 1 and 2
-images (of different sizes for Qwen2-VL), one of them on the base model.
+ranks over its tower, connector and language model (the MoE families' expert weights included);
+the batches hold requests with 0, 1 and 2 images (of different sizes for the Qwen-VL families),
+one of them on the base model.
 """
 
 import dataclasses
@@ -14,7 +15,8 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.errors import BatchError, TooManyAdaptersError, UnknownAdapterError, VerificationError
 
-from .peft_helpers import all_targets, make_adapter, peft_logits, peft_model_with, relative_error
+from .peft_helpers import (all_targets, assert_expert_lora_matters, expert_parameters, make_adapter, peft_logits,
+                           peft_model_with, relative_error)
 
 FAMILIES = list(zoo.ZOO)
 RANKS = {"alice": 2, "bob": 4, "carol": 8}
@@ -30,7 +32,7 @@ class Served:
 
 
 def image_sizes(family, counts):
-    if family != "tiny-qwen2-vl":
+    if family not in ("tiny-qwen2-vl", "tiny-qwen3-vl-moe"):
         return None
     sizes = zoo.ZOO[family].item_sizes(zoo.ZOO[family].tiny_config())
     # Different sizes within and across requests: [], [small], [square, wide] ...
@@ -78,6 +80,12 @@ def test_mixed_batch_equals_peft_per_request(served):
         logits = served.mm(**batch, adapter_names=names).logits
     assert served.mm.compiled_graphs > 0
     assert_matches_peft(served, batch, names, logits)
+    # MoE families: each adapter's LoRA on each expert weight changes PEFT's logits by itself.
+    experts = expert_parameters(served.peft)
+    assert bool(experts) == any("experts." in target for target in all_targets(served.family))
+    if experts:
+        singles = zoo.split_batch(served.base, batch)
+        assert_expert_lora_matters(served.peft, singles[2], experts, names=["alice", "carol"])
 
 
 def test_swapping_adapters_needs_no_recompilation(served, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+from mmlora_fx import zoo
 from mmlora_fx.cli import main
 
 from .conftest import cached_model
@@ -39,7 +40,7 @@ def test_inspect_restrictions_show_what_is_served(capsys):
     assert main(["inspect", "tiny-llava", "--partitions", "language_model", "--target-modules", "q_proj"]) == 0
     text = capsys.readouterr().out
     assert "partitions:     language_model" in text and "target modules: q_proj" in text
-    assert "served layers:  2 (linears, embeddings, patch embeddings, 2D parameters)" in text
+    assert "served layers:  2 (linears, embeddings, patch embeddings, 2D parameters, expert weights)" in text
 
 
 def test_inspect_shows_embedding_and_head_lora_as_served_targets(tmp_path, capsys):
@@ -89,6 +90,49 @@ def test_inspect_shows_patch_embedding_convs_and_their_rows(tmp_path, capsys):
     assert "convolutions: 1" in capsys.readouterr().out
 
 
+def test_inspect_shows_expert_weights_as_served_targets_per_partition(tmp_path, capsys):
+    """The MoE families' 3D expert weights: listed once each, their matmuls in the language model's
+    partition (experts x in x out, rows owned per request as laid out for the experts), served by an
+    adapter that targets them and not by one that does not."""
+    family = "tiny-qwen3-vl-moe"
+    model = cached_model(family)
+    experts = make_adapter(model, tmp_path / "experts", zoo.ZOO[family].all_targets, r=2)
+    plain = make_adapter(model, tmp_path / "plain", ["q_proj"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", family, "--adapter", str(experts), "--format", "json", "-o", str(output)]) == 0
+    report = json.loads(output.read_text())
+    names = [f"model.language_model.layers.{layer}.mlp.experts.{weight}" for layer in (0, 1)
+             for weight in ("gate_up_proj", "down_proj")]
+    listed = {entry["parameter"]: entry for entry in report["experts"]}
+    assert sorted(listed) == sorted(names)
+    gate_up = listed[names[0]]
+    assert (gate_up["partition"], gate_up["num_experts"], gate_up["shape"], gate_up["served"]) == \
+        ("language_model", 4, [4, 64, 64], True)
+    assert gate_up["can_carry_lora"] and gate_up["calls"]
+    nodes = report["partitions"]["language_model"]["expert_nodes"]
+    assert sorted(module for node in nodes for module in node["modules"]) == sorted(names)
+    for node in nodes:
+        assert node["lora"] and node["num_experts"] == 4 and node["form"] == "gathered"
+        # batched_mm: each token's top-2 experts, two rows per token.
+        assert node["layout"] == {"tiles": 1, "interleave": 2} and node["rows_owned"] == "per request (2 rows per token)"
+    down = next(node for node in nodes if node["modules"] == [names[1]])
+    assert (down["in_features"], down["out_features"]) == (32, 64)
+    assert all(not entry["expert_nodes"] for partition, entry in report["partitions"].items()
+               if partition != "language_model")
+    kinds = {entry["module"]: entry["kind"] for entry in report["adapters"][0]["modules"]}
+    assert {kinds[name] for name in names} == {"experts"}
+
+    capsys.readouterr()
+    assert main(["inspect", family, "--adapter", str(plain)]) == 0
+    text = capsys.readouterr().out
+    assert "4 expert weights" in text and "expert matmuls (3D expert weights): 4" in text
+    rows = [line.split() for line in text.splitlines() if "mlp.experts." in line and line.startswith("    ")]
+    assert len(rows) == 4 and all(row[3:5] in (["4x64x64", "gathered"], ["4x32x64", "gathered"]) for row in rows)
+    assert all(row[-1] == "-" for row in rows), "an adapter without expert LoRA leaves the experts unserved"
+
+
 def test_zoo_lists_the_tiny_models(capsys):
     assert main(["zoo"]) == 0
-    assert "tiny-qwen2-vl" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(zoo.ZOO)
+    assert len({line.index(zoo.ZOO[line.split()[0]].model_class) for line in lines}) == 1, "aligned columns"

@@ -33,6 +33,16 @@ def test_json_lists_every_linear_exactly_once_with_its_partition(family):
                                         if isinstance(module, nn.Embedding))
     tokens = embeddings[next(name for name, module in model.named_modules() if module is model.get_input_embeddings())]
     assert tokens["partition"] == "language_model" and tokens["can_carry_lora"] and tokens["calls"]
+    # 3D expert weights (the MoE families'): each once, called by an expert matmul of its partition.
+    experts = {entry["parameter"]: entry for entry in report["experts"]}
+    convs = {name for name, module in model.named_modules() if isinstance(module, nn.modules.conv._ConvNd)}
+    assert sorted(experts) == sorted(name for name, parameter in model.named_parameters()
+                                     if parameter.dim() == 3 and name.rpartition(".")[0] not in convs)
+    assert bool(experts) == any("experts." in target for target in zoo.ZOO[family].all_targets)
+    for name, entry in experts.items():
+        assert entry["partition"] == "language_model" and entry["can_carry_lora"] and entry["calls"], name
+        nodes = [node for node in report["partitions"]["language_model"]["expert_nodes"] if name in node["modules"]]
+        assert nodes and all(node["rows_owned"].startswith("per request") for node in nodes), name
 
 
 def test_partitions_summarise_graphs_nodes_and_linears(family):

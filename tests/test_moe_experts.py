@@ -22,7 +22,8 @@ from mmlora_fx import zoo
 from mmlora_fx.errors import AdapterFormatError, AdapterShapeError, CaptureError
 from mmlora_fx.passes import lora_ops
 
-from .peft_helpers import all_targets, lora_layers, make_adapter, peft_logits, peft_model_with, relative_error
+from .peft_helpers import (all_targets, assert_expert_lora_matters, make_adapter, peft_model_with,
+                           relative_error)
 from .test_embedding_head import assert_requests_equal_peft, token_batch
 
 NAMES = ["bob", None, "alice"]
@@ -31,21 +32,8 @@ QWEN3_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def llama4_moe():
-    from transformers import Llama4Config
-
-    config = Llama4Config(
-        vision_config=zoo._vision_config(intermediate_size=128, patch_size=2, vision_output_dim=64,
-                                         pixel_shuffle_ratio=0.5, projector_input_dim=64, projector_output_dim=64),
-        # Layer 1 is MoE (interleave_moe_layer_step=2), layer 0 dense, as Llama4 Maverick interleaves them.
-        text_config=zoo._text_config(intermediate_size_mlp=128, interleave_moe_layer_step=2, num_local_experts=4,
-                                     num_experts_per_tok=1, no_rope_layers=[1, 0],
-                                     layer_types=["chunked_attention", "full_attention"], attention_chunk_size=256),
-        image_token_index=zoo.IMAGE_TOKEN, boi_token_index=zoo.BOI_TOKEN, eoi_token_index=zoo.EOI_TOKEN,
-        pad_token_id=zoo.PAD)
-    torch.manual_seed(0)
-    model = transformers.Llama4ForConditionalGeneration(config)
-    zoo._randomize_constant_parameters(model, 0)
-    return model.eval()
+    # The zoo's: layer 1 is MoE (interleave_moe_layer_step=2), layer 0 dense, as Llama4 Maverick interleaves them.
+    return zoo.build("tiny-llama4")
 
 
 def qwen3_moe(experts_implementation: str = "batched_mm"):
@@ -67,25 +55,11 @@ def expert_ops(mm) -> int:
                for record in mm.backend.records for op in lora_ops(record.graph_module))
 
 
-def assert_expert_lora_matters(peft, single, parameters, names=("alice", "bob")):
-    """Each adapter's LoRA on each expert weight moves PEFT's logits well above the tolerance."""
-    layers = lora_layers(peft)
-    for name in names:
-        full = peft_logits(peft, single, name)
-        for parameter in parameters:
-            layer = next(layer for layer in layers.values() if getattr(layer, "parameter_name", None) == parameter)
-            saved = layer.scaling[name]
-            layer.scaling[name] = 0.0
-            try:
-                assert relative_error(peft_logits(peft, single, name), full) > 1e-2, (name, parameter)
-            finally:
-                layer.scaling[name] = saved
-
-
 # --------------------------------------------------------------------------- Llama4: bmm per expert
 @pytest.fixture(scope="module")
 def llama4(tmp_path_factory):
     base = llama4_moe()
+    # The zoo's targets name the expert weights already (as target_parameters); passing them again is harmless.
     targets = all_targets("tiny-llama4") + ["shared_expert.up_proj"]
     paths = expert_adapters(base, tmp_path_factory.mktemp("llama4"), targets, LLAMA4_EXPERTS)
     torch._dynamo.reset()
