@@ -332,15 +332,10 @@ class LoRARuntime:
     # ------------------------------------------------------------------ inside a forward
     def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
         """Add the LoRA deltas of `modules` (siblings sharing input `x`) to their `outputs`."""
-        plan = self._plans.get(tuple(modules))
-        if plan is None:
-            plan = self._plans[tuple(modules)] = self._plan(modules)
-        served, table, lora_a, lora_b, ranks = plan
+        served, table, lora_a, lora_b, ranks = self._cached_plan(modules)
         if not served:
             return
-        self.applications[table.partition] += 1
-        if self.applied is not None:
-            self.applied.update(modules[index] for index in served)
+        self._count_application(table.partition, [modules[index] for index in served])
         request_slots, cum_weights, tile_plan = self._owner_table(table, x, modules[served[0]])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
         lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
@@ -353,15 +348,10 @@ class LoRARuntime:
         per request. `output_scale` multiplies the delta where the lookup's output was already
         scaled (an eager hook on Gemma3's scaled embedding sees the product; PEFT scales its
         delta the same way)."""
-        plan = self._plans.get((module,))
-        if plan is None:
-            plan = self._plans[(module,)] = self._plan([module])
-        served, table, lora_a, lora_b, ranks = plan
+        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
         if not served:
             return
-        self.applications[table.partition] += 1
-        if self.applied is not None:
-            self.applied.add(module)
+        self._count_application(table.partition, [module])
         table.check_rows(ids.numel())
         if output_scale is None:
             lora_embedding_add(output, ids, lora_a[0], lora_b[0], ranks[0], table.request_slots,
@@ -382,9 +372,7 @@ class LoRARuntime:
             return
         info = self.linears[module]
         table = self.tables[info.partition]
-        self.applications[table.partition] += 1
-        if self.applied is not None:
-            self.applied.add(module)
+        self._count_application(table.partition, [module])
         rows = x.shape[0] * x.shape[1] if expert_ids is None else x.shape[0]
         if rows % (tiles * interleave):
             raise BatchError(f"{module}: {rows} expert rows do not hold whole tokens laid out {tiles} x {interleave}")
@@ -400,15 +388,10 @@ class LoRARuntime:
         owned per unit where the entries are the tower's units (images), or `[patches, pixels]`
         where each entry is one patch (Qwen2-VL's packed patches), shared by image tokens as the
         tower's other layers' rows are."""
-        plan = self._plans.get((module,))
-        if plan is None:
-            plan = self._plans[(module,)] = self._plan([module])
-        served, table, lora_a, lora_b, ranks = plan
+        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
         if not served:
             return
-        self.applications[table.partition] += 1
-        if self.applied is not None:
-            self.applied.add(module)
+        self._count_application(table.partition, [module])
         kernel = tuple(self.linears.weights[module].shape[2:])  # == the stride: a patch embedding
         rows = patch_rows(x, kernel)
         request_slots, cum_weights, tile_plan = self._owner_table(table, rows, module)
@@ -526,6 +509,18 @@ class LoRARuntime:
                     f"{module} ({partition}) saw {self._stream_rows[module]} rows in {self._calls[module]} call(s) "
                     f"for the batch's {total} {self._token_word(partition)} tokens: its rows neither follow the tokens nor come as "
                     "the tower's units, so which request they belong to cannot be told")
+
+    def _cached_plan(self, modules: list[str]):
+        plan = self._plans.get(tuple(modules))
+        if plan is None:
+            plan = self._plans[tuple(modules)] = self._plan(modules)
+        return plan
+
+    def _count_application(self, partition: str, modules: list[str]) -> None:
+        """One LoRA application in `partition` (the coverage check counts them; `verify` names the modules)."""
+        self.applications[partition] += 1
+        if self.applied is not None:
+            self.applied.update(modules)
 
     def _plan(self, modules: list[str]):
         served = [index for index, module in enumerate(modules) if module in self.manager.buffers]

@@ -75,6 +75,16 @@ def assert_rows_equal_peft(peft_model, singles, logits, names, label="") -> None
         assert error <= 1e-4, (label, row, name, error)
 
 
+def assert_eager_and_compiled_equal_peft(mm, peft_model, batch, singles, names):
+    """`mm.eager` and the compiled `mm` on `batch` each equal PEFT per request; both logits back."""
+    with torch.no_grad():
+        eager = mm.eager(**batch, adapter_names=names).logits
+        compiled = mm(**batch, adapter_names=names).logits
+    assert_rows_equal_peft(peft_model, singles, eager, names, "eager")
+    assert_rows_equal_peft(peft_model, singles, compiled, names, "compiled")
+    return eager, compiled
+
+
 def expert_parameters(peft_model) -> list[str]:
     """The names (`gate_up_proj`, ...) of the 3D expert weights PEFT's `target_parameters` wrapped."""
     return sorted({layer.parameter_name for layer in lora_layers(peft_model).values()

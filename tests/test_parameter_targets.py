@@ -23,8 +23,9 @@ from mmlora_fx.partitions import discover_partitions
 from mmlora_fx.passes import lora_ops, parameter_matmul_of
 from mmlora_fx.peft_format import WEIGHTS_FILE, read_adapter
 
-from .peft_helpers import lora_layers, make_adapter, peft_logits, peft_model_with, relative_error
-from .test_embedding_head import assert_requests_equal_peft, lora_switched_off
+from .peft_helpers import (assert_eager_and_compiled_equal_peft, lora_layers, make_adapter,
+                           peft_logits, peft_model_with, relative_error)
+from .test_embedding_head import lora_switched_off
 
 FAMILY = "tiny-gemma3"
 PROJECTOR = "model.multi_modal_projector"
@@ -70,11 +71,7 @@ def test_a_mixed_batch_with_projection_lora_equals_peft_eager_and_compiled(gemma
     base, mm, peft, _ = gemma3
     batch = zoo.make_batch(base, (1, 0, 2), seed=11)
     singles = zoo.split_batch(base, batch)
-    with torch.no_grad():
-        eager = mm.eager(**batch, adapter_names=NAMES).logits
-        compiled = mm(**batch, adapter_names=NAMES).logits
-    assert_requests_equal_peft(peft, singles, eager, NAMES, "eager")
-    assert_requests_equal_peft(peft, singles, compiled, NAMES, "compiled")
+    eager, compiled = assert_eager_and_compiled_equal_peft(mm, peft, batch, singles, NAMES)
     # The compiled graph serves the matmul itself (not the eager hooks), rows owned per image.
     served = [op for record in mm.backend.records for op in lora_ops(record.graph_module)
               if parameter_matmul_of(op.args[0][0]) is not None]

@@ -26,8 +26,9 @@ from mmlora_fx.passes import conv_of, lora_ops
 from mmlora_fx.peft_format import WEIGHTS_FILE, read_adapter
 
 from .conftest import cached_model
-from .peft_helpers import make_adapter, peft_logits, peft_model_with, relative_error
-from .test_embedding_head import assert_requests_equal_peft, lora_switched_off
+from .peft_helpers import (assert_eager_and_compiled_equal_peft, make_adapter, peft_logits,
+                           peft_model_with, relative_error)
+from .test_embedding_head import lora_switched_off
 
 NAMES = ["bob", None, "alice"]
 PATCH_EMBEDDINGS = {"tiny-llava": "model.vision_tower.embeddings.patch_embedding",
@@ -58,11 +59,7 @@ def test_patch_embedding_lora_per_request_equals_peft_eager_and_compiled(tmp_pat
     peft = peft_model_with(base, paths)
     batch = zoo.make_batch(base, (1, 0, 2), item_sizes=qwen2_vl_sizes() if family == "tiny-qwen2-vl" else None, seed=7)
     singles = zoo.split_batch(base, batch)
-    with torch.no_grad():
-        eager = mm.eager(**batch, adapter_names=NAMES).logits
-        compiled = mm(**batch, adapter_names=NAMES).logits
-    assert_requests_equal_peft(peft, singles, eager, NAMES, "eager")
-    assert_requests_equal_peft(peft, singles, compiled, NAMES, "compiled")
+    eager, compiled = assert_eager_and_compiled_equal_peft(mm, peft, batch, singles, NAMES)
     # The graph's own conv op served it, its rows owned per image (Qwen2-VL: packed patches, by tokens).
     ops = [op for record in mm.backend.records for op in lora_ops(record.graph_module)
            if op.target is torch.ops.mmlora.lora_conv_.default]
