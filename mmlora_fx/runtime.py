@@ -589,7 +589,7 @@ class LoRARuntime:
         _never_compile_the_hook()
         for name, module in self.model.named_modules():
             if name in self.manager.buffers and not getattr(module, "_mmlora_hooked", False):
-                module.register_forward_hook(_eager_lora_hook)
+                module.register_forward_hook(_eager_lora_hook, with_kwargs=True)
                 module._mmlora_hooked = True
         # Expert matmuls are no modules: their MoE blocks are watched instead (`expert_hooks.py`).
         add_expert_hooks(self, self.model, {name: self.linears.weights[name] for name in self.manager.buffers
@@ -609,20 +609,21 @@ def _never_compile_the_hook() -> None:
     _never_compile_parameter_hooks()
 
 
-def _eager_lora_hook(module, args, output):
+def _eager_lora_hook(module, args, kwargs, output):
     if not torch.compiler.is_compiling():
+        x = args[0] if args else kwargs.get("input")  # `linear(input=x)` is a call too
         if isinstance(module, nn.Embedding):
             runtime, name = REGISTRY.resolve(module.weight, EMBEDDING)
             if runtime.in_call:
-                runtime.apply_embedding(output, args[0], name, _embedding_output_scale(module))
+                runtime.apply_embedding(output, x, name, _embedding_output_scale(module))
         elif isinstance(module, nn.modules.conv._ConvNd):
             runtime, name = REGISTRY.resolve(module.weight, CONV)
             if runtime.in_call:
-                runtime.apply_conv(output, args[0], name)
+                runtime.apply_conv(output, x, name)
         else:
             runtime, name = REGISTRY.resolve(module.weight)
             if runtime.in_call:
-                runtime.apply([output], args[0], [name])
+                runtime.apply([output], x, [name])
     return output
 
 

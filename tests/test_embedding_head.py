@@ -163,3 +163,18 @@ def test_a_vlm_serves_embedding_and_head_lora_beside_tower_and_connector_lora(tm
     eager, compiled = assert_eager_and_compiled_equal_peft(mm, peft, batch, singles, NAMES)
     with torch.no_grad():
         assert_each_lora_matters(peft, singles[0], ["model.language_model.embed_tokens", "lm_head"])
+
+
+def test_the_eager_hooks_take_their_input_by_keyword_too(text):
+    """Outside the graphs a layer called as `layer(input=x)` gets its LoRA as `layer(x)` does."""
+    base, mm, _ = text
+    ids = token_batch(seed=5)
+    mm.runtime.prepare(NAMES)
+    embed, head = mm.model.get_input_embeddings(), mm.model.lm_head
+    with torch.no_grad(), mm.runtime.call_scope():
+        by_position, by_keyword = embed(ids), embed(input=ids)
+        logits_by_position, logits_by_keyword = head(by_position), head(input=by_position)
+    torch.testing.assert_close(by_keyword, by_position)
+    torch.testing.assert_close(logits_by_keyword, logits_by_position)
+    with torch.no_grad():
+        assert relative_error(by_position, base.get_input_embeddings()(ids)) > 1e-2, "the LoRA must act"
