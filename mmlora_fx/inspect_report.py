@@ -243,6 +243,31 @@ def collapse_names(names: list[str]) -> list[str]:
     return collapsed
 
 
+# The target kinds' node tables after the linears': (the partition entry's key, the title, the
+# header of the names column, the kind's own columns as (header, the node's key or a function of it)).
+_OTHER_NODE_TABLES = (
+    ("embedding_nodes", "embedding lookups", "module(s)", [("tokens", "num_embeddings"), ("dim", "embedding_dim")]),
+    ("conv_nodes", "convolutions", "module(s)", [("kernel", lambda node: "x".join(map(str, node["kernel"]))),
+                                                ("in", "in_features"), ("out", "out_features")]),
+    ("parameter_matmul_nodes", "matmuls x @ W with a parameter", "parameter",
+     [("in", "in_features"), ("out", "out_features")]),
+    ("expert_nodes", "expert matmuls (3D expert weights)", "parameter",
+     [("experts x in x out", lambda node: f"{node['num_experts']}x{node['in_features']}x{node['out_features']}"),
+      ("form", "form")]),
+)
+
+
+def _node_table(nodes: list[dict], names: str, columns, serving: bool) -> list[str]:
+    """One kind's target nodes of a partition: graph, node and names, the kind's own `columns`, the
+    rows owned and, with adapters, whether LoRA is served."""
+    rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"]))]
+            + [value(node) if callable(value) else node[value] for _, value in columns]
+            + [node.get("rows_owned", "-")] + (["yes" if node["lora"] else "-"] if serving else [])
+            for node in nodes]
+    header = ["graph", "node", names] + [title for title, _ in columns] + ["rows owned"] + (["LoRA"] if serving else [])
+    return _table(rows, header, indent="    ")
+
+
 def _table(rows: list[list[str]], header: list[str], indent: str = "  ") -> list[str]:
     widths = [max(len(str(row[column])) for row in [header] + rows) for column in range(len(header))]
     lines = [indent + "  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)).rstrip()]
@@ -278,52 +303,15 @@ def render_text(report: dict) -> str:
         lines.append(f"  graphs:       {_ranges(entry['graphs'])}")
         lines.append(f"  call nodes:   {entry['call_nodes']}")
         lines.append(f"  linear nodes: {len(entry['linear_nodes'])} (calling {linear_modules} modules)")
+        serving = bool(report["serving"])
         if entry["linear_nodes"]:
-            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     node["in_features"], node["out_features"], node.get("rows_owned", "-")]
-                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
-                    for node in entry["linear_nodes"]]
-            header = ["graph", "node", "module(s)", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
-            lines += _table(rows, header, indent="    ")
-        lookups = entry.get("embedding_nodes", [])
-        if lookups:
-            lines.append(f"  embedding lookups: {len(lookups)}")
-            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     node["num_embeddings"], node["embedding_dim"], node["rows_owned"]]
-                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
-                    for node in lookups]
-            header = ["graph", "node", "module(s)", "tokens", "dim", "rows owned"] + (["LoRA"] if report["serving"] else [])
-            lines += _table(rows, header, indent="    ")
-        convs = entry.get("conv_nodes", [])
-        if convs:
-            lines.append(f"  convolutions: {len(convs)}")
-            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     "x".join(map(str, node["kernel"])), node["in_features"], node["out_features"], node["rows_owned"]]
-                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
-                    for node in convs]
-            header = ["graph", "node", "module(s)", "kernel", "in", "out", "rows owned"] + (["LoRA"] if report["serving"]
-                                                                                             else [])
-            lines += _table(rows, header, indent="    ")
-        matmuls = entry.get("parameter_matmul_nodes", [])
-        if matmuls:
-            lines.append(f"  matmuls x @ W with a parameter: {len(matmuls)}")
-            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     node["in_features"], node["out_features"], node["rows_owned"]]
-                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
-                    for node in matmuls]
-            header = ["graph", "node", "parameter", "in", "out", "rows owned"] + (["LoRA"] if report["serving"] else [])
-            lines += _table(rows, header, indent="    ")
-        experts = entry.get("expert_nodes", [])
-        if experts:
-            lines.append(f"  expert matmuls (3D expert weights): {len(experts)}")
-            rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"])),
-                     f"{node['num_experts']}x{node['in_features']}x{node['out_features']}", node["form"],
-                     node["rows_owned"]]
-                    + (["yes" if node["lora"] else "-"] if report["serving"] else [])
-                    for node in experts]
-            header = ["graph", "node", "parameter", "experts x in x out", "form", "rows owned"] + (
-                ["LoRA"] if report["serving"] else [])
-            lines += _table(rows, header, indent="    ")
+            lines += _node_table(entry["linear_nodes"], "module(s)",
+                                 [("in", "in_features"), ("out", "out_features")], serving)
+        for key, title, names, columns in _OTHER_NODE_TABLES:
+            nodes = entry.get(key, [])
+            if nodes:
+                lines.append(f"  {title}: {len(nodes)}")
+                lines += _node_table(nodes, names, columns, serving)
         lines.append("")
     ownership = report.get("ownership") or {}
     if ownership:

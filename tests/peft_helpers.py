@@ -105,3 +105,23 @@ def assert_expert_lora_matters(peft_model, single, parameters, names=("alice", "
                 assert relative_error(peft_logits(peft_model, single, name), full) > 1e-2, (name, parameter)
             finally:
                 layer.scaling[name] = saved
+
+
+def assert_generate_equals_peft(mm, peft_model, input_ids, names, max_new_tokens, sequences=True) -> None:
+    """`mm.generate` on the batch gives, per request, PEFT's greedy generation of that request
+    alone: every step's scores to 1e-4 (and the tokens, with `sequences`)."""
+    options = dict(max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = mm.generate(input_ids=input_ids, adapter_names=names, **options)
+        for row, name in enumerate(names):
+            single = input_ids[row: row + 1]
+            if name in (None, "__base__"):
+                with peft_model.disable_adapter():
+                    reference = peft_model.generate(input_ids=single, **options)
+            else:
+                peft_model.set_adapter(name)
+                reference = peft_model.generate(input_ids=single, **options)
+            if sequences:
+                assert ours.sequences[row].tolist() == reference.sequences[0].tolist(), name
+            for step, (score, expected) in enumerate(zip(ours.scores, reference.scores)):
+                assert relative_error(score[row], expected[0]) <= 1e-4, (name, step)

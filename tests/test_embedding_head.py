@@ -18,7 +18,8 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.passes import lora_ops
 
-from .peft_helpers import (all_targets, assert_eager_and_compiled_equal_peft, assert_rows_equal_peft, lora_layers,
+from .peft_helpers import (all_targets, assert_eager_and_compiled_equal_peft, assert_generate_equals_peft,
+                           assert_rows_equal_peft, lora_layers,
                            make_adapter, peft_logits, peft_model_with, relative_error)
 
 NAMES = ["bob", None, "alice"]
@@ -83,11 +84,7 @@ def test_a_mixed_batch_with_embedding_and_head_lora_equals_peft_eager_and_compil
     base, mm, peft = text
     input_ids = token_batch(seed=2)
     singles = [{"input_ids": input_ids[row: row + 1]} for row in range(3)]
-    with torch.no_grad():
-        eager = mm.eager(input_ids=input_ids, adapter_names=NAMES).logits
-        compiled = mm(input_ids=input_ids, adapter_names=NAMES).logits
-    assert_rows_equal_peft(peft, singles, eager, NAMES, "eager")
-    assert_rows_equal_peft(peft, singles, compiled, NAMES, "compiled")
+    assert_eager_and_compiled_equal_peft(mm, peft, {"input_ids": input_ids}, singles, NAMES)
     assert served_kinds(mm)["embedding"] == 1 and served_kinds(mm)["linear"] >= 1
     with torch.no_grad():
         assert_each_lora_matters(peft, singles[0], ["model.embed_tokens", "lm_head"])
@@ -96,22 +93,7 @@ def test_a_mixed_batch_with_embedding_and_head_lora_equals_peft_eager_and_compil
 def test_generate_with_head_lora_gives_peft_scores_per_request(text):
     """`generate` hands lm_head only each request's last row (`logits_to_keep`), then decode rows."""
     base, mm, peft = text
-    input_ids = token_batch(seed=5, length=7)
-    options = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        ours = mm.generate(input_ids=input_ids, adapter_names=NAMES, **options)
-    for row, name in enumerate(NAMES):
-        single = input_ids[row: row + 1]
-        with torch.no_grad():
-            if name is None:
-                with peft.disable_adapter():
-                    reference = peft.generate(input_ids=single, **options)
-            else:
-                peft.set_adapter(name)
-                reference = peft.generate(input_ids=single, **options)
-        assert ours.sequences[row].tolist() == reference.sequences[0].tolist(), name
-        for step, (score, expected) in enumerate(zip(ours.scores, reference.scores)):
-            assert relative_error(score[row], expected[0]) <= 1e-4, (name, step)
+    assert_generate_equals_peft(mm, peft, token_batch(seed=5, length=7), NAMES, max_new_tokens=4)
 
 
 # --------------------------------------------------------------------------- tied embeddings
@@ -125,11 +107,8 @@ def test_tied_embeddings_serve_the_embedding_and_the_head_lora_apart(tmp_path):
     peft = peft_model_with(base, paths)
     input_ids = token_batch(seed=3)
     singles = [{"input_ids": input_ids[row: row + 1]} for row in range(3)]
+    assert_eager_and_compiled_equal_peft(mm, peft, {"input_ids": input_ids}, singles, NAMES)
     with torch.no_grad():
-        eager = mm.eager(input_ids=input_ids, adapter_names=NAMES).logits
-        compiled = mm(input_ids=input_ids, adapter_names=NAMES).logits
-        assert_rows_equal_peft(peft, singles, eager, NAMES, "eager")
-        assert_rows_equal_peft(peft, singles, compiled, NAMES, "compiled")
         assert_each_lora_matters(peft, singles[2], ["model.embed_tokens", "lm_head"])
     assert served_kinds(mm)["embedding"] == 1
 

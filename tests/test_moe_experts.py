@@ -23,7 +23,7 @@ from mmlora_fx.errors import AdapterFormatError, AdapterShapeError, CaptureError
 from mmlora_fx.passes import lora_ops
 
 from .peft_helpers import (all_targets, assert_eager_and_compiled_equal_peft, assert_expert_lora_matters,
-                           assert_rows_equal_peft, make_adapter, peft_model_with, relative_error)
+                           assert_generate_equals_peft, assert_rows_equal_peft, make_adapter, peft_model_with)
 from .test_embedding_head import token_batch
 
 NAMES = ["bob", None, "alice"]
@@ -84,20 +84,7 @@ def test_llama4_moe_mixed_batch_equals_peft_eager_and_compiled(llama4):
 
 def test_llama4_moe_decode_rows_equal_peft(llama4):
     base, mm, peft = llama4
-    input_ids = token_batch(seed=8, length=5)
-    options = dict(max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        ours = mm.generate(input_ids=input_ids, adapter_names=NAMES, **options)
-        for row, name in enumerate(NAMES):
-            single = input_ids[row: row + 1]
-            if name is None:
-                with peft.disable_adapter():
-                    reference = peft.generate(input_ids=single, **options)
-            else:
-                peft.set_adapter(name)
-                reference = peft.generate(input_ids=single, **options)
-            for step, (score, expected) in enumerate(zip(ours.scores, reference.scores)):
-                assert relative_error(score[row], expected[0]) <= 1e-4, (name, step)
+    assert_generate_equals_peft(mm, peft, token_batch(seed=8, length=5), NAMES, max_new_tokens=3, sequences=False)
 
 
 # --------------------------------------------------------------------------- Qwen3-MoE: batched_mm, gathered rows
