@@ -13,7 +13,12 @@ For each row count and number of distinct adapters, it reports:
 * the Triton kernels and a plain-torch gather/bmm implementation (no host sync either), both
   timed as CUDA-graph replays of `--layers` consecutive layers with distinct buffers (launch
   gaps as in a captured decode step), median of `triton.testing.do_bench` (which flushes L2
-  before each replay), divided by the layer count.
+  before each replay), divided by the layer count;
+* with `--base`, the base linears' own GEMMs (`x @ W.T` into the outputs, no LoRA), timed the
+  same way: what the LoRA time compares with in a real step.
+
+`--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
+152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
 
 Batches: rows <= 256 are decode-like (one row per request, rows requests); more rows are
 prefill-like (32 requests of rows/32 rows). `d` distinct adapters are spread over the requests
@@ -52,6 +57,8 @@ LAYER_OPS = {
     "gate_up": (HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
+VOCAB = 152064
+SHAPES = {"layer": LAYER_OPS, "lm_head": {"lm_head": (HIDDEN, (VOCAB,))}}
 
 
 @dataclasses.dataclass
@@ -98,16 +105,28 @@ def make_batch(rows: int, adapters: int, num_slots: int, max_requests: int, gene
     return padded.to(device), cum.to(device), plan.to(device), requests, distinct
 
 
-def byte_floor(rows: int, distinct: int, rank: int, element_size: int) -> int:
+def byte_floor(rows: int, distinct: int, rank: int, element_size: int, ops: dict = LAYER_OPS) -> int:
     """Bytes one layer must move: used adapters' A and B once, x once, outputs read and written."""
-    adapter = sum(rank * in_features + rank * out for in_features, outs in LAYER_OPS.values() for out in outs)
-    activations = sum(in_features + 2 * sum(outs) for in_features, outs in LAYER_OPS.values())
+    adapter = sum(rank * in_features + rank * out for in_features, outs in ops.values() for out in outs)
+    activations = sum(in_features + 2 * sum(outs) for in_features, outs in ops.values())
     return element_size * (distinct * adapter + rows * activations)
 
 
 def run_layer(impl, layer: dict[str, OpBuffers], slots: torch.Tensor, cum: torch.Tensor, plan=None) -> None:
     for op in layer.values():
         impl(op.outputs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum, plan)
+
+
+def make_base_weights(ops: dict, dtype: torch.dtype) -> dict[str, list[torch.Tensor]]:
+    """The base linears' weights `[out, in]` of one layer, one per sibling."""
+    return {name: [torch.randn(out, in_features, device="cuda", dtype=dtype) * in_features ** -0.5 for out in outs]
+            for name, (in_features, outs) in ops.items()}
+
+
+def run_base(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]]) -> None:
+    for name, op in layer.items():
+        for output, weight in zip(op.outputs, weights[name]):
+            torch.matmul(op.x, weight.T, out=output)
 
 
 def torch_impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan) -> None:
@@ -220,6 +239,8 @@ def parse_variants(text: str | None) -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="layer")
+    parser.add_argument("--base", action="store_true", help="also time the base linears' GEMMs")
     parser.add_argument("--rows", default="1,16,64,256,4096")
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--slots", type=int, default=32)
@@ -246,13 +267,15 @@ def main() -> int:
 
     empty_us = launch_floor_us(8, args.layers, args.repeat_ms)
     print(f"8 empty launches per layer in a graph: {empty_us:.1f} us", flush=True)
+    ops = SHAPES[args.shape]
     results = []
     for rows in [int(r) for r in args.rows.split(",")]:
         count = args.layers if rows <= 256 else 2
-        layers = [make_layer(rows, args.slots, args.rank, dtype) for _ in range(count)]
+        layers = [make_layer(rows, args.slots, args.rank, dtype, ops=ops) for _ in range(count)]
+        base_weights = [make_base_weights(ops, dtype) for _ in range(count)] if args.base else None
         for adapters in [int(a) for a in args.adapters.split(",")]:
             slots, cum, plan, requests, distinct = make_batch(rows, adapters, args.slots, args.max_requests, generator)
-            floor_us = byte_floor(rows, distinct, args.rank, 2) / bandwidth * 1e6
+            floor_us = byte_floor(rows, distinct, args.rank, 2, ops) / bandwidth * 1e6
             row = dict(rows=rows, adapters=adapters, distinct=distinct, requests=requests, floor_us=floor_us,
                        check=check_against_torch(layers[0], slots, cum, plan))
             for name, variant in variants.items():
@@ -261,23 +284,27 @@ def main() -> int:
                 row[f"ours_{name}_us"] = ms * 1e3 / count
             if args.per_op:
                 impl = triton_impl({})
-                for op_name in LAYER_OPS:
+                for op_name in ops:
                     ms = time_graph(lambda: [impl(l[op_name].outputs, l[op_name].x, l[op_name].lora_a,
                                                   l[op_name].lora_b, l[op_name].slot_ranks, slots, cum, plan)
                                              for l in layers], args.repeat_ms)
                     row[f"op_{op_name}_us"] = ms * 1e3 / count
             if args.profile:
                 row["kernels_us"] = kernel_breakdown(layers[0], slots, cum, plan)
+            if base_weights is not None:
+                ms = time_graph(lambda: [run_base(layer, weights) for layer, weights in zip(layers, base_weights)],
+                                args.repeat_ms)
+                row["base_us"] = ms * 1e3 / count
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
                                 args.repeat_ms)
                 row["torch_us"] = ms * 1e3 / count
             results.append(row)
             print(json.dumps(_rounded(row)), flush=True)
-        del layers
+        del layers, base_weights
         torch.cuda.empty_cache()
 
-    header = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+    header = dict(shape=args.shape, device=device, torch=torch.__version__, triton=triton.__version__,
                   copy_tb_s=bandwidth / 1e12, empty_launches_us=empty_us, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   command="python3 " + " ".join(sys.argv))
     table = markdown_table(results, variants)
@@ -296,16 +323,18 @@ def main() -> int:
 
 def markdown_table(results: list[dict], variants: dict) -> str:
     names = list(variants)
+    base = any("base_us" in row for row in results)
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
-             + "".join(f" {name} µs |" for name in names[1:]),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1)]
+             + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
         lines.append(
             f"| {row['rows']} | {row['adapters']} ({row['distinct']}) | {row['requests']} | {row['floor_us']:.1f} | "
             f"{ours:.1f} | {ours / row['floor_us']:.2f} | {torch_us:.1f} | {torch_us / ours:.1f} | {row['check']:.1e} |"
-            + "".join(f" {row[f'ours_{name}_us']:.1f} |" for name in names[1:]))
+            + "".join(f" {row[f'ours_{name}_us']:.1f} |" for name in names[1:])
+            + (f" {row['base_us']:.1f} | {ours / row['base_us']:.3f} |" if base else ""))
     return "\n".join(lines)
 
 

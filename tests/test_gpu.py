@@ -25,13 +25,15 @@ def rewind(cache, length: int) -> None:
         layer.cumulative_length.fill_(length)
 
 
-@pytest.mark.parametrize("family", ["tiny-llava", "tiny-qwen2-vl"])
-def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, tmp_path):
+# The MoE families' routing changes with every step's tokens; tiny-llava adds embedding and head LoRA.
+@pytest.mark.parametrize("family, extra", [("tiny-llava", ["embed_tokens", "lm_head"]), ("tiny-qwen2-vl", []),
+                                           ("tiny-llama4", []), ("tiny-qwen3-vl-moe", [])])
+def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extra, tmp_path):
     from transformers import StaticCache
 
     cpu_model = zoo.build(family)
-    paths = {name: make_adapter(cpu_model, tmp_path / name, all_targets(family), r=rank, lora_alpha=3 * rank + 1,
-                                seed=rank)
+    paths = {name: make_adapter(cpu_model, tmp_path / name, all_targets(family) + extra, r=rank,
+                                lora_alpha=3 * rank + 1, seed=rank)
              for name, rank in (("alice", 2), ("bob", 4), ("carol", 8))}
     torch._dynamo.reset()
     model = zoo.build(family).cuda()
