@@ -20,14 +20,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def rewind(cache, length: int) -> None:
-    """Set a static cache back to `length` tokens (it appends at its own running length)."""
+    """Set a static cache back to `length` tokens (it appends at its own running length; a
+    sliding-window layer keeps a Python copy of it too)."""
     for layer in cache.layers:
         layer.cumulative_length.fill_(length)
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = length
 
 
-# The MoE families' routing changes with every step's tokens; tiny-llava adds embedding and head LoRA.
+# The MoE family's routing changes with every step's tokens; tiny-llava adds embedding and head LoRA.
+# Not tiny-llama4: its chunked-attention cache layer keeps its length as a Python int, which
+# dynamo specialises on, so every decode step is a new graph for the base model too (its prefill
+# is held to PEFT on CUDA in test_gpu_targets.py).
 @pytest.mark.parametrize("family, extra", [("tiny-llava", ["embed_tokens", "lm_head"]), ("tiny-qwen2-vl", []),
-                                           ("tiny-llama4", []), ("tiny-qwen3-vl-moe", [])])
+                                           ("tiny-qwen3-vl-moe", [])])
 def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extra, tmp_path):
     from transformers import StaticCache
 
