@@ -296,11 +296,12 @@ def _expert_shrink_kernel(
         for k_start in range(k_begin, k_end, BLOCK_K):
             k = k_start + tl.arange(0, BLOCK_K)
             # Only this key's rows are loaded (the others' lanes are masked), so x is read once
-            # in all; the factor's columns past the rank are never read (they may hold garbage).
+            # in all. The factor past the rank is never read: it may hold NaN, and through the
+            # dot even the block's other rows (x zeroed here) would take 0 x NaN = NaN.
             x_tile = tl.load(x_rows[:, None] + k[None, :].to(tl.int64) * x_feature_stride,
                              mask=mine[:, None] & (k < k_end)[None, :], other=0.0)
-            f_tile = tl.load(f_base + r[:, None].to(tl.int64) * f_rank_stride + k[None, :].to(tl.int64) * f_feature_stride,
-                             mask=(r < rank)[:, None] & (k < k_end)[None, :], other=0.0)
+            f_ptrs = f_base + r[:, None].to(tl.int64) * f_rank_stride + k[None, :].to(tl.int64) * f_feature_stride
+            f_tile = tl.load(f_ptrs, mask=(r < rank)[:, None] & (k < k_end)[None, :], other=0.0)
             if USE_DOT:
                 if UPCAST:
                     acc += tl.dot(x_tile.to(tl.float32), tl.trans(f_tile.to(tl.float32)), input_precision=PRECISION)
@@ -321,8 +322,9 @@ def _expert_expand_kernel(
     partial_ptr, num_splits, rows, out_features,
     sorted_keys_ptr, order_ptr, rows_per_tile, interleave, tokens, expert_ids_ptr, rows_per_expert,
     slots_ptr, cum_ptr, num_requests, num_slots, ranks_ptr, max_rank, experts,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SORTED: tl.constexpr,
-    GATHERED: tl.constexpr, REQUESTS: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    SORTED: tl.constexpr, GATHERED: tl.constexpr, REQUESTS: tl.constexpr, USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """out[row, n-block] += (sum of the splits' partial sums) . expand[slot, expert, n-block, :rank]."""
     column_block = tl.program_id(0)
@@ -335,10 +337,12 @@ def _expert_expand_kernel(
         r = tl.arange(0, BLOCK_R)
         n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
         column_valid = n < out_features
-        shrunk = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for split in range(num_splits):
-            offsets = (split * rows + position).to(tl.int64)[:, None] * BLOCK_R + r[None, :]
-            shrunk += tl.load(partial_ptr + offsets, mask=adapted[:, None], other=0.0)
+        # Every split's partial sums in one load (a loop would be a dependent round trip each).
+        split = tl.arange(0, SPLITS)
+        offsets = ((split[:, None] * rows + position[None, :]).to(tl.int64)[:, :, None] * BLOCK_R
+                   + r[None, None, :])
+        present = (split[:, None] < num_splits) & adapted[None, :]
+        shrunk = tl.sum(tl.load(partial_ptr + offsets, mask=present[:, :, None], other=0.0), axis=0)
         delta = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         pending = adapted
         while tl.max(pending.to(tl.int32), axis=0) > 0:
@@ -439,7 +443,8 @@ def lora_experts_add_triton(output, x, lora_a, lora_b, slot_ranks, expert_ids, c
     _expert_expand_kernel[(triton.cdiv(out_features, config.block_n), blocks)](
         out_rows, *_row_strides(out_rows, gathered), expand, *expand_strides,
         partial, num_splits, rows, out_features, sorted_keys, order, *tables,
-        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_N=config.block_n, SORTED=config.sort, GATHERED=gathered,
+        BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_N=config.block_n,
+        SPLITS=max(2, 1 << (num_splits - 1).bit_length()), SORTED=config.sort, GATHERED=gathered,
         REQUESTS=requests, USE_DOT=use_dot, PRECISION=precision,
     )
     if staged:
@@ -457,7 +462,8 @@ def _viewable(tensor: torch.Tensor, rows: int) -> bool:
 def _requests_block(num_requests: int, block_m: int) -> int:
     """Request entries `_row_keys` compares at a time: all of them in one pass where they fit,
     the comparison matrix (rows x requests) bounded to 4096 elements otherwise."""
-    return max(16, min(1 << (num_requests - 1).bit_length(), 4096 // block_m, 1024))
+    # At least 64: a handful of compiled variants covers every decode batch.
+    return max(64, min(1 << (num_requests - 1).bit_length(), 4096 // block_m, 1024))
 
 
 def lora_experts_add(output, x, lora_a, lora_b, slot_ranks, expert_ids, contract_in, tiles, interleave,
