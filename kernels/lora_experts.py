@@ -17,15 +17,31 @@ PEFT calls `d2` the input: then `x @ B_e @ A_e`). Each row's token, and so its r
 its layout (`passes/row_layout.RowLayout`: of `R` rows, row `i` is token `(i mod (R / tiles)) //
 interleave`); the requests own the tokens as in `reference.py`.
 
-This file keeps the op, its fake and two plain-torch bodies together:
+This file keeps the op, its fake, its plain-torch bodies and its Triton path together:
 
 * `lora_experts_add_reference`: row by row, the tests' oracle;
-* `lora_experts_add`: the op's body on every device. No host reads, shapes that depend only on
-  the input's and the buffers' (a loop over the slots, a static count): a CUDA graph captures it
-  and replays it with refilled tables and buffers. Per slot it costs one batched product per
-  expert of rank `R` (per-expert form) or a gather of each row's `[R, c]` and `[o, R]` factors
-  (gathered form; the model's own `W[ids]` gathers far more). A Triton path would group rows by
-  (slot, expert) as the tile plan groups them by slot, and read A/B by `(slot, expert)` offsets.
+* `lora_experts_add_torch`: the op's body on the CPU (and wherever the Triton path does not
+  run). No host reads, shapes that depend only on the input's and the buffers' (a loop over the
+  slots, a static count). Per slot it costs one batched product per expert of rank `R`
+  (per-expert form) or a gather of each row's `[R, c]` and `[o, R]` factors (gathered form);
+* `lora_experts_add_triton`: the body on CUDA tensors (`lora_experts_add` dispatches on the
+  device). Both indirections, token -> adapter slot (request tables and row layout) and row ->
+  expert (the router's `expert_ids`, or the row's batch), are resolved on the device into one
+  key per row, `slot * experts + expert` (-1: no adapter). Two kernels follow, a shrink (grid
+  `row blocks x feature splits`, float32 partial sums per split, stored: no memset) and an
+  expand (grid `column blocks x row blocks`, summing the splits in one load and adding into
+  the output rows in place). Each program loops over the distinct keys of its rows and reads
+  each key's factor once for all its rows. Up to 128 rows (decode: a token's top-k rows hit
+  distinct experts anyway) a block is one row and its key is worked out in the kernel from the
+  tables (two launches in all). Beyond, blocks of 16 or 32 rows: per-expert rows already come
+  in runs of one key (expert-major, tokens in request order); gathered rows are first keyed by
+  a small kernel and put in key order by a device `torch.sort` (static shape), so a block holds
+  one or a few keys. `choose_expert_config` picks from the static row count.
+
+Both bodies read nothing back to the host and size everything from static shapes: a CUDA graph
+captures either and replays it with refilled request tables, new routing and new adapter
+weights. The factors past a slot's rank, and every slot no row uses, are never read (they may
+hold garbage or NaN); accumulation is in float32, the output keeps its dtype.
 """
 
 from __future__ import annotations
@@ -117,25 +133,29 @@ def lora_experts_add_torch(output, x, lora_a, lora_b, slot_ranks, expert_ids, co
     slots = experts_row_slots(count, tiles, interleave, request_slots, request_cum_weights)
     shrink, expand = _factors(lora_a, lora_b, contract_in)
     rank_cap = lora_a.shape[2]
-    # Ranks below the buffer's are padded with zeros, but not trusted: columns past a slot's rank are masked.
+    # Ranks below the buffer's are padded with zeros, but not trusted: the factors past a slot's
+    # rank are selected away (not multiplied by zero: 0 x NaN is NaN), and so is what a slot of
+    # rank 0, or one no row uses, would add.
     columns = torch.arange(rank_cap, device=lora_a.device)
     delta = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
     if expert_ids is None:
         mine_shape = rows_in.shape[:2] + (1,)  # [experts, T, 1]
         slots = slots.view(mine_shape)
         for slot in range(lora_a.shape[0]):
-            keep = (columns < slot_ranks[slot].to(torch.int64)).to(torch.float32)
-            shrunk = torch.bmm(rows_in.float(), shrink[slot].float()) * keep  # [experts, T, R]
-            shrunk = torch.where(slots == slot, shrunk, 0.0)
-            delta += torch.bmm(shrunk, expand[slot].float()).view(output.shape)
+            keep = columns < slot_ranks[slot].to(torch.int64)  # [R]
+            shrunk = torch.bmm(rows_in.float(), torch.where(keep, shrink[slot].float(), 0.0))  # [experts, T, R]
+            mine = torch.bmm(shrunk, torch.where(keep[:, None], expand[slot].float(), 0.0))
+            # Selected after both products: a slot no row uses may hold anything, NaN included.
+            delta += torch.where(slots == slot, mine, 0.0).view(output.shape)
     else:
         ids = expert_ids.reshape(-1).to(torch.int64)
         gather = slots.clamp(min=0)
         row_ranks = torch.where(slots >= 0, slot_ranks.to(torch.int64)[gather], 0)
-        keep = (columns < row_ranks[:, None]).to(torch.float32)  # [S, R]
-        shrunk = torch.bmm(rows_in.float()[:, None, :], shrink[gather, ids].float())[:, 0, :] * keep  # [S, R]
-        shrunk = torch.where((slots >= 0)[:, None], shrunk, 0.0)
-        delta += torch.bmm(shrunk[:, None, :], expand[gather, ids].float())[:, 0, :].view(output.shape)
+        keep = columns < row_ranks[:, None]  # [S, R]: nothing kept for rows without an adapter
+        shrink_rows = torch.where(keep[:, None, :], shrink[gather, ids].float(), 0.0)  # [S, c, R]
+        expand_rows = torch.where(keep[:, :, None], expand[gather, ids].float(), 0.0)  # [S, R, o]
+        shrunk = torch.bmm(rows_in.float()[:, None, :], shrink_rows)  # [S, 1, R]
+        delta += torch.bmm(shrunk, expand_rows)[:, 0, :].view(output.shape)
     output.add_(delta.to(output.dtype))
 
 

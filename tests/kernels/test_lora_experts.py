@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from mmlora_fx.kernels.lora_experts import (ExpertConfig, choose_expert_config, experts_row_slots, lora_experts_add_,
-                                            lora_experts_add_reference, lora_experts_add_triton)
+                                            lora_experts_add_reference, lora_experts_add_torch,
+                                            lora_experts_add_triton)
 
 from .test_lora_add import gpu, interpreter
 
@@ -184,6 +185,18 @@ def test_triton_can_fail_interpreted():
     wrong = dataclasses.replace(problem, expert_ids=(problem.expert_ids + 1) % 4)
     with pytest.raises(AssertionError):
         assert_matches(problem, run_triton(wrong, SORTED))
+
+
+@pytest.mark.parametrize("case", INTERPRETER_CASES[::2], ids=_case_id)
+def test_torch_body_matches_reference(case):
+    # The CPU path and fallback meets the same checks (NaN past the ranks and in unused slots included).
+    form, contract_in, tokens, tiles, interleave, dtype, _ = case
+    tiles = 4 if form == "per_expert" else tiles
+    problem = make_problem(gathered=form == "gathered", contract_in=contract_in, tokens=tokens, tiles=tiles,
+                           interleave=interleave, dtype=dtype, seed=INTERPRETER_CASES.index(case))
+    output = problem.output.clone()
+    lora_experts_add_torch(*problem.args(output))
+    assert_matches(problem, output)
 
 
 def test_choose_expert_config_per_row_at_decode_grouped_beyond():
