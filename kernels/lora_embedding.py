@@ -11,19 +11,25 @@ This file keeps the op, its fake and two plain-torch bodies together:
 
 * `lora_embedding_add_reference`: row by row, the oracle of the tests;
 * `lora_embedding_add`: the op's body on every device. It reads nothing back to the host and
-  its shapes depend only on the input's and the buffers' (a loop over the slots, a static count),
-  so a CUDA graph captures it and replays it with refilled tables and buffers. Its cost is a
-  gather of `rows x R` values and `slots` products of `[rows, R] @ [R, dim]`: small next to
-  the model, so no Triton kernel of its own.
+  its shapes depend only on the input's and the buffers' (a static count), so a CUDA graph
+  captures it and replays it with refilled tables and buffers. It gathers each row's column
+  `A[slot, :, token]` (`rows x R` values), then:
+  - on CUDA, the expand is `lora_add`'s Triton kernels (`lora_add.py`), with the gathered
+    columns as the input and an identity as every slot's A: rows grouped by slot, each slot's B
+    read once, two launches. The plain-torch loop below would be ~3 launches per slot on every
+    decode step, and at prefill `slots` products over all rows;
+  - elsewhere (the CPU), a loop over the slots of `[rows, R] @ [R, dim]` products.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .lora_add import BatchTables, launch
 from .reference import row_slots
 
-__all__ = ["lora_embedding_add", "lora_embedding_add_", "lora_embedding_add_reference"]
+__all__ = ["lora_embedding_add", "lora_embedding_add_", "lora_embedding_add_reference", "lora_embedding_add_torch",
+           "lora_embedding_add_triton"]
 
 
 def _check_shapes(output: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -53,22 +59,61 @@ def lora_embedding_add_reference(output, ids, lora_a, lora_b, slot_ranks, reques
         flat[row] += (lora_b[slot, :, :rank].float() @ column).to(flat.dtype)
 
 
-def lora_embedding_add(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
-    """The op's body: the reference's result with no host synchronisation (see the module's doc)."""
-    _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
+def _row_columns(ids, lora_a, slot_ranks, request_slots, request_cum_weights):
+    """Each row's slot, and its column `A[slot, :, token]` zeroed past the slot's rank ([rows, R])."""
     flat_ids = ids.reshape(-1).to(torch.int64)
-    flat = output.view(-1, output.shape[-1])
-    rows = flat_ids.numel()
-    if rows == 0 or lora_a.shape[0] == 0 or lora_a.shape[1] == 0:
-        return
-    slots = row_slots(request_slots, request_cum_weights, rows)
+    slots = row_slots(request_slots, request_cum_weights, flat_ids.numel())
     gather = slots.clamp(min=0)
     # Ranks below the buffer's are padded with zeros, but not trusted: columns past a slot's rank are masked.
     row_ranks = torch.where(slots >= 0, slot_ranks.to(torch.int64)[gather], 0)
-    keep = torch.arange(lora_a.shape[1], device=lora_a.device) < row_ranks[:, None]  # [rows, R]
-    # Each row's column A[slot, :, token]: the two advanced indices put the rows first, [rows, R].
-    shrunk = torch.where(keep, lora_a[gather, :, flat_ids].float(), 0.0)
-    delta = torch.zeros(rows, flat.shape[-1], dtype=torch.float32, device=flat.device)
+    keep = torch.arange(lora_a.shape[1], device=lora_a.device) < row_ranks[:, None]
+    # The two advanced indices put the rows first: [rows, R].
+    return slots, torch.where(keep, lora_a[gather, :, flat_ids], 0.0)
+
+
+def _nothing_to_add(ids, lora_a) -> bool:
+    return ids.numel() == 0 or lora_a.shape[0] == 0 or lora_a.shape[1] == 0
+
+
+def _expand_triton(flat, columns, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+    """`flat[i] += lora_b[slot_i] @ columns[i]` through `lora_add`'s kernels: the gathered columns
+    are the rows' input and an identity is every slot's A. The columns must be zero past each
+    row's rank (the identity's zeros would meet a NaN there as 0 * NaN); rows of slot -1 are left
+    alone by the kernels."""
+    identity = torch.eye(lora_a.shape[1], dtype=columns.dtype, device=columns.device).expand(lora_a.shape[0], -1, -1)
+    launch([flat], columns, [identity], [lora_b], BatchTables([slot_ranks], request_slots, request_cum_weights))
+
+
+def lora_embedding_add_triton(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+    """The CUDA path on any device (the tests run it on the CPU under `TRITON_INTERPRET=1`)."""
+    _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
+    if _nothing_to_add(ids, lora_a):
+        return
+    _, columns = _row_columns(ids, lora_a, slot_ranks, request_slots, request_cum_weights)
+    _expand_triton(output.view(-1, output.shape[-1]), columns, lora_a, lora_b, slot_ranks, request_slots,
+                   request_cum_weights)
+
+
+def lora_embedding_add(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+    """The op's body: the reference's result with no host synchronisation (see the module's doc)."""
+    _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
+    if _nothing_to_add(ids, lora_a):
+        return
+    if output.is_cuda:
+        lora_embedding_add_triton(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+    else:
+        lora_embedding_add_torch(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+
+
+def lora_embedding_add_torch(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
+    """The CPU path on any device (the benchmark times it on CUDA against the kernels)."""
+    _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
+    if _nothing_to_add(ids, lora_a):
+        return
+    flat = output.view(-1, output.shape[-1])
+    slots, columns = _row_columns(ids, lora_a, slot_ranks, request_slots, request_cum_weights)
+    shrunk = columns.float()
+    delta = torch.zeros(flat.shape[0], flat.shape[-1], dtype=torch.float32, device=flat.device)
     for slot in range(lora_a.shape[0]):
         # Masked after the product, not only before it: a slot no row of this batch reads (an
         # idle slot, or one a prefetch is writing on a side stream) must not reach the other

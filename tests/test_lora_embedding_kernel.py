@@ -1,8 +1,14 @@
 """The embedding LoRA op's sync-free body against its row-by-row reference."""
 
+import os
+
+import pytest
 import torch
 
-from mmlora_fx.kernels.lora_embedding import lora_embedding_add, lora_embedding_add_reference
+from mmlora_fx.kernels.lora_embedding import (lora_embedding_add, lora_embedding_add_reference,
+                                              lora_embedding_add_triton)
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def test_the_op_body_equals_the_reference_per_row_slot_and_rank():
@@ -58,3 +64,31 @@ def test_the_custom_op_and_its_fake_trace():
     torch._dynamo.reset()
     compiled = torch.compile(lookup, backend="aot_eager", fullgraph=True)(ids)
     torch.testing.assert_close(compiled, lookup(ids))
+
+
+@pytest.mark.skipif(not INTERPRETING or torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 on a CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_path_equals_the_reference_interpreted(dtype):
+    """What CUDA runs (the gathered columns expanded by lora_add's kernels through an identity A),
+    on the CPU under Triton's interpreter: per row's slot and rank, with NaN past a rank and an
+    infinite value in a slot no row reads, rows of the base model untouched."""
+    generator = torch.Generator().manual_seed(2)
+    slots, max_rank, vocab, dim = 4, 8, 40, 24
+    lora_a = torch.randn(slots, max_rank, vocab, generator=generator).to(dtype)
+    lora_b = torch.randn(slots, dim, max_rank, generator=generator).to(dtype)
+    ranks = torch.tensor([3, 8, 0, 5], dtype=torch.int32)
+    lora_a[0, 3:] = float("nan")
+    lora_b[0, :, 3:] = float("nan")
+    lora_b[3, 0, 0] = float("inf")  # slot 3: no request of this batch
+    ids = torch.randint(0, vocab, (5, 3), generator=generator)
+    request_slots = torch.tensor([1, -1, 0, 2, 0], dtype=torch.int32)
+    cum_weights = torch.tensor([0, 1, 2, 3, 4, 5])
+    base = torch.randn(5, 3, dim, generator=generator).to(dtype)
+    ours, reference = base.clone(), base.clone()
+    lora_embedding_add_triton(ours, ids, lora_a, lora_b, ranks, request_slots, cum_weights)
+    lora_embedding_add_reference(reference, ids, lora_a, lora_b, ranks, request_slots, cum_weights)
+    assert torch.isfinite(ours).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(ours[1], base[1]) and torch.equal(ours[3], base[3]), "base and rank-0 rows are untouched"
+    assert (ours[0] != base[0]).any() and (ours[2] != base[2]).any()
