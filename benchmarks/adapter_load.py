@@ -80,8 +80,9 @@ def _trim():
         pass
 
 
-def timed(function) -> float:
-    _trim()
+def timed(function, trim: bool = True) -> float:
+    if trim:
+        _trim()
     began = time.perf_counter()
     function()
     return time.perf_counter() - began
@@ -94,6 +95,10 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny e2e shape (a check of the script)")
     parser.add_argument("--profile", action="store_true", help="cProfile one load; print the top functions")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="no malloc_trim before each call: with GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:"
+                             "glibc.malloc.trim_threshold=17179869184, freed memory is reused (no page faults), as "
+                             "torch's caching host allocator reuses pinned blocks")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--commit", default=None, help="the commit run (a device's git HEAD may be stale)")
     args = parser.parse_args()
@@ -136,12 +141,13 @@ def main() -> int:
         for name, function in parts.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            samples[name].append(timed(function))
+            samples[name].append(timed(function, trim=not args.no_trim))
     median = {name: statistics.median(values) for name, values in samples.items()}
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=args.commit or checkout_commit(), versions=versions(), device=str(device),
                   device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
+                  cpu_count=os.cpu_count(), threads=torch.get_num_threads(), trim=not args.no_trim,
+                  glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
                   spec="TINY" if args.tiny else "SEVEN_B", file_bytes=size, linears=len(adapter.modules),
                   repeats=args.repeats, median_ms={name: value * 1e3 for name, value in median.items()},
                   samples_ms={name: [value * 1e3 for value in values] for name, values in samples.items()},
