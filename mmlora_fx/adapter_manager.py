@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -144,12 +145,10 @@ def _typed(name: str, error: BaseException) -> AdapterError:
     return typed
 
 
-def _coalesced(tensors: list[torch.Tensor], candidates: int = 64) -> list[torch.Tensor]:
+def _coalesced(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors (of one buffer) as few views as cover them exactly: contiguous tensors of equal
     dtype and size whose offsets step evenly (the same linear in every layer of a file) become
-    one strided `[count, numel]` view each; any other tensor stays on its own. Chains are found
-    greedily: from the first tensor left, the step to one of the next `candidates` that makes the
-    longest chain."""
+    one strided `[count, numel]` view each (`_chains`); any other tensor stays on its own."""
     views: list[torch.Tensor] = []
     keyed: dict[tuple, dict[int, torch.Tensor]] = {}
     for tensor in tensors:
@@ -159,25 +158,33 @@ def _coalesced(tensors: list[torch.Tensor], candidates: int = 64) -> list[torch.
         else:
             views.append(tensor)
     for (_, numel, _), by_offset in keyed.items():
-        left = sorted(by_offset)
-        while left:
-            first, remaining = left[0], set(left)
-            best = [first]
-            for other in left[1:candidates + 1]:
-                step = other - first
-                chain = [first]
-                while step >= numel and chain[-1] + step in remaining:
-                    chain.append(chain[-1] + step)
-                if len(chain) > len(best):
-                    best = chain
-            if len(best) == 1:
-                views.append(by_offset[first])
-            else:
-                step = best[1] - best[0]
-                views.append(by_offset[first].as_strided((len(best), numel), (step, 1), first))
-            taken = set(best)
-            left = [offset for offset in left if offset not in taken]
+        for first, count, step in _chains(tuple(sorted(by_offset)), numel):
+            tensor = by_offset[first]
+            views.append(tensor if count == 1 else tensor.as_strided((count, numel), (step, 1), first))
     return views
+
+
+@functools.lru_cache(maxsize=256)  # adapters of one model and rank share their files' layout
+def _chains(offsets: tuple[int, ...], numel: int, candidates: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """Sorted, non-overlapping `offsets` of `numel`-element tensors as evenly stepped chains
+    `(first, count, step)`, found greedily: from the first offset left, the step to one of the next
+    `candidates` that makes the longest chain."""
+    chains = []
+    left = list(offsets)
+    while left:
+        first, remaining = left[0], set(left)
+        best = [first]
+        for other in left[1:candidates + 1]:
+            step = other - first
+            chain = [first]
+            while step >= numel and chain[-1] + step in remaining:
+                chain.append(chain[-1] + step)
+            if len(chain) > len(best):
+                best = chain
+        chains.append((first, len(best), best[1] - best[0] if len(best) > 1 else 0))
+        taken = set(best)
+        left = [offset for offset in left if offset not in taken]
+    return tuple(chains)
 
 
 def _fingerprint(path: Path) -> tuple:

@@ -302,33 +302,45 @@ def _read_buffer(handle, buffer: torch.Tensor, keys: list[str]) -> _FileTensors 
     header.pop("__metadata__", None)
     if sorted(header) != sorted(keys):
         return None
-    tensors, spans, regions = {}, [], {}  # regions: the data region as each dtype met
+    entries = []  # (begin, end, key, dtype, shape, strides)
     for key in keys:
         entry = header[key]
-        if not isinstance(entry, dict):
+        try:
+            dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
             return None
-        dtype, shape, offsets = _DTYPES.get(entry.get("dtype")), entry.get("shape"), entry.get("data_offsets")
-        if (dtype is None or type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape)
-                or type(offsets) is not list or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
+        if type(shape) is not list or type(begin) is not int or type(end) is not int:
             return None
-        begin, end = offsets
-        itemsize = dtype.itemsize
-        if not 0 <= begin <= end <= size - start or end - begin != math.prod(shape) * itemsize or begin % itemsize:
-            return None
-        region = regions.get(dtype)
-        if region is None:
-            if start % itemsize:
+        strides, step, numel = [], 1, 1  # contiguous strides, as torch gives them (an empty dim counts as 1)
+        for extent in reversed(shape):
+            if type(extent) is not int or extent < 0:
                 return None
-            region = regions[dtype] = buffer[start:start + (size - start) // itemsize * itemsize].view(dtype)
-        tensors[key] = region[begin // itemsize:end // itemsize].view(shape)
-        spans.append((begin, end))
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
+            strides.append(step)
+            step *= max(extent, 1)
+            numel *= extent
+        itemsize = dtype.itemsize
+        if not 0 <= begin <= end or end - begin != numel * itemsize or (start + begin) % itemsize:
             return None
-        position = end
+        entries.append((begin, end, key, dtype, shape, strides[::-1]))
+    entries.sort(key=lambda entry: entry[:2])
+    position = 0
+    for entry in entries:
+        if entry[0] != position:
+            return None
+        position = entry[1]
     if position != size - start:
         return None
+    regions: dict[torch.dtype, torch.Tensor] = {}  # the data region as each dtype met
+    views = {}
+    for begin, _, key, dtype, shape, strides in entries:
+        region = regions.get(dtype)
+        if region is None:
+            if start % dtype.itemsize:
+                return None
+            region = regions[dtype] = buffer[start:start + position // dtype.itemsize * dtype.itemsize].view(dtype)
+        # One op per tensor (a slice and a view are two); as_strided's offset is the storage's.
+        views[key] = region.as_strided(shape, strides, region.storage_offset() + begin // dtype.itemsize)
+    tensors = {key: views[key] for key in keys}
     data = next(iter(regions.values())) if len(regions) == 1 and position else None
     return _FileTensors(tensors, buffer, data)
 

@@ -141,6 +141,15 @@ def test_the_buffer_read_equals_safetensors_tensors(bf16_adapter, tmp_path):
     assert list(file.tensors) == list(reference)
     for key, tensor in reference.items():
         assert file.tensors[key].dtype == tensor.dtype and torch.equal(file.tensors[key], tensor), key
+    # Two dtypes, and shapes of every rank, empty ones too.
+    odd = {"a": torch.randn(2, 3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.zeros(0, 3),
+           "d": torch.tensor(1.5, dtype=torch.float64), "e": torch.randn(3, 7).to(torch.float16)}
+    (tmp_path / "odd").mkdir()
+    save_file(odd, str(tmp_path / "odd" / WEIGHTS_FILE))
+    read = peft_format._read_tensors("odd", tmp_path / "odd")
+    assert read.buffer is not None and read.data is None
+    for key, tensor in odd.items():
+        assert read.tensors[key].dtype == tensor.dtype and torch.equal(read.tensors[key], tensor), key
     # A dtype outside the float ones: read by safetensors, tensor by tensor, as before.
     save_file({"x": torch.arange(6, dtype=torch.int64).reshape(2, 3), "y": torch.ones(3)}, str(tmp_path / WEIGHTS_FILE))
     other = peft_format._read_tensors("b", tmp_path)
