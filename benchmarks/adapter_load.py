@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,9 +97,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile one load; print the top functions")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-trim", action="store_true",
-                        help="no malloc_trim before each call: with GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:"
-                             "glibc.malloc.trim_threshold=17179869184, freed memory is reused (no page faults), as "
-                             "torch's caching host allocator reuses pinned blocks")
+                        help="no malloc_trim before each call: with GLIBC_TUNABLES="
+                             "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184, freed "
+                             "memory is reused (no page faults), as torch's caching host allocator reuses pinned blocks")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--commit", default=None, help="the commit run (a device's git HEAD may be stale)")
     args = parser.parse_args()
@@ -107,6 +108,13 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     manager = make_manager(e2e.TINY if args.tiny else e2e.SEVEN_B, device)
     root = Path(tempfile.mkdtemp(prefix="mmlora-adapter-load-"))
+    try:
+        return run(args, device, manager, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, device: torch.device, manager: AdapterManager, root: Path) -> int:
     path = write(root, manager)
     weights = path / WEIGHTS_FILE
     size = weights.stat().st_size
