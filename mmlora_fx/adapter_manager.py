@@ -7,10 +7,12 @@ slot does not adapt the linear). Smaller ranks are padded with zeros. Loading an
 slot writes that slot only.
 
 Adapters are known by name (`register`/`load`), cached on the CPU up to `max_cpu_loras`, and
-resident in at most `max_loras` GPU slots. A CPU-cache entry is already in the slot layout: one
-flat buffer per adapter (pinned when the slots are on a GPU) holding each linear's A and B padded
-to `max_lora_rank`, so a slot write is two contiguous copies per linear from views of it, queued
-on a side stream with an event the step's stream waits on. Evicted adapters are read again from
+resident in at most `max_loras` GPU slots. A CPU-cache entry is already in the slot layout (in
+memory pinned when the slots are on a GPU): the buffer its file was read into, B scaled in place,
+when the file is that layout already (every factor of rank `max_lora_rank` in the buffers' dtype,
+nothing else in it: no copy at all), else one flat buffer per adapter and dtype holding each
+linear's A and B padded to `max_lora_rank`. A slot write is two contiguous copies per linear from
+views of it, queued on a side stream with an event the step's stream waits on. Evicted adapters are read again from
 their directory when a batch needs them. Pinned adapters are never evicted from either.
 
 `prefetch(names)` announces the adapters of the next steps: it reads what is not cached (on a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -47,7 +50,7 @@ from .errors import (
     UnknownAdapterError,
 )
 from .linear_index import LinearIndex
-from .peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFactors, LoRAFactors, fold_into, read_adapter, read_factors
 from .serving import ServingPlan
 
 __all__ = ["SlotBuffers", "AdapterManager", "AdapterStats", "BASE_NAMES"]
@@ -86,9 +89,10 @@ class _Entry:
 
 @dataclasses.dataclass
 class _Packed:
-    """An adapter in the slot layout, as the CPU cache keeps it: `flats` (one buffer per dtype,
-    pinned when the slots are on a GPU) and, per adapted linear, views of them shaped like one
-    slot of its buffers (`[max_lora_rank, in]`, `[out, max_lora_rank]`, zero-padded) and its rank."""
+    """An adapter in the slot layout, as the CPU cache keeps it: `flats` (one buffer per dtype, or
+    the bytes of the file it was read from; pinned when the slots are on a GPU) and, per adapted
+    linear, views of them shaped like one slot of its buffers (`[max_lora_rank, in]`, `[out,
+    max_lora_rank]`, zero-padded) and its rank."""
 
     flats: list[torch.Tensor]
     views: dict[str, tuple[torch.Tensor, torch.Tensor, int]]
@@ -139,6 +143,48 @@ def _typed(name: str, error: BaseException) -> AdapterError:
     typed = AdapterFileError(name, f"reading it in the background failed: {type(error).__name__}: {error}")
     typed.__cause__ = error
     return typed
+
+
+def _coalesced(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors (of one buffer) as few views as cover them exactly: contiguous tensors of equal
+    dtype and size whose offsets step evenly (the same linear in every layer of a file) become
+    one strided `[count, numel]` view each (`_chains`); any other tensor stays on its own."""
+    views: list[torch.Tensor] = []
+    keyed: dict[tuple, dict[int, torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.is_contiguous() and tensor.numel():
+            key = (tensor.dtype, tensor.numel(), tensor.untyped_storage().data_ptr())
+            keyed.setdefault(key, {})[tensor.storage_offset()] = tensor
+        else:
+            views.append(tensor)
+    for (_, numel, _), by_offset in keyed.items():
+        for first, count, step in _chains(tuple(sorted(by_offset)), numel):
+            tensor = by_offset[first]
+            views.append(tensor if count == 1 else tensor.as_strided((count, numel), (step, 1), first))
+    return views
+
+
+@functools.lru_cache(maxsize=256)  # adapters of one model and rank share their files' layout
+def _chains(offsets: tuple[int, ...], numel: int, candidates: int = 64) -> tuple[tuple[int, int, int], ...]:
+    """Sorted, non-overlapping `offsets` of `numel`-element tensors as evenly stepped chains
+    `(first, count, step)`, found greedily: from the first offset left, the step to one of the next
+    `candidates` that makes the longest chain."""
+    chains = []
+    left = list(offsets)
+    while left:
+        first, remaining = left[0], set(left)
+        best = [first]
+        for other in left[1:candidates + 1]:
+            step = other - first
+            chain = [first]
+            while step >= numel and chain[-1] + step in remaining:
+                chain.append(chain[-1] + step)
+            if len(chain) > len(best):
+                best = chain
+        chains.append((first, len(best), best[1] - best[0] if len(best) > 1 else 0))
+        taken = set(best)
+        left = [offset for offset in left if offset not in taken]
+    return tuple(chains)
 
 
 def _fingerprint(path: Path) -> tuple:
@@ -300,9 +346,12 @@ class AdapterManager:
 
     def _read_validated(self, name: str, path):
         dtypes = {buffers.lora_a.dtype for buffers in self.buffers.values()}
-        # Matrices come in the buffers' dtype straight away when there is one: no float32 pass.
-        adapter = read_adapter(name, path, self.linears, max_rank=self.max_lora_rank,
-                               dtype=next(iter(dtypes)) if len(dtypes) == 1 else None)
+        if len(dtypes) == 1:
+            # Factors as the file holds them, converted once, straight into the slot layout.
+            adapter = read_factors(name, path, self.linears, max_rank=self.max_lora_rank, dtype=next(iter(dtypes)),
+                                   pin=self._pin)
+        else:  # buffers of several dtypes: float32 matrices, each cast to its buffers' dtype by `_pack`
+            adapter = read_adapter(name, path, self.linears, max_rank=self.max_lora_rank)
         unserved = sorted(module for module in adapter.modules if not self.serving.serves(module))
         if unserved and not self.serving.explicit:
             raise AdapterTargetError(
@@ -317,8 +366,38 @@ class AdapterManager:
             del adapter.modules[module]
         return adapter, tuple(unserved)
 
+    def _in_place(self, adapter) -> bool:
+        """Whether the file's buffer already is the slot layout: every tensor in it is a served
+        factor of the buffers' dtype, shape (rank `max_lora_rank`: no padding) and contiguous."""
+        if not isinstance(adapter, AdapterFactors) or adapter.buffer is None:
+            return False
+        used = 0
+        for module, factors in adapter.modules.items():
+            buffers = self.buffers[module]
+            for tensor, slot in ((factors.lora_a, buffers.lora_a), (factors.lora_b, buffers.lora_b)):
+                if tensor.dtype != slot.dtype or tensor.shape != slot.shape[1:] or not tensor.is_contiguous():
+                    return False
+                used += tensor.nbytes
+        # Base-weight copies or dropped modules would be kept for nothing.
+        return used == adapter.tensor_bytes
+
     def _pack(self, adapter, dropped: tuple[str, ...]) -> _Packed:
-        """The adapter in the slot layout, one flat host buffer per dtype (pinned for a GPU)."""
+        """The adapter in the slot layout (pinned for a GPU): the buffer its file was read into,
+        its B matrices scaled in place, when that is the layout already (`_in_place`); otherwise
+        one flat buffer per dtype, each linear's A and B padded to `max_lora_rank`."""
+        if self._in_place(adapter):
+            by_scaling: dict[float, list[torch.Tensor]] = {}
+            for factors in adapter.modules.values():
+                by_scaling.setdefault(factors.scaling, []).append(factors.lora_b)
+            # A few large ops, not one per linear: each costs a parallel region, which on a busy
+            # host waits for every OpenMP thread to be scheduled.
+            for scaling, matrices in by_scaling.items():
+                if scaling != 1.0:  # times 1 changes nothing, rounded to any dtype
+                    for run in _coalesced(matrices):
+                        fold_into(run, run, scaling)
+            views = {module: (factors.lora_a, factors.lora_b, factors.rank)
+                     for module, factors in adapter.modules.items()}
+            return _Packed([adapter.buffer], views, dropped)
         sizes: dict[torch.dtype, int] = {}
         for module in adapter.modules:
             buffers = self.buffers[module]
@@ -339,7 +418,10 @@ class AdapterManager:
             # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
             a[..., :rank, :].copy_(weights.lora_a)
             a[..., rank:, :].zero_()
-            b[..., :rank].copy_(weights.lora_b)
+            if isinstance(weights, LoRAFactors):
+                fold_into(b[..., :rank], weights.lora_b, weights.scaling)
+            else:  # read_adapter's: scaled already
+                b[..., :rank].copy_(weights.lora_b)
             b[..., rank:].zero_()
             views[module] = (a, b, rank)
         return _Packed(list(flats.values()), views, dropped)

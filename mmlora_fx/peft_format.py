@@ -7,14 +7,20 @@ says which: a 2D one used as `x @ W`, read into a linear's layout, or a 3D exper
 expert). Full copies of base weights (PEFT saves the embeddings and lm_head
 an adapter targets) are accepted only where they equal the model's weights. Tensors are read with safetensors only; a pickle is never opened. Each module's
 scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, after `rank_pattern` and
-`alpha_pattern`) is folded into its B matrix once, here.
+`alpha_pattern`) is folded into its B matrix once: by `read_adapter`, or, for `read_factors`'
+factors (the file's tensors, validated, unconverted), by the caller (`fold_into`).
+
+The weights file is read with one `readinto` into one buffer, its tensors views of it, and its
+values checked in one pass over it: a load costs little more than reading the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -34,7 +40,8 @@ from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearInd
 from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter, split_wrappers
 from .partitions import can_carry_lora
 
-__all__ = ["LoRAModule", "LoRAAdapter", "AdapterScan", "read_adapter", "read_adapter_config", "scan_adapter",
+__all__ = ["LoRAModule", "LoRAAdapter", "LoRAFactors", "AdapterFactors", "AdapterScan", "read_adapter",
+           "read_factors", "fold_into", "read_adapter_config", "scan_adapter",
            "selected_by_config", "CONFIG_FILE", "WEIGHTS_FILE"]
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,6 +63,7 @@ _ROLES = {"lora_A": ("lora_A", LINEAR), "lora_B": ("lora_B", LINEAR),
           "lora_embedding_A": ("lora_A", EMBEDDING), "lora_embedding_B": ("lora_B", EMBEDDING)}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same names in every adapter of a model
 def _lora_key(key: str) -> tuple[str, str, str] | None:
     """(module, "lora_A" or "lora_B", kind of layer it belongs on) of a LoRA tensor name, or None."""
     match = _KEY.match(key)
@@ -211,7 +219,26 @@ def selected_by_config(config: dict, module: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
+# The float dtypes a file's tensors are read as views of one buffer in; a file holding any other
+# dtype is read by safetensors tensor by tensor.
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+@dataclasses.dataclass
+class _FileTensors:
+    """A weights file's tensors by name (in safetensors' order) and, when read into one buffer,
+    that buffer (the whole file, bytes) and its data region as the tensors' one dtype (None when
+    they have several, or the file was read tensor by tensor)."""
+
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor | None = None
+    data: torch.Tensor | None = None
+
+
+def _read_tensors(name: str, path: Path, pin: bool = False) -> _FileTensors:
+    """The tensors of the adapter's weights file, after safetensors validated it. A file of float
+    tensors is read with one `readinto` into one buffer (pinned with `pin`) that every tensor is a
+    view of: no allocation and copy per tensor."""
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / PICKLE_FILE).is_file():
@@ -222,13 +249,113 @@ def _read_tensors(name: str, path: Path) -> dict[str, torch.Tensor]:
                 f"(save_pretrained(..., safe_serialization=True)) to get {WEIGHTS_FILE}",
             )
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is missing from {str(path)!r}")
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    errors = (SafetensorError, OSError, ValueError, RuntimeError)
     try:
-        return load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        with safe_open(str(weights), framework="pt") as handle:
+            keys = list(handle.keys())
+        handle = open(weights, "rb", buffering=0)  # noqa: SIM115 (closed below)
+    except errors as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
+    with handle:
+        # Outside the errors said to be the file's: pinned memory can run out.
+        buffer = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8, pin_memory=pin)
+        try:
+            read = _read_buffer(handle, buffer, keys)
+            if read is not None:
+                return read
+            # Another dtype, or a file that changed between safetensors' look and the read: read
+            # as before (safetensors raises on a file it finds corrupt now).
+            return _FileTensors(load_file(str(weights), device="cpu"))
+        except errors as error:
+            raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
+
+
+def _read_buffer(handle, buffer: torch.Tensor, keys: list[str]) -> _FileTensors | None:
+    """The file (`handle`, of `buffer`'s size) read into `buffer`, its tensors views of it; None
+    when a tensor is not one of `_DTYPES` or is not aligned to its dtype, or when the bytes read do
+    not hold the header safetensors validated (`keys`, offsets covering the data region exactly,
+    sizes that match shapes): the caller then reads the file with safetensors."""
+    size = buffer.numel()
+    view, done = memoryview(buffer.numpy()), 0
+    while done < size:
+        count = handle.readinto(view[done:])
+        if not count:
+            return None
+        done += count
+    if handle.read(1):
+        return None  # longer than when its size was taken
+    if size < 8:
+        return None
+    length = int.from_bytes(bytes(view[:8]), "little")
+    start = 8 + length
+    if start > size:
+        return None
+    try:
+        header = json.loads(bytes(view[8:start]))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    header.pop("__metadata__", None)
+    if sorted(header) != sorted(keys):
+        return None
+    entries = []  # (begin, end, key, dtype, shape, strides)
+    for key in keys:
+        entry = header[key]
+        try:
+            dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if type(shape) is not list or type(begin) is not int or type(end) is not int:
+            return None
+        strides, step, numel = [], 1, 1  # contiguous strides, as torch gives them (an empty dim counts as 1)
+        for extent in reversed(shape):
+            if type(extent) is not int or extent < 0:
+                return None
+            strides.append(step)
+            step *= max(extent, 1)
+            numel *= extent
+        itemsize = dtype.itemsize
+        if not 0 <= begin <= end or end - begin != numel * itemsize or (start + begin) % itemsize:
+            return None
+        entries.append((begin, end, key, dtype, shape, strides[::-1]))
+    entries.sort(key=lambda entry: entry[:2])
+    position = 0
+    for entry in entries:
+        if entry[0] != position:
+            return None
+        position = entry[1]
+    if position != size - start:
+        return None
+    regions: dict[torch.dtype, torch.Tensor] = {}  # the data region as each dtype met
+    views = {}
+    for begin, _, key, dtype, shape, strides in entries:
+        region = regions.get(dtype)
+        if region is None:
+            if start % dtype.itemsize:
+                return None
+            region = regions[dtype] = buffer[start:start + position // dtype.itemsize * dtype.itemsize].view(dtype)
+        # One op per tensor (a slice and a view are two); as_strided's offset is the storage's.
+        views[key] = region.as_strided(shape, strides, region.storage_offset() + begin // dtype.itemsize)
+    tensors = {key: views[key] for key in keys}
+    data = next(iter(regions.values())) if len(regions) == 1 and position else None
+    return _FileTensors(tensors, buffer, data)
+
+
+def _value_bound(file: _FileTensors) -> float | None:
+    """The largest magnitude in the file, when one pass over its data region finds every value
+    finite (base-weight copies included); None when unknown or some value is not finite (then
+    each LoRA tensor is checked on its own, as before)."""
+    if file.data is None:
+        return None
+    # min and max are NaN when any value is, and infinite when one is: one pass, no temporary
+    # (isfinite().all() is 25x slower on bf16 on a CPU).
+    low, high = (value.item() for value in torch.aminmax(file.data))
+    bound = max(abs(low), abs(high))
+    return bound if math.isfinite(bound) else None
 
 
 def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: LinearIndex,
@@ -334,24 +461,92 @@ def _check_targets(name: str, modules: list[str], linears: LinearIndex, config: 
             )
 
 
-def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = None,
-                 dtype: torch.dtype | None = None) -> LoRAAdapter:
-    """Read and validate the adapter at `path` for the model `linears` describes.
+@dataclasses.dataclass(frozen=True)
+class LoRAFactors:
+    """One adapted layer's factors as the file holds them (its dtype, not scaled; views of the
+    file's tensors in the layer's layout: `lora_a [..., rank, in]`, `lora_b [..., out, rank]`),
+    validated, with the scaling still to fold into `lora_b`."""
 
-    Raises an `AdapterError` subclass naming the adapter, the module and the problem. `dtype`
-    is the dtype of the returned matrices (float32 when None).
+    module: str
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    rank: int
+    scaling: float
+
+
+@dataclasses.dataclass
+class AdapterFactors:
+    """A validated adapter before conversion: its factors by module and, when its file was read
+    into one buffer, that buffer (every factor is a view of it) and the bytes of its tensors."""
+
+    name: str
+    path: Path
+    config: dict
+    modules: dict[str, LoRAFactors]
+    buffer: torch.Tensor | None
+    tensor_bytes: int
+
+
+def _fold_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scaling is folded in for matrices of `dtype`: float64 for float32 and float64
+    (one rounding); for half-precision ones float32 is enough (its product rounds to the same 8 or
+    11 bits but in rare ties) and it keeps a big adapter's load close to the time of reading its file."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def fold_into(out: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+    """`out = (lora_b in the fold dtype * scaling)` rounded to `out`'s dtype: `read_adapter`'s B,
+    written into `out` (a slot-layout view, or `lora_b` itself) without temporaries where the
+    product in float32 is the fold: `torch.mul` computes half-precision products in float32 and
+    rounds each once, as the float32 temporary did."""
+    fold = _fold_dtype(out.dtype)
+    if fold == torch.float32 and lora_b.dtype in (out.dtype, torch.float32):
+        torch.mul(lora_b, scaling, out=out)
+    else:
+        out.copy_(lora_b.to(fold) * scaling)
+
+
+def _folded(lora_b: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    return (lora_b.to(_fold_dtype(dtype)) * scaling).to(dtype).contiguous()
+
+
+def _check_finite(name: str, module: str, tensors, message: str = "holds NaN or infinite values") -> None:
+    for kind, tensor in tensors:
+        # min and max are NaN when any value is, and infinite when one is: one pass, no temporary.
+        low, high = torch.aminmax(tensor)
+        if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+            raise AdapterValueError(name, f"{kind} {message}", module=module)
+
+
+def read_factors(name: str, path, linears: LinearIndex, max_rank: int | None = None,
+                 dtype: torch.dtype | None = None, pin: bool = False) -> AdapterFactors:
+    """Read and validate the adapter at `path` for the model `linears` describes, without
+    converting: each module's factors as views of the file's tensors, the scaling not yet folded
+    (`read_adapter` converts them). `dtype` is the dtype they will be converted to (float32 when
+    None): factors that would not be finite in it, after the cast and the scaling, are refused
+    here (`AdapterValueError`, "overflows <dtype>"). `pin` reads the file into pinned memory.
+
+    Values are checked in one pass over the file's data region where it has one float dtype (its
+    largest magnitude also bounds what the conversion can reach); only where that pass finds a
+    value that is not finite, or cannot rule out an overflow, is each tensor checked on its own.
     """
     path = Path(path)
     config = read_adapter_config(name, path)
-    grouped, copies = _group_by_module(name, _read_tensors(name, path), linears, config)
+    file = _read_tensors(name, path, pin)
+    grouped, copies = _group_by_module(name, file.tensors, linears, config)
     if not grouped:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA weights")
     _check_targets(name, sorted(grouped), linears, config)
     _check_base_copies(name, copies, linears)
+    bound = _value_bound(file)
+    out_dtype = dtype or torch.float32
+    # Below this, neither rounding to `out_dtype` nor folding a scaling of at most 1 (or `bound`'s
+    # margin) can reach infinity.
+    limit = torch.finfo(out_dtype).max / 2
 
     default_rank = int(config.get("r", 8))
     default_alpha = float(config.get("lora_alpha", 8))
-    modules: dict[str, LoRAModule] = {}
+    modules: dict[str, LoRAFactors] = {}
     for module in sorted(grouped):
         lora_a, lora_b = grouped[module]["lora_A"], grouped[module]["lora_B"]
         info = linears[module]
@@ -389,36 +584,42 @@ def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = N
                                      module=module)
         if max_rank is not None and rank > max_rank:
             raise AdapterRankError(name, f"rank {rank} is above max_lora_rank={max_rank}", module=module)
-        for kind, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-            # min and max are NaN when any value is, and infinite when one is: one pass, no
-            # temporary (isfinite().all() is 25x slower on bf16 on a CPU: most of a load).
-            low, high = torch.aminmax(tensor)
-            if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-                raise AdapterValueError(name, f"{kind} holds NaN or infinite values", module=module)
+        if bound is None:
+            _check_finite(name, module, (("lora_A", lora_a), ("lora_B", lora_b)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        out_dtype = dtype or torch.float32
-        # The scaling is folded in float64 for float32 and float64 matrices (one rounding); for
-        # half-precision ones float32 is enough (its product rounds to the same 8 or 11 bits but
-        # in rare ties) and it keeps a big adapter's load close to the time of reading its file.
-        fold = torch.float64 if out_dtype in (torch.float32, torch.float64) else torch.float32
-        converted_a = lora_a.to(out_dtype).contiguous()
-        folded_b = (lora_b.to(fold) * scaling).to(out_dtype).contiguous()
-        if out_dtype == torch.float16:
+        if bound is None or bound * max(1.0, abs(scaling)) >= limit:
             # Finite in the file, infinite after the cast or the scaling (float16 ends at 65504):
             # an infinite B times a zero row is NaN, so it would spoil other requests' rows too.
-            for kind, tensor in (("lora_A", converted_a), (f"lora_B times its scaling {scaling:g}", folded_b)):
-                low, high = torch.aminmax(tensor)
-                if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-                    raise AdapterValueError(name, f"{kind} overflows float16, the model's dtype", module=module)
-        modules[module] = LoRAModule(
-            module=module,
-            lora_a=converted_a,
-            lora_b=folded_b,
-            rank=rank,
-            scaling=scaling,
-        )
-    return LoRAAdapter(name=name, path=path, config=config, modules=modules)
+            converted = (("lora_A", lora_a.to(out_dtype)),
+                         (f"lora_B times its scaling {scaling:g}", _folded(lora_b, scaling, out_dtype)))
+            _check_finite(name, module, converted,
+                          message=f"overflows {str(out_dtype).removeprefix('torch.')}, the model's dtype")
+        modules[module] = LoRAFactors(module=module, lora_a=lora_a, lora_b=lora_b, rank=rank, scaling=scaling)
+    return AdapterFactors(name=name, path=path, config=config, modules=modules, buffer=file.buffer,
+                          tensor_bytes=sum(tensor.nbytes for tensor in file.tensors.values()))
+
+
+def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = None,
+                 dtype: torch.dtype | None = None) -> LoRAAdapter:
+    """Read and validate the adapter at `path` for the model `linears` describes.
+
+    Raises an `AdapterError` subclass naming the adapter, the module and the problem. `dtype`
+    is the dtype of the returned matrices (float32 when None); each module's scaling is folded
+    into its B (in float64 for float32 and float64 matrices, float32 for half-precision ones).
+    """
+    out_dtype = dtype or torch.float32
+    factors = read_factors(name, path, linears, max_rank=max_rank, dtype=out_dtype)
+    # A views the file's buffer where it can: copied only when the buffer holds more than the
+    # factors (base-weight copies), which a view would keep alive.
+    copy = factors.tensor_bytes > sum(f.lora_a.nbytes + f.lora_b.nbytes for f in factors.modules.values())
+    modules = {}
+    for module, factor in factors.modules.items():
+        lora_b = torch.empty(factor.lora_b.shape, dtype=out_dtype)
+        fold_into(lora_b, factor.lora_b, factor.scaling)
+        modules[module] = LoRAModule(module=module, lora_a=factor.lora_a.to(out_dtype, copy=copy).contiguous(),
+                                     lora_b=lora_b, rank=factor.rank, scaling=factor.scaling)
+    return LoRAAdapter(name=name, path=factors.path, config=factors.config, modules=modules)
 
 
 def _per_expert(name: str, module: str, lora_a: torch.Tensor, lora_b: torch.Tensor, info):

@@ -149,10 +149,14 @@ def change(path, how):
 
 
 def changing_reader(monkeypatch, path, when="after", how="replaced"):
-    """`read_adapter` as the manager calls it, with the weights file of `path` changed `when`
-    (before: between the first stat and the read; after: once read, before the second stat)."""
-    real = adapter_manager.read_adapter
+    """The manager's readers (`read_factors`, and `read_adapter` for buffers of several dtypes) as it
+    calls them, with the weights file of `path` changed `when` (before: between the first stat and
+    the read; after: once read, before the second stat)."""
+    for reader in ("read_factors", "read_adapter"):
+        monkeypatch.setattr(adapter_manager, reader, changing(getattr(adapter_manager, reader), path, when, how))
 
+
+def changing(real, path, when, how):
     def read(name, where, *args, **kwargs):
         if where == path and when == "before":
             change(path, how)
@@ -161,7 +165,7 @@ def changing_reader(monkeypatch, path, when="after", how="replaced"):
             change(path, how)
         return adapter
 
-    monkeypatch.setattr(adapter_manager, "read_adapter", read)
+    return read
 
 
 @pytest.mark.parametrize("when, how", [("before", "rewritten"), ("after", "replaced"), ("before", "half written")])
