@@ -31,7 +31,7 @@ This file keeps the op, its fake, its plain-torch bodies and its Triton path tog
   `row blocks x feature splits`, float32 partial sums per split, stored: no memset) and an
   expand (grid `column blocks x row blocks`, summing the splits in one load and adding into
   the output rows in place). Each program loops over the distinct keys of its rows and reads
-  each key's factor once for all its rows. Up to 128 rows (decode: a token's top-k rows hit
+  each key's factor once for all its rows. Up to 512 rows (decode: a token's top-k rows hit
   distinct experts anyway) a block is one row and its key is worked out in the kernel from the
   tables (two launches in all). Beyond, blocks of 16 or 32 rows: per-expert rows already come
   in runs of one key (expert-major, tokens in request order); gathered rows are first keyed by
@@ -165,8 +165,11 @@ def lora_experts_add_torch(output, x, lora_a, lora_b, slot_ranks, expert_ids, co
 
 # Row counts up to which one program per row runs (no sort, no grouping): at decode the rows
 # mostly hit distinct (slot, expert) pairs, so per-row reads are the byte floor anyway.
-# Not measured yet (see docs/KERNELS.md); `benchmarks/expert_kernel_bench.py` times both sides.
-_PER_ROW_MAX_ROWS = 128
+# Measured (H100, 2026-12-06, `benchmarks/expert_kernel_bench.py`): at 512 rows (64 tokens x
+# top-8) one row per program took 93-97 us against 100-164 us grouped and sorted; at 16,384
+# rows 2.3 ms against 0.3-0.8 ms. The crossover lies between; 512 is the largest size measured
+# on the per-row side.
+_PER_ROW_MAX_ROWS = 512
 # Programs the shrink aims for, as `launch_config._TARGET_SHRINK_PROGRAMS` (about two per H100 SM).
 _TARGET_PROGRAMS = 264
 # Keys are `slot * experts + expert`; the loop over a block's keys takes the smallest pending one.
