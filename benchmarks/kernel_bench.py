@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from run_record import checkout_commit
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_gather_bmm
@@ -252,6 +253,7 @@ def main() -> int:
     parser.add_argument("--per-op", action="store_true", help="also time each op of the layer alone")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also print each kernel's device time per layer")
+    parser.add_argument("--commit", default=None, help="the commit run (the device's git HEAD is stale)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
@@ -304,7 +306,7 @@ def main() -> int:
         del layers, base_weights
         torch.cuda.empty_cache()
 
-    header = dict(shape=args.shape, device=device, torch=torch.__version__, triton=triton.__version__,
+    header = dict(shape=args.shape, commit=args.commit or checkout_commit(), device=device, torch=torch.__version__, triton=triton.__version__,
                   copy_tb_s=bandwidth / 1e12, empty_launches_us=empty_us, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   command="python3 " + " ".join(sys.argv))
     table = markdown_table(results, variants)
