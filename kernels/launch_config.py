@@ -16,7 +16,6 @@ import functools
 import os
 
 import torch
-import triton
 
 from .tile_plan import PLAN_BLOCK_M
 
@@ -56,6 +55,12 @@ class LaunchConfig:
     # Row path on Hopper and newer: launch both kernels as programmatic dependents, so that
     # each starts its table and adapter loads while the kernel before it finishes.
     dependent_launch: bool = True
+
+
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division on host ints. `triton.cdiv` is a jit function: called from Python it
+    goes through the JIT's argument handling, ~5 us a call, several per op call (#16)."""
+    return -(-numerator // denominator)
 
 
 def _next_power_of_2(value: int) -> int:
@@ -108,8 +113,8 @@ def choose_config(
     wide = dtype == torch.float32
     if rows <= (_PER_ROW_MAX_ROWS if per_row_max_rows is None else per_row_max_rows):
         block_k = block_k or max(16, min(128, 2048 // block_r))
-        splits = max(1, min(triton.cdiv(target_programs, max(rows, 1)), max_splits, triton.cdiv(in_features, block_k)))
-        k_chunk = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+        splits = max(1, min(cdiv(target_programs, max(rows, 1)), max_splits, cdiv(in_features, block_k)))
+        k_chunk = cdiv(cdiv(in_features, splits), block_k) * block_k
         return LaunchConfig(block_m=1, block_k=block_k, k_chunk=k_chunk,
                             block_n=block_n or max(16, min(128, 2048 // block_r)), per_row=True,
                             dependent_launch=dependent_launch and rows <= _DEPENDENT_LAUNCH_MAX_ROWS)
@@ -128,8 +133,8 @@ def choose_config(
         else:
             block_n = 128 if block_r <= 64 else 64
     tiles = max(1, tile_bound(rows, num_slots, block_m))
-    splits = max(1, min(triton.cdiv(target_programs, tiles), max_splits, triton.cdiv(in_features, block_k)))
-    k_chunk = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+    splits = max(1, min(cdiv(target_programs, tiles), max_splits, cdiv(in_features, block_k)))
+    k_chunk = cdiv(cdiv(in_features, splits), block_k) * block_k
     shrink_warps = 8 if block_m >= 64 or block_r >= 64 else 4
     if expand_warps is None:
         # float32 products are FMAs spread over the warps: eight warps spill them at rank 64+.

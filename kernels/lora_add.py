@@ -26,11 +26,11 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-import triton
 
 from .launch_config import (
     LaunchConfig,
     _next_power_of_2,
+    cdiv,
     choose_config,
     config_for_call,
     interpreting,
@@ -125,7 +125,7 @@ def launch(
     num_requests = tables.request_slots.numel()
     config = config_for_call(rows, in_features, max_rank, num_slots, x.dtype, num_requests, config)
     block_r = max(16, _next_power_of_2(max_rank))
-    num_splits = triton.cdiv(in_features, config.k_chunk)
+    num_splits = cdiv(in_features, config.k_chunk)
     request_slots = tables.request_slots.to(torch.int32)
     request_cum_weights = tables.request_cum_weights.to(torch.int64)
     ranks = _padded([ranks.to(torch.int32) for ranks in tables.slot_ranks])
@@ -139,7 +139,7 @@ def launch(
     # real): the lists are padded to three and passed spread out, sibling 0 first.
     a, o, b, features = _padded(lora_a), _padded(flat_outputs), _padded(lora_b), _padded(out_features)
     b_slot_strides = [sibling_b.stride(0) for sibling_b in b]
-    blocks = [triton.cdiv(features, config.block_n) for features in out_features]
+    blocks = [cdiv(features, config.block_n) for features in out_features]
     slots_block = max(16, _next_power_of_2(num_slots))
     # The request tables as both paths' kernels take them.
     request_args = (request_slots, request_cum_weights, num_requests, num_slots)

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import interpreting
+from .launch_config import cdiv, interpreting
 from .reference import row_slots
 
 __all__ = ["ExpertConfig", "choose_expert_config", "experts_row_slots", "lora_experts_add", "lora_experts_add_",
@@ -201,9 +201,9 @@ def choose_expert_config(rows: int, gathered: bool, features: int, max_rank: int
     else:
         block_m = block_m or (32 if rows >= 4096 else 16)
         block_k, block_n = 64, 128 if block_r <= 32 else 64
-    blocks = triton.cdiv(rows, block_m)
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, blocks), 64, triton.cdiv(features, block_k)))
-    k_chunk = triton.cdiv(triton.cdiv(features, splits), block_k) * block_k
+    blocks = cdiv(rows, block_m)
+    splits = max(1, min(cdiv(_TARGET_PROGRAMS, blocks), 64, cdiv(features, block_k)))
+    k_chunk = cdiv(cdiv(features, splits), block_k) * block_k
     return ExpertConfig(block_m=block_m, block_k=block_k, k_chunk=k_chunk, block_n=block_n,
                         sort=gathered and block_m > 1)
 
@@ -433,8 +433,8 @@ def lora_experts_add_triton(output, x, lora_a, lora_b, slot_ranks, expert_ids, c
         expand, expand_strides = lora_a, _factor_strides(lora_a, 3, 2)  # [slot, expert, R, in]: n is in
     config = config or choose_expert_config(rows, gathered, features, max_rank)
     block_r = _block_r(max_rank)
-    num_splits = triton.cdiv(features, config.k_chunk)
-    blocks = triton.cdiv(rows, config.block_m)
+    num_splits = cdiv(features, config.k_chunk)
+    blocks = cdiv(rows, config.block_m)
     device = x.device
     ids = expert_ids.reshape(-1) if gathered else request_slots  # unused pointer when per expert
     tables = (rows // tiles, interleave, rows // (tiles * interleave), ids, rows // experts,
@@ -443,7 +443,7 @@ def lora_experts_add_triton(output, x, lora_a, lora_b, slot_ranks, expert_ids, c
     requests = _requests_block(num_requests, config.block_m)
     if config.sort:
         keys = torch.empty(rows, dtype=torch.int32, device=device)
-        _expert_keys_kernel[(triton.cdiv(rows, 64),)](keys, rows, *tables, BLOCK=64, GATHERED=gathered,
+        _expert_keys_kernel[(cdiv(rows, 64),)](keys, rows, *tables, BLOCK=64, GATHERED=gathered,
                                                       REQUESTS=_requests_block(num_requests, 64))
         sorted_keys, order = torch.sort(keys)
     else:
@@ -463,7 +463,7 @@ def lora_experts_add_triton(output, x, lora_a, lora_b, slot_ranks, expert_ids, c
         BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_K=config.block_k, SORTED=config.sort, GATHERED=gathered,
         REQUESTS=requests, USE_DOT=use_dot, UPCAST=upcast, PRECISION=precision,
     )
-    _expert_expand_kernel[(triton.cdiv(out_features, config.block_n), blocks)](
+    _expert_expand_kernel[(cdiv(out_features, config.block_n), blocks)](
         out_rows, *_row_strides(out_rows, gathered), expand, *expand_strides,
         partial, num_splits, rows, out_features, sorted_keys, order, *tables,
         BLOCK_M=config.block_m, BLOCK_R=block_r, BLOCK_N=config.block_n,
