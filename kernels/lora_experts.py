@@ -155,7 +155,9 @@ def lora_experts_add_torch(output, x, lora_a, lora_b, slot_ranks, expert_ids, co
         shrink_rows = torch.where(keep[:, None, :], shrink[gather, ids].float(), 0.0)  # [S, c, R]
         expand_rows = torch.where(keep[:, :, None], expand[gather, ids].float(), 0.0)  # [S, R, o]
         shrunk = torch.bmm(rows_in.float()[:, None, :], shrink_rows)  # [S, 1, R]
-        delta += torch.bmm(shrunk, expand_rows)[:, 0, :].view(output.shape)
+        # Rows without an adapter are selected away: their input may be infinite (0 x inf is NaN).
+        adapted = keep.any(-1)[:, None]
+        delta += torch.where(adapted, torch.bmm(shrunk, expand_rows)[:, 0, :], 0.0).view(output.shape)
     output.add_(delta.to(output.dtype))
 
 
@@ -375,11 +377,13 @@ def _expert_expand_kernel(
             g_tile = tl.load(g_ptrs, mask=column_valid[:, None] & (r < rank)[None, :], other=0.0).to(tl.float32)
             # This key's rows, and its rank's columns only: sums past the rank are dropped.
             part = tl.where(mine[:, None] & (r < rank)[None, :], shrunk, 0.0)
+            # Selected to this key's rows after the product too: the loader refuses non-finite
+            # factors, but were one to get through, the other rows' zeros times it would be NaN.
             if USE_DOT:
                 # float32 operands: under tf32 a bf16/fp16 factor is exact (as the tile path's expand).
-                delta += tl.dot(part, tl.trans(g_tile), input_precision=PRECISION)
+                delta += tl.where(mine[:, None], tl.dot(part, tl.trans(g_tile), input_precision=PRECISION), 0.0)
             else:
-                delta += tl.sum(part[:, None, :] * g_tile[None, :, :], axis=2)
+                delta += tl.where(mine[:, None], tl.sum(part[:, None, :] * g_tile[None, :, :], axis=2), 0.0)
         out_rows = out_ptr + ((row // out_rows_per_expert).to(tl.int64) * out_expert_stride
                               + (row % out_rows_per_expert).to(tl.int64) * out_row_stride)
         out_ptrs = out_rows[:, None] + n[None, :].to(tl.int64) * out_feature_stride

@@ -167,12 +167,24 @@ def read_adapter_config(name: str, path: Path) -> dict:
         raise UnsupportedAdapterError(name, "trained biases (bias != 'none' or lora_bias) are not served")
     if config.get("target_parameters") is not None and not isinstance(config["target_parameters"], list):
         raise AdapterFormatError(name, f"{CONFIG_FILE}: target_parameters must be a list of parameter names")
-    for key in ("r", "lora_alpha"):
-        if key in config and not isinstance(config[key], (int, float)):
-            raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must be a number, not {config[key]!r}")
-    if int(config.get("r", 8)) <= 0:
-        raise AdapterFormatError(name, f"{CONFIG_FILE}: r must be positive, not {config.get('r')}")
+    # Python's JSON reads NaN and Infinity: a scaling made of them would turn every B it
+    # multiplies into NaN, and a NaN B reaches other requests' rows through 0 * NaN.
+    for key, values in (("r", [config.get("r", 8)]), ("lora_alpha", [config.get("lora_alpha", 8)]),
+                        ("rank_pattern", _pattern_values(name, config, "rank_pattern")),
+                        ("alpha_pattern", _pattern_values(name, config, "alpha_pattern"))):
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must hold finite numbers, not {value!r}")
+            if key in ("r", "rank_pattern") and value <= 0:
+                raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must hold positive ranks, not {value!r}")
     return config
+
+
+def _pattern_values(name: str, config: dict, key: str) -> list:
+    patterns = config.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(name, f"{CONFIG_FILE}: {key} must map module names to numbers")
+    return list(patterns.values())
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -588,7 +600,8 @@ def read_factors(name: str, path, linears: LinearIndex, max_rank: int | None = N
             _check_finite(name, module, (("lora_A", lora_a), ("lora_B", lora_b)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        if bound is None or bound * max(1.0, abs(scaling)) >= limit:
+        # Written so that a NaN product (an infinite scaling times an all-zero file) also checks.
+        if bound is None or not bound * max(1.0, abs(scaling)) < limit:
             # Finite in the file, infinite after the cast or the scaling (float16 ends at 65504):
             # an infinite B times a zero row is NaN, so it would spoil other requests' rows too.
             converted = (("lora_A", lora_a.to(out_dtype)),

@@ -209,6 +209,24 @@ def test_unsupported_config_features(tmp_path, linears, good_adapter, change, me
         read_adapter("x", tmp_path / "a", linears)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(lora_alpha=float("nan")), "lora_alpha must hold finite numbers, not nan"),
+    (dict(lora_alpha=float("inf")), "lora_alpha must hold finite numbers, not inf"),
+    (dict(alpha_pattern={"fc1": "abc"}), "alpha_pattern must hold finite numbers, not 'abc'"),
+    (dict(alpha_pattern={"fc1": float("nan")}), "alpha_pattern must hold finite numbers"),
+    (dict(rank_pattern={"fc1": 0}), "rank_pattern must hold positive ranks, not 0"),
+    (dict(rank_pattern=["fc1"]), "rank_pattern must map module names to numbers"),
+])
+def test_a_scaling_or_rank_that_is_not_a_finite_number_is_refused(tmp_path, linears, good_adapter, change, message):
+    """Python's JSON reads NaN and Infinity: a NaN scaling would make every B it folds into NaN,
+    and a NaN B reaches other requests' rows (0 x NaN), in every dtype, not only float16."""
+    shutil.copytree(good_adapter, tmp_path / "a")
+    edit_config(tmp_path / "a", **change)
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(AdapterFormatError, match=message):
+            read_adapter("x", tmp_path / "a", linears, dtype=dtype)
+
+
 @pytest.fixture(scope="module")
 def head_and_embedding_adapter(tmp_path_factory):
     """LoRA on the input embeddings and lm_head beside a linear, saved with PEFT's defaults (which

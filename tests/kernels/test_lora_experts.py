@@ -199,6 +199,25 @@ def test_torch_body_matches_reference(case):
     assert_matches(problem, output)
 
 
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "per_expert"])
+def test_rows_without_an_adapter_are_untouched_even_when_their_input_is_infinite(gathered):
+    """A base-model row's output stays as it was whatever its input holds: the torch body selects
+    such rows away rather than adding their 0 x inf = NaN."""
+    problem = make_problem(gathered=gathered, contract_in=True, tokens=8, seed=7)
+    rows = problem.output.reshape(problem.x.shape[0] * (1 if gathered else problem.x.shape[1]), -1).shape[0]
+    slots = experts_row_slots(rows, problem.tiles, problem.interleave, problem.request_slots,
+                              problem.request_cum_weights)
+    base_rows = (slots < 0).nonzero().flatten()
+    assert base_rows.numel() > 0 and (slots >= 1).any()
+    flat_x = problem.x.reshape(rows, -1)
+    flat_x[base_rows] = float("inf")
+    output = problem.output.clone()
+    lora_experts_add_torch(*problem.args(output))
+    flat_out, before = output.reshape(rows, -1), problem.output.reshape(rows, -1)
+    assert torch.equal(flat_out[base_rows], before[base_rows])
+    assert torch.isfinite(flat_out[slots >= 1]).all()
+
+
 def test_choose_expert_config_per_row_at_decode_grouped_beyond():
     assert choose_expert_config(8, True, 2048, 16).block_m == 1
     grouped = choose_expert_config(16384, True, 2048, 16)
