@@ -3,6 +3,8 @@
     python benchmarks/decode_overhead.py --out results/ --commit <sha> [--runs 3]
         [--batches 1,16,64] [--mixes 1,8,32] [--rounds 6] [--steps 100] [--budget-s 540]
     python benchmarks/decode_overhead.py --out /tmp/check --tiny --runs 2     # the script, on the CPU
+    python benchmarks/decode_overhead.py --model moe --out results/ --commit <sha> --runs 2
+        --steps 50 --rounds 4 --budget-s 500                                  # the MoE model (below)
 
 (`--tiny`: e2e's tiny config on the CPU, no CUDA graphs, perf_counter timing, and the dynamo
 backend "eager" for both models (`--inner`): it checks the script and the passes in about two
@@ -11,7 +13,7 @@ batch size; add `--inner inductor` to compile it as on the GPU. Its times mean n
 
 The model, adapters and decode step are `benchmarks/e2e.py`'s (imported, not copied): a random
 Qwen2-VL-7B-shaped model in bf16, 32 distinct rank-16 adapters on every LM linear (and the
-tower's, which decode does not run), one decode step (one new token per request) over a static
+tower's, which decode does not run) (`--model moe`: see below), one decode step (one new token per request) over a static
 KV cache of 512 tokens, CUDA graphs (`mode="reduce-overhead"`, `dynamic=False`) for both the
 base and mmlora_fx. For each batch (1, 16, 64) and number of distinct adapters (1, 8, 32, at
 most the batch) it measures the overhead ours/base - 1 twice, in the same process:
@@ -70,6 +72,21 @@ Details that matter for the numbers:
   scale): a value near zero would mean ours replayed plain graphs (#21) and its times mean
   nothing.
 
+`--model moe` (issue #17): e2e's `MOE` instead, a mixture-of-experts language model with the real
+layer shapes of Qwen3-VL-30B-A3B's (transformers' Qwen3MoeForCausalLM: hidden 2048, every layer
+128 experts of MoE intermediate 768 with top-8 routing, GQA 32/4 heads of 128, vocabulary 151936,
+untied head; experts run by transformers' `batched_mm`, the implementation served) with 8 of its
+48 layers, random bf16 weights (10.4 GiB), no vision tower. The 32 rank-16 adapters cover q/k/v/o
+(`target_modules`) and the fused expert weights `mlp.experts.gate_up_proj` and `down_proj` of
+all 128 experts (PEFT's `target_parameters`): 26.8 MB a layer, 214 MB an adapter, 6.4 GiB for the
+32 slots. Per run (process) about 10.4 + 6.4 GiB, the KV caches (1 GiB for batches 1, 16 and 64)
+and the CUDA-graph pool, whose batch-64 temporaries are GBs (`batched_mm` gathers each of the
+512 rows' expert weights: 3 GiB for gate_up): about 25 GiB, so `--runs 2` on an 80 GB GPU. The
+same decode step, timing and checks as the dense model's; each run also records how many served
+targets are expert weights and how many LoRA ops of ours' graphs are expert ones, and fails when
+either is zero (the figure would measure attention LoRA alone). `--tiny` with it: `TINY_MOE`
+(2 layers of 8 experts, top-2).
+
 Writes `decode_overhead.json` under --out: the date, device, versions (torch, triton,
 transformers, peft), the commit (`--commit`; the device's git HEAD is stale), the command, the
 settings, every run's raw data (compile and first-call seconds per batch, clocks, old and new
@@ -107,6 +124,7 @@ import torch  # noqa: E402
 import e2e  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
+from mmlora_fx.passes import lora_ops  # noqa: E402
 
 SMI_FIELDS = "clocks.sm,clocks.mem,temperature.gpu,power.draw"
 # What a run keeps for itself at the end of the budget: writing its file and exiting; the parent
@@ -278,9 +296,15 @@ def settings(args) -> dict:
     if max(mixes) > adapters:
         raise SystemExit(f"at most {adapters} distinct adapters")
     inner = args.inner or ("eager" if tiny else "inductor")
-    return dict(tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes), adapters=adapters, steps=steps,
-                rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
+    return dict(model=args.model, tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes),
+                adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile)
+
+
+def model_spec(config: dict) -> tuple[dict, list[str] | None]:
+    """e2e's spec of `--model` (tiny or not) and its adapters' linear targets (None: e2e's default)."""
+    spec = getattr(e2e, e2e.SPECS[config["model"], config["tiny"]])
+    return spec, (e2e.MOE_TARGETS if config["model"] == "moe" else None)
 
 
 def mixes_for(config: dict, batch: int) -> list[int]:
@@ -294,11 +318,11 @@ def write_adapters(args) -> int:
     t0, shared, config = args.t0, Path(args.shared), settings(args)
     try:
         device = torch.device("cpu" if config["tiny"] else "cuda")
-        spec = e2e.TINY if config["tiny"] else e2e.SEVEN_B
-        modules = e2e.adapter_modules(e2e.build_model(spec, "meta", torch.bfloat16))
+        spec, targets = model_spec(config)
+        modules = e2e.adapter_modules(e2e.build_model(spec, "meta", torch.bfloat16), targets)
         root = shared / "adapters"
         for index in range(config["adapters"]):
-            e2e.write_adapter(root / f"a{index}", modules, seed=index, device=device)
+            e2e.write_adapter(root / f"a{index}", modules, seed=index, device=device, target_modules=targets)
         (shared / "adapters.ready").write_text("")
         log("adapters", t0, f"{config['adapters']} adapters written")
         return 0
@@ -351,7 +375,7 @@ class Run:
         # eager and its timings would mean nothing. Raising the limit changes no compiled code.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
-        spec = e2e.TINY if config["tiny"] else e2e.SEVEN_B
+        spec, _ = model_spec(config)
         began = time.perf_counter()
         model = e2e.build_model(spec, self.device, torch.bfloat16)
         # The base's own module tree over the same tensors: base and ours in one process, one copy
@@ -361,6 +385,10 @@ class Run:
         assert all(a is b for a, b in zip(model.parameters(), base_module.parameters()))
         self.steps = {batch: e2e.DecodeStep(model, batch, self.device, torch.bfloat16) for batch in config["batches"]}
         self.sync()
+        if self.cuda:
+            # The steps' eager first forwards left their temporaries cached (GBs at batch 64 for the
+            # MoE model's gathered expert weights), where the CUDA-graph pool cannot reuse them.
+            torch.cuda.empty_cache()
         record["build_s"] = time.perf_counter() - began
         self.log(f"model built, decode steps made in {record['build_s']:.0f} s")
 
@@ -393,6 +421,13 @@ class Run:
         self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK, mode=mode,
                                     dynamic=False, max_batch_size=max(config["batches"]), inner=config["inner"])
         record["ours_setup_s"] = time.perf_counter() - began
+        served = sorted(self.mm.runtime.serving.served)
+        record["served_targets"] = len(served)
+        record["served_expert_weights"] = len([name for name in served
+                                               if any(name.endswith("." + target) for target in e2e.EXPERT_TARGETS)])
+        self.log(f"ours serves {len(served)} targets, {record['served_expert_weights']} of them expert weights")
+        if config["model"] == "moe" and not record["served_expert_weights"]:
+            raise RuntimeError("no expert weight is served: the MoE figure would measure attention LoRA only")
         record["ours_dynamic_false_passed"] = any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter
                                                   in inspect.signature(mmlora_fx.compile).parameters.values())
         record["isolate_recompiles"] = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -414,6 +449,14 @@ class Run:
             self.log(f"ours b{batch}: LoRA effect on the logits {effect:.3f}"
                      + (" -- NEAR ZERO: ours did not apply LoRA, its times mean nothing" if effect < 1e-3 else ""))
         record["graphs_ours"] = self.mm.compiled_graphs
+        # LoRA ops in ours' compiled graphs: expert ones too for the MoE model (else its experts ran
+        # without LoRA in the graphs).
+        ops = [op.target for graph in self.mm.backend.records for op in lora_ops(graph.graph_module)]
+        record["graph_lora_ops"] = len(ops)
+        record["graph_expert_lora_ops"] = sum(target is torch.ops.mmlora.lora_experts_.default for target in ops)
+        self.log(f"ours' graphs hold {len(ops)} LoRA ops, {record['graph_expert_lora_ops']} on expert weights")
+        if config["model"] == "moe" and not record["graph_expert_lora_ops"]:
+            raise RuntimeError("ours' graphs hold no expert LoRA op")
         if self.cuda:
             record["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
             record["memory_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
@@ -682,7 +725,7 @@ def parent(args) -> int:
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([Path(sys.executable).name, *sys.argv]), commit=args.commit, git_head_here=checkout_commit(),
-        versions=versions(), settings=config, spec="TINY" if config["tiny"] else "SEVEN_B", kv=e2e.KV,
+        versions=versions(), settings=config, spec=e2e.SPECS[config["model"], config["tiny"]], kv=e2e.KV,
         rank=e2e.RANK, device=None, gpu=None)
     if not config["tiny"]:
         result["gpu"] = gpu_state("name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit")
@@ -752,6 +795,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3, help="independent compilations, one process each")
+    parser.add_argument("--model", choices=["dense", "moe"], default="dense",
+                        help="e2e's Qwen2-VL-7B-shaped model (dense) or its Qwen3-VL-30B-A3B-LM-shaped MoE model")
     parser.add_argument("--tiny", action="store_true", help="e2e's tiny config on the CPU, to check the script")
     parser.add_argument("--batches", default=None, help="default 1,16,64 (tiny: 1,4)")
     parser.add_argument("--mixes", default=None, help="distinct adapters, default 1,8,32 (tiny: 1,2)")

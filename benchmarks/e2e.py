@@ -22,6 +22,9 @@ qkv/proj/fc1/fc2 of the tower and the merger MLP, written in PEFT's format. Part
   names in `KERNEL_PATHS`), each against the base on the same machine.
 - profile: device time of decode steps split into kernels and idle, base against mmlora_fx.
 
+`MOE` / `TINY_MOE` (a Qwen3-VL-30B-A3B-LM-shaped mixture-of-experts model, adapters on attention and
+the expert weights) are `benchmarks/decode_overhead.py --model moe`'s; this script runs the dense model.
+
 Each part writes `<part>.json` under --out; the last lines printed are a summary table.
 `--tiny` runs the same code on a tiny config (on the CPU, no CUDA graphs) to check the script.
 """
@@ -63,14 +66,44 @@ TINY = dict(
                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
     image=56,
 )
+# A MoE language model for decode (`benchmarks/decode_overhead.py --model moe`): Qwen3-VL-30B-A3B's
+# language model's layer shapes (hidden 2048, 128 experts of MoE intermediate 768, top-8, GQA 32/4
+# heads of 128, vocabulary 151936, untied head) as transformers' Qwen3MoeForCausalLM, every layer
+# MoE, served through the `batched_mm` experts implementation (each row gathers its expert's
+# weight; the default expert loop is refused). 8 of the real 48 layers, so that the base (10.4 GiB)
+# and 32 adapters' slots (6.4 GiB) fit an 80 GB GPU twice over with room: rank 16 on q/k/v/o is
+# 0.56 MB a layer, on the two expert weights of 128 experts 26.2 MB a layer, so one adapter is
+# 214 MB (26.8 MB x 8 layers) and 32 of them 6.85 GB. No vision tower (decode runs none).
+MOE = dict(
+    model="moe",
+    text=dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+              norm_topk_prob=True, decoder_sparse_step=1, num_hidden_layers=8, num_attention_heads=32,
+              num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
+              tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=5000000.0)),
+)
+TINY_MOE = dict(
+    model="moe",
+    text=dict(hidden_size=128, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+              decoder_sparse_step=1, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+              vocab_size=512, max_position_embeddings=2048, tie_word_embeddings=False,
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+)
+# The specs' names by (model, tiny).
+SPECS = {("dense", False): "SEVEN_B", ("dense", True): "TINY", ("moe", False): "MOE", ("moe", True): "TINY_MOE"}
 LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_TARGETS = ["qkv", "attn.proj", "fc1", "fc2", "mlp.0", "mlp.2"]
+# The MoE model's: attention's linears (target_modules) and the fused 3D expert weights
+# (PEFT's target_parameters).
+MOE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 RANK = 16
 KV = 512
 
 
 # --------------------------------------------------------------------------- set-up
 def build_model(spec, device, dtype):
+    if spec.get("model") == "moe":
+        return build_moe_model(spec, device, dtype)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
@@ -84,32 +117,59 @@ def build_model(spec, device, dtype):
     return model.eval()
 
 
-def adapter_modules(model) -> dict[str, tuple[int, int]]:
-    """The linears the adapters target (PEFT's suffix rule): name -> (in, out)."""
+def build_moe_model(spec, device, dtype):
+    """`MOE`'s Qwen3MoeForCausalLM, its experts run by transformers' `batched_mm` (served)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(**spec["text"], bos_token_id=zoo.BOS, eos_token_id=zoo.EOS, pad_token_id=zoo.PAD)
+    config._experts_implementation = "batched_mm"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3MoeForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def adapter_modules(model, targets=None) -> dict[str, tuple[int, ...]]:
+    """What the adapters target (PEFT's suffix rule), by the name PEFT saves it under: a linear ->
+    (in, out); a 3D expert weight `[experts, out, in]` that `EXPERT_TARGETS` names -> (in, out,
+    experts), under its module's name with one `.base_layer` per expert weight of the module
+    registered after it (PEFT nests one wrapper per targeted parameter, the last outermost).
+    `targets`: the linears' suffixes (e2e's LM and tower targets by default)."""
+    targets = targets or LM_TARGETS + VISION_TARGETS
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in LM_TARGETS + VISION_TARGETS):
+        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets):
             found[name] = (module.in_features, module.out_features)
+        experts = [(parameter_name, parameter) for parameter_name, parameter in module.named_parameters(recurse=False)
+                   if parameter.dim() == 3 and any(f"{name}.{parameter_name}".endswith("." + t) for t in EXPERT_TARGETS)]
+        for depth, (_, parameter) in enumerate(reversed(experts)):
+            count, fan_out, fan_in = parameter.shape
+            found[name + ".base_layer" * depth] = (fan_in, fan_out, count)
     return found
 
 
 def write_adapter(path: Path, modules, seed: int, device, target_modules=None, lora_alpha: float = 2 * RANK) -> Path:
-    """A PEFT LoRA adapter with random weights on `modules` ({name: (in, out)}), written as PEFT
+    """A PEFT LoRA adapter with random weights on `modules` (`adapter_modules`' {name: (in, out)},
+    or (in, out, experts) for an expert weight: PEFT's `lora_A [r * experts, in]`, `lora_B [out,
+    r * experts]`, and `EXPERT_TARGETS` as the config's `target_parameters`), written as PEFT
     writes it (bf16 safetensors), drawn on `device` (a PEFT model of a 16 GB model would be a
     second copy on the host). `target_modules` goes into its config (e2e's suffixes by default)."""
     from safetensors.torch import save_file
 
     generator = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
-    for name, (fan_in, fan_out) in modules.items():
-        a = torch.randn(RANK, fan_in, generator=generator, device=device) / fan_in**0.5
-        b = torch.randn(fan_out, RANK, generator=generator, device=device) * (0.05 / RANK**0.5)
+    for name, (fan_in, fan_out, *experts) in modules.items():
+        rows = RANK * (experts[0] if experts else 1)
+        a = torch.randn(rows, fan_in, generator=generator, device=device) / fan_in**0.5
+        b = torch.randn(fan_out, rows, generator=generator, device=device) * (0.05 / RANK**0.5)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     config = dict(peft_type="LORA", r=RANK, lora_alpha=lora_alpha, target_modules=target_modules or LM_TARGETS + VISION_TARGETS,
                   lora_dropout=0.0, bias="none", task_type=None, use_rslora=False, use_dora=False)
+    if any(len(shape) == 3 for shape in modules.values()):
+        config["target_parameters"] = EXPERT_TARGETS
     (path / "adapter_config.json").write_text(json.dumps(config))
     return path
 
@@ -202,7 +262,9 @@ class DecodeStep:
         self.cache = StaticCache(config=model.config, max_cache_len=KV + self.SPARE)
         generator = torch.Generator(device=device).manual_seed(batch)
         self.input_ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 500, (batch, 1), device=device, generator=generator)
-        self.position_ids = torch.full((3, batch, 1), KV, device=device, dtype=torch.long)
+        # M-RoPE's three position rows for the Qwen2-VL model, one for a text-only language model.
+        shape = (3, batch, 1) if getattr(model.config, "vision_config", None) is not None else (batch, 1)
+        self.position_ids = torch.full(shape, KV, device=device, dtype=torch.long)
         with torch.no_grad():
             model.forward(**self.inputs())  # allocates the cache layers (eagerly)
         for layer in self.cache.layers:
