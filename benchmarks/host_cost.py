@@ -1,0 +1,132 @@
+"""Host work per LoRA op call, on the CPU, with the kernels stubbed out (#16).
+
+    python3 benchmarks/host_cost.py [--json out.json] [--commit <sha>]
+
+Prefill without CUDA graphs is host-bound: every served linear costs a graph-level op call
+(`torch.ops.mmlora.lora_linear_`: dispatch, weight lookup, the runtime's plan and table) and a
+`lora_add` launch (shape checks, launch parameters, two Triton launches), hundreds per forward.
+This times the Python part of both on whatever CPU runs it, without a GPU:
+
+* `graph op`: `torch.ops.mmlora.lora_linear_` on a compiled tiny-llava (q and v of layer 0, as
+  the compiled graph calls it, under `torch.no_grad`), up to the call into the kernels, which is
+  replaced by a no-op;
+* `launch`: `kernels.lora_add.launch` for the e2e model's q/k/v group (3584 -> 3584, 512, 512,
+  rank 16, 32 slots, 256 request entries, bf16) at 1, 16 and 4096 rows, with the four Triton
+  kernels replaced by no-ops (what remains is our launcher's Python; Triton's own launcher,
+  twice per call, comes on top on a GPU host).
+
+Medians of `--repeats` timings of `--calls` calls each. The numbers are the development
+machine's (a shared 2-core VM): they compare versions of the code on one machine, not hosts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from run_record import checkout_commit, versions  # noqa: E402
+
+
+def per_call_us(call, calls: int, repeats: int) -> list[float]:
+    for _ in range(max(10, calls // 10)):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return times
+
+
+class _NoLaunch:
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def graph_op_cost(calls: int, repeats: int) -> list[float]:
+    import mmlora_fx
+    import mmlora_fx.runtime as runtime_module
+    from mmlora_fx import zoo
+
+    family = "tiny-llava"
+    base = zoo.build(family)
+    with tempfile.TemporaryDirectory() as root:
+        paths = {name: zoo.make_adapter(base, Path(root) / name, zoo.ZOO[family].all_targets, r=4, seed=index)
+                 for index, name in enumerate(["a", "b"])}
+        mm = mmlora_fx.compile(zoo.build(family), paths, max_loras=2, inner="aot_eager")
+        batch = zoo.make_batch(base, (1, 0, 2), seed=3)
+        with torch.no_grad():
+            mm(**batch, adapter_names=["a", None, "b"])  # the tables, as a forward leaves them
+    modules = dict(mm.model.named_modules())
+    q, v = (next(module for name, module in modules.items() if name.endswith(f"language_model.layers.0.self_attn.{n}"))
+            for n in ("q_proj", "v_proj"))
+    x = torch.randn(batch["input_ids"].numel(), q.in_features)
+    outputs = [torch.zeros(x.shape[0], q.out_features), torch.zeros(x.shape[0], v.out_features)]
+    saved = runtime_module.lora_add
+    runtime_module.lora_add = lambda *args: None
+    try:
+        with torch.no_grad():
+            return per_call_us(lambda: torch.ops.mmlora.lora_linear_(outputs, x, [q.weight, v.weight]), calls, repeats)
+    finally:
+        runtime_module.lora_add = saved
+
+
+def launch_cost(rows: int, calls: int, repeats: int) -> list[float]:
+    from mmlora_fx.kernels import lora_add
+
+    saved = {name: getattr(lora_add, name) for name in
+             ("_row_shrink_kernel", "_row_expand_kernel", "_shrink_kernel", "_expand_kernel", "launches_dependent")}
+    for name in saved:
+        setattr(lora_add, name, _NoLaunch())
+    lora_add.launches_dependent = lambda config, device: False
+    try:
+        dtype, hidden, kv, rank, slots = torch.bfloat16, 3584, 512, 16, 32
+        x = torch.randn(rows, hidden, dtype=dtype)
+        outputs = [torch.zeros(rows, width, dtype=dtype) for width in (hidden, kv, kv)]
+        lora_a = [torch.zeros(slots, rank, hidden, dtype=dtype) for _ in outputs]
+        lora_b = [torch.zeros(slots, output.shape[1], rank, dtype=dtype) for output in outputs]
+        ranks = [torch.full((slots,), rank, dtype=torch.int32) for _ in outputs]
+        tables = lora_add.BatchTables(ranks, torch.zeros(256, dtype=torch.int32), torch.arange(257))
+        return per_call_us(lambda: lora_add.launch(outputs, x, lora_a, lora_b, tables), calls, repeats)
+    finally:
+        for name, value in saved.items():
+            setattr(lora_add, name, value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats)}
+    for rows in (1, 16, 4096):
+        results[f"launch, q/k/v, {rows} rows"] = launch_cost(rows, args.calls, args.repeats)
+    print("| host work per call (kernels stubbed) | median µs | min-max µs |\n|---|---:|---:|")
+    for name, times in results.items():
+        print(f"| {name} | {statistics.median(times):.1f} | {min(times):.1f}-{max(times):.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(), commit=args.commit or checkout_commit(),
+            command="python3 " + " ".join(sys.argv), calls=args.calls, results_us=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
