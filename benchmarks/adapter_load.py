@@ -26,12 +26,22 @@ otherwise whether glibc happens to hold freed pages decides it (a fresh 81 MB re
 ms on the 2-core CPU). `--device cuda` pins the cache: its pinned blocks come from torch's caching
 host allocator, reused across loads without page faults, so compare its load with
 read_warm_buffer too.
+
+Activation (#22's activation target: at most 5 ms per 81 MB adapter from the CPU cache), timed after
+the loads, median of `--repeats` x 2: a second manager (one slot, two CPU entries) holds the adapter
+under two names, and each sample is `activate([name])` of the one not resident, synchronised: a CPU
+hit written into the slot, which is one copy of its pinned slab row (`slot_copies_per_activation`
+says how many copies each made). Beside it, on the same entry and device: `slab_row_copy` (one
+`copy_` of the row into the slot, synchronised: the floor) and `per_linear_copies` (the layout
+before the slab: two copies per linear into separate contiguous buffers on a side stream, as
+activation was, 25 ms on an H100 for this adapter). GB/s is the adapter's bytes over each time.
 `--json PATH` writes the numbers with the versions, device and commit. The run takes ~10-20 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import ctypes
 import datetime
@@ -65,6 +75,75 @@ def make_manager(spec, device: torch.device) -> AdapterManager:
     linears = LinearIndex(model, discover_partitions(model))
     serving = ServingPlan.build(linears, partitions=["language_model"], target_modules=e2e.LM_TARGETS)
     return AdapterManager(linears, serving, max_loras=1, max_cpu_loras=1, max_lora_rank=e2e.RANK, device=device)
+
+
+def activation_manager(spec, device: torch.device) -> AdapterManager:
+    """One slot and two CPU entries: activating the entry not resident writes the slot."""
+    model = e2e.build_model(spec, "meta", torch.bfloat16)
+    linears = LinearIndex(model, discover_partitions(model))
+    serving = ServingPlan.build(linears, partitions=["language_model"], target_modules=e2e.LM_TARGETS)
+    return AdapterManager(linears, serving, max_loras=1, max_cpu_loras=2, max_lora_rank=e2e.RANK, device=device)
+
+
+def time_activation(spec, device: torch.device, path: Path, repeats: int) -> dict:
+    """Activation from the CPU cache, synchronised, against one raw row copy and the per-linear copies."""
+    manager = activation_manager(spec, device)
+    manager.load("a", path)
+    manager.load("b", path)
+    [row] = manager._cpu["a"].rows
+    [slab] = manager._slabs
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def sample(function) -> float:
+        sync()
+        began = time.perf_counter()
+        function()
+        sync()
+        return time.perf_counter() - began
+
+    # The layout before the slab: each linear's slot buffers of their own, written with two copies
+    # per linear from views of the entry, on a side stream.
+    separate = {module: (torch.empty_like(buffers.lora_a[0]), torch.empty_like(buffers.lora_b[0]))
+                for module, buffers in manager.buffers.items()}
+    views = {module: (row[a:a + na].view(buffers.lora_a.shape[1:]), row[b:b + nb].view(buffers.lora_b.shape[1:]))
+             for (module, (a, na, b, nb)), buffers in zip(slab.regions.items(), manager.buffers.values())}
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    pinned = device.type == "cuda"
+
+    def per_linear_copies():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for module, (a, b) in separate.items():
+                a.copy_(views[module][0], non_blocking=pinned)
+                b.copy_(views[module][1], non_blocking=pinned)
+
+    def slab_row_copy():
+        slab.data[0].copy_(row, non_blocking=pinned)
+
+    names = ["a", "b"]
+    for name in names * 2:  # warm: first calls, the side stream, the allocator
+        manager.activate([name])
+    per_linear_copies()
+    slab_row_copy()
+    samples = {"activate": [], "slab_row_copy": [], "per_linear_copies": []}
+    copies = manager.stats.slot_copies
+    for _ in range(repeats):
+        for name in names:
+            samples["activate"].append(sample(lambda: manager.activate([name])))  # noqa: B023
+    copies = (manager.stats.slot_copies - copies) / (len(names) * repeats)
+    for _ in range(repeats):
+        samples["slab_row_copy"].append(sample(slab_row_copy))
+        samples["per_linear_copies"].append(sample(per_linear_copies))
+    median = {name: statistics.median(values) for name, values in samples.items()}
+    # The entry is the file's buffer (the file is a slab row already) or a row packed from it.
+    in_place = manager._cpu["a"].flats[0].dtype == torch.uint8
+    return dict(row_bytes=row.nbytes, pinned=row.is_pinned() if device.type == "cuda" else False, in_place=in_place,
+                slot_copies_per_activation=copies, copies_before=2 * len(manager.buffers),
+                median_ms={name: value * 1e3 for name, value in median.items()},
+                gb_per_s={name: row.nbytes / value / 1e9 for name, value in median.items()},
+                samples_ms={name: [value * 1e3 for value in values] for name, values in samples.items()})
 
 
 def write(root: Path, manager: AdapterManager) -> Path:
@@ -169,6 +248,15 @@ def run(args, device: torch.device, manager: AdapterManager, root: Path) -> int:
     print(f"  load / read_fresh {result['load_over_read']:.2f}x (target 1.3x); load / read_warm_buffer "
           f"{result['load_over_read_warm_buffer']:.2f}x; load / read_safetensors "
           f"{result['load_over_read_safetensors']:.2f}x")
+    activation = time_activation(e2e.TINY if args.tiny else e2e.SEVEN_B, device, path, args.repeats)
+    result["activation"] = activation
+    print(f"activation from the CPU cache ({activation['row_bytes'] / 1e6:.1f} MB, pinned: {activation['pinned']}), "
+          f"entry {'the file as read' if activation['in_place'] else 'packed'}, "
+          f"synchronised, median of {2 * args.repeats}: {activation['slot_copies_per_activation']:g} copies each "
+          f"({activation['copies_before']} before the slab)")
+    for name, value in activation["median_ms"].items():
+        print(f"  {name:17s} {value:8.2f} ms  {activation['gb_per_s'][name]:6.1f} GB/s")
+    print(f"  activate {activation['median_ms']['activate']:.2f} ms (target 5 ms per 81 MB)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

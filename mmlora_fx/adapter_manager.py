@@ -6,13 +6,21 @@ max_lora_rank]` with the scaling folded in, and `ranks [max_loras]` (0 where the
 slot does not adapt the linear). Smaller ranks are padded with zeros. Loading an adapter into a
 slot writes that slot only.
 
+The buffers of one dtype are views of one slot-major slab `[max_loras, total]` (`_Slab`): each
+linear's A and B take their elements of a slot's row, in module order, A before B, so slot `s`
+of every linear is the contiguous row `slab[s]` and a buffer's slot stride is `total`, not its
+own slot's size (the kernels take the strides they are given). The ranks of all linears are the
+rows of one `[linears, max_loras]` int32 table (each linear's `ranks` contiguous).
+
 Adapters are known by name (`register`/`load`), cached on the CPU up to `max_cpu_loras`, and
-resident in at most `max_loras` GPU slots. A CPU-cache entry is already in the slot layout (in
-memory pinned when the slots are on a GPU): the buffer its file was read into, B scaled in place,
-when the file is that layout already (every factor of rank `max_lora_rank` in the buffers' dtype,
-nothing else in it: no copy at all), else one flat buffer per adapter and dtype holding each
-linear's A and B padded to `max_lora_rank`. A slot write is two contiguous copies per linear from
-views of it, queued on a side stream with an event the step's stream waits on. Evicted adapters are read again from
+resident in at most `max_loras` GPU slots. A CPU-cache entry is a slab row already (in memory
+pinned when the slots are on a GPU), one per dtype: the buffer its file was read into, B scaled
+in place, when the file's data is that row already (every served linear adapted at rank
+`max_lora_rank` in the buffers' dtype, in the slab's order, nothing else in it: no copy at
+all), else one flat `[total]` buffer per dtype holding each linear's A and B padded to
+`max_lora_rank` (zeros for linears it does not adapt). A slot write is one copy per dtype (one
+per adapter: `slab[s].copy_(row)`) and, where the slot's ranks change, one copy of the ranks
+column, queued on a side stream with an event the step's stream waits on. Evicted adapters are read again from
 their directory when a batch needs them. Pinned adapters are never evicted from either.
 
 `prefetch(names)` announces the adapters of the next steps: it reads what is not cached (on a
@@ -28,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 from collections import OrderedDict
@@ -88,14 +97,32 @@ class _Entry:
 
 
 @dataclasses.dataclass
+class _Slab:
+    """The slot buffers of one dtype: `data [max_loras, total]`, slot `s` of every linear of that
+    dtype being a part of the row `data[s]`; `regions[module]` = (A's offset, A's elements, B's
+    offset, B's elements) in a row."""
+
+    data: torch.Tensor
+    regions: dict[str, tuple[int, int, int, int]]
+
+    @property
+    def total(self) -> int:
+        return self.data.shape[1]
+
+
+@dataclasses.dataclass
 class _Packed:
-    """An adapter in the slot layout, as the CPU cache keeps it: `flats` (one buffer per dtype, or
-    the bytes of the file it was read from; pinned when the slots are on a GPU) and, per adapted
-    linear, views of them shaped like one slot of its buffers (`[max_lora_rank, in]`, `[out,
-    max_lora_rank]`, zero-padded) and its rank."""
+    """An adapter in the slot layout, as the CPU cache keeps it: `rows`, per slab, the contents of
+    one slot's row (`[total]`, a view of `flats`, None where it adapts no linear of that slab:
+    the slot's row is zeroed), `flats` the host memory they view (one buffer per dtype, or the
+    bytes of the file it was read from; pinned when the slots are on a GPU), and `ranks`, per
+    rank table, each linear's rank in its order (`rank_columns`: the same as int32 tensors,
+    pinned with the rows)."""
 
     flats: list[torch.Tensor]
-    views: dict[str, tuple[torch.Tensor, torch.Tensor, int]]
+    rows: list[torch.Tensor | None]
+    ranks: tuple[tuple[int, ...], ...]
+    rank_columns: list[torch.Tensor]
     dropped: tuple[str, ...]
 
     def nbytes(self) -> int:
@@ -107,7 +134,9 @@ class AdapterStats:
     """What the adapter tiers did since the manager was made (`mm.stats()` gives a copy).
 
     GPU: a batch's adapter found in a slot is a hit, one written into a slot a miss (a slot write,
-    `slot_writes` and their host seconds: on a GPU the copies are queued, not waited for); a
+    `slot_writes` and their host seconds: on a GPU the copies are queued, not waited for;
+    `slot_copies` the host-to-device copies they made: one per slab an adapter adapts, one more
+    where the slot's ranks change); a
     resident adapter pushed out of its slot is a GPU eviction. CPU: a miss's adapter found in the
     CPU cache is a hit, one read again from its directory a miss; disk reads (loads, reloads,
     misses and prefetches) count with their seconds; an adapter pushed out of the CPU cache is a
@@ -128,6 +157,7 @@ class AdapterStats:
     disk_read_s: float = 0.0
     slot_writes: int = 0
     slot_write_s: float = 0.0
+    slot_copies: int = 0
     reloads: int = 0
     prefetched: int = 0
     prefetch_hits: int = 0
@@ -226,28 +256,58 @@ class AdapterManager:
         self.max_cpu_loras = max_cpu_loras
         self.max_lora_rank = max_lora_rank
         self.buffers: dict[str, SlotBuffers] = {}
+        # Each served linear's slot shapes, by dtype and device, in module order: the order of a
+        # slab row (and of a PEFT file's tensors, sorted by name: `A` before `B` of each module).
+        shapes: dict[tuple[torch.dtype, torch.device], list[tuple[str, tuple, tuple]]] = {}
         for module in sorted(serving.served):
             info = linears[module]
             weight = linears.weights[module]
             target = torch.device(device) if device is not None else weight.device
             # A 3D expert weight's buffers hold each expert's factors: [max_loras, experts, ...].
             experts = (info.num_experts,) if info.num_experts else ()
-            self.buffers[module] = SlotBuffers(
-                module=module,
-                lora_a=torch.zeros(max_loras, *experts, max_lora_rank, info.in_features, dtype=weight.dtype,
-                                   device=target),
-                lora_b=torch.zeros(max_loras, *experts, info.out_features, max_lora_rank, dtype=weight.dtype,
-                                   device=target),
-                ranks=torch.zeros(max_loras, dtype=torch.int32, device=target),
-            )
+            shapes.setdefault((weight.dtype, target), []).append(
+                (module, (*experts, max_lora_rank, info.in_features), (*experts, info.out_features, max_lora_rank)))
+        modules = sorted(serving.served)
+        # Every linear's ranks: one row of a [linears, max_loras] int32 table per device
+        # (contiguous, as the kernels read them); a slot's ranks are a column, written with one copy.
+        devices = {}
+        for (_, target), members in shapes.items():
+            devices.setdefault(target, []).extend(module for module, _, _ in members)
+        self._rank_tables: list[tuple[torch.Tensor, list[str]]] = []
+        self._rank_of: dict[str, tuple[int, int]] = {}  # module -> (table, row)
+        for target, members in devices.items():
+            members = sorted(members)
+            self._rank_tables.append((torch.zeros(len(members), max_loras, dtype=torch.int32, device=target), members))
+            for row, module in enumerate(members):
+                self._rank_of[module] = (len(self._rank_tables) - 1, row)
+        self._slabs: list[_Slab] = []
+        views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (dtype, target), members in shapes.items():
+            regions, total = {}, 0
+            for module, a_shape, b_shape in members:
+                a_size, b_size = math.prod(a_shape), math.prod(b_shape)
+                regions[module] = (total, a_size, total + a_size, b_size)
+                total += a_size + b_size
+            data = torch.zeros(max_loras, total, dtype=dtype, device=target)
+            self._slabs.append(_Slab(data, regions))
+            for module, a_shape, b_shape in members:
+                a_offset, a_size, b_offset, b_size = regions[module]
+                # Slot stride `total`; within a slot each factor is contiguous.
+                views[module] = (data[:, a_offset:a_offset + a_size].view(max_loras, *a_shape),
+                                 data[:, b_offset:b_offset + b_size].view(max_loras, *b_shape))
+        for module in modules:
+            table, row = self._rank_of[module]
+            self.buffers[module] = SlotBuffers(module=module, lora_a=views[module][0], lora_b=views[module][1],
+                                               ranks=self._rank_tables[table][0][row])
         self._known: dict[str, _Entry] = {}
         self._cpu: OrderedDict[str, _Packed] = OrderedDict()  # least recently used first
         self._slots: list[str | None] = [None] * max_loras
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._pinned: set[str] = set()
-        # Each slot's rank per linear as last written: a write changes `ranks` only where it
-        # differs (hundreds of one-element writes per adapter otherwise).
-        self._slot_ranks: dict[str, list[int]] = {module: [0] * max_loras for module in self.buffers}
+        # Each slot's ranks (the rank table's column) as last written: a write copies them only
+        # where they differ.
+        self._slot_ranks: list[tuple[tuple[int, ...], ...]] = [
+            tuple((0,) * len(members) for _, members in self._rank_tables)] * max_loras
         on_gpu = any(buffers.lora_a.is_cuda for buffers in self.buffers.values())
         self._pin = on_gpu
         # Slot writes from activate and prefetch go on a side stream. Per slot, `_ready` is the
@@ -366,26 +426,68 @@ class AdapterManager:
             del adapter.modules[module]
         return adapter, tuple(unserved)
 
-    def _in_place(self, adapter) -> bool:
-        """Whether the file's buffer already is the slot layout: every tensor in it is a served
-        factor of the buffers' dtype, shape (rank `max_lora_rank`: no padding) and contiguous."""
+    def _in_place(self, adapter) -> list[torch.Tensor | None] | None:
+        """The slab rows of the file's buffer, when it already is the slot layout: every tensor in
+        it is a served factor of the buffers' dtype, shape (rank `max_lora_rank`: no padding) and
+        contiguous, and the factors of each slab's linears lie in it as in a slab row (every
+        linear of the slab, in its order, nothing between them); None otherwise."""
         if not isinstance(adapter, AdapterFactors) or adapter.buffer is None:
-            return False
+            return None
         used = 0
         for module, factors in adapter.modules.items():
             buffers = self.buffers[module]
             for tensor, slot in ((factors.lora_a, buffers.lora_a), (factors.lora_b, buffers.lora_b)):
                 if tensor.dtype != slot.dtype or tensor.shape != slot.shape[1:] or not tensor.is_contiguous():
-                    return False
+                    return None
                 used += tensor.nbytes
         # Base-weight copies or dropped modules would be kept for nothing.
-        return used == adapter.tensor_bytes
+        if used != adapter.tensor_bytes:
+            return None
+        rows: list[torch.Tensor | None] = []
+        for slab in self._slabs:
+            adapted = [module for module in slab.regions if module in adapter.modules]
+            if not adapted:
+                rows.append(None)
+                continue
+            if len(adapted) != len(slab.regions):
+                return None  # a slot row needs the zeros of the linears it does not adapt
+            first = adapter.modules[adapted[0]].lora_a
+            size = first.element_size()
+            start = first.data_ptr() - slab.regions[adapted[0]][0] * size
+            for module in adapted:
+                a_offset, _, b_offset, _ = slab.regions[module]
+                factors = adapter.modules[module]
+                if (factors.lora_a.data_ptr() != start + a_offset * size
+                        or factors.lora_b.data_ptr() != start + b_offset * size):
+                    return None
+            offset = first.storage_offset() - slab.regions[adapted[0]][0]
+            if offset < 0:
+                return None
+            rows.append(first.as_strided((slab.total,), (1,), offset))
+        return rows
+
+    def _rank_columns(self, adapter) -> tuple[tuple[tuple[int, ...], ...], list[torch.Tensor]]:
+        """Each rank table's column for `adapter` (0 for the linears it does not adapt), as ints and
+        as int32 tensors (pinned for a GPU)."""
+        ranks = [[0] * len(members) for _, members in self._rank_tables]
+        for module, weights in adapter.modules.items():
+            table, row = self._rank_of[module]
+            ranks[table][row] = weights.rank
+        columns = []
+        for column in ranks:
+            tensor = torch.empty(len(column), dtype=torch.int32, pin_memory=self._pin)
+            tensor.copy_(torch.tensor(column, dtype=torch.int32))
+            columns.append(tensor)
+        return tuple(tuple(column) for column in ranks), columns
 
     def _pack(self, adapter, dropped: tuple[str, ...]) -> _Packed:
-        """The adapter in the slot layout (pinned for a GPU): the buffer its file was read into,
-        its B matrices scaled in place, when that is the layout already (`_in_place`); otherwise
-        one flat buffer per dtype, each linear's A and B padded to `max_lora_rank`."""
-        if self._in_place(adapter):
+        """The adapter as slab rows (pinned for a GPU): the buffer its file was read into, its B
+        matrices scaled in place, when that is the layout already (`_in_place`); otherwise one
+        flat `[total]` buffer per slab it adapts, each linear's A and B padded to
+        `max_lora_rank`, zeros for the linears it does not adapt."""
+        ranks, rank_columns = self._rank_columns(adapter)
+        rows = self._in_place(adapter)
+        if rows is not None:
             by_scaling: dict[float, list[torch.Tensor]] = {}
             for factors in adapter.modules.values():
                 by_scaling.setdefault(factors.scaling, []).append(factors.lora_b)
@@ -395,36 +497,39 @@ class AdapterManager:
                 if scaling != 1.0:  # times 1 changes nothing, rounded to any dtype
                     for run in _coalesced(matrices):
                         fold_into(run, run, scaling)
-            views = {module: (factors.lora_a, factors.lora_b, factors.rank)
-                     for module, factors in adapter.modules.items()}
-            return _Packed([adapter.buffer], views, dropped)
-        sizes: dict[torch.dtype, int] = {}
-        for module in adapter.modules:
-            buffers = self.buffers[module]
-            size = buffers.lora_a[0].numel() + buffers.lora_b[0].numel()
-            sizes[buffers.lora_a.dtype] = sizes.get(buffers.lora_a.dtype, 0) + size
-        flats = {dtype: torch.empty(size, dtype=dtype, pin_memory=self._pin) for dtype, size in sizes.items()}
-        offsets = dict.fromkeys(sizes, 0)
-        views = {}
-        for module, weights in adapter.modules.items():
-            buffers = self.buffers[module]
-            dtype, rank = buffers.lora_a.dtype, weights.rank
-            a_shape, b_shape = buffers.lora_a.shape[1:], buffers.lora_b.shape[1:]
-            flat, offset = flats[dtype], offsets[dtype]
-            a = flat[offset:offset + buffers.lora_a[0].numel()].view(a_shape)
-            offset += buffers.lora_a[0].numel()
-            b = flat[offset:offset + buffers.lora_b[0].numel()].view(b_shape)
-            offsets[dtype] = offset + buffers.lora_b[0].numel()
-            # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
-            a[..., :rank, :].copy_(weights.lora_a)
-            a[..., rank:, :].zero_()
-            if isinstance(weights, LoRAFactors):
-                fold_into(b[..., :rank], weights.lora_b, weights.scaling)
-            else:  # read_adapter's: scaled already
-                b[..., :rank].copy_(weights.lora_b)
-            b[..., rank:].zero_()
-            views[module] = (a, b, rank)
-        return _Packed(list(flats.values()), views, dropped)
+            return _Packed([adapter.buffer], rows, ranks, rank_columns, dropped)
+        rows = []
+        for slab in self._slabs:
+            adapted = [module for module in slab.regions if module in adapter.modules]
+            if not adapted:
+                rows.append(None)
+                continue
+            flat = torch.empty(slab.total, dtype=slab.data.dtype, pin_memory=self._pin)
+            # Zeros where no factor goes: the linears of this slab it does not adapt.
+            end = 0
+            for module, (a_offset, a_size, b_offset, b_size) in slab.regions.items():
+                if module in adapter.modules:
+                    if a_offset > end:
+                        flat[end:a_offset].zero_()
+                    end = b_offset + b_size
+            if end < slab.total:
+                flat[end:].zero_()
+            for module in adapted:
+                buffers, weights = self.buffers[module], adapter.modules[module]
+                a_offset, a_size, b_offset, b_size = slab.regions[module]
+                a = flat[a_offset:a_offset + a_size].view(buffers.lora_a.shape[1:])
+                b = flat[b_offset:b_offset + b_size].view(buffers.lora_b.shape[1:])
+                rank = weights.rank
+                # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
+                a[..., :rank, :].copy_(weights.lora_a)
+                a[..., rank:, :].zero_()
+                if isinstance(weights, LoRAFactors):
+                    fold_into(b[..., :rank], weights.lora_b, weights.scaling)
+                else:  # read_adapter's: scaled already
+                    b[..., :rank].copy_(weights.lora_b)
+                b[..., rank:].zero_()
+            rows.append(flat)
+        return _Packed([row for row in rows if row is not None], rows, ranks, rank_columns, dropped)
 
     # ------------------------------------------------------------------ loading
     def load(self, name: str, path, pin: bool = False) -> None:
@@ -807,20 +912,21 @@ class AdapterManager:
         self.stats.slot_write_s += time.perf_counter() - began
 
     def _copy_into(self, slot: int, packed: _Packed) -> None:
-        # Two contiguous copies per linear from the pinned flat buffer (per-linear buffers keep
-        # the layout the kernels read; one copy per adapter would need a slot-major layout).
-        for module, buffers in self.buffers.items():
-            views = packed.views.get(module)
-            rank = 0 if views is None else views[2]
-            if views is None:
-                buffers.lora_a[slot].zero_()
-                buffers.lora_b[slot].zero_()
+        # One copy per slab (`slab[slot]` is one contiguous row: every linear's A and B of this
+        # slot) from the pinned entry, and the rank column where it changes.
+        for slab, row in zip(self._slabs, packed.rows):
+            if row is None:
+                slab.data[slot].zero_()
             else:
-                buffers.lora_a[slot].copy_(views[0], non_blocking=self._pin)
-                buffers.lora_b[slot].copy_(views[1], non_blocking=self._pin)
-            if self._slot_ranks[module][slot] != rank:
-                buffers.ranks[slot] = rank
-                self._slot_ranks[module][slot] = rank
+                slab.data[slot].copy_(row, non_blocking=self._pin)
+                self.stats.slot_copies += 1
+        if self._slot_ranks[slot] != packed.ranks:
+            for (table, _), column, before, after in zip(self._rank_tables, packed.rank_columns,
+                                                         self._slot_ranks[slot], packed.ranks):
+                if before != after:
+                    table[:, slot].copy_(column, non_blocking=self._pin)
+                    self.stats.slot_copies += 1
+            self._slot_ranks[slot] = packed.ranks
 
     def _clear_slot(self, slot: int) -> None:
         """Zero a slot (unload) in order on the current stream, after the steps that read it."""
@@ -831,9 +937,11 @@ class AdapterManager:
                 self._ready[slot] = None
             # Side-stream writes into this slot must wait for the zeroing too.
             event = torch.cuda.Event()
-        for module, buffers in self.buffers.items():
-            buffers.clear(slot)
-            self._slot_ranks[module][slot] = 0
+        for slab in self._slabs:
+            slab.data[slot].zero_()
+        for table, _ in self._rank_tables:
+            table[:, slot].zero_()
+        self._slot_ranks[slot] = tuple((0,) * len(members) for _, members in self._rank_tables)
         if self._stream is not None:
             event.record(torch.cuda.current_stream(self._stream.device))
             self._free[slot] = event

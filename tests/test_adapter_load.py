@@ -38,9 +38,14 @@ def bf16_adapter(tmp_path_factory, bf16_model):
     return path
 
 
-def manager_for(model, max_lora_rank=RANK, **options):
+def manager_for(model, max_lora_rank=RANK, adapter=None, **options):
+    """Serving the tower, connector and language model (every linear there), or, given `adapter`
+    (a path), the linears it adapts: then its file is a slab row as read."""
     linears = LinearIndex(model, discover_partitions(model))
-    serving = ServingPlan.build(linears, partitions=["tower", "connector", "language_model"])
+    if adapter is None:
+        serving = ServingPlan.build(linears, partitions=["tower", "connector", "language_model"])
+    else:
+        serving = ServingPlan.build(linears, adapters=[read_factors("x", adapter, linears)])
     return AdapterManager(linears, serving, max_loras=2, max_lora_rank=max_lora_rank, **options)
 
 
@@ -72,14 +77,30 @@ def assert_slot(manager, slot, expected):
 
 
 def test_a_file_in_the_slot_layout_is_cached_as_read_and_scaled_in_place(bf16_model, bf16_adapter):
-    manager = manager_for(bf16_model)
+    manager = manager_for(bf16_model, adapter=bf16_adapter)
     manager.load("a", bf16_adapter)
     [flat] = manager._cpu["a"].flats
     assert flat.dtype == torch.uint8 and flat.numel() == (bf16_adapter / WEIGHTS_FILE).stat().st_size  # the file
+    [row] = manager._cpu["a"].rows
+    assert row.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()  # the slab row is the file's data
     expected = expected_slots(manager, bf16_adapter)
-    assert len(expected) > 10
+    assert len(expected) > 10 and set(expected) == set(manager.buffers)
     [slot] = manager.activate(["a"])
     assert_slot(manager, slot, expected)
+    assert manager.stats.slot_copies == 2  # the slab row, and the ranks column (they were all 0)
+
+
+def test_a_file_adapting_some_served_linears_becomes_one_slab_row(bf16_model, bf16_adapter):
+    """Served linears the file does not adapt are zeros in the entry: still one copy per slot write."""
+    manager = manager_for(bf16_model)
+    manager.load("a", bf16_adapter)
+    expected = expected_slots(manager, bf16_adapter)
+    assert set(expected) < set(manager.buffers)
+    [row] = manager._cpu["a"].rows
+    assert row.dtype == torch.bfloat16 and row.numel() == manager._slabs[0].total
+    [slot] = manager.activate(["a"])
+    assert_slot(manager, slot, expected)
+    assert manager.stats.slot_copies == 2
 
 
 def test_a_file_padded_into_the_slots_gives_the_same_slots(bf16_model, bf16_adapter):

@@ -419,3 +419,131 @@ def test_stats_count_hits_misses_evictions_and_reads_per_tier(adapters):
     assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_evictions) == (1, 2, 1)
     assert (stats.cpu_hits, stats.cpu_misses, stats.cpu_evictions) == (1, 1, 2)
     assert stats.disk_reads == 3 and stats.disk_read_s > 0 and stats.slot_writes == 2 and stats.slot_write_s > 0
+
+
+class WritesInto:
+    """The ops a block runs that write into `tensors`' storages (TorchDispatchMode): each op's
+    name and its destination, so that a test can count copies into the slot buffers."""
+
+    def __init__(self, *tensors):
+        self.storages = {tensor.untyped_storage().data_ptr(): index for index, tensor in enumerate(tensors)}
+        self.writes: list[tuple[str, int, torch.Tensor]] = []  # (op, which storage, destination)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                schema = func._schema
+                if schema.arguments and schema.arguments[0].is_write and isinstance(args[0], torch.Tensor):
+                    which = outer.storages.get(args[0].untyped_storage().data_ptr())
+                    if which is not None:
+                        outer.writes.append((func.__name__, which, args[0]))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def file_slots(manager, path):
+    """Every served module's (A, B) slot for the adapter at `path`, from `read_adapter` alone:
+    padded with zeros to `max_lora_rank`, zeros where it does not adapt the module."""
+    from mmlora_fx.peft_format import read_adapter
+
+    adapter = read_adapter("x", path, manager.linears)
+    slots = {}
+    for module, buffers in manager.buffers.items():
+        a, b = torch.zeros_like(buffers.lora_a[0]), torch.zeros_like(buffers.lora_b[0])
+        weights = adapter.modules.get(module)
+        if weights is not None:
+            a[..., :weights.rank, :] = weights.lora_a
+            b[..., :weights.rank] = weights.lora_b
+        slots[module] = (a, b)
+    return slots
+
+
+def test_a_slot_is_one_slab_row_written_with_one_copy_per_adapter(tmp_path, adapters):
+    """Every served linear's A and B are views of one slot-major slab: slot `s` of all of them
+    tiles the contiguous row `slab[s]`. Activating an adapter copies its CPU entry into that row
+    with one copy, plus one copy of the ranks column where the slot's ranks change; the slots then
+    hold exactly what the files give."""
+    shutil.copytree(adapters["a"], tmp_path / "a2")  # a's ranks: a2 replaces a with no ranks copy
+    paths = {"a": adapters["a"], "a2": tmp_path / "a2", "c": adapters["c"]}
+    manager = make_manager(adapters, max_loras=2)
+    [slab] = manager._slabs
+    [(table, _)] = manager._rank_tables
+    row_bytes = slab.data[0].nbytes
+    for slot in range(2):
+        row = slab.data[slot]
+        covered = 0
+        for module, buffers in manager.buffers.items():
+            for factor in (buffers.lora_a, buffers.lora_b):
+                assert factor.stride(0) == slab.total and factor[slot].is_contiguous(), module
+                begin = factor[slot].data_ptr() - row.data_ptr()
+                assert 0 <= begin and begin + factor[slot].nbytes <= row_bytes, module
+                covered += factor[slot].nbytes
+            assert buffers.ranks.is_contiguous() and buffers.ranks.untyped_storage().data_ptr() == \
+                table.untyped_storage().data_ptr()
+        assert covered == row_bytes  # the factors tile the row (and fit in it without overlapping)
+    manager.load_many(paths)
+    expected = {name: file_slots(manager, path) for name, path in paths.items()}
+
+    def activate(names, copies):
+        before = manager.stats.slot_copies
+        with WritesInto(slab.data, table) as writes:
+            slots = manager.activate(names)
+        assert [(op, which) for op, which, _ in writes.writes] == copies, names
+        for op, which, destination in writes.writes:
+            assert op == "copy_.default" and destination.numel() == (slab.total if which == 0 else len(manager.buffers))
+        assert manager.stats.slot_copies - before == len(copies)
+        for name, slot in zip(names, slots):
+            assert_weights_equal(slot_weights(manager, name), expected[name])
+
+    row, ranks = ("copy_.default", 0), ("copy_.default", 1)
+    activate(["a", "c"], [row, ranks, row, ranks])  # fresh slots: their ranks were 0
+    activate(["a2"], [row])  # into the least recently used slot, a's: the same ranks
+    activate(["a2", "c"], [])  # resident: nothing to write
+    activate(["a"], [row])  # a2's slot again: same ranks
+    activate(["c", "a"], [])
+    manager.unload("a")
+    activate(["a2", "c"], [row, ranks])  # an unloaded slot's ranks were zeroed
+
+
+def test_buffers_of_two_dtypes_are_two_slabs_written_with_one_copy_each(adapters):
+    """The fall-back where served linears have two dtypes (a float32 tower under a bf16 language
+    model): one slab per dtype, one copy each, and the same slots as the files give, each cast
+    to its buffers' dtype."""
+    import copy
+
+    from mmlora_fx.peft_format import read_adapter
+
+    model = copy.deepcopy(cached_model("tiny-qwen2-vl")).to(torch.bfloat16)
+    linears = LinearIndex(model, discover_partitions(model))
+    for name, module in model.named_modules():
+        if name in linears and linears[name].partition == "tower":
+            module.float()
+    linears = LinearIndex(model, discover_partitions(model))
+    serving = ServingPlan.build(linears, partitions=["tower", "connector", "language_model"])
+    manager = AdapterManager(linears, serving, max_loras=2, max_lora_rank=8)
+    assert sorted(str(slab.data.dtype) for slab in manager._slabs) == ["torch.bfloat16", "torch.float32"]
+    manager.load("c", adapters["c"])
+    with WritesInto(*(slab.data for slab in manager._slabs)) as writes:
+        [slot] = manager.activate(["c"])
+    assert sorted((op, which) for op, which, _ in writes.writes) == [("copy_.default", 0), ("copy_.default", 1)]
+    adapter = read_adapter("c", adapters["c"], linears)
+    for module, buffers in manager.buffers.items():
+        weights = adapter.modules.get(module)
+        if weights is None:
+            assert int(buffers.ranks[slot]) == 0 and not buffers.lora_a[slot].any(), module
+            continue
+        rank = weights.rank
+        assert int(buffers.ranks[slot]) == rank
+        assert torch.equal(buffers.lora_a[slot, :rank], weights.lora_a.to(buffers.lora_a.dtype)), module
+        assert torch.equal(buffers.lora_b[slot, :, :rank], weights.lora_b.to(buffers.lora_b.dtype)), module
+        assert not buffers.lora_a[slot, rank:].any() and not buffers.lora_b[slot, :, rank:].any(), module

@@ -8,6 +8,8 @@ import torch
 from mmlora_fx.kernels.lora_embedding import (lora_embedding_add, lora_embedding_add_reference,
                                               lora_embedding_add_triton)
 
+from .kernels.problems import in_one_slab
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -67,11 +69,13 @@ def test_the_custom_op_and_its_fake_trace():
 
 
 @pytest.mark.skipif(not INTERPRETING or torch.cuda.is_available(), reason="needs TRITON_INTERPRET=1 on a CPU")
+@pytest.mark.parametrize("slab", [False, True], ids=["contiguous", "slab"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_cuda_path_equals_the_reference_interpreted(dtype):
+def test_the_cuda_path_equals_the_reference_interpreted(dtype, slab):
     """What CUDA runs (the gathered columns expanded by lora_add's kernels through an identity A),
     on the CPU under Triton's interpreter: per row's slot and rank, with NaN past a rank and an
-    infinite value in a slot no row reads, rows of the base model untouched."""
+    infinite value in a slot no row reads, rows of the base model untouched. `slab`: A and B are
+    views of one slot-major slab, as the adapter manager allocates them (slot stride the row's)."""
     generator = torch.Generator().manual_seed(2)
     slots, max_rank, vocab, dim = 4, 8, 40, 24
     lora_a = torch.randn(slots, max_rank, vocab, generator=generator).to(dtype)
@@ -80,6 +84,9 @@ def test_the_cuda_path_equals_the_reference_interpreted(dtype):
     lora_a[0, 3:] = float("nan")
     lora_b[0, :, 3:] = float("nan")
     lora_b[3, 0, 0] = float("inf")  # slot 3: no request of this batch
+    if slab:
+        lora_a, lora_b = in_one_slab([lora_a, lora_b])
+        assert lora_b.stride(0) != lora_b[0].numel()
     ids = torch.randint(0, vocab, (5, 3), generator=generator)
     request_slots = torch.tensor([1, -1, 0, 2, 0], dtype=torch.int32)
     cum_weights = torch.tensor([0, 1, 2, 3, 4, 5])

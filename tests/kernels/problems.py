@@ -172,3 +172,29 @@ def assert_matches(problem: Problem, actual: list[torch.Tensor]) -> None:
         delta_norm = (want - poison.cpu().double()).norm()
         if delta_norm > 0:
             assert delta_error / delta_norm <= 4 * tolerance, f"output {j}: delta error {delta_error / delta_norm:.2e}"
+
+
+def in_one_slab(factors: list[torch.Tensor], gap: int = 3) -> list[torch.Tensor]:
+    """`factors` (each `[slots, ...]`, one slot count) copied into one slot-major slab `[slots,
+    total]`, as the adapter manager lays its buffers out, and returned as its views: slot `s` of
+    every factor lies in the row `slab[s]`, so their slot stride is `total`, not their own slot's
+    size. `gap` NaN elements sit after each factor's part of a row: a kernel reading a factor with
+    the wrong slot stride meets them (or another factor's values)."""
+    slots = factors[0].shape[0]
+    sizes = [factor[0].numel() for factor in factors]
+    slab = torch.full((slots, sum(sizes) + gap * len(sizes)), float("nan"), dtype=factors[0].dtype,
+                      device=factors[0].device)
+    views, offset = [], 0
+    for factor, size in zip(factors, sizes):
+        view = slab[:, offset:offset + size].view(factor.shape)
+        view.copy_(factor)
+        views.append(view)
+        offset += size + gap
+    return views
+
+
+def slab_problem(problem: Problem, gap: int = 3) -> Problem:
+    """`problem` with every sibling's A and B views of one slab (`in_one_slab`): A0, B0, A1, B1..."""
+    views = in_one_slab([factor for pair in zip(problem.lora_a, problem.lora_b) for factor in pair], gap)
+    assert views[0].stride(0) != views[0][0].numel()
+    return dataclasses.replace(problem, lora_a=views[0::2], lora_b=views[1::2])

@@ -18,7 +18,7 @@ from mmlora_fx.kernels.lora_add import lora_add_, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_reference
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
-from .problems import PATTERNS, Problem, assert_matches, make_problem
+from .problems import PATTERNS, Problem, assert_matches, make_problem, slab_problem
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -78,6 +78,27 @@ def test_triton_matches_reference_interpreted(case):
                            in_features=80, out_features=out_features, num_slots=5, max_rank=max_rank,
                            dtype=dtype, max_requests=requests + 3, seed=INTERPRETER_CASES.index(case))
     assert_matches(problem, run_triton(problem, config))
+
+
+SLAB_CASES = [INTERPRETER_CASES[index] for index in (0, 3, 7, 10, 11, 14)]  # tiles, one split, row path; bf16
+
+
+@interpreter
+@pytest.mark.parametrize("case", SLAB_CASES, ids=lambda case: f"{case[0]}-{len(case[3])}-{str(case[5])[6:]}")
+def test_triton_on_slab_views_matches_reference_interpreted(case):
+    """The adapter manager's buffers are views of one slot-major slab: every sibling's A and B
+    with a slot stride of the whole row (NaN between them). The kernels read them by the
+    strides they are given: the reference's result, and bit for bit the contiguous buffers'."""
+    pattern, requests, rows_per_request, out_features, max_rank, dtype, config = case
+    problem = make_problem(pattern=pattern, requests=requests, rows_per_request=rows_per_request,
+                           in_features=80, out_features=out_features, num_slots=5, max_rank=max_rank,
+                           dtype=dtype, max_requests=requests + 3, seed=SLAB_CASES.index(case) + 50)
+    slab = slab_problem(problem)
+    assert all(a.stride(0) == slab.lora_a[0].stride(0) != a[0].numel() for a in slab.lora_a)
+    got = run_triton(slab, config)
+    assert_matches(problem, got)
+    for got_j, contiguous_j in zip(got, run_triton(problem, config)):
+        assert torch.equal(got_j, contiguous_j)
 
 
 @interpreter

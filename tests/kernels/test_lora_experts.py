@@ -21,6 +21,7 @@ from mmlora_fx.kernels.lora_experts import (ExpertConfig, choose_expert_config, 
                                             lora_experts_add_reference, lora_experts_add_torch,
                                             lora_experts_add_triton)
 
+from .problems import in_one_slab
 from .test_lora_add import gpu, interpreter
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -167,6 +168,20 @@ def test_triton_matches_reference_interpreted(case):
     problem = make_problem(gathered=form == "gathered", contract_in=contract_in, tokens=tokens, tiles=tiles,
                            interleave=interleave, dtype=dtype, seed=INTERPRETER_CASES.index(case))
     assert_matches(problem, run_triton(problem, config))
+
+
+@interpreter
+@pytest.mark.parametrize("case", [INTERPRETER_CASES[index] for index in (0, 2, 6, 8, 10, 11)], ids=_case_id)
+def test_triton_on_slab_views_matches_reference_interpreted(case):
+    """A and B as views of one slot-major slab (the adapter manager's layout: slot stride the
+    whole row, NaN between them): the reference's result."""
+    form, contract_in, tokens, tiles, interleave, dtype, config = case
+    tiles = 4 if form == "per_expert" else tiles
+    problem = make_problem(gathered=form == "gathered", contract_in=contract_in, tokens=tokens, tiles=tiles,
+                           interleave=interleave, dtype=dtype, seed=INTERPRETER_CASES.index(case) + 60)
+    lora_a, lora_b = in_one_slab([problem.lora_a, problem.lora_b])
+    assert lora_a.stride(0) == lora_b.stride(0) != problem.lora_a[0].numel()
+    assert_matches(problem, run_triton(dataclasses.replace(problem, lora_a=lora_a, lora_b=lora_b), config))
 
 
 @interpreter
