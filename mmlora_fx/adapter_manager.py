@@ -68,6 +68,13 @@ __all__ = ["SlotBuffers", "AdapterManager", "AdapterStats", "BASE_NAMES"]
 BASE_NAMES = (None, "__base__")
 
 
+_ALIGN = 64  # elements
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
+
 @dataclasses.dataclass
 class SlotBuffers:
     """The stacked slot buffers of one served linear (or 3D expert weight: one pair per expert)."""
@@ -76,11 +83,6 @@ class SlotBuffers:
     lora_a: torch.Tensor  # [max_loras, max_lora_rank, in_features]; experts: [max_loras, experts, R, in]
     lora_b: torch.Tensor  # [max_loras, out_features, max_lora_rank]; experts: [max_loras, experts, out, R]
     ranks: torch.Tensor  # int32 [max_loras]
-
-    def clear(self, slot: int) -> None:
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.ranks[slot] = 0
 
     def delta(self, slot: int) -> torch.Tensor:
         """`scaling * B @ A` of the adapter in `slot`, as a [out, in] matrix ([experts, out, in] for experts)."""
@@ -286,8 +288,11 @@ class AdapterManager:
             regions, total = {}, 0
             for module, a_shape, b_shape in members:
                 a_size, b_size = math.prod(a_shape), math.prod(b_shape)
-                regions[module] = (total, a_size, total + a_size, b_size)
-                total += a_size + b_size
+                # Every factor starts on a multiple of _ALIGN elements (and so does every slot), as
+                # separate allocations did: Triton specialises on 16-byte alignment for vector loads.
+                b_offset = _aligned(total + a_size)
+                regions[module] = (total, a_size, b_offset, b_size)
+                total = _aligned(b_offset + b_size)
             data = torch.zeros(max_loras, total, dtype=dtype, device=target)
             self._slabs.append(_Slab(data, regions))
             for module, a_shape, b_shape in members:
@@ -461,7 +466,9 @@ class AdapterManager:
                         or factors.lora_b.data_ptr() != start + b_offset * size):
                     return None
             offset = first.storage_offset() - slab.regions[adapted[0]][0]
-            if offset < 0:
+            last_a, _, last_b, last_b_size = list(slab.regions.values())[-1]
+            # A row ending in alignment padding would read past the file's last factor.
+            if offset < 0 or last_b + last_b_size != slab.total:
                 return None
             rows.append(first.as_strided((slab.total,), (1,), offset))
         return rows
@@ -505,13 +512,16 @@ class AdapterManager:
                 rows.append(None)
                 continue
             flat = torch.empty(slab.total, dtype=slab.data.dtype, pin_memory=self._pin)
-            # Zeros where no factor goes: the linears of this slab it does not adapt.
+            # Zeros where no factor goes: the linears of this slab it does not adapt, and the
+            # alignment padding after each factor.
             end = 0
             for module, (a_offset, a_size, b_offset, b_size) in slab.regions.items():
-                if module in adapter.modules:
-                    if a_offset > end:
-                        flat[end:a_offset].zero_()
-                    end = b_offset + b_size
+                if module not in adapter.modules:
+                    continue
+                for start, size in ((a_offset, a_size), (b_offset, b_size)):
+                    if start > end:
+                        flat[end:start].zero_()
+                    end = start + size
             if end < slab.total:
                 flat[end:].zero_()
             for module in adapted:

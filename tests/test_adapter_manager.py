@@ -515,6 +515,33 @@ def test_a_slot_is_one_slab_row_written_with_one_copy_per_adapter(tmp_path, adap
     activate(["a2", "c"], [row, ranks])  # an unloaded slot's ranks were zeroed
 
 
+def test_factors_in_the_slab_start_aligned_and_its_padding_stays_zero(adapters):
+    """At rank 5 no factor of tiny Qwen2-VL is a multiple of 64 elements: each still starts on a
+    multiple of 64 (16-byte aligned, as separate allocations were, which Triton's vector loads
+    specialise on), the padding between them is zero in every slot after loads and swaps, and the
+    slots hold what the files give."""
+    manager = make_manager(adapters, max_loras=2, max_lora_rank=5)
+    [slab] = manager._slabs
+    sizes = [factor[0].numel() for buffers in manager.buffers.values() for factor in (buffers.lora_a, buffers.lora_b)]
+    assert any(size % 64 for size in sizes)
+    assert slab.total % 64 == 0
+    covered = torch.zeros(slab.total, dtype=torch.bool)
+    for buffers in manager.buffers.values():
+        for factor in (buffers.lora_a, buffers.lora_b):
+            begin = (factor[0].data_ptr() - slab.data[0].data_ptr()) // factor.element_size()
+            assert begin % 64 == 0
+            covered[begin: begin + factor[0].numel()] = True
+    names = ["a", "b", "d", "e"]
+    paths = {name: adapters[name] for name in names}
+    manager.load_many(paths)
+    expected = {name: file_slots(manager, path) for name, path in paths.items()}
+    for batch in (["a", "e"], ["d"], ["b", "a"]):
+        slots = manager.activate(batch)
+        assert not slab.data[:, ~covered].any()
+        for name, slot in zip(batch, slots):
+            assert_weights_equal(slot_weights(manager, name), expected[name])
+
+
 def test_buffers_of_two_dtypes_are_two_slabs_written_with_one_copy_each(adapters):
     """The fall-back where served linears have two dtypes (a float32 tower under a bf16 language
     model): one slab per dtype, one copy each, and the same slots as the files give, each cast
