@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Named GPU steps, so that one device call runs several with a time limit each and leaves every
+# step's log and JSON under $OUT even when a later step runs out of time.
+#
+#   bash benchmarks/gpu_steps.sh <commit> STEP[:seconds] [STEP[:seconds] ...]
+#
+# Steps (rough seconds on an H100 when the machine is warm):
+#   tests      every GPU test: tests/test_gpu*.py and tests/kernels -m gpu            (~300)
+#   load       benchmarks/adapter_load.py --device cuda: load vs read, activation (#22) (~60)
+#   scale      benchmarks/adapters_at_scale.py: 1,000 adapters, Zipf mixes (#22)      (~300)
+#   fused      kernel_bench, the default against the opt-in fused row path (#15)     (~60)
+#   decode64   decode_overhead.py --batches 64: the cells with one run so far (#15)   (~450)
+#   moe        decode_overhead.py --model moe, two runs (#17; three need an H200)     (~480)
+#   audio      audio_prefill.py, three compilations sharing the GPU: the audio row (#20) (~540)
+# A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
+# the order given; one that fails or times out is logged and the next one runs.
+set -uo pipefail
+commit=${1:?usage: gpu_steps.sh <commit> STEP[:seconds] ...}
+shift
+out=${OUT:-/tmp/mmlora-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+
+declare -A limit=([tests]=360 [load]=120 [scale]=360 [fused]=120 [decode64]=480 [moe]=500 [audio]=540)
+run_step() {
+    local step=$1 seconds=$2
+    case $step in
+        tests) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
+                   tests/test_gpu.py tests/test_gpu_targets.py tests/kernels ;;
+        load) timeout "$seconds" python3 benchmarks/adapter_load.py --device cuda --repeats 9 \
+                  --json "$out/adapter_load.json" --commit "$commit" ;;
+        scale) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale" --commit "$commit" ;;
+        fused) timeout "$seconds" python3 benchmarks/kernel_bench.py --repeat-ms 40 --rows 1,2,4 --adapters 1,4 \
+                   --variants '{"fused": {"fused": true}}' --commit "$commit" --json "$out/fused.json" \
+                   --markdown "$out/fused.md" ;;
+        decode64) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64" --batches 64 \
+                      --budget-s $((seconds - 20)) --commit "$commit" ;;
+        moe) timeout "$seconds" python3 benchmarks/decode_overhead.py --model moe --out "$out/moe" --batches 1,16,64 \
+                 --runs 2 --steps 50 --rounds 4 --budget-s $((seconds - 20)) --commit "$commit" ;;
+        audio) timeout "$seconds" python3 benchmarks/audio_prefill.py --out "$out/audio" --gpus 3 --share-gpu \
+                   --budget-s $((seconds - 20)) --commit "$commit" ;;
+        *) echo "unknown step $step"; return 2 ;;
+    esac
+}
+for item in "$@"; do
+    step=${item%%:*}
+    seconds=${limit[$step]:-300}
+    [[ $item == *:* ]] && seconds=${item##*:}
+    start=$(date +%s)
+    echo "== $step (limit ${seconds}s)"
+    run_step "$step" "$seconds" > "$out/$step.log" 2>&1
+    rc=$?
+    echo "== $step rc=$rc in $(( $(date +%s) - start ))s"
+    grep -v -i "warn" "$out/$step.log" | tail -15
+done
