@@ -1,0 +1,114 @@
+"""A tensor-parallel-sharded model is refused with `ShardedModelError`, alike on every rank (#23).
+
+Two processes on the CPU (gloo) shard a tiny Llama with torch.distributed's tensor-parallel API
+(`ColwiseParallel` on q/k/v/gate/up, `RowwiseParallel` on o/down) over a 2-rank `DeviceMesh`,
+and pass it to `mmlora_fx.compile` with adapters PEFT made on the unsharded model. Without the
+refusal, compile returned and the first call failed with an untyped error from DTensor's dispatch
+(compiled) or a misleading one (eager). `run_ranks` is the harness issue #23's exact tests need:
+a function run on every rank with the process group and mesh up, its results back by rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+TIMEOUT_S = 120  # a rank stuck in a collective fails the test instead of hanging it
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with the gloo backend")
+
+
+def text_lm():
+    import transformers
+
+    from mmlora_fx import zoo
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**zoo._text_config())).eval()
+
+
+def shard_llama(model, mesh):
+    """Megatron-style tensor parallelism on every decoder layer (what transformers' Llama tp_plan does)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
+    plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                 "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+    for layer in model.model.layers:
+        parallelize_module(layer, mesh, plan)
+    return model
+
+
+def _rank_main(rank: int, fn, args, folder: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        result = fn(rank, init_device_mesh("cpu", (WORLD,)), *args)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{folder}/rank{rank}.pkl", "wb") as file:
+        pickle.dump(result, file)
+
+
+def run_ranks(fn, args, folder) -> list:
+    """`fn(rank, mesh, *args)` on `WORLD` spawned CPU processes under gloo; its results by rank.
+    `fn` must be importable (module level); a rank that raises fails the test with its traceback."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_rank_main, args=(fn, args, str(folder)), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish in {TIMEOUT_S} s (a rank hung in a collective?)")
+    results = []
+    for rank in range(WORLD):
+        with open(os.path.join(folder, f"rank{rank}.pkl"), "rb") as file:
+            results.append(pickle.load(file))
+    return results
+
+
+def compile_sharded(rank: int, mesh, paths: dict) -> dict:
+    """On one rank: shard the tiny Llama, check it still computes the unsharded logits, compile it."""
+    import mmlora_fx
+    from mmlora_fx.errors import ShardedModelError
+
+    ids = torch.arange(16, 25).reshape(1, 9)
+    with torch.no_grad():
+        unsharded = text_lm()(input_ids=ids).logits
+        model = shard_llama(text_lm(), mesh)
+        sharded_error = ((model(input_ids=ids).logits - unsharded).abs().max() / unsharded.abs().max()).item()
+    try:
+        mmlora_fx.compile(model, paths, max_loras=2, inner="eager")
+    except ShardedModelError as error:
+        return dict(sharded_error=sharded_error, refused=str(error), module=error.module, layout=error.layout,
+                    count=error.count)
+    return dict(sharded_error=sharded_error, refused=None)
+
+
+def test_sharded_model_is_refused_alike_on_every_rank(tmp_path):
+    from mmlora_fx import zoo
+
+    base = text_lm()
+    paths = {name: zoo.make_adapter(base, tmp_path / name, TARGETS, r=4, lora_alpha=9, seed=index)
+             for index, name in enumerate(["alice", "bob"])}
+    results = run_ranks(compile_sharded, (paths,), tmp_path)
+    for rank, result in enumerate(results):
+        assert result["sharded_error"] <= 1e-5, (rank, result)  # the harness shards the model correctly
+        assert result["refused"] is not None, f"rank {rank}: mmlora_fx.compile accepted a sharded model"
+        assert result["module"] == "model.layers.0.self_attn.q_proj", result
+        assert "Shard(dim=0)" in result["layout"] and "2-rank cpu mesh" in result["layout"], result
+        assert "#23" in result["refused"], result
+        assert result["count"] == 2 * len(TARGETS), result  # every served linear of both layers
+    assert results[0]["refused"] == results[1]["refused"]  # the same error on every rank: none hangs
