@@ -79,36 +79,69 @@ def run_ranks(fn, args, folder) -> list:
     return results
 
 
-def compile_sharded(rank: int, mesh, paths: dict) -> dict:
-    """On one rank: shard the tiny Llama, check it still computes the unsharded logits, compile it."""
+def refusal(model, paths) -> dict | None:
+    """What `mmlora_fx.compile` says to `model`: the `ShardedModelError`'s fields, or None if it accepted it."""
     import mmlora_fx
     from mmlora_fx.errors import ShardedModelError
+
+    try:
+        mmlora_fx.compile(model, paths, max_loras=2, inner="eager")
+    except ShardedModelError as error:
+        return dict(message=str(error), module=error.module, layout=error.layout, count=error.count)
+    return None
+
+
+def compile_sharded(rank: int, mesh, paths: dict, checkpoint: str) -> dict:
+    """On one rank: the tiny Llama sharded by `parallelize_module` and by transformers' `tp_plan`,
+    each checked to compute the unsharded logits, then given to `mmlora_fx.compile`."""
+    import transformers
 
     ids = torch.arange(16, 25).reshape(1, 9)
     with torch.no_grad():
         unsharded = text_lm()(input_ids=ids).logits
-        model = shard_llama(text_lm(), mesh)
-        sharded_error = ((model(input_ids=ids).logits - unsharded).abs().max() / unsharded.abs().max()).item()
-    try:
-        mmlora_fx.compile(model, paths, max_loras=2, inner="eager")
-    except ShardedModelError as error:
-        return dict(sharded_error=sharded_error, refused=str(error), module=error.module, layout=error.layout,
-                    count=error.count)
-    return dict(sharded_error=sharded_error, refused=None)
+
+    def checked(model) -> dict:
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            error = ((model(input_ids=ids).logits - unsharded).abs().max() / unsharded.abs().max()).item()
+        return dict(sharded=isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor), sharded_error=error,
+                    refused=refusal(model, paths))
+
+    results = {}
+    model = shard_llama(text_lm(), mesh)
+    results["parallelize_module"] = checked(model)
+    if hasattr(transformers, "DistributedConfig"):  # transformers' own tensor parallelism (DTensor weights)
+        model = transformers.LlamaForCausalLM.from_pretrained(
+            checkpoint, distributed_config=transformers.DistributedConfig(tp_plan="auto", tp_size=WORLD)).eval()
+        results["tp_plan"] = checked(model)
+    return results
 
 
-def test_sharded_model_is_refused_alike_on_every_rank(tmp_path):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Each rank's results of `compile_sharded`, adapters made by PEFT on the unsharded model."""
     from mmlora_fx import zoo
 
+    folder = tmp_path_factory.mktemp("tensor_parallel")
     base = text_lm()
-    paths = {name: zoo.make_adapter(base, tmp_path / name, TARGETS, r=4, lora_alpha=9, seed=index)
+    base.save_pretrained(folder / "base")
+    paths = {name: zoo.make_adapter(base, folder / name, TARGETS, r=4, lora_alpha=9, seed=index)
              for index, name in enumerate(["alice", "bob"])}
-    results = run_ranks(compile_sharded, (paths,), tmp_path)
+    return run_ranks(compile_sharded, (paths, str(folder / "base")), folder)
+
+
+@pytest.mark.parametrize("sharding", ["parallelize_module", "tp_plan"])
+def test_sharded_model_is_refused_alike_on_every_rank(ranks, sharding):
+    if sharding not in ranks[0]:
+        pytest.skip("this transformers has no DistributedConfig (tp_plan)")
+    results = [by_sharding[sharding] for by_sharding in ranks]
     for rank, result in enumerate(results):
-        assert result["sharded_error"] <= 1e-5, (rank, result)  # the harness shards the model correctly
-        assert result["refused"] is not None, f"rank {rank}: mmlora_fx.compile accepted a sharded model"
-        assert result["module"] == "model.layers.0.self_attn.q_proj", result
-        assert "Shard(dim=0)" in result["layout"] and "2-rank cpu mesh" in result["layout"], result
-        assert "#23" in result["refused"], result
-        assert result["count"] == 2 * len(TARGETS), result  # every served linear of both layers
+        assert result["sharded"] and result["sharded_error"] <= 1e-5, (rank, result)  # sharded, and correctly
+        refused = result["refused"]
+        assert refused is not None, f"rank {rank}: mmlora_fx.compile accepted a model sharded by {sharding}"
+        assert refused["module"] == "model.layers.0.self_attn.q_proj", refused
+        assert "Shard(dim=0)" in refused["layout"] and "2-rank cpu mesh" in refused["layout"], refused
+        assert "#23" in refused["message"], refused
+        assert refused["count"] == 2 * len(TARGETS), refused  # every served linear of both layers
     assert results[0]["refused"] == results[1]["refused"]  # the same error on every rank: none hangs
