@@ -1,11 +1,13 @@
 """A tensor-parallel-sharded model is refused with `ShardedModelError`, alike on every rank (#23).
 
 Two processes on the CPU (gloo) shard a tiny Llama with torch.distributed's tensor-parallel API
-(`ColwiseParallel` on q/k/v/gate/up, `RowwiseParallel` on o/down) over a 2-rank `DeviceMesh`,
-and pass it to `mmlora_fx.compile` with adapters PEFT made on the unsharded model. Without the
-refusal, compile returned and the first call failed with an untyped error from DTensor's dispatch
-(compiled) or a misleading one (eager). `run_ranks` is the harness issue #23's exact tests need:
-a function run on every rank with the process group and mesh up, its results back by rank.
+(`ColwiseParallel` on q/k/v/gate/up, `RowwiseParallel` on o/down) over a 2-rank `DeviceMesh`, and
+with transformers' own `tp_plan`, and pass it to `mmlora_fx.compile` with adapters PEFT made on the
+unsharded model. Without the refusal, compile returned and the first call failed with an untyped
+error from DTensor's dispatch (compiled) or a misleading one (eager). Only served targets are
+checked: adapters on the lm_head `parallelize_module` left whole are served, equal to PEFT.
+`run_ranks` is the harness issue #23's exact tests need: a function run on every rank with the
+process group and mesh up, its results back by rank.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from .peft_helpers import peft_logits, peft_model_with
+
 WORLD = 2
 TIMEOUT_S = 120  # a rank stuck in a collective fails the test instead of hanging it
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NAMES = ["bob", None, "alice"]
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -91,12 +96,16 @@ def refusal(model, paths) -> dict | None:
     return None
 
 
-def compile_sharded(rank: int, mesh, paths: dict, checkpoint: str) -> dict:
+def compile_sharded(rank: int, mesh, paths: dict, checkpoint: str, head_paths: dict, ids: torch.Tensor,
+                    references: list) -> dict:
     """On one rank: the tiny Llama sharded by `parallelize_module` and by transformers' `tp_plan`,
-    each checked to compute the unsharded logits, then given to `mmlora_fx.compile`."""
+    each checked to compute the unsharded logits, then given to `mmlora_fx.compile`; and the
+    `parallelize_module` model served with adapters on its unsharded lm_head only, each request's
+    logits held to `references` (PEFT's, on the unsharded model)."""
     import transformers
 
-    ids = torch.arange(16, 25).reshape(1, 9)
+    import mmlora_fx
+
     with torch.no_grad():
         unsharded = text_lm()(input_ids=ids).logits
 
@@ -115,7 +124,15 @@ def compile_sharded(rank: int, mesh, paths: dict, checkpoint: str) -> dict:
         model = transformers.LlamaForCausalLM.from_pretrained(
             checkpoint, distributed_config=transformers.DistributedConfig(tp_plan="auto", tp_size=WORLD)).eval()
         results["tp_plan"] = checked(model)
+    mm = mmlora_fx.compile(shard_llama(text_lm(), mesh), head_paths, max_loras=2, inner="eager")
+    with torch.no_grad():
+        logits = mm(input_ids=ids, adapter_names=NAMES).logits
+    results["unsharded_targets"] = [relative_error(row, reference) for row, reference in zip(logits, references)]
     return results
+
+
+def relative_error(ours, reference) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +145,14 @@ def ranks(tmp_path_factory):
     base.save_pretrained(folder / "base")
     paths = {name: zoo.make_adapter(base, folder / name, TARGETS, r=4, lora_alpha=9, seed=index)
              for index, name in enumerate(["alice", "bob"])}
-    return run_ranks(compile_sharded, (paths, str(folder / "base")), folder)
+    head_paths = {name: zoo.make_adapter(base, folder / f"{name}-head", ["lm_head"], r=4, lora_alpha=9, seed=index)
+                  for index, name in enumerate(["alice", "bob"])}
+    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(NAMES), 9), generator=torch.Generator().manual_seed(1))
+    peft = peft_model_with(base, head_paths)
+    references = [peft_logits(peft, {"input_ids": ids[row: row + 1]}, name) for row, name in enumerate(NAMES)]
+    base_logits = peft_logits(peft, {"input_ids": ids[:1]}, None)
+    assert relative_error(references[0], base_logits) > 1e-2  # the head's LoRA matters
+    return run_ranks(compile_sharded, (paths, str(folder / "base"), head_paths, ids, references), folder)
 
 
 @pytest.mark.parametrize("sharding", ["parallelize_module", "tp_plan"])
@@ -145,3 +169,10 @@ def test_sharded_model_is_refused_alike_on_every_rank(ranks, sharding):
         assert "#23" in refused["message"], refused
         assert refused["count"] == 2 * len(TARGETS), refused  # every served linear of both layers
     assert results[0]["refused"] == results[1]["refused"]  # the same error on every rank: none hangs
+
+
+def test_unsharded_targets_of_a_sharded_model_equal_peft(ranks):
+    """Only served targets are checked: LoRA on lm_head, which `parallelize_module` left whole,
+    is served on every rank of the sharded model, each request equal to PEFT on the unsharded one."""
+    for rank, by_sharding in enumerate(ranks):
+        assert max(by_sharding["unsharded_targets"]) <= 1e-4, (rank, by_sharding["unsharded_targets"])
