@@ -11,6 +11,7 @@ of them), so no rank goes on to a collective that another skipped.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -23,11 +24,10 @@ __all__ = ["distributed_layout", "check_unsharded"]
 def distributed_layout(weight: torch.Tensor) -> str | None:
     """How `weight` is laid out across processes ("placements (Shard(dim=0),) over a 2-rank
     mesh"), or None for an ordinary tensor of this process alone."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without torch.distributed: nothing can be sharded
-        return None
-    if not isinstance(weight, DTensor):
+    # No DTensor exists unless its module was imported: the check never imports it itself (a
+    # second or two cold; transformers' models usually have imported it already).
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not isinstance(weight, dtensor.DTensor):
         return None
     mesh = weight.device_mesh
     return (f"placements {tuple(weight.placements)} over a {mesh.size()}-rank {mesh.device_type} mesh "
