@@ -27,6 +27,7 @@ __all__ = [
     "TooManyAdaptersError",
     "PartitionError",
     "CaptureError",
+    "ShardedModelError",
     "CoverageError",
     "UpstreamBreakageError",
     "VerificationError",
@@ -136,6 +137,21 @@ class PartitionError(MMLoRAError):
 
 class CaptureError(MMLoRAError):
     """The model could not be captured as FX graphs."""
+
+
+class ShardedModelError(MMLoRAError):
+    """A served target's weight is sharded across processes (a DTensor: tensor parallelism by
+    `parallelize_module` or transformers' `tp_plan`). Serving LoRA on sharded models is issue #23's
+    work; until then such a model is refused, alike on every rank. `module` is the first such
+    target, `layout` its placements and mesh, `count` how many served targets are sharded."""
+
+    def __init__(self, module: str, layout: str, count: int = 1):
+        self.module, self.layout, self.count = module, layout, count
+        others = f" (and {count - 1} other served target{'s' if count > 2 else ''})" if count > 1 else ""
+        super().__init__(
+            f"module {module!r}{others} has a sharded weight, a DTensor with {layout}: mmlora_fx serves LoRA on "
+            "unsharded models only; tensor-parallel serving is issue #23's work. Serve the model unsharded, or "
+            "leave the sharded targets out with target_modules=/partitions=")
 
 
 class CoverageError(MMLoRAError):

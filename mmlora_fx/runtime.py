@@ -35,6 +35,7 @@ from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
                          outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
+from .sharding import check_unsharded
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
@@ -90,6 +91,7 @@ class LoRARuntime:
         # reading the names is enough, the weights are validated when loaded below.
         scans = [scan_adapter(name, path, self.linears) for name, path in adapters.items()]
         self.serving = ServingPlan.build(self.linears, scans, partitions, target_modules)
+        check_unsharded(self.linears.weights, self.serving.served)  # before any buffer is sized (#23)
         if max_cpu_loras is None:
             max_cpu_loras = max(max_loras, len(adapters))
         self.manager = AdapterManager(self.linears, self.serving, max_loras=max_loras,
