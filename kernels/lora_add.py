@@ -157,7 +157,8 @@ def launch(
             *request_args, rows,
             NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
             SLOTS=slots_block, REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
-            num_warps=config.expand_warps, **({"launch_pdl": True} if dependent else {}),
+            num_warps=config.expand_warps, num_stages=config.shrink_stages,  # the k loop's loads
+            **({"launch_pdl": True} if dependent else {}),
         )
         return
     if config.per_row:

@@ -8,6 +8,7 @@ op itself, CUDA-graph replay with new batches and weights, and torch.compile.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -18,7 +19,7 @@ from mmlora_fx.kernels.lora_add import lora_add_, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_reference
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
-from .problems import PATTERNS, Problem, assert_matches, make_problem, slab_problem
+from .problems import PATTERNS, Problem, assert_matches, expected_outputs, make_problem, slab_problem
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -514,3 +515,109 @@ def test_torch_compile_gpu():
         want = torch.relu(hidden) + hidden
         error = (got.double().cpu() - want).norm() / want.norm()
         assert error < 1e-4, f"{pattern}: relative error {error:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the opt-in fused row path (`LaunchConfig.fused`)
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_configs(rows: int, in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype) -> dict:
+    """The fused path with small blocks, with `choose_config`'s blocks (dependent launch at up
+    to 4 rows on Hopper), and with those blocks launched plainly."""
+    chosen = choose_config(rows, in_features, max_rank, num_slots, dtype, fused=True)
+    return {"small": FUSED_SMALL, "chosen": chosen,
+            "plain_launch": choose_config(rows, in_features, max_rank, num_slots, dtype, fused=True,
+                                          dependent_launch=False)}
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@gpu
+def test_fused_row_path_gpu(dtype, rows):
+    """NaN past the ranks and in an unused slot, slab views, 3 siblings; then the benchmark's
+    gate/up (3584 -> 2 x 18944) at decode sizes."""
+    for slab in (False, True):
+        problem = fused_problem(rows, 3, dtype, slab, seed=rows, device="cuda", in_features=1000)
+        for name, config in fused_configs(rows, 1000, 16, 5, dtype).items():
+            assert config.fused and config.per_row, name
+            assert_matches(problem, run_triton(problem, config))
+    problem = make_problem(pattern="mixed", requests=rows, rows_per_request=1, in_features=3584,
+                           out_features=(18944, 18944), num_slots=32, max_rank=16, dtype=dtype, device="cuda",
+                           max_requests=256, rows=rows, seed=rows)
+    for name, config in fused_configs(rows, 3584, 16, 32, dtype).items():
+        assert_matches(problem, run_triton(problem, config))
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("dependent_launch", [True, False], ids=["dependent", "plain"])
+@gpu
+def test_fused_row_path_cuda_graph_replay_gpu(dependent_launch, rows):
+    """Captured in a CUDA graph and replayed with new slots, weights and adapter contents."""
+    shape = dict(requests=rows, rows_per_request=1, in_features=512, out_features=(384, 128, 128), num_slots=16,
+                 max_rank=16, dtype=torch.bfloat16, device="cuda", max_requests=64, rows=rows)
+    config = choose_config(rows, 512, 16, 16, torch.bfloat16, fused=True, dependent_launch=dependent_launch)
+    static = make_problem(pattern="mixed", seed=0, **shape)
+    plan = plan_of(static)  # only for _load_batch: the row path reads no plan
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        lora_add_triton(*static.args(), config=config)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_add_triton(*static.args(), config=config)
+    for seed, pattern in enumerate(["every_row_different", "mixed", "one_adapter", "zero_weight_requests",
+                                    "base_only", "long_segments"], start=1):
+        fresh = make_problem(pattern=pattern, seed=seed, **shape)
+        _load_batch(static, fresh, plan)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(fresh, [output.clone() for output in static.outputs])
+
+
+@gpu
+def test_fused_row_path_chained_in_a_cuda_graph_gpu():
+    """Two fused calls back to back in one graph, the second reading the first's output as its
+    x: with dependent launches the second starts early and must wait before reading x and its
+    output (float32, against the reference applied twice)."""
+    rows, hidden = 4, 512
+    config = choose_config(rows, hidden, 16, 8, torch.float32, fused=True)
+    first = make_problem(pattern="every_row_different", requests=rows, rows_per_request=1, in_features=hidden,
+                         out_features=(hidden,), num_slots=8, max_rank=16, dtype=torch.float32, device="cuda",
+                         seed=1)
+    second = make_problem(pattern="every_row_different", requests=rows, rows_per_request=1, in_features=hidden,
+                          out_features=(hidden, 256), num_slots=8, max_rank=16, dtype=torch.float32,
+                          device="cuda", seed=2)
+    # The first's delta scaled up, so that a second call reading x too early is caught.
+    first.lora_b = [b * 64 for b in first.lora_b]
+    hidden_in, outputs = first.outputs[0].clone(), [output.clone() for output in second.outputs]
+
+    def step():
+        hidden_state.copy_(hidden_in)
+        for output, start in zip(captured, outputs):
+            output.copy_(start)
+        lora_add_triton(*first.args([hidden_state]), config=config)
+        lora_add_triton(*second.args(captured), config=config)
+
+    hidden_state = torch.empty_like(hidden_in)
+    captured = [torch.empty_like(output) for output in outputs]
+    second.x = hidden_state
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        for output in captured:
+            output.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want_hidden = expected_outputs(dataclasses.replace(first, outputs=[hidden_in]))[0]
+        want = expected_outputs(dataclasses.replace(second, x=want_hidden.float().cuda(), outputs=outputs))
+        for got, expected in zip(captured, want):
+            error = (got.double().cpu() - expected).norm() / expected.norm()
+            assert error < 1e-4, f"relative error {error:.2e}"
