@@ -10,6 +10,14 @@
   An adapter shared by several rows is read once per row (from L2), which is why this path
   stops at a few rows.
 
+* fused (`_row_fused_kernel`, opt-in through `LaunchConfig.fused`, never chosen by default,
+  unmeasured): the row path in one launch, grid as the expand's; each program computes its row's
+  shrink for its own sibling over all of K, then its block of the expand. One launch less per
+  op call against re-reading x[row] and A[slot] (from L2) in every column block of a sibling;
+  docs/KERNELS.md ("Fused row path") says what to compare. On an H100, from the repository root:
+
+      python3 benchmarks/kernel_bench.py --rows 1,2,4 --adapters 1,4 --skip-torch --profile --variants '{"fused": {"fused": true}, "fused_k512": {"fused": true, "block_k": 512}}'
+
 Siblings come as unrolled pointer arguments with a `NUM_SIBLINGS` constexpr, as on the tile
 path (`tile_kernels.py`). Launched by `lora_add.py`, with the blocks and the launch mode
 `launch_config.py` chose.
