@@ -26,7 +26,9 @@ at random (every one used; `d` is capped at the number of requests).
 
 Each batch's tile plan (`kernels/tile_plan.py`) is built once and passed to every call, as the
 runtime does once per forward. `--variants` times `choose_config` overrides besides the default
-(`"plan": false` drops the plan); `--profile` adds each kernel's device time per layer
+(`"plan": false` drops the plan; each variant's delta is checked as `check_<name>`); e.g.
+`--variants '{"fused": {"fused": true}}'` times the opt-in fused row path (one launch per op
+call up to 4 rows; docs/KERNELS.md). `--profile` adds each kernel's device time per layer
 (torch.profiler, eager calls). The run in docs/BENCHMARKS.md is `benchmarks/gpu_kernels.sh`'s.
 """
 
@@ -188,8 +190,10 @@ def triton_impl(variant: dict):
     return impl
 
 
-def check_against_torch(layer, slots, cum, plan) -> float:
-    """Largest relative error of the kernels' delta against the gather/bmm baseline's."""
+def check_against_torch(layer, slots, cum, plan, impl=None) -> float:
+    """Largest relative error of the kernels' delta (`impl`'s: a variant's) against the gather/bmm
+    baseline's."""
+    impl = impl or lora_add_triton
     worst = 0.0
     for op in layer.values():
         # Fresh outputs: the timed replays keep adding into op.outputs, whose growing values
@@ -197,7 +201,7 @@ def check_against_torch(layer, slots, cum, plan) -> float:
         bases = [torch.randn_like(output) for output in op.outputs]
         ours = [base.clone() for base in bases]
         theirs = [base.clone() for base in bases]
-        lora_add_triton(ours, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum, plan)
+        impl(ours, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum, plan)
         lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
         for o, t, base in zip(ours, theirs, bases):
             delta = t.float() - base.float()
@@ -205,15 +209,18 @@ def check_against_torch(layer, slots, cum, plan) -> float:
     return worst
 
 
-def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, plan, iterations: int = 5) -> dict[str, float]:
-    """Mean device microseconds per layer of each kernel the Triton path launches (profiler)."""
+def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, plan, iterations: int = 5,
+                     impl=None) -> dict[str, float]:
+    """Mean device microseconds per layer of each kernel the Triton path (`impl`'s: a
+    variant's) launches (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    run_layer(lora_add_triton, layer, slots, cum, plan)
+    impl = impl or lora_add_triton
+    run_layer(impl, layer, slots, cum, plan)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
-            run_layer(lora_add_triton, layer, slots, cum, plan)
+            run_layer(impl, layer, slots, cum, plan)
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
@@ -282,6 +289,8 @@ def main() -> int:
                        check=check_against_torch(layers[0], slots, cum, plan))
             for name, variant in variants.items():
                 impl = triton_impl(variant)
+                if variant:  # a variant's own result, checked as the default's is
+                    row[f"check_{name}"] = check_against_torch(layers[0], slots, cum, plan, impl)
                 ms = time_graph(lambda: [run_layer(impl, layer, slots, cum, plan) for layer in layers], args.repeat_ms)
                 row[f"ours_{name}_us"] = ms * 1e3 / count
             if args.per_op:
@@ -293,6 +302,10 @@ def main() -> int:
                     row[f"op_{op_name}_us"] = ms * 1e3 / count
             if args.profile:
                 row["kernels_us"] = kernel_breakdown(layers[0], slots, cum, plan)
+                for name, variant in variants.items():
+                    if variant:
+                        row[f"kernels_{name}_us"] = kernel_breakdown(layers[0], slots, cum, plan,
+                                                                     impl=triton_impl(variant))
             if base_weights is not None:
                 ms = time_graph(lambda: [run_base(layer, weights) for layer, weights in zip(layers, base_weights)],
                                 args.repeat_ms)
