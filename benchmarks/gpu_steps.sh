@@ -33,8 +33,9 @@ run_step() {
                   --json "$out/adapter_load.json" --commit "$commit" ;;
         scale) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale" --commit "$commit" ;;
         fused) timeout "$seconds" python3 benchmarks/kernel_bench.py --repeat-ms 40 --rows 1,2,4 --adapters 1,4 \
-                   --variants '{"fused": {"fused": true}}' --commit "$commit" --json "$out/fused.json" \
-                   --markdown "$out/fused.md" ;;
+                   --skip-torch --profile \
+                   --variants '{"fused": {"fused": true}, "fused_k512": {"fused": true, "block_k": 512}}' \
+                   --commit "$commit" --json "$out/fused.json" --markdown "$out/fused.md" ;;
         decode64) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64" --batches 64 \
                       --budget-s $((seconds - 20)) --commit "$commit" ;;
         moe) timeout "$seconds" python3 benchmarks/decode_overhead.py --model moe --out "$out/moe" --batches 1,16,64 \
