@@ -75,34 +75,26 @@ def _nothing_to_add(ids, lora_a) -> bool:
     return ids.numel() == 0 or lora_a.shape[0] == 0 or lora_a.shape[1] == 0
 
 
-def _expand_triton(flat, columns, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
-    """`flat[i] += lora_b[slot_i] @ columns[i]` through `lora_add`'s kernels: the gathered columns
-    are the rows' input and an identity is every slot's A. The columns must be zero past each
-    row's rank (the identity's zeros would meet a NaN there as 0 * NaN); rows of slot -1 are left
-    alone by the kernels."""
-    identity = torch.eye(lora_a.shape[1], dtype=columns.dtype, device=columns.device).expand(lora_a.shape[0], -1, -1)
-    launch([flat], columns, [identity], [lora_b], BatchTables([slot_ranks], request_slots, request_cum_weights))
-
-
 def lora_embedding_add_triton(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
-    """The CUDA path on any device (the tests run it on the CPU under `TRITON_INTERPRET=1`)."""
+    """The CUDA path on any device (the tests run it on the CPU under `TRITON_INTERPRET=1`):
+    `output[i] += lora_b[slot_i] @ columns[i]` through `lora_add`'s kernels, the gathered columns
+    as the rows' input and an identity as every slot's A. The columns are zero past each row's
+    rank (the identity's zeros would meet a NaN there as 0 * NaN); rows of slot -1 are left alone
+    by the kernels."""
     _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
     if _nothing_to_add(ids, lora_a):
         return
     _, columns = _row_columns(ids, lora_a, slot_ranks, request_slots, request_cum_weights)
-    _expand_triton(output.view(-1, output.shape[-1]), columns, lora_a, lora_b, slot_ranks, request_slots,
-                   request_cum_weights)
+    identity = torch.eye(lora_a.shape[1], dtype=columns.dtype, device=columns.device).expand(lora_a.shape[0], -1, -1)
+    launch([output.view(-1, output.shape[-1])], columns, [identity], [lora_b],
+           BatchTables([slot_ranks], request_slots, request_cum_weights))
 
 
 def lora_embedding_add(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
-    """The op's body: the reference's result with no host synchronisation (see the module's doc)."""
-    _check_shapes(output, ids, lora_a, lora_b, slot_ranks)
-    if _nothing_to_add(ids, lora_a):
-        return
-    if output.is_cuda:
-        lora_embedding_add_triton(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
-    else:
-        lora_embedding_add_torch(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
+    """The op's body: the reference's result with no host synchronisation (see the module's doc);
+    each path checks the shapes itself."""
+    body = lora_embedding_add_triton if output.is_cuda else lora_embedding_add_torch
+    body(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights)
 
 
 def lora_embedding_add_torch(output, ids, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights) -> None:
