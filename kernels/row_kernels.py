@@ -131,6 +131,22 @@ def _row_shrink_kernel(
 
 
 @triton.jit
+def _row_b_block(b_ptr, slot, b_slot_stride, b_row_stride, n, column_valid, r, rank):
+    """Rows `n` of B[slot] ([BLOCK_N, BLOCK_R]), zero past the rank and past the last column."""
+    b_ptrs = b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None].to(tl.int64) * b_row_stride + r[None, :]
+    return tl.load(b_ptrs, mask=column_valid[:, None] & (r[None, :] < rank), other=0.0)
+
+
+@triton.jit
+def _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk):
+    """`out[row, n] += b_tile @ shrunk` in float32, stored in the output's dtype."""
+    out_ptrs = out_ptr + row.to(tl.int64) * out_features + n
+    current = tl.load(out_ptrs, mask=column_valid, other=0.0)
+    delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
+    tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
+
+
+@triton.jit
 def _row_expand_block(
     out_ptr, out_features, b_ptr, b_slot_stride, b_row_stride, ranks_ptr, num_slots, max_rank,
     column_block, row, rows, slots_ptr, cum_ptr, num_requests, partial_ptr, num_splits,
@@ -148,17 +164,13 @@ def _row_expand_block(
     if (slot >= 0) & (rank > 0):
         n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
         column_valid = n < out_features
-        b_ptrs = b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None].to(tl.int64) * b_row_stride + r[None, :]
-        b_tile = tl.load(b_ptrs, mask=column_valid[:, None] & (r[None, :] < rank), other=0.0)
+        b_tile = _row_b_block(b_ptr, slot, b_slot_stride, b_row_stride, n, column_valid, r, rank)
         if DEPENDENT_LAUNCH:
             tl.extra.cuda.gdc_wait()  # the shrink (and so the kernel before it) has finished
         partial_ptrs = (partial_ptr + ((split[:, None] * NUM_SIBLINGS + SIBLING) * rows + row).to(tl.int64)
                         * BLOCK_R + r[None, :])
         shrunk = tl.sum(tl.load(partial_ptrs, mask=split[:, None] < num_splits, other=0.0), axis=0)
-        out_ptrs = out_ptr + row.to(tl.int64) * out_features + n
-        current = tl.load(out_ptrs, mask=column_valid, other=0.0)
-        delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
-        tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
+        _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk)
 
 
 @triton.jit
@@ -223,8 +235,7 @@ def _row_fused_block(
         column_valid = n < out_features
         # B first (the tables, ranks and adapters were written before the previous kernel
         # started): with a dependent launch this load overlaps the kernel before.
-        b_ptrs = b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None].to(tl.int64) * b_row_stride + r[None, :]
-        b_tile = tl.load(b_ptrs, mask=column_valid[:, None] & (r[None, :] < rank), other=0.0)
+        b_tile = _row_b_block(b_ptr, slot, b_slot_stride, b_row_stride, n, column_valid, r, rank)
         if DEPENDENT_LAUNCH:
             tl.extra.cuda.gdc_wait()  # x and the output row may come from the kernel before
         slot_offset = slot.to(tl.int64) * a_slot_stride
@@ -235,10 +246,7 @@ def _row_fused_block(
             x_chunk = tl.load(x_row + k, mask=k < in_features, other=0.0).to(tl.float32)
             shrunk = _row_shrink_step(shrunk, x_chunk, a_ptr, slot_offset, r, rank, k, in_features,
                                       a_rank_stride)
-        out_ptrs = out_ptr + row.to(tl.int64) * out_features + n
-        current = tl.load(out_ptrs, mask=column_valid, other=0.0)
-        delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
-        tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
+        _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk)
 
 
 @triton.jit
