@@ -461,15 +461,21 @@ def test_cuda_graph_replay_gpu(requests, rows_per_request):
                  device="cuda", max_requests=64, rows=requests * rows_per_request)
     static = make_problem(pattern="mixed", seed=0, **shape)
     plan = plan_of(static)  # read where a batch has one row per unit of weight (tiles_decode)
+    assert_graph_replays_match(static, plan, shape, lambda: torch.ops.mmlora.lora_add_(*static.args(), plan))
+
+
+def assert_graph_replays_match(static, plan, shape, call) -> None:
+    """`call` (on `static`'s buffers) captured in a CUDA graph after a warm-up, then replayed
+    with the same rows and new slots, weights (row ownership) and adapter contents each time,
+    each replay equal to the reference."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        torch.ops.mmlora.lora_add_(*static.args(), plan)
+        call()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        torch.ops.mmlora.lora_add_(*static.args(), plan)
-    # Same rows each replay; new slots, weights (row ownership) and adapter contents each time.
+        call()
     for seed, pattern in enumerate(["every_row_different", "mixed", "one_adapter", "zero_weight_requests",
                                     "base_only", "long_segments"], start=1):
         fresh = make_problem(pattern=pattern, seed=seed, **shape)
@@ -559,21 +565,7 @@ def test_fused_row_path_cuda_graph_replay_gpu(dependent_launch, rows):
     config = choose_config(rows, 512, 16, 16, torch.bfloat16, fused=True, dependent_launch=dependent_launch)
     static = make_problem(pattern="mixed", seed=0, **shape)
     plan = plan_of(static)  # only for _load_batch: the row path reads no plan
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        lora_add_triton(*static.args(), config=config)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        lora_add_triton(*static.args(), config=config)
-    for seed, pattern in enumerate(["every_row_different", "mixed", "one_adapter", "zero_weight_requests",
-                                    "base_only", "long_segments"], start=1):
-        fresh = make_problem(pattern=pattern, seed=seed, **shape)
-        _load_batch(static, fresh, plan)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_matches(fresh, [output.clone() for output in static.outputs])
+    assert_graph_replays_match(static, plan, shape, lambda: lora_add_triton(*static.args(), config=config))
 
 
 @gpu
