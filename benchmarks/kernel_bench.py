@@ -27,8 +27,7 @@ at random (every one used; `d` is capped at the number of requests).
 Each batch's tile plan (`kernels/tile_plan.py`) is built once and passed to every call, as the
 runtime does once per forward. `--variants` times `choose_config` overrides besides the default
 (`"plan": false` drops the plan; each variant's delta is checked as `check_<name>`); e.g.
-`--variants '{"fused": {"fused": true}}'` times the opt-in fused row path (one launch per op
-call up to 4 rows; docs/KERNELS.md). `--profile` adds each kernel's device time per layer
+`--variants '{"k512": {"block_k": 512}}'`. `--profile` adds each kernel's device time per layer
 (torch.profiler, eager calls). The run in docs/BENCHMARKS.md is `benchmarks/gpu_kernels.sh`'s.
 """
 

@@ -55,11 +55,6 @@ class LaunchConfig:
     # Row path on Hopper and newer: launch both kernels as programmatic dependents, so that
     # each starts its table and adapter loads while the kernel before it finishes.
     dependent_launch: bool = True
-    # Row path only, opt-in and unmeasured (docs/KERNELS.md): one launch instead of two, each
-    # expand program computing its row's shrink for its sibling itself (`_row_fused_kernel`).
-    # Trades re-reads of x[row] and A[slot] (from L2) for one launch less. `choose_config`
-    # never picks it on its own.
-    fused: bool = False
 
 
 def cdiv(numerator: int, denominator: int) -> int:
@@ -99,7 +94,6 @@ def choose_config(
     expand_warps: int | None = None,
     per_row_max_rows: int | None = None,
     dependent_launch: bool = True,
-    fused: bool = False,
 ) -> LaunchConfig:
     """Launch parameters for one op call, from its static shapes alone.
 
@@ -113,8 +107,7 @@ def choose_config(
 
     Up to `per_row_max_rows` rows the row path runs instead (`LaunchConfig.per_row`): splits
     sized so that rows x splits is near `target_programs`, steps and column blocks sized so
-    that a program's tile of A or B stays near 2048 elements. `fused` (off unless asked for)
-    runs the row path as one launch (`LaunchConfig.fused`); the tile path ignores it.
+    that a program's tile of A or B stays near 2048 elements.
     """
     block_r = max(16, _next_power_of_2(max_rank))
     wide = dtype == torch.float32
@@ -124,8 +117,7 @@ def choose_config(
         k_chunk = cdiv(cdiv(in_features, splits), block_k) * block_k
         return LaunchConfig(block_m=1, block_k=block_k, k_chunk=k_chunk,
                             block_n=block_n or max(16, min(128, 2048 // block_r)), per_row=True,
-                            dependent_launch=dependent_launch and rows <= _DEPENDENT_LAUNCH_MAX_ROWS,
-                            fused=fused)
+                            dependent_launch=dependent_launch and rows <= _DEPENDENT_LAUNCH_MAX_ROWS)
     if block_m is None:
         block_m = 16 if rows <= 256 or block_r >= 128 or (wide and block_r >= 64) else 32
     if block_k is None:

@@ -8,8 +8,7 @@ pieces it puts together live beside it, one job each:
   op's CPU path;
 * `launch_config.py`: which path and blocks a call gets, from its static shapes
   (`choose_config`);
-* `row_kernels.py`: the row path (up to 4 rows: decode at small batch), one program per row
-  (and, opt-in through `LaunchConfig.fused`, the same path in one launch);
+* `row_kernels.py`: the row path (up to 4 rows: decode at small batch), one program per row;
 * `tile_kernels.py`: the tile path (more rows), rows grouped into tiles of one slot each, found
   by an in-kernel search or read from a tile plan (`tile_plan.py`).
 
@@ -41,7 +40,7 @@ from .launch_config import (
     tile_bound,
 )
 from .reference import lora_add_reference
-from .row_kernels import _row_expand_kernel, _row_fused_kernel, _row_shrink_kernel
+from .row_kernels import _row_expand_kernel, _row_shrink_kernel
 from .tile_kernels import _expand_kernel, _shrink_kernel
 from .tile_plan import plan_capacity
 
@@ -144,23 +143,6 @@ def launch(
     slots_block = max(16, _next_power_of_2(num_slots))
     # The request tables as both paths' kernels take them.
     request_args = (request_slots, request_cum_weights, num_requests, num_slots)
-    if config.per_row and config.fused:
-        # Opt-in (`LaunchConfig.fused`): one launch, each expand program doing its row's shrink.
-        dependent = launches_dependent(config, device)
-        requests_block = max(16, _next_power_of_2(num_requests + 1))
-        _row_fused_kernel[(sum(blocks), rows)](
-            *o, *features,
-            inputs, inputs.stride(0), in_features,
-            *a, lora_a[0].stride(0), lora_a[0].stride(1),
-            *b, *b_slot_strides, lora_b[0].stride(1),
-            *ranks, max_rank, blocks[0], _padded(blocks)[1],
-            *request_args, rows,
-            NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
-            SLOTS=slots_block, REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
-            num_warps=config.expand_warps, num_stages=config.shrink_stages,  # the k loop's loads
-            **({"launch_pdl": True} if dependent else {}),
-        )
-        return
     if config.per_row:
         partials = torch.empty(num_splits * n * rows * block_r, dtype=torch.float32, device=device)
         dependent = launches_dependent(config, device)

@@ -10,14 +10,6 @@
   An adapter shared by several rows is read once per row (from L2), which is why this path
   stops at a few rows.
 
-* fused (`_row_fused_kernel`, opt-in through `LaunchConfig.fused`, never chosen by default,
-  unmeasured): the row path in one launch, grid as the expand's; each program computes its row's
-  shrink for its own sibling over all of K, then its block of the expand. One launch less per
-  op call against re-reading x[row] and A[slot] (from L2) in every column block of a sibling;
-  docs/KERNELS.md ("Fused row path") says what to compare. On an H100, from the repository root:
-
-      python3 benchmarks/kernel_bench.py --rows 1,2,4 --adapters 1,4 --skip-torch --profile --variants '{"fused": {"fused": true}, "fused_k512": {"fused": true, "block_k": 512}}'
-
 Siblings come as unrolled pointer arguments with a `NUM_SIBLINGS` constexpr, as on the tile
 path (`tile_kernels.py`). Launched by `lora_add.py`, with the blocks and the launch mode
 `launch_config.py` chose.
@@ -204,87 +196,3 @@ def _row_expand_kernel(
                               max_rank, column_block - blocks0 - blocks1, row, rows, slots_ptr, cum_ptr,
                               num_requests, partial_ptr, num_splits, 2, NUM_SIBLINGS, BLOCK_R, BLOCK_N, SPLITS,
                               SLOTS, REQUESTS, DEPENDENT_LAUNCH)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused row path (opt-in, `LaunchConfig.fused`; unmeasured): the shrink inside the expand.
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_fused_block(
-    out_ptr, out_features, x_ptr, x_row_stride, in_features, a_ptr, a_slot_stride, a_rank_stride,
-    b_ptr, b_slot_stride, b_row_stride, ranks_ptr, num_slots, max_rank,
-    column_block, row, rows, slots_ptr, cum_ptr, num_requests,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
-    REQUESTS: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
-):
-    """out[row, block] += B[slot, block, :rank] @ (A[slot, :rank, :] @ x[row]) for one sibling.
-
-    The row's whole shrink for this sibling (every k step, float32), then this block of the
-    expand: every column block of a sibling repeats the shrink, reading x[row] and A[slot] from
-    L2 after the first. Loads past the slot's rank are masked (never read: NaN may sit there);
-    a row of slot -1 or rank 0 is left untouched.
-    """
-    r = tl.arange(0, BLOCK_R)
-    ranks = _slot_ranks(ranks_ptr, num_slots, max_rank, SLOTS)
-    slot = _slot_of_row(row, rows, slots_ptr, cum_ptr, num_requests, num_slots, REQUESTS)
-    rank = _pick(ranks, slot, SLOTS)
-    if (slot >= 0) & (rank > 0):
-        n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        column_valid = n < out_features
-        # B first (the tables, ranks and adapters were written before the previous kernel
-        # started): with a dependent launch this load overlaps the kernel before.
-        b_tile = _row_b_block(b_ptr, slot, b_slot_stride, b_row_stride, n, column_valid, r, rank)
-        if DEPENDENT_LAUNCH:
-            tl.extra.cuda.gdc_wait()  # x and the output row may come from the kernel before
-        slot_offset = slot.to(tl.int64) * a_slot_stride
-        x_row = x_ptr + row.to(tl.int64) * x_row_stride
-        shrunk = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k_start in range(0, in_features, BLOCK_K):
-            k = k_start + tl.arange(0, BLOCK_K)
-            x_chunk = tl.load(x_row + k, mask=k < in_features, other=0.0).to(tl.float32)
-            shrunk = _row_shrink_step(shrunk, x_chunk, a_ptr, slot_offset, r, rank, k, in_features,
-                                      a_rank_stride)
-        _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk)
-
-
-@triton.jit
-def _row_fused_kernel(
-    out0_ptr, out1_ptr, out2_ptr, out0_features, out1_features, out2_features,
-    x_ptr, x_row_stride, in_features,
-    a0_ptr, a1_ptr, a2_ptr, a_slot_stride, a_rank_stride,
-    b0_ptr, b1_ptr, b2_ptr, b0_slot_stride, b1_slot_stride, b2_slot_stride, b_row_stride,
-    rank0_ptr, rank1_ptr, rank2_ptr, max_rank, blocks0, blocks1,
-    slots_ptr, cum_ptr, num_requests, num_slots, rows,
-    NUM_SIBLINGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    SLOTS: tl.constexpr, REQUESTS: tl.constexpr, DEPENDENT_LAUNCH: tl.constexpr,
-):
-    """The row path in one launch: grid `column blocks of all siblings x rows`, as the expand's."""
-    column_block = tl.program_id(0)  # over the column blocks of all siblings, sibling 0 first
-    row = tl.program_id(1)
-    if DEPENDENT_LAUNCH:
-        # The next kernel may start its own table loads now; it waits for this one to finish
-        # (gdc_wait) before reading anything written here.
-        tl.extra.cuda.gdc_launch_dependents()
-    if column_block < blocks0:
-        _row_fused_block(out0_ptr, out0_features, x_ptr, x_row_stride, in_features, a0_ptr, a_slot_stride,
-                         a_rank_stride, b0_ptr, b0_slot_stride, b_row_stride, rank0_ptr, num_slots, max_rank,
-                         column_block, row, rows, slots_ptr, cum_ptr, num_requests,
-                         BLOCK_R, BLOCK_K, BLOCK_N, SLOTS, REQUESTS, DEPENDENT_LAUNCH)
-    elif NUM_SIBLINGS == 2:
-        _row_fused_block(out1_ptr, out1_features, x_ptr, x_row_stride, in_features, a1_ptr, a_slot_stride,
-                         a_rank_stride, b1_ptr, b1_slot_stride, b_row_stride, rank1_ptr, num_slots, max_rank,
-                         column_block - blocks0, row, rows, slots_ptr, cum_ptr, num_requests,
-                         BLOCK_R, BLOCK_K, BLOCK_N, SLOTS, REQUESTS, DEPENDENT_LAUNCH)
-    elif NUM_SIBLINGS == 3:
-        if column_block < blocks0 + blocks1:
-            _row_fused_block(out1_ptr, out1_features, x_ptr, x_row_stride, in_features, a1_ptr, a_slot_stride,
-                             a_rank_stride, b1_ptr, b1_slot_stride, b_row_stride, rank1_ptr, num_slots, max_rank,
-                             column_block - blocks0, row, rows, slots_ptr, cum_ptr, num_requests,
-                             BLOCK_R, BLOCK_K, BLOCK_N, SLOTS, REQUESTS, DEPENDENT_LAUNCH)
-        else:
-            _row_fused_block(out2_ptr, out2_features, x_ptr, x_row_stride, in_features, a2_ptr, a_slot_stride,
-                             a_rank_stride, b2_ptr, b2_slot_stride, b_row_stride, rank2_ptr, num_slots, max_rank,
-                             column_block - blocks0 - blocks1, row, rows, slots_ptr, cum_ptr, num_requests,
-                             BLOCK_R, BLOCK_K, BLOCK_N, SLOTS, REQUESTS, DEPENDENT_LAUNCH)

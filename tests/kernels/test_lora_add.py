@@ -39,10 +39,6 @@ ONE_SPLIT = LaunchConfig(block_m=16, block_k=32, k_chunk=4096, block_n=32)
 # The row path with small blocks: several splits (partial sums) and column blocks per row.
 ROW_SMALL = LaunchConfig(block_m=1, block_k=16, k_chunk=32, block_n=16, per_row=True)
 
-# The fused row path (opt-in, one launch) with the same small blocks: several k steps and
-# column blocks per program row.
-FUSED_SMALL = LaunchConfig(block_m=1, block_k=16, k_chunk=32, block_n=16, per_row=True, fused=True)
-
 
 def run_triton(problem: Problem, config: LaunchConfig | None = None) -> list[torch.Tensor]:
     outputs = problem.fresh_outputs()
@@ -118,7 +114,7 @@ def test_triton_rows_not_proportional_interpreted():
 
 
 @interpreter
-@pytest.mark.parametrize("config", [SMALL_BLOCKS, ROW_SMALL, FUSED_SMALL], ids=["tiles", "per_row", "fused"])
+@pytest.mark.parametrize("config", [SMALL_BLOCKS, ROW_SMALL], ids=["tiles", "per_row"])
 def test_triton_rows_not_proportional_both_paths_interpreted(config):
     # 29 rows over weights summing to 10, on each path: rows are owned fractionally.
     problem = make_problem(pattern="every_row_different", requests=5, rows_per_request=2, in_features=48,
@@ -136,31 +132,32 @@ def test_triton_row_config_with_over_1024_request_entries_interpreted():
     assert_matches(problem, run_triton(problem, ROW_SMALL))
 
 
-# Fused row path: each sibling's slot ranks (5 slots, buffers of rank 16): full, partial and 0.
-FUSED_RANKS = [[16, 5, 3, 11, 9], [7, 16, 0, 1, 4], [0, 9, 13, 16, 2]]
+# Row path with NaN where nothing may be read: each sibling's slot ranks (5 slots, buffers of
+# rank 16): full, partial and 0.
+MASKED_RANKS = [[16, 5, 3, 11, 9], [7, 16, 0, 1, 4], [0, 9, 13, 16, 2]]
 # Each row count's slots, -1 included; slot 4 is used by no row (the tables' padding names it).
-FUSED_SLOTS = {1: [3], 2: [-1, 0], 3: [2, -1, 2], 4: [0, 3, -1, 2]}
-FUSED_UNUSED_SLOT = 4
+MASKED_SLOTS = {1: [3], 2: [-1, 0], 3: [2, -1, 2], 4: [0, 3, -1, 2]}
+MASKED_UNUSED_SLOT = 4
 
 
-def fused_problem(rows: int, siblings: int, dtype: torch.dtype, slab: bool, seed: int,
+def masked_problem(rows: int, siblings: int, dtype: torch.dtype, slab: bool, seed: int,
                   device: str = "cpu", in_features: int = 72) -> Problem:
-    """One row per request on `FUSED_SLOTS[rows]`, ranks below the buffers' (`FUSED_RANKS`),
+    """One row per request on `MASKED_SLOTS[rows]`, ranks below the buffers' (`MASKED_RANKS`),
     NaN past every slot's rank in A and B and all over the unused slot (which the padding
     entries of the request tables name, owning no rows); with `slab`, A and B are views of one
     slot-major slab (`slab_problem`). A kernel reading any NaN ends up with NaN in the output."""
     out_features = (40, 24, 72)[:siblings]
     problem = make_problem(pattern="every_row_different", requests=rows, rows_per_request=1,
                            in_features=in_features, out_features=out_features, num_slots=5, max_rank=16,
-                           dtype=dtype, max_requests=rows + 2, ranks=FUSED_RANKS[:siblings], seed=seed)
-    slots = FUSED_SLOTS[rows] + [FUSED_UNUSED_SLOT] * 2
+                           dtype=dtype, max_requests=rows + 2, ranks=MASKED_RANKS[:siblings], seed=seed)
+    slots = MASKED_SLOTS[rows] + [MASKED_UNUSED_SLOT] * 2
     problem.request_slots = torch.tensor(slots, dtype=torch.int32)
-    for a, b, ranks in zip(problem.lora_a, problem.lora_b, FUSED_RANKS):
+    for a, b, ranks in zip(problem.lora_a, problem.lora_b, MASKED_RANKS):
         for slot, rank in enumerate(ranks):
             a[slot, rank:] = float("nan")
             b[slot, :, rank:] = float("nan")
-        a[FUSED_UNUSED_SLOT] = float("nan")
-        b[FUSED_UNUSED_SLOT] = float("nan")
+        a[MASKED_UNUSED_SLOT] = float("nan")
+        b[MASKED_UNUSED_SLOT] = float("nan")
     if slab:
         problem = slab_problem(problem)
     return Problem(**{field: _to(value, device) for field, value in vars(problem).items()})
@@ -170,56 +167,33 @@ def _to(value, device: str):
     return [item.to(device) for item in value] if isinstance(value, list) else value.to(device)
 
 
-class _NotLaunched:
-    """Stands in for a kernel that must not run: the fused path launches only its own."""
-
-    def __getitem__(self, grid):
-        raise AssertionError("the fused row path launched a two-launch kernel")
-
-
-FUSED_CASES = [
-    # rows, siblings, dtype, slab views, config (None: choose_config's blocks with fused=True)
-    (1, 1, torch.float32, False, FUSED_SMALL),
-    (2, 3, torch.bfloat16, False, FUSED_SMALL),
-    (3, 2, torch.float32, True, FUSED_SMALL),
+MASKED_CASES = [
+    # rows, siblings, dtype, slab views, config (None: choose_config's blocks)
+    (1, 1, torch.float32, False, ROW_SMALL),
+    (2, 3, torch.bfloat16, False, ROW_SMALL),
+    (3, 2, torch.float32, True, ROW_SMALL),
     (4, 3, torch.float32, True, None),
-    (4, 2, torch.bfloat16, True, FUSED_SMALL),
+    (4, 2, torch.bfloat16, True, ROW_SMALL),
     (3, 1, torch.bfloat16, False, None),
     (2, 2, torch.float32, False, None),
-    (1, 3, torch.bfloat16, True, FUSED_SMALL),
+    (1, 3, torch.bfloat16, True, ROW_SMALL),
 ]
 
 
 @interpreter
-@pytest.mark.parametrize("case", FUSED_CASES,
+@pytest.mark.parametrize("case", MASKED_CASES,
                          ids=lambda c: f"rows{c[0]}-sib{c[1]}-{str(c[2])[6:]}{'-slab' if c[3] else ''}"
                                        f"-{'small' if c[4] else 'chosen'}")
-def test_fused_row_path_matches_reference_interpreted(case, monkeypatch):
-    """The opt-in fused row path (one launch): the reference's result for 1-4 rows, 1-3
-    siblings, slots -1 included, ranks below the buffers' with NaN past them and in an unused
-    slot, contiguous buffers or slab views; and only the fused kernel launches."""
+def test_row_path_reads_nothing_past_the_ranks_interpreted(case):
+    """The row path: the reference's result for 1-4 rows, 1-3 siblings, slots -1 included,
+    ranks below the buffers' with NaN past them and in an unused slot, contiguous buffers or
+    slab views."""
     rows, siblings, dtype, slab, config = case
-    problem = fused_problem(rows, siblings, dtype, slab, seed=FUSED_CASES.index(case) + 70)
+    problem = masked_problem(rows, siblings, dtype, slab, seed=MASKED_CASES.index(case) + 70)
     if config is None:
-        config = choose_config(rows, 72, 16, 5, dtype, fused=True)
-        assert config.per_row and config.fused and config.block_k > 72  # one masked k step
-    import mmlora_fx.kernels.lora_add as lora_add_module
-
-    monkeypatch.setattr(lora_add_module, "_row_shrink_kernel", _NotLaunched())
-    monkeypatch.setattr(lora_add_module, "_row_expand_kernel", _NotLaunched())
+        config = choose_config(rows, 72, 16, 5, dtype)
+        assert config.per_row
     assert_matches(problem, run_triton(problem, config))
-
-
-@interpreter
-def test_fused_row_path_equals_two_launches_on_one_split_interpreted():
-    """With one k split the two-launch row path sums the same float32 products in the same
-    order as the fused one: the same bits, on slab views with NaN past the ranks."""
-    problem = fused_problem(4, 3, torch.float32, True, seed=77)
-    one_split = dict(block_m=1, block_k=16, k_chunk=96, block_n=16, per_row=True)
-    fused = run_triton(problem, LaunchConfig(**one_split, fused=True))
-    assert_matches(problem, fused)
-    for got, two_launches in zip(fused, run_triton(problem, LaunchConfig(**one_split))):
-        assert torch.equal(got, two_launches)
 
 
 def plan_of(problem: Problem, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -320,10 +294,6 @@ def test_choose_config_is_static_and_sane():
                 assert config.block_m >= (1 if config.per_row else 16) and config.block_n >= 16
                 assert config.per_row == (rows <= 4)
     assert not choose_config(16, 3584, 16, 32, per_row_max_rows=0).per_row
-    # The fused row path is opt-in: never chosen by default, and only the row path has it.
-    assert not any(choose_config(rows, 3584, 16, 32).fused for rows in (1, 2, 4, 8))
-    assert choose_config(1, 3584, 16, 32, fused=True).fused
-    assert not choose_config(64, 3584, 16, 32, fused=True).fused
     # Decode splits the input features over many programs; prefill hardly at all.
     assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
     assert 3584 // choose_config(4096, 3584, 16, 32).k_chunk <= 4
@@ -524,57 +494,43 @@ def test_torch_compile_gpu():
 
 
 # ----------------------------------------------------------------------------------------------
-# GPU: the opt-in fused row path (`LaunchConfig.fused`)
+# GPU: the row path where nothing past the ranks may be read, and chained dependent launches
 # ----------------------------------------------------------------------------------------------
 
 
-def fused_configs(rows: int, in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype) -> dict:
-    """The fused path with small blocks, with `choose_config`'s blocks (dependent launch at up
+def row_configs(rows: int, in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype) -> dict:
+    """The row path with small blocks, with `choose_config`'s blocks (dependent launch at up
     to 4 rows on Hopper), and with those blocks launched plainly."""
-    chosen = choose_config(rows, in_features, max_rank, num_slots, dtype, fused=True)
-    return {"small": FUSED_SMALL, "chosen": chosen,
-            "plain_launch": choose_config(rows, in_features, max_rank, num_slots, dtype, fused=True,
-                                          dependent_launch=False)}
+    chosen = choose_config(rows, in_features, max_rank, num_slots, dtype)
+    return {"small": ROW_SMALL, "chosen": chosen,
+            "plain_launch": choose_config(rows, in_features, max_rank, num_slots, dtype, dependent_launch=False)}
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @gpu
-def test_fused_row_path_gpu(dtype, rows):
+def test_row_path_reads_nothing_past_the_ranks_gpu(dtype, rows):
     """NaN past the ranks and in an unused slot, slab views, 3 siblings; then the benchmark's
     gate/up (3584 -> 2 x 18944) at decode sizes."""
     for slab in (False, True):
-        problem = fused_problem(rows, 3, dtype, slab, seed=rows, device="cuda", in_features=1000)
-        for name, config in fused_configs(rows, 1000, 16, 5, dtype).items():
-            assert config.fused and config.per_row, name
+        problem = masked_problem(rows, 3, dtype, slab, seed=rows, device="cuda", in_features=1000)
+        for name, config in row_configs(rows, 1000, 16, 5, dtype).items():
+            assert config.per_row, name
             assert_matches(problem, run_triton(problem, config))
     problem = make_problem(pattern="mixed", requests=rows, rows_per_request=1, in_features=3584,
                            out_features=(18944, 18944), num_slots=32, max_rank=16, dtype=dtype, device="cuda",
                            max_requests=256, rows=rows, seed=rows)
-    for name, config in fused_configs(rows, 3584, 16, 32, dtype).items():
+    for name, config in row_configs(rows, 3584, 16, 32, dtype).items():
         assert_matches(problem, run_triton(problem, config))
 
 
-@pytest.mark.parametrize("rows", [1, 4])
-@pytest.mark.parametrize("dependent_launch", [True, False], ids=["dependent", "plain"])
 @gpu
-def test_fused_row_path_cuda_graph_replay_gpu(dependent_launch, rows):
-    """Captured in a CUDA graph and replayed with new slots, weights and adapter contents."""
-    shape = dict(requests=rows, rows_per_request=1, in_features=512, out_features=(384, 128, 128), num_slots=16,
-                 max_rank=16, dtype=torch.bfloat16, device="cuda", max_requests=64, rows=rows)
-    config = choose_config(rows, 512, 16, 16, torch.bfloat16, fused=True, dependent_launch=dependent_launch)
-    static = make_problem(pattern="mixed", seed=0, **shape)
-    plan = plan_of(static)  # only for _load_batch: the row path reads no plan
-    assert_graph_replays_match(static, plan, shape, lambda: lora_add_triton(*static.args(), config=config))
-
-
-@gpu
-def test_fused_row_path_chained_in_a_cuda_graph_gpu():
-    """Two fused calls back to back in one graph, the second reading the first's output as its
+def test_row_path_chained_in_a_cuda_graph_gpu():
+    """Two row-path calls back to back in one graph, the second reading the first's output as its
     x: with dependent launches the second starts early and must wait before reading x and its
     output (float32, against the reference applied twice)."""
     rows, hidden = 4, 512
-    config = choose_config(rows, hidden, 16, 8, torch.float32, fused=True)
+    config = choose_config(rows, hidden, 16, 8, torch.float32)
     first = make_problem(pattern="every_row_different", requests=rows, rows_per_request=1, in_features=hidden,
                          out_features=(hidden,), num_slots=8, max_rank=16, dtype=torch.float32, device="cuda",
                          seed=1)
