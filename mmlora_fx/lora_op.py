@@ -10,10 +10,18 @@ at capture; the replays reuse the buffers it found, whose contents the runtime c
 
 A tied head and embedding share one weight tensor, so a weight is registered per kind of use:
 the embedding op resolves it to the embedding, the linear op to the head.
+
+Two compiled models may share their weight tensors (two module trees over one set of weights,
+each compiled with its own adapters or options). A weight then has one entry per runtime, and a call resolves it
+to the runtime whose served call it is in (`WeightRegistry.serving`, entered by the runtime's
+`call_scope`); outside any, to the runtime that registered it last (a model compiled again is
+served by its new runtime).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 
 import torch
@@ -28,15 +36,40 @@ class WeightRegistry:
 
     def __init__(self):
         self._entries: dict[tuple[str, int], tuple[weakref.ReferenceType, str, tuple]] = {}
+        # Keys that another live runtime registered too: each runtime's entry, by id. Empty unless
+        # two compiled models share weights, so the common lookup costs one truth test more.
+        self._shared: dict[tuple[str, int], dict[int, tuple[weakref.ReferenceType, str, tuple]]] = {}
+        self._serving: contextvars.ContextVar = contextvars.ContextVar("mmlora_serving", default=None)
 
     def register(self, runtime, weights: dict[str, torch.Tensor], kind: str = "linear") -> None:
         """Record every `kind` weight of `runtime`'s model (served or not) under `runtime`."""
         reference = weakref.ref(runtime)
         for module, weight in weights.items():
-            self._entries[(kind, weight.data_ptr())] = (reference, module, tuple(weight.shape))
+            key = (kind, weight.data_ptr())
+            entry = (reference, module, tuple(weight.shape))
+            previous = self._entries.get(key)
+            owner = previous[0]() if previous is not None else None
+            if owner is not None and owner is not runtime:
+                self._shared.setdefault(key, {id(owner): previous})[id(runtime)] = entry
+            self._entries[key] = entry
+
+    @contextlib.contextmanager
+    def serving(self, runtime):
+        """Inside: weights `runtime` shares with another compiled model resolve to `runtime`."""
+        token = self._serving.set(runtime)
+        try:
+            yield
+        finally:
+            self._serving.reset(token)
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
-        entry = self._entries.get((kind, weight.data_ptr()))
+        key = (kind, weight.data_ptr())
+        entry = self._entries.get(key)
+        if self._shared and key in self._shared:
+            serving = self._serving.get()
+            mine = self._shared[key].get(id(serving)) if serving is not None else None
+            if mine is not None and mine[0]() is serving:  # not a dead runtime's id reused
+                entry = mine
         runtime = entry[0]() if entry is not None else None
         if runtime is None or entry[2] != tuple(weight.shape):
             raise MMLoRAError(

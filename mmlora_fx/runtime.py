@@ -545,12 +545,14 @@ class LoRARuntime:
         graphs. Outside it the model's uncompiled code is the base model again, whatever batch
         the tables were last filled for: a later plain call of the model (by other code, say
         PEFT wrapping the same module, or after compilation is undone) must not pick up a past
-        batch's adapters.
+        batch's adapters. Inside it, weights this model shares with another compiled one resolve
+        to this runtime (`lora_op.WeightRegistry.serving`).
         """
         _never_compile_the_hook()
         self._call_depth += 1
         try:
-            yield
+            with REGISTRY.serving(self):
+                yield
         finally:
             self._call_depth -= 1
 
