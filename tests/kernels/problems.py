@@ -167,11 +167,16 @@ def assert_matches(problem: Problem, actual: list[torch.Tensor]) -> None:
         assert error <= tolerance, f"output {j}: relative error {error:.2e} > {tolerance:.0e}"
         worst = ((got64 - want).abs() / (want.abs() + 1.0)).max() if want.numel() else 0.0
         assert worst <= 8 * tolerance, f"output {j}: worst element error {worst:.2e}"
-        # The delta alone must be right too: the poison must not hide a missing update.
+        # The delta alone must be right too: the poison must not hide a missing update. The
+        # output is stored in its dtype, so the delta is known only to the rounding of the exact
+        # result in that dtype: where the delta is small beside the output (bf16, one row, a
+        # low-rank slot: 0.14 of the delta on 2026-12-06), that rounding is allowed for too.
         delta_error = ((got64 - poison.cpu().double()) - (want - poison.cpu().double())).norm()
         delta_norm = (want - poison.cpu().double()).norm()
+        rounding = (want.to(got.dtype).double() - want).norm()
         if delta_norm > 0:
-            assert delta_error / delta_norm <= 4 * tolerance, f"output {j}: delta error {delta_error / delta_norm:.2e}"
+            assert delta_error <= 4 * tolerance * delta_norm + 2 * rounding, \
+                f"output {j}: delta error {delta_error / delta_norm:.2e} (the output's rounding alone: {rounding / delta_norm:.2e})"
 
 
 def in_one_slab(factors: list[torch.Tensor], gap: int = 3) -> list[torch.Tensor]:
