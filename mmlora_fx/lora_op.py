@@ -19,12 +19,17 @@ import weakref
 import torch
 
 from .errors import MMLoRAError
+from .sharding import local_tensor
 
 __all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
 
 
 class WeightRegistry:
-    """Which runtime and module a weight tensor belongs to, by kind of use and storage address."""
+    """Which runtime and module a weight tensor belongs to, by kind of use and storage address.
+
+    A DTensor weight (tensor parallelism) is known by its local shard's address and shape: the op
+    receives the local shard (DTensor's dispatch unwraps it, or transformers' layers pass
+    `to_local()`), an eager hook the DTensor itself; both resolve alike."""
 
     def __init__(self):
         self._entries: dict[tuple[str, int], tuple[weakref.ReferenceType, str, tuple]] = {}
@@ -33,9 +38,11 @@ class WeightRegistry:
         """Record every `kind` weight of `runtime`'s model (served or not) under `runtime`."""
         reference = weakref.ref(runtime)
         for module, weight in weights.items():
+            weight = local_tensor(weight)
             self._entries[(kind, weight.data_ptr())] = (reference, module, tuple(weight.shape))
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
+        weight = local_tensor(weight)
         entry = self._entries.get((kind, weight.data_ptr()))
         runtime = entry[0]() if entry is not None else None
         if runtime is None or entry[2] != tuple(weight.shape):
