@@ -91,7 +91,7 @@ class TargetLayout:
     def collective(self, compiled: bool) -> str:
         """The collective LoRA adds to the target, in the compiled graphs or in the eager hooks."""
         if self.style == COLUMN and not compiled:
-            return "none (all-gather [rows, out] where the module gathers its output)"
+            return "none (all-gather [rows, out] if gathered)"
         if self.style != ROW:
             return "none"
         return "none (rides on the base's all-reduce)" if compiled else "all-reduce [rows, r]"
