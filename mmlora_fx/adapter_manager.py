@@ -4,7 +4,10 @@ Every served linear owns stacked slot buffers, allocated once, whose addresses n
 (CUDA graphs replay them): `lora_a [max_loras, max_lora_rank, in]`, `lora_b [max_loras, out,
 max_lora_rank]` with the scaling folded in, and `ranks [max_loras]` (0 where the adapter in that
 slot does not adapt the linear). Smaller ranks are padded with zeros. Loading an adapter into a
-slot writes that slot only.
+slot writes that slot only. On a tensor-parallel model `in` and `out` are this rank's
+(`sharding.TargetLayout`: B's output rows of a column-parallel linear, A's input columns of a
+row-parallel one): adapters are validated against the global shapes, alike on every rank, and
+each rank packs its slice from the same file, with no communication.
 
 The buffers of one dtype are views of one slot-major slab `[max_loras, total]` (`_Slab`): each
 linear's A and B take their elements of a slot's row, in module order, A before B, so slot `s`
@@ -61,6 +64,7 @@ from .errors import (
 from .linear_index import LinearIndex
 from .peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterFactors, LoRAFactors, fold_into, read_adapter, read_factors
 from .serving import ServingPlan
+from .sharding import TargetLayout
 
 __all__ = ["SlotBuffers", "AdapterManager", "AdapterStats", "BASE_NAMES"]
 
@@ -242,9 +246,11 @@ class AdapterManager:
         max_lora_rank: int = 16,
         device: torch.device | str | None = None,
         background_reads: bool | None = None,
+        layouts: Mapping[str, TargetLayout] | None = None,
     ):
         """`background_reads`: prefetch reads adapter files on a worker thread (by default when
-        the slots are on a GPU; on the CPU prefetch reads in the caller's thread)."""
+        the slots are on a GPU; on the CPU prefetch reads in the caller's thread). `layouts`: each
+        served target's tensor-parallel layout (`sharding.target_layouts`; default: all replicated)."""
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, not {max_loras}")
         max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
@@ -258,6 +264,7 @@ class AdapterManager:
         self.max_cpu_loras = max_cpu_loras
         self.max_lora_rank = max_lora_rank
         self.buffers: dict[str, SlotBuffers] = {}
+        self.layouts = {module: (layouts or {}).get(module, TargetLayout()) for module in serving.served}
         # Each served linear's slot shapes, by dtype and device, in module order: the order of a
         # slab row (and of a PEFT file's tensors, sorted by name: `A` before `B` of each module).
         shapes: dict[tuple[torch.dtype, torch.device], list[tuple[str, tuple, tuple]]] = {}
@@ -267,8 +274,11 @@ class AdapterManager:
             target = torch.device(device) if device is not None else weight.device
             # A 3D expert weight's buffers hold each expert's factors: [max_loras, experts, ...].
             experts = (info.num_experts,) if info.num_experts else ()
-            shapes.setdefault((weight.dtype, target), []).append(
-                (module, (*experts, max_lora_rank, info.in_features), (*experts, info.out_features, max_lora_rank)))
+            # This rank's part of a sharded target (`TargetLayout.local_factors` of a global-shaped pair).
+            a_global = torch.empty((*experts, max_lora_rank, info.in_features), device="meta")
+            b_global = torch.empty((*experts, info.out_features, max_lora_rank), device="meta")
+            a_local, b_local = self.layouts[module].local_factors(a_global, b_global)
+            shapes.setdefault((weight.dtype, target), []).append((module, tuple(a_local.shape), tuple(b_local.shape)))
         modules = sorted(serving.served)
         # Every linear's ranks: one row of a [linears, max_loras] int32 table per device
         # (contiguous, as the kernels read them); a slot's ranks are a column, written with one copy.
@@ -438,6 +448,8 @@ class AdapterManager:
         linear of the slab, in its order, nothing between them); None otherwise."""
         if not isinstance(adapter, AdapterFactors) or adapter.buffer is None:
             return None
+        if any(self.layouts[module].sharded for module in adapter.modules):
+            return None  # this rank's slice of a sharded target is not the file's tensor
         used = 0
         for module, factors in adapter.modules.items():
             buffers = self.buffers[module]
@@ -530,13 +542,15 @@ class AdapterManager:
                 a = flat[a_offset:a_offset + a_size].view(buffers.lora_a.shape[1:])
                 b = flat[b_offset:b_offset + b_size].view(buffers.lora_b.shape[1:])
                 rank = weights.rank
+                # This rank's slice of a sharded target's factors (the whole of the others').
+                lora_a, lora_b = self.layouts[module].local_factors(weights.lora_a, weights.lora_b)
                 # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
-                a[..., :rank, :].copy_(weights.lora_a)
+                a[..., :rank, :].copy_(lora_a)
                 a[..., rank:, :].zero_()
                 if isinstance(weights, LoRAFactors):
-                    fold_into(b[..., :rank], weights.lora_b, weights.scaling)
+                    fold_into(b[..., :rank], lora_b, weights.scaling)
                 else:  # read_adapter's: scaled already
-                    b[..., :rank].copy_(weights.lora_b)
+                    b[..., :rank].copy_(lora_b)
                 b[..., rank:].zero_()
             rows.append(flat)
         return _Packed([row for row in rows if row is not None], rows, ranks, rank_columns, dropped)

@@ -141,17 +141,17 @@ class CaptureError(MMLoRAError):
 
 class ShardedModelError(MMLoRAError):
     """A served target's weight is sharded across processes (a DTensor: tensor parallelism by
-    `parallelize_module` or transformers' `tp_plan`). Serving LoRA on sharded models is issue #23's
-    work; until then such a model is refused, alike on every rank. `module` is the first such
-    target, `layout` its placements and mesh, `count` how many served targets are sharded."""
+    `parallelize_module` or transformers' `tp_plan`) in a layout mmlora_fx does not serve (#23):
+    column- and row-parallel linears are served, see `sharding.py`. Raised alike on every rank.
+    `module` is the first such target, `layout` its placements and mesh, `reason` why it is refused,
+    `count` how many served targets are refused."""
 
-    def __init__(self, module: str, layout: str, count: int = 1):
-        self.module, self.layout, self.count = module, layout, count
+    def __init__(self, module: str, layout: str, reason: str, count: int = 1):
+        self.module, self.layout, self.reason, self.count = module, layout, reason, count
         others = f" (and {count - 1} other served target{'s' if count > 2 else ''})" if count > 1 else ""
         super().__init__(
-            f"module {module!r}{others} has a sharded weight, a DTensor with {layout}: mmlora_fx serves LoRA on "
-            "unsharded models only; tensor-parallel serving is issue #23's work. Serve the model unsharded, or "
-            "leave the sharded targets out with target_modules=/partitions=")
+            f"module {module!r}{others} has a sharded weight, a DTensor with {layout}, which is not served: "
+            f"{reason}. Leave it out with target_modules=/partitions=, or shard it column- or row-parallel (#23)")
 
 
 class CoverageError(MMLoRAError):

@@ -17,8 +17,9 @@ from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearInd
 from .partitions import LANGUAGE_MODEL, OTHER, PARTITIONS, modality_of
 from .passes import conv_of, embedding_of, experts_of, linear_of, lora_of, parameter_matmul_of, partition_of
 from .row_owners import UnitOwnership, rows_are_units, token_name
+from .sharding import distributed_layout, layout_of
 
-__all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names"]
+__all__ = ["SCHEMA", "build_report", "render_text", "render_dot", "collapse_names", "tensor_parallel_entries"]
 
 SCHEMA = "mmlora-fx.inspect/1"
 
@@ -166,10 +167,50 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             for info in linears if info.kind == EXPERTS
         ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
+        "tensor_parallel": tensor_parallel_entries(linears, serving),
         "serving": serving.to_json() if serving is not None else None,
         "ownership": {modality: {"units": traced.units, "how": traced.how} for modality, traced in ownership.items()},
     }
     return report
+
+
+def tensor_parallel_entries(linears: LinearIndex, serving=None) -> list[dict]:
+    """Every target whose weight is sharded across processes (a DTensor), as this rank sees it: its
+    placements, how its LoRA is laid out (`sharding.TargetLayout.to_json`: `column` / `row`, this
+    rank's slice, the collective LoRA adds in the compiled graphs and in the eager hooks) or why it
+    is refused, and (with a serving plan) whether it is served. Empty for a model of one process."""
+    entries = []
+    for info in linears:
+        weight = linears.weights[info.name]
+        placements = distributed_layout(weight)
+        if placements is None:
+            continue
+        layout, refusal = layout_of(info.kind, weight)
+        entries.append({"module": info.name, "kind": info.kind, "partition": info.partition, "placements": placements,
+                        "layout": layout.to_json() if layout is not None else None, "refusal": refusal,
+                        **({"served": serving.serves(info.name)} if serving is not None else {})})
+    return entries
+
+
+def _tensor_parallel_lines(entries: list[dict]) -> list[str]:
+    if not entries:
+        return []
+    rows = []
+    for entry in entries:
+        layout = entry["layout"]
+        if layout is None:
+            row = [entry["module"], "refused", "-", "-", "-", entry["refusal"][:80]]
+        else:
+            piece = layout["out_range"] or layout["in_range"]
+            side = "out" if layout["out_range"] else "in"
+            row = [entry["module"], layout["style"], f"{side} {piece[0]}:{piece[1]}",
+                   layout["collective_compiled"], layout["collective_eager"], ""]
+        rows.append(row + (["yes" if entry["served"] else "-"] if "served" in entry else []))
+    header = ["module", "layout", "this rank's slice", "LoRA collective (compiled)", "(eager)", "refusal"]
+    laid = next((entry["layout"] for entry in entries if entry["layout"] is not None), None)
+    title = (f"tensor parallelism (rank {laid['rank']} of {laid['ranks']}): sharded targets" if laid is not None
+             else "tensor parallelism: sharded targets")
+    return ["", title] + _table(rows, header + (["served"] if "served" in entries[0] else []))
 
 
 def _linear_like(record, node, target, nodes, serving, ownership) -> dict:
@@ -329,6 +370,7 @@ def render_text(report: dict) -> str:
         lines += _table(rows, ["graph", "where", "reason"])
     else:
         lines.append("  none")
+    lines += _tensor_parallel_lines(report.get("tensor_parallel") or [])
     if report["serving"]:
         serving = report["serving"]
         lines += ["", "serving", f"  partitions:     {', '.join(serving['partitions'])}",

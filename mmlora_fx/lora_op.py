@@ -27,12 +27,17 @@ import weakref
 import torch
 
 from .errors import MMLoRAError
+from .sharding import local_tensor
 
 __all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
 
 
 class WeightRegistry:
-    """Which runtime and module a weight tensor belongs to, by kind of use and storage address."""
+    """Which runtime and module a weight tensor belongs to, by kind of use and storage address.
+
+    A DTensor weight (tensor parallelism) is known by its local shard's address and shape: the op
+    receives the local shard (DTensor's dispatch unwraps it, or transformers' layers pass
+    `to_local()`), an eager hook the DTensor itself; both resolve alike."""
 
     def __init__(self):
         self._entries: dict[tuple[str, int], tuple[weakref.ReferenceType, str, tuple]] = {}
@@ -45,6 +50,7 @@ class WeightRegistry:
         """Record every `kind` weight of `runtime`'s model (served or not) under `runtime`."""
         reference = weakref.ref(runtime)
         for module, weight in weights.items():
+            weight = local_tensor(weight)
             key = (kind, weight.data_ptr())
             entry = (reference, module, tuple(weight.shape))
             previous = self._entries.get(key)
@@ -63,6 +69,7 @@ class WeightRegistry:
             self._serving.reset(token)
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
+        weight = local_tensor(weight)
         key = (kind, weight.data_ptr())
         entry = self._entries.get(key)
         if self._shared and key in self._shared:

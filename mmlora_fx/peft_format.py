@@ -39,6 +39,7 @@ from .errors import (
 from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .parameter_targets import as_linear_layout, parameter_target, peft_shapes, selected_parameter, split_wrappers
 from .partitions import can_carry_lora
+from .sharding import copy_equals_sharded, is_dtensor
 
 __all__ = ["LoRAModule", "LoRAAdapter", "LoRAFactors", "AdapterFactors", "AdapterScan", "read_adapter",
            "read_factors", "fold_into", "read_adapter_config", "scan_adapter",
@@ -427,7 +428,17 @@ def _check_base_copies(name: str, copies: dict[str, torch.Tensor], linears: Line
                 name, f"the adapter carries a copy of this layer's base weight of shape {tuple(copy.shape)}, but the "
                 f"model's is {tuple(weight.shape)} (was the vocabulary resized when the adapter was trained?); an "
                 "adapter that replaces base weights is not served", module=module)
-        if not _equal_in_chunks(copy, weight.detach()):
+        if is_dtensor(weight):
+            # This rank holds a slice: the copy is held to every rank's, alike everywhere (`sharding.py`).
+            equal = copy_equals_sharded(copy, weight)
+            if equal is None:
+                raise BaseWeightCopyError(
+                    name, "the adapter carries a copy of this layer's base weight, which is sharded across "
+                    "processes and is not the model's output embeddings: it cannot be checked alike on every "
+                    "rank, so it is not served", module=module)
+        else:
+            equal = _equal_in_chunks(copy, weight.detach())
+        if not equal:
             raise BaseWeightCopyError(
                 name, "the adapter carries a copy of this layer's base weight that differs from the model's (trained "
                 "or resized embeddings, or another base model); an adapter that replaces base weights is not served",

@@ -21,7 +21,7 @@ from torch import nn
 from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
 from .expert_hooks import add_expert_hooks
-from .errors import BatchError, CoverageError, MMLoRAError, PartitionError
+from .errors import BatchError, CoverageError, MMLoRAError, PartitionError, ShardedModelError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
@@ -35,7 +35,7 @@ from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
                          outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
-from .sharding import check_unsharded
+from .sharding import COLUMN, distributed_layout, gather_slice_digests, is_dtensor, target_layouts
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
@@ -91,11 +91,23 @@ class LoRARuntime:
         # reading the names is enough, the weights are validated when loaded below.
         scans = [scan_adapter(name, path, self.linears) for name, path in adapters.items()]
         self.serving = ServingPlan.build(self.linears, scans, partitions, target_modules)
-        check_unsharded(self.linears.weights, self.serving.served)  # before any buffer is sized (#23)
+        # Tensor parallelism (#23): each served target's layout, before any buffer is sized (what is
+        # not served is refused here, alike on every rank).
+        self.layouts = target_layouts(self.linears, self.serving.served)
+        if any(layout.sharded for layout in self.layouts.values()):
+            from .tp_lora import register_sharding_rule
+
+            register_sharding_rule()
+            # Adapters on the output embeddings carry PEFT's full copy of its weight: digests of
+            # each rank's slice let every rank check such a copy alike (`sharding.py`).
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            for name, layout in self.layouts.items():
+                if layout.sharded and head is not None and self.linears.weights[name] is getattr(head, "weight", None):
+                    gather_slice_digests(self.linears.weights[name], layout)
         if max_cpu_loras is None:
             max_cpu_loras = max(max_loras, len(adapters))
         self.manager = AdapterManager(self.linears, self.serving, max_loras=max_loras,
-                                      max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank)
+                                      max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, layouts=self.layouts)
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]
@@ -341,6 +353,52 @@ class LoRARuntime:
         request_slots, cum_weights, tile_plan = self._owner_table(table, x, modules[served[0]])
         # Already inside the graph-level op: call the kernels directly, not through a second op.
         lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
+
+    def apply_after_module(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
+        """Add the LoRA delta of the linear `module` to `output`, what its module returned for `x`
+        (the eager hook's view: after the module's own hooks and tensor-parallel redistribution).
+
+        An unsharded linear is `apply`'s. A sharded one's input and output may be DTensors (whose
+        local shards are views: adding to them in place changes the module's output) or local
+        tensors (transformers' layers). Column-parallel: the output is this rank's slice of the
+        features, or the whole (the module gathered it: transformers' lm_head), which gets every
+        rank's slice of the delta, all-gathered. Row-parallel: the output is reduced already, so
+        the rank-sized shrink is all-reduced (`tp_lora.lora_add_all_reduced`); an input still
+        whole (transformers' `rowwise_split_input`) is cut to this rank's slice first."""
+        layout = self.layouts.get(module)
+        if layout is None or not layout.sharded:
+            self.apply([output], x, [module])
+            return
+        from . import tp_lora
+
+        info = self.linears[module]
+        x = x.to_local() if is_dtensor(x) else x
+        partial = is_dtensor(output) and any(placement.is_partial() for placement in output.placements)
+        output = output.to_local() if is_dtensor(output) else output
+        if layout.style == COLUMN:
+            if output.shape[-1] == info.out_features and layout.ranks > 1:
+                delta = output.new_zeros(*output.shape[:-1], layout.out_range[1] - layout.out_range[0])
+                self.apply([delta], x, [module])
+                output += tp_lora.gathered(delta, layout.mesh, info.out_features)
+            else:
+                self.apply([output], x, [module])
+            return
+        if x.shape[-1] == info.in_features and layout.ranks > 1:
+            x = x[..., layout.in_range[0]:layout.in_range[1]]
+        if output.shape[:-1] != x.shape[:-1]:
+            raise ShardedModelError(module, distributed_layout(self.linears.weights[module]),
+                                    f"its output {tuple(output.shape)} does not hold the rows of its input "
+                                    f"{tuple(x.shape)} (scattered by the module): mm.eager cannot add the delta there")
+        if partial:
+            self.apply([output], x, [module])  # the module's reduction, after this hook, sums the partial delta
+            return
+        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
+        if not served:
+            return
+        self._count_application(table.partition, [module])
+        request_slots, cum_weights, tile_plan = self._owner_table(table, x, module)
+        tp_lora.lora_add_all_reduced([output], x.contiguous(), lora_a, lora_b, ranks, request_slots, cum_weights,
+                                     tile_plan, layout.mesh)
 
     def apply_embedding(self, output: torch.Tensor, ids: torch.Tensor, module: str,
                         output_scale: torch.Tensor | None = None) -> None:
@@ -627,7 +685,7 @@ def _eager_lora_hook(module, args, kwargs, output):
         else:
             runtime, name = REGISTRY.resolve(module.weight)
             if runtime.in_call:
-                runtime.apply([output], x, [name])
+                runtime.apply_after_module(output, x, name)
     return output
 
 

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .meta import experts_of, is_lora_op, linear_of, lora_of, target_of
+from .meta import experts_of, is_lora_op, is_to_local, linear_of, lora_of, target_of
 
 __all__ = ["CheckLoRACoverage", "UncoveredLinearError"]
 
@@ -72,6 +72,9 @@ class CheckLoRACoverage:
             return
         for user in weight.users:
             if is_lora_op(user) or (lora_of(user) and weight in user.args[:2]):
+                continue
+            if is_to_local(user):
+                self._check_users(user, modules)  # the local shard of a sharded weight: its users are the weight's
                 continue
             if not _is_tensor_value(user):
                 continue  # reads the weight's size, not its values

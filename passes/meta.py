@@ -28,7 +28,7 @@ from torch import fx
 __all__ = [
     "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "CONV", "PARAMETER_MATMUL", "PARTITION", "LORA", "LORA_OP",
     "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "conv_of", "parameter_matmul_of",
-    "target_of", "partition_of", "lora_of", "is_lora_op",
+    "target_of", "partition_of", "lora_of", "is_lora_op", "is_to_local", "through_to_local",
 ]
 
 OWNER_PATH = "mmlora_owner_path"
@@ -41,6 +41,18 @@ PARAMETER_MATMUL = "mmlora_parameter_matmul"
 PARTITION = "mmlora_partition"
 LORA = "mmlora_lora"
 LORA_OP = "mmlora_lora_op"
+
+
+def is_to_local(node: fx.Node) -> bool:
+    """`w.to_local()`: a DTensor's local shard, a view of its storage. transformers' tensor-parallel
+    layers call it on their weights inside the forward, so the linear reads the shard, not the
+    parameter; the passes look through it to the parameter (#23)."""
+    return node.op == "call_method" and node.target == "to_local"
+
+
+def through_to_local(node: fx.Node) -> fx.Node:
+    """The node `node` is the local shard of, if it is one (`is_to_local`); else `node`."""
+    return node.args[0] if is_to_local(node) and isinstance(node.args[0], fx.Node) else node
 
 
 def is_call_node(node: fx.Node) -> bool:

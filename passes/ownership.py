@@ -18,7 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import fx
 
-from .meta import CONV, EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of
+from .meta import (CONV, EMBEDDING, EXPERTS, LINEAR, OWNER, OWNER_PATH, PARAMETER_MATMUL, owner_of, owner_path_of,
+                   through_to_local)
 from .row_layout import RowLayout, canonical_name, row_layout_of, rows_picked_by_index
 
 __all__ = [
@@ -344,6 +345,7 @@ class ResolveOwners:
     def _tensor_of(self, graph_module, weight, placeholder_index):
         if not isinstance(weight, fx.Node):
             return None, None
+        weight = through_to_local(weight)  # a tensor-parallel layer's local shard: its parameter's
         if weight.op == "placeholder":
             index = placeholder_index[weight]
             if index < len(self.example_inputs):

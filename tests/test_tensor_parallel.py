@@ -1,19 +1,23 @@
-"""A tensor-parallel-sharded model is refused with `ShardedModelError`, alike on every rank (#23).
+"""Tensor-parallel models are served exactly, on every rank; what is not served is refused alike (#23).
 
-Two processes on the CPU (gloo) shard a tiny Llama with torch.distributed's tensor-parallel API
-(`ColwiseParallel` on q/k/v/gate/up, `RowwiseParallel` on o/down) over a 2-rank `DeviceMesh`, and
-with transformers' own `tp_plan`, and pass it to `mmlora_fx.compile` with adapters PEFT made on the
-unsharded model. Without the refusal, compile returned and the first call failed with an untyped
-error from DTensor's dispatch (compiled) or a misleading one (eager). Only served targets are
-checked: adapters on the lm_head `parallelize_module` left whole are served, equal to PEFT.
-`run_ranks` is the harness issue #23's exact tests need: a function run on every rank with the
-process group and mesh up, its results back by rank.
+Two processes on the CPU (gloo) shard a tiny Llama over a 2-rank `DeviceMesh` two ways:
+torch.distributed's tensor-parallel API (`ColwiseParallel` on q/k/v/gate/up, `RowwiseParallel` on
+o/down; lm_head left whole) and transformers' own `tp_plan` (the same, and lm_head column-parallel
+with its output gathered, the embedding sharded by vocabulary). Each is served by
+`mmlora_fx.compile` (Inductor) with adapters PEFT made on the unsharded model, over every linear
+of the decoder layers and lm_head: a mixed batch (two adapters and the base model) must give, per
+request and on every rank, PEFT's logits for that request alone on the unsharded model, through
+the compiled graphs (row-parallel deltas riding on the base's all-reduce) and through `mm.eager`
+(forward hooks: the rank-sized shrink all-reduced). Layouts the runtime does not serve are refused
+with the same `ShardedModelError` on every rank, before any buffer is sized.
+`run_ranks` runs a function on every rank with the process group and mesh up, its results back by rank.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import time
 
 import pytest
@@ -23,9 +27,11 @@ import torch.distributed as dist
 from .peft_helpers import peft_logits, peft_model_with
 
 WORLD = 2
-TIMEOUT_S = 120  # a rank stuck in a collective fails the test instead of hanging it
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TIMEOUT_S = 300  # a rank stuck in a collective fails the test instead of hanging it
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 NAMES = ["bob", None, "alice"]
+SWAPPED = ["alice", "bob", None]  # the same graphs and slots, other requests' adapters
+SHARDINGS = ["parallelize_module", "tp_plan"]
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -50,6 +56,18 @@ def shard_llama(model, mesh):
     for layer in model.model.layers:
         parallelize_module(layer, mesh, plan)
     return model
+
+
+def sharded_model(sharding: str, mesh, checkpoint: str):
+    """The tiny Llama sharded by `parallelize_module` (`shard_llama`) or by transformers' `tp_plan`."""
+    if sharding == "parallelize_module":
+        return shard_llama(text_lm(), mesh)
+    import transformers
+
+    # `tp_size` must be given: transformers derives it from WORLD_SIZE, which a spawned rank
+    # lacks, and would then load the model unsharded without a word.
+    return transformers.LlamaForCausalLM.from_pretrained(
+        checkpoint, distributed_config=transformers.DistributedConfig(tp_plan="auto", tp_size=WORLD)).eval()
 
 
 def _rank_main(rank: int, fn, args, folder: str) -> None:
@@ -84,6 +102,19 @@ def run_ranks(fn, args, folder) -> list:
     return results
 
 
+def relative_error(ours, reference) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def _errors(logits, names, references) -> list[float]:
+    return [relative_error(row, references[index, name]) for index, (row, name) in enumerate(zip(logits, names))]
+
+
+def _error_fields(error) -> dict:
+    return dict(type=type(error).__name__, message=str(error), module=getattr(error, "module", None),
+                reason=getattr(error, "reason", None))
+
+
 def refusal(model, paths) -> dict | None:
     """What `mmlora_fx.compile` says to `model`: the `ShardedModelError`'s fields, or None if it accepted it."""
     import mmlora_fx
@@ -92,52 +123,99 @@ def refusal(model, paths) -> dict | None:
     try:
         mmlora_fx.compile(model, paths, max_loras=2, inner="eager")
     except ShardedModelError as error:
-        return dict(message=str(error), module=error.module, layout=error.layout, count=error.count)
+        return _error_fields(error)
     return None
 
 
-def compile_sharded(rank: int, mesh, paths: dict, checkpoint: str, head_paths: dict, ids: torch.Tensor,
-                    references: list) -> dict:
-    """On one rank: the tiny Llama sharded by `parallelize_module` and by transformers' `tp_plan`,
-    each checked to compute the unsharded logits, then given to `mmlora_fx.compile`; and the
-    `parallelize_module` model served with adapters on its unsharded lm_head only, each request's
-    logits held to `references` (PEFT's, on the unsharded model)."""
-    import transformers
+def refused_layouts(mesh, checkpoint: str, paths: dict, embedding_paths: dict) -> dict:
+    """`refusal` of each layout the runtime does not serve: transformers' vocabulary-sharded
+    embedding, a weight on a 2-D mesh, a replicated DTensor weight (sized, never run: the
+    refusal comes before any buffer or graph)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def with_weight(placements, on_mesh):
+        model = text_lm()
+        q_proj = model.model.layers[0].self_attn.q_proj
+        q_proj.weight = torch.nn.Parameter(distribute_tensor(q_proj.weight.detach(), on_mesh, placements))
+        return model
+
+    return {"vocabulary-sharded embedding": refusal(sharded_model("tp_plan", mesh, checkpoint), embedding_paths),
+            "2-D mesh": refusal(with_weight([Replicate(), Shard(0)], init_device_mesh("cpu", (1, WORLD))), paths),
+            "replicated DTensor": refusal(with_weight([Replicate()], mesh), paths)}
+
+
+def serve_sharded(rank: int, mesh, paths: dict, checkpoint: str, ids: torch.Tensor, references: dict,
+                  bad_paths: dict, embedding_paths: dict) -> dict:
+    """On one rank, for each sharding: the model checked to be sharded and to compute the unsharded
+    logits, served by `mmlora_fx.compile` (Inductor); each request's error against `references`
+    (PEFT on the unsharded model, by (row, adapter)) through the compiled graphs, a second batch
+    with the adapters swapped between requests, and `mm.eager`; the graphs compiled before and
+    after the second batch; each target's slot buffer shapes and inspect entry; what loading each
+    of `bad_paths` raises. Then the refused layouts."""
+    from torch.distributed.tensor import DTensor
 
     import mmlora_fx
+    from mmlora_fx.capture import Capture
+    from mmlora_fx.errors import AdapterError
+    from mmlora_fx.inspect_report import build_report, render_text
 
     with torch.no_grad():
         unsharded = text_lm()(input_ids=ids).logits
-
-    def checked(model) -> dict:
-        from torch.distributed.tensor import DTensor
-
-        with torch.no_grad():
-            error = ((model(input_ids=ids).logits - unsharded).abs().max() / unsharded.abs().max()).item()
-        return dict(sharded=isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor), sharded_error=error,
-                    refused=refusal(model, paths))
-
     results = {}
-    model = shard_llama(text_lm(), mesh)
-    results["parallelize_module"] = checked(model)
-    if hasattr(transformers, "DistributedConfig"):  # transformers' own tensor parallelism (DTensor weights)
-        model = transformers.LlamaForCausalLM.from_pretrained(
-            checkpoint, distributed_config=transformers.DistributedConfig(tp_plan="auto", tp_size=WORLD)).eval()
-        results["tp_plan"] = checked(model)
-    mm = mmlora_fx.compile(shard_llama(text_lm(), mesh), head_paths, max_loras=2, inner="eager")
-    with torch.no_grad():
-        logits = mm(input_ids=ids, adapter_names=NAMES).logits
-    results["unsharded_targets"] = [relative_error(row, reference) for row, reference in zip(logits, references)]
+    for sharding in SHARDINGS:
+        torch._dynamo.reset()
+        model = sharded_model(sharding, mesh, checkpoint)
+        result = results[sharding] = {}
+        with torch.no_grad():
+            result["sharded"] = isinstance(model.model.layers[0].self_attn.q_proj.weight, DTensor)
+            result["sharded_error"] = relative_error(model(input_ids=ids).logits, unsharded)
+            mm = mmlora_fx.compile(model, paths, max_loras=2)
+            result["compiled"] = _errors(mm(input_ids=ids, adapter_names=NAMES).logits, NAMES, references)
+            graphs = len(mm.backend.records)
+            result["swapped"] = _errors(mm(input_ids=ids, adapter_names=SWAPPED).logits, SWAPPED, references)
+            result["recompiled"] = len(mm.backend.records) - graphs
+            result["eager"] = _errors(mm.eager(input_ids=ids, adapter_names=NAMES).logits, NAMES, references)
+        result["buffers"] = {module: (tuple(buffers.lora_a.shape[1:]), tuple(buffers.lora_b.shape[1:]))
+                             for module, buffers in mm.runtime.manager.buffers.items() if ".layers.0." in module
+                             or module == "lm_head"}
+        report = build_report(Capture(model, mm.runtime.partition_map, mm.backend.records), mm.runtime.linears,
+                              sharding, serving=mm.runtime.serving)
+        result["inspect"] = {entry["module"]: entry for entry in report["tensor_parallel"]}
+        result["inspect_text"] = render_text(report)
+        result["bad_adapters"] = {}
+        for name, path in bad_paths.items():
+            try:
+                mm.load_adapter(name, path)
+            except AdapterError as error:
+                result["bad_adapters"][name] = _error_fields(error)
+        result["adapters_after_bad"] = sorted(mm.adapters)
+    torch._dynamo.reset()
+    results["refused"] = refused_layouts(mesh, checkpoint, paths, embedding_paths)
     return results
 
 
-def relative_error(ours, reference) -> float:
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
+def _edited(source, destination, marker: str, edit):
+    """A copy of the adapter at `source` whose tensor named with `marker` is `edit(tensor)`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, destination)
+    tensors = load_file(destination / "adapter_model.safetensors")
+    key = next(key for key in tensors if marker in key)
+    tensors[key] = edit(tensors[key]).contiguous()
+    save_file(tensors, destination / "adapter_model.safetensors")
+    return str(destination)
+
+
+def _changed_last_row(tensor):
+    tensor = tensor.clone()
+    tensor[-1] += 1.0
+    return tensor
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Each rank's results of `compile_sharded`, adapters made by PEFT on the unsharded model."""
+    """Each rank's results of `serve_sharded`, adapters made by PEFT on the unsharded model."""
     from mmlora_fx import zoo
 
     folder = tmp_path_factory.mktemp("tensor_parallel")
@@ -145,34 +223,100 @@ def ranks(tmp_path_factory):
     base.save_pretrained(folder / "base")
     paths = {name: zoo.make_adapter(base, folder / name, TARGETS, r=4, lora_alpha=9, seed=index)
              for index, name in enumerate(["alice", "bob"])}
-    head_paths = {name: zoo.make_adapter(base, folder / f"{name}-head", ["lm_head"], r=4, lora_alpha=9, seed=index)
-                  for index, name in enumerate(["alice", "bob"])}
+    embedding_paths = {"emb": zoo.make_adapter(base, folder / "emb", ["embed_tokens", "q_proj"], r=4, seed=3)}
     ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(NAMES), 9), generator=torch.Generator().manual_seed(1))
-    peft = peft_model_with(base, head_paths)
-    references = [peft_logits(peft, {"input_ids": ids[row: row + 1]}, name) for row, name in enumerate(NAMES)]
-    base_logits = peft_logits(peft, {"input_ids": ids[:1]}, None)
-    assert relative_error(references[0], base_logits) > 1e-2  # the head's LoRA matters
-    return run_ranks(compile_sharded, (paths, str(folder / "base"), head_paths, ids, references), folder)
+    peft = peft_model_with(base, paths)
+    references = {(row, name): peft_logits(peft, {"input_ids": ids[row: row + 1]}, name)
+                  for row in range(len(NAMES)) for name in set(NAMES)}
+    for row in range(len(NAMES)):  # every adapter changes every request's logits clearly
+        assert min(relative_error(references[row, name], references[row, None]) for name in paths) > 1e-2
+    bad_paths = {
+        # o_proj's A holding one rank's input columns only
+        "carol": _edited(paths["alice"], folder / "carol", "layers.0.self_attn.o_proj.lora_A",
+                         lambda tensor: tensor[:, : tensor.shape[1] // WORLD]),
+        # PEFT's copy of the lm_head's base weight, changed in the last rank's slice only (under tp_plan)
+        "dave": _edited(paths["alice"], folder / "dave", "lm_head.base_layer.weight", _changed_last_row),
+    }
+    return run_ranks(serve_sharded, (paths, str(folder / "base"), ids, references, bad_paths, embedding_paths),
+                     folder)
 
 
-@pytest.mark.parametrize("sharding", ["parallelize_module", "tp_plan"])
-def test_sharded_model_is_refused_alike_on_every_rank(ranks, sharding):
-    if sharding not in ranks[0]:
-        pytest.skip("this transformers has no DistributedConfig (tp_plan)")
-    results = [by_sharding[sharding] for by_sharding in ranks]
-    for rank, result in enumerate(results):
-        assert result["sharded"] and result["sharded_error"] <= 1e-5, (rank, result)  # sharded, and correctly
-        refused = result["refused"]
-        assert refused is not None, f"rank {rank}: mmlora_fx.compile accepted a model sharded by {sharding}"
-        assert refused["module"] == "model.layers.0.self_attn.q_proj", refused
-        assert "Shard(dim=0)" in refused["layout"] and "2-rank cpu mesh" in refused["layout"], refused
-        assert "#23" in refused["message"], refused
-        assert refused["count"] == 2 * len(TARGETS), refused  # every served linear of both layers
-    assert results[0]["refused"] == results[1]["refused"]  # the same error on every rank: none hangs
-
-
-def test_unsharded_targets_of_a_sharded_model_equal_peft(ranks):
-    """Only served targets are checked: LoRA on lm_head, which `parallelize_module` left whole,
-    is served on every rank of the sharded model, each request equal to PEFT on the unsharded one."""
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_mixed_batch_on_a_sharded_model_equals_peft_on_every_rank(ranks, sharding):
+    """Each request of a mixed batch equals PEFT on the unsharded model, on both ranks, compiled
+    and eager; swapping the adapters between requests recompiles nothing."""
     for rank, by_sharding in enumerate(ranks):
-        assert max(by_sharding["unsharded_targets"]) <= 1e-4, (rank, by_sharding["unsharded_targets"])
+        result = by_sharding[sharding]
+        assert result["sharded"] and result["sharded_error"] <= 1e-5, (rank, result)  # sharded, and correctly
+        for path in ("compiled", "swapped", "eager"):
+            assert max(result[path]) <= 1e-4, (rank, path, result[path])
+        assert result["recompiled"] == 0, (rank, result["recompiled"])
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_each_rank_holds_its_slice_of_every_adapter(ranks, sharding):
+    """Slot buffers are sized by the rank's local slice: B split by output rows on column-parallel
+    targets, A split by input on row-parallel ones, whole where the weight is (parallelize_module's
+    lm_head); transformers' lm_head is column-parallel."""
+    rank_r = 16  # compile's default max_lora_rank
+    head_out = 320 // WORLD if sharding == "tp_plan" else 320
+    expected = {
+        "model.layers.0.self_attn.q_proj": ((rank_r, 64), (64 // WORLD, rank_r)),
+        "model.layers.0.self_attn.k_proj": ((rank_r, 64), (32 // WORLD, rank_r)),
+        "model.layers.0.self_attn.o_proj": ((rank_r, 64 // WORLD), (64, rank_r)),
+        "model.layers.0.mlp.up_proj": ((rank_r, 64), (128 // WORLD, rank_r)),
+        "model.layers.0.mlp.down_proj": ((rank_r, 128 // WORLD), (64, rank_r)),
+        "lm_head": ((rank_r, 64), (head_out, rank_r)),
+    }
+    for rank, by_sharding in enumerate(ranks):
+        buffers = by_sharding[sharding]["buffers"]
+        for module, shapes in expected.items():
+            assert buffers[module] == shapes, (rank, module, buffers[module])
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_inspect_shows_each_sharded_target_and_its_collective(ranks, sharding):
+    for rank, by_sharding in enumerate(ranks):
+        entries = by_sharding[sharding]["inspect"]
+        q_proj, o_proj = entries["model.layers.0.self_attn.q_proj"], entries["model.layers.0.self_attn.o_proj"]
+        assert q_proj["served"] and q_proj["layout"]["style"] == "column", q_proj
+        assert q_proj["layout"]["out_range"] == [32 * rank, 32 * (rank + 1)], q_proj
+        assert q_proj["layout"]["collective_compiled"] == "none", q_proj
+        assert o_proj["layout"]["style"] == "row" and o_proj["layout"]["in_range"] == [32 * rank, 32 * (rank + 1)]
+        assert o_proj["layout"]["collective_compiled"] == "none (rides on the base's all-reduce)", o_proj
+        assert o_proj["layout"]["collective_eager"] == "all-reduce [rows, r]", o_proj
+        assert ("lm_head" in entries) == (sharding == "tp_plan")  # parallelize_module left it whole
+        if sharding == "tp_plan":
+            embedding = entries["model.embed_tokens"]
+            assert embedding["layout"] is None and "vocabulary-sharded" in embedding["refusal"], embedding
+            assert not embedding["served"]
+        text = by_sharding[sharding]["inspect_text"]
+        assert f"tensor parallelism (rank {rank} of {WORLD})" in text
+        assert "all-reduce [rows, r]" in text
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+@pytest.mark.parametrize("name, error, module", [("carol", "AdapterShapeError", "model.layers.0.self_attn.o_proj"),
+                                                 ("dave", "BaseWeightCopyError", "lm_head")])
+def test_a_bad_adapter_is_refused_alike_on_every_rank(ranks, sharding, name, error, module):
+    """Adapters are validated against the global shapes and weights, so a bad one fails on every
+    rank with the same typed error and leaves the loaded adapters as they were: an o_proj A
+    holding one rank's input columns, and a copy of lm_head's base weight that differs in the last
+    rank's slice only (which under tp_plan only that rank holds)."""
+    errors = [by_sharding[sharding]["bad_adapters"].get(name) for by_sharding in ranks]
+    assert errors[0] is not None and errors[0]["type"] == error and errors[0]["module"] == module, errors[0]
+    assert errors[0] == errors[1]
+    assert all(by_sharding[sharding]["adapters_after_bad"] == ["alice", "bob"] for by_sharding in ranks)
+
+
+@pytest.mark.parametrize("case, module, words", [
+    ("vocabulary-sharded embedding", "model.embed_tokens", "vocabulary-sharded embedding"),
+    ("2-D mesh", "model.layers.0.self_attn.q_proj", "2-dimensional mesh"),
+    ("replicated DTensor", "model.layers.0.self_attn.q_proj", "not a replicated DTensor"),
+])
+def test_layouts_not_served_are_refused_alike_on_every_rank(ranks, case, module, words):
+    refusals = [by_sharding["refused"][case] for by_sharding in ranks]
+    assert refusals[0] is not None, f"mmlora_fx.compile accepted a model with a {case}"
+    assert refusals[0]["type"] == "ShardedModelError" and refusals[0]["module"] == module, refusals[0]
+    assert words in refusals[0]["reason"] and "#23" in refusals[0]["message"], refusals[0]
+    assert refusals[0] == refusals[1]  # the same error on every rank: none goes on to a collective alone

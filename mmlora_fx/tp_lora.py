@@ -1,0 +1,90 @@
+"""LoRA on tensor-parallel linears (issue #23): the op's DTensor rule and the eager row-parallel path.
+
+`sharding.py` says how each served linear is laid out; the slot buffers hold this rank's slice
+(`adapter_manager.py`). Here is what the LoRA work needs beyond one process's:
+
+- **The op's sharding rule.** In the graphs of a `parallelize_module` model the linear's input,
+  output and weight are DTensors, and so are the arguments of the `mmlora::lora_linear_` op put
+  after it. DTensor runs an op on each rank's local shards once it knows the placements the op
+  accepts (`register_sharding`): column-parallel weights `Shard(0)` with their outputs `Shard(-1)`
+  and a replicated input; row-parallel weights `Shard(1)` with their outputs `Partial()` (the
+  linear's product before the module's all-reduce) and an input split by features. Those are the
+  placements the linear itself has there, so DTensor moves no data; the op body then gets local
+  tensors, as it does in transformers' `tp_plan` graphs (whose layers call `to_local()` themselves).
+  On a row-parallel target it adds the partial delta `x_i A_i^T B^T` to the partial output: the
+  base's all-reduce sums it with the product, and LoRA adds no collective.
+- **Row-parallel outside the graphs.** A forward hook (`mm.eager`, code dynamo did not compile)
+  sees the module's output after its all-reduce, so the partial delta cannot ride on it: the
+  rank-sized shrink `x_i A_i^T` is all-reduced (a functional collective over the weight's mesh)
+  and then expanded with the whole B. The shrink and the expand are `lora_add` with an identity
+  factor, so the same kernels run. A column-parallel module that gathers its output (transformers'
+  lm_head) shows the hook the whole output: each rank's slice of the delta is all-gathered into it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .kernels.lora_add import lora_add
+
+__all__ = ["register_sharding_rule", "lora_add_all_reduced", "gathered"]
+
+
+@functools.cache
+def register_sharding_rule() -> None:
+    """Tell DTensor how `mmlora::lora_linear_` runs on sharded linears (once per process)."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor.experimental import register_sharding
+
+    from . import lora_op  # noqa: F401  (defines the op)
+
+    @register_sharding(torch.ops.mmlora.lora_linear_.default)
+    def lora_linear_placements(outputs, x, weights):
+        # One strategy: the placements the linears themselves have here. DTensor would otherwise
+        # redistribute to match, and an in-place op cannot have its outputs redistributed.
+        placements = {tuple(weight.placements) for weight in weights}
+        if placements == {(Shard(0),)}:
+            output_last = len(outputs[0].tensor_meta.shape) - 1
+            return [([], [Shard(output_last)] * len(outputs) + [Replicate()] + [Shard(0)] * len(weights))]
+        if placements == {(Shard(1),)}:
+            x_last = len(x.tensor_meta.shape) - 1
+            return [([], [Partial()] * len(outputs) + [Shard(x_last)] + [Shard(1)] * len(weights))]
+        return []  # anything else was refused when the model was compiled (`sharding.target_layouts`)
+
+
+@functools.cache
+def _identity(rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.eye(rank, dtype=dtype, device=device)
+
+
+def lora_add_all_reduced(outputs, x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan, mesh) -> None:
+    """Add the LoRA of row-parallel siblings to their reduced `outputs`: per sibling, the shrink
+    `x_i A_i^T` of this rank's input slice `x` (`[rows, R]`, R the slots' rank), all-reduced over
+    `mesh`, then expanded with the whole B."""
+    from torch.distributed import _functional_collectives as funcol
+
+    for output, a, b, slot_ranks in zip(outputs, lora_a, lora_b, ranks):
+        width = a.shape[1]  # max_lora_rank
+        identity = _identity(width, x.dtype, x.device)
+        # Slot stride 0: every slot's identity is the same matrix (the kernels read the strides given).
+        shrink = x.new_zeros(*x.shape[:-1], width)
+        lora_add([shrink], x, [a], [identity.expand(a.shape[0], width, width)], [slot_ranks], request_slots,
+                 cum_weights, tile_plan)
+        reduced = funcol.all_reduce(shrink, "sum", mesh)
+        if isinstance(reduced, funcol.AsyncCollectiveTensor):
+            reduced = reduced.wait()
+        lora_add([output], reduced, [identity.expand(b.shape[0], width, width)], [b], [slot_ranks], request_slots,
+                 cum_weights, tile_plan)
+
+
+def gathered(delta: torch.Tensor, mesh, features: int) -> torch.Tensor:
+    """This rank's slice `[..., out_i]` of a column-parallel delta, all-gathered over `mesh` into the
+    whole `[..., features]` (DTensor's gather: the last rank's slice may be shorter)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = (*delta.shape[:-1], features)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(delta, mesh, [Shard(delta.dim() - 1)], run_check=False, shape=shape,
+                              stride=stride).full_tensor()
