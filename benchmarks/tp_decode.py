@@ -622,6 +622,8 @@ def parent(args) -> int:
     print(f"collectives per step (run0 rank0, batch {config['batches'][0]}): {first.get('collectives_per_step')}")
     print(f"ranks agree on the logits: {result['ranks_agree']}")
     print("\n".join(table(result["summary"])), flush=True)
+    if config["tiny"]:
+        print("--tiny: the script checked end to end; these times measure nothing")
     failed = [(r["index"], r["rank"]) for ranks in runs for r in ranks if r.get("error")]
     if failed:
         print(f"FAILED ranks (run, rank): {failed}")
