@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_steps.sh <commit> STEP[:seconds] [STEP[:seconds] ...]
 #
+# The tp steps need a 2-GPU kind (the device tool's `kind: nvidia-h100-x2`); the others use one GPU.
 # Steps (rough seconds on an H100 when the machine is warm):
 #   tests      every GPU test: tests/test_gpu*.py and tests/kernels -m gpu            (~560: 9 model
 #              tests took 330 s and the 224 kernel tests ~200 s on 2026-12-06; a call of its own)
@@ -14,6 +15,11 @@
 #   moe        decode_overhead.py --model moe, two runs (#17; three need an H200)     (~480)
 #   audio      audio_prefill.py, two compilations sharing the GPU (three of ~30 GB do not fit an
 #              H100's 80 GB: two of three ran out of memory on 2026-12-06), then a third (#20) (~540)
+#   tp         tp_decode.py --batches 1,16: decode on a 2-GPU tensor-parallel 7B-shaped LM, CUDA graphs
+#              (#23; NEEDS A 2-GPU KIND: nvidia-h100-x2; unrun so far, the limit is a guess: ~560)
+#   tp64       tp_decode.py --batches 64, the same (#23, 2 GPUs)                             (~560)
+#   tpnocg     tp_decode.py --batches 1,16 --mode default: without CUDA graphs, for when reduce-overhead
+#              cannot capture the collectives (#23, 2 GPUs)                                   (~560)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs.
 set -uo pipefail
@@ -25,7 +31,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -40,6 +46,12 @@ run_step() {
                  --runs 2 --steps 50 --rounds 4 --budget-s $((seconds - 20)) --commit "$commit" ;;
         audio) timeout "$seconds" python3 benchmarks/audio_prefill.py --out "$out/audio" --gpus 2 --share-gpu \
                    --budget-s $((seconds - 20)) --commit "$commit" ;;
+        tp) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tp" --batches 1,16 \
+                --budget-s $((seconds - 20)) --commit "$commit" ;;
+        tp64) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tp64" --batches 64 \
+                  --budget-s $((seconds - 20)) --commit "$commit" ;;
+        tpnocg) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tpnocg" --batches 1,16 \
+                    --mode default --budget-s $((seconds - 20)) --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;
     esac
 }
