@@ -32,6 +32,9 @@ from .sharding import local_tensor
 __all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class WeightRegistry:
     """Which runtime and module a weight tensor belongs to, by kind of use and storage address.
 
@@ -69,7 +72,10 @@ class WeightRegistry:
             self._serving.reset(token)
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
-        weight = local_tensor(weight)
+        # A plain tensor or parameter (every single-process model) skips the DTensor check: it
+        # runs on every op call, and a compiled prefill makes hundreds (#16).
+        if type(weight) not in _PLAIN_TENSORS:
+            weight = local_tensor(weight)
         key = (kind, weight.data_ptr())
         entry = self._entries.get(key)
         if self._shared and key in self._shared:

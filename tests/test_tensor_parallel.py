@@ -87,6 +87,8 @@ def run_ranks(fn, args, folder) -> list:
     `fn` must be importable (module level); a rank that raises fails the test with its traceback."""
     import torch.multiprocessing as mp
 
+    # gloo's file store waits forever for a folder that does not exist: the test would read as a hang.
+    os.makedirs(folder, exist_ok=True)
     context = mp.start_processes(_rank_main, args=(fn, args, str(folder)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
@@ -320,3 +322,61 @@ def test_layouts_not_served_are_refused_alike_on_every_rank(ranks, case, module,
     assert refusals[0]["type"] == "ShardedModelError" and refusals[0]["module"] == module, refusals[0]
     assert words in refusals[0]["reason"] and "#23" in refusals[0]["message"], refusals[0]
     assert refusals[0] == refusals[1]  # the same error on every rank: none goes on to a collective alone
+
+
+def uneven_lm():
+    """The tiny Llama with an MLP of 129: gate/up (column) and down (row) split 65 + 64."""
+    import transformers
+
+    from mmlora_fx import zoo
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**zoo._text_config(intermediate_size=129))).eval()
+
+
+def serve_uneven(rank: int, mesh, paths: dict, checkpoint: str, ids: torch.Tensor, references: dict) -> dict:
+    import transformers
+
+    import mmlora_fx
+
+    torch._dynamo.reset()
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        checkpoint, distributed_config=transformers.DistributedConfig(tp_plan="auto", tp_size=WORLD)).eval()
+    found = {}
+    with torch.no_grad():
+        mm = mmlora_fx.compile(model, {name: paths[name] for name in ("alice", "bob")}, max_loras=2, inner="eager")
+        found["compiled"] = _errors(mm(input_ids=ids, adapter_names=NAMES).logits, NAMES, references)
+        found["eager"] = _errors(mm.eager(input_ids=ids, adapter_names=NAMES).logits, NAMES, references)
+        # bob's file again under another name, after an unload: other slots, the same deltas.
+        mm.unload_adapter("bob")
+        mm.load_adapter("carol", paths["bob"])
+        names = ["carol", "alice", None]
+        as_bob = ["bob", "alice", None]
+        found["reloaded"] = _errors(mm(input_ids=ids, adapter_names=names).logits, as_bob, references)
+    found["down_proj_slice"] = tuple(mm.runtime.manager.buffers["model.layers.0.mlp.down_proj"].lora_a.shape[1:])
+    return found
+
+
+def test_uneven_shards_per_module_ranks_and_partial_adapters_equal_peft_on_every_rank(tmp_path):
+    """transformers' tp_plan splits an MLP of 129 unevenly (65 + 64); alice has a rank per module
+    (rank_pattern), bob targets one column-parallel and one row-parallel linear only, and a reload
+    under another name lands in other slots. (torch's `parallelize_module` cannot shard this MLP:
+    the base model itself fails in torch 2.13, `RowwiseParallel` assuming even shards.)"""
+    from mmlora_fx import zoo
+
+    base = uneven_lm()
+    base.save_pretrained(tmp_path / "base")
+    decoder = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    paths = {"alice": zoo.make_adapter(base, tmp_path / "alice", decoder, r=4, lora_alpha=9, seed=0,
+                                       rank_pattern={"o_proj": 2, "down_proj": 8, "up_proj": 3}),
+             "bob": zoo.make_adapter(base, tmp_path / "bob", ["q_proj", "down_proj"], r=6, lora_alpha=5, seed=1)}
+    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (3, 9), generator=torch.Generator().manual_seed(1))
+    peft = peft_model_with(base, paths)
+    references = {(row, name): peft_logits(peft, {"input_ids": ids[row:row + 1]}, name)
+                  for row in range(3) for name in set(NAMES)}
+    results = run_ranks(serve_uneven, (paths, str(tmp_path / "base"), ids, references), tmp_path / "ranks")
+    for rank, found in enumerate(results):
+        for key in ("compiled", "eager", "reloaded"):
+            assert max(found[key]) <= 1e-4, (rank, key, found[key])
+    # down_proj's A is cut by input: 65 columns on rank 0, 64 on rank 1.
+    assert [found["down_proj_slice"][-1] for found in results] == [65, 64]
