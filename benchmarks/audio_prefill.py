@@ -59,11 +59,9 @@ import collections
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -74,9 +72,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
-from benchmarks.prefill_runs import (add_run_arguments, child_arguments, fill_defaults, fresh_caches,  # noqa: E402
-                                     interleaved, merged, row_errors, run_log, run_waves, spread, take_gpu,
-                                     timed_calls, wait_for_siblings)
+from benchmarks.prefill_runs import (  # noqa: E402
+    add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
+    merged, row_errors, run_log, run_waves, spread, stat, take_gpu, timed_calls, wait_for_siblings)
 from mmlora_fx import zoo  # noqa: E402
 
 CLIP_SECONDS = [30, 10, None, 20, 30, 5, None, 15]  # one entry per request; None: text only
@@ -345,30 +343,14 @@ def run_once(args) -> int:
 
                 result["mmlora_syncs_in_forward"] = syncs_in(forward_only, device)
                 mark = phase("host syncs counted", mark)
-        if device.type == "cuda":
-            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["seconds"] = time.perf_counter() - started
-        save()
-        return 0
+        return end_run(result, save, started, device, args.run_index)
     except Exception as error:  # the run's error is part of its result
-        result["error"] = f"{type(error).__name__}: {error}"[:2000]
-        result["traceback"] = traceback.format_exc()[-6000:]
-        result["seconds"] = time.perf_counter() - started
-        save()
-        print(f"[run {args.run_index}] FAILED: {result['error']}", flush=True)
-        return 1
+        return end_run(result, save, started, device, args.run_index, error)
 
 
 # --------------------------------------------------------------------------- the runs
 def summarise(runs: list[dict]) -> dict:
     done = [run for run in runs if "base_ms" in run and "mmlora_ms" in run]
-
-    def stat(values):
-        values = [value for value in values if value is not None]
-        if not values:
-            return None
-        return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
     return {
         "runs_timed": len(done),
         "base_ms": stat([run["base_ms"]["median"] for run in done]),
@@ -378,11 +360,9 @@ def summarise(runs: list[dict]) -> dict:
         "base_first_call_s": stat([run.get("base_first_call_s") for run in done]),
         "mmlora_setup_s": stat([run.get("mmlora_setup_s") for run in done]),
         "mmlora_first_call_s": stat([run.get("mmlora_first_call_s") for run in done]),
-        "max_mmlora_vs_eager": max((max(run["mmlora_vs_eager"]) for run in runs if "mmlora_vs_eager" in run),
-                                   default=None),
-        "max_base_noise": max((max(run["base_noise"]) for run in runs if "base_noise" in run), default=None),
-        "min_adapter_effect": min((min(run["adapter_effect"]) for run in runs if "adapter_effect" in run),
-                                  default=None),
+        "max_mmlora_vs_eager": extreme(runs, "mmlora_vs_eager"),
+        "max_base_noise": extreme(runs, "base_noise"),
+        "min_adapter_effect": extreme(runs, "adapter_effect", min),
         "all_passed": all(run.get("passed", False) for run in runs) if runs else False,
         "compiled_during_timing": [run.get("compiled_during_timing") for run in done],
     }

@@ -74,11 +74,9 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -88,9 +86,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import synchronize  # noqa: E402
-from benchmarks.prefill_runs import (add_run_arguments, child_arguments, fill_defaults, fresh_caches,  # noqa: E402
-                                     interleaved, merged, row_errors, run_log, run_waves, spread, take_gpu,
-                                     wait_for_siblings)
+from benchmarks.prefill_runs import (  # noqa: E402
+    add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
+    merged, row_errors, run_log, run_waves, spread, stat, take_gpu, wait_for_siblings)
 from mmlora_fx import zoo  # noqa: E402
 
 CASES = {  # name -> (requests in prefill with one image, requests decoding one token)
@@ -289,29 +287,13 @@ def run_once(args) -> int:
                                                                              record["tolerance"]))
                 del base_logits, compiled, eager
                 mark = phase(f"case {case}: correctness (compiled against mm.eager)", mark)
-        if device.type == "cuda":
-            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["passed"] = all(record.get("passed", False) for record in result["cases"].values())
-        result["seconds"] = time.perf_counter() - started
-        save()
-        return 0
+        return end_run(result, save, started, device, args.run_index)
     except Exception as error:  # the run's error is part of its result
-        result["error"] = f"{type(error).__name__}: {error}"[:2000]
-        result["traceback"] = traceback.format_exc()[-6000:]
-        result["seconds"] = time.perf_counter() - started
-        save()
-        print(f"[run {args.run_index}] FAILED: {result['error']}", flush=True)
-        return 1
+        return end_run(result, save, started, device, args.run_index, error)
 
 
 # --------------------------------------------------------------------------- the runs
-def stat(values):
-    values = [value for value in values if value is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
-
 def summarise(runs: list[dict]) -> dict:
     """Per case: median [min-max] over the runs that timed it."""
     summary = {}
@@ -332,11 +314,9 @@ def summarise(runs: list[dict]) -> dict:
                       for which in ("base", "mmlora")},
             "base_first_call_s": stat([record.get("base_first_call_s") for record in records]),
             "mmlora_first_call_s": stat([record.get("mmlora_first_call_s") for record in records]),
-            "max_mmlora_vs_eager": max((max(r["mmlora_vs_eager"]) for r in records if "mmlora_vs_eager" in r),
-                                       default=None),
-            "max_base_noise": max((max(r["base_noise"]) for r in records if "base_noise" in r), default=None),
-            "min_adapter_effect": min((min(r["adapter_effect"]) for r in records if "adapter_effect" in r),
-                                      default=None),
+            "max_mmlora_vs_eager": extreme(records, "mmlora_vs_eager"),
+            "max_base_noise": extreme(records, "base_noise"),
+            "min_adapter_effect": extreme(records, "adapter_effect", min),
             "all_passed": bool(records) and all(record.get("passed", False) for record in records),
             "compiled_during_timing": [record.get("compiled_during_timing") for record in done],
         }

@@ -18,7 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+
+import torch
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +143,19 @@ def run_wave(args, indices: list[int], deadline: float | None, runs_dir: Path, c
     return results
 
 
+def stat(values) -> dict | None:
+    """Median, min and max of the values that are not None (None when there are none)."""
+    values = [value for value in values if value is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def extreme(records: list[dict], key: str, pick=max):
+    """The largest (`pick=min`: smallest) per-request value of `key` over the records that have it."""
+    return pick((pick(record[key]) for record in records if key in record), default=None)
+
+
 # --------------------------------------------------------------------------- the runs
 def run_waves(args, summarise, name: str, child_command, prefix: str) -> dict:
     """The parent: `args.runs` compilations, `args.gpus` at a time, until done or `--budget-s`
@@ -213,6 +229,21 @@ def run_log(result: dict, out: Path, index: int, started: float):
         return now
 
     return save, phase
+
+
+def end_run(result: dict, save, started: float, device, index: int, error: Exception | None = None) -> int:
+    """The run's last record (peak GPU memory, or the error and its traceback), saved; its exit status."""
+    if error is None:
+        if device.type == "cuda":
+            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        result["error"] = f"{type(error).__name__}: {error}"[:2000]
+        result["traceback"] = traceback.format_exc()[-6000:]
+    result["seconds"] = time.perf_counter() - started
+    save()
+    if error is not None:
+        print(f"[run {index}] FAILED: {result['error']}", flush=True)
+    return 0 if error is None else 1
 
 
 _HELD = []  # the GPU lock's file, open (so held) until the process exits
