@@ -55,18 +55,13 @@ with `aot_eager` so that no C++ is built) checks the script; its times are not m
 from __future__ import annotations
 
 import argparse
-import fcntl
 import collections
 import copy
 import json
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -76,8 +71,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import e2e  # noqa: E402
-from benchmarks.run_record import checkout_commit, versions  # noqa: E402
 from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
+from benchmarks.prefill_runs import (  # noqa: E402
+    add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
+    merged, row_errors, run_log, run_waves, spread, stat, take_gpu, timed_calls, wait_for_siblings)
 from mmlora_fx import zoo  # noqa: E402
 
 CLIP_SECONDS = [30, 10, None, 20, 30, 5, None, 15]  # one entry per request; None: text only
@@ -224,63 +221,6 @@ def describe(config, batch, dtype) -> dict:
     }
 
 
-# --------------------------------------------------------------------------- measuring
-def timed_calls(function, count: int, device) -> list[float]:
-    """Milliseconds of each of `count` calls, each between two synchronisations (host work included)."""
-    samples = []
-    for _ in range(count):
-        synchronize(device)
-        began = time.perf_counter()
-        output = function()
-        synchronize(device)
-        samples.append((time.perf_counter() - began) * 1e3)
-        del output
-    return samples
-
-
-def spread(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
-def row_errors(ours, reference, attention_mask) -> list[float]:
-    """Per request: max |ours - reference| / max |reference| over the request's own positions."""
-    errors = []
-    for row in range(reference.shape[0]):
-        keep = attention_mask[row].bool()
-        a, b = ours[row][keep].float(), reference[row][keep].float()
-        errors.append(((a - b).abs().max() / b.abs().max()).item())
-    return errors
-
-
-def fresh_caches(root: Path, which: str) -> None:
-    """Point Inductor and Triton at empty cache directories for the compilation that comes next.
-
-    Both read the variables when they compile; the compile workers keep the environment they
-    started with, so they are stopped first (they restart on the next compilation)."""
-    try:
-        from torch._inductor.async_compile import shutdown_compile_workers
-
-        shutdown_compile_workers()
-    except Exception:  # an older torch without it: the workers keep the base's Triton cache
-        pass
-    for variable, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        path = root / which / sub
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ[variable] = str(path)
-
-
-def wait_for_siblings(barrier: Path | None, count: int, index: int, timeout_s: float) -> float:
-    """Parallel runs: wait until every run of this wave has compiled (or `timeout_s`), so that no
-    run times its forwards while another compiles on the same host. Returns the seconds waited."""
-    if barrier is None or count <= 1:
-        return 0.0
-    (barrier / f"ready-{index}").write_text("")
-    began = time.perf_counter()
-    while len(list(barrier.glob("ready-*"))) < count and time.perf_counter() - began < timeout_s:
-        time.sleep(0.5)
-    return time.perf_counter() - began
-
-
 # --------------------------------------------------------------------------- one compilation
 def run_once(args) -> int:
     """One subprocess: build, compile the base and mmlora_fx, time them interleaved, check, save."""
@@ -292,17 +232,7 @@ def run_once(args) -> int:
     result: dict = {"run": args.run_index, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "runs_at_once": args.barrier_count,
                     "phases_s": {}}
-    out = Path(args.result)
-
-    def save():
-        out.write_text(json.dumps(result, indent=2))
-
-    def phase(name: str, since: float) -> float:
-        now = time.perf_counter()
-        result["phases_s"][name] = round(now - since, 2)
-        print(f"[run {args.run_index}] {now - started:7.1f} s  {name} ({now - since:.1f} s)", flush=True)
-        save()
-        return now
+    save, phase = run_log(result, Path(args.result), args.run_index, started)
 
     try:
         cache_root = Path(args.cache_dir)
@@ -367,29 +297,19 @@ def run_once(args) -> int:
             mark = phase(f"warm-up ({args.warmup} of each)", mark)
             result["waited_for_siblings_s"] = wait_for_siblings(
                 Path(args.barrier) if args.barrier else None, args.barrier_count, args.run_index, args.barrier_timeout_s)
-            if args.share_gpu and args.barrier:
-                # Runs sharing one GPU compile at once but time one at a time: the lock is held
-                # from here to the end of the run (timing, checks, syncs).
-                gpu_lock = open(Path(args.barrier) / "gpu.lock", "w")
-                began = time.perf_counter()
-                fcntl.flock(gpu_lock, fcntl.LOCK_EX)
-                result["waited_for_gpu_s"] = time.perf_counter() - began
+            waited = take_gpu(args)
+            if waited is not None:
+                result["waited_for_gpu_s"] = waited
                 mark = phase("GPU to itself", mark)
 
-            # Interleaved: a block of each per round, the order alternating, so that drift of the
-            # machine (clocks, temperature, the host) falls on both.
             from torch._dynamo.utils import counters
 
             graphs_before, ours_before = counters["stats"]["unique_graphs"], mm.compiled_graphs
-            samples = {"base": [], "mmlora": []}
-            blocks = []
-            for round_ in range(args.rounds):
-                order = ["base", "mmlora"] if round_ % 2 == 0 else ["mmlora", "base"]
-                for which in order:
-                    block = timed_calls(base_forward if which == "base" else mm_forward, args.block, device)
-                    samples[which] += block
-                    blocks.append({"round": round_, "which": which, "median_ms": statistics.median(block)})
-                mark = phase(f"timed round {round_ + 1}/{args.rounds}", mark)
+            marks = [mark]
+            samples, blocks = interleaved(
+                {"base": base_forward, "mmlora": mm_forward}, args.rounds, args.block, device,
+                after_round=lambda round_: marks.append(phase(f"timed round {round_ + 1}/{args.rounds}", marks[-1])))
+            mark = marks[-1]
             result["base_ms"], result["mmlora_ms"] = spread(samples["base"]), spread(samples["mmlora"])
             result["blocks"] = blocks
             result["overhead"] = result["mmlora_ms"]["median"] / result["base_ms"]["median"] - 1
@@ -423,30 +343,14 @@ def run_once(args) -> int:
 
                 result["mmlora_syncs_in_forward"] = syncs_in(forward_only, device)
                 mark = phase("host syncs counted", mark)
-        if device.type == "cuda":
-            result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["seconds"] = time.perf_counter() - started
-        save()
-        return 0
+        return end_run(result, save, started, device, args.run_index)
     except Exception as error:  # the run's error is part of its result
-        result["error"] = f"{type(error).__name__}: {error}"[:2000]
-        result["traceback"] = traceback.format_exc()[-6000:]
-        result["seconds"] = time.perf_counter() - started
-        save()
-        print(f"[run {args.run_index}] FAILED: {result['error']}", flush=True)
-        return 1
+        return end_run(result, save, started, device, args.run_index, error)
 
 
 # --------------------------------------------------------------------------- the runs
 def summarise(runs: list[dict]) -> dict:
     done = [run for run in runs if "base_ms" in run and "mmlora_ms" in run]
-
-    def stat(values):
-        values = [value for value in values if value is not None]
-        if not values:
-            return None
-        return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
-
     return {
         "runs_timed": len(done),
         "base_ms": stat([run["base_ms"]["median"] for run in done]),
@@ -456,11 +360,9 @@ def summarise(runs: list[dict]) -> dict:
         "base_first_call_s": stat([run.get("base_first_call_s") for run in done]),
         "mmlora_setup_s": stat([run.get("mmlora_setup_s") for run in done]),
         "mmlora_first_call_s": stat([run.get("mmlora_first_call_s") for run in done]),
-        "max_mmlora_vs_eager": max((max(run["mmlora_vs_eager"]) for run in runs if "mmlora_vs_eager" in run),
-                                   default=None),
-        "max_base_noise": max((max(run["base_noise"]) for run in runs if "base_noise" in run), default=None),
-        "min_adapter_effect": min((min(run["adapter_effect"]) for run in runs if "adapter_effect" in run),
-                                  default=None),
+        "max_mmlora_vs_eager": extreme(runs, "mmlora_vs_eager"),
+        "max_base_noise": extreme(runs, "base_noise"),
+        "min_adapter_effect": extreme(runs, "adapter_effect", min),
         "all_passed": all(run.get("passed", False) for run in runs) if runs else False,
         "compiled_during_timing": [run.get("compiled_during_timing") for run in done],
     }
@@ -494,15 +396,7 @@ def table(report: dict) -> list[str]:
 
 
 def child_command(args, index: int, result: Path, cache: Path, barrier: Path, count: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--run-index", str(index),
-               "--result", str(result), "--cache-dir", str(cache), "--barrier", str(barrier),
-               "--barrier-count", str(count), "--out", str(args.out), "--seed", str(args.seed),
-               "--rounds", str(args.rounds), "--block", str(args.block), "--warmup", str(args.warmup),
-               "--barrier-timeout-s", str(args.barrier_timeout_s), "--inner", args.inner]
-    if args.tiny:
-        command.append("--tiny")
-    if args.share_gpu:
-        command.append("--share-gpu")
+    command = child_arguments(args, index, result, cache, barrier, count, str(Path(__file__).resolve()))
     if args.layers is not None:
         command += ["--layers", str(args.layers)]
     if args.no_syncs:
@@ -510,72 +404,9 @@ def child_command(args, index: int, result: Path, cache: Path, barrier: Path, co
     return command
 
 
-def run_wave(args, indices: list[int], deadline: float | None, runs_dir: Path) -> list[dict]:
-    """Run the compilations `indices` at once (one GPU each when more than one), until done or `deadline`."""
-    results = []
-    with tempfile.TemporaryDirectory(prefix="audio-prefill-") as scratch:
-        scratch = Path(scratch)
-        barrier = scratch / "barrier"
-        barrier.mkdir()
-        processes = []
-        for slot, index in enumerate(indices):
-            cache = scratch / f"run{index}"
-            cache.mkdir()
-            environment = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "base" / "inductor"),
-                               TRITON_CACHE_DIR=str(cache / "base" / "triton"), PYTHONUNBUFFERED="1")
-            if len(indices) > 1:
-                if not args.share_gpu:
-                    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-                    environment["CUDA_VISIBLE_DEVICES"] = visible.split(",")[slot] if visible else str(slot)
-                # Compilations in parallel share the host's cores; each gets its share of workers.
-                environment["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(indices) - 2))
-                # Intra-op threads too: runs x cores OpenMP threads stalled the adapter loads of
-                # concurrent runs (decode_overhead.py, 2026-12-06).
-                environment["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // len(indices)))
-            result = runs_dir / f"run{index}.json"
-            command = child_command(args, index, result, cache, barrier, len(indices))
-            # A session of its own, so that a stopped run takes its compile workers with it.
-            process = subprocess.Popen(command, env=environment, cwd=ROOT, start_new_session=True)
-            processes.append((index, process, result))
-        stopped = set()
-        while any(process.poll() is None for _, process, _ in processes):
-            if deadline is not None and time.time() > deadline:
-                for index, process, _ in processes:
-                    if process.poll() is None:
-                        print(f"[parent] budget reached: stopping run {index}", flush=True)
-                        os.killpg(process.pid, signal.SIGKILL)
-                        stopped.add(index)
-                break
-            for index, process, _ in processes:
-                # A run that failed before the barrier would hold its siblings there: stand in for it.
-                if process.poll() not in (None, 0):
-                    (barrier / f"ready-{index}").write_text("")
-            time.sleep(1)
-        for index, process, result in processes:
-            process.wait()
-            found = json.loads(result.read_text()) if result.is_file() else {"run": index}
-            if index in stopped:
-                found["status"] = "stopped at the time budget"
-            elif process.returncode != 0 and "error" not in found:
-                found["error"] = f"the run exited with {process.returncode}"
-            found["returncode"] = process.returncode
-            results.append(found)
-    return results
-
-
 def merge(args) -> int:
     """Several parents' JSON (separate device calls) as one: every run, the summary recomputed."""
-    reports = [json.loads(Path(path).read_text()) for path in args.merge]
-    runs = []
-    for path, report in zip(args.merge, reports):
-        for run in report["runs"]:
-            runs.append(dict(run, run=len(runs), run_in_source=run.get("run"), source=str(path),
-                             source_commit=report.get("commit")))
-    merged = {key: reports[0].get(key) for key in ("date", "device", "versions", "commit", "setup")}
-    merged.update(command=" ".join(sys.argv), merged_from=[
-        {key: report.get(key) for key in ("date", "device", "versions", "commit", "command")} for report in reports],
-        runs=runs, summary=summarise(runs))
-    write(args.out, merged)
+    write(args.out, merged(args.merge, summarise))
     return 0
 
 
@@ -587,77 +418,20 @@ def write(out: Path, report: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--commit", help="the code's commit (the device copy's git HEAD may be stale)")
-    parser.add_argument("--runs", type=int, default=3, help="independent compilations, one subprocess each")
-    parser.add_argument("--gpus", type=int, default=1, help="runs at once, one GPU each (1: one after another)")
-    parser.add_argument("--share-gpu", action="store_true",
-                        help="the --gpus runs at once share one GPU: they compile together and time one at a time")
+    add_run_arguments(parser)
     parser.add_argument("--layers", type=int, help="cut the tower and the language model to this many layers")
-    parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU, to check the script")
-    parser.add_argument("--rounds", type=int, help="timed rounds, each a block of base and of mmlora_fx (4; --tiny 2)")
-    parser.add_argument("--block", type=int, help="timed forwards per block (10; --tiny 3)")
-    parser.add_argument("--warmup", type=int, help="forwards of each after the first, untimed (2; --tiny 1)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--inner", help="the compiler of both models: inductor (default; --tiny: aot_eager, "
                         "which skips the CPU's C++ builds, a minute of a check)")
-    parser.add_argument("--budget-s", type=float, default=560,
-                        help="wall seconds for the whole command (0: none): no run starts that would not end "
-                        "in time by the longest so far, and a run still going at the end is stopped")
     parser.add_argument("--no-syncs", action="store_true", help="skip counting host syncs")
     parser.add_argument("--merge", nargs="+", type=Path, help="combine these audio_prefill.json into --out")
-    parser.add_argument("--barrier-timeout-s", type=float, default=300, help=argparse.SUPPRESS)
-    # The subprocess's own arguments.
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--run-index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--barrier", help=argparse.SUPPRESS)
-    parser.add_argument("--barrier-count", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # --tiny checks the script, not the speed: fewer forwards, and no C++ builds on the CPU.
-    for key, full, tiny in (("inner", "inductor", "aot_eager"), ("rounds", 4, 2), ("block", 10, 3), ("warmup", 2, 1)):
-        if getattr(args, key) is None:
-            setattr(args, key, tiny if args.tiny else full)
+    fill_defaults(args)
     if args.child:
         return run_once(args)
     if args.merge:
         return merge(args)
 
-    began = time.time()
-    deadline = began + args.budget_s - 15 if args.budget_s else None  # 15 s left to write the JSON
-    runs_dir = args.out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": None, "versions": versions(),
-              "commit": args.commit or f"{checkout_commit()} (checkout HEAD, not passed with --commit)",
-              "command": " ".join([Path(sys.executable).name] + sys.argv), "runs": [], "skipped": []}
-    indices = list(range(args.runs))
-    wave_size = max(1, args.gpus)
-    longest = 0.0
-    while indices:
-        wave, indices = indices[:wave_size], indices[wave_size:]
-        elapsed = time.time() - began
-        if deadline is not None and longest and time.time() + longest > deadline:
-            report["skipped"] += wave + indices
-            print(f"[parent] {elapsed:.0f} s: skipping runs {wave + indices}: the longest run took {longest:.0f} s "
-                  f"and the budget is {args.budget_s:.0f} s", flush=True)
-            break
-        print(f"[parent] {elapsed:.0f} s: starting run(s) {wave}", flush=True)
-        wave_began = time.time()
-        for found in run_wave(args, wave, deadline, runs_dir):
-            report["runs"].append(found)
-            report["device"] = report["device"] or found.get("device")
-        longest = max(longest, time.time() - wave_began)
-        report["setup"] = next((run["setup"] for run in report["runs"] if "setup" in run), None)
-        report["summary"] = summarise(report["runs"])
-        (args.out / "audio_prefill.json").write_text(json.dumps(report, indent=2))  # kept if the call is cut off
-        print(f"[parent] {time.time() - began:.0f} s: run(s) {wave} done in {time.time() - wave_began:.0f} s",
-              flush=True)
-    report["setup"] = next((run["setup"] for run in report["runs"] if "setup" in run), None)
-    report["summary"] = summarise(report["runs"])
-    report["seconds"] = time.time() - began
-    if args.tiny:
-        report["note"] = "--tiny: a check of the script on a tiny config, not a measurement"
+    report = run_waves(args, summarise, "audio_prefill.json", child_command, "audio-prefill-")
     write(args.out, report)
     return 0 if report["summary"]["runs_timed"] == args.runs and report["summary"]["all_passed"] else 1
 

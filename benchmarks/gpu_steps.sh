@@ -20,6 +20,12 @@
 #   tp64       tp_decode.py --batches 64, the same (#23, 2 GPUs)                             (~560)
 #   tpnocg     tp_decode.py --batches 1,16 --mode default: without CUDA graphs, for when reduce-overhead
 #              cannot capture the collectives (#23, 2 GPUs)                                   (~560)
+#   prefill_a  prefill_overhead.py --cases a: 8 requests, one 448x448 image each (#16); 3 compilations,
+#              two at once sharing the GPU, then the third (~400, estimated from the audio step's
+#              compile times: not run yet)
+#   prefill_b  the same, case b: 32 requests, blocks of 6 forwards (~530 estimated; where the first
+#              two runs take longer, the budget skips the third: run it again with --runs 1, --merge)
+#   prefill_c  the same, case c: the mixed prefill/decode step (~400 estimated)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs.
 set -uo pipefail
@@ -31,7 +37,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -52,6 +58,11 @@ run_step() {
                   --budget-s $((seconds - 20)) --commit "$commit" ;;
         tpnocg) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tpnocg" --batches 1,16 \
                     --mode default --budget-s $((seconds - 20)) --commit "$commit" ;;
+        prefill_a|prefill_b|prefill_c)
+            # One case a call: a run compiles both models per case (60-80 s each at two runs at once).
+            local block=(); [[ $step == prefill_b ]] && block=(--block 6)
+            timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "${step#prefill_}" \
+                --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;
     esac
 }
