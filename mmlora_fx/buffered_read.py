@@ -263,6 +263,8 @@ def start_read(handle, buffer: torch.Tensor, keys: list[str]) -> FileTensors | N
     into it from now on (`FileTensors.read`, which closes `handle` when done);
     None when `parse_header` refuses its header, which is read first with a small read of its own
     (and compared with the buffer's bytes once read)."""
+    if not hasattr(os, "preadv"):  # not on Windows: safetensors reads the file there
+        return None
     size = buffer.numel()
     fd = handle.fileno()
     prefix = os.pread(fd, 8, 0)
