@@ -180,6 +180,8 @@ class ChunkedRead:
         with self._lock:
             self._back = self._front
         self._thread.join()
+        if self._finished is None:
+            self._finished = False  # what is read of a cancelled read is not the file
         self._handle.close()
 
 
