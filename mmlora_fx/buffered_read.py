@@ -4,13 +4,14 @@ it is read.
 The file is read in chunks by two threads at once: one background thread from its start, and the
 caller from its end once it has parsed the header (from a small read of its own), built the
 views and validated names and shapes; the caller checks the values of each part as soon as it
-is read (the background thread's, or its own). `readinto`/`preadv` and torch ops release the
-GIL. Where a core is free, a load costs about the read, with the Python and the checks under it;
-where none is (a busy host), the caller does the work itself, in about the time of doing it in
-order, instead of sleeping until a thread that gets no core is done. One extra thread, whatever
-the number of cores.
+is read (the background thread's, or its own), and reads half of what is left when no part is
+waiting. `preadv` and torch ops release the GIL. Where a core (and memory bandwidth) is free, the
+Python and the checks run under the read; where none is (a busy host), the caller does the work
+itself, in about the time of doing it in order, instead of sleeping until a thread that gets no
+core is done. One extra thread, whatever the number of cores.
 
-Nothing here raises for a bad file: where the bytes read are not the file safetensors validated
+Nothing here raises for a corrupt file (a read's OSError propagates): where the bytes read are
+not the file safetensors validated
 (another dtype, a misaligned tensor, a header that changed, a file that got shorter or longer),
 `finish` says so and the caller reads the file with safetensors instead, which gives its errors.
 """

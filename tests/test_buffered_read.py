@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import threading
-import time
 
 import pytest
 import torch
@@ -62,13 +61,22 @@ def test_the_parts_cover_the_file_once_and_hold_its_bytes(adapter, small_chunks,
     real_read = buffered_read.ChunkedRead._read
     if who == "caller":  # a thread that gets no core
         monkeypatch.setattr(buffered_read.ChunkedRead, "_run", lambda self: None)
-    elif who == "both":  # a slow thread: the caller reads from the end meanwhile
-        def slow(self, begin, end):
-            if threading.current_thread().name == "mmlora-fx-read":
-                time.sleep(0.002)
-            return real_read(self, begin, end)
+    elif who == "both":  # the thread reads once the caller has read its first part, from the end,
+        caller_read, thread_read = threading.Event(), threading.Event()  # and the caller then waits for it
 
-        monkeypatch.setattr(buffered_read.ChunkedRead, "_read", slow)
+        def ordered(self, begin, end):
+            if threading.current_thread().name == "mmlora-fx-read":
+                assert caller_read.wait(10)
+                read = real_read(self, begin, end)
+                thread_read.set()
+                return read
+            if caller_read.is_set():
+                assert thread_read.wait(10)
+            read = real_read(self, begin, end)
+            caller_read.set()
+            return read
+
+        monkeypatch.setattr(buffered_read.ChunkedRead, "_read", ordered)
     file = peft_format._open_tensors("a", adapter)
     if who == "thread":
         file.read._thread.join()
@@ -79,7 +87,7 @@ def test_the_parts_cover_the_file_once_and_hold_its_bytes(adapter, small_chunks,
     else:  # the caller's from the end, halving what is left
         assert len(parts) > 4 and parts[0][1] == size and parts[0][0] >= size // 2 - 8
     if who == "both":
-        assert any(begin == 0 for begin, _ in parts)  # the thread's first chunk
+        assert any(begin == 0 for begin, _ in parts)  # the thread's, from the start
     position = 0
     for begin, end in sorted(parts):
         assert begin == position and end > begin
@@ -139,7 +147,8 @@ def manager_for(model, linears):
 
 
 def changed_when_read(monkeypatch, path, how):
-    """The weights file of `path` changed after safetensors validated it, before the parts are read."""
+    """The weights file of `path` changed after safetensors validated it and its header was read,
+    before its parts are."""
     real = buffered_read.ChunkedRead.__init__
 
     def init(self, handle, buffer, *args, **kwargs):
@@ -147,6 +156,8 @@ def changed_when_read(monkeypatch, path, how):
         if os.path.samefile(os.readlink(f"/proc/self/fd/{handle.fileno()}"), weights):
             if how == "truncated":
                 os.truncate(weights, weights.stat().st_size // 2)
+            elif how == "header":  # the same size, its metadata changed
+                weights.write_bytes(weights.read_bytes().replace(b'"format":"pt"', b'"format":"px"', 1))
             else:  # longer
                 with open(weights, "ab") as appended:
                     appended.write(b"\0" * 64)
@@ -193,16 +204,9 @@ def test_a_header_changed_while_read_is_read_again_by_safetensors(tmp_path, line
     shutil.copytree(adapter, path)
     weights = path / WEIGHTS_FILE
     save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
-    raw = weights.read_bytes()
-    assert b'"format":"pt"' in raw
-    real_parse, reads = buffered_read.parse_header, []
-
-    def parse(prefix, size, keys):
-        weights.write_bytes(raw.replace(b'"format":"pt"', b'"format":"px"', 1))  # after the header was read
-        return real_parse(prefix, size, keys)
-
-    real_load = peft_format._load_file
-    monkeypatch.setattr(buffered_read, "parse_header", parse)
+    assert b'"format":"pt"' in weights.read_bytes()
+    changed_when_read(monkeypatch, path, "header")  # after its header was read, before its parts
+    real_load, reads = peft_format._load_file, []
     monkeypatch.setattr(peft_format, "_load_file", lambda *args: reads.append(args) or real_load(*args))
     factors = read_factors("h", path, linears, dtype=torch.bfloat16)
     assert len(reads) == 1 and factors.buffer is None  # read again, tensor by tensor
