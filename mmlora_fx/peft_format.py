@@ -10,8 +10,9 @@ scaling (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA, after `rank_pattern` and
 `alpha_pattern`) is folded into its B matrix once: by `read_adapter`, or, for `read_factors`'
 factors (the file's tensors, validated, unconverted), by the caller (`fold_into`).
 
-The weights file is read with one `readinto` into one buffer, its tensors views of it, and its
-values checked in one pass over it: a load costs little more than reading the file.
+The weights file is read into one buffer, its tensors views of it, by two threads in parts
+(`buffered_read`), while names and shapes are checked from its header and values part by part as
+they are read: a load costs little more than reading the file where a core is free.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from .buffered_read import FileTensors, start_read
 from .errors import (
     AdapterFileError,
     AdapterFormatError,
@@ -62,6 +65,10 @@ _UNSUPPORTED_KEYS = {
 # Which role each tensor name plays, and the kind of layer it belongs on.
 _ROLES = {"lora_A": ("lora_A", LINEAR), "lora_B": ("lora_B", LINEAR),
           "lora_embedding_A": ("lora_A", EMBEDDING), "lora_embedding_B": ("lora_B", EMBEDDING)}
+
+
+# What reading a weights file can raise for a file that is corrupt or unreadable.
+_FILE_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
 
 
 @functools.lru_cache(maxsize=1 << 16)  # the same names in every adapter of a model
@@ -234,24 +241,12 @@ def selected_by_config(config: dict, module: str) -> bool:
 
 # The float dtypes a file's tensors are read as views of one buffer in; a file holding any other
 # dtype is read by safetensors tensor by tensor.
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
-
-@dataclasses.dataclass
-class _FileTensors:
-    """A weights file's tensors by name (in safetensors' order) and, when read into one buffer,
-    that buffer (the whole file, bytes) and its data region as the tensors' one dtype (None when
-    they have several, or the file was read tensor by tensor)."""
-
-    tensors: dict[str, torch.Tensor]
-    buffer: torch.Tensor | None = None
-    data: torch.Tensor | None = None
-
-
-def _read_tensors(name: str, path: Path, pin: bool = False) -> _FileTensors:
+def _open_tensors(name: str, path: Path, pin: bool = False) -> FileTensors:
     """The tensors of the adapter's weights file, after safetensors validated it. A file of float
-    tensors is read with one `readinto` into one buffer (pinned with `pin`) that every tensor is a
-    view of: no allocation and copy per tensor."""
+    tensors becomes views of one buffer (pinned with `pin`) that a background thread is reading
+    the file into (`buffered_read`; `FileTensors.finish` waits for it): no allocation and copy per
+    tensor, and the caller works while it reads. Another file is read by safetensors, tensor by
+    tensor."""
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         if (path / PICKLE_FILE).is_file():
@@ -262,113 +257,78 @@ def _read_tensors(name: str, path: Path, pin: bool = False) -> _FileTensors:
                 f"(save_pretrained(..., safe_serialization=True)) to get {WEIGHTS_FILE}",
             )
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is missing from {str(path)!r}")
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    errors = (SafetensorError, OSError, ValueError, RuntimeError)
     try:
         with safe_open(str(weights), framework="pt") as handle:
             keys = list(handle.keys())
-        handle = open(weights, "rb", buffering=0)  # noqa: SIM115 (closed below)
-    except errors as error:
+        handle = open(weights, "rb", buffering=0)  # noqa: SIM115 (closed by the read, or below)
+    except _FILE_ERRORS as error:
         raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
-    with handle:
+    try:
         # Outside the errors said to be the file's: pinned memory can run out.
         buffer = torch.empty(os.fstat(handle.fileno()).st_size, dtype=torch.uint8, pin_memory=pin)
         try:
-            read = _read_buffer(handle, buffer, keys)
-            if read is not None:
-                return read
-            # Another dtype, or a file that changed between safetensors' look and the read: read
-            # as before (safetensors raises on a file it finds corrupt now).
-            return _FileTensors(load_file(str(weights), device="cpu"))
-        except errors as error:
+            file = start_read(handle, buffer, keys)
+        except _FILE_ERRORS as error:
             raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
+    except BaseException:
+        handle.close()
+        raise
+    if file is None:
+        # Another dtype, or a file that changed between safetensors' look and the read.
+        handle.close()
+        return _load_file(name, weights)
+    return file
 
 
-def _read_buffer(handle, buffer: torch.Tensor, keys: list[str]) -> _FileTensors | None:
-    """The file (`handle`, of `buffer`'s size) read into `buffer`, its tensors views of it; None
-    when a tensor is not one of `_DTYPES` or is not aligned to its dtype, or when the bytes read do
-    not hold the header safetensors validated (`keys`, offsets covering the data region exactly,
-    sizes that match shapes): the caller then reads the file with safetensors."""
-    size = buffer.numel()
-    view, done = memoryview(buffer.numpy()), 0
-    while done < size:
-        count = handle.readinto(view[done:])
-        if not count:
-            return None
-        done += count
-    if handle.read(1):
-        return None  # longer than when its size was taken
-    if size < 8:
-        return None
-    length = int.from_bytes(bytes(view[:8]), "little")
-    start = 8 + length
-    if start > size:
-        return None
+def _load_file(name: str, weights: Path) -> FileTensors:
+    """The file read by safetensors, tensor by tensor (it raises on a file it finds corrupt now)."""
+    from safetensors.torch import load_file
+
     try:
-        header = json.loads(bytes(view[8:start]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(header, dict):
-        return None
-    header.pop("__metadata__", None)
-    if sorted(header) != sorted(keys):
-        return None
-    entries = []  # (begin, end, key, dtype, shape, strides)
-    for key in keys:
-        entry = header[key]
-        try:
-            dtype, shape, (begin, end) = _DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            return None
-        if type(shape) is not list or type(begin) is not int or type(end) is not int:
-            return None
-        strides, step, numel = [], 1, 1  # contiguous strides, as torch gives them (an empty dim counts as 1)
-        for extent in reversed(shape):
-            if type(extent) is not int or extent < 0:
-                return None
-            strides.append(step)
-            step *= max(extent, 1)
-            numel *= extent
-        itemsize = dtype.itemsize
-        if not 0 <= begin <= end or end - begin != numel * itemsize or (start + begin) % itemsize:
-            return None
-        entries.append((begin, end, key, dtype, shape, strides[::-1]))
-    entries.sort(key=lambda entry: entry[:2])
-    position = 0
-    for entry in entries:
-        if entry[0] != position:
-            return None
-        position = entry[1]
-    if position != size - start:
-        return None
-    regions: dict[torch.dtype, torch.Tensor] = {}  # the data region as each dtype met
-    views = {}
-    for begin, _, key, dtype, shape, strides in entries:
-        region = regions.get(dtype)
-        if region is None:
-            if start % dtype.itemsize:
-                return None
-            region = regions[dtype] = buffer[start:start + position // dtype.itemsize * dtype.itemsize].view(dtype)
-        # One op per tensor (a slice and a view are two); as_strided's offset is the storage's.
-        views[key] = region.as_strided(shape, strides, region.storage_offset() + begin // dtype.itemsize)
-    tensors = {key: views[key] for key in keys}
-    data = next(iter(regions.values())) if len(regions) == 1 and position else None
-    return _FileTensors(tensors, buffer, data)
+        return FileTensors(load_file(str(weights), device="cpu"))
+    except _FILE_ERRORS as error:
+        raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
 
 
-def _value_bound(file: _FileTensors) -> float | None:
-    """The largest magnitude in the file, when one pass over its data region finds every value
-    finite (base-weight copies included); None when unknown or some value is not finite (then
-    each LoRA tensor is checked on its own, as before)."""
-    if file.data is None:
-        return None
-    # min and max are NaN when any value is, and infinite when one is: one pass, no temporary
-    # (isfinite().all() is 25x slower on bf16 on a CPU).
-    low, high = (value.item() for value in torch.aminmax(file.data))
-    bound = max(abs(low), abs(high))
-    return bound if math.isfinite(bound) else None
+class _ReadAgain(Exception):
+    """The bytes read into the buffer are not the file safetensors validated (it changed while
+    read): read it with safetensors instead."""
+
+
+def _finish(name: str, file: FileTensors) -> None:
+    """Wait for `file`'s read; `_ReadAgain` when the bytes read are not the file validated."""
+    try:
+        complete = file.finish()
+    except _FILE_ERRORS as error:
+        raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
+    if not complete:
+        raise _ReadAgain
+
+
+def _value_bound(name: str, file: FileTensors) -> float | None:
+    """The largest magnitude in the file, when one pass over its data region (as it is read)
+    finds every value finite (base-weight copies included); None when unknown or some value is not
+    finite (then each LoRA tensor is checked on its own, as before). Waits for the whole read."""
+    try:
+        bound = file.value_bound()
+    except _FILE_ERRORS as error:
+        raise AdapterFileError(name, f"{WEIGHTS_FILE} is corrupt or unreadable: {error}") from error
+    _finish(name, file)
+    return bound
+
+
+def _read_tensors(name: str, path: Path, pin: bool = False) -> FileTensors:
+    """`_open_tensors`, read to the end."""
+    file = _open_tensors(name, path, pin)
+    try:
+        _finish(name, file)
+    except _ReadAgain:
+        return _load_file(name, path / WEIGHTS_FILE)
+    finally:
+        file.close()
+    return file
 
 
 def _group_by_module(name: str, tensors: dict[str, torch.Tensor], linears: LinearIndex,
@@ -550,67 +510,57 @@ def read_factors(name: str, path, linears: LinearIndex, max_rank: int | None = N
     here (`AdapterValueError`, "overflows <dtype>"). `pin` reads the file into pinned memory.
 
     Values are checked in one pass over the file's data region where it has one float dtype (its
-    largest magnitude also bounds what the conversion can reach); only where that pass finds a
-    value that is not finite, or cannot rule out an overflow, is each tensor checked on its own.
+    largest magnitude also bounds what the conversion can reach), part by part as the file is
+    read, while names and shapes are checked from its header; only where that pass finds a value
+    that is not finite, or cannot rule out an overflow, is each tensor checked on its own.
     """
     path = Path(path)
     config = read_adapter_config(name, path)
-    file = _read_tensors(name, path, pin)
+    file = _open_tensors(name, path, pin)
+    try:
+        return _factors(name, path, config, file, linears, max_rank, dtype)
+    except _ReadAgain:
+        file.close()
+        # The file changed while read: as before the one-buffer read, safetensors reads it again.
+        return _factors(name, path, config, _load_file(name, path / WEIGHTS_FILE), linears, max_rank, dtype)
+    finally:
+        file.close()  # on an error, no thread writes the buffer once it is raised
+
+
+def _factors(name: str, path: Path, config: dict, file: FileTensors, linears: LinearIndex, max_rank: int | None,
+             dtype: torch.dtype | None) -> AdapterFactors:
+    """`read_factors` of the file's tensors, which may still be being read (`FileTensors.read`):
+    what needs only the header runs first, meanwhile; errors are raised in the order of a check
+    after the read (module by module: shapes and ranks, then values)."""
     grouped, copies = _group_by_module(name, file.tensors, linears, config)
     if not grouped:
         raise AdapterFormatError(name, f"{WEIGHTS_FILE} holds no LoRA weights")
     _check_targets(name, sorted(grouped), linears, config)
-    _check_base_copies(name, copies, linears)
-    bound = _value_bound(file)
+    default_rank = int(config.get("r", 8))
+    default_alpha = float(config.get("lora_alpha", 8))
+    prepared: list[LoRAFactors | Exception] = []
+    for module in sorted(grouped):
+        try:
+            prepared.append(_module_factors(name, module, grouped[module], linears[module], config, max_rank,
+                                            default_rank, default_alpha))
+        except Exception as error:  # noqa: BLE001 (raised below, after the checks of the modules before it)
+            prepared.append(error)
+            break
+    if copies:
+        _finish(name, file)  # their values are compared
+        _check_base_copies(name, copies, linears)
+    bound = _value_bound(name, file)
     out_dtype = dtype or torch.float32
     # Below this, neither rounding to `out_dtype` nor folding a scaling of at most 1 (or `bound`'s
     # margin) can reach infinity.
     limit = torch.finfo(out_dtype).max / 2
-
-    default_rank = int(config.get("r", 8))
-    default_alpha = float(config.get("lora_alpha", 8))
     modules: dict[str, LoRAFactors] = {}
-    for module in sorted(grouped):
-        lora_a, lora_b = grouped[module]["lora_A"], grouped[module]["lora_B"]
-        info = linears[module]
-        peft_a, peft_b = lora_a, lora_b
-        if info.kind == CONV:
-            lora_a, lora_b = _conv_as_linear(lora_a, lora_b)
-        if lora_a.dim() != 2 or lora_b.dim() != 2:
-            raise AdapterShapeError(name, f"lora_A {tuple(peft_a.shape)} and lora_B {tuple(peft_b.shape)} "
-                                          "must be matrices" + (" (a conv's: [r, C, *kernel] and [out, r, 1, ...])"
-                                                                if info.kind == CONV else ""), module=module)
-        if info.kind == PARAMETER:
-            lora_a, lora_b = as_linear_layout(lora_a, lora_b)
-        if info.kind == EXPERTS:  # shapes checked per expert there: [experts, r, in] and [experts, out, r]
-            lora_a, lora_b = _per_expert(name, module, lora_a, lora_b, info)
-        rank = lora_a.shape[-2]
-        if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
-                                     or lora_b.shape[1] != rank):
-            names = ("lora_embedding_A", "lora_embedding_B") if info.kind == EMBEDDING else ("lora_A", "lora_B")
-            layer = (f"an embedding of {info.in_features} tokens of size {info.out_features}" if info.kind == EMBEDDING
-                     else "the parameter used as x @ W" if info.kind == PARAMETER
-                     else f"a patch embedding of {info.in_features} pixels per patch -> {info.out_features} channels "
-                          "(lora_A flattened to [r, C * prod(kernel)])" if info.kind == CONV
-                     else f"a linear of {info.in_features} -> {info.out_features}")
-            expected = (peft_shapes(info.in_features, info.out_features) if info.kind == PARAMETER
-                        else f"[r, {info.in_features}] and [{info.out_features}, r]")
-            raise AdapterShapeError(
-                name,
-                f"{names[0]} {tuple(peft_a.shape)} and {names[1]} {tuple(peft_b.shape)} do not fit {layer} "
-                f"(expected {expected})",
-                module=module,
-            )
-        configured_rank = int(_pattern_value(config.get("rank_pattern"), module, default_rank))
-        if rank != configured_rank:
-            raise AdapterFormatError(name, f"weights have rank {rank} but the config says r={configured_rank}",
-                                     module=module)
-        if max_rank is not None and rank > max_rank:
-            raise AdapterRankError(name, f"rank {rank} is above max_lora_rank={max_rank}", module=module)
+    for factors in prepared:
+        if isinstance(factors, Exception):
+            raise factors
+        module, lora_a, lora_b, scaling = factors.module, factors.lora_a, factors.lora_b, factors.scaling
         if bound is None:
             _check_finite(name, module, (("lora_A", lora_a), ("lora_B", lora_b)))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         # Written so that a NaN product (an infinite scaling times an all-zero file) also checks.
         if bound is None or not bound * max(1.0, abs(scaling)) < limit:
             # Finite in the file, infinite after the cast or the scaling (float16 ends at 65504):
@@ -619,9 +569,52 @@ def read_factors(name: str, path, linears: LinearIndex, max_rank: int | None = N
                          (f"lora_B times its scaling {scaling:g}", _folded(lora_b, scaling, out_dtype)))
             _check_finite(name, module, converted,
                           message=f"overflows {str(out_dtype).removeprefix('torch.')}, the model's dtype")
-        modules[module] = LoRAFactors(module=module, lora_a=lora_a, lora_b=lora_b, rank=rank, scaling=scaling)
+        modules[module] = factors
     return AdapterFactors(name=name, path=path, config=config, modules=modules, buffer=file.buffer,
                           tensor_bytes=sum(tensor.nbytes for tensor in file.tensors.values()))
+
+
+def _module_factors(name: str, module: str, pair: dict[str, torch.Tensor], info, config: dict,
+                    max_rank: int | None, default_rank: int, default_alpha: float) -> LoRAFactors:
+    """One module's factors in its layer's layout, their shapes and rank checked (not their values)."""
+    lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+    peft_a, peft_b = lora_a, lora_b
+    if info.kind == CONV:
+        lora_a, lora_b = _conv_as_linear(lora_a, lora_b)
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise AdapterShapeError(name, f"lora_A {tuple(peft_a.shape)} and lora_B {tuple(peft_b.shape)} "
+                                      "must be matrices" + (" (a conv's: [r, C, *kernel] and [out, r, 1, ...])"
+                                                            if info.kind == CONV else ""), module=module)
+    if info.kind == PARAMETER:
+        lora_a, lora_b = as_linear_layout(lora_a, lora_b)
+    if info.kind == EXPERTS:  # shapes checked per expert there: [experts, r, in] and [experts, out, r]
+        lora_a, lora_b = _per_expert(name, module, lora_a, lora_b, info)
+    rank = lora_a.shape[-2]
+    if info.kind != EXPERTS and (lora_a.shape[1] != info.in_features or lora_b.shape[0] != info.out_features
+                                 or lora_b.shape[1] != rank):
+        names = ("lora_embedding_A", "lora_embedding_B") if info.kind == EMBEDDING else ("lora_A", "lora_B")
+        layer = (f"an embedding of {info.in_features} tokens of size {info.out_features}" if info.kind == EMBEDDING
+                 else "the parameter used as x @ W" if info.kind == PARAMETER
+                 else f"a patch embedding of {info.in_features} pixels per patch -> {info.out_features} channels "
+                      "(lora_A flattened to [r, C * prod(kernel)])" if info.kind == CONV
+                 else f"a linear of {info.in_features} -> {info.out_features}")
+        expected = (peft_shapes(info.in_features, info.out_features) if info.kind == PARAMETER
+                    else f"[r, {info.in_features}] and [{info.out_features}, r]")
+        raise AdapterShapeError(
+            name,
+            f"{names[0]} {tuple(peft_a.shape)} and {names[1]} {tuple(peft_b.shape)} do not fit {layer} "
+            f"(expected {expected})",
+            module=module,
+        )
+    configured_rank = int(_pattern_value(config.get("rank_pattern"), module, default_rank))
+    if rank != configured_rank:
+        raise AdapterFormatError(name, f"weights have rank {rank} but the config says r={configured_rank}",
+                                 module=module)
+    if max_rank is not None and rank > max_rank:
+        raise AdapterRankError(name, f"rank {rank} is above max_lora_rank={max_rank}", module=module)
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, default_alpha))
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoRAFactors(module=module, lora_a=lora_a, lora_b=lora_b, rank=rank, scaling=scaling)
 
 
 def read_adapter(name: str, path, linears: LinearIndex, max_rank: int | None = None,
