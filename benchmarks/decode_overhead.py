@@ -191,6 +191,42 @@ def exclusive(path: Path, until: float):
         os.close(fd)
 
 
+def timed_steps(one, steps: int, device, sync_each: bool = True) -> float:
+    """ms per step of `steps` calls of `one()`: one CUDA event pair around them (with a
+    synchronisation after each step where `sync_each`, as decode reads its tokens back), or
+    perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            one()
+            if sync_each:
+                torch.cuda.synchronize(device)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    began = time.perf_counter()
+    for _ in range(steps):
+        one()
+    return (time.perf_counter() - began) * 1e3 / steps
+
+
+def stop_processes(processes: list, ended: dict, reason: str) -> None:
+    """Terminate the `(key, process)` still running (killed if one does not end in 10 s), waiting
+    for each; `ended[key]` says `reason` and the exit code for each keyed one not ended before."""
+    for _, process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for key, process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if key is not None and key not in ended:
+            ended[key] = f"{reason} ({process.returncode})"
+
+
 def spread(values: list[float]) -> dict | None:
     values = [value for value in values if value is not None]
     if not values:
@@ -490,21 +526,7 @@ class Run:
             self.one(step, call)
         step.rewind()
         self.sync()
-        each = config["sync"] == "step"
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(config["steps"]):
-                self.one(step, call)
-                if each:
-                    torch.cuda.synchronize()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / config["steps"]
-        began = time.perf_counter()
-        for _ in range(config["steps"]):
-            self.one(step, call)
-        return (time.perf_counter() - began) * 1e3 / config["steps"]
+        return timed_steps(lambda: self.one(step, call), config["steps"], self.device, config["sync"] == "step")
 
     def block_seconds(self, ms: float) -> float:
         """A guess of one block's wall time, for the budget (margin for host work and syncs)."""
@@ -761,17 +783,7 @@ def parent(args) -> int:
                 mark(shared, "done", index)
                 log("main", t0, f"run{index} exited with {child.returncode}")
         time.sleep(0.5)
-    for process in [writer, *children.values()]:  # past the budget: ours to stop
-        if process.poll() is None:
-            process.terminate()
-    for index, process in [(None, writer), *children.items()]:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if index is not None and index not in ended:
-            ended[index] = f"killed at the budget ({process.returncode})"
+    stop_processes([(None, writer), *children.items()], ended, "killed at the budget")  # past the budget: ours to stop
     runs = []
     for index in range(config["runs"]):
         path = args.out / f"run{index}.json"

@@ -75,7 +75,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e  # noqa: E402
-from decode_overhead import count, exclusive, gpu_state, log, mark, parse_ints, spread, wait_for  # noqa: E402
+from decode_overhead import (count, exclusive, gpu_state, log, mark, parse_ints, spread, stop_processes,  # noqa: E402
+                             timed_steps, wait_for)
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 
@@ -345,19 +346,7 @@ class Rank:
             self.one(step, call)
         step.rewind()
         self.sync()
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(config["steps"]):
-                self.one(step, call)
-                torch.cuda.synchronize(self.device)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / config["steps"]
-        began = time.perf_counter()
-        for _ in range(config["steps"]):
-            self.one(step, call)
-        return (time.perf_counter() - began) * 1e3 / config["steps"]
+        return timed_steps(lambda: self.one(step, call), config["steps"], self.device)
 
     def block_seconds(self, ms: float) -> float:
         return (self.config["steps"] + self.config["block_warmup"]) * ms * 1.15 / 1e3 + 0.05
@@ -588,17 +577,7 @@ def parent(args) -> int:
                 mark(shared, "ready", index)
                 mark(shared, "done", index)
         time.sleep(0.5)
-    for process in [writer, *children.values()]:
-        if process.poll() is None:
-            process.terminate()
-    for key, process in [(None, writer), *children.items()]:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if key is not None and key not in ended:
-            ended[key] = f"killed at the budget or with its run ({process.returncode})"
+    stop_processes([(None, writer), *children.items()], ended, "killed at the budget or with its run")
     runs = []
     for index in range(config["runs"]):
         ranks = []
