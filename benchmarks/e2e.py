@@ -712,6 +712,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parts", default="decode,prefill,load,soak")
     parser.add_argument("--tiny", action="store_true", help="a tiny config, to check the script (CPU is fine)")
+    parser.add_argument("--commit", help="the commit the run is of (the device's copy of the tree has a stale HEAD)")
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--variants", default="base,mmlora,peft", help="decode: which of base,mmlora,peft to time")
@@ -720,8 +721,12 @@ def main() -> int:
     spec = TINY if args.tiny else SEVEN_B
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_record import checkout_commit, versions
+
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+               "torch": torch.__version__, "versions": versions(), "commit": args.commit or checkout_commit(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     began = time.perf_counter()
     model = build_model(spec, device, torch.bfloat16)
     print(f"model built in {time.perf_counter() - began:.0f} s", flush=True)
