@@ -15,6 +15,13 @@ This times the Python part of both on whatever CPU runs it, without a GPU:
   kernels replaced by no-ops (what remains is our launcher's Python; Triton's own launcher,
   twice per call, comes on top on a GPU host).
 
+With `--device cuda` (a GPU host) nothing is stubbed: the same calls run their real Triton launches
+on CUDA tensors (compiled and warmed first), and the clock measures the host's time to hand them to
+the GPU, each repeat of `--calls` calls synchronised before its clock starts (a call's kernels then
+queue behind one another, fewer than the launch queue holds). That is the whole per-call cost a
+prefill without CUDA graphs pays on the host, Triton's launcher included; at 4096 rows the GPU may
+be the slower side, which the JSON's `gpu_bound_check` (device time of the same calls) tells.
+
 Medians of `--repeats` timings of `--calls` calls each. The numbers are the development
 machine's (a shared 2-core VM): they compare versions of the code on one machine, not hosts.
 """
@@ -38,15 +45,30 @@ import torch  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 
 
-def per_call_us(call, calls: int, repeats: int) -> list[float]:
+GPU_BOUND_CHECK: list[float] = []  # --device cuda: device µs per call of each measurement, in order
+
+
+def per_call_us(call, calls: int, repeats: int, device: str = "cpu") -> list[float]:
     for _ in range(max(10, calls // 10)):
         call()
     times = []
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()  # the queue empty: the clock times the host's submissions
         start = time.perf_counter()
         for _ in range(calls):
             call()
         times.append((time.perf_counter() - start) / calls * 1e6)
+    if device != "cpu":
+        # The same calls' device time: where it exceeds the host's, the GPU, not the host, set the pace.
+        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        began.record()
+        for _ in range(calls):
+            call()
+        ended.record()
+        torch.cuda.synchronize()
+        GPU_BOUND_CHECK.append(began.elapsed_time(ended) * 1e3 / calls)
     return times
 
 
@@ -57,7 +79,7 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def graph_op_cost(calls: int, repeats: int) -> list[float]:
+def graph_op_cost(calls: int, repeats: int, device: str = "cpu") -> list[float]:
     import mmlora_fx
     import mmlora_fx.runtime as runtime_module
     from mmlora_fx import zoo
@@ -67,41 +89,48 @@ def graph_op_cost(calls: int, repeats: int) -> list[float]:
     with tempfile.TemporaryDirectory() as root:
         paths = {name: zoo.make_adapter(base, Path(root) / name, zoo.ZOO[family].all_targets, r=4, seed=index)
                  for index, name in enumerate(["a", "b"])}
-        mm = mmlora_fx.compile(zoo.build(family), paths, max_loras=2, inner="aot_eager")
-        batch = zoo.make_batch(base, (1, 0, 2), seed=3)
+        mm = mmlora_fx.compile(zoo.build(family).to(device), paths, max_loras=2, inner="aot_eager")
+        batch = {key: value.to(device) if torch.is_tensor(value) else value
+                 for key, value in zoo.make_batch(base, (1, 0, 2), seed=3).items()}
         with torch.no_grad():
             mm(**batch, adapter_names=["a", None, "b"])  # the tables, as a forward leaves them
     modules = dict(mm.model.named_modules())
     q, v = (next(module for name, module in modules.items() if name.endswith(f"language_model.layers.0.self_attn.{n}"))
             for n in ("q_proj", "v_proj"))
-    x = torch.randn(batch["input_ids"].numel(), q.in_features)
-    outputs = [torch.zeros(x.shape[0], q.out_features), torch.zeros(x.shape[0], v.out_features)]
+    x = torch.randn(batch["input_ids"].numel(), q.in_features, device=device)
+    outputs = [torch.zeros(x.shape[0], q.out_features, device=device),
+               torch.zeros(x.shape[0], v.out_features, device=device)]
     saved = runtime_module.lora_add
-    runtime_module.lora_add = lambda *args: None
+    if device == "cpu":
+        runtime_module.lora_add = lambda *args: None
     try:
         with torch.no_grad():
-            return per_call_us(lambda: torch.ops.mmlora.lora_linear_(outputs, x, [q.weight, v.weight]), calls, repeats)
+            return per_call_us(lambda: torch.ops.mmlora.lora_linear_(outputs, x, [q.weight, v.weight]), calls, repeats,
+                               device)
     finally:
         runtime_module.lora_add = saved
 
 
-def launch_cost(rows: int, calls: int, repeats: int) -> list[float]:
+def launch_cost(rows: int, calls: int, repeats: int, device: str = "cpu") -> list[float]:
     from mmlora_fx.kernels import lora_add
 
     saved = {name: getattr(lora_add, name) for name in
              ("_row_shrink_kernel", "_row_expand_kernel", "_shrink_kernel", "_expand_kernel", "launches_dependent")}
-    for name in saved:
-        setattr(lora_add, name, _NoLaunch())
-    lora_add.launches_dependent = lambda config, device: False
+    if device == "cpu":
+        for name in saved:
+            setattr(lora_add, name, _NoLaunch())
+        lora_add.launches_dependent = lambda config, device: False
     try:
         dtype, hidden, kv, rank, slots = torch.bfloat16, 3584, 512, 16, 32
-        x = torch.randn(rows, hidden, dtype=dtype)
-        outputs = [torch.zeros(rows, width, dtype=dtype) for width in (hidden, kv, kv)]
-        lora_a = [torch.zeros(slots, rank, hidden, dtype=dtype) for _ in outputs]
-        lora_b = [torch.zeros(slots, output.shape[1], rank, dtype=dtype) for output in outputs]
-        ranks = [torch.full((slots,), rank, dtype=torch.int32) for _ in outputs]
-        tables = lora_add.BatchTables(ranks, torch.zeros(256, dtype=torch.int32), torch.arange(257))
-        return per_call_us(lambda: lora_add.launch(outputs, x, lora_a, lora_b, tables), calls, repeats)
+        x = torch.randn(rows, hidden, dtype=dtype, device=device)
+        outputs = [torch.zeros(rows, width, dtype=dtype, device=device) for width in (hidden, kv, kv)]
+        lora_a = [torch.randn(slots, rank, hidden, dtype=dtype, device=device) / 64 for _ in outputs]
+        lora_b = [torch.randn(slots, output.shape[1], rank, dtype=dtype, device=device) / 4 for output in outputs]
+        ranks = [torch.full((slots,), rank, dtype=torch.int32, device=device) for _ in outputs]
+        # 256 requests of rows/256 rows each (1 and 16 rows: the first requests own them all).
+        tables = lora_add.BatchTables(ranks, torch.arange(256, dtype=torch.int32, device=device) % slots,
+                                      torch.arange(257, device=device) * max(1, rows // 256))
+        return per_call_us(lambda: lora_add.launch(outputs, x, lora_a, lora_b, tables), calls, repeats, device)
     finally:
         for name, value in saved.items():
             setattr(lora_add, name, value)
@@ -113,18 +142,25 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--commit", default=None)
     parser.add_argument("--json")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: real Triton launches on a GPU host, nothing stubbed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats)}
+    results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats, args.device)}
     for rows in (1, 16, 4096):
-        results[f"launch, q/k/v, {rows} rows"] = launch_cost(rows, args.calls, args.repeats)
-    print("| host work per call (kernels stubbed) | median µs | min-max µs |\n|---|---:|---:|")
+        results[f"launch, q/k/v, {rows} rows"] = launch_cost(rows, args.calls, args.repeats, args.device)
+    what = "kernels stubbed" if args.device == "cpu" else "real launches, host time to submit"
+    print(f"| host work per call ({what}) | median µs | min-max µs |\n|---|---:|---:|")
     for name, times in results.items():
         print(f"| {name} | {statistics.median(times):.1f} | {min(times):.1f}-{max(times):.1f} |")
+    for name, device_us in zip(results, GPU_BOUND_CHECK):
+        print(f"device time per call, {name}: {device_us:.1f} µs")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(), commit=args.commit or checkout_commit(),
-            command="python3 " + " ".join(sys.argv), calls=args.calls, results_us=results), indent=1))
+            device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (kernels stubbed)",
+            command="python3 " + " ".join(sys.argv), calls=args.calls, results_us=results,
+            gpu_bound_check=dict(zip(results, GPU_BOUND_CHECK))), indent=1))
     return 0
 
 
