@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from . import lora_op  # noqa: F401  (registers torch.ops.mmlora.lora_linear_)
+from .lora_op import REGISTRY  # (importing it registers torch.ops.mmlora.lora_linear_)
 from .capture import GraphRecorder, GraphRecord, ModuleNames
 from .errors import CaptureError, MMLoRAError
 from .passes import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER_MATMUL, Rewrite
@@ -114,13 +114,21 @@ class MMLoRABackend:
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)
-        if not self.apply_pending_names:
-            return compiled
         runtime = self.runtime
+        pending = self.apply_pending_names
 
         def run(*args):
-            _PENDING.apply_to(runtime)
-            return compiled(*args)
+            # The graph's ops resolve weights this model shares with another compiled model to
+            # this model's runtime, whether or not a served call (`call_scope`) is in progress:
+            # through the `torch.compile` backend there is none, and two models compiled that way
+            # over one set of weights would otherwise both serve the one compiled last.
+            token = REGISTRY.enter_serving(runtime)
+            try:
+                if pending:
+                    _PENDING.apply_to(runtime)
+                return compiled(*args)
+            finally:
+                REGISTRY.leave_serving(token)
 
         return run
 

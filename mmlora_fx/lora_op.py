@@ -14,8 +14,10 @@ the embedding op resolves it to the embedding, the linear op to the head.
 Two compiled models may share their weight tensors (two module trees over one set of weights,
 each compiled with its own adapters or options). A weight then has one entry per runtime, and a call resolves it
 to the runtime whose served call it is in (`WeightRegistry.serving`, entered by the runtime's
-`call_scope`); outside any, to the runtime that registered it last (a model compiled again is
-served by its new runtime).
+`call_scope` and by every call of a graph its backend compiled, so a model compiled through the
+`torch.compile` backend alone resolves to its own runtime too); outside any (the eager hook of a
+linear that ran outside the graphs, through the backend alone), to the runtime that registered it last (a model compiled again is served
+by its new runtime).
 """
 
 from __future__ import annotations
@@ -65,11 +67,19 @@ class WeightRegistry:
     @contextlib.contextmanager
     def serving(self, runtime):
         """Inside: weights `runtime` shares with another compiled model resolve to `runtime`."""
-        token = self._serving.set(runtime)
+        token = self.enter_serving(runtime)
         try:
             yield
         finally:
-            self._serving.reset(token)
+            self.leave_serving(token)
+
+    def enter_serving(self, runtime) -> contextvars.Token:
+        """`serving` without a context manager's overhead (each compiled graph's call enters it):
+        pass the token returned to `leave_serving`."""
+        return self._serving.set(runtime)
+
+    def leave_serving(self, token: contextvars.Token) -> None:
+        self._serving.reset(token)
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
         # A plain tensor or parameter (every single-process model) skips the DTensor check: it

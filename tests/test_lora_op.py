@@ -52,3 +52,34 @@ def test_two_compiled_models_sharing_weights_each_serve_their_own_adapters(tmp_p
     for logits in (first_logits, second_logits):
         assert relative_error(logits[0], plain[0]) > 1e-2 and relative_error(logits[1], plain[1]) <= 1e-5
     assert relative_error(first_logits[0], second_logits[0]) > 1e-2
+
+
+def test_two_models_compiled_through_the_backend_alone_over_shared_weights_each_serve_their_own(tmp_path):
+    """Through `torch.compile(model, backend="mmlora")` no served call scope is entered: each
+    compiled graph's call resolves the shared weights to the runtime of the backend that compiled
+    it, so the model compiled first keeps its own adapter after the second is compiled."""
+    torch._dynamo.reset()
+    first_model = zoo.build(FAMILY)
+    alice = make_adapter(first_model, tmp_path / "alice", TARGETS, r=4, lora_alpha=9, seed=0)
+    bob = make_adapter(first_model, tmp_path / "bob", TARGETS, r=4, lora_alpha=9, seed=1)
+    tensors = list(first_model.parameters()) + list(first_model.buffers())
+    second_model = copy.deepcopy(first_model, memo={id(tensor): tensor for tensor in tensors})
+    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.FIRST_TEXT_TOKEN + 50, (2, 2),
+                        generator=torch.Generator().manual_seed(3))
+    names = ["a", None]
+    first = torch.compile(first_model, backend="mmlora",
+                          options={"adapters": {"a": alice}, "max_loras": 1, "inner": "aot_eager"})
+    second = torch.compile(second_model, backend="mmlora",
+                           options={"adapters": {"a": bob}, "max_loras": 1, "inner": "aot_eager"})
+    with torch.no_grad(), mmlora_fx.adapter_names(names, input_ids=ids):
+        first_alone = first(input_ids=ids).logits.clone()
+        second_logits = second(input_ids=ids).logits.clone()
+        first_logits = first(input_ids=ids).logits.clone()
+    plain = zoo.build(FAMILY)
+    plain.load_state_dict(first_model.state_dict())
+    with torch.no_grad():
+        base = plain(input_ids=ids).logits
+    assert torch.equal(first_logits, first_alone)
+    for logits in (first_logits, second_logits):
+        assert relative_error(logits[0], base[0]) > 1e-2 and relative_error(logits[1], base[1]) <= 1e-5
+    assert relative_error(first_logits[0], second_logits[0]) > 1e-2
