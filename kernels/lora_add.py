@@ -23,6 +23,7 @@ is neither read nor trusted.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -73,27 +74,58 @@ def _padded(items: list, count: int = 3) -> list:
     return list(items) + [items[0]] * (count - len(items))
 
 
-def _check_shapes(outputs, inputs, lora_a, lora_b, tables: BatchTables) -> None:
-    """Static shape checks only (no device reads)."""
-    if tables.request_cum_weights.numel() != tables.request_slots.numel() + 1:
-        raise ValueError("lora_add_: request_cum_weights must have one entry more than request_slots")
-    n = len(outputs)
-    if not 1 <= n <= 3 or not len(lora_a) == len(lora_b) == len(tables.slot_ranks) == n:
-        raise ValueError(f"lora_add_: expected 1 to 3 siblings with one A, B and rank table each, got {n}")
+# A, B and the rank tables are the manager's slot buffers: the same tensors at every call of a
+# served group. Their checks (two dozen shape and stride reads, ~9 us a call on the development
+# CPU, and a prefill makes hundreds of calls, #16) run once per set of tensors, remembered by the
+# tensors' ids with weak references (a recycled id is never taken for a checked tensor) and
+# A's shape (nothing in this package reshapes a buffer in place).
+_CHECKED_WEIGHTS: dict[tuple[int, ...], tuple[tuple, list[weakref.ref]]] = {}
+_CHECKED_LIMIT = 4096
+
+
+def _check_weights(lora_a, lora_b, slot_ranks, out_features: list[int]) -> None:
+    """The checks of A, B and the rank tables, which do not depend on the call's rows."""
+    n = len(lora_a)
+    if not 1 <= n <= 3 or not len(lora_b) == len(slot_ranks) == len(out_features) == n:
+        raise ValueError(f"lora_add_: expected 1 to 3 siblings with one A, B and rank table each, got "
+                         f"{len(out_features)}")
+    tensors = (*lora_a, *lora_b, *slot_ranks)
+    key = (*map(id, tensors), *out_features)
+    found = _CHECKED_WEIGHTS.get(key)
+    if (found is not None and found[0] == lora_a[0].shape
+            and all(ref() is tensor for ref, tensor in zip(found[1], tensors))):
+        return
     slots, rank, in_features = lora_a[0].shape
     for j in range(n):
         if tuple(lora_a[j].shape) != (slots, rank, in_features) or lora_a[j].stride() != lora_a[0].stride():
             raise ValueError("lora_add_: every sibling's A must have the shape and strides of the first")
         if lora_a[j].stride(-1) != 1 or lora_b[j].stride(-1) != 1:
             raise ValueError("lora_add_: A and B must be contiguous in their last dimension")
-        if lora_b[j].shape[0] != slots or lora_b[j].shape[2] != rank or lora_b[j].shape[1] != outputs[j].shape[-1]:
+        if lora_b[j].shape[0] != slots or lora_b[j].shape[2] != rank or lora_b[j].shape[1] != out_features[j]:
             raise ValueError(f"lora_add_: sibling {j}'s B has shape {tuple(lora_b[j].shape)}")
         if lora_b[j].stride(1) != lora_b[0].stride(1):
             raise ValueError("lora_add_: every sibling's B must have the row stride of the first")
-        if not outputs[j].is_contiguous() or outputs[j].numel() // max(outputs[j].shape[-1], 1) != inputs.shape[0]:
-            raise ValueError(f"lora_add_: output {j} must be contiguous with the rows of x")
-        if tables.slot_ranks[j].numel() != slots:
+        if slot_ranks[j].numel() != slots:
             raise ValueError(f"lora_add_: slot_ranks[{j}] must have one entry per slot")
+    if len(_CHECKED_WEIGHTS) >= _CHECKED_LIMIT:
+        _CHECKED_WEIGHTS.clear()
+    _CHECKED_WEIGHTS[key] = (lora_a[0].shape, [weakref.ref(tensor) for tensor in tensors])
+
+
+def _check_shapes(outputs, inputs, lora_a, lora_b, tables: BatchTables) -> None:
+    """Static shape checks only (no device reads)."""
+    if tables.request_cum_weights.numel() != tables.request_slots.numel() + 1:
+        raise ValueError("lora_add_: request_cum_weights must have one entry more than request_slots")
+    _check_weights(lora_a, lora_b, tables.slot_ranks, [output.shape[-1] for output in outputs])
+    for j, output in enumerate(outputs):
+        if not output.is_contiguous() or output.numel() // max(output.shape[-1], 1) != inputs.shape[0]:
+            raise ValueError(f"lora_add_: output {j} must be contiguous with the rows of x")
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`: the tables are in the kernels' dtypes already, and `.to` costs ~2 us a
+    call even when it returns its input."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def launch(
@@ -111,7 +143,7 @@ def launch(
     tiles from `tables.tile_plan` when the plan covers the row count. `config` overrides the
     launch parameters `choose_config` picks from the shapes.
     """
-    inputs = x.reshape(-1, x.shape[-1])
+    inputs = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
     rows, in_features = inputs.shape
@@ -120,15 +152,15 @@ def launch(
     if rows == 0 or num_slots == 0 or max_rank == 0 or tables.request_slots.numel() == 0:
         return
     n = len(outputs)
-    flat_outputs = [output.view(-1, output.shape[-1]) for output in outputs]
+    flat_outputs = [output if output.dim() == 2 else output.view(-1, output.shape[-1]) for output in outputs]
     out_features = [output.shape[1] for output in flat_outputs]
     num_requests = tables.request_slots.numel()
     config = config_for_call(rows, in_features, max_rank, num_slots, x.dtype, num_requests, config)
     block_r = max(16, _next_power_of_2(max_rank))
     num_splits = cdiv(in_features, config.k_chunk)
-    request_slots = tables.request_slots.to(torch.int32)
-    request_cum_weights = tables.request_cum_weights.to(torch.int64)
-    ranks = _padded([ranks.to(torch.int32) for ranks in tables.slot_ranks])
+    request_slots = _as(tables.request_slots, torch.int32)
+    request_cum_weights = _as(tables.request_cum_weights, torch.int64)
+    ranks = _padded([_as(ranks, torch.int32) for ranks in tables.slot_ranks])
 
     device = inputs.device
     tile_plan = tables.tile_plan

@@ -275,6 +275,28 @@ def test_triton_can_fail_interpreted():
         assert_matches(problem, outputs)
 
 
+@interpreter
+def test_shape_checks_still_refuse_after_the_same_buffers_passed_them_interpreted():
+    # The launcher remembers A, B and rank tables it has checked (the slot buffers, the same at
+    # every call): a later call that pairs them with outputs of another width, or passes other
+    # buffers, is still refused.
+    problem = make_problem(pattern="mixed", requests=3, rows_per_request=2, in_features=32,
+                           out_features=(24, 16), num_slots=4, max_rank=8, dtype=torch.float32, seed=4)
+    assert_matches(problem, run_triton(problem))
+    assert_matches(problem, run_triton(problem))  # the remembered set, served again
+    tables = (problem.slot_ranks, problem.request_slots, problem.request_cum_weights)
+    narrow = [torch.zeros(problem.x.shape[0], 23), torch.zeros(problem.x.shape[0], 16)]
+    with pytest.raises(ValueError, match="B has shape"):
+        lora_add_triton(narrow, problem.x, problem.lora_a, problem.lora_b, *tables)
+    short_ranks = [problem.slot_ranks[0][:-1], problem.slot_ranks[1]]
+    with pytest.raises(ValueError, match="one entry per slot"):
+        lora_add_triton(problem.fresh_outputs(), problem.x, problem.lora_a, problem.lora_b, short_ranks,
+                        *tables[1:])
+    other_a = [problem.lora_a[0], problem.lora_a[1][:, :, :-1]]
+    with pytest.raises(ValueError, match="shape and strides of the first"):
+        lora_add_triton(problem.fresh_outputs(), problem.x, other_a, problem.lora_b, *tables)
+
+
 def test_op_cpu_runs_reference_and_passes_opcheck():
     problem = make_problem(pattern="mixed", requests=4, rows_per_request=2, in_features=24,
                            out_features=(16, 8), num_slots=4, max_rank=8, dtype=torch.float32, seed=2)
