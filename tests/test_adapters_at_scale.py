@@ -1,8 +1,10 @@
 """Adapters at scale (#22): prefetch, files that change while read, pinned sets, and that every
 failure leaves what is loaded as it was while the other requests go on."""
 
+import collections
 import random
 import shutil
+import statistics
 import threading
 
 import pytest
@@ -17,6 +19,8 @@ from mmlora_fx.errors import (
     UnknownAdapterError,
 )
 from mmlora_fx.peft_format import WEIGHTS_FILE
+
+from benchmarks import adapters_at_scale
 
 from .peft_helpers import all_targets, make_adapter, peft_logits, peft_model_with, relative_error
 from .test_adapter_manager import adapters, assert_same, make_manager, snapshot  # noqa: F401 (a fixture)
@@ -411,3 +415,22 @@ def test_a_new_worker_count_keeps_the_reads_under_way(adapters, expected, monkey
     assert_serves(manager, "a", expected)
     assert_serves(manager, "b", expected)
     manager.close()
+
+
+def test_turnover_batches_keep_requests_for_many_steps_under_the_cap():
+    """benchmarks/adapters_at_scale.py --turnover: a full batch every step, at most `max_distinct`
+    adapters, each step the last one's requests less those that finished plus those that joined
+    (about `batch / mean` a step), and every joining adapter announced `lookahead` steps before."""
+    names = [f"a{index:03d}" for index in range(200)]
+    batches, joined, waiting = adapters_at_scale.turnover_batches(names, 400, 8, 4, 1.1, 16, seed=0)
+    assert all(len(batch) == 8 and len(set(batch)) <= 4 for batch in batches)
+    for before, batch, new in zip(batches, batches[1:], joined[1:]):
+        assert not collections.Counter(batch) - collections.Counter(new) - collections.Counter(before)
+    assert 0.3 <= statistics.mean(len(new) for new in joined[1:]) <= 0.8  # 8 / 16 = 0.5 expected
+    assert max(waiting) > 0  # some requests did wait for the cap
+    new = adapters_at_scale.new_per_step(batches)
+    assert new[0] == len(set(batches[0])) and statistics.mean(new[1:]) < 1
+    lookahead = 3
+    announced = adapters_at_scale.turnover_announcements(joined, lookahead, 400)
+    for step in range(1, 400):
+        assert set(joined[step]) <= set(announced[max(0, step - lookahead)]), step
