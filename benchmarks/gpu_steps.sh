@@ -40,7 +40,8 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580)
+limit[scale_turnover]=580
 run_step() {
     local step=$1 seconds=$2
     case $step in
