@@ -11,6 +11,9 @@
 #   load       benchmarks/adapter_load.py --device cuda: load vs read, activation (#22) (~60)
 #   scale      benchmarks/adapters_at_scale.py: 1,000 adapters, Zipf mixes (#22)      (~550: writing and
 #              loading the adapters took 72 s, and 295 s did not reach the first timed step)
+#   scale_turnover  the same with --turnover 128 --lookahead 4: continuous batching, requests of
+#              128 decode steps on average (#22) (~480 estimated: as scale less the ~70 s of its
+#              slow steps, whose disk reads turnover mostly avoids; not run yet)
 #   decode64   decode_overhead.py --batches 64: the cells with one run so far (#15)   (~450)
 #   moe        decode_overhead.py --model moe, two runs (#17; three need an H200)     (~480)
 #   audio      audio_prefill.py, two compilations sharing the GPU (three of ~30 GB do not fit an
@@ -39,7 +42,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -48,6 +51,8 @@ run_step() {
         load) timeout "$seconds" python3 benchmarks/adapter_load.py --device cuda --repeats 9 \
                   --json "$out/adapter_load.json" --commit "$commit" ;;
         scale) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale" --commit "$commit" ;;
+        scale_turnover) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale_turnover" \
+                            --turnover 128 --lookahead 4 --commit "$commit" ;;
         decode64) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64" --batches 64 \
                       --budget-s $((seconds - 20)) --commit "$commit" ;;
         moe) timeout "$seconds" python3 benchmarks/decode_overhead.py --model moe --out "$out/moe" --batches 1,16,64 \

@@ -26,9 +26,9 @@ per adapter: `slab[s].copy_(row)`) and, where the slot's ranks change, one copy 
 column, queued on a side stream with an event the step's stream waits on. Evicted adapters are read again from
 their directory when a batch needs them. Pinned adapters are never evicted from either.
 
-`prefetch(names)` announces the adapters of the next steps: it reads what is not cached (on a
-background thread when the slots are on a GPU) and copies them into slots no pending batch
-uses, so that the step that needs them finds them resident.
+`prefetch(names)` announces the adapters of the next steps: it reads what is not cached (on
+`prefetch_workers` background threads when the slots are on a GPU, several files at once) and
+copies them into slots no pending batch uses, so that the step that needs them finds them resident.
 
 Every operation validates first and changes state only once nothing can fail: after an error,
 the manager and every loaded adapter are exactly as before.
@@ -145,7 +145,8 @@ class AdapterStats:
     where the slot's ranks change); a
     resident adapter pushed out of its slot is a GPU eviction. CPU: a miss's adapter found in the
     CPU cache is a hit, one read again from its directory a miss; disk reads (loads, reloads,
-    misses and prefetches) count with their seconds; an adapter pushed out of the CPU cache is a
+    misses and prefetches) count with their seconds (each read's own: background reads overlap,
+    so `disk_read_s` may exceed the time they took together); an adapter pushed out of the CPU cache is a
     CPU eviction. Prefetch: `prefetched` names announced, `prefetch_hits` a batch's adapters
     found in the slot a prefetch wrote, `prefetch_deferred` announced adapters that found no slot
     to take (every slot held by the pending batch, pinned or announced; their copy is made when
@@ -223,6 +224,14 @@ def _chains(offsets: tuple[int, ...], numel: int, candidates: int = 64) -> tuple
     return tuple(chains)
 
 
+def default_prefetch_workers() -> int:
+    """Background reads at once by default: a step whose new adapters come from disk then waits
+    for them together, not one after another; no more than the cores (each read keeps a second
+    thread busy too, `buffered_read`), nor 4 (each read under way holds an adapter's host buffer
+    until it is committed)."""
+    return min(4, os.cpu_count() or 1)
+
+
 def _fingerprint(path: Path) -> tuple:
     """What says an adapter's files are the ones read: each file's size, mtime and inode."""
     found = []
@@ -247,10 +256,13 @@ class AdapterManager:
         device: torch.device | str | None = None,
         background_reads: bool | None = None,
         layouts: Mapping[str, TargetLayout] | None = None,
+        prefetch_workers: int | None = None,
     ):
-        """`background_reads`: prefetch reads adapter files on a worker thread (by default when
+        """`background_reads`: prefetch reads adapter files on worker threads (by default when
         the slots are on a GPU; on the CPU prefetch reads in the caller's thread). `layouts`: each
-        served target's tensor-parallel layout (`sharding.target_layouts`; default: all replicated)."""
+        served target's tensor-parallel layout (`sharding.target_layouts`; default: all replicated).
+        `prefetch_workers`: how many of those threads, each reading one adapter at a time
+        (default `default_prefetch_workers()`: min(4, cores))."""
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, not {max_loras}")
         max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
@@ -335,17 +347,35 @@ class AdapterManager:
         self._free: list[torch.cuda.Event | None] = [None] * max_loras
         self._in_flight: set[int] = set()
         # Prefetch: names announced for coming batches (kept out of other prefetches' way), reads
-        # under way on the worker (with the entry they read for: a name unloaded or reloaded
+        # under way on the workers (with the entry they read for: a name unloaded or reloaded
         # meanwhile makes the result stale), and background errors kept for the next call
-        # naming the adapter. The worker only reads files and builds a `_Packed`; every change
-        # to the manager's state is made by the caller's thread, so no lock is needed.
+        # naming the adapter. A worker only reads files and builds a `_Packed`, touching nothing
+        # of the manager; every change to its state (counters included) is made by the caller's
+        # thread when it commits a finished read, so no lock is needed, however many workers.
         self._background = on_gpu if background_reads is None else background_reads
         self._executor: ThreadPoolExecutor | None = None
+        self.prefetch_workers = default_prefetch_workers() if prefetch_workers is None else prefetch_workers
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, tuple[_Entry, Future]] = {}
         self._failed: dict[str, AdapterError] = {}
         self._prefetched: set[str] = set()  # written into a slot by prefetch, not yet used by a batch
         self.stats = AdapterStats()
+
+    @property
+    def prefetch_workers(self) -> int:
+        """How many adapter files background prefetch reads at once."""
+        return self._prefetch_workers
+
+    @prefetch_workers.setter
+    def prefetch_workers(self, count: int) -> None:
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"prefetch_workers must be a positive int, not {count!r}")
+        self._prefetch_workers = count
+        if self._executor is not None:
+            # Reads already submitted finish on the old threads (their futures stay pending here,
+            # committed as usual); new ones go to a pool of the new size.
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     # ------------------------------------------------------------------ what is known
     @property
@@ -672,7 +702,7 @@ class AdapterManager:
         self._pinned.discard(name)
 
     def close(self) -> None:
-        """Stop the worker thread (reads under way finish first)."""
+        """Stop the worker threads (reads under way finish first)."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -681,10 +711,10 @@ class AdapterManager:
     def prefetch(self, names: Iterable[str | None]) -> None:
         """Announce the adapters the next batches need, so that those batches do not wait for them.
 
-        Each name is read from its directory when not in the CPU cache (on the worker thread when
-        reads are in the background: this call then returns at once) and copied into a GPU slot
-        that no pending batch reads and that holds no pinned or announced adapter (on the side
-        stream). With no such slot the copy is made when its batch comes (`prefetch_deferred`).
+        Each name is read from its directory when not in the CPU cache (on worker threads when
+        reads are in the background, `prefetch_workers` files at once: this call then returns at
+        once) and copied into a GPU slot that no pending batch reads and that holds no pinned or
+        announced adapter (on the side stream). With no such slot the copy is made when its batch comes (`prefetch_deferred`).
         An unknown name raises `UnknownAdapterError` before anything changes; a read that failed
         in the background raises its error at the next `prefetch` or `activate` naming it; a
         read that fails here raises at the end of this call, after the other names were served.
@@ -713,7 +743,8 @@ class AdapterManager:
                 continue
             elif self._background:
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmlora-prefetch")
+                    self._executor = ThreadPoolExecutor(max_workers=self._prefetch_workers,
+                                                        thread_name_prefix="mmlora-prefetch")
                 entry = self._known[name]
                 self._pending[name] = (entry, self._executor.submit(self._read_packed, name, entry.path))
             else:

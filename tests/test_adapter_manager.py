@@ -574,3 +574,14 @@ def test_buffers_of_two_dtypes_are_two_slabs_written_with_one_copy_each(adapters
         assert torch.equal(buffers.lora_a[slot, :rank], weights.lora_a.to(buffers.lora_a.dtype)), module
         assert torch.equal(buffers.lora_b[slot, :, :rank], weights.lora_b.to(buffers.lora_b.dtype)), module
         assert not buffers.lora_a[slot, rank:].any() and not buffers.lora_b[slot, :, rank:].any(), module
+
+
+def test_prefetch_workers_default_to_a_few_and_refuse_none(adapters):
+    import os
+
+    from mmlora_fx.adapter_manager import default_prefetch_workers
+
+    assert make_manager(adapters).prefetch_workers == default_prefetch_workers() == min(4, os.cpu_count() or 1)
+    assert make_manager(adapters, prefetch_workers=6).prefetch_workers == 6
+    with pytest.raises(ValueError, match="prefetch_workers must be a positive int, not 0"):
+        make_manager(adapters, prefetch_workers=0)

@@ -1,8 +1,11 @@
 """Adapters at scale (#22): prefetch, files that change while read, pinned sets, and that every
 failure leaves what is loaded as it was while the other requests go on."""
 
+import collections
 import random
 import shutil
+import statistics
+import threading
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from mmlora_fx.errors import (
     UnknownAdapterError,
 )
 from mmlora_fx.peft_format import WEIGHTS_FILE
+
+from benchmarks import adapters_at_scale
 
 from .peft_helpers import all_targets, make_adapter, peft_logits, peft_model_with, relative_error
 from .test_adapter_manager import adapters, assert_same, make_manager, snapshot  # noqa: F401 (a fixture)
@@ -303,3 +308,129 @@ def test_announcements_no_batch_uses_expire_oldest_first(adapters):  # noqa: F81
     for name in "abc":
         manager.prefetch([name])
     assert manager.announced == ["b", "c"]
+
+
+def gated_reads(monkeypatch, manager, parties=None):
+    """The manager's background reads, counted, each waiting (when `parties`) until that many are
+    under way at once: a read that has to wait for reads a single worker would run after it
+    breaks the barrier (its typed error then fails the test) instead of hanging. Returns the
+    count of reads that returned a packed adapter."""
+    real = manager._read_packed
+    barrier = threading.Barrier(parties, timeout=60) if parties else None
+    lock, done = threading.Lock(), [0]
+
+    def read(name, path):
+        if barrier is not None:
+            barrier.wait()
+        packed = real(name, path)
+        with lock:
+            done[0] += 1
+        return packed
+
+    monkeypatch.setattr(manager, "_read_packed", read)
+    return done
+
+
+def test_announced_adapters_are_read_at_once_and_a_corrupt_one_fails_only_its_step(tmp_path, monkeypatch, adapters,  # noqa: F811
+                                                                                    expected):
+    manager = make_manager(adapters, max_loras=3, max_cpu_loras=3, background_reads=True, prefetch_workers=3)
+    path = tmp_path / "c"
+    shutil.copytree(adapters["c"], path)
+    manager.load("c", path)
+    manager.load_many({name: adapters[name] for name in "abde"})
+    manager.load("f", adapters["d"])  # the CPU cache keeps d, e, f: a, b and c are on disk
+    assert not {"a", "b", "c"} & set(manager.cpu_cached)
+    (path / WEIGHTS_FILE).write_bytes(b"garbage")
+    gated_reads(monkeypatch, manager, parties=3)  # the three reads only go on once all three run
+    manager.prefetch(["a", "b", "c"])
+    manager.activate(["a", "b"])  # waits for a's and b's reads, whether c's failed yet or not
+    assert_serves(manager, "a", expected)
+    assert_serves(manager, "b", expected)
+    before = snapshot(manager)
+    with pytest.raises(AdapterFileError, match="adapter 'c': .*corrupt or unreadable"):
+        manager.activate(["a", "c"])  # the step that needs c: its kept error, or its read's, waited for
+    assert_same(before, snapshot(manager))
+    manager.activate(["b", "a", None])  # the other requests go on
+    stats = manager.stats
+    assert stats.disk_reads == 6 + 2 and stats.prefetch_failures == 1 and stats.prefetched == 3
+    assert (stats.cpu_misses, stats.cpu_hits, stats.gpu_misses, stats.gpu_hits) == (2, 0, 2, 2)
+    assert stats.prefetch_waits <= 1  # 1 when the step came before the reads were done
+    monkeypatch.undo()
+    shutil.rmtree(path)
+    shutil.copytree(adapters["c"], path)
+    manager.activate(["a", "c"])  # the error was raised once: c is read again, now whole
+    assert_serves(manager, "c", expected)
+    manager.close()
+
+
+def test_many_background_reads_at_once_serve_every_batch_and_count_each_read_once(adapters, expected,  # noqa: F811
+                                                                                monkeypatch):
+    """Random mixes, each step announcing the next two on three workers, with a CPU cache
+    smaller than the set: whatever order the reads finish in (every other step commits them all
+    before its batch; the others take what is done, and wait for what they need), every batch
+    reads its own weights, each read that returned is counted once, and the counters add up."""
+    manager = make_manager(adapters, max_loras=3, max_cpu_loras=3, background_reads=True, prefetch_workers=3)
+    manager.load_many(adapters)
+    loads = manager.stats.disk_reads
+    reads = gated_reads(monkeypatch, manager)
+    names = sorted(adapters)
+    rng = random.Random(1)
+    batches = [rng.sample(names, 2) for _ in range(30)]
+    for step, batch in enumerate(batches):
+        if step % 2:
+            manager.wait_for_reads()
+        slots = manager.activate(batch)
+        manager.prefetch([name for later in batches[step + 1:step + 3] for name in later])
+        for name, slot in zip(batch, slots):
+            assert manager.resident[name] == slot
+            assert_serves(manager, name, expected)
+    manager.wait_for_reads()
+    stats = manager.stats
+    assert stats.disk_reads == loads + reads[0] and stats.prefetch_failures == 0
+    assert stats.cpu_hits + stats.cpu_misses == stats.gpu_misses
+    assert stats.gpu_hits + stats.gpu_misses == 2 * len(batches)
+    assert stats.cpu_misses <= reads[0]  # a miss takes a background read's result or reads itself
+    manager.close()
+
+
+def test_a_new_worker_count_keeps_the_reads_under_way(adapters, expected, monkeypatch):  # noqa: F811
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=2, background_reads=True, prefetch_workers=1)
+    manager.load_many({name: adapters[name] for name in "abcd"})  # a and b are on disk
+    real, go = manager._read_packed, threading.Event()
+
+    def held(name, path):
+        if name == "a":
+            assert go.wait(60)
+        return real(name, path)
+
+    monkeypatch.setattr(manager, "_read_packed", held)
+    manager.prefetch(["a"])  # held on the one worker
+    manager.prefetch_workers = 2  # a's read stays with the old pool; b's goes to the new one
+    manager.prefetch(["b"])
+    go.set()
+    manager.wait_for_reads()
+    assert manager.prefetch_workers == 2 and manager.stats.disk_reads == 4 + 2
+    assert {"a", "b"} <= set(manager.cpu_cached)
+    manager.activate(["a", "b"])
+    assert_serves(manager, "a", expected)
+    assert_serves(manager, "b", expected)
+    manager.close()
+
+
+def test_turnover_batches_keep_requests_for_many_steps_under_the_cap():
+    """benchmarks/adapters_at_scale.py --turnover: a full batch every step, at most `max_distinct`
+    adapters, each step the last one's requests less those that finished plus those that joined
+    (about `batch / mean` a step), and every joining adapter announced `lookahead` steps before."""
+    names = [f"a{index:03d}" for index in range(200)]
+    batches, joined, waiting = adapters_at_scale.turnover_batches(names, 400, 8, 4, 1.1, 16, seed=0)
+    assert all(len(batch) == 8 and len(set(batch)) <= 4 for batch in batches)
+    for before, batch, new in zip(batches, batches[1:], joined[1:]):
+        assert not collections.Counter(batch) - collections.Counter(new) - collections.Counter(before)
+    assert 0.3 <= statistics.mean(len(new) for new in joined[1:]) <= 0.8  # 8 / 16 = 0.5 expected
+    assert max(waiting) > 0  # some requests did wait for the cap
+    new = adapters_at_scale.new_per_step(batches)
+    assert new[0] == len(set(batches[0])) and statistics.mean(new[1:]) < 1
+    lookahead = 3
+    announced = adapters_at_scale.turnover_announcements(joined, lookahead, 400)
+    for step in range(1, 400):
+        assert set(joined[step]) <= set(announced[max(0, step - lookahead)]), step
