@@ -274,6 +274,7 @@ def compile(
     target_modules: Sequence[str] | None = None,
     partition_overrides: Mapping[str, str] | None = None,
     default_adapters: Mapping[str, str] | None = None,
+    prefetch_workers: int | None = None,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -288,7 +289,8 @@ def compile(
     served, for every adapter; by default, everything the given adapters target.
     `partition_overrides` ({prefix: partition}) corrects the discovered partitions.
     `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
-    and name no adapter (None) with that adapter; "__base__" still means the base model. These are
+    and name no adapter (None) with that adapter; "__base__" still means the base model.
+    `prefetch_workers` adapter files are read at once by `prefetch` on a GPU (default min(4, cores)). These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
@@ -296,7 +298,8 @@ def compile(
     """
     serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
-                             partition_overrides=partition_overrides, default_adapters=default_adapters)
+                             partition_overrides=partition_overrides, default_adapters=default_adapters,
+                             prefetch_workers=prefetch_workers)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -64,6 +64,7 @@ class ServingOptions:
     target_modules: Sequence[str] | None = None
     partition_overrides: Mapping[str, str] | None = None
     default_adapters: Mapping[str, str] | None = None
+    prefetch_workers: int | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -107,7 +108,8 @@ class LoRARuntime:
         if max_cpu_loras is None:
             max_cpu_loras = max(max_loras, len(adapters))
         self.manager = AdapterManager(self.linears, self.serving, max_loras=max_loras,
-                                      max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, layouts=self.layouts)
+                                      max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, layouts=self.layouts,
+                                      prefetch_workers=options.prefetch_workers)
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]

@@ -212,3 +212,15 @@ def test_a_text_only_language_model_serves_a_mixed_batch_like_peft(tmp_path):
         assert relative_error(logits[row], reference) <= 1e-4, (row, name)
         if name is not None:
             assert relative_error(plain, reference) > 1e-2, "the adapter must change the logits"
+
+
+def test_prefetch_workers_reach_the_manager_from_compile_and_the_backend(tmp_path):
+    base = zoo.build("tiny-llava")
+    paths = {"a": make_adapter(base, tmp_path / "a", all_targets("tiny-llava"), r=4, seed=0)}
+    mm = mmlora_fx.compile(zoo.build("tiny-llava"), paths, max_loras=1, prefetch_workers=3, inner="aot_eager")
+    assert mm.runtime.manager.prefetch_workers == 3
+    with pytest.raises(ValueError, match="prefetch_workers must be a positive int"):
+        mmlora_fx.compile(zoo.build("tiny-llava"), paths, max_loras=1, prefetch_workers=0, inner="aot_eager")
+    from mmlora_fx.runtime import ServingOptions
+
+    assert ServingOptions.taken_from({"prefetch_workers": 2, "inner": "aot_eager"}).prefetch_workers == 2
