@@ -3,7 +3,7 @@
     python benchmarks/decode_overhead.py --out results/ --commit <sha> [--runs 3]
         [--batches 1,16,64] [--mixes 1,8,32] [--rounds 6] [--steps 100] [--budget-s 540]
     python benchmarks/decode_overhead.py --out /tmp/check --tiny --runs 2     # the script, on the CPU
-    python benchmarks/decode_overhead.py --model moe --out results/ --commit <sha> --runs 2
+    python benchmarks/decode_overhead.py --model moe --out results/ --commit <sha> --runs 3
         --steps 50 --rounds 4 --budget-s 500                                  # the MoE model (below)
 
 (`--tiny`: e2e's tiny config on the CPU, no CUDA graphs, perf_counter timing, and the dynamo
@@ -75,13 +75,13 @@ Details that matter for the numbers:
 `--model moe` (issue #17): e2e's `MOE` instead, a mixture-of-experts language model with the real
 layer shapes of Qwen3-VL-30B-A3B's (transformers' Qwen3MoeForCausalLM: hidden 2048, every layer
 128 experts of MoE intermediate 768 with top-8 routing, GQA 32/4 heads of 128, vocabulary 151936,
-untied head; experts run by transformers' `batched_mm`, the implementation served) with 8 of its
-48 layers, random bf16 weights (10.4 GiB), no vision tower. The 32 rank-16 adapters cover q/k/v/o
+untied head; experts run by transformers' `batched_mm`, the implementation served) with 6 of its
+48 layers, random bf16 weights (8.1 GiB), no vision tower. The 32 rank-16 adapters cover q/k/v/o
 (`target_modules`) and the fused expert weights `mlp.experts.gate_up_proj` and `down_proj` of
-all 128 experts (PEFT's `target_parameters`): 26.8 MB a layer, 214 MB an adapter, 6.4 GiB for the
-32 slots. Per run (process) about 10.4 + 6.4 GiB, the KV caches (1 GiB for batches 1, 16 and 64)
+all 128 experts (PEFT's `target_parameters`): 26.8 MB a layer, 161 MB an adapter, 4.8 GiB for the
+32 slots. Per run (process) about 8.1 + 4.8 GiB, the KV caches (0.75 GiB for batches 1, 16 and 64)
 and the CUDA-graph pool, whose batch-64 temporaries are GBs (`batched_mm` gathers each of the
-512 rows' expert weights: 3 GiB for gate_up): about 25 GiB, so `--runs 2` on an 80 GB GPU. The
+512 rows' expert weights: 3 GiB for gate_up): about 20 GiB (estimated), so `--runs 3` fits an 80 GB GPU. The
 same decode step, timing and checks as the dense model's; each run also records how many served
 targets are expert weights and how many LoRA ops of ours' graphs are expert ones, and fails when
 either is zero (the figure would measure attention LoRA alone). `--tiny` with it: `TINY_MOE`

@@ -70,14 +70,15 @@ TINY = dict(
 # language model's layer shapes (hidden 2048, 128 experts of MoE intermediate 768, top-8, GQA 32/4
 # heads of 128, vocabulary 151936, untied head) as transformers' Qwen3MoeForCausalLM, every layer
 # MoE, served through the `batched_mm` experts implementation (each row gathers its expert's
-# weight; the default expert loop is refused). 8 of the real 48 layers, so that the base (10.4 GiB)
-# and 32 adapters' slots (6.4 GiB) fit an 80 GB GPU twice over with room: rank 16 on q/k/v/o is
-# 0.56 MB a layer, on the two expert weights of 128 experts 26.2 MB a layer, so one adapter is
-# 214 MB (26.8 MB x 8 layers) and 32 of them 6.85 GB. No vision tower (decode runs none).
+# weight; the default expert loop is refused). 6 of the real 48 layers, so that three runs (the
+# project's three independent compilations, side by side) fit an 80 GB H100: the base is 8.1 GiB
+# (1.16 a layer, embedding and head 1.16), and rank 16 on q/k/v/o is 0.56 MB a layer, on the two
+# expert weights of 128 experts 26.2 MB a layer, so one adapter is 161 MB (26.8 MB x 6 layers) and
+# 32 of them 5.1 GB. With 8 layers a run took ~25 GiB (estimated), two to a GPU. No vision tower.
 MOE = dict(
     model="moe",
     text=dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-              norm_topk_prob=True, decoder_sparse_step=1, num_hidden_layers=8, num_attention_heads=32,
+              norm_topk_prob=True, decoder_sparse_step=1, num_hidden_layers=6, num_attention_heads=32,
               num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
               tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=5000000.0)),
 )

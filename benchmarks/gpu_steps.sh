@@ -15,7 +15,7 @@
 #              128 decode steps on average (#22) (~480 estimated: as scale less the ~70 s of its
 #              slow steps, whose disk reads turnover mostly avoids; not run yet)
 #   decode64   decode_overhead.py --batches 64: the cells with one run so far (#15)   (~450)
-#   moe        decode_overhead.py --model moe, two runs (#17; three need an H200)     (~480)
+#   moe        decode_overhead.py --model moe, three runs side by side (#17; 6 layers, ~20 GiB a run) (~560, unrun)
 #   audio      audio_prefill.py, two compilations sharing the GPU (three of ~30 GB do not fit an
 #              H100's 80 GB: two of three ran out of memory on 2026-12-06), then a third (#20) (~540)
 #   tp         tp_decode.py --batches 1,16: decode on a 2-GPU tensor-parallel 7B-shaped LM, CUDA graphs
@@ -42,7 +42,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=500 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -56,7 +56,7 @@ run_step() {
         decode64) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64" --batches 64 \
                       --budget-s $((seconds - 20)) --commit "$commit" ;;
         moe) timeout "$seconds" python3 benchmarks/decode_overhead.py --model moe --out "$out/moe" --batches 1,16,64 \
-                 --runs 2 --steps 50 --rounds 4 --budget-s $((seconds - 20)) --commit "$commit" ;;
+                 --runs 3 --steps 50 --rounds 4 --budget-s $((seconds - 20)) --commit "$commit" ;;
         audio) timeout "$seconds" python3 benchmarks/audio_prefill.py --out "$out/audio" --gpus 2 --share-gpu \
                    --budget-s $((seconds - 20)) --commit "$commit" ;;
         tp) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tp" --batches 1,16 \
