@@ -21,10 +21,9 @@ FAMILY = "tiny-llava"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_two_compiled_models_sharing_weights_each_serve_their_own_adapters(tmp_path):
-    """Adapters under one name but with different weights: each call resolves the shared weights
-    to its own runtime, the model compiled first included; outside any call the model is the
-    base model."""
+def two_models_over_one_set_of_weights(tmp_path):
+    """Two module trees sharing every parameter and buffer, two adapters of the same targets with
+    different weights, and a batch of token ids."""
     torch._dynamo.reset()
     first_model = zoo.build(FAMILY)
     alice = make_adapter(first_model, tmp_path / "alice", TARGETS, r=4, lora_alpha=9, seed=0)
@@ -33,6 +32,14 @@ def test_two_compiled_models_sharing_weights_each_serve_their_own_adapters(tmp_p
     second_model = copy.deepcopy(first_model, memo={id(tensor): tensor for tensor in tensors})
     ids = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.FIRST_TEXT_TOKEN + 50, (2, 2),
                         generator=torch.Generator().manual_seed(3))
+    return first_model, second_model, alice, bob, ids
+
+
+def test_two_compiled_models_sharing_weights_each_serve_their_own_adapters(tmp_path):
+    """Adapters under one name but with different weights: each call resolves the shared weights
+    to its own runtime, the model compiled first included; outside any call the model is the
+    base model."""
+    first_model, second_model, alice, bob, ids = two_models_over_one_set_of_weights(tmp_path)
     names = ["a", None]
     first = mmlora_fx.compile(first_model, {"a": alice}, max_loras=1, inner="aot_eager")
     with torch.no_grad():
@@ -58,14 +65,7 @@ def test_two_models_compiled_through_the_backend_alone_over_shared_weights_each_
     """Through `torch.compile(model, backend="mmlora")` no served call scope is entered: each
     compiled graph's call resolves the shared weights to the runtime of the backend that compiled
     it, so the model compiled first keeps its own adapter after the second is compiled."""
-    torch._dynamo.reset()
-    first_model = zoo.build(FAMILY)
-    alice = make_adapter(first_model, tmp_path / "alice", TARGETS, r=4, lora_alpha=9, seed=0)
-    bob = make_adapter(first_model, tmp_path / "bob", TARGETS, r=4, lora_alpha=9, seed=1)
-    tensors = list(first_model.parameters()) + list(first_model.buffers())
-    second_model = copy.deepcopy(first_model, memo={id(tensor): tensor for tensor in tensors})
-    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.FIRST_TEXT_TOKEN + 50, (2, 2),
-                        generator=torch.Generator().manual_seed(3))
+    first_model, second_model, alice, bob, ids = two_models_over_one_set_of_weights(tmp_path)
     names = ["a", None]
     first = torch.compile(first_model, backend="mmlora",
                           options={"adapters": {"a": alice}, "max_loras": 1, "inner": "aot_eager"})
