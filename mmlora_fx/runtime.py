@@ -35,7 +35,8 @@ from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
                          outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
-from .sharding import COLUMN, TP_LORA_A, distributed_layout, gather_slice_digests, is_dtensor, shard_lora_a, target_layouts
+from .sharding import (COLUMN, TP_LORA_A, distributed_layout, gather_slice_digests, is_dtensor, shard_lora_a,
+                       target_layouts)
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
