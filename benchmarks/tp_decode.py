@@ -2,7 +2,7 @@
 
     python benchmarks/tp_decode.py --out $OUT/tp --commit <sha> [--gpus 2] [--runs 3]
         [--batches 1,16,64] [--mixes 1,8,32] [--rounds 6] [--steps 100] [--budget-s 540]
-        [--mode reduce-overhead|default]
+        [--mode reduce-overhead|default] [--tp-lora-a replicated|sharded]
     python benchmarks/tp_decode.py --out /tmp/tp-check --tiny --runs 2    # the script, on 2 CPU processes
 
 The model is e2e's language model as a text-only LM: transformers' `Qwen2ForCausalLM` with the
@@ -15,6 +15,11 @@ q/k/v/gate/up, `RowwiseParallel` on o/down); the embedding, norms and lm_head st
 rank. transformers' `tp_plan` is not used here (it loads from a checkpoint: 15 GB written per call).
 `--gpus` must divide the 4 KV heads (2 or 4). Adapters: `e2e.write_adapter`, 32 (tiny 4) of rank 16
 on the 7 linears of every layer, in PEFT's format; each rank reads its slice of them.
+`--tp-lora-a` is the serving option of that name: `replicated` (default; A whole on every rank)
+or `sharded` (the column-parallel targets' A split along the rank, one all-gather of the
+`[rows, 16]` shrink per target and step). Run the script once with each to compare them; it times
+decode only (a few rows a step, where the all-gathers should cost most and save least), not the
+long prefills where splitting A is expected to pay.
 
 Each run is one independent compilation on all N GPUs: N processes (one per GPU, spawned by this
 script, NCCL over a file store; gloo on the CPU with `--tiny`), each with its own fresh Inductor
@@ -107,7 +112,7 @@ def settings(args) -> dict:
                 mode=None if mode == "default" else mode, inner=args.inner or ("aot_eager" if tiny else "inductor"),
                 model="Qwen2ForCausalLM, e2e." + ("TINY" if tiny else "SEVEN_B") + " text widths, plain RoPE",
                 sharding="parallelize_module: ColwiseParallel q/k/v/gate/up, RowwiseParallel o/down; "
-                         "embedding, norms, lm_head whole")
+                         "embedding, norms, lm_head whole", tp_lora_a=args.tp_lora_a)
 
 
 def mixes_for(config: dict, batch: int) -> list[int]:
@@ -260,9 +265,10 @@ class Rank:
             self.names = list(adapters)
             began = time.perf_counter()
             self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
-                                        mode=mode, dynamic=False, max_batch_size=max(config["batches"]), inner=inner)
+                                        mode=mode, dynamic=False, max_batch_size=max(config["batches"]), inner=inner,
+                                        tp_lora_a=config["tp_lora_a"])
             record["ours_setup_s"] = time.perf_counter() - began
-            entries = tensor_parallel_entries(self.mm.runtime.linears, self.mm.runtime.serving)
+            entries = tensor_parallel_entries(self.mm.runtime.linears, self.mm.runtime.serving, self.mm.runtime.layouts)
             record["layouts"] = layout_counts(entries)
             self.log(f"ours set up in {record['ours_setup_s']:.0f} s; {record['layouts']}")
             for batch, step in self.steps.items():
@@ -623,6 +629,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget from the start")
     parser.add_argument("--mode", choices=["reduce-overhead", "default"], default=None,
                         help="torch.compile mode of both models: default reduce-overhead (CUDA graphs); tiny: default")
+    parser.add_argument("--tp-lora-a", choices=["replicated", "sharded"], default="replicated",
+                        help="LoRA A of the column-parallel targets: whole on every rank, or split along the rank")
     parser.add_argument("--inner", default=None, help="compiler of both models: inductor (tiny: aot_eager)")
     parser.add_argument("--commit", default=None, help="the commit measured (the device's git HEAD is stale)")
     parser.add_argument("--keep-caches", action="store_true")

@@ -7,7 +7,10 @@ slot does not adapt the linear). Smaller ranks are padded with zeros. Loading an
 slot writes that slot only. On a tensor-parallel model `in` and `out` are this rank's
 (`sharding.TargetLayout`: B's output rows of a column-parallel linear, A's input columns of a
 row-parallel one): adapters are validated against the global shapes, alike on every rank, and
-each rank packs its slice from the same file, with no communication.
+each rank packs its slice from the same file, with no communication. Where a column-parallel
+target's A is split along the rank (`tp_lora_a="sharded"`) its `lora_a` is `[max_loras,
+max_lora_rank / ranks, in]`, this rank's rows of each slot's zero-padded A, and `local_ranks`
+says how many of them each slot's adapter has (the shrink's ranks; `ranks` stay the expand's).
 
 The buffers of one dtype are views of one slot-major slab `[max_loras, total]` (`_Slab`): each
 linear's A and B take their elements of a slot's row, in module order, A before B, so slot `s`
@@ -87,9 +90,14 @@ class SlotBuffers:
     lora_a: torch.Tensor  # [max_loras, max_lora_rank, in_features]; experts: [max_loras, experts, R, in]
     lora_b: torch.Tensor  # [max_loras, out_features, max_lora_rank]; experts: [max_loras, experts, out, R]
     ranks: torch.Tensor  # int32 [max_loras]
+    # int32 [max_loras]: where A is split along the rank, how many of this rank's rows of A each
+    # slot's adapter has (`TargetLayout.local_rank`); None where A is whole.
+    local_ranks: torch.Tensor | None = None
 
     def delta(self, slot: int) -> torch.Tensor:
         """`scaling * B @ A` of the adapter in `slot`, as a [out, in] matrix ([experts, out, in] for experts)."""
+        if self.local_ranks is not None:
+            raise ValueError(f"{self.module}'s A is split along the rank: this rank holds a part of no delta")
         rank = int(self.ranks[slot])
         return self.lora_b[slot, ..., :rank].float() @ self.lora_a[slot, ..., :rank, :].float()
 
@@ -292,18 +300,25 @@ class AdapterManager:
             a_local, b_local = self.layouts[module].local_factors(a_global, b_global)
             shapes.setdefault((weight.dtype, target), []).append((module, tuple(a_local.shape), tuple(b_local.shape)))
         modules = sorted(serving.served)
-        # Every linear's ranks: one row of a [linears, max_loras] int32 table per device
+        # Every linear's ranks: one row of a [rows, max_loras] int32 table per device
         # (contiguous, as the kernels read them); a slot's ranks are a column, written with one copy.
+        # After the linears' rows, one more per linear whose A is split along the rank: its local ranks.
         devices = {}
         for (_, target), members in shapes.items():
             devices.setdefault(target, []).extend(module for module, _, _ in members)
         self._rank_tables: list[tuple[torch.Tensor, list[str]]] = []
         self._rank_of: dict[str, tuple[int, int]] = {}  # module -> (table, row)
+        self._local_rank_of: dict[str, tuple[int, int]] = {}  # module -> (table, row), A split along the rank
         for target, members in devices.items():
             members = sorted(members)
-            self._rank_tables.append((torch.zeros(len(members), max_loras, dtype=torch.int32, device=target), members))
+            split = [module for module in members if self.layouts[module].lora_a_rows is not None]
+            table = len(self._rank_tables)
+            self._rank_tables.append((torch.zeros(len(members) + len(split), max_loras, dtype=torch.int32,
+                                                  device=target), members))
             for row, module in enumerate(members):
-                self._rank_of[module] = (len(self._rank_tables) - 1, row)
+                self._rank_of[module] = (table, row)
+            for row, module in enumerate(split, start=len(members)):
+                self._local_rank_of[module] = (table, row)
         self._slabs: list[_Slab] = []
         views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for (dtype, target), members in shapes.items():
@@ -324,8 +339,10 @@ class AdapterManager:
                                  data[:, b_offset:b_offset + b_size].view(max_loras, *b_shape))
         for module in modules:
             table, row = self._rank_of[module]
+            local = self._local_rank_of.get(module)
             self.buffers[module] = SlotBuffers(module=module, lora_a=views[module][0], lora_b=views[module][1],
-                                               ranks=self._rank_tables[table][0][row])
+                                               ranks=self._rank_tables[table][0][row],
+                                               local_ranks=self._rank_tables[local[0]][0][local[1]] if local else None)
         self._known: dict[str, _Entry] = {}
         self._cpu: OrderedDict[str, _Packed] = OrderedDict()  # least recently used first
         self._slots: list[str | None] = [None] * max_loras
@@ -334,7 +351,7 @@ class AdapterManager:
         # Each slot's ranks (the rank table's column) as last written: a write copies them only
         # where they differ.
         self._slot_ranks: list[tuple[tuple[int, ...], ...]] = [
-            tuple((0,) * len(members) for _, members in self._rank_tables)] * max_loras
+            tuple((0,) * len(table) for table, _ in self._rank_tables)] * max_loras
         on_gpu = any(buffers.lora_a.is_cuda for buffers in self.buffers.values())
         self._pin = on_gpu
         # Slot writes from activate and prefetch go on a side stream. Per slot, `_ready` is the
@@ -518,10 +535,13 @@ class AdapterManager:
     def _rank_columns(self, adapter) -> tuple[tuple[tuple[int, ...], ...], list[torch.Tensor]]:
         """Each rank table's column for `adapter` (0 for the linears it does not adapt), as ints and
         as int32 tensors (pinned for a GPU)."""
-        ranks = [[0] * len(members) for _, members in self._rank_tables]
+        ranks = [[0] * len(table) for table, _ in self._rank_tables]
         for module, weights in adapter.modules.items():
             table, row = self._rank_of[module]
             ranks[table][row] = weights.rank
+            if module in self._local_rank_of:
+                table, row = self._local_rank_of[module]
+                ranks[table][row] = self.layouts[module].local_rank(weights.rank)
         columns = []
         for column in ranks:
             tensor = torch.empty(len(column), dtype=torch.int32, pin_memory=self._pin)
@@ -575,8 +595,10 @@ class AdapterManager:
                 # This rank's slice of a sharded target's factors (the whole of the others').
                 lora_a, lora_b = self.layouts[module].local_factors(weights.lora_a, weights.lora_b)
                 # `[..., rank, in]` and `[..., out, rank]`: a linear's, or each expert's of a 3D weight.
-                a[..., :rank, :].copy_(lora_a)
-                a[..., rank:, :].zero_()
+                # A split along the rank has fewer rows here (`TargetLayout.local_rank`), maybe none.
+                a_rank = lora_a.shape[-2]
+                a[..., :a_rank, :].copy_(lora_a)
+                a[..., a_rank:, :].zero_()
                 if isinstance(weights, LoRAFactors):
                     fold_into(b[..., :rank], lora_b, weights.scaling)
                 else:  # read_adapter's: scaled already
@@ -996,7 +1018,7 @@ class AdapterManager:
             slab.data[slot].zero_()
         for table, _ in self._rank_tables:
             table[:, slot].zero_()
-        self._slot_ranks[slot] = tuple((0,) * len(members) for _, members in self._rank_tables)
+        self._slot_ranks[slot] = tuple((0,) * len(table) for table, _ in self._rank_tables)
         if self._stream is not None:
             event.record(torch.cuda.current_stream(self._stream.device))
             self._free[slot] = event

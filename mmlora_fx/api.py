@@ -275,6 +275,7 @@ def compile(
     partition_overrides: Mapping[str, str] | None = None,
     default_adapters: Mapping[str, str] | None = None,
     prefetch_workers: int | None = None,
+    tp_lora_a: str = ServingOptions.tp_lora_a,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -290,7 +291,12 @@ def compile(
     `partition_overrides` ({prefix: partition}) corrects the discovered partitions.
     `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
     and name no adapter (None) with that adapter; "__base__" still means the base model.
-    `prefetch_workers` adapter files are read at once by `prefetch` on a GPU (default min(4, cores)). These are
+    `prefetch_workers` adapter files are read at once by `prefetch` on a GPU (default min(4, cores)).
+    `tp_lora_a`, on a tensor-parallel model: `"replicated"` (default) keeps the LoRA A of
+    column-parallel targets whole on every rank; `"sharded"` splits it along the rank (each rank
+    shrinks by `max_lora_rank / ranks` rows, then one all-gather of the `[rows, max_lora_rank]`
+    shrink per target and call; `max_lora_rank` must be a multiple of the ranks); `"auto"` is
+    `"replicated"` until a rule is measured on GPUs. Row-parallel targets are unchanged. These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
@@ -299,7 +305,7 @@ def compile(
     serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
-                             prefetch_workers=prefetch_workers)
+                             prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -37,9 +37,11 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
-                 ownership: dict[str, UnitOwnership] | None = None) -> dict:
+                 ownership: dict[str, UnitOwnership] | None = None, layouts=None) -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
-    `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`)."""
+    `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`),
+    `layouts` the served targets' `TargetLayout`s as compiled (`mm.runtime.layouts`: with the
+    serving options' choices, such as A split along the rank), where known."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -167,25 +169,28 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             for info in linears if info.kind == EXPERTS
         ],
         "adapters": [_adapter_entry(scan, linears, calls, serving) for scan in adapters],
-        "tensor_parallel": tensor_parallel_entries(linears, serving),
+        "tensor_parallel": tensor_parallel_entries(linears, serving, layouts),
         "serving": serving.to_json() if serving is not None else None,
         "ownership": {modality: {"units": traced.units, "how": traced.how} for modality, traced in ownership.items()},
     }
     return report
 
 
-def tensor_parallel_entries(linears: LinearIndex, serving=None) -> list[dict]:
+def tensor_parallel_entries(linears: LinearIndex, serving=None, layouts=None) -> list[dict]:
     """Every target whose weight is sharded across processes (a DTensor), as this rank sees it: its
     placements, how its LoRA is laid out (`sharding.TargetLayout.to_json`: `column` / `row`, this
     rank's slice, the collective LoRA adds in the compiled graphs and in the eager hooks) or why it
-    is refused, and (with a serving plan) whether it is served. Empty for a model of one process."""
+    is refused, and (with a serving plan) whether it is served. A target in `layouts` (a runtime's)
+    is shown as served there (A split along the rank: the shrink's all-gather is its collective).
+    Empty for a model of one process."""
+    layouts = layouts or {}
     entries = []
     for info in linears:
         weight = linears.weights[info.name]
         placements = distributed_layout(weight)
         if placements is None:
             continue
-        layout, refusal = layout_of(info.kind, weight)
+        layout, refusal = (layouts[info.name], None) if info.name in layouts else layout_of(info.kind, weight)
         entries.append({"module": info.name, "kind": info.kind, "partition": info.partition, "placements": placements,
                         "layout": layout.to_json() if layout is not None else None, "refusal": refusal,
                         **({"served": serving.serves(info.name)} if serving is not None else {})})
@@ -203,7 +208,9 @@ def _tensor_parallel_lines(entries: list[dict]) -> list[str]:
         else:
             piece = layout["out_range"] or layout["in_range"]
             side = "out" if layout["out_range"] else "in"
-            row = [entry["module"], layout["style"], f"{side} {piece[0]}:{piece[1]}",
+            rows_of_a = layout.get("lora_a_rows")
+            piece = f"{side} {piece[0]}:{piece[1]}" + (f", A rows {rows_of_a[0]}:{rows_of_a[1]}" if rows_of_a else "")
+            row = [entry["module"], layout["style"], piece,
                    layout["collective_compiled"], layout["collective_eager"], ""]
         rows.append(row + (["yes" if entry["served"] else "-"] if "served" in entry else []))
     header = ["module", "layout", "this rank's slice", "LoRA collective (compiled)", "(eager)", "refusal"]

@@ -35,7 +35,8 @@ from .peft_format import scan_adapter
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
                          outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
-from .sharding import COLUMN, distributed_layout, gather_slice_digests, is_dtensor, target_layouts
+from .sharding import (COLUMN, TP_LORA_A, distributed_layout, gather_slice_digests, is_dtensor, shard_lora_a,
+                       target_layouts)
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
@@ -54,7 +55,11 @@ class ServingOptions:
     token tables; `partitions` and `target_modules` restrict where LoRA is served;
     `partition_overrides` ({prefix: partition}) corrects the discovered partitions;
     `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
-    and name no adapter with that adapter (`default_adapters.py`)."""
+    and name no adapter with that adapter (`default_adapters.py`); `tp_lora_a` lays out the A of
+    column-parallel targets on a tensor-parallel model: `"replicated"` (whole on every rank, each
+    computing the whole shrink), `"sharded"` (split along the rank, the shrinks all-gathered:
+    `sharding.shard_lora_a`) or `"auto"` (the place of a measured rule; none is measured yet, so
+    it is `"replicated"`). Row-parallel and unsharded targets are the same under every value."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -65,6 +70,16 @@ class ServingOptions:
     partition_overrides: Mapping[str, str] | None = None
     default_adapters: Mapping[str, str] | None = None
     prefetch_workers: int | None = None
+    tp_lora_a: str = "replicated"
+
+    def __post_init__(self):
+        if self.tp_lora_a not in TP_LORA_A:
+            raise ValueError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
+
+    @property
+    def lora_a_sharded(self) -> bool:
+        """Whether A of column-parallel targets is split along the rank ("auto" is not, unmeasured)."""
+        return self.tp_lora_a == "sharded"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -95,6 +110,8 @@ class LoRARuntime:
         # Tensor parallelism (#23): each served target's layout, before any buffer is sized (what is
         # not served is refused here, alike on every rank).
         self.layouts = target_layouts(self.linears, self.serving.served)
+        if options.lora_a_sharded:
+            self.layouts = shard_lora_a(self.layouts, max_lora_rank, self.linears)
         if any(layout.sharded for layout in self.layouts.values()):
             from .tp_lora import register_sharding_rule
 
@@ -348,13 +365,26 @@ class LoRARuntime:
     # ------------------------------------------------------------------ inside a forward
     def apply(self, outputs: list[torch.Tensor], x: torch.Tensor, modules: list[str]) -> None:
         """Add the LoRA deltas of `modules` (siblings sharing input `x`) to their `outputs`."""
-        served, table, lora_a, lora_b, ranks = self._cached_plan(modules)
+        served, table, lora_a, lora_b, ranks, split = self._cached_plan(modules)
         if not served:
             return
         self._count_application(table.partition, [modules[index] for index in served])
         request_slots, cum_weights, tile_plan = self._owner_table(table, x, modules[served[0]])
-        # Already inside the graph-level op: call the kernels directly, not through a second op.
-        lora_add([outputs[index] for index in served], x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
+        outputs = [outputs[index] for index in served]
+        if split is None:
+            # Already inside the graph-level op: call the kernels directly, not through a second op.
+            lora_add(outputs, x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan)
+            return
+        from .tp_lora import lora_add_all_gathered
+
+        whole, gathered = split
+        if whole:
+            lora_add([outputs[i] for i in whole], x, [lora_a[i] for i in whole], [lora_b[i] for i in whole],
+                     [ranks[i] for i in whole], request_slots, cum_weights, tile_plan)
+        for positions, local_ranks, mesh in gathered:
+            lora_add_all_gathered([outputs[i] for i in positions], x, [lora_a[i] for i in positions],
+                                  [lora_b[i] for i in positions], [ranks[i] for i in positions], local_ranks,
+                                  request_slots, cum_weights, tile_plan, mesh)
 
     def apply_after_module(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
         """Add the LoRA delta of the linear `module` to `output`, what its module returned for `x`
@@ -364,7 +394,8 @@ class LoRARuntime:
         local shards are views: adding to them in place changes the module's output) or local
         tensors (transformers' layers). Column-parallel: the output is this rank's slice of the
         features, or the whole (the module gathered it: transformers' lm_head), which gets every
-        rank's slice of the delta, all-gathered. Row-parallel: the output is reduced already, so
+        rank's slice of the delta, all-gathered (`apply` makes the slice, all-gathering the shrink
+        where A is split along the rank). Row-parallel: the output is reduced already, so
         the rank-sized shrink is all-reduced (`tp_lora.lora_add_all_reduced`); an input still
         whole (transformers' `rowwise_split_input`) is cut to this rank's slice first."""
         layout = self.layouts.get(module)
@@ -394,7 +425,7 @@ class LoRARuntime:
         if partial:
             self.apply([output], x, [module])  # the module's reduction, after this hook, sums the partial delta
             return
-        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
+        served, table, lora_a, lora_b, ranks, _ = self._cached_plan([module])
         if not served:
             return
         self._count_application(table.partition, [module])
@@ -410,7 +441,7 @@ class LoRARuntime:
         per request. `output_scale` multiplies the delta where the lookup's output was already
         scaled (an eager hook on Gemma3's scaled embedding sees the product; PEFT scales its
         delta the same way)."""
-        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
+        served, table, lora_a, lora_b, ranks, _ = self._cached_plan([module])
         if not served:
             return
         self._count_application(table.partition, [module])
@@ -450,7 +481,7 @@ class LoRARuntime:
         owned per unit where the entries are the tower's units (images), or `[patches, pixels]`
         where each entry is one patch (Qwen2-VL's packed patches), shared by image tokens as the
         tower's other layers' rows are."""
-        served, table, lora_a, lora_b, ranks = self._cached_plan([module])
+        served, table, lora_a, lora_b, ranks, _ = self._cached_plan([module])
         if not served:
             return
         self._count_application(table.partition, [module])
@@ -585,16 +616,29 @@ class LoRARuntime:
             self.applied.update(modules)
 
     def _plan(self, modules: list[str]):
+        """(served indices, table, A, B and rank tables of the served, split): `split` is None unless
+        some served target's A is split along the rank; then (positions among the served whose A is
+        whole, [(positions whose A is split, their local rank tables, their mesh)], one per mesh)."""
         served = [index for index, module in enumerate(modules) if module in self.manager.buffers]
         partitions = {self.linears[modules[index]].partition for index in served}
         if len(partitions) > 1:
             raise MMLoRAError(f"linears {modules} share an input but sit in partitions {sorted(partitions)}")
         if not served:
-            return [], None, [], [], []
+            return [], None, [], [], [], None
         buffers = [self.manager.buffers[modules[index]] for index in served]
         table = self.tables[partitions.pop()]
+        split = None
+        if any(b.local_ranks is not None for b in buffers):
+            meshes: dict[int, tuple[list[int], list[torch.Tensor], object]] = {}
+            for position, b in enumerate(buffers):
+                if b.local_ranks is not None:
+                    mesh = self.layouts[b.module].mesh
+                    group = meshes.setdefault(id(mesh), ([], [], mesh))
+                    group[0].append(position)
+                    group[1].append(b.local_ranks)
+            split = ([position for position, b in enumerate(buffers) if b.local_ranks is None], list(meshes.values()))
         return (served, table, [b.lora_a for b in buffers], [b.lora_b for b in buffers],
-                [b.ranks for b in buffers])
+                [b.ranks for b in buffers], split)
 
     # ------------------------------------------------------------------ outside the graphs
     @contextlib.contextmanager

@@ -7,7 +7,10 @@ linear's weight `W [out, in]` says how its LoRA is laid out, with no per-model c
 
 - an ordinary tensor: `replicated`, the whole LoRA on every rank, as on one process;
 - `Shard(0)`, column-parallel (`ColwiseParallel`, `colwise`): `x` is whole on every rank and each
-  rank computes a slice of the outputs. A is whole, B is split by output rows like W; no collective;
+  rank computes a slice of the outputs. A is whole, B is split by output rows like W; no collective.
+  With `tp_lora_a="sharded"` (`shard_lora_a`) A is split too, along the rank: each rank holds
+  `R/T` of the `R = max_lora_rank` rows of every slot's zero-padded A, and the `[rows, R/T]`
+  shrinks are all-gathered into `[rows, R]` before the expand (`tp_lora.lora_add_all_gathered`);
 - `Shard(1)`, row-parallel (`RowwiseParallel`, `rowwise`): `x` comes split by input features and
   each rank's product is a partial sum that the base reduces. A is split by input like W, B whole.
   In the compiled graphs the LoRA op runs right after the linear, on its partial output, so each
@@ -36,10 +39,14 @@ import torch
 from .errors import ShardedModelError
 from .linear_index import LINEAR, LinearIndex
 
-__all__ = ["REPLICATED", "COLUMN", "ROW", "TargetLayout", "distributed_layout", "layout_of", "target_layouts",
-           "local_tensor", "is_dtensor", "gather_slice_digests", "copy_equals_sharded"]
+__all__ = ["REPLICATED", "COLUMN", "ROW", "TP_LORA_A", "TargetLayout", "distributed_layout", "layout_of",
+           "target_layouts", "shard_lora_a", "local_tensor", "is_dtensor", "gather_slice_digests",
+           "copy_equals_sharded"]
 
 REPLICATED, COLUMN, ROW = "replicated", "column", "row"
+# The `tp_lora_a` serving option: A of column-parallel targets whole on every rank, or split along
+# the rank. "auto" is the measured rule's place; unmeasured (no multi-GPU machine yet), it is "replicated".
+TP_LORA_A = ("replicated", "sharded", "auto")
 
 
 def _dtensor_class():
@@ -64,7 +71,9 @@ class TargetLayout:
     """How one served target's LoRA is laid out on this rank: `style` (`replicated`, `column`,
     `row`), the mesh's `ranks` and this rank's coordinate, and the part of the global features it
     holds (`out_range` for column, `in_range` for row: `[start, stop)`). `mesh` is the weight's
-    `DeviceMesh` (its group is what the eager row path all-reduces over)."""
+    `DeviceMesh` (its group is what the eager row path all-reduces over). `lora_a_rows`: the rows
+    `[start, stop)` of every slot's zero-padded A (`max_lora_rank` rows) this rank holds, on a
+    column-parallel target whose A is split along the rank (`shard_lora_a`); None where A is whole."""
 
     style: str = REPLICATED
     ranks: int = 1
@@ -72,6 +81,7 @@ class TargetLayout:
     out_range: tuple[int, int] | None = None
     in_range: tuple[int, int] | None = None
     placements: str = ""
+    lora_a_rows: tuple[int, int] | None = None
     mesh: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -79,17 +89,30 @@ class TargetLayout:
         return self.style != REPLICATED
 
     def local_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of an adapter's `lora_a [..., r, in]` and `lora_b [..., out, r]` (views)."""
+        """This rank's part of an adapter's `lora_a [..., r, in]` and `lora_b [..., out, r]` (views).
+        Where A is split along the rank, A's part has `local_rank(r)` rows (those of `lora_a_rows`
+        that an adapter of rank r has; the others are the padding's zeros) and B keeps every rank."""
         if self.style == COLUMN:
             start, stop = self.out_range
+            if self.lora_a_rows is not None:
+                lora_a = lora_a[..., self.lora_a_rows[0]:self.lora_a_rows[1], :]
             return lora_a, lora_b[..., start:stop, :]
         if self.style == ROW:
             start, stop = self.in_range
             return lora_a[..., start:stop], lora_b
         return lora_a, lora_b
 
+    def local_rank(self, rank: int) -> int:
+        """How many of an adapter's `rank` rows of A this rank holds (its shrink's rank)."""
+        if self.lora_a_rows is None:
+            return rank
+        start, stop = self.lora_a_rows
+        return min(max(rank - start, 0), stop - start)
+
     def collective(self, compiled: bool) -> str:
         """The collective LoRA adds to the target, in the compiled graphs or in the eager hooks."""
+        if self.lora_a_rows is not None:
+            return "all-gather [rows, R]" + ("" if compiled else " (and [rows, out] if gathered)")
         if self.style == COLUMN and not compiled:
             return "none (all-gather [rows, out] if gathered)"
         if self.style != ROW:
@@ -100,6 +123,7 @@ class TargetLayout:
         return {"style": self.style, "placements": self.placements, "ranks": self.ranks, "rank": self.rank,
                 "out_range": list(self.out_range) if self.out_range else None,
                 "in_range": list(self.in_range) if self.in_range else None,
+                "lora_a_rows": list(self.lora_a_rows) if self.lora_a_rows else None,
                 "collective_compiled": self.collective(compiled=True),
                 "collective_eager": self.collective(compiled=False)}
 
@@ -161,6 +185,28 @@ def target_layouts(linears: LinearIndex, served: Iterable[str]) -> dict[str, Tar
         name, layout, why = refused[0]
         raise ShardedModelError(name, layout, why, len(refused))
     return layouts
+
+
+def shard_lora_a(layouts: dict[str, TargetLayout], max_lora_rank: int, linears: LinearIndex) -> dict[str, TargetLayout]:
+    """`layouts` with every column-parallel target's A split along the rank (`tp_lora_a="sharded"`):
+    rank k of T holds rows `[k*R/T, (k+1)*R/T)` of each slot's A, R = `max_lora_rank`.
+    `ShardedModelError` where R is not a multiple of T: every rank sees the same R and mesh, so all
+    refuse alike, before any buffer is sized. Row-parallel and unsharded targets are unchanged."""
+    columns = [name for name, layout in layouts.items() if layout.style == COLUMN]
+    refused = [name for name in columns if max_lora_rank % layouts[name].ranks]
+    if refused:
+        name, ranks = refused[0], layouts[refused[0]].ranks
+        raise ShardedModelError(
+            name, distributed_layout(linears.weights[name]),
+            f"tp_lora_a='sharded' splits the rows of its LoRA A (max_lora_rank={max_lora_rank}) over the "
+            f"{ranks}-rank mesh, and {max_lora_rank} is not a multiple of {ranks}: give a max_lora_rank that is "
+            f"({-(-max_lora_rank // ranks) * ranks}), or tp_lora_a='replicated'", len(refused))
+    sharded = dict(layouts)
+    for name in columns:
+        layout = layouts[name]
+        share = max_lora_rank // layout.ranks
+        sharded[name] = dataclasses.replace(layout, lora_a_rows=(layout.rank * share, (layout.rank + 1) * share))
+    return sharded
 
 
 # PEFT saves a full copy of the base weight of the lm_head and embeddings an adapter targets; the

@@ -19,6 +19,10 @@
   and then expanded with the whole B. The shrink and the expand are `lora_add` with an identity
   factor, so the same kernels run. A column-parallel module that gathers its output (transformers'
   lm_head) shows the hook the whole output: each rank's slice of the delta is all-gathered into it.
+- **Column-parallel with A split along the rank** (`tp_lora_a="sharded"`), in the graphs and in
+  the hooks alike: each rank shrinks the whole input by its `R/T` rows of A, the `[rows, R/T]`
+  shrinks are all-gathered in rank order into the whole `[rows, R]` shrink, and each rank expands
+  it with its rows of B. The rank-sized work is split instead of repeated, for one all-gather.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from .kernels.lora_add import lora_add
 
-__all__ = ["register_sharding_rule", "lora_add_all_reduced", "gathered"]
+__all__ = ["register_sharding_rule", "lora_add_all_reduced", "lora_add_all_gathered", "gathered"]
 
 
 @functools.cache
@@ -59,24 +63,57 @@ def _identity(rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.eye(rank, dtype=dtype, device=device)
 
 
+def _shrunk(x, lora_a, ranks, request_slots, cum_weights, tile_plan) -> list[torch.Tensor]:
+    """Each sibling's shrink `x A^T` (`[rows, width]`, width A's rows), by the rows' slots and the
+    `ranks` given: `lora_add` with an identity B, so the same kernels run, siblings in one call."""
+    width = lora_a[0].shape[-2]
+    identity = _identity(width, x.dtype, x.device)
+    shrinks = [x.new_zeros(*x.shape[:-1], width) for _ in lora_a]
+    # Slot stride 0: every slot's identity is the same matrix (the kernels read the strides given).
+    lora_add(shrinks, x, lora_a, [identity.expand(lora_a[0].shape[0], width, width)] * len(lora_a), ranks,
+             request_slots, cum_weights, tile_plan)
+    return shrinks
+
+
+def _expand(output, shrink, lora_b, ranks, request_slots, cum_weights, tile_plan) -> None:
+    """`output += shrink B^T` by the rows' slots: `lora_add` with an identity A."""
+    width = lora_b.shape[-1]
+    identity = _identity(width, shrink.dtype, shrink.device)
+    lora_add([output], shrink, [identity.expand(lora_b.shape[0], width, width)], [lora_b], [ranks], request_slots,
+             cum_weights, tile_plan)
+
+
+def _waited(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed import _functional_collectives as funcol
+
+    return tensor.wait() if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
+
+
 def lora_add_all_reduced(outputs, x, lora_a, lora_b, ranks, request_slots, cum_weights, tile_plan, mesh) -> None:
     """Add the LoRA of row-parallel siblings to their reduced `outputs`: per sibling, the shrink
     `x_i A_i^T` of this rank's input slice `x` (`[rows, R]`, R the slots' rank), all-reduced over
     `mesh`, then expanded with the whole B."""
     from torch.distributed import _functional_collectives as funcol
 
-    for output, a, b, slot_ranks in zip(outputs, lora_a, lora_b, ranks):
-        width = a.shape[1]  # max_lora_rank
-        identity = _identity(width, x.dtype, x.device)
-        # Slot stride 0: every slot's identity is the same matrix (the kernels read the strides given).
-        shrink = x.new_zeros(*x.shape[:-1], width)
-        lora_add([shrink], x, [a], [identity.expand(a.shape[0], width, width)], [slot_ranks], request_slots,
-                 cum_weights, tile_plan)
-        reduced = funcol.all_reduce(shrink, "sum", mesh)
-        if isinstance(reduced, funcol.AsyncCollectiveTensor):
-            reduced = reduced.wait()
-        lora_add([output], reduced, [identity.expand(b.shape[0], width, width)], [b], [slot_ranks], request_slots,
-                 cum_weights, tile_plan)
+    shrinks = _shrunk(x, lora_a, ranks, request_slots, cum_weights, tile_plan)
+    for output, shrink, b, slot_ranks in zip(outputs, shrinks, lora_b, ranks):
+        reduced = _waited(funcol.all_reduce(shrink, "sum", mesh))
+        _expand(output, reduced, b, slot_ranks, request_slots, cum_weights, tile_plan)
+
+
+def lora_add_all_gathered(outputs, x, lora_a, lora_b, ranks, local_ranks, request_slots, cum_weights, tile_plan,
+                          mesh) -> None:
+    """Add the LoRA of column-parallel siblings whose A is split along the rank (`tp_lora_a="sharded"`)
+    to their `outputs` (this rank's output features): per sibling, the shrink of the whole input `x`
+    by this rank's `R/T` rows of A (`[rows, R/T]`, by the slots' `local_ranks`), all-gathered over
+    `mesh` in rank order into `[rows, R]` (every rank's rows of A, in order: the whole shrink), then
+    expanded with this rank's rows of B, by the slots' whole `ranks`."""
+    from torch.distributed import _functional_collectives as funcol
+
+    shrinks = _shrunk(x, lora_a, local_ranks, request_slots, cum_weights, tile_plan)
+    for output, shrink, b, slot_ranks in zip(outputs, shrinks, lora_b, ranks):
+        whole = _waited(funcol.all_gather_single(shrink, shrink.dim() - 1, mesh)).contiguous()
+        _expand(output, whole, b, slot_ranks, request_slots, cum_weights, tile_plan)
 
 
 def gathered(delta: torch.Tensor, mesh, features: int) -> torch.Tensor:

@@ -380,3 +380,123 @@ def test_uneven_shards_per_module_ranks_and_partial_adapters_equal_peft_on_every
             assert max(found[key]) <= 1e-4, (rank, key, found[key])
     # down_proj's A is cut by input: 65 columns on rank 0, 64 on rank 1.
     assert [found["down_proj_slice"][-1] for found in results] == [65, 64]
+
+
+# A split along the rank (`tp_lora_a="sharded"`): R = 8 over 2 ranks, 4 rows of A each. bob's
+# rank 3 < R/T leaves rank 1 no row of his A (local rank 0); carol has a rank per module.
+SPLIT_R = 8
+SPLIT_NAMES = ["bob", None, "alice", "carol"]
+SPLIT_AFTER = ["dave", "carol", "bob", None]  # dave is alice's file: loaded after an eviction
+
+
+def serve_split_a(rank: int, mesh, paths: dict, checkpoint: str, ids: torch.Tensor, references: dict) -> dict:
+    """On one rank, per sharding, served with A split along the rank (graphs compiled with the
+    eager compiler: the op's body is the same as under Inductor): each request's error against
+    `references` in the graphs and in `mm.eager`, again after unloading alice and loading her file
+    as dave (other slot contents, no new graph); q_proj's buffers and local ranks; inspect's
+    entries. Then what `max_lora_rank` 7 (not a multiple of the 2 ranks) gives."""
+    import mmlora_fx
+    from mmlora_fx.capture import Capture
+    from mmlora_fx.inspect_report import build_report
+
+    results = {}
+    for sharding in SHARDINGS:
+        torch._dynamo.reset()
+        model = sharded_model(sharding, mesh, checkpoint)
+        found = results[sharding] = {}
+        with torch.no_grad():
+            mm = mmlora_fx.compile(model, {name: paths[name] for name in ("alice", "bob", "carol")}, max_loras=3,
+                                   max_lora_rank=SPLIT_R, tp_lora_a="sharded", inner="eager")
+            found["compiled"] = _errors(mm(input_ids=ids, adapter_names=SPLIT_NAMES).logits, SPLIT_NAMES, references)
+            found["eager"] = _errors(mm.eager(input_ids=ids, adapter_names=SPLIT_NAMES).logits, SPLIT_NAMES, references)
+            graphs = len(mm.backend.records)
+            mm.unload_adapter("alice")
+            mm.load_adapter("dave", paths["alice"])
+            as_alice = [name if name != "dave" else "alice" for name in SPLIT_AFTER]
+            found["reloaded"] = _errors(mm(input_ids=ids, adapter_names=SPLIT_AFTER).logits, as_alice, references)
+            found["recompiled"] = len(mm.backend.records) - graphs
+        q_proj = mm.runtime.manager.buffers["model.layers.0.self_attn.q_proj"]
+        slots = mm.runtime.manager.resident
+        found["q_proj"] = (tuple(q_proj.lora_a.shape[1:]), tuple(q_proj.lora_b.shape[1:]),
+                           {name: (int(q_proj.ranks[slot]), int(q_proj.local_ranks[slot]))
+                            for name, slot in slots.items()})
+        found["o_proj_local_ranks"] = mm.runtime.manager.buffers["model.layers.0.self_attn.o_proj"].local_ranks
+        report = build_report(Capture(model, mm.runtime.partition_map, mm.backend.records), mm.runtime.linears,
+                              sharding, serving=mm.runtime.serving, layouts=mm.runtime.layouts)
+        found["inspect"] = {entry["module"].rsplit(".", 1)[-1]: entry["layout"] for entry in report["tensor_parallel"]
+                            if entry["module"].startswith("model.layers.0.self_attn.")}
+    torch._dynamo.reset()
+    results["refused"] = refusal_of(shard_llama(text_lm(), mesh), {"bob": paths["bob"]}, max_lora_rank=SPLIT_R - 1,
+                                    tp_lora_a="sharded")
+    return results
+
+
+def refusal_of(model, paths, **options) -> dict | None:
+    """`refusal` with serving options."""
+    import mmlora_fx
+    from mmlora_fx.errors import ShardedModelError
+
+    try:
+        mmlora_fx.compile(model, paths, inner="eager", **options)
+    except ShardedModelError as error:
+        return _error_fields(error)
+    return None
+
+
+@pytest.fixture(scope="module")
+def split_a(tmp_path_factory):
+    from mmlora_fx import zoo
+
+    folder = tmp_path_factory.mktemp("split_a")
+    base = text_lm()
+    base.save_pretrained(folder / "base")
+    paths = {"alice": zoo.make_adapter(base, folder / "alice", TARGETS, r=SPLIT_R, lora_alpha=9, seed=0),
+             "bob": zoo.make_adapter(base, folder / "bob", TARGETS, r=3, lora_alpha=5, seed=1),
+             "carol": zoo.make_adapter(base, folder / "carol", TARGETS, r=6, lora_alpha=7, seed=2,
+                                       rank_pattern={"q_proj": 5, "v_proj": 1})}
+    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(SPLIT_NAMES), 9), generator=torch.Generator().manual_seed(1))
+    peft = peft_model_with(base, paths)
+    references = {(row, name): peft_logits(peft, {"input_ids": ids[row:row + 1]}, name)
+                  for row in range(len(SPLIT_NAMES)) for name in set(SPLIT_NAMES)}
+    return run_ranks(serve_split_a, (paths, str(folder / "base"), ids, references), folder / "ranks")
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_lora_a_split_along_the_rank_equals_peft_on_every_rank(split_a, sharding):
+    """tp_lora_a="sharded": each request of a mixed batch (ranks 8, 3 < R/T and 6 with per-module
+    ranks, and the base model) equals PEFT on the unsharded model on both ranks, in the graphs and
+    in the hooks (transformers' lm_head gathers its output: the gathered delta's path), and after
+    an unload and a load into the freed slot, with no new graph."""
+    for rank, by_sharding in enumerate(split_a):
+        found = by_sharding[sharding]
+        for key in ("compiled", "eager", "reloaded"):
+            assert max(found[key]) <= 1e-4, (rank, key, found[key])
+        assert found["recompiled"] == 0, (rank, found["recompiled"])
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_each_rank_holds_its_rows_of_a_split_a(split_a, sharding):
+    """Column-parallel q_proj holds R/T of A's rows and its output rows of B at the whole rank, and
+    each slot's local rank is what of the adapter's rank falls in this rank's rows (bob's 3: 3 on
+    rank 0, none on rank 1); row-parallel o_proj's A stays whole along the rank. inspect shows
+    the rows and the shrink's all-gather as the column target's collective."""
+    for rank, by_sharding in enumerate(split_a):
+        found = by_sharding[sharding]
+        a_shape, b_shape, ranks = found["q_proj"]
+        assert a_shape == (SPLIT_R // WORLD, 64) and b_shape == (64 // WORLD, SPLIT_R), found["q_proj"]
+        expected = {"dave": (8, 4), "bob": (3, (3, 0)[rank]), "carol": (5, (4, 1)[rank])}
+        assert ranks == expected, (rank, ranks)
+        assert found["o_proj_local_ranks"] is None
+        q_proj, o_proj = found["inspect"]["q_proj"], found["inspect"]["o_proj"]
+        assert q_proj["lora_a_rows"] == [4 * rank, 4 * (rank + 1)], q_proj
+        assert q_proj["collective_compiled"] == "all-gather [rows, R]", q_proj
+        assert q_proj["collective_eager"].startswith("all-gather [rows, R]"), q_proj
+        assert o_proj["lora_a_rows"] is None and o_proj["collective_eager"] == "all-reduce [rows, r]", o_proj
+
+
+def test_a_max_lora_rank_not_split_evenly_is_refused_alike_on_every_rank(split_a):
+    refusals = [by_sharding["refused"] for by_sharding in split_a]
+    assert refusals[0] is not None, "tp_lora_a='sharded' accepted max_lora_rank 7 over 2 ranks"
+    assert refusals[0]["type"] == "ShardedModelError", refusals[0]
+    assert "max_lora_rank=7" in refusals[0]["reason"] and "not a multiple of 2" in refusals[0]["reason"], refusals[0]
+    assert refusals[0] == refusals[1]
