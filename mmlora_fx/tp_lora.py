@@ -112,7 +112,7 @@ def lora_add_all_gathered(outputs, x, lora_a, lora_b, ranks, local_ranks, reques
 
     shrinks = _shrunk(x, lora_a, local_ranks, request_slots, cum_weights, tile_plan)
     for output, shrink, b, slot_ranks in zip(outputs, shrinks, lora_b, ranks):
-        whole = _waited(funcol.all_gather_single(shrink, shrink.dim() - 1, mesh)).contiguous()
+        whole = _waited(funcol.all_gather_tensor(shrink, shrink.dim() - 1, mesh)).contiguous()
         _expand(output, whole, b, slot_ranks, request_slots, cum_weights, tile_plan)
 
 
