@@ -21,6 +21,8 @@
 #   tp         tp_decode.py --batches 1,16: decode on a 2-GPU tensor-parallel 7B-shaped LM, CUDA graphs
 #              (#23; NEEDS A 2-GPU KIND: nvidia-h100-x2; unrun so far, the limit is a guess: ~560)
 #   tp64       tp_decode.py --batches 64, the same (#23, 2 GPUs)                             (~560)
+#   tpsplit    tp_decode.py --batches 1,16 --tp-lora-a sharded: A of column targets split along the rank,
+#              the shrinks all-gathered (#23's fully sharded variant, 2 GPUs)                  (~560)
 #   tpnocg     tp_decode.py --batches 1,16 --mode default: without CUDA graphs, for when reduce-overhead
 #              cannot capture the collectives (#23, 2 GPUs)                                   (~560)
 #   prefill_a  prefill_overhead.py --cases a: 8 requests, one 448x448 image each (#16); 3 compilations,
@@ -42,7 +44,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -63,6 +65,8 @@ run_step() {
                 --budget-s $((seconds - 20)) --commit "$commit" ;;
         tp64) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tp64" --batches 64 \
                   --budget-s $((seconds - 20)) --commit "$commit" ;;
+        tpsplit) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tpsplit" --batches 1,16 \
+                     --tp-lora-a sharded --budget-s $((seconds - 20)) --commit "$commit" ;;
         tpnocg) timeout "$seconds" python3 benchmarks/tp_decode.py --gpus 2 --out "$out/tpnocg" --batches 1,16 \
                     --mode default --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a|prefill_b|prefill_c)
