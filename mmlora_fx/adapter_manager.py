@@ -371,6 +371,7 @@ class AdapterManager:
         # thread when it commits a finished read, so no lock is needed, however many workers.
         self._background = on_gpu if background_reads is None else background_reads
         self._executor: ThreadPoolExecutor | None = None
+        self._retired_executors: list[ThreadPoolExecutor] = []  # replaced by a new worker count, maybe still reading
         self.prefetch_workers = default_prefetch_workers() if prefetch_workers is None else prefetch_workers
         self._announced: OrderedDict[str, None] = OrderedDict()
         self._pending: dict[str, tuple[_Entry, Future]] = {}
@@ -385,13 +386,14 @@ class AdapterManager:
 
     @prefetch_workers.setter
     def prefetch_workers(self, count: int) -> None:
-        if not isinstance(count, int) or count < 1:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"prefetch_workers must be a positive int, not {count!r}")
         self._prefetch_workers = count
         if self._executor is not None:
             # Reads already submitted finish on the old threads (their futures stay pending here,
-            # committed as usual); new ones go to a pool of the new size.
+            # committed as usual); new ones go to a pool of the new size. `close` waits for both.
             self._executor.shutdown(wait=False)
+            self._retired_executors.append(self._executor)
             self._executor = None
 
     # ------------------------------------------------------------------ what is known
@@ -724,10 +726,11 @@ class AdapterManager:
         self._pinned.discard(name)
 
     def close(self) -> None:
-        """Stop the worker threads (reads under way finish first)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Stop the worker threads (reads under way finish first, on former pools too)."""
+        for executor in self._retired_executors + ([self._executor] if self._executor is not None else []):
+            executor.shutdown(wait=True)
+        self._retired_executors = []
+        self._executor = None
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, names: Iterable[str | None]) -> None:

@@ -118,17 +118,19 @@ class MMLoRABackend:
         pending = self.apply_pending_names
 
         def run(*args):
-            # The graph's ops resolve weights this model shares with another compiled model to
-            # this model's runtime, whether or not a served call (`call_scope`) is in progress:
-            # through the `torch.compile` backend there is none, and two models compiled that way
-            # over one set of weights would otherwise both serve the one compiled last.
-            token = REGISTRY.enter_serving(runtime)
+            # Outside a served call (`call_scope`: through the `torch.compile` backend there is
+            # none) the graph's ops resolve weights this model shares with another compiled model
+            # to this model's runtime: two models compiled that way over one set of weights would
+            # otherwise both serve the one compiled last. Inside one, the call's runtime stays:
+            # before torch 2.13 dynamo may run another compilation's graph for a shared frame.
+            token = REGISTRY.enter_serving(runtime) if REGISTRY.serving_runtime() is None else None
             try:
                 if pending:
                     _PENDING.apply_to(runtime)
                 return compiled(*args)
             finally:
-                REGISTRY.leave_serving(token)
+                if token is not None:
+                    REGISTRY.leave_serving(token)
 
         return run
 

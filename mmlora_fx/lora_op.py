@@ -14,8 +14,8 @@ the embedding op resolves it to the embedding, the linear op to the head.
 Two compiled models may share their weight tensors (two module trees over one set of weights,
 each compiled with its own adapters or options). A weight then has one entry per runtime, and a call resolves it
 to the runtime whose served call it is in (`WeightRegistry.serving`, entered by the runtime's
-`call_scope` and by every call of a graph its backend compiled, so a model compiled through the
-`torch.compile` backend alone resolves to its own runtime too); outside any (the eager hook of a
+`call_scope`, and outside any by each call of a graph its backend compiled, so a model compiled
+through the `torch.compile` backend alone resolves to its own runtime too); outside any (the eager hook of a
 linear that ran outside the graphs, through the backend alone), to the runtime that registered it last (a model compiled again is served
 by its new runtime).
 """
@@ -80,6 +80,10 @@ class WeightRegistry:
 
     def leave_serving(self, token: contextvars.Token) -> None:
         self._serving.reset(token)
+
+    def serving_runtime(self):
+        """The runtime whose scope is entered here, or None."""
+        return self._serving.get()
 
     def resolve(self, weight: torch.Tensor, kind: str = "linear"):
         # A plain tensor or parameter (every single-process model) skips the DTensor check: it

@@ -127,6 +127,11 @@ class LoRARuntime:
         self.manager = AdapterManager(self.linears, self.serving, max_loras=max_loras,
                                       max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, layouts=self.layouts,
                                       prefetch_workers=options.prefetch_workers)
+        if any(layout.sharded for layout in self.layouts.values()):
+            from .tp_lora import prepare_identities
+
+            prepare_identities(self.manager.buffers[module] for module, layout in self.layouts.items()
+                               if layout.sharded and module in self.manager.buffers)
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]

@@ -33,7 +33,7 @@ import torch
 
 from .kernels.lora_add import lora_add
 
-__all__ = ["register_sharding_rule", "lora_add_all_reduced", "lora_add_all_gathered", "gathered"]
+__all__ = ["register_sharding_rule", "prepare_identities", "lora_add_all_reduced", "lora_add_all_gathered", "gathered"]
 
 
 @functools.cache
@@ -59,28 +59,35 @@ def register_sharding_rule() -> None:
 
 
 @functools.cache
-def _identity(rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.eye(rank, dtype=dtype, device=device)
+def _identities(slots: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[slots, width, width]`, every slot's the same identity (slot stride 0: the kernels read the
+    strides given). One tensor per shape: the launcher then finds its checks done (it remembers the
+    tensors it checked), and `prepare_identities` makes them when the runtime is built, so none is
+    first allocated inside a CUDA-graph capture, in a pool the graph may later reuse."""
+    return torch.eye(width, dtype=dtype, device=device).expand(slots, width, width)
+
+
+def prepare_identities(buffers) -> None:
+    """Make the identities the sharded paths of these `SlotBuffers` will use (outside any capture)."""
+    for b in buffers:
+        for width in {b.lora_a.shape[-2], b.lora_b.shape[-1]}:
+            _identities(b.lora_a.shape[0], width, b.lora_a.dtype, b.lora_a.device)
 
 
 def _shrunk(x, lora_a, ranks, request_slots, cum_weights, tile_plan) -> list[torch.Tensor]:
     """Each sibling's shrink `x A^T` (`[rows, width]`, width A's rows), by the rows' slots and the
     `ranks` given: `lora_add` with an identity B, so the same kernels run, siblings in one call."""
     width = lora_a[0].shape[-2]
-    identity = _identity(width, x.dtype, x.device)
+    identity = _identities(lora_a[0].shape[0], width, x.dtype, x.device)
     shrinks = [x.new_zeros(*x.shape[:-1], width) for _ in lora_a]
-    # Slot stride 0: every slot's identity is the same matrix (the kernels read the strides given).
-    lora_add(shrinks, x, lora_a, [identity.expand(lora_a[0].shape[0], width, width)] * len(lora_a), ranks,
-             request_slots, cum_weights, tile_plan)
+    lora_add(shrinks, x, lora_a, [identity] * len(lora_a), ranks, request_slots, cum_weights, tile_plan)
     return shrinks
 
 
 def _expand(output, shrink, lora_b, ranks, request_slots, cum_weights, tile_plan) -> None:
     """`output += shrink B^T` by the rows' slots: `lora_add` with an identity A."""
-    width = lora_b.shape[-1]
-    identity = _identity(width, shrink.dtype, shrink.device)
-    lora_add([output], shrink, [identity.expand(lora_b.shape[0], width, width)], [lora_b], [ranks], request_slots,
-             cum_weights, tile_plan)
+    identity = _identities(lora_b.shape[0], lora_b.shape[-1], shrink.dtype, shrink.device)
+    lora_add([output], shrink, [identity], [lora_b], [ranks], request_slots, cum_weights, tile_plan)
 
 
 def _waited(tensor: torch.Tensor) -> torch.Tensor:

@@ -585,3 +585,32 @@ def test_prefetch_workers_default_to_a_few_and_refuse_none(adapters):
     assert make_manager(adapters, prefetch_workers=6).prefetch_workers == 6
     with pytest.raises(ValueError, match="prefetch_workers must be a positive int, not 0"):
         make_manager(adapters, prefetch_workers=0)
+    with pytest.raises(ValueError, match="not True"):
+        make_manager(adapters, prefetch_workers=True)
+
+
+def test_close_waits_for_a_read_left_on_the_pool_a_new_worker_count_replaced(adapters):
+    import threading
+
+    manager = make_manager(adapters, max_loras=2, max_cpu_loras=2, background_reads=True, prefetch_workers=1)
+    manager.load_many({name: adapters[name] for name in "ab"})
+    manager._cpu.pop("a")  # out of the CPU cache: the next prefetch reads its file
+    started, release = threading.Event(), threading.Event()
+    read = manager._read_packed
+
+    def held_read(name, path):
+        started.set()
+        release.wait()
+        return read(name, path)
+
+    manager._read_packed = held_read
+    manager.prefetch(["a"])
+    assert started.wait(10)
+    manager.prefetch_workers = 2  # the read stays on the old pool
+    closing = threading.Thread(target=manager.close)
+    closing.start()
+    closing.join(0.2)
+    assert closing.is_alive(), "close returned with a read still under way"
+    release.set()
+    closing.join(10)
+    assert not closing.is_alive() and manager._pending["a"][1].done()
