@@ -117,6 +117,8 @@ def _check_shapes(outputs, inputs, lora_a, lora_b, tables: BatchTables) -> None:
     if tables.request_cum_weights.numel() != tables.request_slots.numel() + 1:
         raise ValueError("lora_add_: request_cum_weights must have one entry more than request_slots")
     _check_weights(lora_a, lora_b, tables.slot_ranks, [output.shape[-1] for output in outputs])
+    if inputs.shape[1] != lora_a[0].shape[-1]:
+        raise ValueError(f"lora_add_: x has {inputs.shape[1]} features, A takes {lora_a[0].shape[-1]}")
     for j, output in enumerate(outputs):
         if not output.is_contiguous() or output.numel() // max(output.shape[-1], 1) != inputs.shape[0]:
             raise ValueError(f"lora_add_: output {j} must be contiguous with the rows of x")

@@ -295,6 +295,8 @@ def test_shape_checks_still_refuse_after_the_same_buffers_passed_them_interprete
     other_a = [problem.lora_a[0], problem.lora_a[1][:, :, :-1]]
     with pytest.raises(ValueError, match="shape and strides of the first"):
         lora_add_triton(problem.fresh_outputs(), problem.x, other_a, problem.lora_b, *tables)
+    with pytest.raises(ValueError, match="x has 31 features, A takes 32"):
+        lora_add_triton(problem.fresh_outputs(), problem.x[:, :-1], problem.lora_a, problem.lora_b, *tables)
 
 
 def test_op_cpu_runs_reference_and_passes_opcheck():
