@@ -199,8 +199,8 @@ def shard_lora_a(layouts: dict[str, TargetLayout], max_lora_rank: int, linears: 
         raise ShardedModelError(
             name, distributed_layout(linears.weights[name]),
             f"tp_lora_a='sharded' splits the rows of its LoRA A (max_lora_rank={max_lora_rank}) over the "
-            f"{ranks}-rank mesh, and {max_lora_rank} is not a multiple of {ranks}: give a max_lora_rank that is "
-            f"({-(-max_lora_rank // ranks) * ranks}), or tp_lora_a='replicated'", len(refused))
+            f"{ranks}-rank mesh, and {max_lora_rank} is not a multiple of {ranks}: give a multiple "
+            f"(such as {-(-max_lora_rank // ranks) * ranks}), or tp_lora_a='replicated'", len(refused))
     sharded = dict(layouts)
     for name in columns:
         layout = layouts[name]
