@@ -31,6 +31,8 @@
 #   prefill_b  the same, case b: 32 requests, blocks of 6 forwards (~530 estimated; where the first
 #              two runs take longer, the budget skips the third: run it again with --runs 1, --merge)
 #   prefill_c  the same, case c: the mixed prefill/decode step (~400 estimated)
+#   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
+#              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; ~450, unrun)
 #   prefill_profile  prefill_host_profile.py --case a: where the host's time goes in one prefill forward,
 #              base against ours (#16's diagnosis; one compilation each, ~250 estimated)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
@@ -44,7 +46,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_profile]=400)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_profile]=400)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -74,6 +76,8 @@ run_step() {
             local block=(); [[ $step == prefill_b ]] && block=(--block 6)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "${step#prefill_}" \
                 --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
+        prefill_a_graphs) timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases a \
+                              --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_profile) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile" \
                              --case a --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;

@@ -196,7 +196,8 @@ def run_once(args) -> int:
                                              device=device)
                     for index in range(max(counts.values()))}
         result["setup"] = dict(model=f"e2e.py {'TINY' if args.tiny else 'SEVEN_B'}, random weights",
-                               dtype=str(dtype).removeprefix("torch."), backend=args.inner, rounds=args.rounds,
+                               dtype=str(dtype).removeprefix("torch."), backend=args.inner, mode=args.mode,
+                               rounds=args.rounds,
                                block=args.block, warmup=args.warmup, rank=e2e.RANK, adapter_modules=len(modules),
                                max_loras=len(adapters), cases={})
         mark = phase("model and adapters", mark)
@@ -205,11 +206,13 @@ def run_once(args) -> int:
             # mmlora_fx compiles its model in place: a second module tree over the same tensors.
             shared = {id(tensor): tensor for tensor in list(model.parameters()) + list(model.buffers())}
             ours_model = copy.deepcopy(model, memo=shared)
-            compiled_base = torch.compile(model, backend=args.inner, dynamic=False)
+            # Inductor's mode applies to Inductor only (--tiny compiles with aot_eager: no mode).
+            mode = args.mode if args.inner == "inductor" and args.mode != "default" else None
+            compiled_base = torch.compile(model, backend=args.inner, mode=mode, dynamic=False)
             fresh_caches(cache_root, "mmlora-setup")
             began = time.perf_counter()
             mm = mmlora_fx.compile(ours_model, adapters, max_loras=len(adapters), max_lora_rank=e2e.RANK,
-                                   inner=args.inner, dynamic=False)
+                                   inner=args.inner, mode=mode, dynamic=False)
             result["mmlora_setup_s"] = time.perf_counter() - began
             prepared = {}
             for case in cases:
@@ -349,7 +352,7 @@ def table(report: dict) -> list[str]:
 
 def child_command(args, index: int, result: Path, cache: Path, barrier: Path, count: int) -> list[str]:
     return child_arguments(args, index, result, cache, barrier, count, str(Path(__file__).resolve()),
-                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases]
+                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases, "--mode", args.mode]
 
 
 def write(out: Path, report: dict) -> None:
@@ -364,6 +367,9 @@ def main() -> int:
     parser.add_argument("--cases", default="a,b,c", help="which of a (8 requests), b (32), c (mixed), in order")
     parser.add_argument("--inner", help="the compiler of both models: inductor (default; --tiny: aot_eager)")
     parser.add_argument("--no-split", action="store_true", help="skip the host/GPU split (torch.profiler)")
+    parser.add_argument("--mode", choices=["default", "reduce-overhead"], default="default",
+                        help="Inductor's mode for both models: reduce-overhead captures each graph in CUDA graphs "
+                        "(the cases' shapes are fixed: one capture per graph)")
     parser.add_argument("--merge", nargs="+", type=Path, help=f"combine these {JSON} into --out")
     args = parser.parse_args()
     fill_defaults(args)
