@@ -31,6 +31,8 @@
 #   prefill_b  the same, case b: 32 requests, blocks of 6 forwards (~530 estimated; where the first
 #              two runs take longer, the budget skips the third: run it again with --runs 1, --merge)
 #   prefill_c  the same, case c: the mixed prefill/decode step (~400 estimated)
+#   kvariants  kernel_bench.py at decode rows with launch variants: one split (no atomics, no memset),
+#              four splits, the row path up to 16 rows (#15's memset and in-step kernel time; ~120, unrun)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; ~450, unrun)
 #   prefill_profile  prefill_host_profile.py --case a: where the host's time goes in one prefill forward,
@@ -46,7 +48,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_profile]=400)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [prefill_profile]=400)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -76,6 +78,9 @@ run_step() {
             local block=(); [[ $step == prefill_b ]] && block=(--block 6)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "${step#prefill_}" \
                 --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
+        kvariants) timeout "$seconds" python3 benchmarks/kernel_bench.py --rows 1,4,16,64 --adapters 1,8 --skip-torch \
+                       --repeat-ms 40 --variants '{"one_split": {"max_splits": 1}, "four_splits": {"max_splits": 4}, "row16": {"per_row_max_rows": 16}}' \
+                       --json "$out/kvariants.json" --markdown "$out/kvariants.md" --commit "$commit" ;;
         prefill_a_graphs) timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases a \
                               --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_profile) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile" \
