@@ -60,6 +60,7 @@ from .errors import (
     AdapterFolderError,
     AdapterTargetError,
     DuplicateAdapterError,
+    OptionError,
     PinnedAdapterError,
     TooManyAdaptersError,
     UnknownAdapterError,
@@ -272,12 +273,12 @@ class AdapterManager:
         `prefetch_workers`: how many of those threads, each reading one adapter at a time
         (default `default_prefetch_workers()`: min(4, cores))."""
         if max_loras < 1:
-            raise ValueError(f"max_loras must be at least 1, not {max_loras}")
+            raise OptionError(f"max_loras must be at least 1, not {max_loras}")
         max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
         if max_cpu_loras < max_loras:
-            raise ValueError(f"max_cpu_loras ({max_cpu_loras}) must be at least max_loras ({max_loras})")
+            raise OptionError(f"max_cpu_loras ({max_cpu_loras}) must be at least max_loras ({max_loras})")
         if max_lora_rank < 1:
-            raise ValueError(f"max_lora_rank must be at least 1, not {max_lora_rank}")
+            raise OptionError(f"max_lora_rank must be at least 1, not {max_lora_rank}")
         self.linears = linears
         self.serving = serving
         self.max_loras = max_loras
@@ -387,7 +388,7 @@ class AdapterManager:
     @prefetch_workers.setter
     def prefetch_workers(self, count: int) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"prefetch_workers must be a positive int, not {count!r}")
+            raise OptionError(f"prefetch_workers must be a positive int, not {count!r}")
         self._prefetch_workers = count
         if self._executor is not None:
             # Reads already submitted finish on the old threads (their futures stay pending here,

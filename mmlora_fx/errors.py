@@ -25,6 +25,7 @@ __all__ = [
     "AdapterFolderError",
     "BatchError",
     "TooManyAdaptersError",
+    "OptionError",
     "PartitionError",
     "CaptureError",
     "ShardedModelError",
@@ -129,6 +130,12 @@ class BatchError(MMLoRAError, ValueError):
 
 class TooManyAdaptersError(BatchError):
     """A batch names more distinct adapters than there are GPU slots (`max_loras`)."""
+
+
+class OptionError(MMLoRAError, ValueError):
+    """A serving option out of its range (`max_loras`, `max_lora_rank`, `prefetch_workers`,
+    `tp_lora_a`, ...): raised when the model is compiled, or, through the `mmlora` backend, at its
+    first call, as itself rather than inside dynamo's `BackendCompilerFailed`."""
 
 
 class PartitionError(MMLoRAError):

@@ -21,7 +21,7 @@ from torch import nn
 from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
 from .expert_hooks import add_expert_hooks
-from .errors import BatchError, CoverageError, MMLoRAError, PartitionError, ShardedModelError
+from .errors import BatchError, CoverageError, MMLoRAError, OptionError, PartitionError, ShardedModelError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
@@ -74,7 +74,7 @@ class ServingOptions:
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
-            raise ValueError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
+            raise OptionError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
 
     @property
     def lora_a_sharded(self) -> bool:

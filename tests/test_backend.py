@@ -37,3 +37,18 @@ def test_mixed_batch_through_torch_compile_equals_peft(family, tmp_path):
         plain = base(**batch).logits
     assert ((outside - plain).abs().max() / plain.abs().max()).item() <= 1e-4
     assert model._mmlora_backend.graphs == graphs, "changing names must not recompile"
+
+
+def test_an_option_out_of_range_is_refused_as_itself_through_the_backend(tmp_path):
+    from mmlora_fx.errors import OptionError
+
+    base = zoo.build("tiny-llava")
+    paths = {"a": make_adapter(base, tmp_path / "a", all_targets("tiny-llava"), r=4, seed=0)}
+    torch._dynamo.reset()
+    for options in ({"prefetch_workers": 0}, {"tp_lora_a": "halved"}, {"max_loras": 0}):
+        compiled = torch.compile(zoo.build("tiny-llava"), backend="mmlora",
+                                 options={"adapters": paths, "inner": "aot_eager", **options})
+        ids = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.FIRST_TEXT_TOKEN + 50, (1, 3))
+        with pytest.raises(OptionError, match=next(iter(options))), torch.no_grad(), \
+                mmlora_fx.adapter_names(["a"], input_ids=ids):
+            compiled(input_ids=ids)
