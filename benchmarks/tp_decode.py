@@ -134,18 +134,6 @@ def build_lm(tiny: bool, device):
     return model.eval()
 
 
-def shard(model, mesh):
-    """tests/test_tensor_parallel.shard_llama's plan on every decoder layer."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    plan = {f"self_attn.{p}_proj": ColwiseParallel() for p in "qkv"}
-    plan.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-                 "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
-    for layer in model.model.layers:
-        parallelize_module(layer, mesh, plan)
-    return model
-
-
 def write_adapters(args) -> int:
     """The adapters, once for all runs and ranks (shapes from the unsharded model on the meta device)."""
     shared, config = Path(args.shared), settings(args)
@@ -224,9 +212,11 @@ class Rank:
         config, record = self.config, self.record
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+        from tests.test_tensor_parallel import shard_llama  # the tests' plan, on the same linears
+
         mesh = init_device_mesh(self.device.type, (self.world,))
         began = time.perf_counter()
-        model = shard(build_lm(config["tiny"], self.device), mesh)
+        model = shard_llama(build_lm(config["tiny"], self.device), mesh)
         tensors = list(model.parameters()) + list(model.buffers())
         base_module = copy.deepcopy(model, memo={id(tensor): tensor for tensor in tensors})
         self.steps = {batch: e2e.DecodeStep(model, batch, self.device, torch.bfloat16) for batch in config["batches"]}
