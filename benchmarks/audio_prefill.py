@@ -74,7 +74,7 @@ from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
 from benchmarks.prefill_runs import (  # noqa: E402
     add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
-    merged, row_errors, run_log, run_waves, spread, stat, take_gpu, timed_calls, wait_for_siblings)
+    merged, row_errors, run_log, run_waves, spread, stat, timed_calls, wait_turn)
 from mmlora_fx import zoo  # noqa: E402
 
 CLIP_SECONDS = [30, 10, None, 20, 30, 5, None, 15]  # one entry per request; None: text only
@@ -295,12 +295,7 @@ def run_once(args) -> int:
                 mm_forward()
             synchronize(device)
             mark = phase(f"warm-up ({args.warmup} of each)", mark)
-            result["waited_for_siblings_s"] = wait_for_siblings(
-                Path(args.barrier) if args.barrier else None, args.barrier_count, args.run_index, args.barrier_timeout_s)
-            waited = take_gpu(args)
-            if waited is not None:
-                result["waited_for_gpu_s"] = waited
-                mark = phase("GPU to itself", mark)
+            mark = wait_turn(args, result, phase, mark)
 
             from torch._dynamo.utils import counters
 

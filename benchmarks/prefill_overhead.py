@@ -88,7 +88,7 @@ from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import synchronize  # noqa: E402
 from benchmarks.prefill_runs import (  # noqa: E402
     add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
-    merged, row_errors, run_log, run_waves, spread, stat, take_gpu, wait_for_siblings)
+    merged, row_errors, run_log, run_waves, spread, stat, wait_turn)
 from mmlora_fx import zoo  # noqa: E402
 
 CASES = {  # name -> (requests in prefill with one image, requests decoding one token)
@@ -252,12 +252,7 @@ def run_once(args) -> int:
                 prepared[case] = (base_forward, mm_forward, inputs, own, rewind, names)
                 mark = phase(f"case {case}: both compiled (first calls) and warm", mark)
 
-            result["waited_for_siblings_s"] = wait_for_siblings(
-                Path(args.barrier) if args.barrier else None, args.barrier_count, args.run_index, args.barrier_timeout_s)
-            waited = take_gpu(args)
-            if waited is not None:
-                result["waited_for_gpu_s"] = waited
-                mark = phase("GPU to itself", mark)
+            mark = wait_turn(args, result, phase, mark)
 
             for case, (base_forward, mm_forward, inputs, own, rewind, names) in prepared.items():
                 record = result["cases"][case]

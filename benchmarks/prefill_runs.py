@@ -261,6 +261,20 @@ def take_gpu(args) -> float | None:
     return time.perf_counter() - began
 
 
+def wait_turn(args, result: dict, phase, mark: float) -> float:
+    """A compiled and warm run's wait before it times: for the other runs of its wave to compile
+    (`wait_for_siblings`), then with --share-gpu for the GPU (`take_gpu`), the seconds recorded in
+    `result` as waited_for_siblings_s and waited_for_gpu_s. Returns `phase`'s mark: a new one
+    after waiting for the GPU, else `mark`."""
+    result["waited_for_siblings_s"] = wait_for_siblings(
+        Path(args.barrier) if args.barrier else None, args.barrier_count, args.run_index, args.barrier_timeout_s)
+    waited = take_gpu(args)
+    if waited is not None:
+        result["waited_for_gpu_s"] = waited
+        mark = phase("GPU to itself", mark)
+    return mark
+
+
 def interleaved(forwards: dict, rounds: int, block: int, device, after_round=lambda round_: None):
     """`rounds` rounds of a block of `block` timed calls of each of the two `forwards` ({name:
     function}), the order alternating per round, so that drift of the machine (clocks, temperature,
