@@ -73,8 +73,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import SEVEN_B, synchronize, syncs_in  # noqa: E402
 from benchmarks.prefill_runs import (  # noqa: E402
-    add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
-    merged, row_errors, run_log, run_waves, spread, stat, timed_calls, wait_turn)
+    add_run_arguments, check_against_eager, child_arguments, end_run, extreme, fill_defaults, fresh_caches,
+    interleaved, merged, row_errors, run_log, run_waves, spread, stat, timed_calls, wait_turn)
 from mmlora_fx import zoo  # noqa: E402
 
 CLIP_SECONDS = [30, 10, None, 20, 30, 5, None, 15]  # one entry per request; None: text only
@@ -320,11 +320,7 @@ def run_once(args) -> int:
             result["ownership_kinds"] = dict(collections.Counter(
                 value.split(" (")[0] for value in mm.runtime.ownership.values()))
             eager = mm.eager(**batch, adapter_names=names, use_cache=False).logits
-            result["mmlora_vs_eager"] = row_errors(compiled, eager, mask)
-            result["adapter_effect"] = row_errors(eager_base, eager, mask)
-            result["tolerance"] = [max(4 * noise, 1e-2) for noise in result["base_noise"]]
-            result["passed"] = all(error <= limit for error, limit in zip(result["mmlora_vs_eager"],
-                                                                         result["tolerance"]))
+            check_against_eager(result, compiled, eager, eager_base, mask)
             del compiled, eager, eager_base
             mark = phase("correctness (compiled against mm.eager)", mark)
 

@@ -87,8 +87,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import e2e  # noqa: E402
 from benchmarks.e2e import synchronize  # noqa: E402
 from benchmarks.prefill_runs import (  # noqa: E402
-    add_run_arguments, child_arguments, end_run, extreme, fill_defaults, fresh_caches, interleaved,
-    merged, row_errors, run_log, run_waves, spread, stat, wait_turn)
+    add_run_arguments, check_against_eager, child_arguments, end_run, extreme, fill_defaults, fresh_caches,
+    interleaved, merged, row_errors, run_log, run_waves, spread, stat, wait_turn)
 from mmlora_fx import zoo  # noqa: E402
 
 CASES = {  # name -> (requests in prefill with one image, requests decoding one token)
@@ -278,11 +278,7 @@ def run_once(args) -> int:
                 compiled = mm_forward().clone()
                 rewind()
                 eager = mm.eager(**inputs, adapter_names=names).logits
-                record["mmlora_vs_eager"] = row_errors(compiled, eager, own)
-                record["adapter_effect"] = row_errors(base_logits, eager, own)
-                record["tolerance"] = [max(4 * noise, 1e-2) for noise in record["base_noise"]]
-                record["passed"] = all(error <= limit for error, limit in zip(record["mmlora_vs_eager"],
-                                                                             record["tolerance"]))
+                check_against_eager(record, compiled, eager, base_logits, own)
                 del base_logits, compiled, eager
                 mark = phase(f"case {case}: correctness (compiled against mm.eager)", mark)
         result["passed"] = all(record.get("passed", False) for record in result["cases"].values())

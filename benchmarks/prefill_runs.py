@@ -59,6 +59,18 @@ def row_errors(ours, reference, attention_mask) -> list[float]:
     return errors
 
 
+def check_against_eager(record: dict, compiled, eager, base, own) -> None:
+    """The correctness check of a run (or case): the compiled mmlora_fx's logits against `mm.eager`'s
+    per request over its own positions (`own`, as `row_errors`), passing at max(4 x the request's
+    base noise, 1e-2), with `record["base_noise"]` the compiled base against the eager base; and
+    the adapters' effect, `base`'s logits against `mm.eager`'s (recorded, to show LoRA was applied).
+    Sets mmlora_vs_eager, adapter_effect, tolerance and passed in `record`."""
+    record["mmlora_vs_eager"] = row_errors(compiled, eager, own)
+    record["adapter_effect"] = row_errors(base, eager, own)
+    record["tolerance"] = [max(4 * noise, 1e-2) for noise in record["base_noise"]]
+    record["passed"] = all(error <= limit for error, limit in zip(record["mmlora_vs_eager"], record["tolerance"]))
+
+
 def fresh_caches(root: Path, which: str) -> None:
     """Point Inductor and Triton at empty cache directories for the compilation that comes next.
 
