@@ -803,6 +803,29 @@ def parent(args) -> int:
     return 1 if failed else 0
 
 
+def run_role(parser, parent, write_adapters, worker, worker_role: str, internal: tuple[str, ...] = ("index",),
+             keep_caches_help: str | None = None) -> int:
+    """The end of the main of a script whose parent starts itself again in other roles (this one,
+    tp_decode.py): adds --commit, --keep-caches and the internal flags (--role, the ints `internal`
+    that place a worker, --shared, --t0, --deadline), parses, and runs the role: `parent(args)`,
+    `write_adapters(args)` (role "adapters") or `worker(args).main()` (role `worker_role`)."""
+    parser.add_argument("--commit", default=None, help="the commit measured (the device's git HEAD is stale)")
+    parser.add_argument("--keep-caches", action="store_true", help=keep_caches_help)
+    # Internal: the parent starts itself again in these roles.
+    parser.add_argument("--role", choices=["parent", worker_role, "adapters"], default="parent", help=argparse.SUPPRESS)
+    for name in internal:
+        parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--shared", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "parent":
+        return parent(args)
+    if args.role == "adapters":
+        return write_adapters(args)
+    return worker(args).main()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -822,20 +845,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget from the start")
     parser.add_argument("--serial-compile", action="store_true", help="runs also compile one at a time (the lock)")
     parser.add_argument("--inner", default=None, help="the compiler of both models: inductor (tiny: eager)")
-    parser.add_argument("--commit", default=None, help="the commit measured (the device's git HEAD is stale)")
-    parser.add_argument("--keep-caches", action="store_true", help="keep the runs' Inductor/Triton caches")
-    # Internal: the parent starts itself again in these roles.
-    parser.add_argument("--role", choices=["parent", "child", "adapters"], default="parent", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--shared", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.role == "parent":
-        return parent(args)
-    if args.role == "adapters":
-        return write_adapters(args)
-    return Run(args).main()
+    return run_role(parser, parent, write_adapters, Run, "child",
+                    keep_caches_help="keep the runs' Inductor/Triton caches")
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e  # noqa: E402
-from decode_overhead import (count, exclusive, gpu_state, log, mark, parse_ints, spread, stop_processes,  # noqa: E402
-                             timed_steps, wait_for)
+from decode_overhead import (count, exclusive, gpu_state, log, mark, parse_ints, run_role, spread,  # noqa: E402
+                             stop_processes, timed_steps, wait_for)
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 
@@ -622,20 +622,7 @@ def main() -> int:
     parser.add_argument("--tp-lora-a", choices=["replicated", "sharded"], default="replicated",
                         help="LoRA A of the column-parallel targets: whole on every rank, or split along the rank")
     parser.add_argument("--inner", default=None, help="compiler of both models: inductor (tiny: aot_eager)")
-    parser.add_argument("--commit", default=None, help="the commit measured (the device's git HEAD is stale)")
-    parser.add_argument("--keep-caches", action="store_true")
-    parser.add_argument("--role", choices=["parent", "rank", "adapters"], default="parent", help=argparse.SUPPRESS)
-    parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--shared", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.role == "parent":
-        return parent(args)
-    if args.role == "adapters":
-        return write_adapters(args)
-    return Rank(args).main()
+    return run_role(parser, parent, write_adapters, Rank, "rank", internal=("index", "rank"))
 
 
 if __name__ == "__main__":
