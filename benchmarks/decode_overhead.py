@@ -368,7 +368,85 @@ def write_adapters(args) -> int:
 
 
 # --------------------------------------------------------------------------- one run (child)
-class Run:
+class Worker:
+    """What a process that compiles, warms and times both models does alike here (`Run`: one run)
+    and in tp_decode.py (`Rank`: one rank of a run). A subclass sets config, record, shared,
+    deadline and out_file, and steps, base, mm and names as it builds, and defines log, sync and
+    one (one decode step: of the base with call=base, of ours with call=None)."""
+
+    def save(self) -> None:
+        self.out_file.write_text(json.dumps(self.record, indent=1))
+
+    def assignment(self, batch: int, distinct: int) -> list[str]:
+        return e2e.mixed_names(self.names, batch, distinct, seed=batch * 100 + distinct)
+
+    def warm_base(self) -> None:
+        """The compiled base's first call at every batch (timed: the compilation), then 3 more."""
+        record = self.record
+        for batch, step in self.steps.items():
+            step.rewind()
+            began = time.perf_counter()
+            self.one(step, self.base)
+            self.sync()
+            record["first_call_s"]["base"][batch] = time.perf_counter() - began
+            for _ in range(3):  # CUDA graphs: the first call warms, the second records, then replays
+                self.one(step, self.base)
+            self.sync()
+            self.log(f"base b{batch} first call {record['first_call_s']['base'][batch]:.1f} s")
+
+    def warm_ours(self, batch: int, step) -> None:
+        """Ours at `batch`, each of the batch's mixes prepared (its adapters made resident): the
+        batch's first call timed (the compilation), then 3 calls a mix."""
+        record = self.record
+        for distinct in mixes_for(self.config, batch):
+            self.mm.runtime.prepare(self.assignment(batch, distinct))  # makes its adapters resident
+            step.rewind()
+            if batch not in record["first_call_s"]["ours"]:
+                began = time.perf_counter()
+                self.one(step, None)
+                self.sync()
+                record["first_call_s"]["ours"][batch] = time.perf_counter() - began
+                self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
+            for _ in range(3):
+                self.one(step, None)
+            self.sync()
+
+    def adapters(self) -> dict[str, Path]:
+        """The adapters' paths by name, once the writer (`write_adapters`) has written them all."""
+        if not wait_for(lambda: (self.shared / "adapters.ready").exists()
+                        or (self.shared / "adapters.failed").exists(), self.deadline):
+            raise RuntimeError("no adapters before the deadline")
+        if (self.shared / "adapters.failed").exists():
+            raise RuntimeError("the adapter writer failed")
+        root = self.shared / "adapters"
+        return {f"a{index}": root / f"a{index}" for index in range(self.config["adapters"])}
+
+    def block_seconds(self, ms: float) -> float:
+        """A guess of one block's wall time, for the budget (margin for host work and syncs)."""
+        return (self.config["steps"] + self.config["block_warmup"]) * ms * 1.15 / 1e3 + 0.05
+
+    def barrier(self) -> dict:
+        """Waits until every run is compiled and warm (their ready markers) or the timeout, which
+        leaves the budget's end for timing what there is: complete, and the seconds waited."""
+        began = time.time()
+        complete = wait_for(lambda: count(self.shared, "ready") >= self.config["runs"], self.deadline - 2 * RESERVE_S)
+        return dict(complete=complete, waited_s=time.time() - began)
+
+    def fair_share(self) -> float:
+        """The seconds this run may time: a fair share of what is left for each run not timed yet,
+        this one included."""
+        left = self.deadline - RESERVE_S - time.time()
+        return left / max(1, self.config["runs"] - count(self.shared, "done"))
+
+    def failed(self, error: Exception) -> int:
+        """Records `error` and its traceback (call it in the except block) and logs it; the exit status."""
+        self.record["error"] = f"{type(error).__name__}: {error}"
+        self.record["traceback"] = traceback.format_exc()
+        self.log(f"FAILED: {self.record['error']}")
+        return 1
+
+
+class Run(Worker):
     """One independent compilation: compile and warm both models, then (under the lock) time."""
 
     def __init__(self, args):
@@ -390,9 +468,6 @@ class Run:
 
     def log(self, message: str) -> None:
         log(f"run{self.index}", self.t0, message)
-
-    def save(self) -> None:
-        self.out_file.write_text(json.dumps(self.record, indent=1))
 
     def sync(self) -> None:
         e2e.synchronize(self.device)
@@ -431,25 +506,10 @@ class Run:
         mode = e2e.graph_mode(self.device)
         record["mode"] = mode
         self.base = torch.compile(base_module, backend=config["inner"], mode=mode, dynamic=False)
-        for batch, step in self.steps.items():
-            step.rewind()
-            began = time.perf_counter()
-            self.one(step, self.base)
-            self.sync()
-            record["first_call_s"]["base"][batch] = time.perf_counter() - began
-            for _ in range(3):  # CUDA graphs: the first call warms, the second records, then replays
-                self.one(step, self.base)
-            self.sync()
-            self.log(f"base b{batch} first call {record['first_call_s']['base'][batch]:.1f} s")
+        self.warm_base()
         self.save()
 
-        if not wait_for(lambda: (self.shared / "adapters.ready").exists()
-                        or (self.shared / "adapters.failed").exists(), self.deadline):
-            raise RuntimeError("no adapters before the deadline")
-        if (self.shared / "adapters.failed").exists():
-            raise RuntimeError("the adapter writer failed")
-        root = self.shared / "adapters"
-        adapters = {f"a{index}": root / f"a{index}" for index in range(config["adapters"])}
+        adapters = self.adapters()
         self.names = list(adapters)
         began = time.perf_counter()
         # mmlora_fx.compile hands its other keywords to torch.compile (api.compile's
@@ -468,18 +528,7 @@ class Run:
                                                   in inspect.signature(mmlora_fx.compile).parameters.values())
         record["isolate_recompiles"] = "isolate_recompiles" in inspect.signature(torch.compile).parameters
         for batch, step in self.steps.items():
-            for distinct in mixes_for(config, batch):
-                self.mm.runtime.prepare(self.assignment(batch, distinct))  # makes its adapters resident
-                step.rewind()
-                if batch not in record["first_call_s"]["ours"]:
-                    began = time.perf_counter()
-                    self.one(step, None)
-                    self.sync()
-                    record["first_call_s"]["ours"][batch] = time.perf_counter() - began
-                    self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
-                for _ in range(3):
-                    self.one(step, None)
-                self.sync()
+            self.warm_ours(batch, step)
             record["lora_effect"][batch] = self.lora_effect(batch, step)
             effect = record["lora_effect"][batch]
             self.log(f"ours b{batch}: LoRA effect on the logits {effect:.3f}"
@@ -497,9 +546,6 @@ class Run:
             record["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
             record["memory_reserved_gib"] = torch.cuda.memory_reserved() / 2**30
         self.save()
-
-    def assignment(self, batch: int, distinct: int) -> list[str]:
-        return e2e.mixed_names(self.names, batch, distinct, seed=batch * 100 + distinct)
 
     def lora_effect(self, batch: int, step) -> float:
         """max |ours - base| / max |base| of one step's logits, with the batch's largest mix."""
@@ -527,10 +573,6 @@ class Run:
         step.rewind()
         self.sync()
         return timed_steps(lambda: self.one(step, call), config["steps"], self.device, config["sync"] == "step")
-
-    def block_seconds(self, ms: float) -> float:
-        """A guess of one block's wall time, for the budget (margin for host work and syncs)."""
-        return (self.config["steps"] + self.config["block_warmup"]) * ms * 1.15 / 1e3 + 0.05
 
     def time_batch(self, batch: int, share_ends: float) -> None:
         config, step, record = self.config, self.steps[batch], self.record
@@ -616,18 +658,14 @@ class Run:
         runs = config["runs"]
         # Everyone compiled and warm (or the timeout): from here on nothing compiles beside a
         # timing run. The timeout leaves the budget's end for timing what there is.
-        began = time.time()
-        complete = wait_for(lambda: count(self.shared, "ready") >= runs, self.deadline - 2 * RESERVE_S)
-        record["barrier"] = dict(complete=complete, waited_s=time.time() - began,
-                                 ready=count(self.shared, "ready"))
-        self.log(f"barrier {'complete' if complete else 'TIMED OUT'} after {time.time() - began:.0f} s")
+        record["barrier"] = barrier = self.barrier()
+        barrier["ready"] = count(self.shared, "ready")
+        self.log(f"barrier {'complete' if barrier['complete'] else 'TIMED OUT'} after {barrier['waited_s']:.0f} s")
         with exclusive(self.shared / "gpu.lock", self.deadline - RESERVE_S) as waited:
             if waited is None:
                 record["skipped"].append(dict(what="all timings", reason="lock not acquired before the deadline"))
                 return
-            # A fair share of what is left for each run not timed yet, this one included.
-            left = self.deadline - RESERVE_S - time.time()
-            share = left / max(1, runs - count(self.shared, "done"))
+            share = self.fair_share()
             share_ends = time.time() + share
             record["timing"] = dict(lock_waited_s=waited, share_s=share, started=datetime.datetime.now(
                 datetime.timezone.utc).isoformat(timespec="seconds"), still_compiling=runs - count(self.shared, "ready"))
@@ -659,10 +697,7 @@ class Run:
             self.time_all()
             status = 0
         except Exception as error:  # recorded; the others go on (a KeyboardInterrupt or a kill stops it)
-            self.record["error"] = f"{type(error).__name__}: {error}"
-            self.record["traceback"] = traceback.format_exc()
-            self.log(f"FAILED: {self.record['error']}")
-            status = 1
+            status = self.failed(error)
         finally:
             self.save()
             mark(self.shared, "ready", self.index)

@@ -80,8 +80,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e  # noqa: E402
-from decode_overhead import (count, exclusive, gpu_state, log, mark, parse_ints, run_role, spread,  # noqa: E402
-                             stop_processes, timed_steps, wait_for)
+from decode_overhead import (Worker, count, exclusive, gpu_state, log, mark, parse_ints, run_role,  # noqa: E402
+                             spread, stop_processes, timed_steps, wait_for)
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 
@@ -166,7 +166,7 @@ def collectives_in(fn) -> dict:
 
 
 # --------------------------------------------------------------------------- one rank of one run
-class Rank:
+class Rank(Worker):
     def __init__(self, args):
         self.args, self.config = args, settings(args)
         self.index, self.rank, self.world = args.index, args.rank, self.config["world"]
@@ -180,9 +180,6 @@ class Rank:
 
     def log(self, message: str) -> None:
         log(f"run{self.index}.r{self.rank}", self.t0, message)
-
-    def save(self) -> None:
-        self.out_file.write_text(json.dumps(self.record, indent=1))
 
     def sync(self) -> None:
         if self.cuda:
@@ -198,9 +195,6 @@ class Rank:
         if self.config["mode"] == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         step(call)
-
-    def assignment(self, batch: int, distinct: int) -> list[str]:
-        return e2e.mixed_names(self.names, batch, distinct, seed=batch * 100 + distinct)
 
     # ---------------------------------------------------------------- compile and warm
     def compile_and_warm(self) -> None:
@@ -233,25 +227,11 @@ class Rank:
         try:
             self.base_module = base_module  # uncompiled: its forward is the eager base
             self.base = torch.compile(base_module, backend=inner, mode=mode, dynamic=False)
-            for batch, step in self.steps.items():
-                step.rewind()
-                began = time.perf_counter()
-                self.one(step, self.base)
-                self.sync()
-                record["first_call_s"]["base"][batch] = time.perf_counter() - began
-                for _ in range(3):  # CUDA graphs: warm, record, replay
-                    self.one(step, self.base)
-                self.sync()
-                self.log(f"base b{batch} first call {record['first_call_s']['base'][batch]:.1f} s")
+            self.warm_base()
             record["graphs_captured_base"] = captures.count
             self.save()
 
-            if not wait_for(lambda: (self.shared / "adapters.ready").exists()
-                            or (self.shared / "adapters.failed").exists(), self.deadline):
-                raise RuntimeError("no adapters before the deadline")
-            if (self.shared / "adapters.failed").exists():
-                raise RuntimeError("the adapter writer failed")
-            adapters = {f"a{index}": self.shared / "adapters" / f"a{index}" for index in range(config["adapters"])}
+            adapters = self.adapters()
             self.names = list(adapters)
             began = time.perf_counter()
             self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
@@ -262,18 +242,7 @@ class Rank:
             record["layouts"] = layout_counts(entries)
             self.log(f"ours set up in {record['ours_setup_s']:.0f} s; {record['layouts']}")
             for batch, step in self.steps.items():
-                for distinct in mixes_for(config, batch):
-                    self.mm.runtime.prepare(self.assignment(batch, distinct))
-                    step.rewind()
-                    if batch not in record["first_call_s"]["ours"]:
-                        began = time.perf_counter()
-                        self.one(step, None)
-                        self.sync()
-                        record["first_call_s"]["ours"][batch] = time.perf_counter() - began
-                        self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
-                    for _ in range(3):
-                        self.one(step, None)
-                    self.sync()
+                self.warm_ours(batch, step)
                 record["checks"][batch] = self.check(batch, step)
                 self.log(f"b{batch} check: {record['checks'][batch]}")
             record["graphs_captured_total"] = captures.count
@@ -344,9 +313,6 @@ class Rank:
         self.sync()
         return timed_steps(lambda: self.one(step, call), config["steps"], self.device)
 
-    def block_seconds(self, ms: float) -> float:
-        return (self.config["steps"] + self.config["block_warmup"]) * ms * 1.15 / 1e3 + 0.05
-
     def time_batch(self, batch: int, share_ends: float) -> None:
         config, step, record = self.config, self.steps[batch], self.record
         mixes = mixes_for(config, batch)
@@ -409,16 +375,13 @@ class Rank:
                 self.time_batch(batch, share_ends=float("inf"))  # rank 0's decisions rule (broadcast)
             self.agreed(True)
             return
-        began = time.time()
-        complete = wait_for(lambda: count(self.shared, "ready") >= config["runs"], self.deadline - 2 * RESERVE_S)
-        record["barrier"] = dict(complete=complete, waited_s=time.time() - began)
+        record["barrier"] = self.barrier()
         with exclusive(self.shared / "gpu.lock", self.deadline - RESERVE_S) as waited:
             if waited is None:
                 record["skipped"].append(dict(what="all timings", reason="lock not acquired before the deadline"))
                 # The other ranks must not wait for a go that never comes; they time nothing either.
                 return
-            left = self.deadline - RESERVE_S - time.time()
-            share = left / max(1, config["runs"] - count(self.shared, "done"))
+            share = self.fair_share()
             record["timing"] = dict(lock_waited_s=waited, share_s=share, gpu_state_start=gpu_state(),
                                     started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
             self.log(f"timing (lock after {waited:.0f} s, share {share:.0f} s)")
@@ -446,10 +409,7 @@ class Rank:
                 mark(self.shared, "ready", self.index)
             self.time_all()
         except Exception as error:
-            self.record["error"] = f"{type(error).__name__}: {error}"
-            self.record["traceback"] = traceback.format_exc()
-            self.log(f"FAILED: {self.record['error']}")
-            status = 1
+            status = self.failed(error)
         finally:
             self.save()
             if self.rank == 0:
