@@ -771,12 +771,51 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+class Launch:
+    """A parent's start and end (this script's and tp_decode.py's): its clock `t0`, the `deadline`
+    (t0 + --budget-s), --out made, and a scratch folder `shared` with the processes it starts, each
+    the `script` again in a role (`start`); `finish` writes the result and removes the folder."""
+
+    def __init__(self, args, script: str, prefix: str):
+        self.args = args
+        self.t0 = time.time()
+        self.deadline = self.t0 + args.budget_s
+        args.out.mkdir(parents=True, exist_ok=True)
+        self.shared = Path(tempfile.mkdtemp(prefix=prefix))
+        self.script = str(Path(script).resolve())
+        self.common = [*sys.argv[1:], "--shared", str(self.shared), "--t0", repr(self.t0),
+                       "--deadline", repr(self.deadline)]
+
+    def start(self, role: str, *more: str, env: dict | None = None) -> subprocess.Popen:
+        """The script again, with the parent's flags and the shared folder, in `role`."""
+        return subprocess.Popen([sys.executable, self.script, *self.common, "--role", role, *more], env=env)
+
+    @staticmethod
+    def env(caches: Path, threads: int) -> dict:
+        """A compiling process's environment: Inductor and Triton caches of its own under `caches`
+        (nothing inherited), and its share of the cores (`threads`) unless set."""
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
+        # The runs compile side by side: split the cores rather than start runs x cores workers.
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+        # And their intra-op threads: runs x cores OpenMP threads made every small host op of the
+        # adapter loads wait on descheduled threads (2026-12-06, H100: two runs sat in
+        # AdapterManager._pack for 85 s and more, where one process loads the 32 adapters in 3 s).
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        return env
+
+    def finish(self, result: dict, name: str) -> None:
+        """`result` with its seconds as `name` under --out; the shared folder removed (--keep-caches: kept)."""
+        result["seconds"] = time.time() - self.t0
+        (self.args.out / name).write_text(json.dumps(result, indent=1))
+        if not self.args.keep_caches:
+            shutil.rmtree(self.shared, ignore_errors=True)
+        log("main", self.t0, f"wrote {self.args.out / name}")
+
+
 def parent(args) -> int:
-    t0 = time.time()
     config = settings(args)
-    deadline = t0 + args.budget_s
-    args.out.mkdir(parents=True, exist_ok=True)
-    shared = Path(tempfile.mkdtemp(prefix="decode-overhead-"))
+    launch = Launch(args, __file__, "decode-overhead-")
+    t0, deadline, shared = launch.t0, launch.deadline, launch.shared
     if not args.commit:
         log("main", t0, "no --commit given: the local git HEAD is recorded (stale on the device)")
     result = dict(
@@ -786,22 +825,11 @@ def parent(args) -> int:
         rank=e2e.RANK, device=None, gpu=None)
     if not config["tiny"]:
         result["gpu"] = gpu_state("name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit")
-    common = [*sys.argv[1:], "--shared", str(shared), "--t0", repr(t0), "--deadline", repr(deadline)]
-    script = str(Path(__file__).resolve())
-    writer = subprocess.Popen([sys.executable, script, *common, "--role", "adapters"])
+    writer = launch.start("adapters")
     children = {}
     threads = max(1, (os.cpu_count() or 1) // config["runs"])
     for index in range(config["runs"]):
-        caches = shared / f"run{index}"
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"))
-        # The runs compile side by side: split the cores rather than start runs x cores workers.
-        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
-        # And their intra-op threads: runs x cores OpenMP threads made every small host op of the
-        # adapter loads wait on descheduled threads (2026-12-06, H100: two runs sat in
-        # AdapterManager._pack for 85 s and more, where one process loads the 32 adapters in 3 s).
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-        children[index] = subprocess.Popen([sys.executable, script, *common, "--role", "child",
-                                            "--index", str(index)], env=env)
+        children[index] = launch.start("child", "--index", str(index), env=launch.env(shared / f"run{index}", threads))
     log("main", t0, f"{config['runs']} runs started; budget {args.budget_s:.0f} s")
     ended = {}
     writer_rc = None
@@ -828,11 +856,7 @@ def parent(args) -> int:
     result["device"] = next((run["device"] for run in runs if run.get("device")), None)
     result["runs"] = runs
     result["summary"] = summarize(config, runs)
-    result["seconds"] = time.time() - t0
-    (args.out / "decode_overhead.json").write_text(json.dumps(result, indent=1))
-    if not args.keep_caches:
-        shutil.rmtree(shared, ignore_errors=True)
-    log("main", t0, f"wrote {args.out / 'decode_overhead.json'}")
+    launch.finish(result, "decode_overhead.json")
     print("\n".join(table(result["summary"])), flush=True)
     failed = [run["index"] for run in runs if run.get("error")]
     return 1 if failed else 0

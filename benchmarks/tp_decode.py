@@ -63,11 +63,8 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -80,13 +77,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import e2e  # noqa: E402
-from decode_overhead import (Worker, count, exclusive, gpu_state, log, mark, parse_ints, run_role,  # noqa: E402
-                             spread, stop_processes, timed_steps, wait_for)
+from decode_overhead import (GRACE_S, RESERVE_S, Launch, Worker, count, exclusive, gpu_state, log, mark,  # noqa: E402
+                             parse_ints, run_role, spread, stop_processes, timed_steps, wait_for)
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 
-RESERVE_S = 20.0
-GRACE_S = 15.0
 COLLECTIVE_WORDS = ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter", "broadcast")
 # Kept on: NVLink multicast stays off (the device machines' rule; set there already).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -488,11 +483,9 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def parent(args) -> int:
-    t0 = time.time()
     config = settings(args)
-    deadline = t0 + args.budget_s
-    args.out.mkdir(parents=True, exist_ok=True)
-    shared = Path(tempfile.mkdtemp(prefix="tp-decode-"))
+    launch = Launch(args, __file__, "tp-decode-")
+    t0, deadline, shared = launch.t0, launch.deadline, launch.shared
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([Path(sys.executable).name, *sys.argv]), commit=args.commit,
                   git_head_here=checkout_commit(), versions=versions(), settings=config, kv=e2e.KV, rank_r=e2e.RANK,
@@ -500,22 +493,15 @@ def parent(args) -> int:
                   nccl=None if config["tiny"] else dict(version=".".join(map(str, torch.cuda.nccl.version())),
                                                         **{key: os.environ.get(key, value)
                                                            for key, value in NCCL_ENV.items()}))
-    common = [*sys.argv[1:], "--shared", str(shared), "--t0", repr(t0), "--deadline", repr(deadline)]
-    script = str(Path(__file__).resolve())
-    writer = subprocess.Popen([sys.executable, script, *common, "--role", "adapters"])
+    writer = launch.start("adapters")
     threads = max(1, (os.cpu_count() or 1) // (config["runs"] * config["world"]))
     children = {}
     for index in range(config["runs"]):
         for rank in range(config["world"]):
-            caches = shared / f"run{index}.rank{rank}"
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"),
-                       TRITON_CACHE_DIR=str(caches / "triton"))
-            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
-            env.setdefault("OMP_NUM_THREADS", str(threads))
+            env = launch.env(shared / f"run{index}.rank{rank}", threads)
             for key, value in NCCL_ENV.items():
                 env.setdefault(key, value)
-            children[index, rank] = subprocess.Popen(
-                [sys.executable, script, *common, "--role", "rank", "--index", str(index), "--rank", str(rank)], env=env)
+            children[index, rank] = launch.start("rank", "--index", str(index), "--rank", str(rank), env=env)
     log("main", t0, f"{config['runs']} runs of {config['world']} ranks started; budget {args.budget_s:.0f} s")
     ended = {}
     while len(ended) < len(children) and time.time() < deadline + GRACE_S:
@@ -547,11 +533,7 @@ def parent(args) -> int:
     result["runs"] = runs
     result["summary"] = summarize(config, runs)
     result["ranks_agree"] = agreement(config, runs)
-    result["seconds"] = time.time() - t0
-    (args.out / "tp_decode.json").write_text(json.dumps(result, indent=1))
-    if not args.keep_caches:
-        shutil.rmtree(shared, ignore_errors=True)
-    log("main", t0, f"wrote {args.out / 'tp_decode.json'}")
+    launch.finish(result, "tp_decode.json")
     first = runs[0][0]
     print(f"layouts (run0 rank0): {first.get('layouts')}")
     print(f"collectives per step (run0 rank0, batch {config['batches'][0]}): {first.get('collectives_per_step')}")
