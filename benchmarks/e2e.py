@@ -20,7 +20,8 @@ qkv/proj/fc1/fc2 of the tower and the merger MLP, written in PEFT's format. Part
   (same LoRA through forward hooks); no recompilation or recapture; memory at start and end.
 - paths: decode with kernel paths forced by patching `kernels.launch_config`'s defaults (`--paths`,
   names in `KERNEL_PATHS`), each against the base on the same machine.
-- profile: device time of decode steps split into kernels and idle, base against mmlora_fx.
+- profile: device time of decode steps split into kernels and idle, base against mmlora_fx (with
+  each kernel path of `--profile-paths`, default `defaults`).
 
 `MOE` / `TINY_MOE` (a Qwen3-VL-30B-A3B-LM-shaped mixture-of-experts model, adapters on attention and
 the expert weights) are `benchmarks/decode_overhead.py --model moe`'s; this script runs the dense model.
@@ -437,7 +438,10 @@ def measure_base(args, model, steps: dict, mode, measure, found: dict, progress:
 
 
 def part_profile(args, model, adapters, device, results):
-    """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs."""
+    """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs.
+
+    mmlora_fx is profiled once per name in `--profile-paths` (`KERNEL_PATHS`' patches of the
+    launch heuristics, each its own compilation; `defaults` first), against one base."""
     batches = [1, 16] if not args.tiny else [1, 4]
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
     mode = graph_mode(device)
@@ -445,16 +449,35 @@ def part_profile(args, model, adapters, device, results):
     progress = results.setdefault("profile_progress", {})
     measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress)
     names = list(adapters)
-    mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
-    for batch in batches:
-        distinct = min(batch, 8)
-        mm.runtime.prepare(mixed_names(names, batch, distinct, seed=batch))  # as the decode part times it
-        steps[batch].rewind()
-        key = f"mmlora b{batch} d{distinct}"
-        found[key] = step_profile(lambda: steps[batch](), device)
-        note(args, progress, key, found[key])
-    uncompile(model)
+    for path in args.profile_paths.split(","):
+        with launch_config_patched(KERNEL_PATHS[path][1]):
+            mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
+            for batch in batches:
+                distinct = min(batch, 8)
+                mm.runtime.prepare(mixed_names(names, batch, distinct, seed=batch))  # as the decode part times it
+                steps[batch].rewind()
+                key = f"mmlora b{batch} d{distinct}" if path == "defaults" else f"mmlora {path} b{batch} d{distinct}"
+                found[key] = step_profile(lambda: steps[batch](), device)
+                note(args, progress, key, found[key])
+            uncompile(model)
     return model
+
+
+@contextlib.contextmanager
+def launch_config_patched(patch: dict):
+    """`kernels.launch_config`'s module defaults set to `patch` inside (benchmark only)."""
+    from mmlora_fx.kernels import launch_config as kernels
+
+    defaults = {key: getattr(kernels, key) for key in patch}
+    try:
+        for key, value in patch.items():
+            setattr(kernels, key, value)
+        kernels.choose_config.cache_clear()
+        yield
+    finally:
+        for key, value in defaults.items():
+            setattr(kernels, key, value)
+        kernels.choose_config.cache_clear()
 
 
 KERNEL_PATHS = {
@@ -464,6 +487,8 @@ KERNEL_PATHS = {
     "rows_dependent": ([1], {"_PER_ROW_MAX_ROWS": 8, "_DEPENDENT_LAUNCH_MAX_ROWS": 4}),
     "defaults": ([1, 16, 64], {}),  # row path at 1, tiles read from the tile plan at 16 and 64
     "no_plan": ([16, 64], {"PLAN_BLOCK_M": 0}),  # no tile size matches the plan's: every shrink searches
+    # The row path up to 16 rows: no memset and no tile search at batch 16 (#15's in-step memsets).
+    "rows16": ([1, 16], {"_PER_ROW_MAX_ROWS": 16}),
 }
 
 
@@ -475,8 +500,6 @@ def part_paths(args, model, adapters, device, results):
     one hold `min(batch, 8)` distinct adapters. A name given twice is compiled and timed twice
     (`name#2`): the spread between compilations of the same code.
     """
-    from mmlora_fx.kernels import launch_config as kernels
-
     chosen, times_given = {}, collections.Counter()
     for name in args.paths.split(","):
         times_given[name] += 1
@@ -489,11 +512,7 @@ def part_paths(args, model, adapters, device, results):
     measure_base(args, model, steps, mode, lambda step: timed(step, device), found, progress)
     names = list(adapters)
     for name, (batch_sizes, patch) in chosen.items():
-        defaults = {key: getattr(kernels, key) for key in patch}
-        try:
-            for key, value in patch.items():
-                setattr(kernels, key, value)
-            kernels.choose_config.cache_clear()
+        with launch_config_patched(patch):
             mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
             for batch in batch_sizes:
                 mm.runtime.prepare(mixed_names(names, batch, min(batch, 8, len(names)), seed=batch))
@@ -503,10 +522,6 @@ def part_paths(args, model, adapters, device, results):
                 found[f"{name} b{batch}"] = timed(lambda: steps[batch](), device)
                 note(args, progress, f"{name} b{batch}", found[f"{name} b{batch}"])
             uncompile(model)
-        finally:
-            for key, value in defaults.items():
-                setattr(kernels, key, value)
-            kernels.choose_config.cache_clear()
     return model
 
 
@@ -718,6 +733,8 @@ def main() -> int:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--variants", default="base,mmlora,peft", help="decode: which of base,mmlora,peft to time")
     parser.add_argument("--paths", default=",".join(KERNEL_PATHS), help="paths: which kernel paths to time")
+    parser.add_argument("--profile-paths", default="defaults",
+                        help="profile: the kernel paths (KERNEL_PATHS names) to profile mmlora_fx with, each compiled")
     args = parser.parse_args()
     spec = TINY if args.tiny else SEVEN_B
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
