@@ -38,6 +38,8 @@
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
 #              memset, no tile search), against one base (#15; one compilation each, ~250 estimated)
+#   host_profile  host_cost.py --device cuda --profile: host µs a LoRA op call with real launches, and how
+#              much of it is our launcher and how much Triton's launch path (#16; ~60)
 #   prefill_profile  prefill_host_profile.py --case a: where the host's time goes in one prefill forward,
 #              base against ours (#16's diagnosis; one compilation each, ~250 estimated)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
@@ -51,7 +53,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [prefill_profile]=400 [profile_rows16]=330)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -88,6 +90,8 @@ run_step() {
                               --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
+        host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 \
+                          --profile --json "$out/host_profile.json" --commit "$commit" ;;
         prefill_profile) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile" \
                              --case a --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;

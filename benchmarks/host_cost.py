@@ -22,6 +22,11 @@ queue behind one another, fewer than the launch queue holds). That is the whole 
 prefill without CUDA graphs pays on the host, Triton's launcher included; at 4096 rows the GPU may
 be the slower side, which the JSON's `gpu_bound_check` (device time of the same calls) tells.
 
+`--profile` runs each measurement's calls once more under cProfile and splits their host time by
+whose code it is (this package's, Triton's, torch's, C functions apart), with the top functions:
+on a GPU host, how much of a call is our launcher and how much Triton's launch path (cProfile slows
+Python calls, so the split, not the total, is the figure).
+
 Medians of `--repeats` timings of `--calls` calls each. The numbers are the development
 machine's (a shared 2-core VM): they compare versions of the code on one machine, not hosts.
 """
@@ -46,6 +51,29 @@ from run_record import checkout_commit, versions  # noqa: E402
 
 
 GPU_BOUND_CHECK: list[float] = []  # --device cuda: device µs per call of each measurement, in order
+PROFILE = False  # --profile
+PROFILES: list[dict] = []  # --profile: where each measurement's host time goes, in order
+
+
+def split_by_owner(profiler, calls: int, top: int = 12) -> dict:
+    """µs per call of the profiled functions' own time, by whose code it is (this package's, Triton's,
+    torch's, the rest), and the `top` functions: which part of a call is ours and which Triton's."""
+    import pstats
+
+    owners = {"mmlora_fx": 0.0, "triton": 0.0, "torch": 0.0, "C functions": 0.0, "other": 0.0}
+    functions = []
+    for (path, line, name), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
+        where = path.replace("\\", "/")
+        # C functions (path "~": torch's tensor methods, Triton's compiled launcher, built-ins) are
+        # counted apart: cProfile does not say whose code called them.
+        owner = ("C functions" if path == "~" else "triton" if "/triton/" in where else "torch" if "/torch/" in where
+                 else "mmlora_fx" if any(part in where for part in ("/mmlora_fx/", "/kernels/", "/passes/"))
+                 else "other")
+        owners[owner] += own / calls * 1e6
+        functions.append((own / calls * 1e6, f"{Path(path).name}:{line}({name})"))
+    functions.sort(reverse=True)
+    return dict(us_per_call_by_owner={key: round(value, 2) for key, value in owners.items()},
+                top_functions_us_per_call=[[name, round(us, 2)] for us, name in functions[:top]])
 
 
 def per_call_us(call, calls: int, repeats: int, device: str = "cpu") -> list[float]:
@@ -69,6 +97,17 @@ def per_call_us(call, calls: int, repeats: int, device: str = "cpu") -> list[flo
         ended.record()
         torch.cuda.synchronize()
         GPU_BOUND_CHECK.append(began.elapsed_time(ended) * 1e3 / calls)
+    if PROFILE:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            call()
+        profiler.disable()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        PROFILES.append(split_by_owner(profiler, calls))
     return times
 
 
@@ -144,7 +183,12 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: real Triton launches on a GPU host, nothing stubbed")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run each measurement's calls once under cProfile: µs per call by owner "
+                             "(ours, Triton's, torch's) and the top functions, in the JSON and printed")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     torch.set_num_threads(1)
     results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats, args.device)}
     for rows in (1, 16, 4096):
@@ -155,12 +199,15 @@ def main() -> int:
         print(f"| {name} | {statistics.median(times):.1f} | {min(times):.1f}-{max(times):.1f} |")
     for name, device_us in zip(results, GPU_BOUND_CHECK):
         print(f"device time per call, {name}: {device_us:.1f} µs")
+    for name, split in zip(results, PROFILES):
+        print(f"under cProfile, {name}: {split['us_per_call_by_owner']} µs a call; top: "
+              f"{split['top_functions_us_per_call'][:6]}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(), commit=args.commit or checkout_commit(),
             device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (kernels stubbed)",
             command="python3 " + " ".join(sys.argv), calls=args.calls, results_us=results,
-            gpu_bound_check=dict(zip(results, GPU_BOUND_CHECK))), indent=1))
+            gpu_bound_check=dict(zip(results, GPU_BOUND_CHECK)), profiles=dict(zip(results, PROFILES))), indent=1))
     return 0
 
 
