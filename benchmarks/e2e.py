@@ -450,6 +450,8 @@ def part_profile(args, model, adapters, device, results):
     measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress)
     names = list(adapters)
     for path in args.profile_paths.split(","):
+        if path not in KERNEL_PATHS:
+            raise SystemExit(f"--profile-paths: unknown kernel path {path!r}; known: {', '.join(KERNEL_PATHS)}")
         with launch_config_patched(KERNEL_PATHS[path][1]):
             mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
             for batch in batches:
@@ -732,7 +734,8 @@ def main() -> int:
     parser.add_argument("--soak-steps", type=int, default=2000)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--variants", default="base,mmlora,peft", help="decode: which of base,mmlora,peft to time")
-    parser.add_argument("--paths", default=",".join(KERNEL_PATHS), help="paths: which kernel paths to time")
+    parser.add_argument("--paths", default="tiles,rows,rows_dependent,defaults,no_plan",
+                        help=f"paths: which kernel paths to time, of {', '.join(KERNEL_PATHS)}")
     parser.add_argument("--profile-paths", default="defaults",
                         help="profile: the kernel paths (KERNEL_PATHS names) to profile mmlora_fx with, each compiled")
     args = parser.parse_args()

@@ -12,10 +12,9 @@
 #   scale      benchmarks/adapters_at_scale.py: 1,000 adapters, Zipf mixes (#22)      (~550: writing and
 #              loading the adapters took 72 s, and 295 s did not reach the first timed step)
 #   scale_turnover  the same with --turnover 128 --lookahead 4: continuous batching, requests of
-#              128 decode steps on average (#22) (~480 estimated: as scale less the ~70 s of its
-#              slow steps, whose disk reads turnover mostly avoids; not run yet)
+#              128 decode steps on average (#22) (~200: 2026-12-06, commit 6a01199)
 #   decode64   decode_overhead.py --batches 64: the cells with one run so far (#15)   (~450)
-#   moe        decode_overhead.py --model moe, three runs side by side (#17; 6 layers, ~20 GiB a run) (~560, unrun)
+#   moe        decode_overhead.py --model moe, three runs side by side (#17; 6 layers, 18.4 GiB a run) (~215)
 #   audio      audio_prefill.py, two compilations sharing the GPU (three of ~30 GB do not fit an
 #              H100's 80 GB: two of three ran out of memory on 2026-12-06), then a third (#20) (~540)
 #   tp         tp_decode.py --batches 1,16: decode on a 2-GPU tensor-parallel 7B-shaped LM, CUDA graphs
@@ -37,11 +36,11 @@
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; ~450, unrun)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
-#              memset, no tile search), against one base (#15; one compilation each, ~250 estimated)
+#              memset, no tile search), against one base (#15; one compilation each, ~210)
 #   host_profile  host_cost.py --device cuda --profile: host µs a LoRA op call with real launches, and how
 #              much of it is our launcher and how much Triton's launch path (#16; ~60)
 #   prefill_profile  prefill_host_profile.py --case a: where the host's time goes in one prefill forward,
-#              base against ours (#16's diagnosis; one compilation each, ~250 estimated)
+#              base against ours (#16's diagnosis; one compilation each, ~110)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs.
 set -uo pipefail

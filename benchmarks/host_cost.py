@@ -66,14 +66,18 @@ def split_by_owner(profiler, calls: int, top: int = 12) -> dict:
         where = path.replace("\\", "/")
         # C functions (path "~": torch's tensor methods, Triton's compiled launcher, built-ins) are
         # counted apart: cProfile does not say whose code called them.
-        owner = ("C functions" if path == "~" else "triton" if "/triton/" in where else "torch" if "/torch/" in where
+        # Triton's argument binder is generated with `exec` (`<string>`, `dynamic_func`): Triton's.
+        owner = ("C functions" if path == "~" else "triton" if "/triton/" in where or name == "dynamic_func"
+                 else "torch" if "/torch/" in where
                  else "mmlora_fx" if any(part in where for part in ("/mmlora_fx/", "/kernels/", "/passes/"))
                  else "other")
         owners[owner] += own / calls * 1e6
         functions.append((own / calls * 1e6, f"{Path(path).name}:{line}({name})"))
     functions.sort(reverse=True)
+    c_functions = [(us, name) for us, name in functions if name.startswith("~")]
     return dict(us_per_call_by_owner={key: round(value, 2) for key, value in owners.items()},
-                top_functions_us_per_call=[[name, round(us, 2)] for us, name in functions[:top]])
+                top_functions_us_per_call=[[name, round(us, 2)] for us, name in functions[:top]],
+                top_c_functions_us_per_call=[[name, round(us, 2)] for us, name in c_functions[:top]])
 
 
 def per_call_us(call, calls: int, repeats: int, device: str = "cpu") -> list[float]:
