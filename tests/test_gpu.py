@@ -87,6 +87,43 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
     assert torch.isfinite(last).all()
 
 
+def prefill_replays_equal_eager(family: str, root, device: str) -> None:
+    """Prefill with images under `mode="reduce-overhead"`, one batch shape, the adapter mix changing
+    every call: each call equals `mm.eager` (the LoRA through hooks, no graphs), and once recorded
+    the tower's, connector's and language model's graphs replay with no recapture and no
+    recompilation. #16's lead of CUDA graphs for prefill needs exactly this: the vision ownership
+    tables refilled in place, read by replays."""
+    cpu_model = zoo.build(family)
+    paths = {name: make_adapter(cpu_model, root / name, all_targets(family), r=rank, lora_alpha=3 * rank + 1,
+                                seed=rank) for name, rank in (("alice", 2), ("bob", 4))}
+    torch._dynamo.reset()
+    model = zoo.build(family).to(device)
+    mm = mmlora_fx.compile(model, paths, max_loras=2, mode="reduce-overhead")
+    batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
+    mixes = [["alice", None, "bob"], ["bob", "alice", None], [None, "bob", "alice"],  # warm-up, recording, replay
+             ["alice", "alice", "bob"], ["bob", None, "bob"], [None, None, None], ["alice", "bob", "alice"]]
+
+    def call(names) -> None:
+        with torch.no_grad():
+            compiled = mm(**batch, use_cache=False, adapter_names=names).logits.clone()
+            eager = mm.eager(**batch, use_cache=False, adapter_names=names).logits
+        assert relative_error(compiled, eager) <= 1e-4, names
+
+    for names in mixes[:3]:
+        call(names)
+    graphs = mm.compiled_graphs
+    with CudaGraphCaptures() as captures:
+        for names in mixes[3:]:
+            call(names)
+    assert captures.count == 0, "a new adapter mix must not recapture CUDA graphs"
+    assert mm.compiled_graphs == graphs, "a new adapter mix must not recompile"
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2-vl", "tiny-llava"])
+def test_cuda_graph_prefill_with_images_replays_equal_eager_across_adapter_mixes(family, tmp_path):
+    prefill_replays_equal_eager(family, tmp_path, "cuda")
+
+
 def test_side_stream_slot_writes_serve_the_files_across_prefetch_reload_and_unload(adapters, expected):  # noqa: F811
     """The slot copies of #22 run on a side stream, from pinned memory, with reads in the background:
     after every activate, each slot the batch reads holds exactly its adapter (read on the step's
