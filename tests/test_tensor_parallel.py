@@ -215,6 +215,18 @@ def _changed_last_row(tensor):
     return tensor
 
 
+def peft_references(base, paths, names) -> tuple[torch.Tensor, dict]:
+    """A prompt per request of a batch naming `names`, and PEFT's logits on the unsharded `base` for
+    each request alone with each adapter the batch names (None: the base model)."""
+    from mmlora_fx import zoo
+
+    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(names), 9), generator=torch.Generator().manual_seed(1))
+    peft = peft_model_with(base, paths)
+    references = {(row, name): peft_logits(peft, {"input_ids": ids[row:row + 1]}, name)
+                  for row in range(len(names)) for name in set(names)}
+    return ids, references
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Each rank's results of `serve_sharded`, adapters made by PEFT on the unsharded model."""
@@ -226,10 +238,7 @@ def ranks(tmp_path_factory):
     paths = {name: zoo.make_adapter(base, folder / name, TARGETS, r=4, lora_alpha=9, seed=index)
              for index, name in enumerate(["alice", "bob"])}
     embedding_paths = {"emb": zoo.make_adapter(base, folder / "emb", ["embed_tokens", "q_proj"], r=4, seed=3)}
-    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(NAMES), 9), generator=torch.Generator().manual_seed(1))
-    peft = peft_model_with(base, paths)
-    references = {(row, name): peft_logits(peft, {"input_ids": ids[row: row + 1]}, name)
-                  for row in range(len(NAMES)) for name in set(NAMES)}
+    ids, references = peft_references(base, paths, NAMES)
     for row in range(len(NAMES)):  # every adapter changes every request's logits clearly
         assert min(relative_error(references[row, name], references[row, None]) for name in paths) > 1e-2
     bad_paths = {
@@ -454,10 +463,7 @@ def split_a(tmp_path_factory):
              "bob": zoo.make_adapter(base, folder / "bob", TARGETS, r=3, lora_alpha=5, seed=1),
              "carol": zoo.make_adapter(base, folder / "carol", TARGETS, r=6, lora_alpha=7, seed=2,
                                        rank_pattern={"q_proj": 5, "v_proj": 1})}
-    ids = torch.randint(zoo.FIRST_TEXT_TOKEN, 300, (len(SPLIT_NAMES), 9), generator=torch.Generator().manual_seed(1))
-    peft = peft_model_with(base, paths)
-    references = {(row, name): peft_logits(peft, {"input_ids": ids[row:row + 1]}, name)
-                  for row in range(len(SPLIT_NAMES)) for name in set(SPLIT_NAMES)}
+    ids, references = peft_references(base, paths, SPLIT_NAMES)
     return run_ranks(serve_split_a, (paths, str(folder / "base"), ids, references), folder / "ranks")
 
 
