@@ -89,7 +89,7 @@ run_step() {
                               --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
-        host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 \
+        host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 --launch-parts \
                           --profile --json "$out/host_profile.json" --commit "$commit" ;;
         prefill_profile) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile" \
                              --case a --commit "$commit" ;;

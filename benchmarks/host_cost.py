@@ -179,6 +179,100 @@ def launch_cost(rows: int, calls: int, repeats: int, device: str = "cpu") -> lis
             setattr(lora_add, name, value)
 
 
+class _Recorder:
+    """Stands in for a `@triton.jit` kernel and passes its launches on, keeping each one's grid,
+    arguments and the compiled kernel Triton returns (`kernel[grid](...)` returns it)."""
+
+    def __init__(self, kernel, calls: list):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            compiled = self.kernel[grid](*args, **kwargs)
+            self.calls.append((self.kernel, grid, args, kwargs, compiled))
+            return compiled
+        return launch
+
+
+def launch_parts(rows: int, calls: int, repeats: int) -> dict[str, list[float] | str]:
+    """On a GPU host: host µs a call of the parts of one `launch` (q/k/v at `rows` rows), each timed
+    alone: the whole launch; its Triton launches replayed through `kernel[grid](...)` (Triton's launch
+    path, without our launcher); the same launches handed straight to the compiled kernels' launcher
+    (`CompiledKernel.run`, what Triton's path ends in), with tensors and with raw pointers; the
+    scratch allocations. What a launcher that binds its arguments once could save (#16)."""
+    import inspect
+
+    from mmlora_fx.kernels import lora_add
+
+    names = ("_row_shrink_kernel", "_row_expand_kernel", "_shrink_kernel", "_expand_kernel")
+    saved = {name: getattr(lora_add, name) for name in names}
+    recorded: list = []
+    dtype, hidden, kv, rank, slots = torch.bfloat16, 3584, 512, 16, 32
+    x = torch.randn(rows, hidden, dtype=dtype, device="cuda")
+    outputs = [torch.zeros(rows, width, dtype=dtype, device="cuda") for width in (hidden, kv, kv)]
+    lora_a = [torch.randn(slots, rank, hidden, dtype=dtype, device="cuda") / 64 for _ in outputs]
+    lora_b = [torch.randn(slots, output.shape[1], rank, dtype=dtype, device="cuda") / 4 for output in outputs]
+    ranks = [torch.full((slots,), rank, dtype=torch.int32, device="cuda") for _ in outputs]
+    tables = lora_add.BatchTables(ranks, torch.arange(256, dtype=torch.int32, device="cuda") % slots,
+                                  torch.arange(257, device="cuda") * max(1, rows // 256))
+    whole = lambda: lora_add.launch(outputs, x, lora_a, lora_b, tables)  # noqa: E731
+    whole()  # compiles
+    for name in names:
+        setattr(lora_add, name, _Recorder(saved[name], recorded))
+    try:
+        whole()
+    finally:
+        for name, value in saved.items():
+            setattr(lora_add, name, value)
+    parts: dict[str, list[float] | str] = {"whole launch": per_call_us(whole, calls, repeats, "cuda")}
+
+    def triton_path():
+        for kernel, grid, args, kwargs, _ in recorded:
+            kernel[grid](*args, **kwargs)
+
+    parts["Triton's launch path only (kernel[grid])"] = per_call_us(triton_path, calls, repeats, "cuda")
+    try:
+        import triton
+
+        runtime_knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+        hooks = (getattr(runtime_knobs, "launch_enter_hook", None), getattr(runtime_knobs, "launch_exit_hook", None))
+        direct = []
+        for kernel, grid, args, kwargs, compiled in recorded:
+            signature = inspect.signature(kernel.fn)
+            params = {name: value for name, value in kwargs.items() if name in signature.parameters}
+            bound = signature.bind(*args, **params)
+            bound.apply_defaults()
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            direct.append((compiled, grid, list(bound.arguments.values())))
+        stream = torch.cuda.current_stream().cuda_stream
+
+        def compiled_run(as_pointers: bool):
+            launches = [(compiled, grid, [value.data_ptr() if as_pointers and torch.is_tensor(value) else value
+                                          for value in values]) for compiled, grid, values in direct]
+
+            def call():
+                for compiled, grid, values in launches:
+                    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, *hooks, *values)
+            return call
+
+        check = [output.clone() for output in outputs]
+        compiled_run(False)()
+        torch.cuda.synchronize()
+        parts["direct launches changed every output"] = str(all(not torch.equal(a, b) for a, b in zip(check, outputs)))
+        parts["CompiledKernel.run, tensors"] = per_call_us(compiled_run(False), calls, repeats, "cuda")
+        parts["CompiledKernel.run, pointers"] = per_call_us(compiled_run(True), calls, repeats, "cuda")
+    except Exception as error:  # noqa: BLE001 - Triton's private launcher differs between versions
+        parts["CompiledKernel.run"] = f"failed: {type(error).__name__}: {error}"
+
+    def allocations():
+        torch.empty(1024, dtype=torch.int32, device="cuda")
+        torch.empty(1024, dtype=torch.int32, device="cuda")
+        torch.zeros(3 * 1024 * 16, dtype=torch.float32, device="cuda")
+
+    parts["scratch: two empty, one zeros"] = per_call_us(allocations, calls, repeats, "cuda")
+    return parts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -190,6 +284,9 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also run each measurement's calls once under cProfile: µs per call by owner "
                              "(ours, Triton's, torch's) and the top functions, in the JSON and printed")
+    parser.add_argument("--launch-parts", action="store_true",
+                        help="with --device cuda: also time the parts of a launch alone (Triton's path, its "
+                             "compiled launcher, the scratch allocations)")
     args = parser.parse_args()
     global PROFILE
     PROFILE = args.profile
@@ -197,6 +294,15 @@ def main() -> int:
     results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats, args.device)}
     for rows in (1, 16, 4096):
         results[f"launch, q/k/v, {rows} rows"] = launch_cost(rows, args.calls, args.repeats, args.device)
+    parts = {}
+    if args.launch_parts and args.device == "cuda":
+        PROFILE = False
+        for rows in (1, 16, 4096):
+            parts[f"{rows} rows"] = launch_parts(rows, args.calls, args.repeats)
+        for rows, measured in parts.items():
+            for name, times in measured.items():
+                shown = times if isinstance(times, str) else f"{statistics.median(times):.1f} µs"
+                print(f"launch parts, {rows}: {name}: {shown}")
     what = "kernels stubbed" if args.device == "cpu" else "real launches, host time to submit"
     print(f"| host work per call ({what}) | median µs | min-max µs |\n|---|---:|---:|")
     for name, times in results.items():
@@ -211,7 +317,8 @@ def main() -> int:
             date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), versions=versions(), commit=args.commit or checkout_commit(),
             device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (kernels stubbed)",
             command="python3 " + " ".join(sys.argv), calls=args.calls, results_us=results,
-            gpu_bound_check=dict(zip(results, GPU_BOUND_CHECK)), profiles=dict(zip(results, PROFILES))), indent=1))
+            gpu_bound_check=dict(zip(results, GPU_BOUND_CHECK)), profiles=dict(zip(results, PROFILES)),
+            launch_parts_us=parts), indent=1))
     return 0
 
 
