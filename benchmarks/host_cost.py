@@ -21,6 +21,10 @@ the GPU, each repeat of `--calls` calls synchronised before its clock starts (a 
 queue behind one another, fewer than the launch queue holds). That is the whole per-call cost a
 prefill without CUDA graphs pays on the host, Triton's launcher included; at 4096 rows the GPU may
 be the slower side, which the JSON's `gpu_bound_check` (device time of the same calls) tells.
+Each measurement runs twice there: with bound launches (the default: a call whose key was seen
+replays its launches through the compiled kernels' launchers, `kernels/direct_launch.py`) and with
+every launch through Triton's path (`lora_add.DIRECT_LAUNCHES = False`). `--launch-parts` also times
+a launch's parts alone.
 
 `--profile` runs each measurement's calls once more under cProfile and splits their host time by
 whose code it is (this package's, Triton's, torch's, C functions apart), with the top functions:
@@ -291,9 +295,19 @@ def main() -> int:
     global PROFILE
     PROFILE = args.profile
     torch.set_num_threads(1)
-    results = {"graph op (lora_linear_, q and v)": graph_op_cost(args.calls, args.repeats, args.device)}
-    for rows in (1, 16, 4096):
-        results[f"launch, q/k/v, {rows} rows"] = launch_cost(rows, args.calls, args.repeats, args.device)
+    from mmlora_fx.kernels import lora_add
+
+    results = {}
+    # On a GPU, calls after the first with a key replay bound launches (`kernels/direct_launch.py`);
+    # with them off, every launch takes Triton's path, as before they existed.
+    for direct in (True, False) if args.device == "cuda" else (True,):
+        lora_add.DIRECT_LAUNCHES = direct
+        lora_add.forget_direct_launches()
+        how = "" if args.device == "cpu" else ", bound launches" if direct else ", Triton's path"
+        results[f"graph op (lora_linear_, q and v){how}"] = graph_op_cost(args.calls, args.repeats, args.device)
+        for rows in (1, 16, 4096):
+            results[f"launch, q/k/v, {rows} rows{how}"] = launch_cost(rows, args.calls, args.repeats, args.device)
+    lora_add.DIRECT_LAUNCHES = True
     parts = {}
     if args.launch_parts and args.device == "cuda":
         PROFILE = False

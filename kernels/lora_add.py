@@ -40,6 +40,7 @@ from .launch_config import (
     search_block,
     tile_bound,
 )
+from .direct_launch import DirectLaunch
 from .reference import lora_add_reference
 from .row_kernels import _row_expand_kernel, _row_shrink_kernel
 from .tile_kernels import _expand_kernel, _shrink_kernel
@@ -130,6 +131,63 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+# Calls replayed through the compiled kernels' launchers (`direct_launch.py`, #16), by call key:
+# the weak references that check the key's tensor ids, the scratch the call allocates, and its
+# launches as Triton's path made them for the first call with the key.
+_DIRECT: dict[tuple, tuple[list[weakref.ref], list[tuple[int, torch.dtype, bool]], list[DirectLaunch]]] = {}
+_DIRECT_LIMIT = 4096
+DIRECT_LAUNCHES = True  # off: every launch goes through Triton's path (benchmarks compare the two)
+
+
+def _binds(inputs: torch.Tensor) -> bool:
+    """Whether this call's launches may be bound: compiled kernels only (CUDA, not interpreted)."""
+    return DIRECT_LAUNCHES and inputs.is_cuda and not interpreting()
+
+
+def _stream(device: torch.device) -> int:
+    """The current CUDA stream's handle, as Triton's path takes it (no Stream object made)."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def forget_direct_launches() -> None:
+    """Drop every bound call: the next calls take Triton's path again and bind anew. Call it after
+    changing `launch_config`'s heuristics (a bound call keeps the blocks it was bound with)."""
+    _DIRECT.clear()
+
+
+def _direct_key(outputs, inputs: torch.Tensor, lora_a, lora_b, tables: BatchTables) -> tuple:
+    """Everything a call's launches depend on besides its tensors' addresses: the slot buffers and
+    plan by identity (their shapes, strides and contents' layout with them), the rows' and
+    outputs' shapes, strides, dtypes and 16-byte alignment (what Triton specialises on), the tables'
+    sizes and dtypes."""
+    slots, cum_weights, plan = tables.request_slots, tables.request_cum_weights, tables.tile_plan
+    return (inputs.shape, inputs.stride(0), inputs.dtype, inputs.device, inputs.data_ptr() % 16,
+            *map(id, lora_a), *map(id, lora_b), *map(id, tables.slot_ranks), id(plan) if plan is not None else None,
+            slots.numel(), slots.dtype, slots.data_ptr() % 16,
+            cum_weights.numel(), cum_weights.dtype, cum_weights.data_ptr() % 16,
+            *[(output.shape, output.dtype, output.is_contiguous(), output.data_ptr() % 16) for output in outputs])
+
+
+def _key_tensors(lora_a, lora_b, tables: BatchTables) -> list[torch.Tensor]:
+    """The tensors `_direct_key` names by identity."""
+    return [*lora_a, *lora_b, *tables.slot_ranks] + ([tables.tile_plan] if tables.tile_plan is not None else [])
+
+
+def _kernel_tables(tables: BatchTables) -> BatchTables:
+    """`tables` in the dtypes the kernels take (the same tensors where they are already)."""
+    return BatchTables([_as(ranks, torch.int32) for ranks in tables.slot_ranks], _as(tables.request_slots, torch.int32),
+                       _as(tables.request_cum_weights, torch.int64), tables.tile_plan)
+
+
+def _call_tensors(inputs, outputs, lora_a, lora_b, tables: BatchTables, scratch) -> list[torch.Tensor]:
+    """The tensors a call's launches take (`tables` in the kernels' dtypes), in the order
+    `DirectLaunch` indexes them. An output's flat view shares its address with the output (outputs
+    are contiguous), so either stands in a replay."""
+    plan = [tables.tile_plan] if tables.tile_plan is not None else []
+    return [inputs, *outputs, *lora_a, *lora_b, *tables.slot_ranks, tables.request_slots, tables.request_cum_weights,
+            *plan, *scratch]
+
+
 def launch(
     outputs: list[torch.Tensor],
     x: torch.Tensor,
@@ -144,25 +202,75 @@ def launch(
     Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`. The tile path reads its
     tiles from `tables.tile_plan` when the plan covers the row count. `config` overrides the
     launch parameters `choose_config` picks from the shapes.
+
+    On a GPU, the first call with a given key (`_direct_key`) goes through the checks, the
+    heuristics and Triton's launch path, and binds its launches; later calls with that key hand
+    their tensors to the bound launches directly (`direct_launch.py`).
     """
     inputs = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
-    rows, in_features = inputs.shape
+    key = None
+    if config is None and _binds(inputs):
+        key = _direct_key(outputs, inputs, lora_a, lora_b, tables)
+        bound = _DIRECT.get(key)
+        if bound is not None:
+            references, scratch_specs, launches = bound
+            if all(reference() is tensor for reference, tensor in zip(references, _key_tensors(lora_a, lora_b, tables))):
+                device = inputs.device
+                scratch = [(torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
+                           for numel, dtype, zero in scratch_specs]
+                tensors = _call_tensors(inputs, outputs, lora_a, lora_b, _kernel_tables(tables), scratch)
+                stream = _stream(device)
+                for direct in launches:
+                    direct.launch(stream, tensors)
+                return
+    launched: list[tuple] = []
+    scratch: list[torch.Tensor] = []
+    scratch_specs: list[tuple[int, torch.dtype, bool]] = []
+
+    def allocate(numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        tensor = (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=inputs.device)
+        scratch.append(tensor)
+        scratch_specs.append((numel, dtype, zero))
+        return tensor
+
+    def run(kernel, grid: tuple, *args, **kwargs) -> None:
+        launched.append((kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)))
+
     _check_shapes(outputs, inputs, lora_a, lora_b, tables)
+    flat_outputs = [output if output.dim() == 2 else output.view(-1, output.shape[-1]) for output in outputs]
+    kernel_tables = _kernel_tables(tables)
+    _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, kernel_tables, config, allocate, run)
+    if key is None or not launched:
+        return
+    tensors = _call_tensors(inputs, flat_outputs, lora_a, lora_b, kernel_tables, scratch)
+    launches = [DirectLaunch.bind(kernel, grid, args, kwargs, compiled, tensors)
+                for kernel, grid, args, kwargs, compiled in launched]
+    if all(direct is not None for direct in launches):
+        if len(_DIRECT) >= _DIRECT_LIMIT:
+            _DIRECT.clear()
+        _DIRECT[key] = ([weakref.ref(tensor) for tensor in _key_tensors(lora_a, lora_b, tables)], scratch_specs,
+                        launches)
+
+
+def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: BatchTables, config, allocate,
+                           run) -> None:
+    """`launch`'s heuristics and launches through Triton's path, for checked 2-d outputs and rows
+    and tables in the kernels' dtypes: scratch comes from `allocate(numel, dtype, zero)`, and each
+    launch goes through `run(kernel, grid, *args, **kwargs)`."""
+    rows, in_features = inputs.shape
     num_slots, max_rank, _ = lora_a[0].shape
     if rows == 0 or num_slots == 0 or max_rank == 0 or tables.request_slots.numel() == 0:
         return
-    n = len(outputs)
-    flat_outputs = [output if output.dim() == 2 else output.view(-1, output.shape[-1]) for output in outputs]
+    n = len(flat_outputs)
     out_features = [output.shape[1] for output in flat_outputs]
     num_requests = tables.request_slots.numel()
-    config = config_for_call(rows, in_features, max_rank, num_slots, x.dtype, num_requests, config)
+    config = config_for_call(rows, in_features, max_rank, num_slots, dtype, num_requests, config)
     block_r = max(16, _next_power_of_2(max_rank))
     num_splits = cdiv(in_features, config.k_chunk)
-    request_slots = _as(tables.request_slots, torch.int32)
-    request_cum_weights = _as(tables.request_cum_weights, torch.int64)
-    ranks = _padded([_as(ranks, torch.int32) for ranks in tables.slot_ranks])
+    request_slots, request_cum_weights = tables.request_slots, tables.request_cum_weights
+    ranks = _padded(list(tables.slot_ranks))
 
     device = inputs.device
     tile_plan = tables.tile_plan
@@ -178,44 +286,41 @@ def launch(
     # The request tables as both paths' kernels take them.
     request_args = (request_slots, request_cum_weights, num_requests, num_slots)
     if config.per_row:
-        partials = torch.empty(num_splits * n * rows * block_r, dtype=torch.float32, device=device)
+        partials = allocate(num_splits * n * rows * block_r, torch.float32)
         dependent = launches_dependent(config, device)
         launch_options = {"launch_pdl": True} if dependent else {}
         requests_block = max(16, _next_power_of_2(num_requests + 1))  # the tables in one load, total included
-        _row_shrink_kernel[(rows, num_splits)](
+        run(_row_shrink_kernel, (rows, num_splits),
             inputs, inputs.stride(0),
             *a, lora_a[0].stride(0), lora_a[0].stride(1),
             *ranks, max_rank,
             *request_args, partials, rows, in_features, config.k_chunk,
             NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_K=config.block_k, SLOTS=slots_block,
             REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
-            num_warps=config.shrink_warps, **launch_options,
-        )
-        _row_expand_kernel[(sum(blocks), rows)](
+            num_warps=config.shrink_warps, **launch_options)
+        run(_row_expand_kernel, (sum(blocks), rows),
             *o, *features,
             *b, *b_slot_strides, lora_b[0].stride(1),
             *ranks, max_rank, blocks[0], _padded(blocks)[1],
             *request_args, partials, rows, num_splits,
             NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_N=config.block_n, SPLITS=max(2, _next_power_of_2(num_splits)),
             SLOTS=slots_block, REQUESTS=requests_block, DEPENDENT_LAUNCH=dependent,
-            num_warps=config.expand_warps, **launch_options,
-        )
+            num_warps=config.expand_warps, **launch_options)
         return
 
     block_m = config.block_m
     num_tiles = tile_bound(rows, num_slots, block_m)
     requests_block, one_pass = search_block(num_requests)
-    precision = "tf32" if x.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    precision = "tf32" if dtype in (torch.float16, torch.bfloat16) else "ieee"
     # The interpreter multiplies bf16 blocks as raw integers: give it float32 operands.
-    upcast = interpreting() and x.dtype == torch.bfloat16
+    upcast = interpreting() and dtype == torch.bfloat16
     use_plan = reads_plan(block_m, rows, capacity)
-    tile_meta = torch.empty(num_tiles * 4, dtype=torch.int32, device=device)  # slot, rank of each sibling
-    tile_rows = torch.empty(num_tiles * block_m, dtype=torch.int32, device=device)
+    tile_meta = allocate(num_tiles * 4, torch.int32)  # slot, rank of each sibling
+    tile_rows = allocate(num_tiles * block_m, torch.int32)
     # Several splits add into zeroed sums (one memset); one split stores them.
-    allocate = torch.zeros if num_splits > 1 else torch.empty
-    shrunk = allocate(n * num_tiles * block_m * block_r, dtype=torch.float32, device=device)
+    shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=num_splits > 1)
 
-    _shrink_kernel[(num_tiles, num_splits)](
+    run(_shrink_kernel, (num_tiles, num_splits),
         inputs, inputs.stride(0),
         *a, lora_a[0].stride(0), lora_a[0].stride(1),
         *ranks, max_rank,
@@ -227,16 +332,14 @@ def launch(
         SLOTS=slots_block, REQUESTS=requests_block,
         ONE_PASS=one_pass, ATOMIC=num_splits > 1,
         PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
-        num_warps=config.shrink_warps, num_stages=config.shrink_stages,
-    )
-    _expand_kernel[(sum(blocks), num_tiles)](
+        num_warps=config.shrink_warps, num_stages=config.shrink_stages)
+    run(_expand_kernel, (sum(blocks), num_tiles),
         *o, *features,
         *b, *b_slot_strides, lora_b[0].stride(1), max_rank,
         blocks[0], _padded(blocks)[1],
         tile_meta, tile_rows, shrunk, num_tiles,
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=config.block_n,
-        PRECISION=precision, num_warps=config.expand_warps,
-    )
+        PRECISION=precision, num_warps=config.expand_warps)
 
 
 def lora_add_triton(
