@@ -32,6 +32,9 @@
 #   prefill_c  the same, case c: the mixed prefill/decode step (~400 estimated)
 #   kvariants  kernel_bench.py at decode rows with launch variants: one split (no atomics, no memset),
 #              four splits, the row path up to 16 rows (#15's memset and in-step kernel time; ~120, unrun)
+#   kprefill   kernel_bench.py at prefill rows: the tower block's shapes at 8,192 rows and the LM layer's at
+#              2,584 and 8,192 (#16 case a's), 8 adapters, with shrink variants (64-row tiles, 128-wide
+#              steps, one split: no memset), each kernel's device time (#16's LoRA kernel share; ~150, unrun)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; ~450, unrun)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
@@ -52,7 +55,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -85,6 +88,13 @@ run_step() {
         kvariants) timeout "$seconds" python3 benchmarks/kernel_bench.py --rows 1,4,16,64 --adapters 1,8 --skip-torch \
                        --repeat-ms 40 --variants '{"one_split": {"max_splits": 1}, "four_splits": {"max_splits": 4}, "row16": {"per_row_max_rows": 16}}' \
                        --json "$out/kvariants.json" --markdown "$out/kvariants.md" --commit "$commit" ;;
+        kprefill) for shape_rows in tower:8192 layer:2584,8192; do
+                      timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --shape "${shape_rows%%:*}" \
+                          --rows "${shape_rows##*:}" --adapters 8 --skip-torch --repeat-ms 40 --profile \
+                          --variants '{"m64": {"block_m": 64}, "k128": {"block_k": 128}, "one_split": {"max_splits": 1}, "m64_k128": {"block_m": 64, "block_k": 128}}' \
+                          --json "$out/kprefill-${shape_rows%%:*}.json" --markdown "$out/kprefill-${shape_rows%%:*}.md" \
+                          --commit "$commit"
+                  done ;;
         prefill_a_graphs) timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases a \
                               --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \

@@ -60,7 +60,16 @@ LAYER_OPS = {
     "down": (INTERMEDIATE, (HIDDEN,)),
 }
 VOCAB = 152064
-SHAPES = {"layer": LAYER_OPS, "lm_head": {"lm_head": (HIDDEN, (VOCAB,))}}
+# A block of the e2e model's vision tower (Qwen2-VL-7B's: 1280 wide, MLP 5120), as served at
+# prefill: qkv one linear of 3 x 1280, the attention's projection, fc1 and fc2.
+TOWER, TOWER_MLP = 1280, 5120
+TOWER_OPS = {
+    "qkv": (TOWER, (3 * TOWER,)),
+    "proj": (TOWER, (TOWER,)),
+    "fc1": (TOWER, (TOWER_MLP,)),
+    "fc2": (TOWER_MLP, (TOWER,)),
+}
+SHAPES = {"layer": LAYER_OPS, "tower": TOWER_OPS, "lm_head": {"lm_head": (HIDDEN, (VOCAB,))}}
 
 
 @dataclasses.dataclass
