@@ -469,20 +469,20 @@ def part_profile(args, model, adapters, device, results):
 def launch_config_patched(patch: dict):
     """`kernels.launch_config`'s module defaults set to `patch` inside (benchmark only)."""
     from mmlora_fx.kernels import launch_config as kernels
-    from mmlora_fx.kernels.lora_add import forget_direct_launches
+    from mmlora_fx.kernels import bound_calls
 
     defaults = {key: getattr(kernels, key) for key in patch}
     try:
         for key, value in patch.items():
             setattr(kernels, key, value)
         kernels.choose_config.cache_clear()
-        forget_direct_launches()  # bound calls keep the blocks they were bound with
+        bound_calls.forget()  # bound calls keep the blocks they were bound with
         yield
     finally:
         for key, value in defaults.items():
             setattr(kernels, key, value)
         kernels.choose_config.cache_clear()
-        forget_direct_launches()
+        bound_calls.forget()
 
 
 KERNEL_PATHS = {

@@ -40,7 +40,7 @@ from .launch_config import (
     search_block,
     tile_bound,
 )
-from .direct_launch import DirectLaunch
+from . import bound_calls
 from .reference import lora_add_reference
 from .row_kernels import _row_expand_kernel, _row_shrink_kernel
 from .tile_kernels import _expand_kernel, _shrink_kernel
@@ -125,69 +125,6 @@ def _check_shapes(outputs, inputs, lora_a, lora_b, tables: BatchTables) -> None:
             raise ValueError(f"lora_add_: output {j} must be contiguous with the rows of x")
 
 
-def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor` in `dtype`: the tables are in the kernels' dtypes already, and `.to` costs ~2 us a
-    call even when it returns its input."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-# Calls replayed through the compiled kernels' launchers (`direct_launch.py`, #16), by call key:
-# the weak references that check the key's tensor ids, the scratch the call allocates, and its
-# launches as Triton's path made them for the first call with the key.
-_DIRECT: dict[tuple, tuple[list[weakref.ref], list[tuple[int, torch.dtype, bool]], list[DirectLaunch]]] = {}
-_DIRECT_LIMIT = 4096
-DIRECT_LAUNCHES = True  # off: every launch goes through Triton's path (benchmarks compare the two)
-
-
-def _binds(inputs: torch.Tensor) -> bool:
-    """Whether this call's launches may be bound: compiled kernels only (CUDA, not interpreted)."""
-    return DIRECT_LAUNCHES and inputs.is_cuda and not interpreting()
-
-
-def _stream(device: torch.device) -> int:
-    """The current CUDA stream's handle, as Triton's path takes it (no Stream object made)."""
-    return torch._C._cuda_getCurrentRawStream(device.index)
-
-
-def forget_direct_launches() -> None:
-    """Drop every bound call: the next calls take Triton's path again and bind anew. Call it after
-    changing `launch_config`'s heuristics (a bound call keeps the blocks it was bound with)."""
-    _DIRECT.clear()
-
-
-def _direct_key(outputs, inputs: torch.Tensor, lora_a, lora_b, tables: BatchTables) -> tuple:
-    """Everything a call's launches depend on besides its tensors' addresses: the slot buffers and
-    plan by identity (their shapes, strides and contents' layout with them), the rows' and
-    outputs' shapes, strides, dtypes and 16-byte alignment (what Triton specialises on), the tables'
-    sizes and dtypes."""
-    slots, cum_weights, plan = tables.request_slots, tables.request_cum_weights, tables.tile_plan
-    return (inputs.shape, inputs.stride(0), inputs.dtype, inputs.device, inputs.data_ptr() % 16,
-            *map(id, lora_a), *map(id, lora_b), *map(id, tables.slot_ranks), id(plan) if plan is not None else None,
-            slots.numel(), slots.dtype, slots.data_ptr() % 16,
-            cum_weights.numel(), cum_weights.dtype, cum_weights.data_ptr() % 16,
-            *[(output.shape, output.dtype, output.is_contiguous(), output.data_ptr() % 16) for output in outputs])
-
-
-def _key_tensors(lora_a, lora_b, tables: BatchTables) -> list[torch.Tensor]:
-    """The tensors `_direct_key` names by identity."""
-    return [*lora_a, *lora_b, *tables.slot_ranks] + ([tables.tile_plan] if tables.tile_plan is not None else [])
-
-
-def _kernel_tables(tables: BatchTables) -> BatchTables:
-    """`tables` in the dtypes the kernels take (the same tensors where they are already)."""
-    return BatchTables([_as(ranks, torch.int32) for ranks in tables.slot_ranks], _as(tables.request_slots, torch.int32),
-                       _as(tables.request_cum_weights, torch.int64), tables.tile_plan)
-
-
-def _call_tensors(inputs, outputs, lora_a, lora_b, tables: BatchTables, scratch) -> list[torch.Tensor]:
-    """The tensors a call's launches take (`tables` in the kernels' dtypes), in the order
-    `DirectLaunch` indexes them. An output's flat view shares its address with the output (outputs
-    are contiguous), so either stands in a replay."""
-    plan = [tables.tile_plan] if tables.tile_plan is not None else []
-    return [inputs, *outputs, *lora_a, *lora_b, *tables.slot_ranks, tables.request_slots, tables.request_cum_weights,
-            *plan, *scratch]
-
-
 def launch(
     outputs: list[torch.Tensor],
     x: torch.Tensor,
@@ -203,55 +140,36 @@ def launch(
     tiles from `tables.tile_plan` when the plan covers the row count. `config` overrides the
     launch parameters `choose_config` picks from the shapes.
 
-    On a GPU, the first call with a given key (`_direct_key`) goes through the checks, the
-    heuristics and Triton's launch path, and binds its launches; later calls with that key hand
-    their tensors to the bound launches directly (`direct_launch.py`).
+    On a GPU, the first call with a given key goes through the checks, the heuristics and
+    Triton's launch path, and binds its launches; later calls with that key hand their tensors to
+    the bound launches directly (`bound_calls.py`).
     """
     inputs = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
     key = None
-    if config is None and _binds(inputs):
-        key = _direct_key(outputs, inputs, lora_a, lora_b, tables)
-        bound = _DIRECT.get(key)
-        if bound is not None:
-            references, scratch_specs, launches = bound
-            if all(reference() is tensor for reference, tensor in zip(references, _key_tensors(lora_a, lora_b, tables))):
-                device = inputs.device
-                scratch = [(torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
-                           for numel, dtype, zero in scratch_specs]
-                tensors = _call_tensors(inputs, outputs, lora_a, lora_b, _kernel_tables(tables), scratch)
-                stream = _stream(device)
-                for direct in launches:
-                    direct.launch(stream, tensors)
-                return
-    launched: list[tuple] = []
-    scratch: list[torch.Tensor] = []
-    scratch_specs: list[tuple[int, torch.dtype, bool]] = []
-
-    def allocate(numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-        tensor = (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=inputs.device)
-        scratch.append(tensor)
-        scratch_specs.append((numel, dtype, zero))
-        return tensor
-
-    def run(kernel, grid: tuple, *args, **kwargs) -> None:
-        launched.append((kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)))
-
+    if config is None and bound_calls.bindable(inputs):
+        key = bound_calls.call_key(outputs, inputs, lora_a, lora_b, tables)
+        if bound_calls.replay(key, inputs, outputs, lora_a, lora_b, tables):
+            return
     _check_shapes(outputs, inputs, lora_a, lora_b, tables)
     flat_outputs = [output if output.dim() == 2 else output.view(-1, output.shape[-1]) for output in outputs]
-    kernel_tables = _kernel_tables(tables)
-    _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, kernel_tables, config, allocate, run)
-    if key is None or not launched:
-        return
-    tensors = _call_tensors(inputs, flat_outputs, lora_a, lora_b, kernel_tables, scratch)
-    launches = [DirectLaunch.bind(kernel, grid, args, kwargs, compiled, tensors)
-                for kernel, grid, args, kwargs, compiled in launched]
-    if all(direct is not None for direct in launches):
-        if len(_DIRECT) >= _DIRECT_LIMIT:
-            _DIRECT.clear()
-        _DIRECT[key] = ([weakref.ref(tensor) for tensor in _key_tensors(lora_a, lora_b, tables)], scratch_specs,
-                        launches)
+    recorder = bound_calls.Recorder(inputs.device) if key is not None else None
+    _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, bound_calls.kernel_tables(tables), config,
+                           recorder.allocate if recorder else _allocate(inputs.device),
+                           recorder.run if recorder else _run)
+    if recorder is not None:
+        recorder.bind(key, inputs, flat_outputs, lora_a, lora_b, tables)
+
+
+def _allocate(device: torch.device):
+    def allocate(numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        return (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
+    return allocate
+
+
+def _run(kernel, grid: tuple, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
 
 
 def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: BatchTables, config, allocate,

@@ -1,9 +1,12 @@
-"""Bound launches (`kernels/direct_launch.py`): a call whose key was seen before hands its tensors
-to the launches Triton's path made for the first such call, and gets the same result.
+"""Bound calls (`kernels/bound_calls.py`, `kernels/direct_launch.py`): a call whose key was seen
+before hands its tensors to the launches Triton's path made for the first such call, and gets the
+same result; a call that differs in anything a kernel is specialised on goes through Triton's path.
 
 CPU: compiled kernels cannot run, so each kernel's compiled form is stood in for by one that runs
 the same kernel under the interpreter with the arguments the launcher receives, in the order the
-launcher receives them (what a real `CompiledKernel.run` gets). GPU (`-m gpu`): the real thing.
+launcher receives them (what a real `CompiledKernel.run` gets). The stand-in also holds a replay to
+what the compiled kernel was specialised for: every non-tensor argument equal, every tensor of the
+same dtype and 16-byte alignment. GPU (`-m gpu`): the real thing.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import os
 import pytest
 import torch
 
+from mmlora_fx.kernels import bound_calls
 from mmlora_fx.kernels import lora_add as lora_add_module
 from mmlora_fx.kernels.direct_launch import DirectLaunch
 from mmlora_fx.kernels.lora_add import BatchTables, launch
+from mmlora_fx.kernels.tile_plan import build_tile_plan
 
 from .problems import assert_matches, make_problem
 
@@ -26,17 +31,28 @@ interpreter = pytest.mark.skipif(not INTERPRETING or HAS_CUDA, reason="needs TRI
 KERNELS = ("_row_shrink_kernel", "_row_expand_kernel", "_shrink_kernel", "_expand_kernel")
 
 
+def _specialised_on(values) -> list:
+    """What a compiled kernel is specialised for, per argument: a tensor's dtype and 16-byte
+    alignment, any other value itself."""
+    return [(value.dtype, value.data_ptr() % 16 == 0) if isinstance(value, torch.Tensor) else value
+            for value in values]
+
+
 class _InterpretedCompiled:
     """A compiled kernel's stand-in: its launcher runs the interpreted kernel with the values it
-    receives after the grid, stream and metadata, in signature order (constexprs included)."""
+    receives after the grid, stream and metadata, in signature order (constexprs included), once it
+    has checked them against what the kernel was compiled for."""
 
     function, packed_metadata = "function", "metadata"
 
-    def __init__(self, kernel, options: dict, launches: list):
+    def __init__(self, kernel, grid, values: list, options: dict, launches: list):
         self.kernel, self.options, self.launches = kernel, options, launches
+        self.grid, self.specialised = tuple(grid) + (1,) * (3 - len(grid)), _specialised_on(values)
 
     def run(self, grid_x, grid_y, grid_z, stream, function, metadata, launch_metadata, enter, exit_, *values):
         assert (function, metadata, launch_metadata, enter, exit_) == ("function", "metadata", None, None, None)
+        assert (grid_x, grid_y, grid_z) == self.grid and _specialised_on(values) == self.specialised, \
+            "a replay ran a kernel compiled for other arguments"
         self.launches.append(("direct", self.kernel))
         names = list(inspect.signature(self.kernel.fn).parameters)
         self.kernel[(grid_x, grid_y, grid_z)](**dict(zip(names, values)), **self.options)
@@ -53,8 +69,11 @@ class _Counting:
         def run(*args, **kwargs):
             self.launches.append(("triton", self.kernel))
             self.kernel[grid](*args, **kwargs)
-            options = {name: value for name, value in kwargs.items() if name not in inspect.signature(self.fn).parameters}
-            return _InterpretedCompiled(self.kernel, options, self.launches)
+            signature = inspect.signature(self.fn)
+            bound = signature.bind(*args, **{name: value for name, value in kwargs.items() if name in signature.parameters})
+            bound.apply_defaults()
+            options = {name: value for name, value in kwargs.items() if name not in signature.parameters}
+            return _InterpretedCompiled(self.kernel, grid, list(bound.arguments.values()), options, self.launches)
         return run
 
 
@@ -64,25 +83,28 @@ def bound_on_cpu(monkeypatch):
     launches: list = []
     for name in KERNELS:
         monkeypatch.setattr(lora_add_module, name, _Counting(getattr(lora_add_module, name), launches))
-    monkeypatch.setattr(lora_add_module, "_binds", lambda inputs: True)
-    monkeypatch.setattr(lora_add_module, "_stream", lambda device: 0)
-    lora_add_module.forget_direct_launches()
+    monkeypatch.setattr(bound_calls, "bindable", lambda inputs: True)
+    monkeypatch.setattr(bound_calls, "_stream", lambda device: 0)
+    bound_calls.forget()
     yield launches
-    lora_add_module.forget_direct_launches()
+    bound_calls.forget()
 
 
-def _problem(rows_per_request: int, seed: int, problem_slots=None):
-    problem = make_problem(pattern="mixed", requests=3, rows_per_request=rows_per_request, in_features=48,
-                           out_features=(40, 24), num_slots=4, max_rank=8, dtype=torch.float32,
-                           rows=3 * rows_per_request, seed=seed)
-    if problem_slots is not None:  # the same slot buffers as another problem (a served group's)
-        problem.lora_a, problem.lora_b, problem.slot_ranks = problem_slots
-    return problem
+def _problem(rows_per_request: int, seed: int):
+    return make_problem(pattern="mixed", requests=3, rows_per_request=rows_per_request, in_features=48,
+                        out_features=(40, 24), num_slots=4, max_rank=8, dtype=torch.float32,
+                        rows=3 * rows_per_request, seed=seed)
 
 
-def _launch(problem, outputs):
+def _launch(problem, outputs, plan=None):
     launch(outputs, problem.x, problem.lora_a, problem.lora_b,
-           BatchTables(problem.slot_ranks, problem.request_slots, problem.request_cum_weights))
+           BatchTables(problem.slot_ranks, problem.request_slots, problem.request_cum_weights, plan))
+
+
+def _same_buffers(problem, first):
+    """`problem` served by `first`'s slot buffers (a served group's, the same at every call)."""
+    problem.lora_a, problem.lora_b, problem.slot_ranks = first.lora_a, first.lora_b, first.slot_ranks
+    return problem
 
 
 @interpreter
@@ -94,7 +116,7 @@ def test_a_call_with_a_seen_key_is_replayed_with_its_own_tensors_and_equals_the_
     assert_matches(first, outputs)
     assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
     # New rows, outputs and request tables (same sizes) over the same slot buffers: bound.
-    second = _problem(rows_per_request, seed=1, problem_slots=(first.lora_a, first.lora_b, first.slot_ranks))
+    second = _same_buffers(_problem(rows_per_request, seed=1), first)
     bound_on_cpu.clear()
     _launch(second, outputs := second.fresh_outputs())
     assert [how for how, _ in bound_on_cpu] == ["direct", "direct"]
@@ -110,13 +132,75 @@ def test_other_slot_buffers_or_rows_take_tritons_path_and_bind_anew(bound_on_cpu
     _launch(other_buffers, outputs := other_buffers.fresh_outputs())
     assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
     assert_matches(other_buffers, outputs)
-    fewer_rows = _problem(6, seed=0, problem_slots=(first.lora_a, first.lora_b, first.slot_ranks))
+    fewer_rows = _same_buffers(_problem(6, seed=0), first)
     fewer_rows.x, fewer_rows.outputs = fewer_rows.x[:-2].clone(), [output[:-2].clone() for output in fewer_rows.outputs]
     fewer_rows.request_cum_weights = fewer_rows.request_cum_weights.clamp(max=fewer_rows.x.shape[0])
     bound_on_cpu.clear()
     _launch(fewer_rows, outputs := fewer_rows.fresh_outputs())
     assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
     assert_matches(fewer_rows, outputs)
+
+
+def _varied(what: str, first):
+    """A call over `first`'s slot buffers that differs from it in `what` alone (besides fresh
+    rows, outputs and tables), and the plan to pass with it."""
+    second = _same_buffers(_problem(6, seed=1), first)
+    plan = None
+    if what == "more request entries":  # the tables padded: another request count
+        second.request_slots = torch.cat([second.request_slots, torch.tensor([-1], dtype=torch.int32)])
+        second.request_cum_weights = torch.cat([second.request_cum_weights, second.request_cum_weights[-1:]])
+    elif what == "other rank tables":  # equal values, other tensors: identity is the key
+        second.slot_ranks = [ranks.clone() for ranks in first.slot_ranks]
+    elif what == "a row stride":  # the rows as a view of wider rows
+        wide = torch.randn(second.x.shape[0], second.x.shape[1] + 8)
+        wide[:, :second.x.shape[1]] = second.x
+        second.x = wide[:, :second.x.shape[1]]
+    elif what == "a tile plan":
+        slots = second.request_slots.clamp(min=-1)
+        second.request_cum_weights = torch.arange(second.request_slots.numel() + 1) * 6  # rows == total weight
+        plan = build_tile_plan(slots.tolist(), second.request_cum_weights.tolist())
+    return second, plan
+
+
+@interpreter
+@pytest.mark.parametrize("what", ["more request entries", "other rank tables", "a row stride", "an output's alignment",
+                                  "a tile plan"])
+def test_a_call_that_differs_in_what_a_kernel_is_specialised_on_takes_tritons_path(bound_on_cpu, what):
+    first = _problem(6, seed=0)
+    _launch(first, first.fresh_outputs())
+    second, plan = _varied(what, first)
+    outputs = second.fresh_outputs()
+    if what == "an output's alignment":  # the rows one element into their storage
+        outputs = [torch.cat([torch.zeros(1), output.flatten()])[1:].view_as(output) for output in outputs]
+    bound_on_cpu.clear()
+    _launch(second, outputs, plan)
+    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
+    assert_matches(second, outputs)
+
+
+@interpreter
+def test_a_first_call_with_one_output_in_two_roles_is_not_bound(bound_on_cpu):
+    first = make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=48, out_features=(24, 24),
+                         num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=0)
+    shared = torch.zeros(18, 24)
+    _launch(first, [shared, shared])  # both siblings add into one tensor
+    second = make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=48, out_features=(24, 24),
+                          num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=1)
+    _same_buffers(second, first)
+    bound_on_cpu.clear()
+    _launch(second, outputs := second.fresh_outputs())
+    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
+    assert_matches(second, outputs)
+
+
+@interpreter
+def test_forgetting_the_bindings_sends_the_next_call_through_tritons_path(bound_on_cpu):
+    first = _problem(6, seed=0)
+    _launch(first, first.fresh_outputs())
+    bound_calls.forget()
+    bound_on_cpu.clear()
+    _launch(first, first.fresh_outputs())
+    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
 
 
 def test_a_launch_with_a_tensor_the_caller_does_not_pass_again_is_not_bound():
@@ -147,7 +231,7 @@ def test_a_launch_with_a_tensor_the_caller_does_not_pass_again_is_not_bound():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("rows_per_request", [1, 40], ids=["row path", "tile path"])
 def test_bound_calls_on_the_gpu_equal_the_reference_call_after_call(rows_per_request):
-    lora_add_module.forget_direct_launches()
+    bound_calls.forget()
     first = make_problem(pattern="mixed", requests=3, rows_per_request=rows_per_request, in_features=512,
                          out_features=(512, 128), num_slots=8, max_rank=16, dtype=torch.bfloat16, device="cuda",
                          rows=3 * rows_per_request, seed=0)
@@ -160,4 +244,4 @@ def test_bound_calls_on_the_gpu_equal_the_reference_call_after_call(rows_per_req
         _launch(problem, outputs := problem.fresh_outputs())
         torch.cuda.synchronize()
         assert_matches(problem, outputs)
-    assert len(lora_add_module._DIRECT) == 1  # one key, bound once and replayed three times
+    assert len(bound_calls._BOUND) == 1  # one key, bound once and replayed three times
