@@ -101,6 +101,16 @@ def _launch(problem, outputs, plan=None):
            BatchTables(problem.slot_ranks, problem.request_slots, problem.request_cum_weights, plan))
 
 
+def _next_call(launches: list, problem, outputs=None, plan=None) -> list[str]:
+    """How `problem`'s call launched its kernels ("triton" or "direct"), after checking its result
+    against the reference."""
+    launches.clear()
+    outputs = problem.fresh_outputs() if outputs is None else outputs
+    _launch(problem, outputs, plan)
+    assert_matches(problem, outputs)
+    return [how for how, _ in launches]
+
+
 def _same_buffers(problem, first):
     """`problem` served by `first`'s slot buffers (a served group's, the same at every call)."""
     problem.lora_a, problem.lora_b, problem.slot_ranks = first.lora_a, first.lora_b, first.slot_ranks
@@ -117,10 +127,7 @@ def test_a_call_with_a_seen_key_is_replayed_with_its_own_tensors_and_equals_the_
     assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
     # New rows, outputs and request tables (same sizes) over the same slot buffers: bound.
     second = _same_buffers(_problem(rows_per_request, seed=1), first)
-    bound_on_cpu.clear()
-    _launch(second, outputs := second.fresh_outputs())
-    assert [how for how, _ in bound_on_cpu] == ["direct", "direct"]
-    assert_matches(second, outputs)
+    assert _next_call(bound_on_cpu, second) == ["direct", "direct"]
 
 
 @interpreter
@@ -128,17 +135,11 @@ def test_other_slot_buffers_or_rows_take_tritons_path_and_bind_anew(bound_on_cpu
     first = _problem(6, seed=0)
     _launch(first, first.fresh_outputs())
     other_buffers = _problem(6, seed=0)  # equal values, other tensors: identity is the key
-    bound_on_cpu.clear()
-    _launch(other_buffers, outputs := other_buffers.fresh_outputs())
-    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
-    assert_matches(other_buffers, outputs)
+    assert _next_call(bound_on_cpu, other_buffers) == ["triton", "triton"]
     fewer_rows = _same_buffers(_problem(6, seed=0), first)
     fewer_rows.x, fewer_rows.outputs = fewer_rows.x[:-2].clone(), [output[:-2].clone() for output in fewer_rows.outputs]
     fewer_rows.request_cum_weights = fewer_rows.request_cum_weights.clamp(max=fewer_rows.x.shape[0])
-    bound_on_cpu.clear()
-    _launch(fewer_rows, outputs := fewer_rows.fresh_outputs())
-    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
-    assert_matches(fewer_rows, outputs)
+    assert _next_call(bound_on_cpu, fewer_rows) == ["triton", "triton"]
 
 
 def _varied(what: str, first):
@@ -172,10 +173,7 @@ def test_a_call_that_differs_in_what_a_kernel_is_specialised_on_takes_tritons_pa
     outputs = second.fresh_outputs()
     if what == "an output's alignment":  # the rows one element into their storage
         outputs = [torch.cat([torch.zeros(1), output.flatten()])[1:].view_as(output) for output in outputs]
-    bound_on_cpu.clear()
-    _launch(second, outputs, plan)
-    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
-    assert_matches(second, outputs)
+    assert _next_call(bound_on_cpu, second, outputs, plan) == ["triton", "triton"]
 
 
 @interpreter
@@ -186,11 +184,7 @@ def test_a_first_call_with_one_output_in_two_roles_is_not_bound(bound_on_cpu):
     _launch(first, [shared, shared])  # both siblings add into one tensor
     second = make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=48, out_features=(24, 24),
                           num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=1)
-    _same_buffers(second, first)
-    bound_on_cpu.clear()
-    _launch(second, outputs := second.fresh_outputs())
-    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
-    assert_matches(second, outputs)
+    assert _next_call(bound_on_cpu, _same_buffers(second, first)) == ["triton", "triton"]
 
 
 @interpreter
@@ -198,9 +192,7 @@ def test_forgetting_the_bindings_sends_the_next_call_through_tritons_path(bound_
     first = _problem(6, seed=0)
     _launch(first, first.fresh_outputs())
     bound_calls.forget()
-    bound_on_cpu.clear()
-    _launch(first, first.fresh_outputs())
-    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
+    assert _next_call(bound_on_cpu, first) == ["triton", "triton"]
 
 
 def test_a_launch_with_a_tensor_the_caller_does_not_pass_again_is_not_bound():
