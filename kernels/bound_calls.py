@@ -18,7 +18,6 @@ after changing `launch_config`'s heuristics, which a binding does not see.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 import torch
@@ -75,9 +74,9 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def kernel_tables(tables):
     """`tables` (`lora_add.BatchTables`) in the dtypes the kernels take (the same tensors where
     they are already)."""
-    return dataclasses.replace(tables, slot_ranks=[_as(ranks, torch.int32) for ranks in tables.slot_ranks],
-                               request_slots=_as(tables.request_slots, torch.int32),
-                               request_cum_weights=_as(tables.request_cum_weights, torch.int64))
+    # Built by position (`dataclasses.replace` takes a few µs more, on every replay).
+    return type(tables)([_as(ranks, torch.int32) for ranks in tables.slot_ranks], _as(tables.request_slots, torch.int32),
+                        _as(tables.request_cum_weights, torch.int64), tables.tile_plan)
 
 
 def _call_tensors(inputs, outputs, lora_a, lora_b, tables, scratch) -> list[torch.Tensor]:
