@@ -36,7 +36,11 @@
 #              2,584 and 8,192 (#16 case a's), 8 adapters, with shrink variants (64-row tiles, 128-wide
 #              steps, one split: no memset), each kernel's device time (#16's LoRA kernel share; ~150, unrun)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
-#              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; ~450, unrun)
+#              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
+#              H100 on 2026-12-06: +19.4%)
+#   prefill_b_graphs, prefill_c_graphs  the same for cases b and c (CUDA graphs are the base's better
+#              compile, so these are the figures that count; unrun: b's memory and c's cache rewinds
+#              under graphs are untested, limits are guesses)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
 #              memset, no tile search), against one base (#15; one compilation each, ~210)
@@ -55,7 +59,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -95,8 +99,11 @@ run_step() {
                           --json "$out/kprefill-${shape_rows%%:*}.json" --markdown "$out/kprefill-${shape_rows%%:*}.md" \
                           --commit "$commit"
                   done ;;
-        prefill_a_graphs) timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases a \
-                              --mode reduce-overhead --gpus 2 --share-gpu --budget-s $((seconds - 20)) --commit "$commit" ;;
+        prefill_a_graphs|prefill_b_graphs|prefill_c_graphs)
+            local case=${step#prefill_}; case=${case%_graphs}
+            local block=(); [[ $case == b ]] && block=(--block 6)
+            timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
+                --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
         host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 --launch-parts \
