@@ -48,6 +48,8 @@
 #              much of it is our launcher and how much Triton's launch path (#16; ~60)
 #   prefill_profile  prefill_host_profile.py --case a: where the host's time goes in one prefill forward,
 #              base against ours (#16's diagnosis; one compilation each, ~110)
+#   prefill_profile_graphs  the same with both models in CUDA graphs (--mode reduce-overhead): where ours'
+#              14 ms more host time a forward goes under graphs (#16; unrun, ~200 guessed)
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs.
 set -uo pipefail
@@ -59,7 +61,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -110,6 +112,8 @@ run_step() {
                           --profile --json "$out/host_profile.json" --commit "$commit" ;;
         prefill_profile) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile" \
                              --case a --commit "$commit" ;;
+        prefill_profile_graphs) timeout "$seconds" python3 benchmarks/prefill_host_profile.py \
+                                    --out "$out/prefill_profile_graphs" --case a --mode reduce-overhead --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;
     esac
 }

@@ -3,6 +3,9 @@
     python3 benchmarks/prefill_host_profile.py --out results/ --case a --commit <sha>    # a GPU host (~200 s)
     python3 benchmarks/prefill_host_profile.py --out /tmp/php --case a --tiny             # checks it on a CPU
 
+`--mode reduce-overhead` compiles both models with CUDA graphs (as `prefill_overhead.py --mode`): the
+host's time per forward under graphs, where ours took 14 ms more than the base's (2026-12-06).
+
 `prefill_overhead.py` case a measured (H100, 2026-12-06) +37 ms of GPU idle in our prefill over
 the compiled base's, and the host taking 141 ms to submit our forward against the base's 67. This
 script says where: one compilation of each model over the same weights (prefill_overhead's case
@@ -94,6 +97,9 @@ def main() -> int:
     parser.add_argument("--case", choices=sorted(CASES), default="a")
     parser.add_argument("--forwards", type=int, default=3)
     parser.add_argument("--top", type=int, default=40, help="host calls listed, by self CPU time")
+    parser.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
+                        help="Inductor's mode for both models (reduce-overhead: CUDA graphs, as prefill_overhead.py "
+                             "--mode; the forward before the timed ones records the graphs)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--commit")
     args = parser.parse_args()
@@ -112,14 +118,16 @@ def main() -> int:
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), versions=versions(),
                   commit=args.commit or checkout_commit(), command="python3 " + " ".join(sys.argv),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", case=args.case,
-                  requests=requests, inner=inner, forwards=args.forwards, models={})
+                  requests=requests, inner=inner, mode=args.mode, forwards=args.forwards, models={})
     with torch.no_grad():
         # mmlora_fx compiles its model in place: a second module tree over the same tensors.
         shared = {id(tensor): tensor for tensor in list(model.parameters()) + list(model.buffers())}
         ours_model = copy.deepcopy(model, memo=shared)
-        base = torch.compile(model, backend=inner, dynamic=False)
+        # Inductor's mode applies to Inductor only (--tiny compiles with aot_eager: no mode).
+        mode = args.mode if inner == "inductor" and args.mode != "default" else None
+        base = torch.compile(model, backend=inner, mode=mode, dynamic=False)
         mm = mmlora_fx.compile(ours_model, adapters, max_loras=len(adapters), max_lora_rank=e2e.RANK, inner=inner,
-                               dynamic=False)
+                               mode=mode, dynamic=False)
         inputs, _own, rewind = case_inputs(model, spec, args.case, args.tiny, dtype)
         names = list(adapters)
 
