@@ -25,7 +25,7 @@ import torch
 from .direct_launch import DirectLaunch
 from .launch_config import interpreting
 
-__all__ = ["ENABLED", "Recorder", "bindable", "call_key", "forget", "kernel_tables", "replay"]
+__all__ = ["ENABLED", "Recorder", "bindable", "call_key", "forget", "kernel_tables", "replay", "scratch"]
 
 ENABLED = True  # off: every launch takes Triton's path (the benchmarks compare the two)
 
@@ -75,8 +75,14 @@ def kernel_tables(tables):
     """`tables` (`lora_add.BatchTables`) in the dtypes the kernels take (the same tensors where
     they are already)."""
     # Built by position (`dataclasses.replace` takes a few µs more, on every replay).
-    return type(tables)([_as(ranks, torch.int32) for ranks in tables.slot_ranks], _as(tables.request_slots, torch.int32),
-                        _as(tables.request_cum_weights, torch.int64), tables.tile_plan)
+    return type(tables)([_as(ranks, torch.int32) for ranks in tables.slot_ranks],
+                        _as(tables.request_slots, torch.int32), _as(tables.request_cum_weights, torch.int64),
+                        tables.tile_plan)
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
+    """One scratch buffer of a call (zeroed where the kernels add into it)."""
+    return (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
 
 
 def _call_tensors(inputs, outputs, lora_a, lora_b, tables, scratch) -> list[torch.Tensor]:
@@ -102,9 +108,8 @@ def replay(key: tuple, inputs, outputs, lora_a, lora_b, tables) -> bool:
     if not all(reference() is tensor for reference, tensor in zip(references, _keyed_tensors(lora_a, lora_b, tables))):
         return False  # a key tensor's id reused by another tensor
     device = inputs.device
-    scratch = [(torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
-               for numel, dtype, zero in scratch_sizes]
-    tensors = _call_tensors(inputs, outputs, lora_a, lora_b, kernel_tables(tables), scratch)
+    buffers = [scratch(numel, dtype, device, zero) for numel, dtype, zero in scratch_sizes]
+    tensors = _call_tensors(inputs, outputs, lora_a, lora_b, kernel_tables(tables), buffers)
     stream = _stream(device)
     try:
         for launch in launches:
@@ -126,7 +131,7 @@ class Recorder:
         self.launched: list[tuple] = []
 
     def allocate(self, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-        tensor = (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=self.device)
+        tensor = scratch(numel, dtype, self.device, zero)
         self.scratch.append(tensor)
         self.scratch_sizes.append((numel, dtype, zero))
         return tensor
@@ -134,11 +139,11 @@ class Recorder:
     def run(self, kernel, grid: tuple, *args, **kwargs) -> None:
         self.launched.append((kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)))
 
-    def bind(self, key: tuple, inputs, flat_outputs, lora_a, lora_b, tables) -> None:
-        """Bind the recorded launches under `key` (`flat_outputs`: the 2-d outputs the launches took)."""
+    def bind(self, key: tuple, inputs, flat_outputs, lora_a, lora_b, tables, converted) -> None:
+        """Bind the recorded launches under `key` (`flat_outputs`: the 2-d outputs the launches took;
+        `converted`: `kernel_tables(tables)` as the launches took them, the same tensor objects)."""
         if not self.launched:
             return
-        converted = kernel_tables(tables)
         # The tensors not named by the key may differ from call to call: one object in two of their
         # roles (the same output twice, say) would bind both roles to one tensor of a later call.
         per_call = [inputs, *flat_outputs, converted.request_slots, converted.request_cum_weights]

@@ -23,6 +23,7 @@ is neither read nor trusted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Sequence
 
@@ -155,17 +156,12 @@ def launch(
     _check_shapes(outputs, inputs, lora_a, lora_b, tables)
     flat_outputs = [output if output.dim() == 2 else output.view(-1, output.shape[-1]) for output in outputs]
     recorder = bound_calls.Recorder(inputs.device) if key is not None else None
-    _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, bound_calls.kernel_tables(tables), config,
-                           recorder.allocate if recorder else _allocate(inputs.device),
+    converted = bound_calls.kernel_tables(tables)
+    allocate = recorder.allocate if recorder else functools.partial(bound_calls.scratch, device=inputs.device)
+    _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, converted, config, allocate,
                            recorder.run if recorder else _run)
     if recorder is not None:
-        recorder.bind(key, inputs, flat_outputs, lora_a, lora_b, tables)
-
-
-def _allocate(device: torch.device):
-    def allocate(numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
-        return (torch.zeros if zero else torch.empty)(numel, dtype=dtype, device=device)
-    return allocate
+        recorder.bind(key, inputs, flat_outputs, lora_a, lora_b, tables, converted)
 
 
 def _run(kernel, grid: tuple, *args, **kwargs) -> None:

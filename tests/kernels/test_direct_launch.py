@@ -131,6 +131,16 @@ def test_a_call_with_a_seen_key_is_replayed_with_its_own_tensors_and_equals_the_
 
 
 @interpreter
+def test_tables_in_other_dtypes_than_the_kernels_are_bound_too(bound_on_cpu):
+    first = _problem(6, seed=0)
+    first.request_slots, first.slot_ranks = first.request_slots.long(), [ranks.long() for ranks in first.slot_ranks]
+    _launch(first, first.fresh_outputs())
+    second = _same_buffers(_problem(6, seed=1), first)
+    second.request_slots = second.request_slots.long()
+    assert _next_call(bound_on_cpu, second) == ["direct", "direct"]
+
+
+@interpreter
 def test_other_slot_buffers_or_rows_take_tritons_path_and_bind_anew(bound_on_cpu):
     first = _problem(6, seed=0)
     _launch(first, first.fresh_outputs())
