@@ -15,7 +15,11 @@ For each row count and number of distinct adapters, it reports:
   gaps as in a captured decode step), median of `triton.testing.do_bench` (which flushes L2
   before each replay), divided by the layer count;
 * with `--base`, the base linears' own GEMMs (`x @ W.T` into the outputs, no LoRA), timed the
-  same way: what the LoRA time compares with in a real step.
+  same way: what the LoRA time compares with in a real step;
+* with `--fold`, the base GEMMs with LoRA folded in (`FoldedOp`): one dense GEMM for every
+  slot's shrink, a mask to each row's slot, and the expand as extra columns of K in each base
+  GEMM, so no kernel reads and writes the outputs again. Timed like the base; what it costs over
+  the base ("folded - base") compares with the Triton column.
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
@@ -45,10 +49,9 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from run_record import checkout_commit
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
-from mmlora_fx.kernels.reference import lora_add_gather_bmm
+from mmlora_fx.kernels.reference import lora_add_gather_bmm, row_slots
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
 HIDDEN, INTERMEDIATE, KV = 3584, 18944, 512
@@ -138,6 +141,80 @@ def run_base(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]]
     for name, op in layer.items():
         for output, weight in zip(op.outputs, weights[name]):
             torch.matmul(op.x, weight.T, out=output)
+
+
+@dataclasses.dataclass
+class FoldedOp:
+    """One op folded into its base GEMMs (#16's lead: the expand inside the base GEMM, no pass over
+    the outputs). `buffer` is `[rows, siblings * slots * rank + in]`, laid out `[s_0 | x | s_1 |
+    s_2 ...]`: x as if its producer wrote it there, each s_j sibling j's shrink over every slot,
+    masked to the row's slot. Sibling j's GEMM reads the contiguous columns `[s_0 | x]` (j = 0),
+    `[x | s_1]` (j = 1) or `[x | s_1 .. s_j]` (j >= 2, zeros against s_1 .. s_j-1 in its weight),
+    so `inputs[j] @ weights[j].T` is its base output plus its delta in one GEMM."""
+
+    buffer: torch.Tensor
+    x: torch.Tensor  # the view of x in `buffer`
+    shrinks: list[torch.Tensor]  # views of each s_j in `buffer`
+    shrink_a: torch.Tensor  # [siblings * slots * rank, in]: every slot's A of every sibling
+    mask: torch.Tensor  # [rows, slots * rank]: 1 where the column's slot is the row's
+    inputs: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+def make_folded(op: OpBuffers, weights: list[torch.Tensor], slots: torch.Tensor, cum: torch.Tensor) -> FoldedOp:
+    """`op` and its base weights laid out for `run_folded`. Relies on what the adapter manager
+    guarantees: padding past a slot's rank and empty slots are zeros, the scaling is in B."""
+    rows, in_features = op.x.shape
+    num_slots, rank = op.lora_a[0].shape[:2]
+    width = num_slots * rank
+    siblings = len(op.lora_a)
+    buffer = torch.zeros(rows, in_features + siblings * width, device=op.x.device, dtype=op.x.dtype)
+    starts = [0] + [width + in_features + (j - 1) * width for j in range(1, siblings)]  # s_j's first column
+    x = buffer[:, width:width + in_features]
+    x.copy_(op.x)
+    column_slots = torch.arange(width, device=op.x.device) // rank
+    mask = (column_slots[None, :] == row_slots(slots, cum, rows)[:, None]).to(op.x.dtype)
+    inputs, folded_weights = [], []
+    for j, (weight, b) in enumerate(zip(weights, op.lora_b)):
+        first = 0 if j == 0 else width
+        last = width + in_features if j == 0 else starts[j] + width
+        folded = torch.zeros(weight.shape[0], last - first, device=weight.device, dtype=weight.dtype)
+        folded[:, width - first:width - first + in_features] = weight
+        folded[:, starts[j] - first:starts[j] - first + width] = b.permute(1, 0, 2).reshape(-1, width)
+        inputs.append(buffer[:, first:last])
+        folded_weights.append(folded)
+    return FoldedOp(buffer, x, [buffer[:, start:start + width] for start in starts],
+                    torch.cat([a.reshape(width, in_features) for a in op.lora_a]), mask, inputs, folded_weights,
+                    op.outputs)
+
+
+def run_folded(folded: dict[str, FoldedOp]) -> None:
+    """Every op of a layer folded: one GEMM for all siblings' shrinks over all slots, one masking
+    kernel per sibling, one GEMM per sibling whose K grows by slots x rank (more at j >= 2)."""
+    for op in folded.values():
+        shrunk = op.x @ op.shrink_a.T
+        width = op.mask.shape[1]
+        for j, shrink in enumerate(op.shrinks):
+            torch.mul(shrunk[:, j * width:(j + 1) * width], op.mask, out=shrink)
+        for inputs, output, weight in zip(op.inputs, op.outputs, op.weights):
+            torch.matmul(inputs, weight.T, out=output)
+
+
+def check_folded(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]], slots, cum) -> float:
+    """Largest relative error of the folded GEMMs' delta (folded output minus the base GEMM's)
+    against the gather/bmm baseline's delta."""
+    worst = 0.0
+    for name, op in layer.items():
+        fresh = OpBuffers(op.x, [torch.empty_like(o) for o in op.outputs], op.lora_a, op.lora_b, op.slot_ranks)
+        run_folded({name: make_folded(fresh, weights[name], slots, cum)})
+        bases = [op.x @ w.T for w in weights[name]]
+        theirs = [base.clone() for base in bases]
+        lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        for o, t, base in zip(fresh.outputs, theirs, bases):
+            delta = t.float() - base.float()
+            worst = max(worst, ((o.float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
+    return worst
 
 
 def torch_impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan) -> None:
@@ -254,9 +331,14 @@ def parse_variants(text: str | None) -> dict[str, dict]:
 
 
 def main() -> int:
+    from run_record import checkout_commit  # a script's neighbour: benchmarks/ is on sys.path when run
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="layer")
     parser.add_argument("--base", action="store_true", help="also time the base linears' GEMMs")
+    parser.add_argument("--fold", action="store_true",
+                        help="also time the base GEMMs with LoRA folded in (every slot's shrink in one GEMM, the "
+                             "expand as extra K of the base GEMM; implies --base)")
     parser.add_argument("--rows", default="1,16,64,256,4096")
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--slots", type=int, default=32)
@@ -272,6 +354,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
+    args.base = args.base or args.fold
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -318,6 +401,13 @@ def main() -> int:
                 ms = time_graph(lambda: [run_base(layer, weights) for layer, weights in zip(layers, base_weights)],
                                 args.repeat_ms)
                 row["base_us"] = ms * 1e3 / count
+            if args.fold:
+                row["check_fold"] = check_folded(layers[0], base_weights[0], slots, cum)
+                folded = [{name: make_folded(op, weights[name], slots, cum) for name, op in layer.items()}
+                          for layer, weights in zip(layers, base_weights)]
+                ms = time_graph(lambda: [run_folded(f) for f in folded], args.repeat_ms)
+                row["fold_us"] = ms * 1e3 / count
+                del folded
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
                                 args.repeat_ms)
@@ -347,9 +437,12 @@ def main() -> int:
 def markdown_table(results: list[dict], variants: dict) -> str:
     names = list(variants)
     base = any("base_us" in row for row in results)
+    fold = any("fold_us" in row for row in results)
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
-             + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else ""),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")]
+             + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else "")
+             + (" folded GEMMs µs | folded - base µs | folded delta error |" if fold else ""),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")
+             + ("---:|---:|---:|" if fold else "")]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
@@ -357,7 +450,9 @@ def markdown_table(results: list[dict], variants: dict) -> str:
             f"| {row['rows']} | {row['adapters']} ({row['distinct']}) | {row['requests']} | {row['floor_us']:.1f} | "
             f"{ours:.1f} | {ours / row['floor_us']:.2f} | {torch_us:.1f} | {torch_us / ours:.1f} | {row['check']:.1e} |"
             + "".join(f" {row[f'ours_{name}_us']:.1f} |" for name in names[1:])
-            + (f" {row['base_us']:.1f} | {ours / row['base_us']:.3f} |" if base else ""))
+            + (f" {row['base_us']:.1f} | {ours / row['base_us']:.3f} |" if base else "")
+            + (f" {row['fold_us']:.1f} | {row['fold_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
+               if fold else ""))
     return "\n".join(lines)
 
 

@@ -1,0 +1,40 @@
+"""benchmarks/kernel_bench.py's folded GEMMs (`--fold`) compute what they claim: each sibling's
+base output plus its LoRA delta, on the CPU in float32, against the gather/bmm baseline."""
+
+import torch
+
+from benchmarks import kernel_bench
+
+OPS = {"qkv": (64, (64, 16, 16)), "o": (64, (64,)), "gate_up": (64, (96, 96)), "down": (96, (64,))}
+
+
+def _layer_and_batch():
+    torch.manual_seed(0)
+    layer = kernel_bench.make_layer(40, 4, 8, torch.float32, device="cpu", ops=OPS)
+    for op in layer.values():  # as the adapter manager leaves slots: rank 3 padded with zeros, one empty
+        for a, b, ranks in zip(op.lora_a, op.lora_b, op.slot_ranks):
+            ranks[1], ranks[2] = 3, 0
+            a[1, 3:], b[1, :, 3:], a[2], b[2] = 0, 0, 0, 0
+    weights = {name: [torch.randn(out, inputs) * inputs ** -0.5 for out in outs] for name, (inputs, outs) in OPS.items()}
+    # Six requests over 40 rows (uneven runs), one of them the base model.
+    slots = torch.tensor([0, 1, 2, -1, 3, 1] + [-1] * 10, dtype=torch.int32)
+    cum = torch.tensor(list(range(7)) + [6] * 10)
+    return layer, weights, slots, cum
+
+
+def test_folded_gemms_give_the_base_output_plus_each_rows_delta():
+    layer, weights, slots, cum = _layer_and_batch()
+    assert kernel_bench.check_folded(layer, weights, slots, cum) < 1e-5
+
+
+def test_the_fold_check_sees_a_row_given_every_slots_delta(monkeypatch):
+    layer, weights, slots, cum = _layer_and_batch()
+    make_folded = kernel_bench.make_folded
+
+    def unmasked(*args):
+        folded = make_folded(*args)
+        folded.mask.fill_(1)
+        return folded
+
+    monkeypatch.setattr(kernel_bench, "make_folded", unmasked)
+    assert kernel_bench.check_folded(layer, weights, slots, cum) > 0.1
