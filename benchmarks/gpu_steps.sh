@@ -33,9 +33,10 @@
 #   kvariants  kernel_bench.py at decode rows with launch variants: one split (no atomics, no memset),
 #              four splits, the row path up to 16 rows (#15's memset and in-step kernel time; ~120, unrun)
 #   kprefill   kernel_bench.py at prefill rows: the tower block's shapes at 8,192 rows and the LM layer's at
-#              2,584 and 8,192 (#16 case a's), 8 adapters, with shrink variants (64-row tiles, 128-wide
-#              steps, one split: no memset), each kernel's device time, 8 slots as case a's; the base GEMMs
-#              and the base GEMMs with LoRA folded in (--fold) (#16's LoRA kernel share; ~150, unrun)
+#              2,584 and 8,192 (#16 case a's), 8 adapters, 8 slots as case a's: the defaults against the
+#              defaults before 2026-12-06 19:00 ("before": 64-wide steps, splits up to the program target),
+#              each kernel's device time, the base GEMMs and the base GEMMs with LoRA folded in (--fold)
+#              (#16; ~40 s on 2026-12-06 with four variants)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%)
@@ -98,7 +99,7 @@ run_step() {
         kprefill) for shape_rows in tower:8192 layer:2584,8192; do
                       timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --shape "${shape_rows%%:*}" \
                           --rows "${shape_rows##*:}" --adapters 8 --slots 8 --fold --skip-torch --repeat-ms 40 --profile \
-                          --variants '{"m64": {"block_m": 64}, "k128": {"block_k": 128}, "one_split": {"max_splits": 1}, "m64_k128": {"block_m": 64, "block_k": 128}}' \
+                          --variants '{"before": {"block_k": 64, "max_splits": 64}, "k64": {"block_k": 64}, "two_splits": {"max_splits": 2}}' \
                           --json "$out/kprefill-${shape_rows%%:*}.json" --markdown "$out/kprefill-${shape_rows%%:*}.md" \
                           --commit "$commit"
                   done ;;

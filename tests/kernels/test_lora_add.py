@@ -321,6 +321,10 @@ def test_choose_config_is_static_and_sane():
     # Decode splits the input features over many programs; prefill hardly at all.
     assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
     assert 3584 // choose_config(4096, 3584, 16, 32).k_chunk <= 4
+    # Once the tiles alone give about a program per multiprocessor, no split (no memset, no atomics):
+    # the tower block's 8,192 rows (263 tiles of 32); the LM's 2,584 rows (88 tiles) still split.
+    assert choose_config(8192, 1280, 16, 8).k_chunk == 1280
+    assert choose_config(2584, 3584, 16, 8).k_chunk < 3584
 
 
 @pytest.mark.parametrize("seed", range(200))
