@@ -37,6 +37,9 @@
 #              defaults before 2026-12-06 19:00 ("before": 64-wide steps, splits up to the program target),
 #              each kernel's device time, the base GEMMs and the base GEMMs with LoRA folded in (--fold)
 #              (#16; ~40 s on 2026-12-06 with four variants)
+#   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
+#              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
+#              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%)
@@ -63,7 +66,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -103,6 +106,12 @@ run_step() {
                           --json "$out/kprefill-${shape_rows%%:*}.json" --markdown "$out/kprefill-${shape_rows%%:*}.md" \
                           --commit "$commit"
                   done ;;
+        kfold) for shape_rows_adapters in tower:8192:8 layer:2584:8 tower:32768:32 layer:10336:32; do
+                   IFS=: read -r shape rows adapters <<< "$shape_rows_adapters"
+                   timeout $((seconds / 4)) python3 benchmarks/kernel_bench.py --shape "$shape" --rows "$rows" \
+                       --adapters "$adapters" --slots "$adapters" --fold --per-op --skip-torch --repeat-ms 40 \
+                       --json "$out/kfold-$shape-$rows.json" --markdown "$out/kfold-$shape-$rows.md" --commit "$commit"
+               done ;;
         prefill_a_graphs|prefill_b_graphs|prefill_c_graphs)
             local case=${step#prefill_}; case=${case%_graphs}
             local block=(); [[ $case == b ]] && block=(--block 6)

@@ -19,7 +19,9 @@ For each row count and number of distinct adapters, it reports:
 * with `--fold`, the base GEMMs with LoRA folded in (`FoldedOp`): one dense GEMM for every
   slot's shrink, a mask to each row's slot, and the expand as extra columns of K in each base
   GEMM, so no kernel reads and writes the outputs again. Timed like the base; what it costs over
-  the base ("folded - base") compares with the Triton column.
+  the base ("folded - base") compares with the Triton column. Timed twice: x as its producer
+  left it in the fold's buffer, and x copied in first (what an op in place of the linear pays);
+  with `--per-op`, both and the base GEMMs per op.
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
@@ -154,6 +156,7 @@ class FoldedOp:
 
     buffer: torch.Tensor
     x: torch.Tensor  # the view of x in `buffer`
+    source: torch.Tensor  # x where its producer left it (for `run_folded(copy_input=True)`)
     shrinks: list[torch.Tensor]  # views of each s_j in `buffer`
     shrink_a: torch.Tensor  # [siblings * slots * rank, in]: every slot's A of every sibling
     mask: torch.Tensor  # [rows, slots * rank]: 1 where the column's slot is the row's
@@ -184,15 +187,19 @@ def make_folded(op: OpBuffers, weights: list[torch.Tensor], slots: torch.Tensor,
         folded[:, starts[j] - first:starts[j] - first + width] = b.permute(1, 0, 2).reshape(-1, width)
         inputs.append(buffer[:, first:last])
         folded_weights.append(folded)
-    return FoldedOp(buffer, x, [buffer[:, start:start + width] for start in starts],
+    return FoldedOp(buffer, x, op.x, [buffer[:, start:start + width] for start in starts],
                     torch.cat([a.reshape(width, in_features) for a in op.lora_a]), mask, inputs, folded_weights,
                     op.outputs)
 
 
-def run_folded(folded: dict[str, FoldedOp]) -> None:
+def run_folded(folded: dict[str, FoldedOp], copy_input: bool = False) -> None:
     """Every op of a layer folded: one GEMM for all siblings' shrinks over all slots, one masking
-    kernel per sibling, one GEMM per sibling whose K grows by slots x rank (more at j >= 2)."""
+    kernel per sibling, one GEMM per sibling whose K grows by slots x rank (more at j >= 2).
+    `copy_input`: x is first copied into the buffer, as an op must that cannot have x's producer
+    write it there (an op in place of the linear, outside Inductor's fusion)."""
     for op in folded.values():
+        if copy_input:
+            op.x.copy_(op.source)
         shrunk = op.x @ op.shrink_a.T
         width = op.mask.shape[1]
         for j, shrink in enumerate(op.shrinks):
@@ -207,7 +214,9 @@ def check_folded(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tens
     worst = 0.0
     for name, op in layer.items():
         fresh = OpBuffers(op.x, [torch.empty_like(o) for o in op.outputs], op.lora_a, op.lora_b, op.slot_ranks)
-        run_folded({name: make_folded(fresh, weights[name], slots, cum)})
+        folded = make_folded(fresh, weights[name], slots, cum)
+        folded.x.normal_()  # the copy in must bring x back
+        run_folded({name: folded}, copy_input=True)
         bases = [op.x @ w.T for w in weights[name]]
         theirs = [base.clone() for base in bases]
         lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
@@ -407,6 +416,19 @@ def main() -> int:
                           for layer, weights in zip(layers, base_weights)]
                 ms = time_graph(lambda: [run_folded(f) for f in folded], args.repeat_ms)
                 row["fold_us"] = ms * 1e3 / count
+                ms = time_graph(lambda: [run_folded(f, copy_input=True) for f in folded], args.repeat_ms)
+                row["fold_copy_us"] = ms * 1e3 / count
+                if args.per_op:  # which ops the fold pays for: base, folded, folded with the copy
+                    weights_of = dict(zip(map(id, layers), base_weights))
+                    for op_name in ops:
+                        ms = time_graph(lambda: [torch.matmul(l[op_name].x, w.T, out=o) for l in layers
+                                                 for o, w in zip(l[op_name].outputs, weights_of[id(l)][op_name])],
+                                        args.repeat_ms)
+                        row[f"op_{op_name}_base_us"] = ms * 1e3 / count
+                        for copy_input, key in ((False, "fold"), (True, "fold_copy")):
+                            ms = time_graph(lambda: [run_folded({op_name: f[op_name]}, copy_input) for f in folded],
+                                            args.repeat_ms)
+                            row[f"op_{op_name}_{key}_us"] = ms * 1e3 / count
                 del folded
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
@@ -440,9 +462,9 @@ def markdown_table(results: list[dict], variants: dict) -> str:
     fold = any("fold_us" in row for row in results)
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
              + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else "")
-             + (" folded GEMMs µs | folded - base µs | folded delta error |" if fold else ""),
+             + (" folded GEMMs µs | folded - base µs | the same, x copied in: - base µs | folded delta error |" if fold else ""),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")
-             + ("---:|---:|---:|" if fold else "")]
+             + ("---:|---:|---:|---:|" if fold else "")]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
@@ -451,7 +473,8 @@ def markdown_table(results: list[dict], variants: dict) -> str:
             f"{ours:.1f} | {ours / row['floor_us']:.2f} | {torch_us:.1f} | {torch_us / ours:.1f} | {row['check']:.1e} |"
             + "".join(f" {row[f'ours_{name}_us']:.1f} |" for name in names[1:])
             + (f" {row['base_us']:.1f} | {ours / row['base_us']:.3f} |" if base else "")
-            + (f" {row['fold_us']:.1f} | {row['fold_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
+            + (f" {row['fold_us']:.1f} | {row['fold_us'] - row['base_us']:.1f} | "
+               f"{row['fold_copy_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
                if fold else ""))
     return "\n".join(lines)
 
