@@ -42,10 +42,10 @@
 #              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
-#              H100 on 2026-12-06: +19.4%)
+#              H100 on 2026-12-06: +19.4%, then 289 s and +16.8% after the prefill-tile change)
 #   prefill_b_graphs, prefill_c_graphs  the same for cases b and c (CUDA graphs are the base's better
-#              compile, so these are the figures that count; unrun: b's memory and c's cache rewinds
-#              under graphs are untested, limits are guesses)
+#              compile, so these are the figures that count; c: 257 s on an H100 on 2026-12-06, +18.4%;
+#              b unrun: its memory under graphs is untested, its limit a guess)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
 #              memset, no tile search), against one base (#15; one compilation each, ~210)
