@@ -37,6 +37,9 @@
 #              defaults before 2026-12-06 19:00 ("before": 64-wide steps, splits up to the program target),
 #              each kernel's device time, the base GEMMs and the base GEMMs with LoRA folded in (--fold)
 #              (#16; ~40 s on 2026-12-06 with four variants)
+#   prefill_a_fold, prefill_c_fold  prefill_a_graphs / prefill_c_graphs with mmlora_fx.compile(fold_min_rows=512):
+#              LoRA folded into the base GEMMs of q, gate, up and the tower's qkv and fc1 at prefill (#16; unrun;
+#              runs one after another, ~130 s each guessed)
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
 #              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
@@ -66,7 +69,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -112,6 +115,12 @@ run_step() {
                        --adapters "$adapters" --slots "$adapters" --fold --per-op --skip-torch --repeat-ms 40 \
                        --json "$out/kfold-$shape-$rows.json" --markdown "$out/kfold-$shape-$rows.md" --commit "$commit"
                done ;;
+        prefill_a_fold|prefill_c_fold)
+            # Ours' folded weights are copies (the base keeps its own): ~8 GB more a run, so the runs
+            # take the GPU one after another.
+            local case=${step#prefill_}; case=${case%_fold}
+            timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
+                --mode reduce-overhead --fold-min-rows 512 --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_graphs|prefill_b_graphs|prefill_c_graphs)
             local case=${step#prefill_}; case=${case%_graphs}
             local block=(); [[ $case == b ]] && block=(--block 6)

@@ -197,7 +197,7 @@ def run_once(args) -> int:
                     for index in range(max(counts.values()))}
         result["setup"] = dict(model=f"e2e.py {'TINY' if args.tiny else 'SEVEN_B'}, random weights",
                                dtype=str(dtype).removeprefix("torch."), backend=args.inner, mode=args.mode,
-                               rounds=args.rounds,
+                               rounds=args.rounds, fold_min_rows=args.fold_min_rows,
                                block=args.block, warmup=args.warmup, rank=e2e.RANK, adapter_modules=len(modules),
                                max_loras=len(adapters), cases={})
         mark = phase("model and adapters", mark)
@@ -212,7 +212,7 @@ def run_once(args) -> int:
             fresh_caches(cache_root, "mmlora-setup")
             began = time.perf_counter()
             mm = mmlora_fx.compile(ours_model, adapters, max_loras=len(adapters), max_lora_rank=e2e.RANK,
-                                   inner=args.inner, mode=mode, dynamic=False)
+                                   inner=args.inner, mode=mode, dynamic=False, fold_min_rows=args.fold_min_rows)
             result["mmlora_setup_s"] = time.perf_counter() - began
             prepared = {}
             for case in cases:
@@ -343,7 +343,8 @@ def table(report: dict) -> list[str]:
 
 def child_command(args, index: int, result: Path, cache: Path, barrier: Path, count: int) -> list[str]:
     return child_arguments(args, index, result, cache, barrier, count, str(Path(__file__).resolve()),
-                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases, "--mode", args.mode]
+                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases, "--mode", args.mode] + (
+        ["--fold-min-rows", str(args.fold_min_rows)] if args.fold_min_rows else [])
 
 
 def write(out: Path, report: dict) -> None:
@@ -361,6 +362,8 @@ def main() -> int:
     parser.add_argument("--mode", choices=["default", "reduce-overhead"], default="default",
                         help="Inductor's mode for both models: reduce-overhead captures each graph in CUDA graphs "
                         "(the cases' shapes are fixed: one capture per graph)")
+    parser.add_argument("--fold-min-rows", type=int, help="mmlora_fx.compile's fold_min_rows: LoRA folded into the "
+                        "base GEMMs of linears at least as wide out as in, in calls of at least this many rows")
     parser.add_argument("--merge", nargs="+", type=Path, help=f"combine these {JSON} into --out")
     args = parser.parse_args()
     fill_defaults(args)

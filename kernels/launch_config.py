@@ -102,7 +102,8 @@ def choose_config(
     tower): tiles of 32 rows and few splits, since the rows already give enough programs. The
     split count is sized from the tile bound, so that the grid (every program of which runs
     the tile search) stays near `target_programs`, and is one once the tiles alone fill half of
-    it (about a program per multiprocessor). Large ranks and float32 (whose products run
+    it (about a program per multiprocessor). An explicit `max_splits` replaces that rule (the
+    splits are then sized from the program target, up to it). Large ranks and float32 (whose products run
     as plain FMAs) get smaller blocks to stay within registers. Keyword arguments override
     the heuristic (the benchmark sweeps them).
 
@@ -114,7 +115,8 @@ def choose_config(
     wide = dtype == torch.float32
     if rows <= (_PER_ROW_MAX_ROWS if per_row_max_rows is None else per_row_max_rows):
         block_k = block_k or max(16, min(128, 2048 // block_r))
-        splits = max(1, min(cdiv(target_programs, max(rows, 1)), max_splits or 64, cdiv(in_features, block_k)))
+        splits = max(1, min(cdiv(target_programs, max(rows, 1)), 64 if max_splits is None else max_splits,
+                            cdiv(in_features, block_k)))
         k_chunk = cdiv(cdiv(in_features, splits), block_k) * block_k
         return LaunchConfig(block_m=1, block_k=block_k, k_chunk=k_chunk,
                             block_n=block_n or max(16, min(128, 2048 // block_r)), per_row=True,
@@ -139,8 +141,11 @@ def choose_config(
     if max_splits is None:
         # Once the tiles alone give about a program per multiprocessor, a split would only add the memset and
         # the float32 atomics (measured, H100: one split against two at 8,192 rows, 263 tiles, cut
-        # the shrink from 133 to 112 us at the tower block's shapes, 326 to 292 at the LM layer's).
-        max_splits = 1 if tiles >= target_programs // 2 else 64
+        # the shrink from 133 to 112 us at the tower block's shapes, 326 to 292 at the LM layer's;
+        # at 2,584 rows, 88 tiles, it lost: 412 against 331 us a layer). Counted by the fewest tiles
+        # the rows can make (all in one slot), not the bound, which adds a tile per slot: 4,096 rows
+        # (128 tiles at least, between the two measured points) keep their splits.
+        max_splits = 1 if cdiv(rows, block_m) >= target_programs // 2 else 64
     splits = max(1, min(cdiv(target_programs, tiles), max_splits, cdiv(in_features, block_k)))
     k_chunk = cdiv(cdiv(in_features, splits), block_k) * block_k
     shrink_warps = 8 if block_m >= 64 or block_r >= 64 else 4

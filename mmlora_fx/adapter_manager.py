@@ -46,7 +46,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -379,6 +379,9 @@ class AdapterManager:
         self._failed: dict[str, AdapterError] = {}
         self._prefetched: set[str] = set()  # written into a slot by prefetch, not yet used by a batch
         self.stats = AdapterStats()
+        # Called with a slot's index after every write or clear of it, on the stream that wrote it
+        # (the runtime's fold buffers mirror each slot's B: `folding.FoldedWeights.mirror`).
+        self.slot_listeners: list[Callable[[int], None]] = []
 
     @property
     def prefetch_workers(self) -> int:
@@ -1008,6 +1011,8 @@ class AdapterManager:
                     table[:, slot].copy_(column, non_blocking=self._pin)
                     self.stats.slot_copies += 1
             self._slot_ranks[slot] = packed.ranks
+        for listener in self.slot_listeners:
+            listener(slot)
 
     def _clear_slot(self, slot: int) -> None:
         """Zero a slot (unload) in order on the current stream, after the steps that read it."""
@@ -1023,6 +1028,8 @@ class AdapterManager:
         for table, _ in self._rank_tables:
             table[:, slot].zero_()
         self._slot_ranks[slot] = tuple((0,) * len(table) for table, _ in self._rank_tables)
+        for listener in self.slot_listeners:
+            listener(slot)
         if self._stream is not None:
             event.record(torch.cuda.current_stream(self._stream.device))
             self._free[slot] = event

@@ -276,6 +276,7 @@ def compile(
     default_adapters: Mapping[str, str] | None = None,
     prefetch_workers: int | None = None,
     tp_lora_a: str = ServingOptions.tp_lora_a,
+    fold_min_rows: int | None = ServingOptions.fold_min_rows,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -296,7 +297,13 @@ def compile(
     column-parallel targets whole on every rank; `"sharded"` splits it along the rank (each rank
     shrinks by `max_lora_rank / ranks` rows, then one all-gather of the `[rows, max_lora_rank]`
     shrink per target and call; `max_lora_rank` must be a multiple of the ranks); `"auto"` is
-    `"replicated"` until a rule is measured on GPUs. Row-parallel targets are unchanged. These are
+    `"replicated"` until a rule is measured on GPUs. Row-parallel targets are unchanged.
+    `fold_min_rows` (default None: off; experimental, not yet measured end to end on a GPU) folds
+    LoRA into the base GEMM of each served linear whose output is at least as wide as its input,
+    in graphs that call it on at least that many rows known at compile time (prefill with
+    `dynamic=False`): the expand becomes extra columns of the GEMM's K, with no pass over the
+    outputs (`folding.py`). Those linears' weights become views of buffers `slots x rank` columns
+    wider. Other calls keep the LoRA kernels. These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
@@ -305,7 +312,7 @@ def compile(
     serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
-                             prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a)
+                             prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .lora_op import REGISTRY  # (importing it registers torch.ops.mmlora.lora_linear_)
 from .capture import GraphRecorder, GraphRecord, ModuleNames
-from .errors import CaptureError, MMLoRAError
+from .errors import CaptureError, MMLoRAError, OptionError
 from .passes import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER_MATMUL, Rewrite
 from .reporting import CompileProgress
 from .runtime import LoRARuntime, ServingOptions, _eager_lora_hook
@@ -110,7 +110,9 @@ class MMLoRABackend:
         weights = {key: modules for key, modules in weights.items() if modules}
         return Rewrite(serves=lambda target: serving.serves(target.module) and target.module != hook_served,
                        op=torch.ops.mmlora.lora_linear_.default, served_weights=weights,
-                       graph_name=f"{record.index} ({record.function})", error=CaptureError, kinds=self._kinds)
+                       graph_name=f"{record.index} ({record.function})", error=CaptureError, kinds=self._kinds,
+                       fold=(lambda target, rows: self.runtime.fold_width(target.module, rows)) if len(self.runtime.folds)
+                       else None, fold_op=torch.ops.mmlora.lora_fold_shrink.default)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)
@@ -233,6 +235,11 @@ def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: 
         model = _model_being_compiled()
         inner = options.get("inner", "inductor")
         patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
+        if options.get("fold_min_rows") is not None:
+            # The fold moves weights into wider buffers before capture; here dynamo has already
+            # captured the old ones.
+            raise OptionError("fold_min_rows needs mmlora_fx.compile: through backend='mmlora' the model is "
+                              "captured before its weights could move into the fold's buffers")
         runtime = LoRARuntime(model, options.get("adapters"), ServingOptions.taken_from(options))
         runtime.eager_scope = functools.partial(_PENDING.serve_eagerly, runtime)
         backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=patches, apply_pending_names=True)

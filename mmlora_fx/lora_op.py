@@ -31,7 +31,8 @@ import torch
 from .errors import MMLoRAError
 from .sharding import local_tensor
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_embedding_", "lora_conv_", "lora_experts_"]
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_fold_shrink", "lora_embedding_", "lora_conv_",
+           "lora_experts_"]
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -138,6 +139,25 @@ def lora_linear_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[tor
     runtime, first = REGISTRY.resolve(weights[0])
     modules = [first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]]
     runtime.apply(outputs, x, modules)
+
+
+def _fold_shrink_fake(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], width)
+
+
+_LIBRARY.define("lora_fold_shrink(Tensor x, Tensor weight, int width) -> Tensor")
+
+
+def lora_fold_shrink(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+    """The extra K of a folded linear's GEMM (`folding.py`): every slot's shrink of the rows `x`,
+    each row keeping its own slot's `width / slots` columns. A new tensor, not a view: Inductor
+    may write it straight into the GEMM's input buffer."""
+    runtime, module = REGISTRY.resolve(weight)
+    return runtime.fold_shrink(x, module)
+
+
+_LIBRARY.impl("lora_fold_shrink", lora_fold_shrink, "CompositeExplicitAutograd")
+torch.library.register_fake("mmlora::lora_fold_shrink", _fold_shrink_fake, lib=_LIBRARY)
 
 
 @_graph_op("lora_embedding_(Tensor(a!)[] outputs, Tensor ids, Tensor[] weights) -> ()")

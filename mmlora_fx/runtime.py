@@ -21,11 +21,13 @@ from torch import nn
 from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
 from .expert_hooks import add_expert_hooks
+from .folding import FoldedWeights
 from .errors import BatchError, CoverageError, MMLoRAError, OptionError, PartitionError, ShardedModelError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
 from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
+from .kernels.reference import row_slots
 from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
 from .parameter_hooks import add_parameter_hooks
@@ -59,7 +61,9 @@ class ServingOptions:
     column-parallel targets on a tensor-parallel model: `"replicated"` (whole on every rank, each
     computing the whole shrink), `"sharded"` (split along the rank, the shrinks all-gathered:
     `sharding.shard_lora_a`) or `"auto"` (the place of a measured rule; none is measured yet, so
-    it is `"replicated"`). Row-parallel and unsharded targets are the same under every value."""
+    it is `"replicated"`). Row-parallel and unsharded targets are the same under every value.
+    `fold_min_rows` (None: off) folds LoRA into the base GEMM of linears whose output is at least
+    as wide as their input, in graph calls of at least that many static rows (`folding.py`)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -71,10 +75,13 @@ class ServingOptions:
     default_adapters: Mapping[str, str] | None = None
     prefetch_workers: int | None = None
     tp_lora_a: str = "replicated"
+    fold_min_rows: int | None = None
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
             raise OptionError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
+        if self.fold_min_rows is not None and (not isinstance(self.fold_min_rows, int) or self.fold_min_rows < 1):
+            raise OptionError(f"fold_min_rows must be None or a positive int, not {self.fold_min_rows!r}")
 
     @property
     def lora_a_sharded(self) -> bool:
@@ -132,6 +139,14 @@ class LoRARuntime:
 
             prepare_identities(self.manager.buffers[module] for module, layout in self.layouts.items()
                                if layout.sharded and module in self.manager.buffers)
+        # Fold buffers before any slot is written (they mirror every write) and before the weights
+        # are registered (the folded linears' parameters become views of them).
+        self.folds = FoldedWeights(model, {module: self.manager.buffers[module] for module in sorted(self.serving.served)
+                                           if self.linears[module].kind == LINEAR and module in self.manager.buffers}
+                                   if options.fold_min_rows is not None else {})
+        for module in self.folds.modules:
+            self.linears.weights[module] = self.folds.weight(module)
+        self.manager.slot_listeners.append(self.folds.mirror)
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]
@@ -390,6 +405,27 @@ class LoRARuntime:
             lora_add_all_gathered([outputs[i] for i in positions], x, [lora_a[i] for i in positions],
                                   [lora_b[i] for i in positions], [ranks[i] for i in positions], local_ranks,
                                   request_slots, cum_weights, tile_plan, mesh)
+
+    def fold_width(self, module: str, rows: int) -> int | None:
+        """Columns a graph call of the linear `module` on `rows` static rows gets from the fold
+        (its K grows by them), or None: the call keeps the LoRA op."""
+        if module not in self.folds or rows < self.options.fold_min_rows:
+            return None
+        return self.folds.width(module)
+
+    def fold_shrink(self, x: torch.Tensor, module: str) -> torch.Tensor:
+        """Every slot's shrink of the rows `x` for the folded linear `module`, each row keeping
+        only its own slot's columns: `[..., slots * rank]`, the extra K its folded GEMM reads."""
+        buffers = self.manager.buffers[module]
+        table = self.tables[self.linears[module].partition]
+        self._count_application(table.partition, [module])
+        request_slots, cum_weights, _ = self._owner_table(table, x, module)
+        rows = x.numel() // x.shape[-1]
+        slots, rank = buffers.lora_a.shape[:2]
+        shrunk = x.reshape(rows, x.shape[-1]) @ buffers.lora_a.reshape(slots * rank, -1).T
+        columns = torch.arange(slots * rank, device=x.device) // rank
+        mine = columns[None, :] == row_slots(request_slots, cum_weights, rows)[:, None]
+        return (shrunk * mine.to(shrunk.dtype)).reshape(*x.shape[:-1], slots * rank)
 
     def apply_after_module(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
         """Add the LoRA delta of the linear `module` to `output`, what its module returned for `x`

@@ -25,6 +25,11 @@ def lora_ops(graph_module: fx.GraphModule) -> list[fx.Node]:
     return [node for node in graph_module.graph.nodes if is_lora_op(node)]
 
 
+def _value(node) -> object:
+    """The example value dynamo recorded for a node (a fake tensor), or None."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
 def _defined_before(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, int]) -> bool:
     return all(order[arg] < order[anchor] for arg in node.all_input_nodes)
 
@@ -40,12 +45,22 @@ class InsertLoRAOps:
     share one op, so that the LoRA shrink reads the input once.
     Writes `node.meta["mmlora_lora"]` on each served target (the op node's name and the sibling
     group), and `node.meta["mmlora_lora_op"] = True` on each inserted op.
+
+    Folding (`fold`, `fold_op`; mmlora_fx's `folding.py`): a served linear call for which
+    `fold(target, rows)` gives a width (rows: the call's static rows) is not grouped. Its input
+    becomes `cat([x, fold_op(x, weight, width)])` and its weight `as_strided(weight)` over the
+    weight's row plus `width` more columns, so its own GEMM adds the delta. The fold op node is
+    marked as the target's LoRA op; the target and the `as_strided` node get `"folded": width`
+    in `node.meta["mmlora_lora"]`.
     """
 
-    def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,)):
+    def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
+                 fold: Callable[[object, int], int | None] | None = None, fold_op=None):
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
+        self.fold = fold
+        self.fold_op = fold_op
         unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
         if unbound:
             raise ValueError(f"target kinds {unbound} need an op of their own: pass kind.with_op(op)")
@@ -59,6 +74,10 @@ class InsertLoRAOps:
             kind = next((kind for kind in self.kinds if kind.match(node) is not None), None)
             if kind is None or not self.serves(kind.match(node)):
                 continue
+            width = self._fold_width(node, kind)
+            if width is not None:
+                self._rewrite_folded(graph, node, kind, width, self.fold_op)
+                continue
             key = (kind.name, kind.rows_of(node), partition_of(node))
             group = open_groups.get(key)
             # A sibling joins only if it can move up next to the group's first target.
@@ -71,6 +90,37 @@ class InsertLoRAOps:
         graph.lint()
         graph_module.recompile()
         return graph_module
+
+    def _fold_width(self, node: fx.Node, kind: TargetKind) -> int | None:
+        """The fold's width for this call, or None: not a linear, no fold, dynamic rows, or a
+        weight that is not the start of a fold buffer's rows."""
+        if self.fold is None or kind.name != LINEAR.name:
+            return None
+        x, weight = _value(kind.rows_of(node)), _value(kind.weight_of(node))
+        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        if not all(isinstance(size, int) for size in x.shape):
+            return None  # rows known only at run time: the op's kernels serve any count
+        width = self.fold(kind.match(node), x.numel() // x.shape[-1])
+        if width is None or tuple(weight.stride()) != (weight.shape[1] + width, 1) or weight.storage_offset() != 0:
+            return None
+        return width
+
+    @staticmethod
+    def _rewrite_folded(graph: fx.Graph, node: fx.Node, kind: TargetKind, width: int, fold_op) -> None:
+        x, weight = kind.rows_of(node), kind.weight_of(node)
+        out_features, in_features = _value(weight).shape
+        with graph.inserting_before(node):
+            shrunk = graph.call_function(fold_op, (x, weight, width))
+            joined = graph.call_function(torch.cat, ([x, shrunk], -1))
+            whole = graph.call_function(torch.as_strided, (weight, (out_features, in_features + width),
+                                                           (in_features + width, 1), 0))
+        node.args = (joined, whole, *node.args[2:])
+        shrunk.meta[LORA_OP] = True
+        shrunk.meta[PARTITION] = partition_of(node)
+        record = {"op": shrunk.name, "group": [node.name], "folded": width}
+        node.meta[LORA] = record
+        whole.meta[LORA] = record
 
     @staticmethod
     def _rewrite(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, lora_op) -> None:

@@ -9,7 +9,7 @@ every caller needs (the recorder behind `mmlora-fx inspect`, the serving backend
 2. `LabelPartitions`: the partition of each call node;
 3. `InsertLoRAOps`: a LoRA op after each served target of the kinds `Rewrite.kinds` lists (linears,
    embedding lookups, expert matmuls, matmuls with a bare parameter, patch-embedding convolutions;
-   sibling linears share one);
+   sibling linears share one), or, for linears `Rewrite.fold` folds, LoRA inside their own GEMM;
 4. `CheckLoRACoverage`: no served weight is used outside its LoRA op.
 
 The passes import nothing from `mmlora_fx`: what they need from it (the module names, the
@@ -67,6 +67,8 @@ class Rewrite:
     graph_name: str
     error: type[Exception] = UncoveredLinearError
     kinds: Sequence[TargetKind] = (LINEAR,)
+    fold: Callable | None = None  # (target, static rows) -> the fold's width, or None (`InsertLoRAOps`)
+    fold_op: object = None
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -75,7 +77,7 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
                   labelling.parameter_name)(graph_module)
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
-        InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds)(graph_module)
+        InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

@@ -87,18 +87,20 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
     assert torch.isfinite(last).all()
 
 
-def prefill_replays_equal_eager(family: str, root, device: str) -> None:
+def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: int | None = None) -> None:
     """Prefill with images under `mode="reduce-overhead"`, one batch shape, the adapter mix changing
     every call: each call equals `mm.eager` (the LoRA through hooks, no graphs), and once recorded
     the tower's, connector's and language model's graphs replay with no recapture and no
     recompilation. #16's lead of CUDA graphs for prefill needs exactly this: the vision ownership
-    tables refilled in place, read by replays."""
+    tables refilled in place, read by replays. With `fold_min_rows`, the folded linears' GEMMs
+    add their LoRA (`folding.py`), their fold buffers mirroring each slot write."""
     cpu_model = zoo.build(family)
     paths = {name: make_adapter(cpu_model, root / name, all_targets(family), r=rank, lora_alpha=3 * rank + 1,
                                 seed=rank) for name, rank in (("alice", 2), ("bob", 4))}
     torch._dynamo.reset()
     model = zoo.build(family).to(device)
-    mm = mmlora_fx.compile(model, paths, max_loras=2, mode="reduce-overhead")
+    mm = mmlora_fx.compile(model, paths, max_loras=2, mode="reduce-overhead", fold_min_rows=fold_min_rows,
+                           dynamic=False if fold_min_rows else None)
     batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     mixes = [["alice", None, "bob"], ["bob", "alice", None], [None, "bob", "alice"],  # warm-up, recording, replay
              ["alice", "alice", "bob"], ["bob", None, "bob"], [None, None, None], ["alice", "bob", "alice"]]
@@ -117,11 +119,18 @@ def prefill_replays_equal_eager(family: str, root, device: str) -> None:
             call(names)
     assert captures.count == 0, "a new adapter mix must not recapture CUDA graphs"
     assert mm.compiled_graphs == graphs, "a new adapter mix must not recompile"
+    if fold_min_rows:
+        assert any(node.meta.get("mmlora_lora", {}).get("folded") for record in mm.backend.records
+                   for node in record.graph_module.graph.nodes), "no linear was folded"
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2-vl", "tiny-llava"])
 def test_cuda_graph_prefill_with_images_replays_equal_eager_across_adapter_mixes(family, tmp_path):
     prefill_replays_equal_eager(family, tmp_path, "cuda")
+
+
+def test_cuda_graph_prefill_folded_into_the_base_gemms_replays_equal_eager(tmp_path):
+    prefill_replays_equal_eager("tiny-qwen2-vl", tmp_path, "cuda", fold_min_rows=1)
 
 
 def test_side_stream_slot_writes_serve_the_files_across_prefetch_reload_and_unload(adapters, expected):  # noqa: F811

@@ -322,9 +322,12 @@ def test_choose_config_is_static_and_sane():
     assert 3584 // choose_config(1, 3584, 16, 32).k_chunk >= 16
     assert 3584 // choose_config(4096, 3584, 16, 32).k_chunk <= 4
     # Once the tiles alone give about a program per multiprocessor, no split (no memset, no atomics):
-    # the tower block's 8,192 rows (263 tiles of 32); the LM's 2,584 rows (88 tiles) still split.
+    # the tower block's 8,192 rows (256 tiles of 32 at least); the LM's 2,584 rows (81) and 4,096
+    # rows (128, though the bound over 8 slots is 135) still split; an explicit cap replaces the rule.
     assert choose_config(8192, 1280, 16, 8).k_chunk == 1280
     assert choose_config(2584, 3584, 16, 8).k_chunk < 3584
+    assert choose_config(4096, 1280, 16, 8).k_chunk < 1280
+    assert choose_config(8192, 1280, 16, 8, max_splits=2).k_chunk == 640
 
 
 @pytest.mark.parametrize("seed", range(200))

@@ -1,0 +1,117 @@
+"""LoRA folded into the base GEMM (`fold_min_rows`, mmlora_fx/folding.py): a mixed batch still
+equals PEFT per request, with every folding linear's GEMM adding its own delta, and adapters
+swapped afterwards are served without recompiling (the fold buffers mirror the slots)."""
+
+import copy
+
+import pytest
+import torch
+
+import mmlora_fx
+from mmlora_fx import zoo
+from mmlora_fx.errors import OptionError
+from mmlora_fx.folding import FoldedWeights
+from mmlora_fx.passes.meta import LORA
+
+from .peft_helpers import all_targets, assert_rows_equal_peft, peft_family
+
+FAMILY = "tiny-qwen2-vl"
+NAMES = ["alice", None, "bob"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return peft_family(tmp_path_factory.mktemp("folding"), lambda: zoo.build(FAMILY), all_targets(FAMILY),
+                       names=("alice", "bob", "carol"))
+
+
+def _batch(model, seed=5):
+    batch = zoo.make_batch(model, (1, 0, 2), seed=seed)
+    return batch, zoo.split_batch(model, batch)
+
+
+def _folded_nodes(mm):
+    return [node for record in mm.backend.records for node in record.graph_module.graph.nodes
+            if node.meta.get(LORA, {}).get("folded") and node.target is not torch.as_strided]
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_folded_linears_equal_peft_per_request(family, inner):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=1, inner=inner,
+                           dynamic=False)
+    folds = mm.runtime.folds
+    # Linears at least as wide out as in fold, in the tower and the language model; k, v, o and down do not.
+    assert any(".visual." in module or "visual." in module for module in folds.modules), folds.modules
+    assert any("mlp.gate_proj" in module for module in folds.modules), folds.modules
+    assert not any(module.endswith(("k_proj", "v_proj", "o_proj", "down_proj")) for module in folds.modules)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES, "folded")
+    assert _folded_nodes(mm), "no linear was folded"
+
+    # Another mix, with an adapter that needs a slot written (and its B mirrored): no recompilation.
+    graphs = mm.backend.graphs
+    names = ["carol", "alice", None]
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=names).logits
+    assert_rows_equal_peft(family.peft, singles, logits, names, "after a swap")
+    assert mm.backend.graphs == graphs
+
+
+def test_below_fold_min_rows_the_kernels_serve(family):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=10**6, inner="eager",
+                           dynamic=False)
+    assert len(mm.runtime.folds)  # the buffers exist, but no call has that many rows
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
+    assert not _folded_nodes(mm)
+
+
+def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
+    model = copy.deepcopy(family.base)
+    before = {name: module.weight.detach().clone() for name, module in model.named_modules()
+              if name.endswith("mlp.gate_proj")}
+    mm = mmlora_fx.compile(model, family.paths, max_loras=3, fold_min_rows=1, inner="eager")
+    folds, manager = mm.runtime.folds, mm.runtime.manager
+    for name, weight in before.items():
+        assert torch.equal(model.get_submodule(name).weight, weight)  # same values, now a view of the buffer
+    manager.activate(["bob", "alice"])
+    module = next(iter(before))
+    fold = folds._folds[module]
+    rank = manager.buffers[module].lora_b.shape[2]
+    for slot in range(3):
+        start = fold.module.weight.shape[1] + slot * rank
+        assert torch.equal(fold.buffer[:, start:start + rank], manager.buffers[module].lora_b[slot])
+    assert manager.buffers[module].lora_b[manager.resident["bob"]].abs().sum() > 0
+    manager.unload("bob")
+    slot_of_bob = [slot for slot in range(3) if slot not in manager.resident.values()]
+    for slot in slot_of_bob:
+        start = fold.module.weight.shape[1] + slot * rank
+        assert not fold.buffer[:, start:start + rank].any()
+
+
+def test_fold_min_rows_is_checked():
+    with pytest.raises(OptionError, match="fold_min_rows"):
+        mmlora_fx.compile(zoo.build(FAMILY), {}, fold_min_rows=0)
+
+
+def test_tied_and_narrow_weights_do_not_fold():
+    linear = torch.nn.Linear(8, 4)
+    wide = torch.nn.Linear(4, 8)
+    model = torch.nn.ModuleDict(dict(narrow=linear, wide=wide, tied=torch.nn.Linear(4, 8)))
+    model["tied"].weight = wide.weight
+
+    class Buffers:
+        local_ranks = None
+        lora_b = torch.zeros(2, 8, 3)
+
+    folds = FoldedWeights(model, {"narrow": Buffers(), "wide": Buffers(), "tied": Buffers()})
+    assert folds.modules == []
+    model["tied"] = torch.nn.Linear(4, 8)
+    folds = FoldedWeights(model, {"wide": Buffers()})
+    assert folds.modules == ["wide"] and folds.width("wide") == 6
