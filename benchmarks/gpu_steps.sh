@@ -38,7 +38,7 @@
 #              each kernel's device time, the base GEMMs and the base GEMMs with LoRA folded in (--fold)
 #              (#16; ~40 s on 2026-12-06 with four variants)
 #   prefill_a_fold, prefill_c_fold  prefill_a_graphs / prefill_c_graphs with mmlora_fx.compile(fold_min_rows=512):
-#              LoRA folded into the base GEMMs of q, gate, up and the tower's qkv and fc1 at prefill (#16; unrun;
+#              LoRA folded into the base GEMMs of q, o, gate, up and the tower's qkv, proj, fc1 at prefill (#16; unrun;
 #              runs one after another, ~130 s each guessed)
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or

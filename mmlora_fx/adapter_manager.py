@@ -966,6 +966,12 @@ class AdapterManager:
         self._evict(victim)
         return slot
 
+    def follow_current_stream(self) -> None:
+        """Make later side-stream slot writes wait for what the current stream has queued so far
+        (buffers beside the slots set up outside the manager: the runtime's fold buffers)."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+
     def _write_slot(self, slot: int, packed: _Packed, in_order: bool = False) -> None:
         """Copy `packed` into `slot`: on the side stream after the steps that read the slot, or,
         `in_order`, on the current stream (a resident adapter rewritten in place by `reload`:

@@ -304,7 +304,7 @@ def compile(
     `dynamic=False`): the expand becomes extra columns of the GEMM's K, with no pass over the
     outputs (`folding.py`). Those linears' weights become views of buffers `slots x rank` columns
     wider. Other calls keep the LoRA kernels. These are
-    `runtime.ServingOptions`, which the `mmlora` backend takes too. `inner` is the compiler of the rewritten graphs (Inductor
+    `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows`). `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
     prints one summary line instead (the `mmlora_fx` logger, level INFO).

@@ -150,8 +150,8 @@ _LIBRARY.define("lora_fold_shrink(Tensor x, Tensor weight, int width) -> Tensor"
 
 def lora_fold_shrink(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
     """The extra K of a folded linear's GEMM (`folding.py`): every slot's shrink of the rows `x`,
-    each row keeping its own slot's `width / slots` columns. A new tensor, not a view: Inductor
-    may write it straight into the GEMM's input buffer."""
+    each row keeping its own slot's columns (`width`: slots x rank, padded). A new tensor, not a
+    view; Inductor copies it into the GEMM's input buffer (rows x width values, small)."""
     runtime, module = REGISTRY.resolve(weight)
     return runtime.fold_shrink(x, module)
 

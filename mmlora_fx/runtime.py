@@ -27,7 +27,7 @@ from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
 from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
-from .kernels.reference import row_slots
+from .kernels.fold_mask import fold_mask_
 from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
 from .parameter_hooks import add_parameter_hooks
@@ -80,7 +80,7 @@ class ServingOptions:
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
             raise OptionError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
-        if self.fold_min_rows is not None and (not isinstance(self.fold_min_rows, int) or self.fold_min_rows < 1):
+        if self.fold_min_rows is not None and (type(self.fold_min_rows) is not int or self.fold_min_rows < 1):
             raise OptionError(f"fold_min_rows must be None or a positive int, not {self.fold_min_rows!r}")
 
     @property
@@ -143,10 +143,10 @@ class LoRARuntime:
         # are registered (the folded linears' parameters become views of them).
         self.folds = FoldedWeights(model, {module: self.manager.buffers[module] for module in sorted(self.serving.served)
                                            if self.linears[module].kind == LINEAR and module in self.manager.buffers}
-                                   if options.fold_min_rows is not None else {})
-        for module in self.folds.modules:
-            self.linears.weights[module] = self.folds.weight(module)
+                                   if options.fold_min_rows is not None else {},
+                                   moved=self.linears.weights.__setitem__)
         self.manager.slot_listeners.append(self.folds.mirror)
+        self.manager.follow_current_stream()  # the first side-stream writes come after the buffers' set-up
         self.manager.load_many(adapters)
         device = next(model.parameters()).device
         partitions = [LANGUAGE_MODEL] + [p for p in self.partition_map.lora_partitions if p != LANGUAGE_MODEL]
@@ -416,16 +416,13 @@ class LoRARuntime:
     def fold_shrink(self, x: torch.Tensor, module: str) -> torch.Tensor:
         """Every slot's shrink of the rows `x` for the folded linear `module`, each row keeping
         only its own slot's columns: `[..., slots * rank]`, the extra K its folded GEMM reads."""
-        buffers = self.manager.buffers[module]
         table = self.tables[self.linears[module].partition]
         self._count_application(table.partition, [module])
         request_slots, cum_weights, _ = self._owner_table(table, x, module)
         rows = x.numel() // x.shape[-1]
-        slots, rank = buffers.lora_a.shape[:2]
-        shrunk = x.reshape(rows, x.shape[-1]) @ buffers.lora_a.reshape(slots * rank, -1).T
-        columns = torch.arange(slots * rank, device=x.device) // rank
-        mine = columns[None, :] == row_slots(request_slots, cum_weights, rows)[:, None]
-        return (shrunk * mine.to(shrunk.dtype)).reshape(*x.shape[:-1], slots * rank)
+        shrunk = x.reshape(rows, x.shape[-1]) @ self.folds.lora_a(module).T
+        fold_mask_(shrunk, request_slots, cum_weights, self.folds.rank(module))
+        return shrunk.view(*x.shape[:-1], shrunk.shape[-1])
 
     def apply_after_module(self, output: torch.Tensor, x: torch.Tensor, module: str) -> None:
         """Add the LoRA delta of the linear `module` to `output`, what its module returned for `x`

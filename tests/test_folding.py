@@ -60,6 +60,22 @@ def test_folded_linears_equal_peft_per_request(family, inner):
     assert mm.backend.graphs == graphs
 
 
+def test_a_resident_slot_that_overflows_reaches_no_other_row(family):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=1, inner="eager",
+                           dynamic=False)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        mm(**batch, adapter_names=["carol", None, "alice"])  # carol stays resident
+        folds, carol = mm.runtime.folds, mm.runtime.manager.resident["carol"]
+        for module in folds.modules:  # as if carol's shrink overflowed: its columns become inf
+            rank = folds.rank(module)
+            folds.lora_a(module)[carol * rank:(carol + 1) * rank] = float("inf")
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert torch.isfinite(logits).all()
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
+
+
 def test_below_fold_min_rows_the_kernels_serve(family):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=10**6, inner="eager",
@@ -80,19 +96,28 @@ def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
     folds, manager = mm.runtime.folds, mm.runtime.manager
     for name, weight in before.items():
         assert torch.equal(model.get_submodule(name).weight, weight)  # same values, now a view of the buffer
-    manager.activate(["bob", "alice"])
+        assert model.get_submodule(name).weight.data_ptr() == folds.buffer(name).data_ptr()
+        assert mm.runtime.linears.weights[name] is model.get_submodule(name).weight
+
+    def assert_mirrored(module):
+        slots, rank, in_features = manager.buffers[module].lora_a, folds.rank(module), before[module].shape[1]
+        for slot in range(3):
+            b = folds.buffer(module)[:, in_features + slot * rank:in_features + (slot + 1) * rank]
+            assert torch.equal(b, manager.buffers[module].lora_b[slot])
+            assert torch.equal(folds.lora_a(module)[slot * rank:(slot + 1) * rank], slots[slot])
+        assert not folds.buffer(module)[:, in_features + 3 * rank:].any()  # the alignment padding
+        assert not folds.lora_a(module)[3 * rank:].any()
+
     module = next(iter(before))
-    fold = folds._folds[module]
-    rank = manager.buffers[module].lora_b.shape[2]
-    for slot in range(3):
-        start = fold.module.weight.shape[1] + slot * rank
-        assert torch.equal(fold.buffer[:, start:start + rank], manager.buffers[module].lora_b[slot])
+    manager.activate(["bob", "alice"])
     assert manager.buffers[module].lora_b[manager.resident["bob"]].abs().sum() > 0
+    assert_mirrored(module)
+    bob = manager.resident["bob"]
     manager.unload("bob")
-    slot_of_bob = [slot for slot in range(3) if slot not in manager.resident.values()]
-    for slot in slot_of_bob:
-        start = fold.module.weight.shape[1] + slot * rank
-        assert not fold.buffer[:, start:start + rank].any()
+    assert_mirrored(module)
+    rank, in_features = folds.rank(module), before[module].shape[1]
+    assert not folds.buffer(module)[:, in_features + bob * rank:in_features + (bob + 1) * rank].any()
+    assert not folds.lora_a(module)[bob * rank:(bob + 1) * rank].any()
 
 
 def test_fold_min_rows_is_checked():
@@ -100,7 +125,7 @@ def test_fold_min_rows_is_checked():
         mmlora_fx.compile(zoo.build(FAMILY), {}, fold_min_rows=0)
 
 
-def test_tied_and_narrow_weights_do_not_fold():
+def test_tied_and_narrow_weights_do_not_fold_and_widths_are_aligned():
     linear = torch.nn.Linear(8, 4)
     wide = torch.nn.Linear(4, 8)
     model = torch.nn.ModuleDict(dict(narrow=linear, wide=wide, tied=torch.nn.Linear(4, 8)))
@@ -108,10 +133,13 @@ def test_tied_and_narrow_weights_do_not_fold():
 
     class Buffers:
         local_ranks = None
+        lora_a = torch.zeros(2, 3, 4)
         lora_b = torch.zeros(2, 8, 3)
 
     folds = FoldedWeights(model, {"narrow": Buffers(), "wide": Buffers(), "tied": Buffers()})
     assert folds.modules == []
     model["tied"] = torch.nn.Linear(4, 8)
-    folds = FoldedWeights(model, {"wide": Buffers()})
-    assert folds.modules == ["wide"] and folds.width("wide") == 6
+    moved = {}
+    folds = FoldedWeights(model, {"wide": Buffers()}, moved=moved.__setitem__)
+    assert folds.modules == ["wide"] and folds.width("wide") == 8  # 2 slots x rank 3, padded to 8
+    assert moved == {"wide": model["wide"].weight} and folds.buffer("wide").shape == (8, 12)

@@ -95,8 +95,11 @@ def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: i
     tables refilled in place, read by replays. With `fold_min_rows`, the folded linears' GEMMs
     add their LoRA (`folding.py`), their fold buffers mirroring each slot write."""
     cpu_model = zoo.build(family)
+    # With the fold, a third adapter in two slots: replays follow side-stream slot writes, which the
+    # fold buffers must mirror.
+    ranks = (("alice", 2), ("bob", 4)) + ((("carol", 8),) if fold_min_rows else ())
     paths = {name: make_adapter(cpu_model, root / name, all_targets(family), r=rank, lora_alpha=3 * rank + 1,
-                                seed=rank) for name, rank in (("alice", 2), ("bob", 4))}
+                                seed=rank) for name, rank in ranks}
     torch._dynamo.reset()
     model = zoo.build(family).to(device)
     mm = mmlora_fx.compile(model, paths, max_loras=2, mode="reduce-overhead", fold_min_rows=fold_min_rows,
@@ -104,6 +107,8 @@ def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: i
     batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     mixes = [["alice", None, "bob"], ["bob", "alice", None], [None, "bob", "alice"],  # warm-up, recording, replay
              ["alice", "alice", "bob"], ["bob", None, "bob"], [None, None, None], ["alice", "bob", "alice"]]
+    if fold_min_rows:
+        mixes += [["carol", None, "alice"], ["bob", "carol", "carol"], ["alice", "bob", None]]
 
     def call(names) -> None:
         with torch.no_grad():
