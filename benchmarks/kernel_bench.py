@@ -21,7 +21,10 @@ For each row count and number of distinct adapters, it reports:
   GEMM, so no kernel reads and writes the outputs again. Timed like the base; what it costs over
   the base ("folded - base") compares with the Triton column. Timed twice: x as its producer
   left it in the fold's buffer, and x copied in first (what an op in place of the linear pays);
-  with `--per-op`, both and the base GEMMs per op.
+  with `--per-op`, both and the base GEMMs per op. It folds every op and lets siblings share one
+  buffer, with the mask precomputed; the compiler's fold (`fold_min_rows`, mmlora_fx/folding.py)
+  folds only linears with out >= in, each with its own `[x | s]`, and masks with a Triton kernel
+  per call: `gpu_steps prefill_a_fold` measures that one.
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).

@@ -380,7 +380,7 @@ class AdapterManager:
         self._prefetched: set[str] = set()  # written into a slot by prefetch, not yet used by a batch
         self.stats = AdapterStats()
         # Called with a slot's index after every write or clear of it, on the stream that wrote it
-        # (the runtime's fold buffers mirror each slot's B: `folding.FoldedWeights.mirror`).
+        # (the runtime's fold buffers mirror each slot's A and B: `folding.FoldedWeights.mirror`).
         self.slot_listeners: list[Callable[[int], None]] = []
 
     @property
