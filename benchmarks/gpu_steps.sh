@@ -116,7 +116,7 @@ run_step() {
                        --json "$out/kfold-$shape-$rows.json" --markdown "$out/kfold-$shape-$rows.md" --commit "$commit"
                done ;;
         prefill_a_fold|prefill_c_fold)
-            # Ours' folded weights are copies (the base keeps its own): ~8 GB more a run, so the runs
+            # Ours' folded weights are copies (the base keeps its own): ~10 GB more a run (q, o, gate, up, the tower's qkv, proj, fc1), so the runs
             # take the GPU one after another.
             local case=${step#prefill_}; case=${case%_fold}
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
