@@ -86,7 +86,20 @@ def inspect_command(args) -> int:
     ownership = {modality: trace_units(model, batch, outermost(partition_map.prefixes_of(tower_label(modality))),
                                        modality_token_ids(config, modality), what=token_name(modality))
                  for modality in partition_map.modalities}
-    report = build_report(captured, linears, args.model, scans, serving, ownership)
+    folds = None
+    if args.fold_min_rows is not None:
+        from .folding import foldable, shared_weights
+
+        shared = shared_weights(model)
+
+        def folds(modules, shape):
+            rows = 1
+            for size in (shape or [0])[:-1]:
+                rows *= size
+            return bool(shape) and rows >= args.fold_min_rows and all(
+                foldable(model.get_submodule(module)) and id(model.get_submodule(module).weight) not in shared
+                for module in modules)
+    report = build_report(captured, linears, args.model, scans, serving, ownership, folds=folds)
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "dot":
@@ -132,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve LoRA only on these partitions (as compile(partitions=...))")
     inspect.add_argument("--target-modules", nargs="+", default=None, metavar="SUFFIX",
                          help="serve LoRA only on modules with these name suffixes (as compile(target_modules=...))")
+    inspect.add_argument("--fold-min-rows", type=int, default=None, metavar="N",
+                         help="mark the served linear calls compile(fold_min_rows=N) would fold into their base "
+                              "GEMM (LoRA column: folded)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
     inspect.add_argument("--verbose", "-v", action="store_true",
                          help="let torch._dynamo's own messages (one per graph break) through")

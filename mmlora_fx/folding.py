@@ -45,7 +45,7 @@ from torch import nn
 
 from .adapter_manager import SlotBuffers
 
-__all__ = ["FoldedWeights", "foldable"]
+__all__ = ["FoldedWeights", "foldable", "shared_weights"]
 
 
 # The fold's columns are padded to a multiple of this many (zeros in both factors), so that the
@@ -81,7 +81,7 @@ class FoldedWeights:
         each new parameter at once, so that whoever held the old weight can let it go before the
         next buffer is allocated (no moment with two copies of every folded weight)."""
         self._folds: dict[str, _Fold] = {}
-        shared = _shared_weights(model)
+        shared = shared_weights(model)
         for name, slots in modules.items():
             module = model.get_submodule(name)
             if not foldable(module) or id(module.weight) in shared or slots.local_ranks is not None:
@@ -140,7 +140,7 @@ class FoldedWeights:
             fold.lora_a[slot * rank:(slot + 1) * rank].copy_(fold.slots.lora_a[slot], non_blocking=True)
 
 
-def _shared_weights(model: nn.Module) -> set[int]:
+def shared_weights(model: nn.Module) -> set[int]:
     """ids of weights that more than one module holds (a head tied to the embeddings)."""
     seen: dict[int, int] = {}
     for module in model.modules():

@@ -37,11 +37,13 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
-                 ownership: dict[str, UnitOwnership] | None = None, layouts=None) -> dict:
+                 ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None) -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`),
     `layouts` the served targets' `TargetLayout`s as compiled (`mm.runtime.layouts`: with the
-    serving options' choices, such as A split along the rank), where known."""
+    serving options' choices, such as A split along the rank), where known. `folds(modules,
+    input_shape)`: whether a served linear call would be folded into its base GEMM
+    (`compile(fold_min_rows=...)`), marked `"folds"` on linear calls."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -60,8 +62,10 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             partition_calls[partition] += count
         nodes = {node.name: node for node in record.graph_module.graph.nodes}
         for node in record.linear_nodes():
-            partition_linear_nodes[partition_of(node)].append(
-                _linear_like(record, node, linear_of(node), nodes, serving, ownership))
+            entry = _linear_like(record, node, linear_of(node), nodes, serving, ownership)
+            if folds is not None:
+                entry["folds"] = bool(entry["lora"] and folds(entry["modules"], entry["input_shape"]))
+            partition_linear_nodes[partition_of(node)].append(entry)
         for node in record.parameter_matmul_nodes():
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
             partition_matmul_nodes[partition_of(node)].append(
@@ -310,7 +314,8 @@ def _node_table(nodes: list[dict], names: str, columns, serving: bool) -> list[s
     rows owned and, with adapters, whether LoRA is served."""
     rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"]))]
             + [value(node) if callable(value) else node[value] for _, value in columns]
-            + [node.get("rows_owned", "-")] + (["yes" if node["lora"] else "-"] if serving else [])
+            + [node.get("rows_owned", "-")]
+            + ([("folded" if node.get("folds") else "yes") if node["lora"] else "-"] if serving else [])
             for node in nodes]
     header = ["graph", "node", names] + [title for title, _ in columns] + ["rows owned"] + (["LoRA"] if serving else [])
     return _table(rows, header, indent="    ")

@@ -136,3 +136,20 @@ def test_zoo_lists_the_tiny_models(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(zoo.ZOO)
     assert len({line.index(zoo.ZOO[line.split()[0]].model_class) for line in lines}) == 1, "aligned columns"
+
+
+def test_inspect_marks_the_linears_the_fold_would_take(tmp_path, capsys):
+    # q_proj (out = in) folds; k_proj (out < in in tiny-qwen2-vl's language model) keeps the kernels.
+    model = cached_model("tiny-qwen2-vl")
+    path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "1", "--format", "json",
+                 "-o", str(output)]) == 0
+    nodes = [node for entry in json.loads(output.read_text())["partitions"].values() for node in entry["linear_nodes"]]
+    folds = {module: node["folds"] for node in nodes for module in node["modules"] if node["lora"]}
+    assert any(module.endswith("self_attn.q_proj") for module in folds) and any(module.endswith("k_proj") for module in folds)
+    assert all(fold == module.endswith("q_proj") for module, fold in folds.items()), folds
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "100000"]) == 0
+    assert "folded" not in capsys.readouterr().out
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "1"]) == 0
+    assert "folded" in capsys.readouterr().out
