@@ -62,6 +62,20 @@ def _images(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--images takes counts like 0,1,2, not {value!r}") from None
 
 
+def _fold_predicate(model, fold_min_rows: int | None):
+    """For `inspect --fold-min-rows`: whether `compile(fold_min_rows=...)` folds a served linear call
+    of these modules on an input of this shape (None without the option)."""
+    if fold_min_rows is None:
+        return None
+    import math
+
+    from .folding import foldable, shared_weights
+
+    shared = shared_weights(model)
+    return lambda modules, shape: (bool(shape) and math.prod(shape[:-1]) >= fold_min_rows
+                                   and all(foldable(model.get_submodule(module), shared) for module in modules))
+
+
 def inspect_command(args) -> int:
     from . import zoo
     from .capture import capture
@@ -86,20 +100,8 @@ def inspect_command(args) -> int:
     ownership = {modality: trace_units(model, batch, outermost(partition_map.prefixes_of(tower_label(modality))),
                                        modality_token_ids(config, modality), what=token_name(modality))
                  for modality in partition_map.modalities}
-    folds = None
-    if args.fold_min_rows is not None:
-        from .folding import foldable, shared_weights
-
-        shared = shared_weights(model)
-
-        def folds(modules, shape):
-            rows = 1
-            for size in (shape or [0])[:-1]:
-                rows *= size
-            return bool(shape) and rows >= args.fold_min_rows and all(
-                foldable(model.get_submodule(module)) and id(model.get_submodule(module).weight) not in shared
-                for module in modules)
-    report = build_report(captured, linears, args.model, scans, serving, ownership, folds=folds)
+    report = build_report(captured, linears, args.model, scans, serving, ownership,
+                          folds=_fold_predicate(model, args.fold_min_rows))
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "dot":

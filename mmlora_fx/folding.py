@@ -65,11 +65,12 @@ class _Fold:
         return self.module.weight.shape[1]
 
 
-def foldable(module: nn.Module) -> bool:
-    """Whether a served linear's weight can live in a fold buffer (see the module's doc)."""
+def foldable(module: nn.Module, shared: set[int] = frozenset()) -> bool:
+    """Whether a served linear's weight can live in a fold buffer (see the module's doc);
+    `shared`: `shared_weights(model)`, the weights it must not be one of."""
     weight = getattr(module, "weight", None)
     return (isinstance(module, nn.Linear) and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2
-            and weight.shape[0] >= weight.shape[1])
+            and weight.shape[0] >= weight.shape[1] and id(weight) not in shared)
 
 
 class FoldedWeights:
@@ -84,7 +85,7 @@ class FoldedWeights:
         shared = shared_weights(model)
         for name, slots in modules.items():
             module = model.get_submodule(name)
-            if not foldable(module) or id(module.weight) in shared or slots.local_ranks is not None:
+            if not foldable(module, shared) or slots.local_ranks is not None:
                 continue
             out_features, in_features = module.weight.shape
             count, rank = slots.lora_a.shape[:2]

@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping, Sequence
 import torch
 from torch import fx, nn
 
-from .meta import experts_of, is_lora_op, is_to_local, linear_of, lora_of, target_of
+from .meta import example_value, experts_of, is_lora_op, is_to_local, linear_of, lora_of, target_of
 
 __all__ = ["CheckLoRACoverage", "UncoveredLinearError"]
 
@@ -25,7 +25,7 @@ class UncoveredLinearError(Exception):
 
 
 def _is_tensor_value(node: fx.Node) -> bool:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = example_value(node)
     return value is None or isinstance(value, torch.Tensor)
 
 

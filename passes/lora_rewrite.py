@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import fx
 
-from .meta import LORA, LORA_OP, PARTITION, is_lora_op, partition_of
+from .meta import LORA, LORA_OP, PARTITION, example_value, is_lora_op, partition_of
 from .targets import LINEAR, TargetKind
 
 __all__ = ["InsertLoRAOps", "lora_ops"]
@@ -23,11 +23,6 @@ __all__ = ["InsertLoRAOps", "lora_ops"]
 def lora_ops(graph_module: fx.GraphModule) -> list[fx.Node]:
     """The LoRA op nodes of a rewritten graph."""
     return [node for node in graph_module.graph.nodes if is_lora_op(node)]
-
-
-def _value(node) -> object:
-    """The example value dynamo recorded for a node (a fake tensor), or None."""
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _defined_before(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, int]) -> bool:
@@ -96,7 +91,7 @@ class InsertLoRAOps:
         weight that is not the start of a fold buffer's rows."""
         if self.fold is None or kind.name != LINEAR.name:
             return None
-        x, weight = _value(kind.rows_of(node)), _value(kind.weight_of(node))
+        x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
         if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
         if not all(isinstance(size, int) for size in x.shape):
@@ -109,7 +104,7 @@ class InsertLoRAOps:
     @staticmethod
     def _rewrite_folded(graph: fx.Graph, node: fx.Node, kind: TargetKind, width: int, fold_op) -> None:
         x, weight = kind.rows_of(node), kind.weight_of(node)
-        out_features, in_features = _value(weight).shape
+        out_features, in_features = example_value(weight).shape
         with graph.inserting_before(node):
             shrunk = graph.call_function(fold_op, (x, weight, width))
             joined = graph.call_function(torch.cat, ([x, shrunk], -1))

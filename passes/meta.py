@@ -28,7 +28,7 @@ from torch import fx
 __all__ = [
     "OWNER_PATH", "OWNER", "LINEAR", "EMBEDDING", "EXPERTS", "CONV", "PARAMETER_MATMUL", "PARTITION", "LORA", "LORA_OP",
     "is_call_node", "owner_path_of", "owner_of", "linear_of", "embedding_of", "experts_of", "conv_of", "parameter_matmul_of",
-    "target_of", "partition_of", "lora_of", "is_lora_op", "is_to_local", "through_to_local",
+    "target_of", "partition_of", "lora_of", "is_lora_op", "is_to_local", "through_to_local", "example_value",
 ]
 
 OWNER_PATH = "mmlora_owner_path"
@@ -99,6 +99,12 @@ def target_of(node: fx.Node):
     `ConvCall` or a `ParameterMatmulCall`), or None."""
     return (node.meta.get(LINEAR) or node.meta.get(EMBEDDING) or node.meta.get(EXPERTS) or node.meta.get(CONV)
             or node.meta.get(PARAMETER_MATMUL))
+
+
+def example_value(node) -> object:
+    """The example value dynamo (`example_value`) or a fake-tensor trace (`val`) recorded for a
+    node, or None (also for arguments that are not nodes)."""
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def partition_of(node: fx.Node) -> str | None:

@@ -28,6 +28,8 @@ import operator
 import torch
 from torch import fx
 
+from .meta import example_value
+
 __all__ = ["RowLayout", "TOKEN_ROWS", "canonical_name", "row_preserving", "layout_made_by", "row_layout_of",
            "rows_picked_by_index"]
 
@@ -61,12 +63,8 @@ def canonical_name(target) -> str:
     return name.strip("_") if name.startswith("__") else name
 
 
-def _value(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _shape(node) -> tuple[int, ...] | None:
-    value = _value(node)
+    value = example_value(node)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
@@ -136,7 +134,7 @@ def _moved_before(node, depth: int) -> str | None:
     if name == "getitem" and isinstance(node.args[0], fx.Node) and not _indexes_features_only(node.args[1]) \
             and canonical_name(node.args[0].target) not in ("chunk", "split"):
         return f"{node.format_node()} picks rows by an index before they are laid out for the experts"
-    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(_value(arg), torch.Tensor)]
+    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.Tensor)]
     full = [arg for arg in sources if row_preserving(name, node.args, node.kwargs, _shape(arg), _shape(node))]
     if not full:
         return None  # computed here, row by row as far as the walk can tell (a norm, a linear)
@@ -161,12 +159,12 @@ def row_layout_of(node: fx.Node, expert_layouts: dict[fx.Node, RowLayout], depth
     if name == "getitem" and isinstance(node.args[0], fx.Node) and canonical_name(node.args[0].target) in ("chunk", "split"):
         # `chunk(x, 2, dim=-1)[i]`: a split of the features, checked on the chunk itself.
         return row_layout_of(node.args[0], expert_layouts, depth - 1)
-    value = _value(node)
+    value = example_value(node)
     # A split's value is a tuple of pieces: the rows of each piece are the input's.
     out_shape = tuple(value[0].shape) if isinstance(value, (tuple, list)) and value else _shape(node)
     if name == "getitem" and not _indexes_features_only(node.args[1]):
         return None, f"{node.format_node()} picks rows by an index: which token each row holds is not followed"
-    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(_value(arg), torch.Tensor)]
+    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.Tensor)]
     full = [arg for arg in sources if row_preserving(name, node.args, node.kwargs, _shape(arg), out_shape)]
     if not full:
         return None, f"{node.format_node()} does not keep rows in place"
@@ -199,6 +197,6 @@ def rows_picked_by_index(node, depth: int = 16) -> str | None:
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if any(isinstance(item, fx.Node) for item in index):
             return f"{node.format_node()} picks the rows by an index"
-    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(_value(arg), torch.Tensor)]
+    sources = [arg for arg in node.args if isinstance(arg, fx.Node) and isinstance(example_value(arg), torch.Tensor)]
     full = [arg for arg in sources if row_preserving(name, node.args, node.kwargs, _shape(arg), _shape(node))]
     return next((why for why in (rows_picked_by_index(arg, depth - 1) for arg in full) if why is not None), None)
