@@ -8,6 +8,8 @@
 # Steps (rough seconds on an H100 when the machine is warm):
 #   tests      every GPU test: tests/test_gpu*.py and tests/kernels -m gpu            (~560: 9 model
 #              tests took 330 s and the 224 kernel tests ~200 s on 2026-12-06; a call of its own)
+#   tests_prefill  the kernel GPU tests and the model GPU tests of prefill (the fold's among them): the part of
+#              `tests` that changed since its last run, for a call too short for all of it (~310)
 #   load       benchmarks/adapter_load.py --device cuda: load vs read, activation (#22) (~60)
 #   scale      benchmarks/adapters_at_scale.py: 1,000 adapters, Zipf mixes (#22)      (~550: writing and
 #              loading the adapters took 72 s, and 295 s did not reach the first timed step)
@@ -69,12 +71,14 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
         tests) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
                    tests/test_gpu.py tests/test_gpu_targets.py tests/kernels ;;
+        tests_prefill) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
+                           tests/kernels "tests/test_gpu.py" -k "kernels or prefill" ;;
         load) timeout "$seconds" python3 benchmarks/adapter_load.py --device cuda --repeats 9 \
                   --json "$out/adapter_load.json" --commit "$commit" ;;
         scale) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale" --commit "$commit" ;;
