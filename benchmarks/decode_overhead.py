@@ -334,7 +334,8 @@ def settings(args) -> dict:
     inner = args.inner or ("eager" if tiny else "inductor")
     return dict(model=args.model, tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes),
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
-                runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile)
+                runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
+                stack_max_rows=args.stack_max_rows)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -494,6 +495,7 @@ class Run(Worker):
         tensors = list(model.parameters()) + list(model.buffers())
         base_module = copy.deepcopy(model, memo={id(tensor): tensor for tensor in tensors})
         assert all(a is b for a, b in zip(model.parameters(), base_module.parameters()))
+        del tensors
         self.steps = {batch: e2e.DecodeStep(model, batch, self.device, torch.bfloat16) for batch in config["batches"]}
         self.sync()
         if self.cuda:
@@ -505,18 +507,34 @@ class Run(Worker):
 
         mode = e2e.graph_mode(self.device)
         record["mode"] = mode
+        adapters = self.adapters()
+        self.names = list(adapters)
+
+        def compile_ours():
+            began = time.perf_counter()
+            # mmlora_fx.compile hands its other keywords to torch.compile (api.compile's
+            # **compile_kwargs -> model.compile), so dynamic=False reaches it as it does the base.
+            self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
+                                        mode=mode, dynamic=False, max_batch_size=max(config["batches"]),
+                                        inner=config["inner"], stack_max_rows=config["stack_max_rows"])
+            record["ours_setup_s"] = time.perf_counter() - began
+
+        if config["stack_max_rows"]:
+            # The stack moves ours' weights into buffers with every slot's A below them. The base
+            # takes the same views (same values, same layout), so that one copy of the weights
+            # serves both and the base's GEMMs read what they read without it; before anything
+            # compiles, which is lazy (the first call).
+            compile_ours()
+            for name in self.mm.runtime.folds.modules:
+                mine, base = model.get_submodule(name), base_module.get_submodule(name)
+                base.weight, base.bias = mine.weight, mine.bias
+            record["stacked_linears"] = len(self.mm.runtime.folds)
         self.base = torch.compile(base_module, backend=config["inner"], mode=mode, dynamic=False)
         self.warm_base()
         self.save()
 
-        adapters = self.adapters()
-        self.names = list(adapters)
-        began = time.perf_counter()
-        # mmlora_fx.compile hands its other keywords to torch.compile (api.compile's
-        # **compile_kwargs -> model.compile), so dynamic=False reaches it as it does the base.
-        self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK, mode=mode,
-                                    dynamic=False, max_batch_size=max(config["batches"]), inner=config["inner"])
-        record["ours_setup_s"] = time.perf_counter() - began
+        if not config["stack_max_rows"]:
+            compile_ours()
         served = sorted(self.mm.runtime.serving.served)
         record["served_targets"] = len(served)
         record["served_expert_weights"] = len([name for name in served
@@ -904,6 +922,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget from the start")
     parser.add_argument("--serial-compile", action="store_true", help="runs also compile one at a time (the lock)")
     parser.add_argument("--inner", default=None, help="the compiler of both models: inductor (tiny: eager)")
+    parser.add_argument("--stack-max-rows", type=int, default=None,
+                        help="mmlora_fx.compile's stack_max_rows: the shrink in the base GEMMs of calls on at most "
+                             "this many rows (every slot's A stacked under each weight; the base shares the views)")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

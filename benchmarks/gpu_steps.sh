@@ -10,6 +10,9 @@
 #              tests took 330 s and the 224 kernel tests ~200 s on 2026-12-06; a call of its own)
 #   tests_prefill  the kernel GPU tests and the model GPU tests of prefill (the fold's among them): the part of
 #              `tests` that changed since its last run, for a call too short for all of it (~310)
+#   tests_stack  the stack's and the fold's kernels on CUDA (tests/kernels/test_lora_stacked.py and
+#              test_fold_mask.py, unmarked: they run on the GPU where there is one) and their CUDA-graph model
+#              tests (decode stacked, prefill folded) (~150 guessed)
 #   load       benchmarks/adapter_load.py --device cuda: load vs read, activation (#22) (~60)
 #   scale      benchmarks/adapters_at_scale.py: 1,000 adapters, Zipf mixes (#22)      (~550: writing and
 #              loading the adapters took 72 s, and 295 s did not reach the first timed step)
@@ -45,6 +48,12 @@
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
 #              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
+#   kstack     kernel_bench.py --stack at decode rows: the base GEMMs with every slot's A stacked under each
+#              weight plus one expand launch per op (stack_max_rows' path), against the base GEMMs and the
+#              Triton kernels; 8 slots (adapters 1, 8) and 32 slots (1, 8, 32) (#15; unrun, ~150 guessed)
+#   decode_stack  decode_overhead.py --batches 1,16 --mixes 1,8 --stack-max-rows 64: the decode table with the
+#              shrink in the base GEMMs (8 slots; the base shares the stacked weights' views) (#15; unrun, ~560)
+#   decode_slots8  the same without the stack: its reference at 8 slots (the table before used 32) (#15; ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%, then 289 s and +16.8% after the prefill-tile change)
@@ -71,7 +80,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -79,6 +88,10 @@ run_step() {
                    tests/test_gpu.py tests/test_gpu_targets.py tests/kernels ;;
         tests_prefill) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
                            tests/kernels "tests/test_gpu.py" -k "kernels or prefill" ;;
+        tests_stack) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+                         tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py \
+                     && timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
+                         tests/test_gpu.py -k "stacked or folded" ;;
         load) timeout "$seconds" python3 benchmarks/adapter_load.py --device cuda --repeats 9 \
                   --json "$out/adapter_load.json" --commit "$commit" ;;
         scale) timeout "$seconds" python3 benchmarks/adapters_at_scale.py --out "$out/at_scale" --commit "$commit" ;;
@@ -119,6 +132,16 @@ run_step() {
                        --adapters "$adapters" --slots "$adapters" --fold --per-op --skip-torch --repeat-ms 40 \
                        --json "$out/kfold-$shape-$rows.json" --markdown "$out/kfold-$shape-$rows.md" --commit "$commit"
                done ;;
+        kstack) for slots_adapters in 8:1,8 32:1,8,32; do
+                    timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --rows 1,16,64 --slots "${slots_adapters%%:*}" \
+                        --adapters "${slots_adapters##*:}" --stack --skip-torch --profile --repeat-ms 40 \
+                        --json "$out/kstack-${slots_adapters%%:*}.json" --markdown "$out/kstack-${slots_adapters%%:*}.md" \
+                        --commit "$commit"
+                done ;;
+        decode_stack|decode_slots8)
+            local stack=(); [[ $step == decode_stack ]] && stack=(--stack-max-rows 64)
+            timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
+                "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_c_fold)
             # Ours' folded weights are copies (the base keeps its own): ~10 GB more a run (q, o, gate, up, the tower's qkv, proj, fc1), so the runs
             # take the GPU one after another.

@@ -24,7 +24,11 @@ For each row count and number of distinct adapters, it reports:
   with `--per-op`, both and the base GEMMs per op. It folds every op and lets siblings share one
   buffer, with the mask precomputed; the compiler's fold (`fold_min_rows`, mmlora_fx/folding.py)
   folds only linears with out >= in, each with its own `[x | s]`, and masks with a Triton kernel
-  per call: `gpu_steps prefill_a_fold` measures that one.
+  per call: `gpu_steps prefill_a_fold` measures that one;
+* with `--stack`, the base GEMMs with every slot's A stacked under each weight (`StackedOp`, as
+  `stack_max_rows` builds them: mmlora_fx/folding.py), so each GEMM also gives every slot's
+  shrink, then one `lora_stacked_expand_` launch per op adds each row's own slot's expand (#15's
+  lead: one LoRA launch per op at decode). "stacked - base" compares with the Triton column.
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
@@ -56,6 +60,7 @@ import triton.testing
 
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
+from mmlora_fx.kernels.lora_stacked import lora_stacked_expand_triton
 from mmlora_fx.kernels.reference import lora_add_gather_bmm, row_slots
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
@@ -229,6 +234,49 @@ def check_folded(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tens
     return worst
 
 
+@dataclasses.dataclass
+class StackedOp:
+    """One op's base GEMMs with every slot's A stacked under each weight (`[out + slots * rank, in]`),
+    writing `[rows, out + slots * rank]`: the base output, then every slot's shrink of every row."""
+
+    x: torch.Tensor
+    weights: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    out_features: list[int]
+    lora_b: list[torch.Tensor]
+    slot_ranks: list[torch.Tensor]
+
+
+def make_stacked(op: OpBuffers, weights: list[torch.Tensor]) -> StackedOp:
+    rows = op.x.shape[0]
+    stacked = [torch.cat([weight, a.reshape(-1, a.shape[-1])]) for weight, a in zip(weights, op.lora_a)]
+    return StackedOp(op.x, stacked, [torch.empty(rows, w.shape[0], device=w.device, dtype=w.dtype) for w in stacked],
+                     [weight.shape[0] for weight in weights], op.lora_b, op.slot_ranks)
+
+
+def run_stacked(stacked: dict[str, StackedOp], slots: torch.Tensor, cum: torch.Tensor) -> None:
+    """Every op of a layer stacked: its GEMMs, then one expand launch for its siblings."""
+    for op in stacked.values():
+        for output, weight in zip(op.outputs, op.weights):
+            torch.matmul(op.x, weight.T, out=output)
+        lora_stacked_expand_triton(op.outputs, op.out_features, op.lora_b, op.slot_ranks, slots, cum)
+
+
+def check_stacked(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]], slots, cum) -> float:
+    """Largest relative error of the stacked path's delta against the gather/bmm baseline's."""
+    worst = 0.0
+    for name, op in layer.items():
+        stacked = make_stacked(op, weights[name])
+        run_stacked({name: stacked}, slots, cum)
+        bases = [op.x @ w.T for w in weights[name]]
+        theirs = [base.clone() for base in bases]
+        lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+        for o, out, t, base in zip(stacked.outputs, stacked.out_features, theirs, bases):
+            delta = t.float() - base.float()
+            worst = max(worst, ((o[:, :out].float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
+    return worst
+
+
 def torch_impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan) -> None:
     lora_add_gather_bmm(outputs, x, lora_a, lora_b, slot_ranks, slots, cum)
 
@@ -310,14 +358,19 @@ def kernel_breakdown(layer: dict[str, OpBuffers], slots, cum, plan, iterations: 
                      impl=None) -> dict[str, float]:
     """Mean device microseconds per layer of each kernel the Triton path (`impl`'s: a
     variant's) launches (profiler)."""
+    impl = impl or lora_add_triton
+    return kernel_breakdown_of(lambda: run_layer(impl, layer, slots, cum, plan), iterations)
+
+
+def kernel_breakdown_of(step, iterations: int = 5) -> dict[str, float]:
+    """Mean device microseconds per call of `step` of each kernel it launches (profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    impl = impl or lora_add_triton
-    run_layer(impl, layer, slots, cum, plan)
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
-            run_layer(impl, layer, slots, cum, plan)
+            step()
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
@@ -351,6 +404,9 @@ def main() -> int:
     parser.add_argument("--fold", action="store_true",
                         help="also time the base GEMMs with LoRA folded in (every slot's shrink in one GEMM, the "
                              "expand as extra K of the base GEMM; implies --base)")
+    parser.add_argument("--stack", action="store_true",
+                        help="also time the base GEMMs with every slot's A stacked under each weight and one expand "
+                             "launch per op (stack_max_rows' path; implies --base)")
     parser.add_argument("--rows", default="1,16,64,256,4096")
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--slots", type=int, default=32)
@@ -366,7 +422,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
-    args.base = args.base or args.fold
+    args.base = args.base or args.fold or args.stack
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -433,6 +489,15 @@ def main() -> int:
                                             args.repeat_ms)
                             row[f"op_{op_name}_{key}_us"] = ms * 1e3 / count
                 del folded
+            if args.stack:
+                row["check_stack"] = check_stacked(layers[0], base_weights[0], slots, cum)
+                stacked = [{name: make_stacked(op, weights[name]) for name, op in layer.items()}
+                           for layer, weights in zip(layers, base_weights)]
+                ms = time_graph(lambda: [run_stacked(s, slots, cum) for s in stacked], args.repeat_ms)
+                row["stack_us"] = ms * 1e3 / count
+                if args.profile:
+                    row["kernels_stack_us"] = kernel_breakdown_of(lambda: run_stacked(stacked[0], slots, cum))
+                del stacked
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
                                 args.repeat_ms)
@@ -463,11 +528,13 @@ def markdown_table(results: list[dict], variants: dict) -> str:
     names = list(variants)
     base = any("base_us" in row for row in results)
     fold = any("fold_us" in row for row in results)
+    stack = any("stack_us" in row for row in results)
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
              + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else "")
-             + (" folded GEMMs µs | folded - base µs | the same, x copied in: - base µs | folded delta error |" if fold else ""),
+             + (" folded GEMMs µs | folded - base µs | the same, x copied in: - base µs | folded delta error |" if fold else "")
+             + (" stacked GEMMs + expands µs | stacked - base µs | stacked delta error |" if stack else ""),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")
-             + ("---:|---:|---:|---:|" if fold else "")]
+             + ("---:|---:|---:|---:|" if fold else "") + ("---:|---:|---:|" if stack else "")]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
@@ -478,7 +545,9 @@ def markdown_table(results: list[dict], variants: dict) -> str:
             + (f" {row['base_us']:.1f} | {ours / row['base_us']:.3f} |" if base else "")
             + (f" {row['fold_us']:.1f} | {row['fold_us'] - row['base_us']:.1f} | "
                f"{row['fold_copy_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
-               if fold else ""))
+               if fold else "")
+            + (f" {row['stack_us']:.1f} | {row['stack_us'] - row['base_us']:.1f} | {row['check_stack']:.1e} |"
+               if stack else ""))
     return "\n".join(lines)
 
 

@@ -277,6 +277,7 @@ def compile(
     prefetch_workers: int | None = None,
     tp_lora_a: str = ServingOptions.tp_lora_a,
     fold_min_rows: int | None = ServingOptions.fold_min_rows,
+    stack_max_rows: int | None = ServingOptions.stack_max_rows,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -303,8 +304,13 @@ def compile(
     in graphs that call it on at least that many rows known at compile time (prefill with
     `dynamic=False`): the expand becomes extra columns of the GEMM's K, with no pass over the
     outputs (`folding.py`). Those linears' weights become views of buffers `slots x rank` columns
-    wider. Other calls keep the LoRA kernels. These are
-    `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows`). `inner` is the compiler of the rewritten graphs (Inductor
+    wider. Other calls keep the LoRA kernels. `stack_max_rows` (default None: off; experimental,
+    not yet measured on a GPU) computes the shrink of each served plain linear inside its base
+    GEMM, every slot's A stacked under the weight, in graphs that call it on at most that many
+    rows known at compile time (decode): one LoRA launch per sibling group is left, at the price of
+    reading every slot's A each call. These are
+    `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows` and
+    `stack_max_rows`). `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
     prints one summary line instead (the `mmlora_fx` logger, level INFO).
@@ -312,7 +318,8 @@ def compile(
     serving = ServingOptions(max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
-                             prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows)
+                             prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows,
+                             stack_max_rows=stack_max_rows)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -112,7 +112,9 @@ class MMLoRABackend:
                        op=torch.ops.mmlora.lora_linear_.default, served_weights=weights,
                        graph_name=f"{record.index} ({record.function})", error=CaptureError, kinds=self._kinds,
                        fold=(lambda target, rows: self.runtime.fold_width(target.module, rows)) if len(self.runtime.folds)
-                       else None, fold_op=torch.ops.mmlora.lora_fold_shrink.default)
+                       else None, fold_op=torch.ops.mmlora.lora_fold_shrink.default,
+                       stack=(lambda target, rows: self.runtime.stack_width(target.module, rows)) if len(self.runtime.folds)
+                       else None, stack_op=torch.ops.mmlora.lora_stacked_.default)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)
@@ -235,11 +237,12 @@ def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: 
         model = _model_being_compiled()
         inner = options.get("inner", "inductor")
         patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
-        if options.get("fold_min_rows") is not None:
-            # The fold moves weights into wider buffers before capture; here dynamo has already
-            # captured the old ones.
-            raise OptionError("fold_min_rows needs mmlora_fx.compile: through backend='mmlora' the model is "
-                              "captured before its weights could move into the fold's buffers")
+        for option in ("fold_min_rows", "stack_max_rows"):
+            if options.get(option) is not None:
+                # The fold and the stack move weights into larger buffers before capture; here
+                # dynamo has already captured the old ones.
+                raise OptionError(f"{option} needs mmlora_fx.compile: through backend='mmlora' the model is "
+                                  "captured before its weights could move into the fold's buffers")
         runtime = LoRARuntime(model, options.get("adapters"), ServingOptions.taken_from(options))
         runtime.eager_scope = functools.partial(_PENDING.serve_eagerly, runtime)
         backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=patches, apply_pending_names=True)

@@ -65,15 +65,31 @@ def _images(value: str) -> list[int]:
 def _fold_predicate(model, fold_min_rows: int | None):
     """For `inspect --fold-min-rows`: whether `compile(fold_min_rows=...)` folds a served linear call
     of these modules on an input of this shape (None without the option)."""
-    if fold_min_rows is None:
+    from .folding import foldable
+
+    return _in_gemm_predicate(model, foldable, lambda rows: fold_min_rows is not None and rows >= fold_min_rows,
+                              fold_min_rows is None)
+
+
+def _stack_predicate(model, stack_max_rows: int | None):
+    """For `inspect --stack-max-rows`: whether `compile(stack_max_rows=...)` stacks the shrink of a
+    served linear call of these modules on an input of this shape into its base GEMM."""
+    from .folding import stackable
+
+    return _in_gemm_predicate(model, stackable, lambda rows: stack_max_rows is not None and rows <= stack_max_rows,
+                              stack_max_rows is None)
+
+
+def _in_gemm_predicate(model, eligible, rows_fit, off: bool):
+    if off:
         return None
     import math
 
-    from .folding import foldable, shared_weights
+    from .folding import shared_weights
 
     shared = shared_weights(model)
-    return lambda modules, shape: (bool(shape) and math.prod(shape[:-1]) >= fold_min_rows
-                                   and all(foldable(model.get_submodule(module), shared) for module in modules))
+    return lambda modules, shape: (bool(shape) and rows_fit(math.prod(shape[:-1]))
+                                   and all(eligible(model.get_submodule(module), shared) for module in modules))
 
 
 def inspect_command(args) -> int:
@@ -101,7 +117,8 @@ def inspect_command(args) -> int:
                                        modality_token_ids(config, modality), what=token_name(modality))
                  for modality in partition_map.modalities}
     report = build_report(captured, linears, args.model, scans, serving, ownership,
-                          folds=_fold_predicate(model, args.fold_min_rows))
+                          folds=_fold_predicate(model, args.fold_min_rows),
+                          stacks=_stack_predicate(model, args.stack_max_rows))
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "dot":
@@ -150,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--fold-min-rows", type=int, default=None, metavar="N",
                          help="mark the served linear calls compile(fold_min_rows=N) would fold into their base "
                               "GEMM (LoRA column: folded)")
+    inspect.add_argument("--stack-max-rows", type=int, default=None, metavar="N",
+                         help="mark the served linear calls compile(stack_max_rows=N) would stack (the shrink in "
+                              "their base GEMM; LoRA column: stacked)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
     inspect.add_argument("--verbose", "-v", action="store_true",
                          help="let torch._dynamo's own messages (one per graph break) through")

@@ -1,4 +1,17 @@
-"""LoRA folded into the base GEMM at prefill: each folded linear's weight lives in a wider buffer.
+"""LoRA inside the base GEMM: each folded or stacked linear's weight lives in a larger buffer.
+
+Two uses of one buffer `[out + width, in + fold columns]` (weight top left, every slot's A below
+it, every slot's B beside it when the linear folds), each chosen per graph call by its rows:
+
+* **the fold** (prefill, `fold_min_rows`): the expand as extra K of the base GEMM, below;
+* **the stack** (decode, `stack_max_rows`): the shrink as extra N of the base GEMM. The call
+  `y = x @ W.T + b` becomes `y_ext = x @ [W; A_0 .. A_slots-1; 0].T + [b; 0]`, whose last `width`
+  columns are every slot's shrink of every row (what the shrink kernel would compute, rounded
+  to the output's dtype), and one kernel (`kernels/lora_stacked.py`) adds each row's own slot's
+  expand to the first `out` columns in place: one LoRA launch per sibling group instead of a
+  shrink, an expand and, on the tile path, a memset. It reads every resident slot's A, at decode
+  a few percent of the weight's bytes at 8 slots of rank 16 (`slots x rank / out` of each
+  GEMM's weight), so it pays where launches cost more than those bytes: few rows, few slots.
 
 At many rows the LoRA kernels' largest cost is the expand's pass over the outputs: it reads and
 writes every served output once more (#16; docs/KERNELS.md, "The fold"). Folding removes it. The
@@ -13,18 +26,19 @@ where `B_k` is slot k's B (`[out, rank]`, scaling folded in, zero past the adapt
 of the base GEMM, and nothing passes over y again.
 
 The graph has only `W` (dynamo reuses one graph for every block, whose weights are its inputs).
-So `W` must already sit inside the wider buffer. `FoldedWeights` gives each folded linear a buffer
-`[out, in + width]`, copies its weight into the first `in` columns, and makes the module's
-parameter that view. The rewrite reaches the whole buffer with `as_strided` of the weight it has:
-same storage, row stride `in + width`, offset 0. The base model's outputs do not change (the
-view holds the same values). Memory: the B columns, and a contiguous copy of every slot's A
-(`[width, in]`, which the shrink's GEMM reads: the slot buffers' A is not contiguous across
-slots). The old weight is let go as soon as its buffer holds it.
+So `W` must already sit inside the larger buffer. `FoldedWeights` gives each such linear a buffer
+`[out + width, in + fold columns]`, copies its weight into the top left, and makes the module's
+parameter that view (and a stacked linear's bias the view of `[out + width]`). The rewrite
+reaches the whole buffer with `as_strided` of the weight it has: same storage, its row stride,
+offset 0; `[W | B]` for the fold, `[W; A]` for the stack. The base model's outputs do not change
+(the view holds the same values). Memory: every slot's A (`[width, in]`, rows below the weight,
+which the fold's shrink GEMM reads too: the slot buffers' A is not contiguous across slots), and
+the B columns where the linear folds. The old weight is let go as soon as its buffer holds it.
 
 Both mirror the slot buffers: the adapter manager calls `mirror(slot)` after every write or
-clear of a slot, on the stream that wrote it, so a folded GEMM reads what the kernels would. The
-GEMM reads every slot's columns, also slots no row of the batch uses (times zero): their values
-must be finite, as the adapter checks on load make them.
+clear of a slot, on the stream that wrote it, so a folded or stacked GEMM reads what the kernels
+would. The GEMM reads every slot's columns or rows, also slots no row of the batch uses: their
+values must be finite, as the adapter checks on load make them.
 
 Which linears fold: plain 2D weights of served linears that no other module shares, not
 sharded, whose output is at least as wide as their input (in a Llama or Qwen layer q, o, gate
@@ -32,7 +46,8 @@ and up; in a ViT block qkv, proj and fc1). The expand's pass costs reading and w
 output; the fold costs a write of x into the GEMM's input buffer where x's producer is a kernel
 Inductor generates (a norm), or a copy of x where it is not (attention's output before o), so
 narrower outputs (k, v, down, fc2) keep the kernels. The rewrite folds only calls with at least
-`fold_min_rows` static rows.
+`fold_min_rows` static rows. Every such linear stacks (`stackable`), in calls of at most
+`stack_max_rows` static rows.
 """
 
 from __future__ import annotations
@@ -45,7 +60,7 @@ from torch import nn
 
 from .adapter_manager import SlotBuffers
 
-__all__ = ["FoldedWeights", "foldable", "shared_weights"]
+__all__ = ["FoldedWeights", "foldable", "stackable", "shared_weights"]
 
 
 # The fold's columns are padded to a multiple of this many (zeros in both factors), so that the
@@ -56,49 +71,72 @@ _ALIGN = 8
 @dataclasses.dataclass
 class _Fold:
     module: nn.Linear
-    buffer: torch.Tensor  # [out, in + width]: the weight, then each slot's B, then zeros
-    lora_a: torch.Tensor  # [width, in]: each slot's A, contiguous (the slot buffer's rows are not), then zeros
+    buffer: torch.Tensor  # [out + width, in + fold columns]: the weight, each slot's A below, each slot's B beside
+    bias: torch.Tensor | None  # [out + width]: the bias, then zeros (stacked linears with a bias)
     slots: SlotBuffers  # what it mirrors
+    width: int  # slots x rank, padded
+    folds: bool  # whether B sits beside the weight (the fold's extra K)
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[0]
 
     @property
     def in_features(self) -> int:
         return self.module.weight.shape[1]
 
 
-def foldable(module: nn.Module, shared: set[int] = frozenset()) -> bool:
-    """Whether a served linear's weight can live in a fold buffer (see the module's doc);
-    `shared`: `shared_weights(model)`, the weights it must not be one of."""
+def stackable(module: nn.Module, shared: set[int] = frozenset()) -> bool:
+    """Whether a served linear's weight can live in a fold buffer: a plain 2D `nn.Linear` weight
+    (and bias) that no other module shares (`shared`: `shared_weights(model)`)."""
     weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
     return (isinstance(module, nn.Linear) and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2
-            and weight.shape[0] >= weight.shape[1] and id(weight) not in shared)
+            and id(weight) not in shared and (bias is None or type(bias) in (torch.Tensor, nn.Parameter)))
+
+
+def foldable(module: nn.Module, shared: set[int] = frozenset()) -> bool:
+    """Whether a served linear folds at prefill (see the module's doc): stackable, with an output
+    at least as wide as its input."""
+    return stackable(module, shared) and module.weight.shape[0] >= module.weight.shape[1]
 
 
 class FoldedWeights:
-    """The fold buffers of a model's folded linears, by module name."""
+    """The fold buffers of a model's folded and stacked linears, by module name."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, SlotBuffers],
+    def __init__(self, model: nn.Module, modules: dict[str, SlotBuffers], fold: bool = True, stack: bool = False,
                  moved: Callable[[str, torch.Tensor], None] = lambda name, weight: None):
-        """`modules`: each linear to fold -> its slot buffers. `moved(name, parameter)` is told of
-        each new parameter at once, so that whoever held the old weight can let it go before the
-        next buffer is allocated (no moment with two copies of every folded weight)."""
+        """`modules`: each served linear -> its slot buffers; those `fold` (B beside the weight, for
+        `foldable` ones) or `stack` (A below it, for `stackable` ones) takes get a buffer.
+        `moved(name, parameter)` is told of each new weight at once, so that whoever held the old
+        weight can let it go before the next buffer is allocated (no moment with two copies of
+        every folded weight)."""
         self._folds: dict[str, _Fold] = {}
+        self.stacks = stack
         shared = shared_weights(model)
         for name, slots in modules.items():
             module = model.get_submodule(name)
-            if not foldable(module, shared) or slots.local_ranks is not None:
+            folds = fold and foldable(module, shared)
+            if not (folds or (stack and stackable(module, shared))) or slots.local_ranks is not None:
                 continue
             out_features, in_features = module.weight.shape
             count, rank = slots.lora_a.shape[:2]
             width = -(-count * rank // _ALIGN) * _ALIGN
             weight = module.weight
-            buffer = torch.zeros(out_features, in_features + width, dtype=weight.dtype, device=weight.device)
+            buffer = torch.zeros(out_features + width, in_features + (width if folds else 0), dtype=weight.dtype,
+                                 device=weight.device)
             with torch.no_grad():
-                buffer[:, :in_features].copy_(weight)
-            module.weight = nn.Parameter(buffer[:, :in_features], requires_grad=weight.requires_grad)
+                buffer[:out_features, :in_features].copy_(weight)
+            module.weight = nn.Parameter(buffer[:out_features, :in_features], requires_grad=weight.requires_grad)
             del weight
             moved(name, module.weight)
-            lora_a = torch.zeros(width, in_features, dtype=slots.lora_a.dtype, device=slots.lora_a.device)
-            self._folds[name] = _Fold(module, buffer, lora_a, slots)
+            bias = None
+            if stack and module.bias is not None:
+                bias = torch.zeros(out_features + width, dtype=module.bias.dtype, device=module.bias.device)
+                with torch.no_grad():
+                    bias[:out_features].copy_(module.bias)
+                module.bias = nn.Parameter(bias[:out_features], requires_grad=module.bias.requires_grad)
+            self._folds[name] = _Fold(module, buffer, bias, slots, width, folds)
         for slot in range(max((fold.slots.lora_a.shape[0] for fold in self._folds.values()), default=0)):
             self.mirror(slot)
 
@@ -112,21 +150,34 @@ class FoldedWeights:
     def modules(self) -> list[str]:
         return sorted(self._folds)
 
+    def folds(self, module: str) -> bool:
+        """Whether the module's GEMM can take the fold (B beside its weight)."""
+        fold = self._folds.get(module)
+        return fold is not None and fold.folds
+
+    def stacked(self, module: str) -> bool:
+        """Whether the module's GEMM can take the stack (A below its weight, a bias with zeros after it)."""
+        return self.stacks and module in self._folds
+
     def weight(self, module: str) -> torch.Tensor:
         """The module's parameter now: a view of its fold buffer."""
         return self._folds[module].module.weight
 
     def buffer(self, module: str) -> torch.Tensor:
-        """`[out, in + width]`: the weight, each slot's B, zeros."""
+        """`[out + width, in + fold columns]`: the weight, each slot's A below it, each slot's B
+        beside it (where the module folds), zeros."""
         return self._folds[module].buffer
 
     def lora_a(self, module: str) -> torch.Tensor:
-        """`[width, in]`: each slot's A (rank rows each), zeros: the fold's shrink reads it."""
-        return self._folds[module].lora_a
+        """`[width, in]` (a view of the buffer): each slot's A (rank rows each), zeros: the fold's
+        shrink reads it."""
+        fold = self._folds[module]
+        return fold.buffer[fold.out_features:, :fold.in_features]
 
     def width(self, module: str) -> int:
-        """The columns the fold adds to the module's GEMM: slots x rank, padded to a multiple of 8."""
-        return self._folds[module].lora_a.shape[0]
+        """The columns the fold adds to the module's GEMM (its K) or the stack adds to its output
+        (its N): slots x rank, padded to a multiple of 8."""
+        return self._folds[module].width
 
     def rank(self, module: str) -> int:
         """Columns per slot (the slot buffers' rank)."""
@@ -136,9 +187,11 @@ class FoldedWeights:
         """Copy `slot`'s A and B of every folded linear into its fold buffers (after the slot changed)."""
         for fold in self._folds.values():
             rank = fold.slots.lora_a.shape[1]
-            start = fold.in_features + slot * rank
-            fold.buffer[:, start:start + rank].copy_(fold.slots.lora_b[slot], non_blocking=True)
-            fold.lora_a[slot * rank:(slot + 1) * rank].copy_(fold.slots.lora_a[slot], non_blocking=True)
+            row = fold.out_features + slot * rank
+            fold.buffer[row:row + rank, :fold.in_features].copy_(fold.slots.lora_a[slot], non_blocking=True)
+            if fold.folds:
+                start = fold.in_features + slot * rank
+                fold.buffer[:fold.out_features, start:start + rank].copy_(fold.slots.lora_b[slot], non_blocking=True)
 
 
 def shared_weights(model: nn.Module) -> set[int]:

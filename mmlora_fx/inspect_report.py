@@ -37,13 +37,14 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
-                 ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None) -> dict:
+                 ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None, stacks=None) -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`),
     `layouts` the served targets' `TargetLayout`s as compiled (`mm.runtime.layouts`: with the
     serving options' choices, such as A split along the rank), where known. `folds(modules,
     input_shape)`: whether a served linear call would be folded into its base GEMM
-    (`compile(fold_min_rows=...)`), marked `"folds"` on linear calls."""
+    (`compile(fold_min_rows=...)`), marked `"folds"` on linear calls; `stacks` the same for the
+    stack (`compile(stack_max_rows=...)`), marked `"stacks"` (the fold wins where both would)."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -65,6 +66,9 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             entry = _linear_like(record, node, linear_of(node), nodes, serving, ownership)
             if folds is not None:
                 entry["folds"] = bool(entry["lora"] and folds(entry["modules"], entry["input_shape"]))
+            if stacks is not None:
+                entry["stacks"] = bool(entry["lora"] and not entry.get("folds")
+                                       and stacks(entry["modules"], entry["input_shape"]))
             partition_linear_nodes[partition_of(node)].append(entry)
         for node in record.parameter_matmul_nodes():
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
@@ -315,7 +319,8 @@ def _node_table(nodes: list[dict], names: str, columns, serving: bool) -> list[s
     rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"]))]
             + [value(node) if callable(value) else node[value] for _, value in columns]
             + [node.get("rows_owned", "-")]
-            + ([("folded" if node.get("folds") else "yes") if node["lora"] else "-"] if serving else [])
+            + ([("folded" if node.get("folds") else "stacked" if node.get("stacks") else "yes") if node["lora"]
+                else "-"] if serving else [])
             for node in nodes]
     header = ["graph", "node", names] + [title for title, _ in columns] + ["rows owned"] + (["LoRA"] if serving else [])
     return _table(rows, header, indent="    ")

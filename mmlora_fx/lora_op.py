@@ -31,7 +31,7 @@ import torch
 from .errors import MMLoRAError
 from .sharding import local_tensor
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_fold_shrink", "lora_embedding_", "lora_conv_",
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_stacked_", "lora_fold_shrink", "lora_embedding_", "lora_conv_",
            "lora_experts_"]
 
 
@@ -139,6 +139,14 @@ def lora_linear_(outputs: list[torch.Tensor], x: torch.Tensor, weights: list[tor
     runtime, first = REGISTRY.resolve(weights[0])
     modules = [first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]]
     runtime.apply(outputs, x, modules)
+
+
+@_graph_op("lora_stacked_(Tensor(a!)[] outputs, Tensor[] weights) -> ()")
+def lora_stacked_(outputs: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    """Add each row's adapter delta to the outputs of the stacked linears whose weights are
+    `weights` (`folding.py`): each output ends in every slot's shrink, which the base GEMM computed."""
+    runtime, first = REGISTRY.resolve(weights[0])
+    runtime.apply_stacked(outputs, [first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]])
 
 
 def _fold_shrink_fake(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .kernels.lora_embedding import lora_embedding_add
 from .kernels.lora_experts import lora_experts_add
 from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
 from .kernels.fold_mask import fold_mask_
+from .kernels.lora_stacked import lora_stacked_expand_
 from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
 from .parameter_hooks import add_parameter_hooks
@@ -63,7 +64,9 @@ class ServingOptions:
     `sharding.shard_lora_a`) or `"auto"` (the place of a measured rule; none is measured yet, so
     it is `"replicated"`). Row-parallel and unsharded targets are the same under every value.
     `fold_min_rows` (None: off) folds LoRA into the base GEMM of linears whose output is at least
-    as wide as their input, in graph calls of at least that many static rows (`folding.py`)."""
+    as wide as their input, in graph calls of at least that many static rows; `stack_max_rows`
+    (None: off) computes the shrink of served plain linears in their base GEMM (every slot's A
+    stacked under the weight), in graph calls of at most that many static rows (`folding.py`)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -76,12 +79,15 @@ class ServingOptions:
     prefetch_workers: int | None = None
     tp_lora_a: str = "replicated"
     fold_min_rows: int | None = None
+    stack_max_rows: int | None = None
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
             raise OptionError(f"tp_lora_a must be one of {TP_LORA_A}, not {self.tp_lora_a!r}")
         if self.fold_min_rows is not None and (type(self.fold_min_rows) is not int or self.fold_min_rows < 1):
             raise OptionError(f"fold_min_rows must be None or a positive int, not {self.fold_min_rows!r}")
+        if self.stack_max_rows is not None and (type(self.stack_max_rows) is not int or self.stack_max_rows < 1):
+            raise OptionError(f"stack_max_rows must be None or a positive int, not {self.stack_max_rows!r}")
 
     @property
     def lora_a_sharded(self) -> bool:
@@ -143,7 +149,8 @@ class LoRARuntime:
         # are registered (the folded linears' parameters become views of them).
         self.folds = FoldedWeights(model, {module: self.manager.buffers[module] for module in sorted(self.serving.served)
                                            if self.linears[module].kind == LINEAR and module in self.manager.buffers}
-                                   if options.fold_min_rows is not None else {},
+                                   if options.fold_min_rows is not None or options.stack_max_rows is not None else {},
+                                   fold=options.fold_min_rows is not None, stack=options.stack_max_rows is not None,
                                    moved=self.linears.weights.__setitem__)
         self.manager.slot_listeners.append(self.folds.mirror)
         self.manager.follow_current_stream()  # the first side-stream writes come after the buffers' set-up
@@ -409,9 +416,30 @@ class LoRARuntime:
     def fold_width(self, module: str, rows: int) -> int | None:
         """Columns a graph call of the linear `module` on `rows` static rows gets from the fold
         (its K grows by them), or None: the call keeps the LoRA op."""
-        if module not in self.folds or rows < self.options.fold_min_rows:
+        if not self.folds.folds(module) or rows < self.options.fold_min_rows:
             return None
         return self.folds.width(module)
+
+    def stack_width(self, module: str, rows: int) -> int | None:
+        """Columns a graph call of the linear `module` on `rows` static rows gets from the stack
+        (its output grows by them: every slot's shrink), or None: the call keeps the LoRA op."""
+        if not self.folds.stacked(module) or rows > self.options.stack_max_rows:
+            return None
+        return self.folds.width(module)
+
+    def apply_stacked(self, outputs: list[torch.Tensor], modules: list[str]) -> None:
+        """Add the LoRA deltas of the stacked linears `modules` (siblings sharing an input) to
+        their `outputs`, `[..., out + width]` each: the base output, then every slot's shrink of
+        every row, which the base GEMM computed."""
+        served, table, _, lora_b, ranks, _ = self._cached_plan(modules)
+        if not served:
+            return
+        self._count_application(table.partition, [modules[index] for index in served])
+        out_features = [b.shape[1] for b in lora_b]
+        first = outputs[served[0]]
+        request_slots, cum_weights, _ = self._owner_table(table, first[..., :out_features[0]], modules[served[0]])
+        rows = [outputs[index].view(-1, outputs[index].shape[-1]) for index in served]
+        lora_stacked_expand_(rows, out_features, lora_b, ranks, request_slots, cum_weights)
 
     def fold_shrink(self, x: torch.Tensor, module: str) -> torch.Tensor:
         """Every slot's shrink of the rows `x` for the folded linear `module`, each row keeping

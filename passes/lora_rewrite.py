@@ -9,6 +9,7 @@ token-to-slot table from the weights it receives, at run time.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,15 +48,25 @@ class InsertLoRAOps:
     weight's row plus `width` more columns, so its own GEMM adds the delta. The fold op node is
     marked as the target's LoRA op; the target and the `as_strided` node get `"folded": width`
     in `node.meta["mmlora_lora"]`.
+
+    Stacking (`stack`, `stack_op`): served linear calls for which `stack(target, rows)` gives a
+    width are grouped as usual, but each computes `linear(x, as_strided(weight), as_strided(bias))`
+    over its weight's rows plus `width` more (every slot's A) and its bias plus `width` zeros, so
+    its output ends in every slot's shrink; `stack_op(outputs, weights)` after the group adds the
+    expand in place, and the target's readers read `output[..., :out]`. The targets and their
+    `as_strided` nodes get `"stacked": width` in `node.meta["mmlora_lora"]`.
     """
 
     def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
-                 fold: Callable[[object, int], int | None] | None = None, fold_op=None):
+                 fold: Callable[[object, int], int | None] | None = None, fold_op=None,
+                 stack: Callable[[object, int], int | None] | None = None, stack_op=None):
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
         self.fold = fold
         self.fold_op = fold_op
+        self.stack = stack
+        self.stack_op = stack_op
         unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
         if unbound:
             raise ValueError(f"target kinds {unbound} need an op of their own: pass kind.with_op(op)")
@@ -73,15 +84,21 @@ class InsertLoRAOps:
             if width is not None:
                 self._rewrite_folded(graph, node, kind, width, self.fold_op)
                 continue
-            key = (kind.name, kind.rows_of(node), partition_of(node))
-            group = open_groups.get(key)
+            stacked = self._in_gemm_width(node, kind, self.stack)
+            key = (kind.name, kind.rows_of(node), partition_of(node), stacked is not None)
+            group, widths = open_groups.get(key, (None, None))
             # A sibling joins only if it can move up next to the group's first target.
             if group is None or len(group) == kind.max_siblings or not _defined_before(node, group[0], order):
-                group = open_groups[key] = []
-                groups.append((kind, group))
+                group, widths = open_groups[key] = ([], {})
+                groups.append((kind, group, widths))
             group.append(node)
-        for kind, group in groups:
-            self._rewrite(graph, group, kind, kind.op if kind.op is not None else self.op)
+            if stacked is not None:
+                widths[node] = stacked
+        for kind, group, widths in groups:
+            if widths:
+                self._rewrite_stacked(graph, group, kind, widths, self.stack_op)
+            else:
+                self._rewrite(graph, group, kind, kind.op if kind.op is not None else self.op)
         graph.lint()
         graph_module.recompile()
         return graph_module
@@ -89,15 +106,25 @@ class InsertLoRAOps:
     def _fold_width(self, node: fx.Node, kind: TargetKind) -> int | None:
         """The fold's width for this call, or None: not a linear, no fold, dynamic rows, or a
         weight that is not the start of a fold buffer's rows."""
-        if self.fold is None or kind.name != LINEAR.name:
+        width = self._in_gemm_width(node, kind, self.fold)
+        weight = example_value(kind.weight_of(node)) if width is not None else None
+        if weight is None or weight.stride(0) != weight.shape[1] + width:
+            return None
+        return width
+
+    @staticmethod
+    def _in_gemm_width(node: fx.Node, kind: TargetKind, choose) -> int | None:
+        """What `choose(target, static rows)` (the fold's or the stack's) gives this call, or None:
+        not a linear, none chosen, dynamic rows, or a weight that is not the top left of a buffer."""
+        if choose is None or kind.name != LINEAR.name:
             return None
         x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
         if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             return None
         if not all(isinstance(size, int) for size in x.shape):
             return None  # rows known only at run time: the op's kernels serve any count
-        width = self.fold(kind.match(node), x.numel() // x.shape[-1])
-        if width is None or tuple(weight.stride()) != (weight.shape[1] + width, 1) or weight.storage_offset() != 0:
+        width = choose(kind.match(node), x.numel() // x.shape[-1])
+        if width is None or weight.stride(1) != 1 or weight.storage_offset() != 0:
             return None
         return width
 
@@ -116,6 +143,45 @@ class InsertLoRAOps:
         record = {"op": shrunk.name, "group": [node.name], "folded": width}
         node.meta[LORA] = record
         whole.meta[LORA] = record
+
+    @staticmethod
+    def _rewrite_stacked(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, widths: dict[fx.Node, int],
+                         stack_op) -> None:
+        anchor = group[0]
+        for sibling in group[1:]:
+            anchor.append(sibling)
+            anchor = sibling
+        weights = [kind.weight_of(node) for node in group]
+        out_features = {}
+        for node, weight in zip(group, weights):
+            value = example_value(weight)
+            (out, in_features), width = value.shape, widths[node]
+            out_features[node] = out
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            with graph.inserting_before(node):
+                whole = graph.call_function(torch.as_strided, (weight, (out + width, in_features), (value.stride(0), 1), 0))
+                if bias is not None:
+                    bias = graph.call_function(torch.as_strided, (bias, (out + width,), (1,), 0))
+            node.args = (node.args[0], whole, bias)
+            node.kwargs = {key: value for key, value in node.kwargs.items() if key != "bias"}
+            node.meta[LORA] = whole.meta[LORA] = {"group": [member.name for member in group], "stacked": width}
+        with graph.inserting_after(anchor):
+            op = graph.call_function(stack_op, (list(group), weights))
+        op.meta[LORA_OP] = True
+        op.meta[PARTITION] = partition_of(group[0])
+        anchor = op
+        for node in group:
+            with graph.inserting_after(anchor):
+                view = graph.call_function(operator.getitem, (node, (Ellipsis, slice(None, out_features[node]))))
+            anchor = view
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor):
+                view.meta["example_value"] = value
+                node.meta["example_value"] = value.new_empty(*value.shape[:-1], value.shape[-1] + widths[node])
+            node.replace_all_uses_with(view, delete_user_cb=lambda user: user is not op and user is not view)
+            node.meta[LORA]["op"] = op.name
+        if "example_value" in group[0].meta:
+            op.meta["example_value"] = None
 
     @staticmethod
     def _rewrite(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, lora_op) -> None:

@@ -69,6 +69,8 @@ class Rewrite:
     kinds: Sequence[TargetKind] = (LINEAR,)
     fold: Callable | None = None  # (target, static rows) -> the fold's width, or None (`InsertLoRAOps`)
     fold_op: object = None
+    stack: Callable | None = None  # (target, static rows) -> the stack's width, or None (`InsertLoRAOps`)
+    stack_op: object = None
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -77,7 +79,8 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
                   labelling.parameter_name)(graph_module)
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
-        InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op)(graph_module)
+        InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op, rewrite.stack,
+                      rewrite.stack_op)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

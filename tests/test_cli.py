@@ -153,3 +153,21 @@ def test_inspect_marks_the_linears_the_fold_would_take(tmp_path, capsys):
     assert "folded" not in capsys.readouterr().out
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "1"]) == 0
     assert "folded" in capsys.readouterr().out
+
+
+def test_inspect_marks_the_linears_the_stack_would_take(tmp_path, capsys):
+    # Every served plain linear stacks on few rows, narrow ones (k_proj) too; with the fold as well,
+    # q_proj folds (the fold wins) and k_proj stacks.
+    model = cached_model("tiny-qwen2-vl")
+    path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
+                 "--fold-min-rows", "1", "--format", "json", "-o", str(output)]) == 0
+    nodes = [node for entry in json.loads(output.read_text())["partitions"].values() for node in entry["linear_nodes"]]
+    marks = {module: (node["folds"], node["stacks"]) for node in nodes for module in node["modules"] if node["lora"]}
+    assert marks and all(mark == ((True, False) if module.endswith("q_proj") else (False, True))
+                         for module, mark in marks.items()), marks
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "1"]) == 0
+    assert "stacked" not in capsys.readouterr().out  # the example batch's calls have more rows
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000"]) == 0
+    assert "stacked" in capsys.readouterr().out

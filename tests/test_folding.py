@@ -100,12 +100,13 @@ def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
         assert mm.runtime.linears.weights[name] is model.get_submodule(name).weight
 
     def assert_mirrored(module):
-        slots, rank, in_features = manager.buffers[module].lora_a, folds.rank(module), before[module].shape[1]
+        slots, rank, (out, in_features) = manager.buffers[module].lora_a, folds.rank(module), before[module].shape
         for slot in range(3):
-            b = folds.buffer(module)[:, in_features + slot * rank:in_features + (slot + 1) * rank]
+            b = folds.buffer(module)[:out, in_features + slot * rank:in_features + (slot + 1) * rank]
             assert torch.equal(b, manager.buffers[module].lora_b[slot])
             assert torch.equal(folds.lora_a(module)[slot * rank:(slot + 1) * rank], slots[slot])
         assert not folds.buffer(module)[:, in_features + 3 * rank:].any()  # the alignment padding
+        assert not folds.buffer(module)[out:, in_features:].any()  # below B, right of A
         assert not folds.lora_a(module)[3 * rank:].any()
 
     module = next(iter(before))
@@ -117,6 +118,7 @@ def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
     assert_mirrored(module)
     rank, in_features = folds.rank(module), before[module].shape[1]
     assert not folds.buffer(module)[:, in_features + bob * rank:in_features + (bob + 1) * rank].any()
+    assert folds.lora_a(module).data_ptr() == folds.buffer(module)[before[module].shape[0]:].data_ptr()
     assert not folds.lora_a(module)[bob * rank:(bob + 1) * rank].any()
 
 
@@ -142,4 +144,103 @@ def test_tied_and_narrow_weights_do_not_fold_and_widths_are_aligned():
     moved = {}
     folds = FoldedWeights(model, {"wide": Buffers()}, moved=moved.__setitem__)
     assert folds.modules == ["wide"] and folds.width("wide") == 8  # 2 slots x rank 3, padded to 8
-    assert moved == {"wide": model["wide"].weight} and folds.buffer("wide").shape == (8, 12)
+    assert moved == {"wide": model["wide"].weight} and folds.buffer("wide").shape == (8 + 8, 4 + 8)  # A below, B beside
+    assert not folds.stacked("wide")
+
+
+def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_after_it():
+    wide, narrow = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4, bias=False)
+    model = torch.nn.ModuleDict(dict(narrow=narrow, wide=wide, tied=torch.nn.Linear(4, 8)))
+    model["tied"].weight = wide.weight
+
+    class Buffers:
+        local_ranks = None
+        lora_a = torch.randn(2, 3, 8)
+        lora_b = torch.randn(2, 4, 3)
+
+    weight = narrow.weight.detach().clone()
+    folds = FoldedWeights(model, {"narrow": Buffers()}, fold=False, stack=True)
+    assert folds.modules == ["narrow"] and folds.stacked("narrow") and not folds.folds("narrow")
+    assert folds.buffer("narrow").shape == (4 + 8, 8)  # no B columns: it does not fold
+    assert torch.equal(model["narrow"].weight, weight) and model["narrow"].weight.is_contiguous()
+    assert torch.equal(folds.lora_a("narrow")[:6], Buffers.lora_a.reshape(6, 8))  # mirrored at once
+    assert not folds.lora_a("narrow")[6:].any()
+    model = torch.nn.ModuleDict(dict(wide=torch.nn.Linear(4, 8)))
+    bias = model["wide"].bias.detach().clone()
+    Buffers.lora_a, Buffers.lora_b = torch.randn(2, 3, 4), torch.randn(2, 8, 3)
+    folds = FoldedWeights(model, {"wide": Buffers()}, fold=True, stack=True)
+    assert folds.folds("wide") and folds.stacked("wide")
+    stacked_bias = torch.as_strided(model["wide"].bias, (8 + 8,), (1,), 0)
+    assert torch.equal(stacked_bias[:8], bias) and not stacked_bias[8:].any()
+
+
+def _stacked_nodes(mm):
+    return [node for record in mm.backend.records for node in record.graph_module.graph.nodes
+            if node.meta.get(LORA, {}).get("stacked") and node.target is not torch.as_strided]
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_stacked_linears_equal_peft_per_request(family, inner):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6, inner=inner,
+                           dynamic=False)
+    folds = mm.runtime.folds
+    # Every served plain linear stacks, narrow ones too; none folds (fold_min_rows is off).
+    assert any(module.endswith("down_proj") for module in folds.modules), folds.modules
+    assert not any(folds.folds(module) for module in folds.modules)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES, "stacked")
+    stacked = _stacked_nodes(mm)
+    assert stacked, "no linear was stacked"
+    # Siblings share one op: q, k and v of a layer are stacked under one lora_stacked_.
+    ops = {node.meta[LORA]["op"] for node in stacked}
+    assert len(ops) < len(stacked)
+
+    graphs = mm.backend.graphs
+    names = ["carol", "alice", None]
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=names).logits
+    assert_rows_equal_peft(family.peft, singles, logits, names, "after a swap")
+    assert mm.backend.graphs == graphs
+
+
+def test_a_stacked_slot_that_overflows_reaches_no_other_row(family):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6,
+                           inner="eager", dynamic=False)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        mm(**batch, adapter_names=["carol", None, "alice"])  # carol stays resident
+        folds, carol = mm.runtime.folds, mm.runtime.manager.resident["carol"]
+        for module in folds.modules:  # carol's shrink columns become inf in every output
+            rank = folds.rank(module)
+            folds.lora_a(module)[carol * rank:(carol + 1) * rank] = float("inf")
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert torch.isfinite(logits).all()
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
+
+
+def test_above_stack_max_rows_the_kernels_serve(family):
+    torch._dynamo.reset()
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=1, inner="eager",
+                           dynamic=False)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
+    assert not _stacked_nodes(mm)
+
+
+def test_stack_max_rows_is_checked_and_refused_by_the_backend():
+    with pytest.raises(OptionError, match="stack_max_rows"):
+        mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=True)
+
+
+def test_decode_steps_stacked_equal_eager_across_swaps_loads_and_unloads(tmp_path):
+    # The GPU test's flow (tests/test_gpu.py) on the CPU: prefill through the kernels (more rows
+    # than stack_max_rows), decode steps stacked.
+    from .test_gpu import decode_replays_equal_eager
+
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8)

@@ -35,17 +35,31 @@ def rewind(cache, length: int) -> None:
 @pytest.mark.parametrize("family, extra", [("tiny-llava", ["embed_tokens", "lm_head"]), ("tiny-qwen2-vl", []),
                                            ("tiny-qwen3-vl-moe", [])])
 def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extra, tmp_path):
+    decode_replays_equal_eager(family, extra, tmp_path, "cuda")
+
+
+def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path):
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=8)
+
+
+def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
+                               stack_max_rows: int | None = None) -> None:
+    """Prefill, then decode steps under `mode="reduce-overhead"`, each equal to `mm.eager`, with
+    adapters swapped, loaded into an evicted slot and unloaded between replays: no recapture, no
+    recompilation. With `stack_max_rows`, the decode steps' linears compute their shrink in the
+    base GEMM (`folding.py`), whose A rows mirror each slot write."""
     from transformers import StaticCache
 
     cpu_model = zoo.build(family)
-    paths = {name: make_adapter(cpu_model, tmp_path / name, all_targets(family) + extra, r=rank,
+    paths = {name: make_adapter(cpu_model, root / name, all_targets(family) + extra, r=rank,
                                 lora_alpha=3 * rank + 1, seed=rank)
              for name, rank in (("alice", 2), ("bob", 4), ("carol", 8))}
     torch._dynamo.reset()
-    model = zoo.build(family).cuda()
+    model = zoo.build(family).to(device)
     mm = mmlora_fx.compile(model, {"alice": paths["alice"], "bob": paths["bob"]}, max_loras=2,
-                           mode="reduce-overhead")
-    batch = {key: value.cuda() for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
+                           mode="reduce-overhead", stack_max_rows=stack_max_rows,
+                           dynamic=False if stack_max_rows else None)
+    batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 16)
     names = ["alice", None, "bob"]
     # The cache must be allocated eagerly: tensors a CUDA graph allocates belong to its pool.
@@ -85,6 +99,9 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
     assert captures.count == 0, "adapter changes must not recapture CUDA graphs"
     assert mm.compiled_graphs == graphs, "adapter changes must not recompile"
     assert torch.isfinite(last).all()
+    if stack_max_rows:
+        assert any(node.meta.get("mmlora_lora", {}).get("stacked") for record in mm.backend.records
+                   for node in record.graph_module.graph.nodes), "no linear was stacked"
 
 
 def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: int | None = None) -> None:

@@ -1,5 +1,6 @@
-"""benchmarks/kernel_bench.py's folded GEMMs (`--fold`) compute what they claim: each sibling's
-base output plus its LoRA delta, on the CPU in float32, against the gather/bmm baseline."""
+"""benchmarks/kernel_bench.py's folded GEMMs (`--fold`) and stacked GEMMs (`--stack`) compute what
+they claim: each sibling's base output plus its LoRA delta, on the CPU in float32, against the
+gather/bmm baseline."""
 
 import torch
 
@@ -38,3 +39,24 @@ def test_the_fold_check_sees_a_row_given_every_slots_delta(monkeypatch):
 
     monkeypatch.setattr(kernel_bench, "make_folded", unmasked)
     assert kernel_bench.check_folded(layer, weights, slots, cum) > 0.1
+
+
+def test_stacked_gemms_and_expands_give_the_base_output_plus_each_rows_delta():
+    # `--stack`: every slot's A stacked under each weight, then lora_stacked_expand_ (Triton's
+    # interpreter on the CPU).
+    layer, weights, slots, cum = _layer_and_batch()
+    assert kernel_bench.check_stacked(layer, weights, slots, cum) < 1e-5
+
+
+def test_the_stack_check_sees_a_shrink_missing_from_the_gemm(monkeypatch):
+    layer, weights, slots, cum = _layer_and_batch()
+    make_stacked = kernel_bench.make_stacked
+
+    def without_a(op, base_weights):
+        stacked = make_stacked(op, base_weights)
+        for weight, out in zip(stacked.weights, stacked.out_features):
+            weight[out:] = 0
+        return stacked
+
+    monkeypatch.setattr(kernel_bench, "make_stacked", without_a)
+    assert kernel_bench.check_stacked(layer, weights, slots, cum) > 0.1
