@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .launch_config import _next_power_of_2, cdiv
 from .reference import row_slots
-from .row_kernels import _pick, _row_b_block, _slot_of_row, _slot_ranks
+from .row_kernels import _pick, _row_add_expanded, _row_b_block, _slot_of_row, _slot_ranks
 
 __all__ = ["lora_stacked_expand_", "lora_stacked_expand_reference", "lora_stacked_expand_triton"]
 
@@ -101,16 +101,6 @@ def lora_stacked_expand_reference(outputs: list[torch.Tensor], out_features: lis
 
 
 @triton.jit
-def _strided_add_expanded(out_ptr, row_offset, n, column_valid, b_tile, shrunk):
-    """`out[row, n] += b_tile @ shrunk` in float32, stored in the output's dtype (`row_offset`: the
-    row's start, from the output's own row stride)."""
-    out_ptrs = out_ptr + row_offset + n
-    current = tl.load(out_ptrs, mask=column_valid, other=0.0)
-    delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
-    tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
-
-
-@triton.jit
 def _stacked_expand_block(
     out_ptr, out_row_stride, out_features, b_ptr, b_slot_stride, b_row_stride, ranks_ptr, max_rank,
     column_block, row, rows, slots_ptr, cum_ptr, num_requests, num_slots,
@@ -130,7 +120,7 @@ def _stacked_expand_block(
         # below `out_features`, so no program overwrites what another reads.
         shrunk_ptrs = out_ptr + row_offset + out_features + slot.to(tl.int64) * max_rank + r
         shrunk = tl.load(shrunk_ptrs, mask=r < rank, other=0.0).to(tl.float32)
-        _strided_add_expanded(out_ptr, row_offset, n, column_valid, b_tile, shrunk)
+        _row_add_expanded(out_ptr, row_offset, n, column_valid, b_tile, shrunk)
 
 
 @triton.jit

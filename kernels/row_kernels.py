@@ -130,9 +130,10 @@ def _row_b_block(b_ptr, slot, b_slot_stride, b_row_stride, n, column_valid, r, r
 
 
 @triton.jit
-def _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk):
-    """`out[row, n] += b_tile @ shrunk` in float32, stored in the output's dtype."""
-    out_ptrs = out_ptr + row.to(tl.int64) * out_features + n
+def _row_add_expanded(out_ptr, row_offset, n, column_valid, b_tile, shrunk):
+    """`out[row, n] += b_tile @ shrunk` in float32, stored in the output's dtype (`row_offset`:
+    where the row starts, in elements)."""
+    out_ptrs = out_ptr + row_offset + n
     current = tl.load(out_ptrs, mask=column_valid, other=0.0)
     delta = tl.sum(b_tile.to(tl.float32) * shrunk[None, :], axis=1)
     tl.store(out_ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=column_valid)
@@ -162,7 +163,7 @@ def _row_expand_block(
         partial_ptrs = (partial_ptr + ((split[:, None] * NUM_SIBLINGS + SIBLING) * rows + row).to(tl.int64)
                         * BLOCK_R + r[None, :])
         shrunk = tl.sum(tl.load(partial_ptrs, mask=split[:, None] < num_splits, other=0.0), axis=0)
-        _row_add_expanded(out_ptr, out_features, row, n, column_valid, b_tile, shrunk)
+        _row_add_expanded(out_ptr, row.to(tl.int64) * out_features, n, column_valid, b_tile, shrunk)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
-"""LoRA folded into the base GEMM (`fold_min_rows`, mmlora_fx/folding.py): a mixed batch still
-equals PEFT per request, with every folding linear's GEMM adding its own delta, and adapters
-swapped afterwards are served without recompiling (the fold buffers mirror the slots)."""
+"""LoRA inside the base GEMM (mmlora_fx/folding.py): folded (`fold_min_rows`: the expand as extra K)
+or stacked (`stack_max_rows`: every slot's A under the weight, the shrink as extra N, one expand
+launch a group), a mixed batch still equals PEFT per request, and adapters swapped afterwards are
+served without recompiling (the buffers mirror the slots)."""
 
 import copy
 
@@ -30,9 +31,10 @@ def _batch(model, seed=5):
     return batch, zoo.split_batch(model, batch)
 
 
-def _folded_nodes(mm):
+def _marked_nodes(mm, mark: str):
+    """The linear calls of the compiled graphs taken into their base GEMM ("folded" or "stacked")."""
     return [node for record in mm.backend.records for node in record.graph_module.graph.nodes
-            if node.meta.get(LORA, {}).get("folded") and node.target is not torch.as_strided]
+            if node.meta.get(LORA, {}).get(mark) and node.target is not torch.as_strided]
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -49,9 +51,13 @@ def test_folded_linears_equal_peft_per_request(family, inner):
     with torch.no_grad():
         logits = mm(**batch, adapter_names=NAMES).logits
     assert_rows_equal_peft(family.peft, singles, logits, NAMES, "folded")
-    assert _folded_nodes(mm), "no linear was folded"
+    assert _marked_nodes(mm, "folded"), "no linear was folded"
 
-    # Another mix, with an adapter that needs a slot written (and its B mirrored): no recompilation.
+    _equal_peft_after_a_swap(mm, family, batch, singles)
+
+
+def _equal_peft_after_a_swap(mm, family, batch, singles):
+    # Another mix, with an adapter that needs a slot written (and mirrored): no recompilation.
     graphs = mm.backend.graphs
     names = ["carol", "alice", None]
     with torch.no_grad():
@@ -60,10 +66,17 @@ def test_folded_linears_equal_peft_per_request(family, inner):
     assert mm.backend.graphs == graphs
 
 
-def test_a_resident_slot_that_overflows_reaches_no_other_row(family):
+# Each way into the base GEMM: the option that takes every call of the test batch, one that takes
+# none, and the mark its rewritten linear calls get.
+IN_GEMM = {"fold": (dict(fold_min_rows=1), dict(fold_min_rows=10**6), "folded"),
+           "stack": (dict(stack_max_rows=10**6), dict(stack_max_rows=1), "stacked")}
+
+
+@pytest.mark.parametrize("way", list(IN_GEMM))
+def test_a_resident_slot_that_overflows_reaches_no_other_row(family, way):
     torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=1, inner="eager",
-                           dynamic=False)
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, inner="eager", dynamic=False,
+                           **IN_GEMM[way][0])
     batch, singles = _batch(mm.runtime.model)
     with torch.no_grad():
         mm(**batch, adapter_names=["carol", None, "alice"])  # carol stays resident
@@ -76,16 +89,17 @@ def test_a_resident_slot_that_overflows_reaches_no_other_row(family):
     assert_rows_equal_peft(family.peft, singles, logits, NAMES)
 
 
-def test_below_fold_min_rows_the_kernels_serve(family):
+@pytest.mark.parametrize("way", list(IN_GEMM))
+def test_outside_the_options_rows_the_kernels_serve(family, way):
     torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, fold_min_rows=10**6, inner="eager",
-                           dynamic=False)
-    assert len(mm.runtime.folds)  # the buffers exist, but no call has that many rows
+    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, inner="eager", dynamic=False,
+                           **IN_GEMM[way][1])
+    assert len(mm.runtime.folds)  # the buffers exist, but no call has rows in the option's range
     batch, singles = _batch(mm.runtime.model)
     with torch.no_grad():
         logits = mm(**batch, adapter_names=NAMES).logits
     assert_rows_equal_peft(family.peft, singles, logits, NAMES)
-    assert not _folded_nodes(mm)
+    assert not _marked_nodes(mm, IN_GEMM[way][2])
 
 
 def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
@@ -174,11 +188,6 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     assert torch.equal(stacked_bias[:8], bias) and not stacked_bias[8:].any()
 
 
-def _stacked_nodes(mm):
-    return [node for record in mm.backend.records for node in record.graph_module.graph.nodes
-            if node.meta.get(LORA, {}).get("stacked") and node.target is not torch.as_strided]
-
-
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_stacked_linears_equal_peft_per_request(family, inner):
     torch._dynamo.reset()
@@ -192,48 +201,15 @@ def test_stacked_linears_equal_peft_per_request(family, inner):
     with torch.no_grad():
         logits = mm(**batch, adapter_names=NAMES).logits
     assert_rows_equal_peft(family.peft, singles, logits, NAMES, "stacked")
-    stacked = _stacked_nodes(mm)
+    stacked = _marked_nodes(mm, "stacked")
     assert stacked, "no linear was stacked"
     # Siblings share one op: q, k and v of a layer are stacked under one lora_stacked_.
     ops = {node.meta[LORA]["op"] for node in stacked}
     assert len(ops) < len(stacked)
-
-    graphs = mm.backend.graphs
-    names = ["carol", "alice", None]
-    with torch.no_grad():
-        logits = mm(**batch, adapter_names=names).logits
-    assert_rows_equal_peft(family.peft, singles, logits, names, "after a swap")
-    assert mm.backend.graphs == graphs
+    _equal_peft_after_a_swap(mm, family, batch, singles)
 
 
-def test_a_stacked_slot_that_overflows_reaches_no_other_row(family):
-    torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6,
-                           inner="eager", dynamic=False)
-    batch, singles = _batch(mm.runtime.model)
-    with torch.no_grad():
-        mm(**batch, adapter_names=["carol", None, "alice"])  # carol stays resident
-        folds, carol = mm.runtime.folds, mm.runtime.manager.resident["carol"]
-        for module in folds.modules:  # carol's shrink columns become inf in every output
-            rank = folds.rank(module)
-            folds.lora_a(module)[carol * rank:(carol + 1) * rank] = float("inf")
-        logits = mm(**batch, adapter_names=NAMES).logits
-    assert torch.isfinite(logits).all()
-    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
-
-
-def test_above_stack_max_rows_the_kernels_serve(family):
-    torch._dynamo.reset()
-    mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=1, inner="eager",
-                           dynamic=False)
-    batch, singles = _batch(mm.runtime.model)
-    with torch.no_grad():
-        logits = mm(**batch, adapter_names=NAMES).logits
-    assert_rows_equal_peft(family.peft, singles, logits, NAMES)
-    assert not _stacked_nodes(mm)
-
-
-def test_stack_max_rows_is_checked_and_refused_by_the_backend():
+def test_stack_max_rows_is_checked():
     with pytest.raises(OptionError, match="stack_max_rows"):
         mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=True)
 
