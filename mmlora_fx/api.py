@@ -58,7 +58,8 @@ class MultiLoRAModel:
         """The scope of a call through the compiled graphs: LoRA hooks on, dynamo quiet, progress."""
         scope = contextlib.ExitStack()
         scope.enter_context(self.runtime.call_scope())
-        scope.enter_context(self.backend.progress.call(self.backend.records, self.verbose))
+        scope.enter_context(self.backend.progress.call(self.backend.records, self.verbose,
+                                                       in_gemm=len(self.runtime.folds) > 0))
         scope.enter_context(our_errors_unwrapped())
         return scope
 

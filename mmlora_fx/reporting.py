@@ -20,9 +20,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
-__all__ = ["logger", "quiet_dynamo", "CompileProgress", "graph_break_summary"]
+__all__ = ["logger", "quiet_dynamo", "CompileProgress", "graph_break_summary", "in_gemm_summary"]
 
 logger = logging.getLogger("mmlora_fx")
 if not logger.handlers:
@@ -86,6 +87,19 @@ def graph_break_summary(records: Sequence, seconds: float, listed: int = 3) -> s
             "`mmlora-fx inspect` lists them all; compile(..., verbose=True) shows dynamo's own messages")
 
 
+def in_gemm_summary(records: Sequence) -> str:
+    """What the fold and the stack took in these graphs (`fold_min_rows`, `stack_max_rows`): linear
+    calls folded and stacked, or why none was where neither took any."""
+    marks = collections.Counter(mark for record in records for node in record.graph_module.graph.nodes
+                                for mark in ("folded", "stacked")
+                                if node.meta.get("mmlora_lora", {}).get(mark) and node.op == "call_function"
+                                and node.target is not torch.as_strided)
+    if not marks:
+        return ("; no linear call was taken into its base GEMM: fold_min_rows and stack_max_rows take only calls "
+                "on rows known at compile time, in their range (compile with dynamic=False)")
+    return f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, {marks['stacked']} stacked"
+
+
 def _short_reason(reason: str) -> str:
     """The operation dynamo could not trace, from its explanation: the first name in backquotes."""
     match = re.search(r"`([^`]+)`", reason)
@@ -116,8 +130,9 @@ class CompileProgress:
         self._bar.update()
 
     @contextlib.contextmanager
-    def call(self, records: list, verbose: bool = False) -> Iterator[None]:
-        """Around one served call: quiet dynamo, show progress, then summarise what was compiled."""
+    def call(self, records: list, verbose: bool = False, in_gemm: bool = False) -> Iterator[None]:
+        """Around one served call: quiet dynamo, show progress, then summarise what was compiled (and,
+        `in_gemm`, what the fold and the stack took)."""
         before, started = len(records), time.perf_counter()
         self._active = True
         try:
@@ -129,4 +144,5 @@ class CompileProgress:
                 self._bar.close()
                 self._bar = None
             if len(records) > before:
-                logger.info(graph_break_summary(records[before:], time.perf_counter() - started))
+                logger.info(graph_break_summary(records[before:], time.perf_counter() - started)
+                            + (in_gemm_summary(records[before:]) if in_gemm else ""))

@@ -4,6 +4,7 @@ launch a group), a mixed batch still equals PEFT per request, and adapters swapp
 served without recompiling (the buffers mirror the slots)."""
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -90,16 +91,17 @@ def test_a_resident_slot_that_overflows_reaches_no_other_row(family, way):
 
 
 @pytest.mark.parametrize("way", list(IN_GEMM))
-def test_outside_the_options_rows_the_kernels_serve(family, way):
+def test_outside_the_options_rows_the_kernels_serve(family, way, caplog):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, inner="eager", dynamic=False,
                            **IN_GEMM[way][1])
     assert len(mm.runtime.folds)  # the buffers exist, but no call has rows in the option's range
     batch, singles = _batch(mm.runtime.model)
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="mmlora_fx"):
         logits = mm(**batch, adapter_names=NAMES).logits
     assert_rows_equal_peft(family.peft, singles, logits, NAMES)
     assert not _marked_nodes(mm, IN_GEMM[way][2])
+    assert any("no linear call was taken into its base GEMM" in record.getMessage() for record in caplog.records)
 
 
 def test_fold_buffers_mirror_each_slot_and_keep_the_base_weights(family):
@@ -189,7 +191,7 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_stacked_linears_equal_peft_per_request(family, inner):
+def test_stacked_linears_equal_peft_per_request(family, inner, caplog):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6, inner=inner,
                            dynamic=False)
@@ -198,8 +200,11 @@ def test_stacked_linears_equal_peft_per_request(family, inner):
     assert any(module.endswith("down_proj") for module in folds.modules), folds.modules
     assert not any(folds.folds(module) for module in folds.modules)
     batch, singles = _batch(mm.runtime.model)
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="mmlora_fx"):
         logits = mm(**batch, adapter_names=NAMES).logits
+    # The compile's summary line says what was stacked.
+    assert any(f"0 linear calls folded, {len(_marked_nodes(mm, 'stacked'))} stacked" in record.getMessage()
+               for record in caplog.records), [record.getMessage() for record in caplog.records]
     assert_rows_equal_peft(family.peft, singles, logits, NAMES, "stacked")
     stacked = _marked_nodes(mm, "stacked")
     assert stacked, "no linear was stacked"
