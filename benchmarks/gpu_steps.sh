@@ -51,7 +51,7 @@
 #   kstack     kernel_bench.py --stack at decode rows: the base GEMMs with every slot's A stacked under each
 #              weight plus one expand launch per op (stack_max_rows' path), against the base GEMMs and the
 #              Triton kernels; 8 slots (adapters 1, 8) and 32 slots (1, 8, 32) (#15; unrun, ~150 guessed)
-#   decode_stack  decode_overhead.py --batches 1,16 --mixes 1,8 --stack-max-rows 64: the decode table with the
+#   decode_stack  decode_overhead.py --batches 1,16 --mixes 1,8 --stack-max-rows 16: the decode table with the
 #              shrink in the base GEMMs (8 slots; the base shares the stacked weights' views) (#15; unrun, ~560)
 #   decode_slots8  the same without the stack: its reference at 8 slots (the table before used 32) (#15; ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
@@ -139,7 +139,7 @@ run_step() {
                         --commit "$commit"
                 done ;;
         decode_stack|decode_slots8)
-            local stack=(); [[ $step == decode_stack ]] && stack=(--stack-max-rows 64)
+            local stack=(); [[ $step == decode_stack ]] && stack=(--stack-max-rows 16)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_c_fold)
