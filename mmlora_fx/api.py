@@ -306,7 +306,7 @@ def compile(
     `dynamic=False`): the expand becomes extra columns of the GEMM's K, with no pass over the
     outputs (`folding.py`). Those linears' weights become views of buffers `slots x rank` columns
     wider. Other calls keep the LoRA kernels. `stack_max_rows` (default None: off; experimental,
-    not yet measured on a GPU) computes the shrink of each served plain linear inside its base
+    measured per layer but not yet in a decode step; up to 16 rows pays) computes the shrink of each served plain linear inside its base
     GEMM, every slot's A stacked under the weight, in graphs that call it on at most that many
     rows known at compile time (decode): one LoRA launch per sibling group is left, at the price of
     reading every slot's A each call. These are
