@@ -523,11 +523,17 @@ class Run(Worker):
             # The stack moves ours' weights into buffers with every slot's A below them. The base
             # takes the same views (same values, same layout), so that one copy of the weights
             # serves both and the base's GEMMs read what they read without it; before anything
-            # compiles, which is lazy (the first call).
+            # compiles, which is lazy (the first call). The base lets go of its linears' weights
+            # first, so that each old weight is freed as its buffer is made (no moment with two
+            # copies), and then takes every linear's weight from ours, moved or not.
+            linears = [name for name, module in base_module.named_modules() if isinstance(module, torch.nn.Linear)]
+            for name in linears:
+                base_module.get_submodule(name).weight = base_module.get_submodule(name).bias = None
             compile_ours()
-            for name in self.mm.runtime.folds.modules:
+            for name in linears:
                 mine, base = model.get_submodule(name), base_module.get_submodule(name)
                 base.weight, base.bias = mine.weight, mine.bias
+            assert all(a is b for a, b in zip(model.parameters(), base_module.parameters()))
             record["stacked_linears"] = len(self.mm.runtime.folds)
         self.base = torch.compile(base_module, backend=config["inner"], mode=mode, dynamic=False)
         self.warm_base()

@@ -67,9 +67,11 @@ def _check(outputs, out_features, lora_b, slot_ranks, request_slots, request_cum
         if output.shape[1] - features < slots * rank:
             raise ValueError(f"lora_stacked_expand: output {j} has {output.shape[1]} columns, {features} outputs "
                              f"and {slots} slots of rank {rank} need at least {features + slots * rank}")
-        if tuple(b.shape) != (slots, features, rank) or b.dtype != dtype:
+        # B may be wider than the outputs (an fp32 model under a bf16 autocast): both are read
+        # into float32.
+        if tuple(b.shape) != (slots, features, rank) or b.dtype not in _DTYPES:
             raise ValueError(f"lora_stacked_expand: sibling {j}'s B is {tuple(b.shape)} {b.dtype}, expected "
-                             f"{(slots, features, rank)} {dtype}")
+                             f"{(slots, features, rank)} in bfloat16, float16 or float32")
         if b.stride(2) != 1 and rank > 1:
             raise ValueError(f"lora_stacked_expand: sibling {j}'s B must be contiguous in its last dimension, "
                              f"got strides {b.stride()}")
@@ -134,8 +136,9 @@ def _stacked_expand_kernel(
     NUM_SIBLINGS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SLOTS: tl.constexpr,
     REQUESTS: tl.constexpr,
 ):
-    column_block = tl.program_id(0)  # over the column blocks of all siblings, sibling 0 first
-    row = tl.program_id(1)
+    # Rows on the first axis: a grid's second axis stops at 65535 and a tower call has more rows.
+    row = tl.program_id(0)
+    column_block = tl.program_id(1)  # over the column blocks of all siblings, sibling 0 first
     if column_block < blocks0:
         _stacked_expand_block(out0_ptr, out0_row_stride, out0_features, b0_ptr, b0_slot_stride, b0_row_stride,
                               rank0_ptr, max_rank, column_block, row, rows, slots_ptr, cum_ptr, num_requests,
@@ -182,7 +185,7 @@ def lora_stacked_expand_triton(outputs: list[torch.Tensor], out_features: list[i
     if sum(blocks) == 0:
         return
     b = _padded(lora_b)
-    _stacked_expand_kernel[(sum(blocks), rows)](
+    _stacked_expand_kernel[(rows, sum(blocks))](
         *_padded(outputs), *(output.stride(0) for output in _padded(outputs)), *_padded(list(out_features)),
         *b, *(sibling.stride(0) for sibling in b), *(sibling.stride(1) for sibling in b),
         *_padded(ranks), max_rank, blocks[0], _padded(blocks)[1],

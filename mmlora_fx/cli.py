@@ -62,6 +62,16 @@ def _images(value: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--images takes counts like 0,1,2, not {value!r}") from None
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of rows, not {value!r}")
+    return number
+
+
 def _fold_predicate(model, fold_min_rows: int | None):
     """For `inspect --fold-min-rows`: whether `compile(fold_min_rows=...)` folds a served linear call
     of these modules on an input of this shape (None without the option)."""
@@ -164,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve LoRA only on these partitions (as compile(partitions=...))")
     inspect.add_argument("--target-modules", nargs="+", default=None, metavar="SUFFIX",
                          help="serve LoRA only on modules with these name suffixes (as compile(target_modules=...))")
-    inspect.add_argument("--fold-min-rows", type=int, default=None, metavar="N",
+    inspect.add_argument("--fold-min-rows", type=_positive_int, default=None, metavar="N",
                          help="mark the served linear calls compile(fold_min_rows=N) would fold into their base "
                               "GEMM (LoRA column: folded)")
-    inspect.add_argument("--stack-max-rows", type=int, default=None, metavar="N",
+    inspect.add_argument("--stack-max-rows", type=_positive_int, default=None, metavar="N",
                          help="mark the served linear calls compile(stack_max_rows=N) would stack (the shrink in "
                               "their base GEMM; LoRA column: stacked)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")

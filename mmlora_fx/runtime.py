@@ -431,6 +431,12 @@ class LoRARuntime:
         """Add the LoRA deltas of the stacked linears `modules` (siblings sharing an input) to
         their `outputs`, `[..., out + width]` each: the base output, then every slot's shrink of
         every row, which the base GEMM computed."""
+        unstacked = [module for module in modules if not self.folds.stacked(module)]
+        if unstacked:
+            # A graph dynamo reused for another instance of its block, whose weight has no stack
+            # buffer: the GEMM before this op read past that weight.
+            raise MMLoRAError(f"a graph stacked for LoRA ran with the weight of {unstacked}, which has no stack buffer "
+                              "(its weight was replaced after mmlora_fx.compile, or is shared or sharded)")
         served, table, _, lora_b, ranks, _ = self._cached_plan(modules)
         if not served:
             return

@@ -84,7 +84,7 @@ class InsertLoRAOps:
             if width is not None:
                 self._rewrite_folded(graph, node, kind, width, self.fold_op)
                 continue
-            stacked = self._in_gemm_width(node, kind, self.stack)
+            stacked = self._stack_width(node, kind)
             key = (kind.name, kind.rows_of(node), partition_of(node), stacked is not None)
             group, widths = open_groups.get(key, (None, None))
             # A sibling joins only if it can move up next to the group's first target.
@@ -109,6 +109,18 @@ class InsertLoRAOps:
         width = self._in_gemm_width(node, kind, self.fold)
         weight = example_value(kind.weight_of(node)) if width is not None else None
         if weight is None or weight.stride(0) != weight.shape[1] + width:
+            return None
+        return width
+
+    def _stack_width(self, node: fx.Node, kind: TargetKind) -> int | None:
+        """The stack's width for this call, or None: as `_in_gemm_width`, or a bias that is not a
+        graph input (a computed bias has no zeros after it to read). Dynamo's guards cannot tell a
+        stacked weight from a plain one of the same strides; the op checks at run time that the
+        module it serves is stacked (`LoRARuntime.apply_stacked`)."""
+        width = self._in_gemm_width(node, kind, self.stack)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if width is None or (bias is not None and (not isinstance(bias, fx.Node) or bias.op not in ("placeholder",
+                                                                                                     "get_attr"))):
             return None
         return width
 

@@ -147,6 +147,20 @@ def test_triton_and_reference_match_a_per_row_loop(case):
 
 
 @triton_device
+def test_a_float32_b_under_bfloat16_outputs_as_under_autocast():
+    # An fp32 model in a bf16 autocast: the stacked GEMM gives bf16, the slot buffers stay fp32.
+    problem = make_stacked(3, (48, 16), 8, torch.bfloat16, False, seed=7)
+    problem.lora_b = [b.float() for b in problem.lora_b]
+    expected, changed = per_row_loop(problem)
+    assert any(changed)
+    for function in (lora_stacked_expand_triton, lora_stacked_expand_reference):
+        got, _ = problem.fresh()
+        function(*problem.args(got))
+        for j in range(2):
+            assert_close(got[j], expected[j], torch.bfloat16)
+
+
+@triton_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_nothing_outside_the_rows_own_rank_is_read(dtype):
     """inf and NaN in every column past the output but the row's own slot's first `rank` (other
@@ -226,6 +240,8 @@ def _broken(change: str) -> tuple:
         outputs[1] = outputs[1][:, :-1]
     elif change == "b shape":
         lora_b[1] = torch.randn(4, 6, 5)
+    elif change == "b dtype":
+        lora_b[0] = lora_b[0].to(torch.int32)
     elif change == "rank table":
         ranks[1] = ranks[1][:3]
     elif change == "running weights":
@@ -241,6 +257,7 @@ ERRORS = {
     "columns not contiguous": "contiguous columns",
     "too narrow": "need at least",
     "b shape": "B is",
+    "b dtype": "B is",
     "rank table": "slot_ranks",
     "running weights": "running weights",
 }
