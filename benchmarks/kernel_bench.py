@@ -28,7 +28,8 @@ For each row count and number of distinct adapters, it reports:
 * with `--stack`, the base GEMMs with every slot's A stacked under each weight (`StackedOp`, as
   `stack_max_rows` builds them: mmlora_fx/folding.py), so each GEMM also gives every slot's
   shrink, then one `lora_stacked_expand_` launch per op adds each row's own slot's expand (#15's
-  lead: one LoRA launch per op at decode). "stacked - base" compares with the Triton column.
+  lead: one LoRA launch per op at decode). "stacked - base" compares with the Triton column;
+  the expand kernel the default does not pick at those rows (per row, or per tile) is timed too.
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
@@ -60,7 +61,7 @@ import triton.testing
 
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
-from mmlora_fx.kernels.lora_stacked import lora_stacked_expand_triton
+from mmlora_fx.kernels.lora_stacked import ROW_PATH_MAX_ROWS, lora_stacked_expand_triton
 from mmlora_fx.kernels.reference import lora_add_gather_bmm, row_slots
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
@@ -254,20 +255,24 @@ def make_stacked(op: OpBuffers, weights: list[torch.Tensor]) -> StackedOp:
                      [weight.shape[0] for weight in weights], op.lora_b, op.slot_ranks)
 
 
-def run_stacked(stacked: dict[str, StackedOp], slots: torch.Tensor, cum: torch.Tensor) -> None:
-    """Every op of a layer stacked: its GEMMs, then one expand launch for its siblings."""
+def run_stacked(stacked: dict[str, StackedOp], slots: torch.Tensor, cum: torch.Tensor, plan=None,
+                row_path_max_rows: int | None = None) -> None:
+    """Every op of a layer stacked: its GEMMs, then one expand launch for its siblings (one program
+    per row up to `row_path_max_rows` rows, the kernel's default if None; else per tile)."""
+    options = {} if row_path_max_rows is None else {"row_path_max_rows": row_path_max_rows}
     for op in stacked.values():
         for output, weight in zip(op.outputs, op.weights):
             torch.matmul(op.x, weight.T, out=output)
-        lora_stacked_expand_triton(op.outputs, op.out_features, op.lora_b, op.slot_ranks, slots, cum)
+        lora_stacked_expand_triton(op.outputs, op.out_features, op.lora_b, op.slot_ranks, slots, cum, plan, **options)
 
 
-def check_stacked(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]], slots, cum) -> float:
+def check_stacked(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]], slots, cum, plan=None,
+                  row_path_max_rows: int | None = None) -> float:
     """Largest relative error of the stacked path's delta against the gather/bmm baseline's."""
     worst = 0.0
     for name, op in layer.items():
         stacked = make_stacked(op, weights[name])
-        run_stacked({name: stacked}, slots, cum)
+        run_stacked({name: stacked}, slots, cum, plan, row_path_max_rows)
         bases = [op.x @ w.T for w in weights[name]]
         theirs = [base.clone() for base in bases]
         lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
@@ -490,13 +495,20 @@ def main() -> int:
                             row[f"op_{op_name}_{key}_us"] = ms * 1e3 / count
                 del folded
             if args.stack:
-                row["check_stack"] = check_stacked(layers[0], base_weights[0], slots, cum)
+                row["check_stack"] = check_stacked(layers[0], base_weights[0], slots, cum, plan)
                 stacked = [{name: make_stacked(op, weights[name]) for name, op in layer.items()}
                            for layer, weights in zip(layers, base_weights)]
-                ms = time_graph(lambda: [run_stacked(s, slots, cum) for s in stacked], args.repeat_ms)
+                ms = time_graph(lambda: [run_stacked(s, slots, cum, plan) for s in stacked], args.repeat_ms)
                 row["stack_us"] = ms * 1e3 / count
                 if args.profile:
-                    row["kernels_stack_us"] = kernel_breakdown_of(lambda: run_stacked(stacked[0], slots, cum))
+                    row["kernels_stack_us"] = kernel_breakdown_of(lambda: run_stacked(stacked[0], slots, cum, plan))
+                # The other expand kernel at these rows: one program per row where the default
+                # tiles, and tiles where it runs per row (#15: which wins where).
+                other = 0 if rows <= ROW_PATH_MAX_ROWS else 10**9
+                row["check_stack_other"] = check_stacked(layers[0], base_weights[0], slots, cum, plan, other)
+                ms = time_graph(lambda: [run_stacked(s, slots, cum, plan, other) for s in stacked], args.repeat_ms)
+                row["stack_other_us"] = ms * 1e3 / count
+                row["stack_other"] = "tiles" if other == 0 else "rows"
                 del stacked
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
@@ -532,9 +544,10 @@ def markdown_table(results: list[dict], variants: dict) -> str:
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
              + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else "")
              + (" folded GEMMs µs | folded - base µs | the same, x copied in: - base µs | folded delta error |" if fold else "")
-             + (" stacked GEMMs + expands µs | stacked - base µs | stacked delta error |" if stack else ""),
+             + (" stacked GEMMs + expands µs | stacked - base µs | stacked delta error | the other expand kernel:"
+                " stacked - base µs |" if stack else ""),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")
-             + ("---:|---:|---:|---:|" if fold else "") + ("---:|---:|---:|" if stack else "")]
+             + ("---:|---:|---:|---:|" if fold else "") + ("---:|---:|---:|---:|" if stack else "")]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
@@ -546,8 +559,8 @@ def markdown_table(results: list[dict], variants: dict) -> str:
             + (f" {row['fold_us']:.1f} | {row['fold_us'] - row['base_us']:.1f} | "
                f"{row['fold_copy_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
                if fold else "")
-            + (f" {row['stack_us']:.1f} | {row['stack_us'] - row['base_us']:.1f} | {row['check_stack']:.1e} |"
-               if stack else ""))
+            + (f" {row['stack_us']:.1f} | {row['stack_us'] - row['base_us']:.1f} | {row['check_stack']:.1e} | "
+               f"{row['stack_other']} {row['stack_other_us'] - row['base_us']:.1f} |" if stack else ""))
     return "\n".join(lines)
 
 

@@ -14,11 +14,14 @@ already folded into B. Rows belong to requests as in `reference.py` (`request_cu
 past `out`.
 
 * `lora_stacked_expand_reference`: plain torch, the oracle and the CPU path;
-* `lora_stacked_expand_triton`: one launch for all siblings (1 to 3), one program per row and
-  column block as on the row path's expand (`row_kernels.py`, whose helpers it reuses): the
-  program finds its row's slot and ranks from the tables, loads its block of B and the row's
-  `rank` shrink values from the output's own columns, and adds the product in place. This path
-  is for decode (up to some tens of rows): an adapter shared by several rows is read once per row;
+* `lora_stacked_expand_triton`: one launch for all siblings (1 to 3). Up to 4 rows one program
+  per row and column block, as on the row path's expand (`row_kernels.py`, whose helpers it
+  reuses): the program finds its row's slot and ranks from the tables, loads its block of B and
+  the row's `rank` shrink values from the output's own columns, and adds the product in place.
+  Beyond, one program per tile of up to 16 rows of one slot and column block, the tile path's
+  tiles (`tile_plan.py`'s plan where it covers the call, else `tile_kernels._find_tile`), which
+  reads its slot's B block once for the tile: per row, B would be re-read by every row (~1.6 MB
+  a row for a 7B layer);
 * `lora_stacked_expand_`: the Triton kernel on CUDA tensors, the reference elsewhere.
 
 The delta is computed in float32 and added to the output's float32 value, then rounded once.
@@ -32,9 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_config import _next_power_of_2, cdiv
+from .launch_config import _next_power_of_2, cdiv, reads_plan, search_block, tile_bound
 from .reference import row_slots
 from .row_kernels import _pick, _row_add_expanded, _row_b_block, _slot_of_row, _slot_ranks
+from .tile_kernels import _find_tile
+from .tile_plan import PLAN_BLOCK_M, plan_capacity, planned_tile
 
 __all__ = ["lora_stacked_expand_", "lora_stacked_expand_reference", "lora_stacked_expand_triton"]
 
@@ -154,6 +159,75 @@ def _stacked_expand_kernel(
                                   cum_ptr, num_requests, num_slots, BLOCK_R, BLOCK_N, SLOTS, REQUESTS)
 
 
+@triton.jit
+def _stacked_tile_block(
+    out_ptr, out_row_stride, out_features, b_ptr, b_slot_stride, b_row_stride, ranks_ptr, max_rank,
+    column_block, slot, tile_rows,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rank = tl.minimum(tl.load(ranks_ptr + slot), max_rank)
+    if rank > 0:
+        r = tl.arange(0, BLOCK_R)
+        n = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_valid = tile_rows >= 0
+        row_offsets = tl.where(row_valid, tile_rows, 0).to(tl.int64) * out_row_stride
+        # The tile's rows' shrink of their (common) slot, masked past the rank; B once for the tile.
+        shrunk = tl.load(out_ptr + row_offsets[:, None] + out_features + slot.to(tl.int64) * max_rank + r[None, :],
+                         mask=row_valid[:, None] & (r[None, :] < rank), other=0.0).to(tl.float32)
+        b_tile = tl.load(b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None].to(tl.int64) * b_row_stride
+                         + r[None, :], mask=(n[:, None] < out_features) & (r[None, :] < rank), other=0.0)
+        delta = tl.dot(shrunk, tl.trans(b_tile.to(tl.float32)), input_precision=PRECISION)
+        ptrs = out_ptr + row_offsets[:, None] + n[None, :]
+        inside = row_valid[:, None] & (n[None, :] < out_features)
+        current = tl.load(ptrs, mask=inside, other=0.0)
+        tl.store(ptrs, (current.to(tl.float32) + delta).to(current.dtype), mask=inside)
+
+
+@triton.jit
+def _stacked_tile_kernel(
+    out0_ptr, out1_ptr, out2_ptr, out0_row_stride, out1_row_stride, out2_row_stride,
+    out0_features, out1_features, out2_features,
+    b0_ptr, b1_ptr, b2_ptr, b0_slot_stride, b1_slot_stride, b2_slot_stride,
+    b0_row_stride, b1_row_stride, b2_row_stride,
+    rank0_ptr, rank1_ptr, rank2_ptr, max_rank, blocks0, blocks1,
+    slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity, rows,
+    NUM_SIBLINGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLOTS: tl.constexpr, REQUESTS: tl.constexpr, ONE_PASS: tl.constexpr, USE_PLAN: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Rows grouped by slot (the tile path's tiles: from the plan, else the search): each
+    program reads its slot's B block once for up to BLOCK_M rows."""
+    tile = tl.program_id(0)
+    column_block = tl.program_id(1)  # over the column blocks of all siblings, sibling 0 first
+    if USE_PLAN:
+        total = tl.load(cum_ptr + num_requests)
+        covered, slot, tile_rows = planned_tile(tile, plan_ptr, plan_capacity, rows, total, num_slots, BLOCK_M)
+        if not covered:
+            slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                         BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    else:
+        slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                     BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    if slot >= 0:
+        if column_block < blocks0:
+            _stacked_tile_block(out0_ptr, out0_row_stride, out0_features, b0_ptr, b0_slot_stride, b0_row_stride,
+                                rank0_ptr, max_rank, column_block, slot, tile_rows, BLOCK_M, BLOCK_R, BLOCK_N,
+                                PRECISION)
+        elif NUM_SIBLINGS > 1:
+            if column_block < blocks0 + blocks1:
+                _stacked_tile_block(out1_ptr, out1_row_stride, out1_features, b1_ptr, b1_slot_stride, b1_row_stride,
+                                    rank1_ptr, max_rank, column_block - blocks0, slot, tile_rows, BLOCK_M, BLOCK_R,
+                                    BLOCK_N, PRECISION)
+            elif NUM_SIBLINGS > 2:
+                _stacked_tile_block(out2_ptr, out2_row_stride, out2_features, b2_ptr, b2_slot_stride, b2_row_stride,
+                                    rank2_ptr, max_rank, column_block - blocks0 - blocks1, slot, tile_rows, BLOCK_M,
+                                    BLOCK_R, BLOCK_N, PRECISION)
+
+
+# Up to this many rows each row's program reads its own B (no search, no tiles); beyond, tiles.
+ROW_PATH_MAX_ROWS = 4
+
+
 def _padded(items: list, count: int = 3) -> list:
     """`items` repeated up to `count` entries: unused kernel arguments still need a value."""
     return list(items) + [items[0]] * (count - len(items))
@@ -161,8 +235,11 @@ def _padded(items: list, count: int = 3) -> list:
 
 def lora_stacked_expand_triton(outputs: list[torch.Tensor], out_features: list[int], lora_b: list[torch.Tensor],
                                slot_ranks: list[torch.Tensor], request_slots: torch.Tensor,
-                               request_cum_weights: torch.Tensor) -> None:
-    """`lora_stacked_expand_reference` in one launch (CUDA tensors, or CPU ones under TRITON_INTERPRET=1).
+                               request_cum_weights: torch.Tensor, tile_plan: torch.Tensor | None = None,
+                               row_path_max_rows: int = ROW_PATH_MAX_ROWS) -> None:
+    """`lora_stacked_expand_reference` in one launch (CUDA tensors, or CPU ones under TRITON_INTERPRET=1):
+    one program per row up to `row_path_max_rows` rows, else per tile of rows of one slot (from
+    `tile_plan` where it covers the call, as the tile path's shrink reads it, else the search).
 
     Nothing is read from the device on the host, so the call can be captured in a CUDA graph
     (once its tables are in the kernel's dtypes: int32 ranks and slots, int64 running weights;
@@ -185,21 +262,35 @@ def lora_stacked_expand_triton(outputs: list[torch.Tensor], out_features: list[i
     if sum(blocks) == 0:
         return
     b = _padded(lora_b)
-    _stacked_expand_kernel[(rows, sum(blocks))](
-        *_padded(outputs), *(output.stride(0) for output in _padded(outputs)), *_padded(list(out_features)),
-        *b, *(sibling.stride(0) for sibling in b), *(sibling.stride(1) for sibling in b),
-        *_padded(ranks), max_rank, blocks[0], _padded(blocks)[1],
-        request_slots, request_cum_weights, num_requests, num_slots, rows,
-        NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_N=block_n, SLOTS=max(16, _next_power_of_2(num_slots)),
-        REQUESTS=max(16, _next_power_of_2(num_requests + 1)),  # the tables in one load, total included
+    sibling_args = (*_padded(outputs), *(output.stride(0) for output in _padded(outputs)), *_padded(list(out_features)),
+                    *b, *(sibling.stride(0) for sibling in b), *(sibling.stride(1) for sibling in b),
+                    *_padded(ranks), max_rank, blocks[0], _padded(blocks)[1])
+    slots_block = max(16, _next_power_of_2(num_slots))
+    if rows <= row_path_max_rows:
+        _stacked_expand_kernel[(rows, sum(blocks))](
+            *sibling_args, request_slots, request_cum_weights, num_requests, num_slots, rows,
+            NUM_SIBLINGS=n, BLOCK_R=block_r, BLOCK_N=block_n, SLOTS=slots_block,
+            REQUESTS=max(16, _next_power_of_2(num_requests + 1)),  # the tables in one load, total included
+        )
+        return
+    capacity = plan_capacity(tile_plan) if tile_plan is not None else 0
+    use_plan = reads_plan(PLAN_BLOCK_M, rows, capacity)
+    requests_block, one_pass = search_block(num_requests)
+    precision = "ieee" if outputs[0].dtype == torch.float32 else "tf32"
+    _stacked_tile_kernel[(tile_bound(rows, num_slots, PLAN_BLOCK_M), sum(blocks))](
+        *sibling_args, request_slots, request_cum_weights, num_requests, num_slots,
+        tile_plan if use_plan else request_slots, capacity, rows,
+        NUM_SIBLINGS=n, BLOCK_M=PLAN_BLOCK_M, BLOCK_R=block_r, BLOCK_N=block_n, SLOTS=slots_block,
+        REQUESTS=requests_block, ONE_PASS=one_pass, USE_PLAN=use_plan, PRECISION=precision,
     )
 
 
 def lora_stacked_expand_(outputs: list[torch.Tensor], out_features: list[int], lora_b: list[torch.Tensor],
                          slot_ranks: list[torch.Tensor], request_slots: torch.Tensor,
-                         request_cum_weights: torch.Tensor) -> None:
+                         request_cum_weights: torch.Tensor, tile_plan: torch.Tensor | None = None) -> None:
     """Add each row's own slot's expand to the stacked outputs in place: Triton on CUDA, the reference elsewhere."""
     if outputs and outputs[0].is_cuda:
-        lora_stacked_expand_triton(outputs, out_features, lora_b, slot_ranks, request_slots, request_cum_weights)
+        lora_stacked_expand_triton(outputs, out_features, lora_b, slot_ranks, request_slots, request_cum_weights,
+                                   tile_plan)
     else:
         lora_stacked_expand_reference(outputs, out_features, lora_b, slot_ranks, request_slots, request_cum_weights)

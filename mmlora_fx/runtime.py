@@ -443,9 +443,10 @@ class LoRARuntime:
         self._count_application(table.partition, [modules[index] for index in served])
         out_features = [b.shape[1] for b in lora_b]
         first = outputs[served[0]]
-        request_slots, cum_weights, _ = self._owner_table(table, first[..., :out_features[0]], modules[served[0]])
+        request_slots, cum_weights, tile_plan = self._owner_table(table, first[..., :out_features[0]],
+                                                                  modules[served[0]])
         rows = [outputs[index].view(-1, outputs[index].shape[-1]) for index in served]
-        lora_stacked_expand_(rows, out_features, lora_b, ranks, request_slots, cum_weights)
+        lora_stacked_expand_(rows, out_features, lora_b, ranks, request_slots, cum_weights, tile_plan)
 
     def fold_shrink(self, x: torch.Tensor, module: str) -> torch.Tensor:
         """Every slot's shrink of the rows `x` for the folded linear `module`, each row keeping

@@ -122,16 +122,18 @@ CASES = [
 
 
 @triton_device
+@pytest.mark.parametrize("row_path_max_rows", [0, 10**6], ids=["tiles", "rows"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"rows{c[0]}-sib{len(c[1])}-r{c[2]}-{str(c[3])[6:]}"
                                                       f"{'-views' if c[4] else ''}")
-def test_triton_and_reference_match_a_per_row_loop(case):
+def test_triton_and_reference_match_a_per_row_loop(case, row_path_max_rows):
+    # Both kernels on every case: one program per row, and per tile of rows of one slot (searched).
     rows, out_features, rank, dtype, views = case
     problem = make_stacked(rows, out_features, rank, dtype, views, seed=CASES.index(case))
     expected, changed = per_row_loop(problem)
     assert any(changed)
 
     ours, ours_parents = problem.fresh()
-    lora_stacked_expand_triton(*problem.args(ours))
+    lora_stacked_expand_triton(*problem.args(ours), row_path_max_rows=row_path_max_rows)
     reference, reference_parents = problem.fresh()
     lora_stacked_expand_reference(*problem.args(reference))
 
@@ -144,6 +146,28 @@ def test_triton_and_reference_match_a_per_row_loop(case):
             unchanged = ~torch.tensor(changed, device=got[j].device)
             assert torch.equal(got[j][unchanged], problem.outputs[j][unchanged])
             assert torch.equal(parents[j][:, features:], problem.parents[j][:, features:])
+
+
+@triton_device
+@pytest.mark.parametrize("plan_for", ["these tables", "other tables"])
+def test_the_tiles_read_from_a_tile_plan_where_it_covers_the_call(plan_for):
+    # Decode: one row per request (rows == total weight), the plan the runtime writes once per
+    # forward; a plan for other tables is not trusted (the kernel searches instead).
+    from mmlora_fx.kernels.tile_plan import build_tile_plan
+
+    problem = make_stacked(20, (48, 16), 8, torch.float32, False, seed=11)
+    generator = torch.Generator().manual_seed(3)
+    slots = torch.randint(-1, SLOTS, (24,), generator=generator, dtype=torch.int32)
+    cum = torch.tensor(list(range(21)) + [20] * 4, dtype=torch.int64)  # 20 requests of one row, 4 padding entries
+    problem.request_slots, problem.request_cum_weights = slots.to(DEVICE), cum.to(DEVICE)
+    plan = build_tile_plan(slots.tolist(), cum.tolist()) if plan_for == "these tables" else \
+        build_tile_plan([0] * 24, list(range(25)))
+    expected, changed = per_row_loop(problem)
+    assert any(changed)
+    ours, _ = problem.fresh()
+    lora_stacked_expand_triton(*problem.args(ours), tile_plan=plan.to(DEVICE))
+    for j in range(2):
+        assert_close(ours[j], expected[j], torch.float32)
 
 
 @triton_device
