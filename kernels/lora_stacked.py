@@ -19,7 +19,7 @@ past `out`.
   reuses): the program finds its row's slot and ranks from the tables, loads its block of B and
   the row's `rank` shrink values from the output's own columns, and adds the product in place.
   Beyond, one program per tile of up to 16 rows of one slot and column block, the tile path's
-  tiles (`tile_plan.py`'s plan where it covers the call, else `tile_kernels._find_tile`), which
+  tiles (`tile_plan.py`'s plan where it covers the call, else the search: `tile_kernels._tile_of`), which
   reads its slot's B block once for the tile: per row, B would be re-read by every row (~1.6 MB
   a row for a 7B layer);
 * `lora_stacked_expand_`: the Triton kernel on CUDA tensors, the reference elsewhere.
@@ -38,8 +38,8 @@ import triton.language as tl
 from .launch_config import _next_power_of_2, cdiv, reads_plan, search_block, tile_bound
 from .reference import row_slots
 from .row_kernels import _pick, _row_add_expanded, _row_b_block, _slot_of_row, _slot_ranks
-from .tile_kernels import _find_tile
-from .tile_plan import PLAN_BLOCK_M, plan_capacity, planned_tile
+from .tile_kernels import _tile_of
+from .tile_plan import PLAN_BLOCK_M, plan_capacity
 
 __all__ = ["lora_stacked_expand_", "lora_stacked_expand_reference", "lora_stacked_expand_triton"]
 
@@ -199,15 +199,8 @@ def _stacked_tile_kernel(
     program reads its slot's B block once for up to BLOCK_M rows."""
     tile = tl.program_id(0)
     column_block = tl.program_id(1)  # over the column blocks of all siblings, sibling 0 first
-    if USE_PLAN:
-        total = tl.load(cum_ptr + num_requests)
-        covered, slot, tile_rows = planned_tile(tile, plan_ptr, plan_capacity, rows, total, num_slots, BLOCK_M)
-        if not covered:
-            slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
-                                         BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
-    else:
-        slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
-                                     BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    slot, tile_rows = _tile_of(tile, slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity, rows,
+                               BLOCK_M, SLOTS, REQUESTS, ONE_PASS, USE_PLAN)
     if slot >= 0:
         if column_block < blocks0:
             _stacked_tile_block(out0_ptr, out0_row_stride, out0_features, b0_ptr, b0_slot_stride, b0_row_stride,

@@ -168,6 +168,26 @@ def _store_shrunk(shrunk_ptr, acc, sibling, tile, num_tiles, row_valid, rank,
 
 
 @triton.jit
+def _tile_of(
+    tile, slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity, rows,
+    BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, REQUESTS: tl.constexpr, ONE_PASS: tl.constexpr,
+    USE_PLAN: tl.constexpr,
+):
+    """`tile`'s slot (-1: empty tile) and rows: from the plan where it covers this call (rows and
+    total as planned), else from the search."""
+    if USE_PLAN:
+        total = tl.load(cum_ptr + num_requests)
+        covered, slot, tile_rows = planned_tile(tile, plan_ptr, plan_capacity, rows, total, num_slots, BLOCK_M)
+        if not covered:
+            slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                         BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    else:
+        slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
+                                     BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    return slot, tile_rows
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, x_row_stride,
     a0_ptr, a1_ptr, a2_ptr, a_slot_stride, a_rank_stride,
@@ -181,15 +201,8 @@ def _shrink_kernel(
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    if USE_PLAN:
-        total = tl.load(cum_ptr + num_requests)
-        covered, slot, tile_rows = planned_tile(tile, plan_ptr, plan_capacity, rows, total, num_slots, BLOCK_M)
-        if not covered:
-            slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
-                                         BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
-    else:
-        slot, tile_rows = _find_tile(tile, slots_ptr, cum_ptr, num_requests, num_slots, rows,
-                                     BLOCK_M, SLOTS, REQUESTS, ONE_PASS)
+    slot, tile_rows = _tile_of(tile, slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity, rows,
+                               BLOCK_M, SLOTS, REQUESTS, ONE_PASS, USE_PLAN)
     if slot < 0:
         if split == 0:
             tl.store(tile_meta_ptr + tile * 4, -1)
