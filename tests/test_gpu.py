@@ -38,8 +38,11 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
     decode_replays_equal_eager(family, extra, tmp_path, "cuda")
 
 
-def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path):
-    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=8)
+# 8: the decode steps stacked (3 rows: the expand per row); 10**6: the prefill too (more than 4
+# rows: the expand per tile of rows of one slot, found by the search).
+@pytest.mark.parametrize("stack_max_rows", [8, 10**6])
+def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path, stack_max_rows):
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=stack_max_rows)
 
 
 def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
