@@ -226,12 +226,21 @@ def check_folded(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tens
         folded = make_folded(fresh, weights[name], slots, cum)
         folded.x.normal_()  # the copy in must bring x back
         run_folded({name: folded}, copy_input=True)
-        bases = [op.x @ w.T for w in weights[name]]
-        theirs = [base.clone() for base in bases]
-        lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
-        for o, t, base in zip(fresh.outputs, theirs, bases):
-            delta = t.float() - base.float()
-            worst = max(worst, ((o.float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
+        worst = max(worst, delta_error(fresh.outputs, op, weights[name], slots, cum))
+    return worst
+
+
+def delta_error(outputs: list[torch.Tensor], op: OpBuffers, weights: list[torch.Tensor], slots, cum) -> float:
+    """Largest relative error, over `op`'s siblings, of `outputs` (each sibling's base output plus
+    its delta, computed some way) against the base GEMM plus the gather/bmm baseline's delta,
+    relative to that delta."""
+    bases = [op.x @ w.T for w in weights]
+    theirs = [base.clone() for base in bases]
+    lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
+    worst = 0.0
+    for o, t, base in zip(outputs, theirs, bases):
+        delta = t.float() - base.float()
+        worst = max(worst, ((o.float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
     return worst
 
 
@@ -273,12 +282,8 @@ def check_stacked(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Ten
     for name, op in layer.items():
         stacked = make_stacked(op, weights[name])
         run_stacked({name: stacked}, slots, cum, plan, row_path_max_rows)
-        bases = [op.x @ w.T for w in weights[name]]
-        theirs = [base.clone() for base in bases]
-        lora_add_gather_bmm(theirs, op.x, op.lora_a, op.lora_b, op.slot_ranks, slots, cum)
-        for o, out, t, base in zip(stacked.outputs, stacked.out_features, theirs, bases):
-            delta = t.float() - base.float()
-            worst = max(worst, ((o[:, :out].float() - t.float()).norm() / delta.norm().clamp(min=1e-6)).item())
+        outputs = [o[:, :out] for o, out in zip(stacked.outputs, stacked.out_features)]
+        worst = max(worst, delta_error(outputs, op, weights[name], slots, cum))
     return worst
 
 

@@ -30,6 +30,20 @@ def _defined_before(node: fx.Node, anchor: fx.Node, order: dict[fx.Node, int]) -
     return all(order[arg] < order[anchor] for arg in node.all_input_nodes)
 
 
+def _placed_together(group: list[fx.Node]) -> fx.Node:
+    """Move each sibling right after the previous member of its group; return the last member."""
+    anchor = group[0]
+    for sibling in group[1:]:
+        anchor.append(sibling)
+        anchor = sibling
+    return anchor
+
+
+def _bias_of(node: fx.Node):
+    """A linear call's bias argument (positional or keyword), or None."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
 class InsertLoRAOps:
     """Rewrite served targets to carry LoRA.
 
@@ -118,7 +132,7 @@ class InsertLoRAOps:
         stacked weight from a plain one of the same strides; the op checks at run time that the
         module it serves is stacked (`LoRARuntime.apply_stacked`)."""
         width = self._in_gemm_width(node, kind, self.stack)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = _bias_of(node)
         if width is None or (bias is not None and (not isinstance(bias, fx.Node) or bias.op not in ("placeholder",
                                                                                                      "get_attr"))):
             return None
@@ -159,17 +173,14 @@ class InsertLoRAOps:
     @staticmethod
     def _rewrite_stacked(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, widths: dict[fx.Node, int],
                          stack_op) -> None:
-        anchor = group[0]
-        for sibling in group[1:]:
-            anchor.append(sibling)
-            anchor = sibling
+        anchor = _placed_together(group)
         weights = [kind.weight_of(node) for node in group]
         out_features = {}
         for node, weight in zip(group, weights):
             value = example_value(weight)
             (out, in_features), width = value.shape, widths[node]
             out_features[node] = out
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            bias = _bias_of(node)
             with graph.inserting_before(node):
                 whole = graph.call_function(torch.as_strided, (weight, (out + width, in_features), (value.stride(0), 1), 0))
                 if bias is not None:
@@ -198,10 +209,7 @@ class InsertLoRAOps:
     @staticmethod
     def _rewrite(graph: fx.Graph, group: list[fx.Node], kind: TargetKind, lora_op) -> None:
         first = group[0]
-        anchor = first
-        for sibling in group[1:]:
-            anchor.append(sibling)  # moves the sibling right after the previous member
-            anchor = sibling
+        anchor = _placed_together(group)
         with graph.inserting_after(anchor):
             op = graph.call_function(lora_op, (list(group), kind.rows_of(first), [kind.weight_of(node) for node in group],
                                                *kind.extra_args(first)))
