@@ -335,7 +335,7 @@ def settings(args) -> dict:
     return dict(model=args.model, tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes),
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
-                stack_max_rows=args.stack_max_rows)
+                stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -516,7 +516,8 @@ class Run(Worker):
             # **compile_kwargs -> model.compile), so dynamic=False reaches it as it does the base.
             self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
                                         mode=mode, dynamic=False, max_batch_size=max(config["batches"]),
-                                        inner=config["inner"], stack_max_rows=config["stack_max_rows"])
+                                        inner=config["inner"], stack_max_rows=config["stack_max_rows"],
+                                        stack_expand=config.get("stack_expand", "kernel"))
             record["ours_setup_s"] = time.perf_counter() - began
 
         if config["stack_max_rows"]:
@@ -931,6 +932,9 @@ def main() -> int:
     parser.add_argument("--stack-max-rows", type=int, default=None,
                         help="mmlora_fx.compile's stack_max_rows: the shrink in the base GEMMs of calls on at most "
                              "this many rows (every slot's A stacked under each weight; the base shares the views)")
+    parser.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
+                        help="mmlora_fx.compile's stack_expand: who adds the stacked calls' expand (the stack's Triton "
+                             "kernel, or tensor ops in the graph that Inductor fuses into the outputs' readers)")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

@@ -54,6 +54,9 @@
 #   decode_stack  decode_overhead.py --batches 1,16 --mixes 1,8 --stack-max-rows 16: the decode table with the
 #              shrink in the base GEMMs (8 slots; the base shares the stacked weights' views) (#15; unrun, ~560)
 #   decode_slots8  the same without the stack: its reference at 8 slots (the table before used 32) (#15; ~560)
+#   decode_stack_graph  decode_stack with --stack-expand inductor: the language model's expand as graph ops that
+#              Inductor fuses into the kernels reading the outputs, no LoRA launch but one row-slot op a step
+#              (#15; unrun, ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%, then 289 s and +16.8% after the prefill-tile change)
@@ -80,7 +83,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -141,8 +144,9 @@ run_step() {
                         --json "$out/kstack-${slots_adapters%%:*}.json" --markdown "$out/kstack-${slots_adapters%%:*}.md" \
                         --commit "$commit"
                 done ;;
-        decode_stack|decode_slots8)
-            local stack=(); [[ $step == decode_stack ]] && stack=(--stack-max-rows 16)
+        decode_stack|decode_slots8|decode_stack_graph)
+            local stack=(); [[ $step == decode_stack* ]] && stack=(--stack-max-rows 16)
+            [[ $step == decode_stack_graph ]] && stack+=(--stack-expand inductor)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_c_fold)

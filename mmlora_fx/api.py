@@ -279,6 +279,7 @@ def compile(
     tp_lora_a: str = ServingOptions.tp_lora_a,
     fold_min_rows: int | None = ServingOptions.fold_min_rows,
     stack_max_rows: int | None = ServingOptions.stack_max_rows,
+    stack_expand: str = ServingOptions.stack_expand,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -309,7 +310,11 @@ def compile(
     measured per layer but not yet in a decode step; up to 16 rows pays) computes the shrink of each served plain linear inside its base
     GEMM, every slot's A stacked under the weight, in graphs that call it on at most that many
     rows known at compile time (decode): one LoRA launch per sibling group is left, at the price of
-    reading every slot's A each call. These are
+    reading every slot's A each call. `stack_expand`: who adds the stacked calls' expand,
+    `"kernel"` (default: one Triton launch per sibling group) or `"inductor"` (experimental, not
+    yet measured on a GPU: tensor ops in the graph that Inductor fuses into the kernels reading the
+    outputs, for the language model's calls; each slot's B then also sits beside the weight).
+    These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows` and
     `stack_max_rows`). `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
@@ -320,7 +325,7 @@ def compile(
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
                              prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows,
-                             stack_max_rows=stack_max_rows)
+                             stack_max_rows=stack_max_rows, stack_expand=stack_expand)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -114,7 +114,9 @@ class MMLoRABackend:
                        fold=(lambda target, rows: self.runtime.fold_width(target.module, rows)) if len(self.runtime.folds)
                        else None, fold_op=torch.ops.mmlora.lora_fold_shrink.default,
                        stack=(lambda target, rows: self.runtime.stack_width(target.module, rows)) if len(self.runtime.folds)
-                       else None, stack_op=torch.ops.mmlora.lora_stacked_.default)
+                       else None, stack_op=torch.ops.mmlora.lora_stacked_.default,
+                       stack_layout=(lambda target: self.runtime.stack_layout(target.module)) if len(self.runtime.folds)
+                       else None, row_slots_op=torch.ops.mmlora.lora_stacked_row_slots.default)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

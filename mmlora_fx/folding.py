@@ -75,7 +75,8 @@ class _Fold:
     bias: torch.Tensor | None  # [out + width]: the bias, then zeros (stacked linears with a bias)
     slots: SlotBuffers  # what it mirrors
     width: int  # slots x rank, padded
-    folds: bool  # whether B sits beside the weight (the fold's extra K)
+    folds: bool  # whether the linear folds (its GEMM can take B as extra K)
+    has_b: bool  # whether B sits beside the weight (it folds, or it stacks)
 
     @property
     def out_features(self) -> int:
@@ -123,7 +124,10 @@ class FoldedWeights:
             count, rank = slots.lora_a.shape[:2]
             width = -(-count * rank // _ALIGN) * _ALIGN
             weight = module.weight
-            buffer = torch.zeros(out_features + width, in_features + (width if folds else 0), dtype=weight.dtype,
+            # B beside the weight also where the linear only stacks: the stack's graph expand
+            # (`stack_expand="inductor"`) reads each row's B from there, through the weight.
+            has_b = folds or stack
+            buffer = torch.zeros(out_features + width, in_features + (width if has_b else 0), dtype=weight.dtype,
                                  device=weight.device)
             with torch.no_grad():
                 buffer[:out_features, :in_features].copy_(weight)
@@ -136,7 +140,7 @@ class FoldedWeights:
                 with torch.no_grad():
                     bias[:out_features].copy_(module.bias)
                 module.bias = nn.Parameter(bias[:out_features], requires_grad=module.bias.requires_grad)
-            self._folds[name] = _Fold(module, buffer, bias, slots, width, folds)
+            self._folds[name] = _Fold(module, buffer, bias, slots, width, folds, has_b)
         for slot in range(max((fold.slots.lora_a.shape[0] for fold in self._folds.values()), default=0)):
             self.mirror(slot)
 
@@ -174,6 +178,16 @@ class FoldedWeights:
         fold = self._folds[module]
         return fold.buffer[fold.out_features:, :fold.in_features]
 
+    def lora_b(self, module: str) -> torch.Tensor:
+        """`[slots, out, rank]` (a view of the buffer, beside the weight): each slot's B, zero past
+        the adapter's rank; the stack's graph expand reads it through the weight the same way."""
+        fold = self._folds[module]
+        if not fold.has_b:
+            raise KeyError(f"{module}'s fold buffer has no B beside its weight")
+        count, rank = fold.slots.lora_b.shape[0], fold.slots.lora_b.shape[2]
+        return fold.buffer.as_strided((count, fold.out_features, rank), (rank, fold.buffer.stride(0), 1),
+                                      fold.buffer.storage_offset() + fold.in_features)
+
     def width(self, module: str) -> int:
         """The columns the fold adds to the module's GEMM (its K) or the stack adds to its output
         (its N): slots x rank, padded to a multiple of 8."""
@@ -189,7 +203,7 @@ class FoldedWeights:
             rank = fold.slots.lora_a.shape[1]
             row = fold.out_features + slot * rank
             fold.buffer[row:row + rank, :fold.in_features].copy_(fold.slots.lora_a[slot], non_blocking=True)
-            if fold.folds:
+            if fold.has_b:
                 start = fold.in_features + slot * rank
                 fold.buffer[:fold.out_features, start:start + rank].copy_(fold.slots.lora_b[slot], non_blocking=True)
 

@@ -31,7 +31,7 @@ import torch
 from .errors import MMLoRAError
 from .sharding import local_tensor
 
-__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_stacked_", "lora_fold_shrink", "lora_embedding_", "lora_conv_",
+__all__ = ["WeightRegistry", "REGISTRY", "lora_linear_", "lora_stacked_", "lora_stacked_row_slots", "lora_fold_shrink", "lora_embedding_", "lora_conv_",
            "lora_experts_"]
 
 
@@ -166,6 +166,22 @@ def lora_fold_shrink(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch
 
 _LIBRARY.impl("lora_fold_shrink", lora_fold_shrink, "CompositeExplicitAutograd")
 torch.library.register_fake("mmlora::lora_fold_shrink", _fold_shrink_fake, lib=_LIBRARY)
+
+
+_LIBRARY.define("lora_stacked_row_slots(Tensor[] weights, int rows) -> Tensor")
+
+
+def lora_stacked_row_slots(weights: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The adapter slot of each of `rows` language-model rows (int64, -1: the base model), for the
+    graph expand of the stacked linears whose weights are `weights` (all of one graph's): the
+    only LoRA op of such a graph, once per row count (`passes.lora_rewrite`, `stack_expand`)."""
+    runtime, first = REGISTRY.resolve(weights[0])
+    return runtime.stacked_row_slots([first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]], rows)
+
+
+_LIBRARY.impl("lora_stacked_row_slots", lora_stacked_row_slots, "CompositeExplicitAutograd")
+torch.library.register_fake("mmlora::lora_stacked_row_slots",
+                            lambda weights, rows: weights[0].new_empty(rows, dtype=torch.int64), lib=_LIBRARY)
 
 
 @_graph_op("lora_embedding_(Tensor(a!)[] outputs, Tensor ids, Tensor[] weights) -> ()")

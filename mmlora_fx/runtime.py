@@ -29,6 +29,7 @@ from .kernels.lora_experts import lora_experts_add
 from .kernels.lora_patch_conv import lora_patch_conv_add, patch_rows
 from .kernels.fold_mask import fold_mask_
 from .kernels.lora_stacked import lora_stacked_expand_
+from .kernels.reference import row_slots
 from .linear_index import CONV, EMBEDDING, EXPERTS, LINEAR, PARAMETER, LinearIndex
 from .lora_op import REGISTRY
 from .parameter_hooks import add_parameter_hooks
@@ -43,7 +44,10 @@ from .sharding import (COLUMN, TP_LORA_A, distributed_layout, gather_slice_diges
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
-__all__ = ["LoRARuntime", "ServingOptions"]
+__all__ = ["LoRARuntime", "ServingOptions", "STACK_EXPANDS"]
+
+# Who adds the stacked calls' expand (`ServingOptions.stack_expand`).
+STACK_EXPANDS = ("kernel", "inductor")
 
 # Units (images, crops, tiles) one batch may send through a tower: the unit tables' capacity.
 MAX_TOWER_UNITS = 1024
@@ -66,7 +70,11 @@ class ServingOptions:
     `fold_min_rows` (None: off) folds LoRA into the base GEMM of linears whose output is at least
     as wide as their input, in graph calls of at least that many static rows; `stack_max_rows`
     (None: off) computes the shrink of served plain linears in their base GEMM (every slot's A
-    stacked under the weight), in graph calls of at most that many static rows (`folding.py`)."""
+    stacked under the weight), in graph calls of at most that many static rows (`folding.py`);
+    `stack_expand` says who adds the stacked calls' expand: `"kernel"` (one Triton launch per
+    sibling group, `kernels/lora_stacked.py`) or `"inductor"` (plain tensor ops in the graph,
+    which Inductor fuses into the kernels that read the outputs; language-model calls only, the
+    others keep the kernel)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -80,6 +88,7 @@ class ServingOptions:
     tp_lora_a: str = "replicated"
     fold_min_rows: int | None = None
     stack_max_rows: int | None = None
+    stack_expand: str = "kernel"
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
@@ -88,6 +97,8 @@ class ServingOptions:
             raise OptionError(f"fold_min_rows must be None or a positive int, not {self.fold_min_rows!r}")
         if self.stack_max_rows is not None and (type(self.stack_max_rows) is not int or self.stack_max_rows < 1):
             raise OptionError(f"stack_max_rows must be None or a positive int, not {self.stack_max_rows!r}")
+        if self.stack_expand not in STACK_EXPANDS:
+            raise OptionError(f"stack_expand must be one of {STACK_EXPANDS}, not {self.stack_expand!r}")
 
     @property
     def lora_a_sharded(self) -> bool:
@@ -426,6 +437,32 @@ class LoRARuntime:
         if not self.folds.stacked(module) or rows > self.options.stack_max_rows:
             return None
         return self.folds.width(module)
+
+    def stack_layout(self, module: str) -> tuple[int, int] | None:
+        """(slots, rank) of the B beside the stacked linear `module`'s weight, where its stacked
+        calls' expand is the graph's own (`stack_expand="inductor"`, a language-model linear), or
+        None: the stack's kernel adds it."""
+        if (self.options.stack_expand != "inductor" or not self.folds.stacked(module)
+                or self.linears[module].partition != LANGUAGE_MODEL or module not in self.manager.buffers):
+            return None
+        lora_b = self.manager.buffers[module].lora_b
+        return lora_b.shape[0], lora_b.shape[2]
+
+    def stacked_row_slots(self, modules: list[str], rows: int) -> torch.Tensor:
+        """The adapter slot of each of `rows` language-model rows (int64, -1: the base model), for
+        the graph expand of the stacked linears `modules` (every one of a graph's): what the
+        kernels' owner search finds, computed on the device from the partition's table, so that
+        CUDA graphs replay it as the table changes."""
+        unstacked = [module for module in modules if self.stack_layout(module) is None]
+        if unstacked:
+            # As in `apply_stacked`: a graph reused for another instance of its block.
+            raise MMLoRAError(f"a graph stacked for LoRA ran with the weight of {unstacked}, which has no stack buffer "
+                              "with B beside it (its weight was replaced after mmlora_fx.compile, or is shared or "
+                              "sharded)")
+        table = self.tables[LANGUAGE_MODEL]
+        self._count_application(table.partition, modules)
+        table.check_rows(rows)
+        return row_slots(table.request_slots, table.request_cum_weights, rows)
 
     def apply_stacked(self, outputs: list[torch.Tensor], modules: list[str]) -> None:
         """Add the LoRA deltas of the stacked linears `modules` (siblings sharing an input) to

@@ -44,6 +44,108 @@ def _bias_of(node: fx.Node):
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
 
 
+def _read_through(node: fx.Node, view: fx.Node, width: int, keep: set[fx.Node]) -> None:
+    """Make `view` (the first `out` columns of the stacked call `node`, or their sum with the
+    expand) what `node`'s readers read, all but `keep`; `node`'s example value grows by `width`."""
+    value = node.meta.get("example_value")
+    if isinstance(value, torch.Tensor):
+        view.meta["example_value"] = value
+        node.meta["example_value"] = value.new_empty(*value.shape[:-1], value.shape[-1] + width)
+    node.replace_all_uses_with(view, delete_user_cb=lambda user: user not in keep)
+
+
+class _RowSlots:
+    """The row-slot op nodes of one graph's stacked calls with the graph expand, one per row count,
+    right after the graph's inputs, and what every such call shares: the slots clamped to a valid
+    index, whether a row has a slot, the gather index per rank."""
+
+    def __init__(self, graph: fx.Graph, op):
+        self.graph = graph
+        self.op = op
+        self.by_rows: dict[int, dict] = {}
+
+    def _after(self, anchor: fx.Node, target, args, method: bool = False) -> fx.Node:
+        with self.graph.inserting_after(anchor):
+            if method:
+                return self.graph.call_method(target, args)
+            return self.graph.call_function(target, args)
+
+    def of(self, rows: int, weight: fx.Node, partition) -> dict:
+        entry = self.by_rows.get(rows)
+        if entry is None:
+            inputs = [node for node in self.graph.nodes if node.op == "placeholder"]
+            slots = self._after(inputs[-1], self.op, ([], rows))
+            slots.meta[LORA_OP] = True
+            slots.meta[PARTITION] = partition
+            safe = self._after(slots, torch.clamp, (slots, 0))
+            has_slot = self._after(safe, operator.ge, (slots, 0))
+            has_slot = self._after(has_slot, "unsqueeze", (has_slot, -1), method=True)
+            entry = self.by_rows[rows] = {"slots": slots, "safe": safe, "has_slot": has_slot, "last": has_slot,
+                                          "weights": [], "index": {}}
+        if weight not in entry["weights"]:
+            entry["weights"].append(weight)
+        return entry
+
+    def gather_index(self, entry: dict, rows: int, rank: int) -> fx.Node:
+        """`[rows, 1, rank]`: each row's slot, the index of its own slot's shrink in `[rows, slots, rank]`."""
+        index = entry["index"].get(rank)
+        if index is None:
+            index = self._after(entry["last"], "view", (entry["safe"], rows, 1, 1), method=True)
+            index = self._after(index, "expand", (index, rows, 1, rank), method=True)
+            entry["index"][rank] = entry["last"] = index
+        return index
+
+    def finish(self) -> None:
+        for rows, entry in self.by_rows.items():
+            entry["slots"].args = (entry["weights"], rows)
+
+
+def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int, layout: tuple[int, int],
+                     row_slots: _RowSlots) -> None:
+    """The stacked call `node` (of the weight input `weight`)'s expand as tensor ops after it
+    (see `InsertLoRAOps`)."""
+    slots, rank = layout
+    out_features, in_features = example_value(weight).shape
+    row_stride = example_value(weight).stride(0)
+    value = example_value(node)
+    rows = value.numel() // out_features
+    dtype = value.dtype
+    entry = row_slots.of(rows, weight, partition_of(node))
+    index = row_slots.gather_index(entry, rows, rank)
+    created: set[fx.Node] = set()
+    anchor = node
+
+    def emit(target, *args, method: bool = False) -> fx.Node:
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            anchor = graph.call_method(target, args) if method else graph.call_function(target, args)
+        created.add(anchor)
+        return anchor
+
+    flat = emit("reshape", node, rows, out_features + width, method=True)
+    base = emit(operator.getitem, flat, (slice(None), slice(None, out_features)))
+    shrunk = emit(operator.getitem, flat, (slice(None), slice(out_features, out_features + slots * rank)))
+    shrunk = emit("reshape", shrunk, rows, slots, rank, method=True)
+    own = emit(torch.gather, shrunk, 1, index)  # [rows, 1, rank]: the row's own slot's shrink only
+    own = emit("float", own, method=True)
+    lora_b = emit(torch.as_strided, weight, (slots, out_features, rank), (rank, row_stride, 1), in_features)
+    lora_b.meta[LORA] = node.meta[LORA]  # a read of the weight's buffer that serves its LoRA
+    lora_b = emit(operator.getitem, lora_b, entry["safe"])  # [rows, out, rank]: each row's slot's B
+    delta = None
+    for column in range(rank):
+        # Unrolled: pointwise ops Inductor can inline into the output's readers (a sum over the
+        # rank would be a reduction, a kernel of its own per call).
+        b_column = emit("float", emit(operator.getitem, lora_b, (slice(None), slice(None), column)), method=True)
+        term = emit(operator.mul, emit(operator.getitem, own, (slice(None), 0, slice(column, column + 1))), b_column)
+        delta = term if delta is None else emit(operator.add, delta, term)
+    total = emit("to", emit(operator.add, emit("float", base, method=True), delta), dtype, method=True)
+    served = emit(torch.where, entry["has_slot"], total, base)
+    view = emit("reshape", served, *value.shape, method=True)
+    _read_through(node, view, width, keep=created)
+    node.meta[LORA]["op"] = entry["slots"].name
+    node.meta[LORA]["expand"] = "graph"
+
+
 class InsertLoRAOps:
     """Rewrite served targets to carry LoRA.
 
@@ -69,11 +171,23 @@ class InsertLoRAOps:
     its output ends in every slot's shrink; `stack_op(outputs, weights)` after the group adds the
     expand in place, and the target's readers read `output[..., :out]`. The targets and their
     `as_strided` nodes get `"stacked": width` in `node.meta["mmlora_lora"]`.
+
+    The stack's graph expand (`stack_layout`, `row_slots_op`): a stacked call for whose target
+    `stack_layout(target)` gives (slots, rank), each slot's B lying `[out, slots x rank]` beside
+    its weight, gets no op. Its expand is plain tensor ops after the GEMM, which Inductor can fuse
+    into the kernels that read the output: each row's own slot's `rank` shrink columns
+    (`gather`), its slot's B (indexed through `as_strided(weight)`), the dot product unrolled over
+    the rank (pointwise, so it can be inlined into a reader), added to the base columns in float32
+    and rounded once, rows of no slot left as they are. The rows' slots come from
+    `row_slots_op(weights, rows)`, one node per row count after the graph's inputs, over the
+    weights of every call it serves (it checks them); that node is the group's LoRA op
+    (`node.meta["mmlora_lora_op"]`), and the targets get `"expand": "graph"` beside `"stacked"`.
     """
 
     def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
                  fold: Callable[[object, int], int | None] | None = None, fold_op=None,
-                 stack: Callable[[object, int], int | None] | None = None, stack_op=None):
+                 stack: Callable[[object, int], int | None] | None = None, stack_op=None,
+                 stack_layout: Callable[[object], tuple[int, int] | None] | None = None, row_slots_op=None):
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
@@ -81,6 +195,8 @@ class InsertLoRAOps:
         self.fold_op = fold_op
         self.stack = stack
         self.stack_op = stack_op
+        self.stack_layout = stack_layout
+        self.row_slots_op = row_slots_op
         unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
         if unbound:
             raise ValueError(f"target kinds {unbound} need an op of their own: pass kind.with_op(op)")
@@ -108,11 +224,20 @@ class InsertLoRAOps:
             group.append(node)
             if stacked is not None:
                 widths[node] = stacked
+        row_slots = _RowSlots(graph, self.row_slots_op)
         for kind, group, widths in groups:
-            if widths:
+            layouts = [self.stack_layout(kind.match(node)) if widths and self.stack_layout is not None else None
+                       for node in group]
+            if widths and all(layouts):
+                weights = [kind.weight_of(node) for node in group]
+                self._rewrite_stacked(graph, group, kind, widths, None)
+                for node, weight, layout in zip(group, weights, layouts):
+                    _expand_in_graph(graph, node, weight, widths[node], layout, row_slots)
+            elif widths:
                 self._rewrite_stacked(graph, group, kind, widths, self.stack_op)
             else:
                 self._rewrite(graph, group, kind, kind.op if kind.op is not None else self.op)
+        row_slots.finish()
         graph.lint()
         graph_module.recompile()
         return graph_module
@@ -188,6 +313,8 @@ class InsertLoRAOps:
             node.args = (node.args[0], whole, bias)
             node.kwargs = {key: value for key, value in node.kwargs.items() if key != "bias"}
             node.meta[LORA] = whole.meta[LORA] = {"group": [member.name for member in group], "stacked": width}
+        if stack_op is None:
+            return  # the graph expand (`_expand_in_graph`) takes each target from here
         with graph.inserting_after(anchor):
             op = graph.call_function(stack_op, (list(group), weights))
         op.meta[LORA_OP] = True
@@ -197,11 +324,7 @@ class InsertLoRAOps:
             with graph.inserting_after(anchor):
                 view = graph.call_function(operator.getitem, (node, (Ellipsis, slice(None, out_features[node]))))
             anchor = view
-            value = node.meta.get("example_value")
-            if isinstance(value, torch.Tensor):
-                view.meta["example_value"] = value
-                node.meta["example_value"] = value.new_empty(*value.shape[:-1], value.shape[-1] + widths[node])
-            node.replace_all_uses_with(view, delete_user_cb=lambda user: user is not op and user is not view)
+            _read_through(node, view, widths[node], keep={op, view})
             node.meta[LORA]["op"] = op.name
         if "example_value" in group[0].meta:
             op.meta["example_value"] = None

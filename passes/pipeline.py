@@ -71,6 +71,8 @@ class Rewrite:
     fold_op: object = None
     stack: Callable | None = None  # (target, static rows) -> the stack's width, or None (`InsertLoRAOps`)
     stack_op: object = None
+    stack_layout: Callable | None = None  # target -> (slots, rank) where the stack's expand is the graph's, or None
+    row_slots_op: object = None
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -80,7 +82,7 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
         InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op, rewrite.stack,
-                      rewrite.stack_op)(graph_module)
+                      rewrite.stack_op, rewrite.stack_layout, rewrite.row_slots_op)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

@@ -13,7 +13,7 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.errors import OptionError
 from mmlora_fx.folding import FoldedWeights
-from mmlora_fx.passes.meta import LORA
+from mmlora_fx.passes.meta import LORA, partition_of
 
 from .peft_helpers import all_targets, assert_rows_equal_peft, peft_family
 
@@ -70,7 +70,9 @@ def _equal_peft_after_a_swap(mm, family, batch, singles):
 # Each way into the base GEMM: the option that takes every call of the test batch, one that takes
 # none, and the mark its rewritten linear calls get.
 IN_GEMM = {"fold": (dict(fold_min_rows=1), dict(fold_min_rows=10**6), "folded"),
-           "stack": (dict(stack_max_rows=10**6), dict(stack_max_rows=1), "stacked")}
+           "stack": (dict(stack_max_rows=10**6), dict(stack_max_rows=1), "stacked"),
+           "stack, graph expand": (dict(stack_max_rows=10**6, stack_expand="inductor"),
+                                   dict(stack_max_rows=1, stack_expand="inductor"), "stacked")}
 
 
 @pytest.mark.parametrize("way", list(IN_GEMM))
@@ -177,10 +179,13 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     weight = narrow.weight.detach().clone()
     folds = FoldedWeights(model, {"narrow": Buffers()}, fold=False, stack=True)
     assert folds.modules == ["narrow"] and folds.stacked("narrow") and not folds.folds("narrow")
-    assert folds.buffer("narrow").shape == (4 + 8, 8)  # no B columns: it does not fold
-    assert torch.equal(model["narrow"].weight, weight) and model["narrow"].weight.is_contiguous()
+    # B beside too, though it does not fold: the stack's graph expand reads it there.
+    assert folds.buffer("narrow").shape == (4 + 8, 8 + 8)
+    assert torch.equal(model["narrow"].weight, weight) and model["narrow"].weight.stride() == (8 + 8, 1)
     assert torch.equal(folds.lora_a("narrow")[:6], Buffers.lora_a.reshape(6, 8))  # mirrored at once
     assert not folds.lora_a("narrow")[6:].any()
+    assert torch.equal(folds.lora_b("narrow"), Buffers.lora_b)  # [slots, out, rank], beside the weight
+    assert not folds.buffer("narrow")[:4, 8 + 6:].any()  # the padding columns
     model = torch.nn.ModuleDict(dict(wide=torch.nn.Linear(4, 8)))
     bias = model["wide"].bias.detach().clone()
     Buffers.lora_a, Buffers.lora_b = torch.randn(2, 3, 4), torch.randn(2, 8, 3)
@@ -190,11 +195,12 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     assert torch.equal(stacked_bias[:8], bias) and not stacked_bias[8:].any()
 
 
+@pytest.mark.parametrize("stack_expand", ["kernel", "inductor"])
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_stacked_linears_equal_peft_per_request(family, inner, caplog):
+def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, caplog):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6, inner=inner,
-                           dynamic=False)
+                           stack_expand=stack_expand, dynamic=False)
     folds = mm.runtime.folds
     # Every served plain linear stacks, narrow ones too; none folds (fold_min_rows is off).
     assert any(module.endswith("down_proj") for module in folds.modules), folds.modules
@@ -208,10 +214,27 @@ def test_stacked_linears_equal_peft_per_request(family, inner, caplog):
     assert_rows_equal_peft(family.peft, singles, logits, NAMES, "stacked")
     stacked = _marked_nodes(mm, "stacked")
     assert stacked, "no linear was stacked"
-    # Siblings share one op: q, k and v of a layer are stacked under one lora_stacked_.
+    # Siblings share one op: q, k and v of a layer are stacked under one lora_stacked_. With the
+    # graph expand the language model's calls have none: one row-slot op per graph serves them all.
     ops = {node.meta[LORA]["op"] for node in stacked}
     assert len(ops) < len(stacked)
+    in_graph = [node for node in stacked if node.meta[LORA].get("expand") == "graph"]
+    if stack_expand == "kernel":
+        assert not in_graph
+    else:
+        assert in_graph and {partition_of(node) for node in in_graph} == {"language_model"}
+        assert len(in_graph) < len(stacked)  # the tower's calls keep the stack's kernel
+        graphs = {record.index: record.graph_module for record in mm.backend.records}
+        row_slot_ops = [node for module in graphs.values() for node in module.graph.nodes
+                        if node.target is torch.ops.mmlora.lora_stacked_row_slots.default]
+        assert 0 < len(row_slot_ops) <= len(graphs) and len({node.meta[LORA]["op"] for node in in_graph}) == len(
+            row_slot_ops)
     _equal_peft_after_a_swap(mm, family, batch, singles)
+
+
+def test_stack_expand_is_checked():
+    with pytest.raises(OptionError, match="stack_expand"):
+        mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=4, stack_expand="triton")
 
 
 def test_stack_max_rows_is_checked():
@@ -225,3 +248,11 @@ def test_decode_steps_stacked_equal_eager_across_swaps_loads_and_unloads(tmp_pat
     from .test_gpu import decode_replays_equal_eager
 
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8)
+
+
+def test_decode_steps_with_the_graph_expand_equal_eager_across_swaps_loads_and_unloads(tmp_path):
+    # The same with the language model's expand as graph ops (stack_expand="inductor"): B mirrored
+    # beside each weight, the rows' slots from the table at every step.
+    from .test_gpu import decode_replays_equal_eager
+
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor")

@@ -39,18 +39,22 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
 
 
 # 8: the decode steps stacked (3 rows: the expand per row); 10**6: the prefill too (more than 4
-# rows: the expand per tile of rows of one slot, found by the search).
-@pytest.mark.parametrize("stack_max_rows", [8, 10**6])
-def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path, stack_max_rows):
-    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=stack_max_rows)
+# rows: the expand per tile of rows of one slot, found by the search). "inductor": the language
+# model's expand as graph ops that Inductor fuses into the outputs' readers.
+@pytest.mark.parametrize("stack_max_rows, stack_expand", [(8, "kernel"), (10**6, "kernel"), (8, "inductor"),
+                                                         (10**6, "inductor")])
+def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path, stack_max_rows, stack_expand):
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=stack_max_rows,
+                               stack_expand=stack_expand)
 
 
 def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
-                               stack_max_rows: int | None = None) -> None:
+                               stack_max_rows: int | None = None, stack_expand: str = "kernel") -> None:
     """Prefill, then decode steps under `mode="reduce-overhead"`, each equal to `mm.eager`, with
     adapters swapped, loaded into an evicted slot and unloaded between replays: no recapture, no
     recompilation. With `stack_max_rows`, the decode steps' linears compute their shrink in the
-    base GEMM (`folding.py`), whose A rows mirror each slot write."""
+    base GEMM (`folding.py`), whose A rows mirror each slot write; `stack_expand` says who adds
+    their expand (the stack's kernel, or the graph's own ops, reading B mirrored beside the weight)."""
     from transformers import StaticCache
 
     cpu_model = zoo.build(family)
@@ -60,7 +64,7 @@ def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
     torch._dynamo.reset()
     model = zoo.build(family).to(device)
     mm = mmlora_fx.compile(model, {"alice": paths["alice"], "bob": paths["bob"]}, max_loras=2,
-                           mode="reduce-overhead", stack_max_rows=stack_max_rows,
+                           mode="reduce-overhead", stack_max_rows=stack_max_rows, stack_expand=stack_expand,
                            dynamic=False if stack_max_rows else None)
     batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 16)
@@ -103,8 +107,10 @@ def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
     assert mm.compiled_graphs == graphs, "adapter changes must not recompile"
     assert torch.isfinite(last).all()
     if stack_max_rows:
-        assert any(node.meta.get("mmlora_lora", {}).get("stacked") for record in mm.backend.records
-                   for node in record.graph_module.graph.nodes), "no linear was stacked"
+        marks = [node.meta["mmlora_lora"] for record in mm.backend.records for node in record.graph_module.graph.nodes
+                 if node.meta.get("mmlora_lora", {}).get("stacked")]
+        assert marks, "no linear was stacked"
+        assert any(mark.get("expand") == "graph" for mark in marks) == (stack_expand == "inductor")
 
 
 def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: int | None = None) -> None:
