@@ -417,7 +417,7 @@ def step_profile(step, device, steps: int = 5) -> dict:
             continue
         total += event.self_device_time_total / steps / 1e3
         launches += event.count
-        if any(tag in event.key for tag in ("_shrink_kernel", "_expand_kernel")):
+        if any(tag in event.key for tag in ("_shrink_kernel", "_expand_kernel", "_stacked_tile_kernel")):
             lora += event.self_device_time_total / steps / 1e3
             lora_launches += event.count
     graphs = dict(torch._dynamo.utils.counters["stats"])
@@ -426,10 +426,10 @@ def step_profile(step, device, steps: int = 5) -> dict:
                 dynamo=graphs, top_kernels_ms_and_count=top)
 
 
-def measure_base(args, model, steps: dict, mode, measure, found: dict, progress: dict) -> None:
+def measure_base(args, model, steps: dict, mode, measure, found: dict, progress: dict, dynamic=None) -> None:
     """`measure(step)` for each batch's decode step on the base model, compiled like mmlora_fx."""
     torch._dynamo.reset()
-    base = torch.compile(model, mode=mode)
+    base = torch.compile(model, mode=mode, dynamic=dynamic)
     for batch, step in steps.items():
         step.rewind()
         found[f"base b{batch}"] = measure(lambda: step(base))
@@ -441,25 +441,39 @@ def part_profile(args, model, adapters, device, results):
     """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs.
 
     mmlora_fx is profiled once per name in `--profile-paths` (`KERNEL_PATHS`' patches of the
-    launch heuristics, each its own compilation; `defaults` first), against one base."""
+    launch heuristics, or `STACK_PATHS`' compile options, each its own compilation; `defaults`
+    first), against one base. Base and ours are compiled with `dynamic=False`, as
+    decode_overhead.py compiles them (each batch its own graphs; the stack needs static rows);
+    before 2026-12-07 the profile let dynamo's automatic dynamic shapes recompile batch 16."""
     batches = [1, 16] if not args.tiny else [1, 4]
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
     mode = graph_mode(device)
     found = results.setdefault("profile", {})
     progress = results.setdefault("profile_progress", {})
-    measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress)
+    measure_base(args, model, steps, mode, lambda step: step_profile(step, device), found, progress, dynamic=False)
     names = list(adapters)
     for path in args.profile_paths.split(","):
-        if path not in KERNEL_PATHS:
-            raise SystemExit(f"--profile-paths: unknown kernel path {path!r}; known: {', '.join(KERNEL_PATHS)}")
-        with launch_config_patched(KERNEL_PATHS[path][1]):
-            mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64)
+        if path not in KERNEL_PATHS and path not in STACK_PATHS:
+            raise SystemExit(f"--profile-paths: unknown kernel path {path!r}; known: "
+                             f"{', '.join(list(KERNEL_PATHS) + list(STACK_PATHS))}")
+        with launch_config_patched(KERNEL_PATHS[path][1] if path in KERNEL_PATHS else {}):
+            # The stack moves the model's weights into new buffers (the base, measured first, read
+            # them in place); a later stack path moves them again.
+            mm = mmlora_fx.compile(model, adapters, max_loras=8, max_lora_rank=RANK, mode=mode, max_batch_size=64,
+                                   dynamic=False, **STACK_PATHS.get(path, {}))
             for batch in batches:
                 distinct = min(batch, 8)
                 mm.runtime.prepare(mixed_names(names, batch, distinct, seed=batch))  # as the decode part times it
                 steps[batch].rewind()
                 key = f"mmlora b{batch} d{distinct}" if path == "defaults" else f"mmlora {path} b{batch} d{distinct}"
                 found[key] = step_profile(lambda: steps[batch](), device)
+                # How many linear calls of the compiled graphs (all batches so far) took the stack,
+                # and how many of those the graph expand: what the path changed.
+                marks = [node.meta["mmlora_lora"] for record in mm.backend.records
+                         for node in record.graph_module.graph.nodes
+                         if node.meta.get("mmlora_lora", {}).get("stacked") and node.target is not torch.as_strided]
+                found[key].update(stacked_calls=len(marks),
+                                  graph_expanded_calls=sum(mark.get("expand") == "graph" for mark in marks))
                 note(args, progress, key, found[key])
             uncompile(model)
     return model
@@ -494,6 +508,13 @@ KERNEL_PATHS = {
     "no_plan": ([16, 64], {"PLAN_BLOCK_M": 0}),  # no tile size matches the plan's: every shrink searches
     # The row path up to 16 rows: no memset and no tile search at batch 16 (#15's in-step memsets).
     "rows16": ([1, 16], {"_PER_ROW_MAX_ROWS": 16}),
+}
+
+
+# Profile paths that are compile options (mmlora_fx.compile's keywords), not kernel patches.
+STACK_PATHS = {
+    "stack16": dict(stack_max_rows=16),  # the shrink in the base GEMMs, the stack's expand kernel
+    "stack16_graph": dict(stack_max_rows=16, stack_expand="inductor"),  # the expand as graph ops Inductor fuses
 }
 
 

@@ -101,9 +101,9 @@ class _RowSlots:
 
 
 def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int, layout: tuple[int, int],
-                     row_slots: _RowSlots) -> None:
-    """The stacked call `node` (of the weight input `weight`)'s expand as tensor ops after it
-    (see `InsertLoRAOps`)."""
+                     row_slots: _RowSlots, anchor: fx.Node) -> fx.Node:
+    """The stacked call `node` (of the weight input `weight`)'s expand as tensor ops after
+    `anchor` (`node` or later; see `InsertLoRAOps`); returns the last node added."""
     slots, rank = layout
     out_features, in_features = example_value(weight).shape
     row_stride = example_value(weight).stride(0)
@@ -113,7 +113,6 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     entry = row_slots.of(rows, weight, partition_of(node))
     index = row_slots.gather_index(entry, rows, rank)
     created: set[fx.Node] = set()
-    anchor = node
 
     def emit(target, *args, method: bool = False) -> fx.Node:
         nonlocal anchor
@@ -144,6 +143,7 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     _read_through(node, view, width, keep=created)
     node.meta[LORA]["op"] = entry["slots"].name
     node.meta[LORA]["expand"] = "graph"
+    return anchor
 
 
 class InsertLoRAOps:
@@ -231,8 +231,11 @@ class InsertLoRAOps:
             if widths and all(layouts):
                 weights = [kind.weight_of(node) for node in group]
                 self._rewrite_stacked(graph, group, kind, widths, None)
+                # Every sibling's expand after the group's last GEMM: the GEMMs first, so that
+                # Inductor's scheduler finds each expand next to the kernel that reads it.
+                anchor = group[-1]
                 for node, weight, layout in zip(group, weights, layouts):
-                    _expand_in_graph(graph, node, weight, widths[node], layout, row_slots)
+                    anchor = _expand_in_graph(graph, node, weight, widths[node], layout, row_slots, anchor)
             elif widths:
                 self._rewrite_stacked(graph, group, kind, widths, self.stack_op)
             else:
