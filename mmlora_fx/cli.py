@@ -128,7 +128,7 @@ def inspect_command(args) -> int:
                  for modality in partition_map.modalities}
     report = build_report(captured, linears, args.model, scans, serving, ownership,
                           folds=_fold_predicate(model, args.fold_min_rows),
-                          stacks=_stack_predicate(model, args.stack_max_rows))
+                          stacks=_stack_predicate(model, args.stack_max_rows), stack_expand=args.stack_expand)
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "dot":
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--stack-max-rows", type=_positive_int, default=None, metavar="N",
                          help="mark the served linear calls compile(stack_max_rows=N) would stack (the shrink in "
                               "their base GEMM; LoRA column: stacked)")
+    inspect.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
+                         help="with --stack-max-rows: compile(stack_expand=...); inductor marks the language model's "
+                              "stacked calls 'stacked, graph expand' (their expand as graph ops, no LoRA kernel)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
     inspect.add_argument("--verbose", "-v", action="store_true",
                          help="let torch._dynamo's own messages (one per graph break) through")

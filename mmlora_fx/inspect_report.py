@@ -37,14 +37,17 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
 
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
-                 ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None, stacks=None) -> dict:
+                 ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None, stacks=None,
+                 stack_expand: str = "kernel") -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`),
     `layouts` the served targets' `TargetLayout`s as compiled (`mm.runtime.layouts`: with the
     serving options' choices, such as A split along the rank), where known. `folds(modules,
     input_shape)`: whether a served linear call would be folded into its base GEMM
     (`compile(fold_min_rows=...)`), marked `"folds"` on linear calls; `stacks` the same for the
-    stack (`compile(stack_max_rows=...)`), marked `"stacks"` (the fold wins where both would)."""
+    stack (`compile(stack_max_rows=...)`), marked `"stacks"` (the fold wins where both would),
+    with `"stack_expand"`: `"graph"` where `compile(stack_expand="inductor")` writes the call's
+    expand as graph ops (language-model calls), `"kernel"` elsewhere."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -69,6 +72,9 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
             if stacks is not None:
                 entry["stacks"] = bool(entry["lora"] and not entry.get("folds")
                                        and stacks(entry["modules"], entry["input_shape"]))
+                if entry["stacks"]:
+                    entry["stack_expand"] = ("graph" if stack_expand == "inductor"
+                                             and partition_of(node) == LANGUAGE_MODEL else "kernel")
             partition_linear_nodes[partition_of(node)].append(entry)
         for node in record.parameter_matmul_nodes():
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
@@ -313,14 +319,23 @@ _OTHER_NODE_TABLES = (
 )
 
 
+def _lora_cell(node: dict) -> str:
+    """How a served call gets its LoRA: the kernels ("yes"), folded, stacked (its expand by the
+    stack's kernel, or by graph ops: "stacked, graph expand")."""
+    if node.get("folds"):
+        return "folded"
+    if node.get("stacks"):
+        return "stacked, graph expand" if node.get("stack_expand") == "graph" else "stacked"
+    return "yes"
+
+
 def _node_table(nodes: list[dict], names: str, columns, serving: bool) -> list[str]:
     """One kind's target nodes of a partition: graph, node and names, the kind's own `columns`, the
     rows owned and, with adapters, whether LoRA is served."""
     rows = [[node["graph"], node["node"], " ".join(collapse_names(node["modules"]))]
             + [value(node) if callable(value) else node[value] for _, value in columns]
             + [node.get("rows_owned", "-")]
-            + ([("folded" if node.get("folds") else "stacked" if node.get("stacks") else "yes") if node["lora"]
-                else "-"] if serving else [])
+            + ([_lora_cell(node) if node["lora"] else "-"] if serving else [])
             for node in nodes]
     header = ["graph", "node", names] + [title for title, _ in columns] + ["rows owned"] + (["LoRA"] if serving else [])
     return _table(rows, header, indent="    ")

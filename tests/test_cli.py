@@ -171,3 +171,20 @@ def test_inspect_marks_the_linears_the_stack_would_take(tmp_path, capsys):
     assert "stacked" not in capsys.readouterr().out  # the example batch's calls have more rows
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000"]) == 0
     assert "stacked" in capsys.readouterr().out
+
+
+def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path, capsys):
+    # With --stack-expand inductor the language model's stacked calls get their expand as graph
+    # ops; the tower's keep the stack's kernel.
+    model = cached_model("tiny-qwen2-vl")
+    path = make_adapter(model, tmp_path / "alice", ["k_proj", "qkv"], r=2)
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
+                 "--stack-expand", "inductor", "--format", "json", "-o", str(output)]) == 0
+    partitions = json.loads(output.read_text())["partitions"]
+    expands = {(partition, node["stack_expand"]) for partition, entry in partitions.items()
+               for node in entry["linear_nodes"] if node["lora"]}
+    assert expands == {("language_model", "graph"), ("tower", "kernel")}, expands
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
+                 "--stack-expand", "inductor"]) == 0
+    assert "stacked, graph expand" in capsys.readouterr().out
