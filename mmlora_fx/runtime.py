@@ -99,6 +99,8 @@ class ServingOptions:
             raise OptionError(f"stack_max_rows must be None or a positive int, not {self.stack_max_rows!r}")
         if self.stack_expand not in STACK_EXPANDS:
             raise OptionError(f"stack_expand must be one of {STACK_EXPANDS}, not {self.stack_expand!r}")
+        if self.stack_expand != "kernel" and self.stack_max_rows is None:
+            raise OptionError(f"stack_expand={self.stack_expand!r} applies to stacked calls only: give stack_max_rows too")
 
     @property
     def lora_a_sharded(self) -> bool:

@@ -235,6 +235,8 @@ def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, cap
 def test_stack_expand_is_checked():
     with pytest.raises(OptionError, match="stack_expand"):
         mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=4, stack_expand="triton")
+    with pytest.raises(OptionError, match="give stack_max_rows too"):  # it would change nothing
+        mmlora_fx.compile(zoo.build(FAMILY), {}, stack_expand="inductor")
 
 
 def test_stack_max_rows_is_checked():
