@@ -130,12 +130,12 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     lora_b = emit(torch.as_strided, weight, (slots, out_features, rank), (rank, row_stride, 1), in_features)
     lora_b.meta[LORA] = node.meta[LORA]  # a read of the weight's buffer that serves its LoRA
     lora_b = emit(operator.getitem, lora_b, entry["safe"])  # [rows, out, rank]: each row's slot's B
+    products = emit(operator.mul, own, emit("float", lora_b, method=True))  # [rows, out, rank]
     delta = None
     for column in range(rank):
-        # Unrolled: pointwise ops Inductor can inline into the output's readers (a sum over the
-        # rank would be a reduction, a kernel of its own per call).
-        b_column = emit("float", emit(operator.getitem, lora_b, (slice(None), slice(None), column)), method=True)
-        term = emit(operator.mul, emit(operator.getitem, own, (slice(None), 0, slice(column, column + 1))), b_column)
+        # The sum over the rank unrolled: pointwise ops Inductor can inline into the output's
+        # readers (`sum(-1)` would be a reduction, a kernel of its own per call).
+        term = emit(operator.getitem, products, (Ellipsis, column))
         delta = term if delta is None else emit(operator.add, delta, term)
     total = emit("to", emit(operator.add, emit("float", base, method=True), delta), dtype, method=True)
     served = emit(torch.where, entry["has_slot"], total, base)
