@@ -313,7 +313,8 @@ def compile(
     reading every slot's A each call. `stack_expand`: who adds the stacked calls' expand,
     `"kernel"` (default: one Triton launch per sibling group) or `"inductor"` (experimental, not
     yet measured on a GPU: tensor ops in the graph that Inductor fuses into the kernels reading the
-    outputs, for the language model's calls; each slot's B then also sits beside the weight).
+    outputs, for the language model's calls up to `max_lora_rank=16`; each slot's B then also
+    sits beside those weights).
     These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows` and
     `stack_max_rows`). `inner` is the compiler of the rewritten graphs (Inductor

@@ -1,7 +1,8 @@
 """LoRA inside the base GEMM: each folded or stacked linear's weight lives in a larger buffer.
 
 Two uses of one buffer `[out + width, in + fold columns]` (weight top left, every slot's A below
-it, every slot's B beside it when the linear folds), each chosen per graph call by its rows:
+it, every slot's B beside it when the linear folds or its stacked expand is the graph's), each
+chosen per graph call by its rows:
 
 * **the fold** (prefill, `fold_min_rows`): the expand as extra K of the base GEMM, below;
 * **the stack** (decode, `stack_max_rows`): the shrink as extra N of the base GEMM. The call
@@ -33,7 +34,9 @@ reaches the whole buffer with `as_strided` of the weight it has: same storage, i
 offset 0; `[W | B]` for the fold, `[W; A]` for the stack. The base model's outputs do not change
 (the view holds the same values). Memory: every slot's A (`[width, in]`, rows below the weight,
 which the fold's shrink GEMM reads too: the slot buffers' A is not contiguous across slots), and
-the B columns where the linear folds. The old weight is let go as soon as its buffer holds it.
+the B columns where the linear folds or stacks with the graph expand (`stack_expand="inductor"`:
+the expand as tensor ops after the GEMM, reading each row's B through the weight). The old weight
+is let go as soon as its buffer holds it.
 
 Both mirror the slot buffers: the adapter manager calls `mirror(slot)` after every write or
 clear of a slot, on the stream that wrote it, so a folded or stacked GEMM reads what the kernels
@@ -76,7 +79,7 @@ class _Fold:
     slots: SlotBuffers  # what it mirrors
     width: int  # slots x rank, padded
     folds: bool  # whether the linear folds (its GEMM can take B as extra K)
-    has_b: bool  # whether B sits beside the weight (it folds, or it stacks)
+    has_b: bool  # whether B sits beside the weight (it folds, or it stacks with the graph expand)
 
     @property
     def out_features(self) -> int:
@@ -106,12 +109,15 @@ class FoldedWeights:
     """The fold buffers of a model's folded and stacked linears, by module name."""
 
     def __init__(self, model: nn.Module, modules: dict[str, SlotBuffers], fold: bool = True, stack: bool = False,
-                 moved: Callable[[str, torch.Tensor], None] = lambda name, weight: None):
+                 moved: Callable[[str, torch.Tensor], None] = lambda name, weight: None,
+                 stack_b: Callable[[str], bool] = lambda name: False):
         """`modules`: each served linear -> its slot buffers; those `fold` (B beside the weight, for
         `foldable` ones) or `stack` (A below it, for `stackable` ones) takes get a buffer.
         `moved(name, parameter)` is told of each new weight at once, so that whoever held the old
         weight can let it go before the next buffer is allocated (no moment with two copies of
-        every folded weight)."""
+        every folded weight).`stack_b(name)`: whether a stacked linear also keeps B beside its weight (where the stack's
+        graph expand reads it: `stack_expand="inductor"`).
+        """
         self._folds: dict[str, _Fold] = {}
         self.stacks = stack
         shared = shared_weights(model)
@@ -124,9 +130,10 @@ class FoldedWeights:
             count, rank = slots.lora_a.shape[:2]
             width = -(-count * rank // _ALIGN) * _ALIGN
             weight = module.weight
-            # B beside the weight also where the linear only stacks: the stack's graph expand
-            # (`stack_expand="inductor"`) reads each row's B from there, through the weight.
-            has_b = folds or stack
+            # B beside the weight where the linear folds, or stacks with the graph expand
+            # (`stack_expand="inductor"`), which reads each row's B from there through the weight.
+            # Elsewhere the weight's rows stay contiguous and no B is copied.
+            has_b = folds or (stack and stackable(module, shared) and stack_b(name))
             buffer = torch.zeros(out_features + width, in_features + (width if has_b else 0), dtype=weight.dtype,
                                  device=weight.device)
             with torch.no_grad():
@@ -163,13 +170,18 @@ class FoldedWeights:
         """Whether the module's GEMM can take the stack (A below its weight, a bias with zeros after it)."""
         return self.stacks and module in self._folds
 
+    def has_lora_b(self, module: str) -> bool:
+        """Whether each slot's B sits beside the module's weight (it folds, or takes the graph expand)."""
+        fold = self._folds.get(module)
+        return fold is not None and fold.has_b
+
     def weight(self, module: str) -> torch.Tensor:
         """The module's parameter now: a view of its fold buffer."""
         return self._folds[module].module.weight
 
     def buffer(self, module: str) -> torch.Tensor:
         """`[out + width, in + fold columns]`: the weight, each slot's A below it, each slot's B
-        beside it (where the module folds), zeros."""
+        beside it (where the module folds or takes the graph expand), zeros."""
         return self._folds[module].buffer
 
     def lora_a(self, module: str) -> torch.Tensor:

@@ -48,6 +48,11 @@ __all__ = ["LoRARuntime", "ServingOptions", "STACK_EXPANDS"]
 
 # Who adds the stacked calls' expand (`ServingOptions.stack_expand`).
 STACK_EXPANDS = ("kernel", "inductor")
+# The graph expand writes a few ops per column of the rank (the sum over the rank unrolled, so that
+# Inductor can inline it): compile time grows with the rank (tiny-llava's 2-layer language model,
+# first call on the CPU, 2026-12-07, with ~5 ops a column, before they became ~2: 31 s with the
+# kernel, 41 s at rank 16, 73 s at 32, 178 s at 64). Above this rank the stack's kernel adds it.
+GRAPH_EXPAND_MAX_RANK = 16
 
 # Units (images, crops, tiles) one batch may send through a tower: the unit tables' capacity.
 MAX_TOWER_UNITS = 1024
@@ -73,8 +78,8 @@ class ServingOptions:
     stacked under the weight), in graph calls of at most that many static rows (`folding.py`);
     `stack_expand` says who adds the stacked calls' expand: `"kernel"` (one Triton launch per
     sibling group, `kernels/lora_stacked.py`) or `"inductor"` (plain tensor ops in the graph,
-    which Inductor fuses into the kernels that read the outputs; language-model calls only, the
-    others keep the kernel)."""
+    which Inductor fuses into the kernels that read the outputs; language-model calls at
+    `max_lora_rank` up to `GRAPH_EXPAND_MAX_RANK`, the others keep the kernel)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -164,7 +169,7 @@ class LoRARuntime:
                                            if self.linears[module].kind == LINEAR and module in self.manager.buffers}
                                    if options.fold_min_rows is not None or options.stack_max_rows is not None else {},
                                    fold=options.fold_min_rows is not None, stack=options.stack_max_rows is not None,
-                                   moved=self.linears.weights.__setitem__)
+                                   moved=self.linears.weights.__setitem__, stack_b=self._graph_expands)
         self.manager.slot_listeners.append(self.folds.mirror)
         self.manager.follow_current_stream()  # the first side-stream writes come after the buffers' set-up
         self.manager.load_many(adapters)
@@ -440,12 +445,17 @@ class LoRARuntime:
             return None
         return self.folds.width(module)
 
+    def _graph_expands(self, module: str) -> bool:
+        """Whether the stacked linear `module`'s expand is the graph's own (`stack_expand="inductor"`):
+        a language-model linear whose slots' rank is at most `GRAPH_EXPAND_MAX_RANK`."""
+        return (self.options.stack_expand == "inductor" and self.linears[module].partition == LANGUAGE_MODEL
+                and module in self.manager.buffers
+                and self.manager.buffers[module].lora_b.shape[-1] <= GRAPH_EXPAND_MAX_RANK)
+
     def stack_layout(self, module: str) -> tuple[int, int] | None:
         """(slots, rank) of the B beside the stacked linear `module`'s weight, where its stacked
-        calls' expand is the graph's own (`stack_expand="inductor"`, a language-model linear), or
-        None: the stack's kernel adds it."""
-        if (self.options.stack_expand != "inductor" or not self.folds.stacked(module)
-                or self.linears[module].partition != LANGUAGE_MODEL or module not in self.manager.buffers):
+        calls' expand is the graph's own (`_graph_expands`), or None: the stack's kernel adds it."""
+        if not self.folds.stacked(module) or not self.folds.has_lora_b(module) or not self._graph_expands(module):
             return None
         lora_b = self.manager.buffers[module].lora_b
         return lora_b.shape[0], lora_b.shape[2]

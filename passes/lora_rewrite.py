@@ -226,8 +226,11 @@ class InsertLoRAOps:
                 widths[node] = stacked
         row_slots = _RowSlots(graph, self.row_slots_op)
         for kind, group, widths in groups:
-            layouts = [self.stack_layout(kind.match(node)) if widths and self.stack_layout is not None else None
-                       for node in group]
+            # The graph expand reads B through a weight that is a graph input (dynamo's parameters
+            # are): its row-slot op sits after the inputs and takes the weights as arguments.
+            layouts = [self.stack_layout(kind.match(node))
+                       if widths and self.stack_layout is not None and kind.weight_of(node).op == "placeholder"
+                       else None for node in group]
             if widths and all(layouts):
                 weights = [kind.weight_of(node) for node in group]
                 self._rewrite_stacked(graph, group, kind, widths, None)

@@ -179,11 +179,15 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     weight = narrow.weight.detach().clone()
     folds = FoldedWeights(model, {"narrow": Buffers()}, fold=False, stack=True)
     assert folds.modules == ["narrow"] and folds.stacked("narrow") and not folds.folds("narrow")
-    # B beside too, though it does not fold: the stack's graph expand reads it there.
-    assert folds.buffer("narrow").shape == (4 + 8, 8 + 8)
-    assert torch.equal(model["narrow"].weight, weight) and model["narrow"].weight.stride() == (8 + 8, 1)
+    assert folds.buffer("narrow").shape == (4 + 8, 8)  # no B columns: it does not fold
+    assert torch.equal(model["narrow"].weight, weight) and model["narrow"].weight.is_contiguous()
     assert torch.equal(folds.lora_a("narrow")[:6], Buffers.lora_a.reshape(6, 8))  # mirrored at once
     assert not folds.lora_a("narrow")[6:].any()
+    assert not folds.has_lora_b("narrow")
+    # With the graph expand, B beside too, though it does not fold: the expand reads it there.
+    model["narrow"] = torch.nn.Linear(8, 4, bias=False)
+    folds = FoldedWeights(model, {"narrow": Buffers()}, fold=False, stack=True, stack_b=lambda name: True)
+    assert folds.buffer("narrow").shape == (4 + 8, 8 + 8) and model["narrow"].weight.stride() == (8 + 8, 1)
     assert torch.equal(folds.lora_b("narrow"), Buffers.lora_b)  # [slots, out, rank], beside the weight
     assert not folds.buffer("narrow")[:4, 8 + 6:].any()  # the padding columns
     model = torch.nn.ModuleDict(dict(wide=torch.nn.Linear(4, 8)))
@@ -230,6 +234,30 @@ def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, cap
         assert 0 < len(row_slot_ops) <= len(graphs) and len({node.meta[LORA]["op"] for node in in_graph}) == len(
             row_slot_ops)
     _equal_peft_after_a_swap(mm, family, batch, singles)
+
+
+def test_the_graph_expand_beside_the_fold_with_padded_columns(tmp_path):
+    # 3 slots of rank 6: 18 columns, padded to 24; q, gate and up fold (fold_min_rows=1), k, v, o
+    # and down stack with the graph expand. Every row as PEFT gives it.
+    family = peft_family(tmp_path, lambda: zoo.build(FAMILY), all_targets(FAMILY), names=("alice", "bob", "carol"))
+    torch._dynamo.reset()
+    model = copy.deepcopy(family.base)
+    mm = mmlora_fx.compile(model, family.paths, max_loras=3, max_lora_rank=6, fold_min_rows=1,
+                           stack_max_rows=10**6, stack_expand="inductor", inner="eager", dynamic=False)
+    folds = mm.runtime.folds
+    graph_expanded = [module for module in folds.modules if mm.runtime.stack_layout(module)]
+    assert graph_expanded and all(folds.width(module) == 24 for module in folds.modules)
+    # B beside only where the fold or the graph expand reads it: the tower's stacked linears that
+    # do not fold keep contiguous rows.
+    assert all(folds.has_lora_b(module) == (folds.folds(module) or module in graph_expanded)
+               for module in folds.modules)
+    assert any(not folds.has_lora_b(module) for module in folds.modules)
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES, "fold and graph expand")
+    marks = [node.meta[LORA] for node in _marked_nodes(mm, "stacked")]
+    assert any(mark.get("expand") == "graph" for mark in marks) and _marked_nodes(mm, "folded")
 
 
 def test_stack_expand_is_checked():
