@@ -115,9 +115,8 @@ class FoldedWeights:
         `foldable` ones) or `stack` (A below it, for `stackable` ones) takes get a buffer.
         `moved(name, parameter)` is told of each new weight at once, so that whoever held the old
         weight can let it go before the next buffer is allocated (no moment with two copies of
-        every folded weight).`stack_b(name)`: whether a stacked linear also keeps B beside its weight (where the stack's
-        graph expand reads it: `stack_expand="inductor"`).
-        """
+        every folded weight). `stack_b(name)`: whether a stacked linear also keeps B beside its
+        weight (where the stack's graph expand reads it: `stack_expand="inductor"`)."""
         self._folds: dict[str, _Fold] = {}
         self.stacks = stack
         shared = shared_weights(model)
@@ -133,7 +132,7 @@ class FoldedWeights:
             # B beside the weight where the linear folds, or stacks with the graph expand
             # (`stack_expand="inductor"`), which reads each row's B from there through the weight.
             # Elsewhere the weight's rows stay contiguous and no B is copied.
-            has_b = folds or (stack and stackable(module, shared) and stack_b(name))
+            has_b = folds or (stack and stack_b(name))
             buffer = torch.zeros(out_features + width, in_features + (width if has_b else 0), dtype=weight.dtype,
                                  device=weight.device)
             with torch.no_grad():

@@ -205,6 +205,7 @@ class LoRARuntime:
         self._stream_rows: collections.Counter[str] = collections.Counter()  # per module, rows seen this forward
         self._stream_modules: dict[str, tuple[str, int]] = {}
         self._plans: dict[tuple[str, ...], tuple] = {}
+        self._stacks_checked: set[tuple[str, ...]] = set()  # graph-expand calls whose modules were checked
         self._traced_tables_used: set[str] = set()  # modalities whose layers have read the unit tables
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
@@ -465,27 +466,30 @@ class LoRARuntime:
         the graph expand of the stacked linears `modules` (every one of a graph's): what the
         kernels' owner search finds, computed on the device from the partition's table, so that
         CUDA graphs replay it as the table changes."""
-        unstacked = [module for module in modules if self.stack_layout(module) is None]
-        if unstacked:
-            # As in `apply_stacked`: a graph reused for another instance of its block.
-            raise MMLoRAError(f"a graph stacked for LoRA ran with the weight of {unstacked}, which has no stack buffer "
-                              "with B beside it (its weight was replaced after mmlora_fx.compile, or is shared or "
-                              "sharded)")
+        key = tuple(modules)
+        if key not in self._stacks_checked:  # per graph, not per step: what it checks is fixed at start
+            self._refuse_unstacked(modules, lambda module: self.stack_layout(module) is not None, " with B beside it")
+            self._stacks_checked.add(key)
         table = self.tables[LANGUAGE_MODEL]
         self._count_application(table.partition, modules)
         table.check_rows(rows)
         return row_slots(table.request_slots, table.request_cum_weights, rows)
 
+    @staticmethod
+    def _refuse_unstacked(modules: list[str], stacked: Callable[[str], bool], what: str = "") -> None:
+        """Raise where a stacked graph call runs with a module that has no stack buffer (`what`:
+        what else it must have): a graph dynamo reused for another instance of its block, whose
+        weight is not stacked, so the GEMM before the op read past that weight."""
+        unstacked = [module for module in modules if not stacked(module)]
+        if unstacked:
+            raise MMLoRAError(f"a graph stacked for LoRA ran with the weight of {unstacked}, which has no stack buffer"
+                              f"{what} (its weight was replaced after mmlora_fx.compile, or is shared or sharded)")
+
     def apply_stacked(self, outputs: list[torch.Tensor], modules: list[str]) -> None:
         """Add the LoRA deltas of the stacked linears `modules` (siblings sharing an input) to
         their `outputs`, `[..., out + width]` each: the base output, then every slot's shrink of
         every row, which the base GEMM computed."""
-        unstacked = [module for module in modules if not self.folds.stacked(module)]
-        if unstacked:
-            # A graph dynamo reused for another instance of its block, whose weight has no stack
-            # buffer: the GEMM before this op read past that weight.
-            raise MMLoRAError(f"a graph stacked for LoRA ran with the weight of {unstacked}, which has no stack buffer "
-                              "(its weight was replaced after mmlora_fx.compile, or is shared or sharded)")
+        self._refuse_unstacked(modules, self.folds.stacked)
         served, table, _, lora_b, ranks, _ = self._cached_plan(modules)
         if not served:
             return

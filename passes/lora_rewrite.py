@@ -54,6 +54,12 @@ def _read_through(node: fx.Node, view: fx.Node, width: int, keep: set[fx.Node]) 
     node.replace_all_uses_with(view, delete_user_cb=lambda user: user not in keep)
 
 
+def _call_after(graph: fx.Graph, anchor: fx.Node, target, args, method: bool = False) -> fx.Node:
+    """A `call_method` (`method`) or `call_function` node of `target(*args)` right after `anchor`."""
+    with graph.inserting_after(anchor):
+        return graph.call_method(target, args) if method else graph.call_function(target, args)
+
+
 class _RowSlots:
     """The row-slot op nodes of one graph's stacked calls with the graph expand, one per row count,
     right after the graph's inputs, and what every such call shares: the slots clamped to a valid
@@ -64,22 +70,16 @@ class _RowSlots:
         self.op = op
         self.by_rows: dict[int, dict] = {}
 
-    def _after(self, anchor: fx.Node, target, args, method: bool = False) -> fx.Node:
-        with self.graph.inserting_after(anchor):
-            if method:
-                return self.graph.call_method(target, args)
-            return self.graph.call_function(target, args)
-
     def of(self, rows: int, weight: fx.Node, partition) -> dict:
         entry = self.by_rows.get(rows)
         if entry is None:
             inputs = [node for node in self.graph.nodes if node.op == "placeholder"]
-            slots = self._after(inputs[-1], self.op, ([], rows))
+            slots = _call_after(self.graph, inputs[-1], self.op, ([], rows))
             slots.meta[LORA_OP] = True
             slots.meta[PARTITION] = partition
-            safe = self._after(slots, torch.clamp, (slots, 0))
-            has_slot = self._after(safe, operator.ge, (slots, 0))
-            has_slot = self._after(has_slot, "unsqueeze", (has_slot, -1), method=True)
+            safe = _call_after(self.graph, slots, torch.clamp, (slots, 0))
+            has_slot = _call_after(self.graph, safe, operator.ge, (slots, 0))
+            has_slot = _call_after(self.graph, has_slot, "unsqueeze", (has_slot, -1), method=True)
             entry = self.by_rows[rows] = {"slots": slots, "safe": safe, "has_slot": has_slot, "last": has_slot,
                                           "weights": [], "index": {}}
         if weight not in entry["weights"]:
@@ -90,8 +90,8 @@ class _RowSlots:
         """`[rows, 1, rank]`: each row's slot, the index of its own slot's shrink in `[rows, slots, rank]`."""
         index = entry["index"].get(rank)
         if index is None:
-            index = self._after(entry["last"], "view", (entry["safe"], rows, 1, 1), method=True)
-            index = self._after(index, "expand", (index, rows, 1, rank), method=True)
+            index = _call_after(self.graph, entry["last"], "view", (entry["safe"], rows, 1, 1), method=True)
+            index = _call_after(self.graph, index, "expand", (index, rows, 1, rank), method=True)
             entry["index"][rank] = entry["last"] = index
         return index
 
@@ -116,8 +116,7 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
 
     def emit(target, *args, method: bool = False) -> fx.Node:
         nonlocal anchor
-        with graph.inserting_after(anchor):
-            anchor = graph.call_method(target, args) if method else graph.call_function(target, args)
+        anchor = _call_after(graph, anchor, target, args, method)
         created.add(anchor)
         return anchor
 
@@ -176,9 +175,9 @@ class InsertLoRAOps:
     `stack_layout(target)` gives (slots, rank), each slot's B lying `[out, slots x rank]` beside
     its weight, gets no op. Its expand is plain tensor ops after the GEMM, which Inductor can fuse
     into the kernels that read the output: each row's own slot's `rank` shrink columns
-    (`gather`), its slot's B (indexed through `as_strided(weight)`), the dot product unrolled over
-    the rank (pointwise, so it can be inlined into a reader), added to the base columns in float32
-    and rounded once, rows of no slot left as they are. The rows' slots come from
+    (`gather`), its slot's B (indexed through `as_strided(weight)`), their products summed over
+    the rank unrolled (pointwise, so it can be inlined into a reader), added to the base columns
+    in float32 and rounded, rows of no slot left as they are. The rows' slots come from
     `row_slots_op(weights, rows)`, one node per row count after the graph's inputs, over the
     weights of every call it serves (it checks them); that node is the group's LoRA op
     (`node.meta["mmlora_lora_op"]`), and the targets get `"expand": "graph"` beside `"stacked"`.
