@@ -343,7 +343,7 @@ def settings(args) -> dict:
     return dict(model=args.model, tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes),
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
-                stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand)
+                stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -529,7 +529,8 @@ class Run(Worker):
             self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
                                         mode=mode, dynamic=False, max_batch_size=max(config["batches"]),
                                         inner=config["inner"], stack_max_rows=config["stack_max_rows"],
-                                        stack_expand=config.get("stack_expand", "kernel"))
+                                        stack_expand=config.get("stack_expand", "kernel"),
+                                        stack_shrink=config.get("stack_shrink", "gemm"))
             record["ours_setup_s"] = time.perf_counter() - began
 
         if config["stack_max_rows"]:
@@ -947,6 +948,9 @@ def main() -> int:
     parser.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
                         help="mmlora_fx.compile's stack_expand: who adds the stacked calls' expand (the stack's Triton "
                              "kernel, or tensor ops in the graph that Inductor fuses into the outputs' readers)")
+    parser.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
+                        help="mmlora_fx.compile's stack_shrink (with --stack-expand inductor): the graph expand's calls' "
+                             "shrink in the stacked GEMM, or tensor ops Inductor fuses into the input's producer")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

@@ -58,15 +58,20 @@
 #   decode_stack_graph  decode_stack with --stack-expand inductor: the language model's expand as graph ops that
 #              Inductor fuses into the kernels reading the outputs, no LoRA launch but one row-slot op a step
 #              (#15; unrun, ~560)
+#   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too, the base
+#              GEMMs as they are (#15; unrun, ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%, then 289 s and +16.8% after the prefill-tile change)
 #   prefill_b_graphs, prefill_c_graphs  the same for cases b and c (CUDA graphs are the base's better
 #              compile, so these are the figures that count; c: 257 s on an H100 on 2026-12-06, +18.4%;
 #              b unrun: its memory under graphs is untested, its limit a guess)
-#   profile_stack  e2e.py --parts profile --profile-paths defaults,stack16,stack16_graph: the decode step's kernels,
-#              LoRA time and idle at batch 1 and 16 (8 slots, dynamic=False), the kernels against the stack with its
-#              expand kernel and with the graph expand, one compilation each (#15; unrun, ~300 guessed)
+#   profile_stack  e2e.py --parts profile --profile-paths defaults,stack16,stack16_graph,stack16_shrink: the decode
+#              step's kernels, LoRA time and idle at batch 1 and 16 (8 slots, dynamic=False), the kernels against the
+#              stack with its expand kernel, with the graph expand, and with the graph shrink and expand, one
+#              compilation each (#15; unrun, ~380 guessed)
+#   tests_graph  the CUDA-graph decode tests of the graph expand and the graph shrink (tests/test_gpu.py -k
+#              "stacked and inductor": 4 tests, tiny model) (~120 guessed)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
 #              memset, no tile search), against one base (#15; one compilation each, ~210)
@@ -87,7 +92,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -98,6 +103,8 @@ run_step() {
                    tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py ;;
         tests_prefill) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
                            tests/kernels "tests/test_gpu.py" -k "kernels or prefill" ;;
+        tests_graph) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
+                         tests/test_gpu.py -k "stacked and inductor" ;;
         tests_stack) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider \
                          tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py \
                      && timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
@@ -148,9 +155,10 @@ run_step() {
                         --json "$out/kstack-${slots_adapters%%:*}.json" --markdown "$out/kstack-${slots_adapters%%:*}.md" \
                         --commit "$commit"
                 done ;;
-        decode_stack|decode_slots8|decode_stack_graph)
+        decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink)
             local stack=(); [[ $step == decode_stack* ]] && stack=(--stack-max-rows 16)
-            [[ $step == decode_stack_graph ]] && stack+=(--stack-expand inductor)
+            [[ $step == decode_stack_graph || $step == decode_stack_shrink ]] && stack+=(--stack-expand inductor)
+            [[ $step == decode_stack_shrink ]] && stack+=(--stack-shrink inductor)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_b_fold|prefill_c_fold)
@@ -168,7 +176,7 @@ run_step() {
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_stack) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
-                           --profile-paths defaults,stack16,stack16_graph --commit "$commit" ;;
+                           --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
         host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 --launch-parts \

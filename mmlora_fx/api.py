@@ -280,6 +280,7 @@ def compile(
     fold_min_rows: int | None = ServingOptions.fold_min_rows,
     stack_max_rows: int | None = ServingOptions.stack_max_rows,
     stack_expand: str = ServingOptions.stack_expand,
+    stack_shrink: str = ServingOptions.stack_shrink,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -314,7 +315,10 @@ def compile(
     `"kernel"` (default: one Triton launch per sibling group) or `"inductor"` (experimental, not
     yet measured on a GPU: tensor ops in the graph that Inductor fuses into the kernels reading the
     outputs, for the language model's calls up to `max_lora_rank=16`; each slot's B then also
-    sits beside those weights).
+    sits beside those weights). `stack_shrink="inductor"` (experimental, with
+    `stack_expand="inductor"`) makes those calls' shrink tensor ops as well: each row's own slot's
+    A read (not every slot's), summed per rank column so that Inductor can fuse it into the kernel
+    producing the input; their GEMMs stay the base's. Default `"gemm"`: the stacked GEMM.
     These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows` and
     `stack_max_rows`). `inner` is the compiler of the rewritten graphs (Inductor
@@ -326,7 +330,7 @@ def compile(
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
                              prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows,
-                             stack_max_rows=stack_max_rows, stack_expand=stack_expand)
+                             stack_max_rows=stack_max_rows, stack_expand=stack_expand, stack_shrink=stack_shrink)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -116,7 +116,8 @@ class MMLoRABackend:
                        stack=(lambda target, rows: self.runtime.stack_width(target.module, rows)) if len(self.runtime.folds)
                        else None, stack_op=torch.ops.mmlora.lora_stacked_.default,
                        stack_layout=(lambda target: self.runtime.stack_layout(target.module)) if len(self.runtime.folds)
-                       else None, row_slots_op=torch.ops.mmlora.lora_stacked_row_slots.default)
+                       else None, row_slots_op=torch.ops.mmlora.lora_stacked_row_slots.default,
+                       shrink_in_graph=self.runtime.options.stack_shrink == "inductor")
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

@@ -128,7 +128,8 @@ def inspect_command(args) -> int:
                  for modality in partition_map.modalities}
     report = build_report(captured, linears, args.model, scans, serving, ownership,
                           folds=_fold_predicate(model, args.fold_min_rows),
-                          stacks=_stack_predicate(model, args.stack_max_rows), stack_expand=args.stack_expand)
+                          stacks=_stack_predicate(model, args.stack_max_rows), stack_expand=args.stack_expand,
+                          stack_shrink=args.stack_shrink)
     if args.format == "json":
         text = json.dumps(report, indent=2) + "\n"
     elif args.format == "dot":
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
                          help="with --stack-max-rows: compile(stack_expand=...); inductor marks the language model's "
                               "stacked calls 'stacked, graph expand' (their expand as graph ops, no LoRA kernel)")
+    inspect.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
+                         help="with --stack-expand inductor: compile(stack_shrink=...); inductor marks those calls "
+                              "'graph shrink and expand' (their shrink as graph ops too, the base GEMM as it is)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
     inspect.add_argument("--verbose", "-v", action="store_true",
                          help="let torch._dynamo's own messages (one per graph break) through")

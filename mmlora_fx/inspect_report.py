@@ -38,7 +38,7 @@ def _rows_owned(partition: str, shape, ownership: dict) -> str:
 
 def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=(), serving=None,
                  ownership: dict[str, UnitOwnership] | None = None, layouts=None, folds=None, stacks=None,
-                 stack_expand: str = "kernel") -> dict:
+                 stack_expand: str = "kernel", stack_shrink: str = "gemm") -> dict:
     """The inspection report of one capture; `adapters` are `AdapterScan`s, `serving` a `ServingPlan`,
     `ownership` per modality the example batch's tower units traced to their requests (`row_owners.trace_units`),
     `layouts` the served targets' `TargetLayout`s as compiled (`mm.runtime.layouts`: with the
@@ -47,7 +47,8 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     (`compile(fold_min_rows=...)`), marked `"folds"` on linear calls; `stacks` the same for the
     stack (`compile(stack_max_rows=...)`), marked `"stacks"` (the fold wins where both would),
     with `"stack_expand"`: `"graph"` where `compile(stack_expand="inductor")` writes the call's
-    expand as graph ops (language-model calls), `"kernel"` elsewhere."""
+    expand as graph ops (language-model calls), `"kernel"` elsewhere; those get `"stack_shrink"`:
+    `"graph"` where `compile(stack_shrink="inductor")` writes their shrink as graph ops too, else `"gemm"`."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -75,6 +76,8 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                 if entry["stacks"]:
                     entry["stack_expand"] = ("graph" if stack_expand == "inductor"
                                              and partition_of(node) == LANGUAGE_MODEL else "kernel")
+                    if entry["stack_expand"] == "graph":
+                        entry["stack_shrink"] = "graph" if stack_shrink == "inductor" else "gemm"
             partition_linear_nodes[partition_of(node)].append(entry)
         for node in record.parameter_matmul_nodes():
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.
@@ -321,10 +324,12 @@ _OTHER_NODE_TABLES = (
 
 def _lora_cell(node: dict) -> str:
     """How a served call gets its LoRA: the kernels ("yes"), folded, stacked (its expand by the
-    stack's kernel, or by graph ops: "stacked, graph expand")."""
+    stack's kernel, or by graph ops: "stacked, graph expand"; its shrink too: "graph shrink and expand")."""
     if node.get("folds"):
         return "folded"
     if node.get("stacks"):
+        if node.get("stack_shrink") == "graph":
+            return "graph shrink and expand"
         return "stacked, graph expand" if node.get("stack_expand") == "graph" else "stacked"
     return "yes"
 

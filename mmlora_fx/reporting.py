@@ -91,13 +91,14 @@ def in_gemm_summary(records: Sequence) -> str:
     """What the fold and the stack took in these graphs (`fold_min_rows`, `stack_max_rows`): linear
     calls folded and stacked, or why none was where neither took any."""
     marks = collections.Counter(mark for record in records for node in record.graph_module.graph.nodes
-                                for mark in ("folded", "stacked")
+                                for mark in ("folded", "stacked", "shrink")
                                 if node.meta.get("mmlora_lora", {}).get(mark) and node.op == "call_function"
                                 and node.target is not torch.as_strided)
     if not marks:
         return ("; no linear call was taken into its base GEMM: fold_min_rows and stack_max_rows take only calls "
                 "on rows known at compile time, in their range (compile with dynamic=False)")
-    return f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, {marks['stacked']} stacked"
+    in_graph = f" ({marks['shrink']} of them with shrink and expand as graph ops instead)" if marks["shrink"] else ""
+    return f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, {marks['stacked']} stacked{in_graph}"
 
 
 def _short_reason(reason: str) -> str:

@@ -44,10 +44,11 @@ from .sharding import (COLUMN, TP_LORA_A, distributed_layout, gather_slice_diges
 from .token_slots import TokenSlotTable
 from .upstream import check_supported
 
-__all__ = ["LoRARuntime", "ServingOptions", "STACK_EXPANDS"]
+__all__ = ["LoRARuntime", "ServingOptions", "STACK_EXPANDS", "STACK_SHRINKS"]
 
 # Who adds the stacked calls' expand (`ServingOptions.stack_expand`).
 STACK_EXPANDS = ("kernel", "inductor")
+STACK_SHRINKS = ("gemm", "inductor")
 # The graph expand writes a few ops per column of the rank (the sum over the rank unrolled, so that
 # Inductor can inline it): compile time grows with the rank (tiny-llava's 2-layer language model,
 # first call on the CPU, 2026-12-07, with ~5 ops a column, before they became ~2: 31 s with the
@@ -79,7 +80,10 @@ class ServingOptions:
     `stack_expand` says who adds the stacked calls' expand: `"kernel"` (one Triton launch per
     sibling group, `kernels/lora_stacked.py`) or `"inductor"` (plain tensor ops in the graph,
     which Inductor fuses into the kernels that read the outputs; language-model calls at
-    `max_lora_rank` up to `GRAPH_EXPAND_MAX_RANK`, the others keep the kernel)."""
+    `max_lora_rank` up to `GRAPH_EXPAND_MAX_RANK`, the others keep the kernel). `stack_shrink`
+    says who computes the shrink of the calls with the graph expand: `"gemm"` (their base GEMM,
+    every slot's A stacked under the weight) or `"inductor"` (tensor ops too, each row's own slot's
+    A only, which Inductor can fuse into the kernel producing the input; the GEMM is the base's)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -94,6 +98,7 @@ class ServingOptions:
     fold_min_rows: int | None = None
     stack_max_rows: int | None = None
     stack_expand: str = "kernel"
+    stack_shrink: str = "gemm"
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
@@ -106,6 +111,11 @@ class ServingOptions:
             raise OptionError(f"stack_expand must be one of {STACK_EXPANDS}, not {self.stack_expand!r}")
         if self.stack_expand != "kernel" and self.stack_max_rows is None:
             raise OptionError(f"stack_expand={self.stack_expand!r} applies to stacked calls only: give stack_max_rows too")
+        if self.stack_shrink not in STACK_SHRINKS:
+            raise OptionError(f"stack_shrink must be one of {STACK_SHRINKS}, not {self.stack_shrink!r}")
+        if self.stack_shrink != "gemm" and self.stack_expand != "inductor":
+            raise OptionError(f"stack_shrink={self.stack_shrink!r} applies to the graph expand's calls only: give "
+                              "stack_expand='inductor' (and stack_max_rows) too")
 
     @property
     def lora_a_sharded(self) -> bool:

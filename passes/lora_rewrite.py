@@ -101,9 +101,10 @@ class _RowSlots:
 
 
 def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int, layout: tuple[int, int],
-                     row_slots: _RowSlots, anchor: fx.Node) -> fx.Node:
+                     row_slots: _RowSlots, anchor: fx.Node, x: fx.Node | None = None) -> fx.Node:
     """The stacked call `node` (of the weight input `weight`)'s expand as tensor ops after
-    `anchor` (`node` or later; see `InsertLoRAOps`); returns the last node added."""
+    `anchor` (`node` or later; see `InsertLoRAOps`); returns the last node added. With `x` (the
+    call's rows), `node` is the plain base GEMM and the shrink is tensor ops too (`width` 0)."""
     slots, rank = layout
     out_features, in_features = example_value(weight).shape
     row_stride = example_value(weight).stride(0)
@@ -111,7 +112,6 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     rows = value.numel() // out_features
     dtype = value.dtype
     entry = row_slots.of(rows, weight, partition_of(node))
-    index = row_slots.gather_index(entry, rows, rank)
     created: set[fx.Node] = set()
 
     def emit(target, *args, method: bool = False) -> fx.Node:
@@ -120,15 +120,30 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
         created.add(anchor)
         return anchor
 
+    def weight_read(size, stride, offset) -> fx.Node:
+        read = emit(torch.as_strided, weight, size, stride, offset)
+        read.meta[LORA] = node.meta[LORA]  # a read of the weight's buffer that serves its LoRA
+        return emit(operator.getitem, read, entry["safe"])  # each row's own slot's
+
     flat = emit("reshape", node, rows, out_features + width, method=True)
     base = emit(operator.getitem, flat, (slice(None), slice(None, out_features)))
-    shrunk = emit(operator.getitem, flat, (slice(None), slice(out_features, out_features + slots * rank)))
-    shrunk = emit("reshape", shrunk, rows, slots, rank, method=True)
-    own = emit(torch.gather, shrunk, 1, index)  # [rows, 1, rank]: the row's own slot's shrink only
-    own = emit("float", own, method=True)
-    lora_b = emit(torch.as_strided, weight, (slots, out_features, rank), (rank, row_stride, 1), in_features)
-    lora_b.meta[LORA] = node.meta[LORA]  # a read of the weight's buffer that serves its LoRA
-    lora_b = emit(operator.getitem, lora_b, entry["safe"])  # [rows, out, rank]: each row's slot's B
+    if x is None:
+        shrunk = emit(operator.getitem, flat, (slice(None), slice(out_features, out_features + slots * rank)))
+        shrunk = emit("reshape", shrunk, rows, slots, rank, method=True)
+        own = emit(torch.gather, shrunk, 1, row_slots.gather_index(entry, rows, rank))  # [rows, 1, rank]
+        own = emit("float", own, method=True)
+    else:
+        # Each rank column's shrink a reduction of its own over the input (`[rows]` each, like the
+        # norm that often produces x), so that Inductor can fuse them into x's producer; one
+        # `[rows, rank]` reduction would have another shape, a kernel of its own.
+        rows_in = emit("float", emit("reshape", x, rows, in_features, method=True), method=True)
+        columns = []
+        for column in range(rank):
+            lora_a = weight_read((slots, in_features), (rank * row_stride, 1), (out_features + column) * row_stride)
+            product = emit(operator.mul, rows_in, emit("float", lora_a, method=True))
+            columns.append(emit("sum", product, -1, method=True))
+        own = emit("view", emit(torch.stack, columns, -1), rows, 1, rank, method=True)  # [rows, 1, rank]
+    lora_b = weight_read((slots, out_features, rank), (rank, row_stride, 1), in_features)  # [rows, out, rank]
     products = emit(operator.mul, own, emit("float", lora_b, method=True))  # [rows, out, rank]
     delta = None
     for column in range(rank):
@@ -142,6 +157,8 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     _read_through(node, view, width, keep=created)
     node.meta[LORA]["op"] = entry["slots"].name
     node.meta[LORA]["expand"] = "graph"
+    if x is not None:
+        node.meta[LORA]["shrink"] = "graph"
     return anchor
 
 
@@ -181,12 +198,17 @@ class InsertLoRAOps:
     `row_slots_op(weights, rows)`, one node per row count after the graph's inputs, over the
     weights of every call it serves (it checks them); that node is the group's LoRA op
     (`node.meta["mmlora_lora_op"]`), and the targets get `"expand": "graph"` beside `"stacked"`.
+    With `shrink_in_graph`, those calls' GEMMs stay the base's (`"shrink": "graph"` beside the rest):
+    the shrink is tensor ops too, one sum over the input per rank column of each row's own slot's
+    A (read through `as_strided(weight)` below the weight), so that Inductor can fuse it into the
+    kernel that produces the input (a norm, an activation) instead of the GEMM reading every slot's A.
     """
 
     def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
                  fold: Callable[[object, int], int | None] | None = None, fold_op=None,
                  stack: Callable[[object, int], int | None] | None = None, stack_op=None,
-                 stack_layout: Callable[[object], tuple[int, int] | None] | None = None, row_slots_op=None):
+                 stack_layout: Callable[[object], tuple[int, int] | None] | None = None, row_slots_op=None,
+                 shrink_in_graph: bool = False):
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
@@ -196,6 +218,7 @@ class InsertLoRAOps:
         self.stack_op = stack_op
         self.stack_layout = stack_layout
         self.row_slots_op = row_slots_op
+        self.shrink_in_graph = shrink_in_graph
         unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
         if unbound:
             raise ValueError(f"target kinds {unbound} need an op of their own: pass kind.with_op(op)")
@@ -232,12 +255,18 @@ class InsertLoRAOps:
                        else None for node in group]
             if widths and all(layouts):
                 weights = [kind.weight_of(node) for node in group]
-                self._rewrite_stacked(graph, group, kind, widths, None)
+                if self.shrink_in_graph:
+                    anchor = _placed_together(group)  # the base GEMMs as they are
+                    for node in group:
+                        node.meta[LORA] = {"group": [member.name for member in group], "stacked": widths[node]}
+                else:
+                    self._rewrite_stacked(graph, group, kind, widths, None)
+                    anchor = group[-1]
                 # Every sibling's expand after the group's last GEMM: the GEMMs first, so that
                 # Inductor's scheduler finds each expand next to the kernel that reads it.
-                anchor = group[-1]
                 for node, weight, layout in zip(group, weights, layouts):
-                    anchor = _expand_in_graph(graph, node, weight, widths[node], layout, row_slots, anchor)
+                    anchor = _expand_in_graph(graph, node, weight, 0 if self.shrink_in_graph else widths[node], layout,
+                                              row_slots, anchor, kind.rows_of(node) if self.shrink_in_graph else None)
             elif widths:
                 self._rewrite_stacked(graph, group, kind, widths, self.stack_op)
             else:

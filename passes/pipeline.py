@@ -73,6 +73,7 @@ class Rewrite:
     stack_op: object = None
     stack_layout: Callable | None = None  # target -> (slots, rank) where the stack's expand is the graph's, or None
     row_slots_op: object = None
+    shrink_in_graph: bool = False  # the graph expand's calls also shrink in tensor ops, not in the base GEMM
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -82,7 +83,8 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
     LabelPartitions(labelling.label_of)(graph_module)
     if rewrite is not None:
         InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op, rewrite.stack,
-                      rewrite.stack_op, rewrite.stack_layout, rewrite.row_slots_op)(graph_module)
+                      rewrite.stack_op, rewrite.stack_layout, rewrite.row_slots_op,
+                      rewrite.shrink_in_graph)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

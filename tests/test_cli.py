@@ -188,3 +188,13 @@ def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path,
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
                  "--stack-expand", "inductor"]) == 0
     assert "stacked, graph expand" in capsys.readouterr().out
+    # --stack-shrink inductor: those calls' shrink as graph ops too; the tower's calls unchanged.
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
+                 "--stack-expand", "inductor", "--stack-shrink", "inductor", "--format", "json", "-o", str(output)]) == 0
+    partitions = json.loads(output.read_text())["partitions"]
+    shrinks = {(partition, node.get("stack_shrink")) for partition, entry in partitions.items()
+               for node in entry["linear_nodes"] if node["lora"]}
+    assert shrinks == {("language_model", "graph"), ("tower", None)}, shrinks
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
+                 "--stack-expand", "inductor", "--stack-shrink", "inductor"]) == 0
+    assert "graph shrink and expand" in capsys.readouterr().out

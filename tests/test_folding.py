@@ -72,7 +72,10 @@ def _equal_peft_after_a_swap(mm, family, batch, singles):
 IN_GEMM = {"fold": (dict(fold_min_rows=1), dict(fold_min_rows=10**6), "folded"),
            "stack": (dict(stack_max_rows=10**6), dict(stack_max_rows=1), "stacked"),
            "stack, graph expand": (dict(stack_max_rows=10**6, stack_expand="inductor"),
-                                   dict(stack_max_rows=1, stack_expand="inductor"), "stacked")}
+                                   dict(stack_max_rows=1, stack_expand="inductor"), "stacked"),
+           "stack, graph shrink and expand": (dict(stack_max_rows=10**6, stack_expand="inductor", stack_shrink="inductor"),
+                                              dict(stack_max_rows=1, stack_expand="inductor", stack_shrink="inductor"),
+                                              "stacked")}
 
 
 @pytest.mark.parametrize("way", list(IN_GEMM))
@@ -199,12 +202,13 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     assert torch.equal(stacked_bias[:8], bias) and not stacked_bias[8:].any()
 
 
-@pytest.mark.parametrize("stack_expand", ["kernel", "inductor"])
+@pytest.mark.parametrize("stack_expand, stack_shrink", [("kernel", "gemm"), ("inductor", "gemm"),
+                                                         ("inductor", "inductor")])
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, caplog):
+def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, stack_shrink, caplog):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=3, stack_max_rows=10**6, inner=inner,
-                           stack_expand=stack_expand, dynamic=False)
+                           stack_expand=stack_expand, stack_shrink=stack_shrink, dynamic=False)
     folds = mm.runtime.folds
     # Every served plain linear stacks, narrow ones too; none folds (fold_min_rows is off).
     assert any(module.endswith("down_proj") for module in folds.modules), folds.modules
@@ -233,6 +237,13 @@ def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, cap
                         if node.target is torch.ops.mmlora.lora_stacked_row_slots.default]
         assert 0 < len(row_slot_ops) <= len(graphs) and len({node.meta[LORA]["op"] for node in in_graph}) == len(
             row_slot_ops)
+    # With the graph shrink, those calls' GEMMs read the weight as it is (no stacked A under it);
+    # the other stacked calls keep the stacked GEMM.
+    shrunk_in_graph = [node for node in stacked if node.meta[LORA].get("shrink") == "graph"]
+    assert shrunk_in_graph == (in_graph if stack_shrink == "inductor" else [])
+    for node in stacked:
+        weight = node.args[1]
+        assert (weight.op == "placeholder") == (node in shrunk_in_graph), (node, weight)
     _equal_peft_after_a_swap(mm, family, batch, singles)
 
 
@@ -265,6 +276,10 @@ def test_stack_expand_is_checked():
         mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=4, stack_expand="triton")
     with pytest.raises(OptionError, match="give stack_max_rows too"):  # it would change nothing
         mmlora_fx.compile(zoo.build(FAMILY), {}, stack_expand="inductor")
+    with pytest.raises(OptionError, match="stack_shrink"):
+        mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=4, stack_expand="inductor", stack_shrink="kernel")
+    with pytest.raises(OptionError, match="give stack_expand='inductor'"):  # the kernel reads the GEMM's shrink
+        mmlora_fx.compile(zoo.build(FAMILY), {}, stack_max_rows=4, stack_shrink="inductor")
 
 
 def test_stack_max_rows_is_checked():
@@ -286,3 +301,12 @@ def test_decode_steps_with_the_graph_expand_equal_eager_across_swaps_loads_and_u
     from .test_gpu import decode_replays_equal_eager
 
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor")
+
+
+def test_decode_steps_with_the_graph_shrink_and_expand_equal_eager_across_swaps_loads_and_unloads(tmp_path):
+    # The same with the shrink as graph ops too (stack_shrink="inductor"): each row's slot's A read
+    # below the weight, which the base GEMM no longer reads.
+    from .test_gpu import decode_replays_equal_eager
+
+    decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor",
+                               stack_shrink="inductor")

@@ -40,16 +40,20 @@ def test_cuda_graph_decode_replays_equal_eager_across_adapter_swaps(family, extr
 
 # 8: the decode steps stacked (3 rows: the expand per row); 10**6: the prefill too (more than 4
 # rows: the expand per tile of rows of one slot, found by the search). "inductor": the language
-# model's expand as graph ops that Inductor fuses into the outputs' readers.
-@pytest.mark.parametrize("stack_max_rows, stack_expand", [(8, "kernel"), (10**6, "kernel"), (8, "inductor"),
-                                                         (10**6, "inductor")])
-def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path, stack_max_rows, stack_expand):
+# model's expand as graph ops that Inductor fuses into the outputs' readers; "inductor/inductor":
+# its shrink too.
+@pytest.mark.parametrize("stack_max_rows, stack_expand, stack_shrink",
+                         [(8, "kernel", "gemm"), (10**6, "kernel", "gemm"), (8, "inductor", "gemm"),
+                          (10**6, "inductor", "gemm"), (8, "inductor", "inductor"), (10**6, "inductor", "inductor")])
+def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_path, stack_max_rows, stack_expand,
+                                                                         stack_shrink):
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda", stack_max_rows=stack_max_rows,
-                               stack_expand=stack_expand)
+                               stack_expand=stack_expand, stack_shrink=stack_shrink)
 
 
 def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
-                               stack_max_rows: int | None = None, stack_expand: str = "kernel") -> None:
+                               stack_max_rows: int | None = None, stack_expand: str = "kernel",
+                               stack_shrink: str = "gemm") -> None:
     """Prefill, then decode steps under `mode="reduce-overhead"`, each equal to `mm.eager`, with
     adapters swapped, loaded into an evicted slot and unloaded between replays: no recapture, no
     recompilation. With `stack_max_rows`, the decode steps' linears compute their shrink in the
@@ -65,7 +69,7 @@ def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
     model = zoo.build(family).to(device)
     mm = mmlora_fx.compile(model, {"alice": paths["alice"], "bob": paths["bob"]}, max_loras=2,
                            mode="reduce-overhead", stack_max_rows=stack_max_rows, stack_expand=stack_expand,
-                           dynamic=False if stack_max_rows else None)
+                           stack_shrink=stack_shrink, dynamic=False if stack_max_rows else None)
     batch = {key: value.to(device) for key, value in zoo.make_batch(cpu_model, (1, 0, 2), seed=3).items()}
     cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 16)
     names = ["alice", None, "bob"]
@@ -111,6 +115,7 @@ def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
                  if node.meta.get("mmlora_lora", {}).get("stacked")]
         assert marks, "no linear was stacked"
         assert any(mark.get("expand") == "graph" for mark in marks) == (stack_expand == "inductor")
+        assert any(mark.get("shrink") == "graph" for mark in marks) == (stack_shrink == "inductor")
 
 
 def prefill_replays_equal_eager(family: str, root, device: str, fold_min_rows: int | None = None) -> None:
