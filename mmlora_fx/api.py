@@ -320,8 +320,8 @@ def compile(
     A read (not every slot's), summed per rank column so that Inductor can fuse it into the kernel
     producing the input; their GEMMs stay the base's. Default `"gemm"`: the stacked GEMM.
     These are
-    `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows` and
-    `stack_max_rows`). `inner` is the compiler of the rewritten graphs (Inductor
+    `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows`,
+    `stack_max_rows`, `stack_expand` and `stack_shrink`). `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
     `verbose` lets dynamo's own messages (graph breaks) through; by default a call that compiles
     prints one summary line instead (the `mmlora_fx` logger, level INFO).

@@ -240,8 +240,9 @@ def mmlora_backend(graph_module: fx.GraphModule, example_inputs: list, options: 
         model = _model_being_compiled()
         inner = options.get("inner", "inductor")
         patches = {key: value for key, value in options.items() if key not in RUNTIME_OPTIONS + ("inner",)}
-        for option in ("fold_min_rows", "stack_max_rows"):
-            if options.get(option) is not None:
+        for option, default in (("fold_min_rows", None), ("stack_max_rows", None), ("stack_expand", "kernel"),
+                                ("stack_shrink", "gemm")):
+            if options.get(option, default) != default:
                 # The fold and the stack move weights into larger buffers before capture; here
                 # dynamo has already captured the old ones.
                 raise OptionError(f"{option} needs mmlora_fx.compile: through backend='mmlora' the model is "

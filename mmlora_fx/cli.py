@@ -112,6 +112,10 @@ def inspect_command(args) -> int:
     from .peft_format import scan_adapter
     from .serving import ServingPlan
 
+    from .runtime import ServingOptions
+
+    # The stack's options refused as compile refuses them (stack_shrink without the graph expand, say).
+    ServingOptions(stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink)
     model = load_model(args.model)
     partition_map = discover_partitions(model, _overrides(args.partition))
     linears = LinearIndex(model, partition_map)

@@ -97,8 +97,11 @@ def in_gemm_summary(records: Sequence) -> str:
     if not marks:
         return ("; no linear call was taken into its base GEMM: fold_min_rows and stack_max_rows take only calls "
                 "on rows known at compile time, in their range (compile with dynamic=False)")
-    in_graph = f" ({marks['shrink']} of them with shrink and expand as graph ops instead)" if marks["shrink"] else ""
-    return f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, {marks['stacked']} stacked{in_graph}"
+    # The graph shrink's calls carry the stack's mark (they are in its range) but keep the base GEMM.
+    in_graph = (f"; {marks['shrink']} linear calls with shrink and expand as graph ops (their GEMMs unchanged)"
+                if marks["shrink"] else "")
+    return (f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, "
+            f"{marks['stacked'] - marks['shrink']} stacked{in_graph}")
 
 
 def _short_reason(reason: str) -> str:

@@ -46,7 +46,7 @@ def test_an_option_out_of_range_is_refused_as_itself_through_the_backend(tmp_pat
     paths = {"a": make_adapter(base, tmp_path / "a", all_targets("tiny-llava"), r=4, seed=0)}
     torch._dynamo.reset()
     for options in ({"prefetch_workers": 0}, {"tp_lora_a": "halved"}, {"max_loras": 0}, {"fold_min_rows": 512},
-                    {"stack_max_rows": 8}):
+                    {"stack_max_rows": 8}, {"stack_expand": "inductor"}, {"stack_shrink": "inductor"}):
         compiled = torch.compile(zoo.build("tiny-llava"), backend="mmlora",
                                  options={"adapters": paths, "inner": "aot_eager", **options})
         ids = torch.randint(zoo.FIRST_TEXT_TOKEN, zoo.FIRST_TEXT_TOKEN + 50, (1, 3))

@@ -198,3 +198,6 @@ def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path,
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
                  "--stack-expand", "inductor", "--stack-shrink", "inductor"]) == 0
     assert "graph shrink and expand" in capsys.readouterr().out
+    # As compile refuses it: the shrink as graph ops needs the graph expand.
+    assert main(["inspect", "tiny-qwen2-vl", "--stack-max-rows", "8", "--stack-shrink", "inductor"]) == 2
+    assert "stack_shrink='inductor' applies to the graph expand's calls only" in capsys.readouterr().err
