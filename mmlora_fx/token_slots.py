@@ -43,13 +43,18 @@ class TokenSlotTable:
         cum = [0]
         for weight in weights:
             cum.append(cum[-1] + int(weight))
+        slots = [int(slot) for slot in slots]
+        if slots == self.slots and cum == self.cum_weights:
+            # The same batch as the last fill (decode steps of an unchanged batch): the device
+            # tables already hold it; no host-to-device copies, no tile plan.
+            return
         padded_slots = list(slots) + [-1] * (self.max_batch_size - len(slots))
         padded_cum = cum + [cum[-1]] * (self.max_batch_size - len(slots))
         # From pageable memory the copy returns once the host data is staged: no race, no sync.
         self.request_slots.copy_(torch.tensor(padded_slots, dtype=torch.int32), non_blocking=True)
         self.request_cum_weights.copy_(torch.tensor(padded_cum, dtype=torch.int64), non_blocking=True)
         self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
-        self.slots = [int(slot) for slot in slots]
+        self.slots = slots
         self.cum_weights = cum
 
     def check_rows(self, rows: int, leading: int = 1, why: str = "") -> None:

@@ -30,6 +30,25 @@ def test_refilling_replaces_the_previous_batch_in_place():
     assert row_slots(table.request_slots, table.request_cum_weights, 3).tolist() == [-1, -1, -1]
 
 
+def test_the_same_batch_again_copies_nothing_and_a_change_after_it_is_written(monkeypatch):
+    # Decode steps of an unchanged batch refill the same tables: no host-to-device copies then.
+    table = TokenSlotTable("language_model", max_batch_size=4, device=torch.device("cpu"))
+    table.fill([1, -1, 0], [1, 1, 1])
+    copies = []
+    original = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, *args, **kwargs: copies.append(self) or original(
+        self, *args, **kwargs))
+    table.fill([1, -1, 0], [1, 1, 1])
+    assert copies == []
+    table.fill([1, 0, 0], [1, 1, 1])  # one request's adapter changed
+    assert len(copies) == 3  # slots, running weights, tile plan
+    assert row_slots(table.request_slots, table.request_cum_weights, 3).tolist() == [1, 0, 0]
+    assert torch.equal(table.tile_plan, build_tile_plan([1, 0, 0], [0, 1, 2, 3]))
+    table.fill([1, 0, 0], [1, 2, 1])  # same slots, other weights
+    assert row_slots(table.request_slots, table.request_cum_weights, 4).tolist() == [1, 0, 0, 0]
+    assert len(copies) == 6
+
+
 def test_rows_that_do_not_split_are_refused():
     table = TokenSlotTable("tower", max_batch_size=4, device=torch.device("cpu"))
     table.fill([0, 1], [2, 1])
