@@ -251,6 +251,10 @@ class LoRARuntime:
         REGISTRY.register(self, self.linears.of_kind(PARAMETER), LINEAR)
         self._add_eager_hooks()
 
+    def all_token_tables(self) -> list[TokenSlotTable]:
+        """Every token table the forward reads: each partition's, the tower units', the second calls'."""
+        return [*self.tables.values(), *self.unit_tables.values(), *self.second_call_tables.values()]
+
     # ------------------------------------------------------------------ before a forward
     def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,
                 has_images: bool = False, inputs: Mapping[str, object] | None = None,

@@ -33,6 +33,7 @@ class TokenSlotTable:
         # Host copies of the slots and running weights, to check row splits without reading the device.
         self.slots: list[int] = []
         self.cum_weights: list[int] = [0]
+        self._written: tuple[list[int], list[int]] | None = ([], [0])  # what the device tables hold
 
     def fill(self, slots: Sequence[int], weights: Sequence[int]) -> None:
         """Set each request's slot (-1: base model) and weight, in batch order."""
@@ -44,7 +45,7 @@ class TokenSlotTable:
         for weight in weights:
             cum.append(cum[-1] + int(weight))
         slots = [int(slot) for slot in slots]
-        if slots == self.slots and cum == self.cum_weights:
+        if self._written == (slots, cum):
             # The same batch as the last fill (decode steps of an unchanged batch): the device
             # tables already hold it; no host-to-device copies, no tile plan.
             return
@@ -56,6 +57,12 @@ class TokenSlotTable:
         self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
         self.slots = slots
         self.cum_weights = cum
+        self._written = (slots, cum)
+
+    def forget(self) -> None:
+        """Make the next fill write the device tables whatever it holds (benchmarks that repeat a
+        batch but must pay what a new batch pays)."""
+        self._written = None
 
     def check_rows(self, rows: int, leading: int = 1, why: str = "") -> None:
         """Refuse an activation whose rows cannot be shared among requests by their weights.

@@ -47,6 +47,10 @@ def test_the_same_batch_again_copies_nothing_and_a_change_after_it_is_written(mo
     table.fill([1, 0, 0], [1, 2, 1])  # same slots, other weights
     assert row_slots(table.request_slots, table.request_cum_weights, 4).tolist() == [1, 0, 0, 0]
     assert len(copies) == 6
+    table.forget()  # a benchmark repeating a batch that must pay a new batch's writes
+    table.fill([1, 0, 0], [1, 2, 1])
+    assert len(copies) == 9
+    assert row_slots(table.request_slots, table.request_cum_weights, 4).tolist() == [1, 0, 0, 0]
 
 
 def test_rows_that_do_not_split_are_refused():
