@@ -65,6 +65,8 @@ Details that matter for the numbers:
 - `mm.runtime.prepare(assignment)` (e2e's `mixed_names(names, batch, distinct,
   seed=batch*100+distinct)`) before each block of ours, outside the timed interval; every mix
   is prepared and run while warming, so all adapters are resident in their slots before timing.
+  `--prepare-each-step` prepares again before every timed step of ours (the same assignment: what
+  a server calling `mm(...)` each step of an unchanged batch pays on the host).
 - Both models are static per batch size (`dynamic=False`). e2e compiled without it, so its
   batch 16 and 64 graphs were dynamic-shape recompiles ("dynamic recompile" in BENCHMARKS.md):
   the old column here is e2e's timing method, not e2e's graphs.
@@ -343,7 +345,8 @@ def settings(args) -> dict:
     return dict(model=args.model, tiny=tiny, inner=inner, batches=sorted(batches), mixes=sorted(mixes),
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
-                stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink)
+                stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink,
+                prepare_each_step=args.prepare_each_step)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -410,7 +413,7 @@ class Worker:
         batch's first call timed (the compilation), then 3 calls a mix."""
         record = self.record
         for distinct in mixes_for(self.config, batch):
-            self.mm.runtime.prepare(self.assignment(batch, distinct))  # makes its adapters resident
+            self.prepare(self.assignment(batch, distinct))  # makes its adapters resident
             step.rewind()
             if batch not in record["first_call_s"]["ours"]:
                 skips = _cudagraph_skips()
@@ -485,8 +488,18 @@ class Run(Worker):
     def sync(self) -> None:
         e2e.synchronize(self.device)
 
+    def prepare(self, assignment) -> None:
+        """Ours' tables for `assignment` (its adapters made resident); remembered for
+        `--prepare-each-step`."""
+        self.prepared = assignment
+        self.mm.runtime.prepare(assignment)
+
     def one(self, step, call) -> None:
-        """One decode step (of the base with call=base, of ours with call=None)."""
+        """One decode step (of the base with call=base, of ours with call=None; with
+        `--prepare-each-step` ours' tables are prepared again first, as a server calling
+        `mm(...)` every step does)."""
+        if call is None and self.config.get("prepare_each_step"):
+            self.mm.runtime.prepare(self.prepared)
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()  # see the module docstring
         step(call)
@@ -587,7 +600,7 @@ class Run(Worker):
 
     def lora_effect(self, batch: int, step) -> float:
         """max |ours - base| / max |base| of one step's logits, with the batch's largest mix."""
-        self.mm.runtime.prepare(self.assignment(batch, mixes_for(self.config, batch)[-1]))
+        self.prepare(self.assignment(batch, mixes_for(self.config, batch)[-1]))
         step.rewind()
         self.one(step, None)
         step.rewind()
@@ -628,7 +641,7 @@ class Run(Worker):
         old_base = e2e.timed(lambda: self.one(step, self.base), self.device, repeats=config["old_repeats"])
         old_ours = {}
         for distinct in mixes:
-            self.mm.runtime.prepare(self.assignment(batch, distinct))
+            self.prepare(self.assignment(batch, distinct))
             self.sync()
             step.rewind()
             old_ours[distinct] = e2e.timed(lambda: self.one(step, None), self.device, repeats=config["old_repeats"])
@@ -667,7 +680,7 @@ class Run(Worker):
                     if variant == "base":
                         blocks["base"].append(self.block(step, self.base))
                     else:
-                        self.mm.runtime.prepare(self.assignment(batch, variant))
+                        self.prepare(self.assignment(batch, variant))
                         self.sync()
                         blocks[variant].append(self.block(step, None))
 
@@ -948,6 +961,9 @@ def main() -> int:
     parser.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
                         help="mmlora_fx.compile's stack_expand: who adds the stacked calls' expand (the stack's Triton "
                              "kernel, or tensor ops in the graph that Inductor fuses into the outputs' readers)")
+    parser.add_argument("--prepare-each-step", action="store_true",
+                        help="prepare ours' tables before every timed step (what a server calling mm(...) each step "
+                             "pays), not only before each block")
     parser.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
                         help="mmlora_fx.compile's stack_shrink (with --stack-expand inductor): the graph expand's calls' "
                              "shrink in the stacked GEMM, or tensor ops Inductor fuses into the input's producer")

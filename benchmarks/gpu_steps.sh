@@ -58,6 +58,8 @@
 #   decode_stack_graph  decode_stack with --stack-expand inductor: the language model's expand as graph ops that
 #              Inductor fuses into the kernels reading the outputs, no LoRA launch but one row-slot op a step
 #              (#15; unrun, ~560)
+#   decode_prepare  decode_slots8 with --prepare-each-step: ours' tables prepared before every timed step, what a
+#              server calling mm(...) each step pays (an unchanged batch: no table writes since 2026-12-07) (#15; ~560)
 #   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too, the base
 #              GEMMs as they are (#15; unrun, ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
@@ -94,7 +96,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_shrink]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_prepare]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_shrink]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -157,8 +159,9 @@ run_step() {
                         --json "$out/kstack-${slots_adapters%%:*}.json" --markdown "$out/kstack-${slots_adapters%%:*}.md" \
                         --commit "$commit"
                 done ;;
-        decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink)
+        decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink|decode_prepare)
             local stack=(); [[ $step == decode_stack* ]] && stack=(--stack-max-rows 16)
+            [[ $step == decode_prepare ]] && stack=(--prepare-each-step)
             [[ $step == decode_stack_graph || $step == decode_stack_shrink ]] && stack+=(--stack-expand inductor)
             [[ $step == decode_stack_shrink ]] && stack+=(--stack-shrink inductor)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
