@@ -110,9 +110,8 @@ def inspect_command(args) -> int:
     from .partitions import discover_partitions, tower_label
     from .row_owners import modality_token_ids, outermost, token_name, trace_units
     from .peft_format import scan_adapter
-    from .serving import ServingPlan
-
     from .runtime import ServingOptions
+    from .serving import ServingPlan
 
     # The stack's options refused as compile refuses them (stack_shrink without the graph expand, say).
     ServingOptions(stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink)
