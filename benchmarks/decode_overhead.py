@@ -65,8 +65,9 @@ Details that matter for the numbers:
 - `mm.runtime.prepare(assignment)` (e2e's `mixed_names(names, batch, distinct,
   seed=batch*100+distinct)`) before each block of ours, outside the timed interval; every mix
   is prepared and run while warming, so all adapters are resident in their slots before timing.
-  `--prepare-each-step` prepares again before every timed step of ours (the same assignment: what
-  a server calling `mm(...)` each step of an unchanged batch pays on the host).
+  `--served-call` runs each of ours' steps through `mm(..., adapter_names=...)` instead of the
+  compiled model alone (the same assignment: what a server calling `mm(...)` every step of an
+  unchanged batch pays on the host, `prepare` and the call's scope included).
 - Both models are static per batch size (`dynamic=False`). e2e compiled without it, so its
   batch 16 and 64 graphs were dynamic-shape recompiles ("dynamic recompile" in BENCHMARKS.md):
   the old column here is e2e's timing method, not e2e's graphs.
@@ -105,6 +106,7 @@ import contextlib
 import copy
 import datetime
 import fcntl
+import functools
 import inspect
 import json
 import os
@@ -346,7 +348,7 @@ def settings(args) -> dict:
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
                 stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink,
-                prepare_each_step=args.prepare_each_step)
+                served_call=args.served_call)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -489,19 +491,18 @@ class Run(Worker):
         e2e.synchronize(self.device)
 
     def prepare(self, assignment) -> None:
-        """Ours' tables for `assignment` (its adapters made resident); remembered for
-        `--prepare-each-step`."""
+        """Ours' tables for `assignment` (its adapters made resident); remembered for `--served-call`."""
         self.prepared = assignment
         self.mm.runtime.prepare(assignment)
 
     def one(self, step, call) -> None:
-        """One decode step (of the base with call=base, of ours with call=None; with
-        `--prepare-each-step` ours' tables are prepared again first, as a server calling
-        `mm(...)` every step does)."""
-        if call is None and self.config.get("prepare_each_step"):
-            self.mm.runtime.prepare(self.prepared)
+        """One decode step (of the base with call=base, of ours with call=None: the compiled model
+        itself, or with `--served-call` `mm(..., adapter_names=...)` as a server calls it every
+        step, its `prepare`, scope and checks included)."""
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()  # see the module docstring
+        if call is None and self.config.get("served_call"):
+            call = functools.partial(self.mm, adapter_names=self.prepared)
         step(call)
 
     # ---------------------------------------------------------------- compile and warm
@@ -961,9 +962,9 @@ def main() -> int:
     parser.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
                         help="mmlora_fx.compile's stack_expand: who adds the stacked calls' expand (the stack's Triton "
                              "kernel, or tensor ops in the graph that Inductor fuses into the outputs' readers)")
-    parser.add_argument("--prepare-each-step", action="store_true",
-                        help="prepare ours' tables before every timed step (what a server calling mm(...) each step "
-                             "pays), not only before each block")
+    parser.add_argument("--served-call", action="store_true",
+                        help="ours' steps through mm(..., adapter_names=...) as a server calls it each step (prepare, "
+                             "the call's scope and checks on the host), not the compiled model alone")
     parser.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
                         help="mmlora_fx.compile's stack_shrink (with --stack-expand inductor): the graph expand's calls' "
                              "shrink in the stacked GEMM, or tensor ops Inductor fuses into the input's producer")

@@ -58,8 +58,9 @@
 #   decode_stack_graph  decode_stack with --stack-expand inductor: the language model's expand as graph ops that
 #              Inductor fuses into the kernels reading the outputs, no LoRA launch but one row-slot op a step
 #              (#15; unrun, ~560)
-#   decode_prepare  decode_slots8 with --prepare-each-step: ours' tables prepared before every timed step, what a
-#              server calling mm(...) each step pays (an unchanged batch: no table writes since 2026-12-07) (#15; ~560)
+#   decode_prepare  decode_slots8 with --served-call: ours' steps through mm(..., adapter_names=...), what a server
+#              calling it every step pays on the host (prepare: no table writes for an unchanged batch since
+#              2026-12-07) (#15; ~560)
 #   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too, the base
 #              GEMMs as they are (#15; unrun, ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
@@ -161,7 +162,7 @@ run_step() {
                 done ;;
         decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink|decode_prepare)
             local stack=(); [[ $step == decode_stack* ]] && stack=(--stack-max-rows 16)
-            [[ $step == decode_prepare ]] && stack=(--prepare-each-step)
+            [[ $step == decode_prepare ]] && stack=(--served-call)
             [[ $step == decode_stack_graph || $step == decode_stack_shrink ]] && stack+=(--stack-expand inductor)
             [[ $step == decode_stack_shrink ]] && stack+=(--stack-shrink inductor)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
