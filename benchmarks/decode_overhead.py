@@ -410,6 +410,11 @@ class Worker:
             record.setdefault("cudagraph_skips", dict(base={}, ours={}))["base"][batch] = _cudagraph_skips() - skips
             self.log(f"base b{batch} first call {record['first_call_s']['base'][batch]:.1f} s")
 
+    def prepare(self, assignment) -> None:
+        """Ours' tables for `assignment` (its adapters made resident); remembered for `--served-call`."""
+        self.prepared = assignment
+        self.mm.runtime.prepare(assignment)
+
     def warm_ours(self, batch: int, step) -> None:
         """Ours at `batch`, each of the batch's mixes prepared (its adapters made resident): the
         batch's first call timed (the compilation), then 3 calls a mix."""
@@ -490,19 +495,14 @@ class Run(Worker):
     def sync(self) -> None:
         e2e.synchronize(self.device)
 
-    def prepare(self, assignment) -> None:
-        """Ours' tables for `assignment` (its adapters made resident); remembered for `--served-call`."""
-        self.prepared = assignment
-        self.mm.runtime.prepare(assignment)
-
     def one(self, step, call) -> None:
         """One decode step (of the base with call=base, of ours with call=None: the compiled model
         itself, or with `--served-call` `mm(..., adapter_names=...)` as a server calls it every
         step, its `prepare`, scope and checks included)."""
-        if self.cuda:
-            torch.compiler.cudagraph_mark_step_begin()  # see the module docstring
         if call is None and self.config.get("served_call"):
-            call = functools.partial(self.mm, adapter_names=self.prepared)
+            call = functools.partial(self.mm, adapter_names=self.prepared)  # marks the CUDA-graph step itself
+        elif self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # see the module docstring
         step(call)
 
     # ---------------------------------------------------------------- compile and warm

@@ -229,8 +229,7 @@ def run_once(args) -> int:
                     rewind()
                     # A server's every prefill is a new batch: its token tables are written, though
                     # here the batch repeats (a fill equal to the last one would write nothing).
-                    for table in mm.runtime.all_token_tables():
-                        table.forget()
+                    mm.runtime.forget_tables()
                     return mm(**inputs, adapter_names=names).logits
 
                 rewind()

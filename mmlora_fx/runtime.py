@@ -251,9 +251,12 @@ class LoRARuntime:
         REGISTRY.register(self, self.linears.of_kind(PARAMETER), LINEAR)
         self._add_eager_hooks()
 
-    def all_token_tables(self) -> list[TokenSlotTable]:
-        """Every token table the forward reads: each partition's, the tower units', the second calls'."""
-        return [*self.tables.values(), *self.unit_tables.values(), *self.second_call_tables.values()]
+    def forget_tables(self) -> None:
+        """Make the next `prepare` write every token table (each partition's, the tower units', the
+        second calls') as for a new batch: for benchmarks that repeat one batch (a fill equal to
+        the last one writes nothing)."""
+        for table in (*self.tables.values(), *self.unit_tables.values(), *self.second_call_tables.values()):
+            table.forget()
 
     # ------------------------------------------------------------------ before a forward
     def prepare(self, adapter_names: Sequence[str | None], input_ids: torch.Tensor | None = None,

@@ -33,7 +33,7 @@ class TokenSlotTable:
         # Host copies of the slots and running weights, to check row splits without reading the device.
         self.slots: list[int] = []
         self.cum_weights: list[int] = [0]
-        self._written: tuple[list[int], list[int]] | None = ([], [0])  # what the device tables hold
+        self._written: tuple[tuple[int, ...], tuple[int, ...]] | None = ((), (0,))  # what the device tables hold
 
     def fill(self, slots: Sequence[int], weights: Sequence[int]) -> None:
         """Set each request's slot (-1: base model) and weight, in batch order."""
@@ -45,7 +45,7 @@ class TokenSlotTable:
         for weight in weights:
             cum.append(cum[-1] + int(weight))
         slots = [int(slot) for slot in slots]
-        if self._written == (slots, cum):
+        if self._written == (tuple(slots), tuple(cum)):
             # The same batch as the last fill (decode steps of an unchanged batch): the device
             # tables already hold it; no host-to-device copies, no tile plan.
             return
@@ -57,7 +57,7 @@ class TokenSlotTable:
         self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
         self.slots = slots
         self.cum_weights = cum
-        self._written = (slots, cum)
+        self._written = (tuple(slots), tuple(cum))  # not the lists above, which callers can reach
 
     def forget(self) -> None:
         """Make the next fill write the device tables whatever it holds (benchmarks that repeat a
