@@ -33,7 +33,7 @@ class TokenSlotTable:
         # Host copies of the slots and running weights, to check row splits without reading the device.
         self.slots: list[int] = []
         self.cum_weights: list[int] = [0]
-        self._written: tuple[tuple[int, ...], tuple[int, ...]] | None = ((), (0,))  # what the device tables hold
+        self._written = True  # whether the device tables hold `slots` and `cum_weights`
 
     def fill(self, slots: Sequence[int], weights: Sequence[int]) -> None:
         """Set each request's slot (-1: base model) and weight, in batch order."""
@@ -45,11 +45,11 @@ class TokenSlotTable:
         for weight in weights:
             cum.append(cum[-1] + int(weight))
         slots = [int(slot) for slot in slots]
-        if self._written == (tuple(slots), tuple(cum)):
+        if self._written and slots == self.slots and cum == self.cum_weights:
             # The same batch as the last fill (decode steps of an unchanged batch): the device
             # tables already hold it; no host-to-device copies, no tile plan.
             return
-        padded_slots = list(slots) + [-1] * (self.max_batch_size - len(slots))
+        padded_slots = slots + [-1] * (self.max_batch_size - len(slots))
         padded_cum = cum + [cum[-1]] * (self.max_batch_size - len(slots))
         # From pageable memory the copy returns once the host data is staged: no race, no sync.
         self.request_slots.copy_(torch.tensor(padded_slots, dtype=torch.int32), non_blocking=True)
@@ -57,12 +57,12 @@ class TokenSlotTable:
         self.tile_plan.copy_(build_tile_plan(slots, cum), non_blocking=True)
         self.slots = slots
         self.cum_weights = cum
-        self._written = (tuple(slots), tuple(cum))  # not the lists above, which callers can reach
+        self._written = True
 
     def forget(self) -> None:
         """Make the next fill write the device tables whatever it holds (benchmarks that repeat a
         batch but must pay what a new batch pays)."""
-        self._written = None
+        self._written = False
 
     def check_rows(self, rows: int, leading: int = 1, why: str = "") -> None:
         """Refuse an activation whose rows cannot be shared among requests by their weights.

@@ -138,15 +138,22 @@ def test_zoo_lists_the_tiny_models(capsys):
     assert len({line.index(zoo.ZOO[line.split()[0]].model_class) for line in lines}) == 1, "aligned columns"
 
 
+def _served_linear_calls(tmp_path, path, *flags) -> list[tuple[str, dict]]:
+    """(partition, node) of each served linear call `inspect tiny-qwen2-vl --format json` reports
+    with the adapter at `path` and `flags`."""
+    output = tmp_path / "report.json"
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *flags, "--format", "json",
+                 "-o", str(output)]) == 0
+    return [(partition, node) for partition, entry in json.loads(output.read_text())["partitions"].items()
+            for node in entry["linear_nodes"] if node["lora"]]
+
+
 def test_inspect_marks_the_linears_the_fold_would_take(tmp_path, capsys):
     # q_proj (out = in) folds; k_proj (out < in in tiny-qwen2-vl's language model) keeps the kernels.
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
-    output = tmp_path / "report.json"
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "1", "--format", "json",
-                 "-o", str(output)]) == 0
-    nodes = [node for entry in json.loads(output.read_text())["partitions"].values() for node in entry["linear_nodes"]]
-    folds = {module: node["folds"] for node in nodes for module in node["modules"] if node["lora"]}
+    folds = {module: node["folds"] for _, node in _served_linear_calls(tmp_path, path, "--fold-min-rows", "1")
+             for module in node["modules"]}
     assert any(module.endswith("self_attn.q_proj") for module in folds) and any(module.endswith("k_proj") for module in folds)
     assert all(fold == module.endswith("q_proj") for module, fold in folds.items()), folds
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "100000"]) == 0
@@ -160,11 +167,9 @@ def test_inspect_marks_the_linears_the_stack_would_take(tmp_path, capsys):
     # q_proj folds (the fold wins) and k_proj stacks.
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
-    output = tmp_path / "report.json"
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
-                 "--fold-min-rows", "1", "--format", "json", "-o", str(output)]) == 0
-    nodes = [node for entry in json.loads(output.read_text())["partitions"].values() for node in entry["linear_nodes"]]
-    marks = {module: (node["folds"], node["stacks"]) for node in nodes for module in node["modules"] if node["lora"]}
+    marks = {module: (node["folds"], node["stacks"])
+             for _, node in _served_linear_calls(tmp_path, path, "--stack-max-rows", "100000", "--fold-min-rows", "1")
+             for module in node["modules"]}
     assert marks and all(mark == ((True, False) if module.endswith("q_proj") else (False, True))
                          for module, mark in marks.items()), marks
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "1"]) == 0
@@ -178,25 +183,17 @@ def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path,
     # ops; the tower's keep the stack's kernel.
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["k_proj", "qkv"], r=2)
-    output = tmp_path / "report.json"
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
-                 "--stack-expand", "inductor", "--format", "json", "-o", str(output)]) == 0
-    partitions = json.loads(output.read_text())["partitions"]
-    expands = {(partition, node["stack_expand"]) for partition, entry in partitions.items()
-               for node in entry["linear_nodes"] if node["lora"]}
+    graph_expand = ("--stack-max-rows", "100000", "--stack-expand", "inductor")
+    expands = {(partition, node["stack_expand"]) for partition, node in _served_linear_calls(tmp_path, path, *graph_expand)}
     assert expands == {("language_model", "graph"), ("tower", "kernel")}, expands
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
-                 "--stack-expand", "inductor"]) == 0
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *graph_expand]) == 0
     assert "stacked, graph expand" in capsys.readouterr().out
     # --stack-shrink inductor: those calls' shrink as graph ops too; the tower's calls unchanged.
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
-                 "--stack-expand", "inductor", "--stack-shrink", "inductor", "--format", "json", "-o", str(output)]) == 0
-    partitions = json.loads(output.read_text())["partitions"]
-    shrinks = {(partition, node.get("stack_shrink")) for partition, entry in partitions.items()
-               for node in entry["linear_nodes"] if node["lora"]}
+    graph_shrink = (*graph_expand, "--stack-shrink", "inductor")
+    shrinks = {(partition, node.get("stack_shrink"))
+               for partition, node in _served_linear_calls(tmp_path, path, *graph_shrink)}
     assert shrinks == {("language_model", "graph"), ("tower", None)}, shrinks
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000",
-                 "--stack-expand", "inductor", "--stack-shrink", "inductor"]) == 0
+    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *graph_shrink]) == 0
     assert "graph shrink and expand" in capsys.readouterr().out
     # As compile refuses it: the shrink as graph ops needs the graph expand.
     assert main(["inspect", "tiny-qwen2-vl", "--stack-max-rows", "8", "--stack-shrink", "inductor"]) == 2
