@@ -138,14 +138,6 @@ GRACE_S = 15.0
 
 
 # --------------------------------------------------------------------------- small helpers
-def _cudagraph_skips() -> int:
-    """Graphs Inductor compiled but left out of CUDA graphs so far in this process: a skipped graph
-    runs its kernels from the host at every step (recorded per model and batch, first call)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["cudagraph_skips"]
-
-
 def elapsed(t0: float) -> str:
     return f"{time.time() - t0:6.1f}s"
 
@@ -399,7 +391,7 @@ class Worker:
         record = self.record
         for batch, step in self.steps.items():
             step.rewind()
-            skips = _cudagraph_skips()
+            skips = e2e.cudagraph_skips()
             began = time.perf_counter()
             self.one(step, self.base)
             self.sync()
@@ -407,8 +399,13 @@ class Worker:
             for _ in range(3):  # CUDA graphs: the first call warms, the second records, then replays
                 self.one(step, self.base)
             self.sync()
-            record.setdefault("cudagraph_skips", dict(base={}, ours={}))["base"][batch] = _cudagraph_skips() - skips
+            self.record_skips("base", batch, skips)
             self.log(f"base b{batch} first call {record['first_call_s']['base'][batch]:.1f} s")
+
+    def record_skips(self, which: str, batch: int, before: int) -> None:
+        """The graphs Inductor left out of CUDA graphs since `before` (`e2e.cudagraph_skips()`), for
+        `which` model at `batch`: each runs its kernels from the host at every step."""
+        self.record.setdefault("cudagraph_skips", dict(base={}, ours={}))[which][batch] = e2e.cudagraph_skips() - before
 
     def prepare(self, assignment) -> None:
         """Ours' tables for `assignment` (its adapters made resident); remembered for `--served-call`."""
@@ -423,12 +420,12 @@ class Worker:
             self.prepare(self.assignment(batch, distinct))  # makes its adapters resident
             step.rewind()
             if batch not in record["first_call_s"]["ours"]:
-                skips = _cudagraph_skips()
+                skips = e2e.cudagraph_skips()
                 began = time.perf_counter()
                 self.one(step, None)
                 self.sync()
                 record["first_call_s"]["ours"][batch] = time.perf_counter() - began
-                record.setdefault("cudagraph_skips", dict(base={}, ours={}))["ours"][batch] = _cudagraph_skips() - skips
+                self.record_skips("ours", batch, skips)
                 self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
             for _ in range(3):
                 self.one(step, None)

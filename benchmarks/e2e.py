@@ -222,6 +222,14 @@ def syncs_in(function, device) -> int | None:
     return sum(1 for warning in caught if "synchroniz" in str(warning.message).lower())
 
 
+def cudagraph_skips() -> int:
+    """Graphs Inductor compiled but left out of CUDA graphs so far in this process: a skipped graph
+    runs its kernels from the host at every call (reduce-overhead)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

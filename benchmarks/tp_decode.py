@@ -244,8 +244,9 @@ class Rank(Worker):
         finally:
             captures.__exit__(None, None, None)
         record["graphs_ours"] = self.mm.compiled_graphs
-        record["cudagraph_skips"] = {key: value for key, value in
-                                     torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in key}
+        # The process's cudagraph counters (Worker's warm-up records "cudagraph_skips" per model and batch).
+        record["cudagraph_counters"] = {key: value for key, value in
+                                        torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in key}
         record["collectives_per_step"] = self.count_collectives()
         if self.cuda:
             record["memory_allocated_gib"] = torch.cuda.memory_allocated(self.device) / 2**30
