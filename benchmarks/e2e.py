@@ -103,7 +103,9 @@ KV = 512
 
 
 # --------------------------------------------------------------------------- set-up
-def build_model(spec, device, dtype):
+def build_model(spec, device, dtype, tower_attention: str = "sdpa"):
+    """`spec`'s model with random weights; `tower_attention` ("sdpa", "flex": tower_attention.py)
+    is the vision tower's attention (the dense model's only)."""
     if spec.get("model") == "moe":
         return build_moe_model(spec, device, dtype)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -116,7 +118,15 @@ def build_model(spec, device, dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    tower_attention_module().use_in_tower(model, tower_attention)
     return model.eval()
+
+
+def tower_attention_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import tower_attention
+
+    return tower_attention
 
 
 def build_moe_model(spec, device, dtype):

@@ -46,6 +46,11 @@
 #              LoRA folded into the base GEMMs of q, o, gate, up and the tower's qkv, proj, fc1 at prefill (#16; a ran on
 #              2026-12-07 one run after another, ~200 s each, two of three in the budget: now a and c run two at
 #              once sharing the GPU (29.1 GiB a run), b one at a time (~560 a call guessed; add runs and merge))
+#   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
+#              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
+#              graph for the tower instead of ~5 compiled regions a block (#16; unrun; compare the base with
+#              prefill_X_fold's base run in the same session: both are reported)
+#   prefill_profile_flex  prefill_profile_graphs with the fold and the flex tower, for both models (#16; unrun, ~200)
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
 #              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
@@ -97,7 +102,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_prepare]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_shrink]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_prepare]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_shrink]=330 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -167,15 +172,17 @@ run_step() {
             [[ $step == decode_stack_shrink ]] && stack+=(--stack-shrink inductor)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
-        prefill_a_fold|prefill_b_fold|prefill_c_fold)
+        prefill_a_fold|prefill_b_fold|prefill_c_fold|prefill_a_flex|prefill_b_flex|prefill_c_flex)
             # Ours' folded weights are copies (the base keeps its own). Case a peaked at 29.1 GiB a run on
             # 2026-12-07 (one after another, ~200 s each: the budget left room for two), so a and c now run two
             # at once sharing the GPU, as the graphs steps do; b (4x the rows, memory unmeasured) one at a time,
             # in blocks of 6 forwards: add runs with `--runs 1` and merge (prefill_overhead.py --merge).
-            local case=${step#prefill_}; case=${case%_fold}
+            local case=${step#prefill_}; case=${case%_*}
             local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 1 --block 6)
+            local tower=(); [[ $step == *_flex ]] && tower=(--tower-attention flex)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
-                --mode reduce-overhead --fold-min-rows 512 "${share[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
+                --mode reduce-overhead --fold-min-rows 512 "${share[@]}" "${tower[@]}" --budget-s $((seconds - 20)) \
+                --commit "$commit" ;;
         prefill_a_graphs|prefill_b_graphs|prefill_c_graphs)
             local case=${step#prefill_}; case=${case%_graphs}
             local block=(); [[ $case == b ]] && block=(--block 6)
@@ -193,6 +200,8 @@ run_step() {
                              --case a --commit "$commit" ;;
         prefill_profile_graphs) timeout "$seconds" python3 benchmarks/prefill_host_profile.py \
                                     --out "$out/prefill_profile_graphs" --case a --mode reduce-overhead --commit "$commit" ;;
+        prefill_profile_flex) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile_flex" \
+                                  --case a --mode reduce-overhead --fold-min-rows 512 --tower-attention flex --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;
     esac
 }

@@ -100,6 +100,9 @@ def main() -> int:
     parser.add_argument("--mode", choices=("default", "reduce-overhead"), default="default",
                         help="Inductor's mode for both models (reduce-overhead: CUDA graphs, as prefill_overhead.py "
                              "--mode; the forward before the timed ones records the graphs)")
+    parser.add_argument("--fold-min-rows", type=int, help="mmlora_fx.compile's fold_min_rows (prefill_overhead.py's)")
+    parser.add_argument("--tower-attention", choices=e2e.tower_attention_module().CHOICES, default="sdpa",
+                        help="the vision tower's attention, for both models (prefill_overhead.py's)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--commit")
     args = parser.parse_args()
@@ -110,7 +113,7 @@ def main() -> int:
     spec = e2e.TINY if args.tiny else e2e.SEVEN_B
     inner = "aot_eager" if args.tiny else "inductor"
     requests = sum((TINY_CASES if args.tiny else CASES)[args.case])
-    model = e2e.build_model(spec, device, dtype)
+    model = e2e.build_model(spec, device, dtype, args.tower_attention)
     workdir = Path(tempfile.mkdtemp(prefix="prefill-host-profile-"))
     modules = e2e.adapter_modules(model)
     adapters = {f"a{index}": e2e.write_adapter(workdir / f"a{index}", modules, seed=100 + index, device=device)
@@ -118,7 +121,8 @@ def main() -> int:
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), versions=versions(),
                   commit=args.commit or checkout_commit(), command="python3 " + " ".join(sys.argv),
                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", case=args.case,
-                  requests=requests, inner=inner, mode=args.mode, forwards=args.forwards, models={})
+                  requests=requests, inner=inner, mode=args.mode, fold_min_rows=args.fold_min_rows,
+                  tower_attention=args.tower_attention, forwards=args.forwards, models={})
     with torch.no_grad():
         # mmlora_fx compiles its model in place: a second module tree over the same tensors.
         shared = {id(tensor): tensor for tensor in list(model.parameters()) + list(model.buffers())}
@@ -127,7 +131,7 @@ def main() -> int:
         mode = args.mode if inner == "inductor" and args.mode != "default" else None
         base = torch.compile(model, backend=inner, mode=mode, dynamic=False)
         mm = mmlora_fx.compile(ours_model, adapters, max_loras=len(adapters), max_lora_rank=e2e.RANK, inner=inner,
-                               mode=mode, dynamic=False)
+                               mode=mode, dynamic=False, fold_min_rows=args.fold_min_rows)
         inputs, _own, rewind = case_inputs(model, spec, args.case, args.tiny, dtype)
         names = list(adapters)
 

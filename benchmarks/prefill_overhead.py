@@ -188,7 +188,7 @@ def run_once(args) -> int:
     try:
         cache_root = Path(args.cache_dir)
         mark = time.perf_counter()
-        model = e2e.build_model(spec, device, dtype)
+        model = e2e.build_model(spec, device, dtype, args.tower_attention)
         counts = {case: sum((TINY_CASES if args.tiny else CASES)[case]) for case in cases}
         workdir = Path(tempfile.mkdtemp(prefix="prefill-adapters-", dir=cache_root))
         modules = e2e.adapter_modules(model)
@@ -197,7 +197,7 @@ def run_once(args) -> int:
                     for index in range(max(counts.values()))}
         result["setup"] = dict(model=f"e2e.py {'TINY' if args.tiny else 'SEVEN_B'}, random weights",
                                dtype=str(dtype).removeprefix("torch."), backend=args.inner, mode=args.mode,
-                               rounds=args.rounds, fold_min_rows=args.fold_min_rows,
+                               rounds=args.rounds, fold_min_rows=args.fold_min_rows, tower_attention=args.tower_attention,
                                block=args.block, warmup=args.warmup, rank=e2e.RANK, adapter_modules=len(modules),
                                max_loras=len(adapters), cases={})
         mark = phase("model and adapters", mark)
@@ -352,7 +352,8 @@ def table(report: dict) -> list[str]:
 
 def child_command(args, index: int, result: Path, cache: Path, barrier: Path, count: int) -> list[str]:
     return child_arguments(args, index, result, cache, barrier, count, str(Path(__file__).resolve()),
-                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases, "--mode", args.mode] + (
+                           flags=("tiny", "share_gpu", "no_split")) + ["--cases", args.cases, "--mode", args.mode,
+                                                                 "--tower-attention", args.tower_attention] + (
         ["--fold-min-rows", str(args.fold_min_rows)] if args.fold_min_rows else [])
 
 
@@ -373,6 +374,9 @@ def main() -> int:
                         "(the cases' shapes are fixed: one capture per graph)")
     parser.add_argument("--fold-min-rows", type=int, help="mmlora_fx.compile's fold_min_rows: LoRA folded into the "
                         "base GEMMs of linears at least as wide out as in, in calls of at least this many rows")
+    parser.add_argument("--tower-attention", choices=e2e.tower_attention_module().CHOICES, default="sdpa",
+                        help="the vision tower's attention, for both models: flex runs it without a graph break "
+                        "per block (benchmarks/tower_attention.py)")
     parser.add_argument("--merge", nargs="+", type=Path, help=f"combine these {JSON} into --out")
     args = parser.parse_args()
     fill_defaults(args)
