@@ -962,9 +962,10 @@ def main() -> int:
     parser.add_argument("--served-call", action="store_true",
                         help="ours' steps through mm(..., adapter_names=...) as a server calls it each step (prepare, "
                              "the call's scope and checks on the host), not the compiled model alone")
-    parser.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
+    parser.add_argument("--stack-shrink", choices=["gemm", "inductor", "inductor_columns"], default="gemm",
                         help="mmlora_fx.compile's stack_shrink (with --stack-expand inductor): the graph expand's calls' "
-                             "shrink in the stacked GEMM, or tensor ops Inductor fuses into the input's producer")
+                             "shrink in the stacked GEMM, or tensor ops: one reduction a call (inductor), or one per "
+                             "rank column that Inductor fuses into the input's producer (inductor_columns)")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

@@ -66,8 +66,12 @@
 #   decode_prepare  decode_slots8 with --served-call: ours' steps through mm(..., adapter_names=...), what a server
 #              calling it every step pays on the host (prepare: no table writes for an unchanged batch since
 #              2026-12-07) (#15; ~560)
-#   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too, the base
-#              GEMMs as they are (#15; unrun, ~560)
+#   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too (one [rows, rank]
+#              reduction a call), the base GEMMs as they are (#15; unrun in this form. The per-column form before it
+#              ran out of the 570 s on 2026-12-07: ours' b1 first call took 360-368 s in each of the 3 runs compiling
+#              at once, against 50-56 s for the kernels and the stack: no timing reached)
+#   decode_stack_columns  the same with --stack-shrink inductor_columns (the per-column form; one run, --runs 1, as
+#              its compile is long: ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA
 #              graphs (fixed shapes: one capture each), what graphs buy the base and ours (#16; 283 s on an
 #              H100 on 2026-12-06: +19.4%, then 289 s and +16.8% after the prefill-tile change)
@@ -77,11 +81,13 @@
 #   profile_stack  e2e.py --parts profile --profile-paths defaults,stack16,stack16_graph,stack16_shrink: the decode
 #              step's kernels, LoRA time and idle at batch 1 and 16 (8 slots, dynamic=False), the kernels against the
 #              stack with its expand kernel, with the graph expand, and with the graph shrink and expand, one
-#              compilation each (#15; unrun, ~380 guessed)
-#   profile_shrink  profile_stack's kernels and graph shrink paths only (defaults,stack16_shrink), for a short
-#              call (#15; unrun, ~250 guessed)
-#   tests_graph  the CUDA-graph decode tests of the graph expand and the graph shrink (tests/test_gpu.py -k
-#              "stacked and inductor": 4 tests, tiny model) (~120 guessed)
+#              compilation each (#15; on 2026-12-07 it ran out of its 420 s after the base, the kernels and the stack:
+#              run profile_graph for the other two)
+#   profile_graph  profile_stack's graph paths only (stack16_graph, stack16_shrink) against the base (#15; ~400 guessed)
+#   profile_shrink  the graph shrink alone (stack16_shrink) against the base, for a short call (#15; ~250 guessed)
+#   profile_columns  the per-column graph shrink (stack16_columns) against the base (#15; ~450 guessed: its compile)
+#   tests_graph  the CUDA-graph decode tests of the graph expand and the graph shrinks (tests/test_gpu.py -k
+#              "stacked and inductor": 5 tests, tiny model; on 2026-12-07 one passed in the 130 s given: ~450)
 #   profile_rows16  e2e.py --parts profile --profile-paths defaults,rows16: the decode step's kernels, LoRA
 #              time and idle at batch 1 and 16, ours as it is and with the row path up to 16 rows (no
 #              memset, no tile search), against one base (#15; one compilation each, ~210)
@@ -102,7 +108,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_prepare]=580 [tests_graph]=240 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_shrink]=330 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -165,11 +171,13 @@ run_step() {
                         --json "$out/kstack-${slots_adapters%%:*}.json" --markdown "$out/kstack-${slots_adapters%%:*}.md" \
                         --commit "$commit"
                 done ;;
-        decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink|decode_prepare)
+        decode_stack|decode_slots8|decode_stack_graph|decode_stack_shrink|decode_stack_columns|decode_prepare)
             local stack=(); [[ $step == decode_stack* ]] && stack=(--stack-max-rows 16)
             [[ $step == decode_prepare ]] && stack=(--served-call)
-            [[ $step == decode_stack_graph || $step == decode_stack_shrink ]] && stack+=(--stack-expand inductor)
+            [[ $step == decode_stack_graph || $step == decode_stack_shrink || $step == decode_stack_columns ]] &&
+                stack+=(--stack-expand inductor)
             [[ $step == decode_stack_shrink ]] && stack+=(--stack-shrink inductor)
+            [[ $step == decode_stack_columns ]] && stack+=(--stack-shrink inductor_columns --runs 1)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1,16 --mixes 1,8 \
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_b_fold|prefill_c_fold|prefill_a_flex|prefill_b_flex|prefill_c_flex)
@@ -190,8 +198,12 @@ run_step() {
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_stack) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
                            --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
+        profile_graph) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_graph" --parts profile \
+                           --profile-paths stack16_graph,stack16_shrink --commit "$commit" ;;
         profile_shrink) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_shrink" --parts profile \
-                            --profile-paths defaults,stack16_shrink --commit "$commit" ;;
+                            --profile-paths stack16_shrink --commit "$commit" ;;
+        profile_columns) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_columns" --parts profile \
+                             --profile-paths stack16_columns --commit "$commit" ;;
         profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
         host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 --launch-parts \

@@ -117,7 +117,8 @@ class MMLoRABackend:
                        else None, stack_op=torch.ops.mmlora.lora_stacked_.default,
                        stack_layout=(lambda target: self.runtime.stack_layout(target.module)) if len(self.runtime.folds)
                        else None, row_slots_op=torch.ops.mmlora.lora_stacked_row_slots.default,
-                       shrink_in_graph=self.runtime.options.stack_shrink == "inductor")
+                       shrink_in_graph={"inductor": "rank", "inductor_columns": "columns"}.get(
+                           self.runtime.options.stack_shrink))
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

@@ -187,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--stack-expand", choices=["kernel", "inductor"], default="kernel",
                          help="with --stack-max-rows: compile(stack_expand=...); inductor marks the language model's "
                               "stacked calls 'stacked, graph expand' (their expand as graph ops, no LoRA kernel)")
-    inspect.add_argument("--stack-shrink", choices=["gemm", "inductor"], default="gemm",
-                         help="with --stack-expand inductor: compile(stack_shrink=...); inductor marks those calls "
-                              "'graph shrink and expand' (their shrink as graph ops too, the base GEMM as it is)")
+    inspect.add_argument("--stack-shrink", choices=["gemm", "inductor", "inductor_columns"], default="gemm",
+                         help="with --stack-expand inductor: compile(stack_shrink=...); inductor and inductor_columns "
+                              "mark those calls 'graph shrink and expand' (their shrink as graph ops too, the base "
+                              "GEMM as it is)")
     inspect.add_argument("--output", "-o", help="write to this file instead of standard output")
     inspect.add_argument("--verbose", "-v", action="store_true",
                          help="let torch._dynamo's own messages (one per graph break) through")

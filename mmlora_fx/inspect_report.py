@@ -48,7 +48,8 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
     stack (`compile(stack_max_rows=...)`), marked `"stacks"` (the fold wins where both would),
     with `"stack_expand"`: `"graph"` where `compile(stack_expand="inductor")` writes the call's
     expand as graph ops (language-model calls), `"kernel"` elsewhere; those get `"stack_shrink"`:
-    `"graph"` where `compile(stack_shrink="inductor")` writes their shrink as graph ops too, else `"gemm"`."""
+    `"graph"` where `compile(stack_shrink="inductor"` or `"inductor_columns")` writes their shrink as graph ops
+    too, else `"gemm"`."""
     ownership = ownership or {}
     calls = {**capture.embedding_calls(), **capture.linear_calls(), **capture.parameter_matmul_calls(),
              **capture.conv_calls(), **capture.expert_calls()}
@@ -77,7 +78,7 @@ def build_report(capture: Capture, linears: LinearIndex, model: str, adapters=()
                     entry["stack_expand"] = ("graph" if stack_expand == "inductor"
                                              and partition_of(node) == LANGUAGE_MODEL else "kernel")
                     if entry["stack_expand"] == "graph":
-                        entry["stack_shrink"] = "graph" if stack_shrink == "inductor" else "gemm"
+                        entry["stack_shrink"] = "gemm" if stack_shrink == "gemm" else "graph"
             partition_linear_nodes[partition_of(node)].append(entry)
         for node in record.parameter_matmul_nodes():
             # `x @ W` is served as a linear of W.shape[0] -> W.shape[1]; its "module" is the parameter.

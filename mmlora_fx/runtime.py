@@ -48,7 +48,7 @@ __all__ = ["LoRARuntime", "ServingOptions", "STACK_EXPANDS", "STACK_SHRINKS"]
 
 # Who adds the stacked calls' expand (`ServingOptions.stack_expand`).
 STACK_EXPANDS = ("kernel", "inductor")
-STACK_SHRINKS = ("gemm", "inductor")
+STACK_SHRINKS = ("gemm", "inductor", "inductor_columns")
 # The graph expand writes a few ops per column of the rank (the sum over the rank unrolled, so that
 # Inductor can inline it): compile time grows with the rank (tiny-llava's 2-layer language model,
 # first call on the CPU, 2026-12-07, with ~5 ops a column, before they became ~2: 31 s with the
@@ -82,8 +82,10 @@ class ServingOptions:
     which Inductor fuses into the kernels that read the outputs; language-model calls at
     `max_lora_rank` up to `GRAPH_EXPAND_MAX_RANK`, the others keep the kernel). `stack_shrink`
     says who computes the shrink of the calls with the graph expand: `"gemm"` (their base GEMM,
-    every slot's A stacked under the weight) or `"inductor"` (tensor ops too, each row's own slot's
-    A only, which Inductor can fuse into the kernel producing the input; the GEMM is the base's)."""
+    every slot's A stacked under the weight), or tensor ops too, each row's own slot's A only, the
+    GEMM the base's: `"inductor"` (one `[rows, rank]` reduction a call, a kernel of its own that
+    siblings share) or `"inductor_columns"` (one reduction per rank column, which Inductor can fuse
+    into the kernel producing the input; its compile took 6.5x the kernels' on an H100)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None

@@ -101,10 +101,11 @@ class _RowSlots:
 
 
 def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int, layout: tuple[int, int],
-                     row_slots: _RowSlots, anchor: fx.Node, x: fx.Node | None = None) -> fx.Node:
+                     row_slots: _RowSlots, anchor: fx.Node, x: fx.Node | None = None, shrink: str = "rank") -> fx.Node:
     """The stacked call `node` (of the weight input `weight`)'s expand as tensor ops after
     `anchor` (`node` or later; see `InsertLoRAOps`); returns the last node added. With `x` (the
-    call's rows), `node` is the plain base GEMM and the shrink is tensor ops too (`width` 0)."""
+    call's rows), `node` is the plain base GEMM and the shrink is tensor ops too (`width` 0), in
+    the form `shrink` names (`InsertLoRAOps`' `shrink_in_graph`)."""
     slots, rank = layout
     out_features, in_features = example_value(weight).shape
     row_stride = example_value(weight).stride(0)
@@ -132,10 +133,11 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
         shrunk = emit("reshape", shrunk, rows, slots, rank, method=True)
         own = emit(torch.gather, shrunk, 1, row_slots.gather_index(entry, rows, rank))  # [rows, 1, rank]
         own = emit("float", own, method=True)
-    else:
+    elif shrink == "columns":
         # Each rank column's shrink a reduction of its own over the input (`[rows]` each, like the
-        # norm that often produces x), so that Inductor can fuse them into x's producer; one
-        # `[rows, rank]` reduction would have another shape, a kernel of its own.
+        # norm that often produces x), so that Inductor can fuse them into x's producer. Kernels
+        # with 16 reductions a served call each: Inductor took 6.5x the kernel path's first call
+        # on an H100 at e2e's 7B shape (360 s against 56 s, 2026-12-07).
         rows_in = emit("float", emit("reshape", x, rows, in_features, method=True), method=True)
         columns = []
         for column in range(rank):
@@ -143,6 +145,13 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
             product = emit(operator.mul, rows_in, emit("float", lora_a, method=True))
             columns.append(emit("sum", product, -1, method=True))
         own = emit("view", emit(torch.stack, columns, -1), rows, 1, rank, method=True)  # [rows, 1, rank]
+    else:
+        # One `[rows, rank]` reduction over the input: a kernel of its own (its shape is not the
+        # producer's), which Inductor can share among siblings reading the same x (q/k/v, gate/up).
+        rows_in = emit("float", emit("reshape", x, rows, 1, in_features, method=True), method=True)
+        lora_a = weight_read((slots, rank, in_features), (rank * row_stride, row_stride, 1), out_features * row_stride)
+        product = emit(operator.mul, rows_in, emit("float", lora_a, method=True))  # [rows, rank, in]
+        own = emit("view", emit("sum", product, -1, method=True), rows, 1, rank, method=True)  # [rows, 1, rank]
     lora_b = weight_read((slots, out_features, rank), (rank, row_stride, 1), in_features)  # [rows, out, rank]
     products = emit(operator.mul, own, emit("float", lora_b, method=True))  # [rows, out, rank]
     delta = None
@@ -199,16 +208,18 @@ class InsertLoRAOps:
     weights of every call it serves (it checks them); that node is the group's LoRA op
     (`node.meta["mmlora_lora_op"]`), and the targets get `"expand": "graph"` beside `"stacked"`.
     With `shrink_in_graph`, those calls' GEMMs stay the base's (`"shrink": "graph"` beside the rest):
-    the shrink is tensor ops too, one sum over the input per rank column of each row's own slot's
-    A (read through `as_strided(weight)` below the weight), so that Inductor can fuse it into the
-    kernel that produces the input (a norm, an activation) instead of the GEMM reading every slot's A.
+    the shrink is tensor ops too over each row's own slot's A (read through `as_strided(weight)`
+    below the weight) instead of the GEMM reading every slot's A: `"rank"`, one `[rows, rank]`
+    reduction over the input (a kernel of its own, shared by siblings); `"columns"`, one sum over
+    the input per rank column, so that Inductor can fuse them into the kernel that produces the
+    input (a norm, an activation), at a far longer compile.
     """
 
     def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
                  fold: Callable[[object, int], int | None] | None = None, fold_op=None,
                  stack: Callable[[object, int], int | None] | None = None, stack_op=None,
                  stack_layout: Callable[[object], tuple[int, int] | None] | None = None, row_slots_op=None,
-                 shrink_in_graph: bool = False):
+                 shrink_in_graph: str | None = None):
         self.serves = serves
         self.op = op
         self.kinds = tuple(kinds)
@@ -218,6 +229,8 @@ class InsertLoRAOps:
         self.stack_op = stack_op
         self.stack_layout = stack_layout
         self.row_slots_op = row_slots_op
+        if shrink_in_graph not in (None, "rank", "columns"):
+            raise ValueError(f"shrink_in_graph must be None, 'rank' or 'columns', not {shrink_in_graph!r}")
         self.shrink_in_graph = shrink_in_graph
         unbound = [kind.name for kind in self.kinds if kind.needs_op and kind.op is None]
         if unbound:
@@ -266,7 +279,8 @@ class InsertLoRAOps:
                 # Inductor's scheduler finds each expand next to the kernel that reads it.
                 for node, weight, layout in zip(group, weights, layouts):
                     anchor = _expand_in_graph(graph, node, weight, 0 if self.shrink_in_graph else widths[node], layout,
-                                              row_slots, anchor, kind.rows_of(node) if self.shrink_in_graph else None)
+                                              row_slots, anchor, kind.rows_of(node) if self.shrink_in_graph else None,
+                                              self.shrink_in_graph)
             elif widths:
                 self._rewrite_stacked(graph, group, kind, widths, self.stack_op)
             else:

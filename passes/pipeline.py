@@ -73,7 +73,7 @@ class Rewrite:
     stack_op: object = None
     stack_layout: Callable | None = None  # target -> (slots, rank) where the stack's expand is the graph's, or None
     row_slots_op: object = None
-    shrink_in_graph: bool = False  # the graph expand's calls also shrink in tensor ops, not in the base GEMM
+    shrink_in_graph: str | None = None  # the graph expand's calls' shrink in tensor ops ("rank", "columns"), not the GEMM
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:

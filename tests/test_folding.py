@@ -73,6 +73,8 @@ IN_GEMM = {"fold": (dict(fold_min_rows=1), dict(fold_min_rows=10**6), "folded"),
            "stack": (dict(stack_max_rows=10**6), dict(stack_max_rows=1), "stacked"),
            "stack, graph expand": (dict(stack_max_rows=10**6, stack_expand="inductor"),
                                    dict(stack_max_rows=1, stack_expand="inductor"), "stacked"),
+           # (the per-column form, "inductor_columns", differs only in how the shrink sums: its
+           # PEFT and decode tests below)
            "stack, graph shrink and expand": (dict(stack_max_rows=10**6, stack_expand="inductor", stack_shrink="inductor"),
                                               dict(stack_max_rows=1, stack_expand="inductor", stack_shrink="inductor"),
                                               "stacked")}
@@ -204,7 +206,7 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
 
 
 @pytest.mark.parametrize("stack_expand, stack_shrink", [("kernel", "gemm"), ("inductor", "gemm"),
-                                                         ("inductor", "inductor")])
+                                                         ("inductor", "inductor"), ("inductor", "inductor_columns")])
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, stack_shrink, caplog):
     torch._dynamo.reset()
@@ -243,7 +245,7 @@ def test_stacked_linears_equal_peft_per_request(family, inner, stack_expand, sta
             row_slot_ops)
     # With the graph shrink, those calls' GEMMs read the weight as it is (no stacked A under it);
     # the other stacked calls keep the stacked GEMM.
-    assert shrunk_in_graph == (in_graph if stack_shrink == "inductor" else [])
+    assert shrunk_in_graph == (in_graph if stack_shrink != "gemm" else [])
     for node in stacked:
         weight = node.args[1]
         assert (weight.op == "placeholder") == (node in shrunk_in_graph), (node, weight)
@@ -274,7 +276,7 @@ def test_the_graph_expand_beside_the_fold_with_padded_columns(tmp_path, stack_sh
     assert_rows_equal_peft(family.peft, singles, logits, NAMES, "fold and graph expand")
     marks = [node.meta[LORA] for node in _marked_nodes(mm, "stacked")]
     assert any(mark.get("expand") == "graph" for mark in marks) and _marked_nodes(mm, "folded")
-    assert any(mark.get("shrink") == "graph" for mark in marks) == (stack_shrink == "inductor")
+    assert any(mark.get("shrink") == "graph" for mark in marks) == (stack_shrink != "gemm")
 
 
 def test_stack_expand_is_checked():
@@ -309,10 +311,12 @@ def test_decode_steps_with_the_graph_expand_equal_eager_across_swaps_loads_and_u
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor")
 
 
-def test_decode_steps_with_the_graph_shrink_and_expand_equal_eager_across_swaps_loads_and_unloads(tmp_path):
-    # The same with the shrink as graph ops too (stack_shrink="inductor"): each row's slot's A read
-    # below the weight, which the base GEMM no longer reads.
+@pytest.mark.parametrize("stack_shrink", ["inductor", "inductor_columns"])
+def test_decode_steps_with_the_graph_shrink_and_expand_equal_eager_across_swaps_loads_and_unloads(tmp_path,
+                                                                                                   stack_shrink):
+    # The same with the shrink as graph ops too: each row's slot's A read below the weight, which
+    # the base GEMM no longer reads (one reduction a call, or one per rank column).
     from .test_gpu import decode_replays_equal_eager
 
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor",
-                               stack_shrink="inductor")
+                               stack_shrink=stack_shrink)
