@@ -50,6 +50,8 @@
 #              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
 #              graph for the tower instead of ~5 compiled regions a block (#16; unrun; compare the base with
 #              prefill_X_fold's base run in the same session: both are reported)
+#   tower_check  tower_attention_check.py: the flex tower attention alone at the 7B tower's shape, 8 and 32 images:
+#              compiles on CUDA (head dim 80), equals per-image SDPA, its time against the SDPA loop (#16; ~90)
 #   prefill_profile_flex  prefill_profile_graphs with the fold and the flex tower, for both models (#16; unrun, ~200)
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
@@ -108,7 +110,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -212,6 +214,8 @@ run_step() {
                              --case a --commit "$commit" ;;
         prefill_profile_graphs) timeout "$seconds" python3 benchmarks/prefill_host_profile.py \
                                     --out "$out/prefill_profile_graphs" --case a --mode reduce-overhead --commit "$commit" ;;
+        tower_check) timeout "$seconds" python3 benchmarks/tower_attention_check.py --out "$out/tower_check" \
+                         --commit "$commit" ;;
         prefill_profile_flex) timeout "$seconds" python3 benchmarks/prefill_host_profile.py --out "$out/prefill_profile_flex" \
                                   --case a --mode reduce-overhead --fold-min-rows 512 --tower-attention flex --commit "$commit" ;;
         *) echo "unknown step $step"; return 2 ;;
