@@ -4,7 +4,7 @@ captured without a graph break per block, e.g. capture_scalar_outputs").
     python benchmarks/graph_breaks.py --json results/graph_breaks.json
 
 For each setting (dynamo's defaults; `capture_scalar_outputs`; `capture_dynamic_output_shape_ops`;
-both) it compiles e2e.py's TINY model (float32) with a backend that counts how many compiled
+both; the tower's attention as flex_attention, `tower_attention.py`, with dynamo's defaults) it compiles e2e.py's TINY model (float32) with a backend that counts how many compiled
 graphs one forward calls, for prefill batches of 1 and 8 images (56x56) and towers of 2 and 4
 blocks: the graphs a forward calls grow by (calls at 4 blocks - calls at 2) / 2 per tower block,
 which is what the per-block graph break costs at run time (dynamo compiles a block's graphs once
@@ -35,10 +35,13 @@ from benchmarks.run_record import checkout_commit, versions  # noqa: E402
 
 SETTINGS = {"default": {}, "capture_scalar_outputs": {"capture_scalar_outputs": True},
             "capture_dynamic_output_shape_ops": {"capture_dynamic_output_shape_ops": True},
-            "both": {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True}}
+            "both": {"capture_scalar_outputs": True, "capture_dynamic_output_shape_ops": True},
+            "flex_tower_attention": {}}
+# Settings that change the model, not dynamo: the tower's attention (`e2e.build_model`'s).
+TOWER_ATTENTION = {"flex_tower_attention": "flex"}
 
 
-def graph_calls(depth: int, images: int) -> dict:
+def graph_calls(depth: int, images: int, tower_attention: str = "sdpa") -> dict:
     """Compiled graphs and graphs called per forward (the second call) of e2e's TINY model."""
     from torch._dynamo.utils import counters
 
@@ -55,7 +58,7 @@ def graph_calls(depth: int, images: int) -> dict:
         return run
 
     spec = dict(e2e.TINY, vision=dict(e2e.TINY["vision"], depth=depth))
-    model = e2e.build_model(spec, torch.device("cpu"), torch.float32)
+    model = e2e.build_model(spec, torch.device("cpu"), torch.float32, tower_attention)
     batch = e2e.prefill_batch(model, spec, images)
     batch["pixel_values"] = batch["pixel_values"].float()
     torch._dynamo.reset()
@@ -71,7 +74,7 @@ def graph_calls(depth: int, images: int) -> dict:
                 error_vs_eager=((logits - reference).abs().max() / reference.abs().max()).item())
 
 
-def mmlora_against_peft() -> dict:
+def mmlora_against_peft(tower_attention: str = "sdpa") -> dict:
     """mmlora_fx's mixed batch against PEFT per request (tests/peft_helpers' oracle)."""
     import mmlora_fx
     from mmlora_fx import zoo
@@ -79,6 +82,7 @@ def mmlora_against_peft() -> dict:
 
     family = "tiny-qwen2-vl"
     base = zoo.build(family)
+    e2e.tower_attention_module().use_in_tower(base, tower_attention)
     sizes = zoo.ZOO[family].item_sizes(base.config)
     batch = zoo.make_batch(base, [0, 1, 2], item_sizes=[[], [sizes[1]], [sizes[0], sizes[2]]])
     root = Path(tempfile.mkdtemp(prefix="graph-breaks-"))
@@ -87,7 +91,9 @@ def mmlora_against_peft() -> dict:
     peft = peft_model_with(base, paths)
     names = ["alice", None, "carol"]
     torch._dynamo.reset()
-    mm = mmlora_fx.compile(zoo.build(family), paths, max_loras=2, inner="aot_eager")
+    served = zoo.build(family)
+    e2e.tower_attention_module().use_in_tower(served, tower_attention)
+    mm = mmlora_fx.compile(served, paths, max_loras=2, inner="aot_eager")
     with torch.no_grad():
         logits = mm(**batch, adapter_names=names).logits
     singles = zoo.split_batch(base, batch)
@@ -107,20 +113,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--commit", help="the code's commit (default: the checkout's)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="which settings, in order")
     args = parser.parse_args()
     report = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device="cpu", versions=versions(),
                   commit=args.commit or checkout_commit(), command=" ".join([Path(sys.executable).name] + sys.argv),
                   settings={})
-    for name, patch in SETTINGS.items():
+    for name in args.settings.split(","):
+        patch, tower = SETTINGS[name], TOWER_ATTENTION.get(name, "sdpa")
         with torch._dynamo.config.patch(**patch):
-            found = {f"{images} images, {depth} blocks": attempt(graph_calls, depth, images)
+            found = {f"{images} images, {depth} blocks": attempt(graph_calls, depth, images, tower)
                      for images in (1, 8) for depth in (2, 4)}
             for images in (1, 8):
                 low, high = found[f"{images} images, 2 blocks"], found[f"{images} images, 4 blocks"]
                 if "error" not in low and "error" not in high:
                     found[f"{images} images: graph calls per tower block"] = (
                         high["graph_calls_per_forward"] - low["graph_calls_per_forward"]) / 2
-            found["mmlora_fx vs PEFT (tiny-qwen2-vl)"] = attempt(mmlora_against_peft)
+            found["mmlora_fx vs PEFT (tiny-qwen2-vl)"] = attempt(mmlora_against_peft, tower)
         report["settings"][name] = found
         print(name, json.dumps({key: ({k: v for k, v in value.items() if k not in ("graph_break_reasons", "traceback")}
                                       if isinstance(value, dict) else value) for key, value in found.items()}),
