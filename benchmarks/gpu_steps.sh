@@ -71,7 +71,7 @@
 #   decode_stack_shrink  decode_stack_graph with --stack-shrink inductor: the shrink as graph ops too (one [rows, rank]
 #              reduction a call), the base GEMMs as they are (#15; unrun in this form. The per-column form before it
 #              ran out of the 570 s on 2026-12-07: ours' b1 first call took 360-368 s in each of the 3 runs compiling
-#              at once, against 50-56 s for the kernels and the stack: no timing reached)
+#              at once, against 49-54 s for the kernels and 55-60 s for the stack: no timing reached)
 #   decode_stack_columns  the same with --stack-shrink inductor_columns (the per-column form; one run, --runs 1, as
 #              its compile is long: ~560)
 #   prefill_a_graphs  prefill_overhead.py --cases a --mode reduce-overhead: both models' graphs in CUDA

@@ -7,9 +7,15 @@ asked for: under torch.compile that is a graph break per block, ~5 compiled regi
 CUDA-graph replay and a guard check under `mode="reduce-overhead"`. A flash implementation takes
 the packed rows with `cu_seq_lens_q` instead, so this registers one under a name containing
 "flash" (transformers' test for that branch) that runs `flex_attention` with a block mask of
-"same image" built from `cu_seqlens` on the device: the tower becomes one graph (44 regions at
-any depth on the CPU), and Inductor's flex kernel skips the blocks the mask empties, so the work is
-the per-image attention's, not the packed sequence's square.
+"same image" built from `cu_seqlens` on the device: no break in the blocks (one is left per
+forward, at the tower's top: transformers reads `max_seqlen` with `.item()` for any "flash" name),
+and Inductor's flex kernel visits only the 128x128 blocks that hold rows of one image, so the work
+is the per-image attention's, not the packed sequence's square. The block table is built from the
+images' row ranges, O((rows / 128)^2) per block, not by evaluating the mask at every pair of rows.
+
+Run eagerly (the benchmarks' eager references, `mm.eager`) flex_attention would materialise every
+pair's score in float32 (~16 GiB a call at case a's 8,192 rows, ~256 GiB at case b's): there the
+function runs transformers' own per-image SDPA instead, which an eager run can afford.
 
 This changes the base model's attention kernel, not what it computes; the benchmarks apply it to
 the base and to mmlora_fx's model alike (`--tower-attention flex`) and report the base both ways.
@@ -20,6 +26,40 @@ import torch
 
 NAME = "flash_varlen_flex"
 CHOICES = ("sdpa", "flex")
+BLOCK = 128  # flex_attention's default block of rows
+
+
+def per_image_sdpa(query, key, value, cu_seqlens, scaling=None):
+    """transformers' tower attention without a flash implementation: split per image, SDPA, cat;
+    `[1, heads, rows, head_dim]` in, `[1, rows, heads, head_dim]` out."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outputs = [torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
+               for q, k, v in zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)))]
+    return torch.cat(outputs, dim=2).transpose(1, 2)
+
+
+def same_image_block_mask(cu_seqlens: torch.Tensor, rows: int):
+    """The BlockMask of "a row attends to the rows of its own image" from the images' boundaries:
+    per block of query rows, the key blocks from the first image's first row to the last image's
+    last row (every one partial, the mask deciding inside), with no dense `rows x rows` pass."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    device = cu_seqlens.device
+    bounds = cu_seqlens.to(torch.int64)
+    image_of_row = torch.searchsorted(bounds[1:], torch.arange(rows, device=device), right=True)
+    blocks = -(-rows // BLOCK)
+    first_row = torch.arange(blocks, device=device) * BLOCK
+    last_row = (first_row + BLOCK).clamp(max=rows) - 1
+    low = bounds[image_of_row[first_row]] // BLOCK  # the first key block of the block's first image
+    high = -(-bounds[image_of_row[last_row] + 1] // BLOCK)  # past the last key block of its last image
+    counts = (high - low).to(torch.int32)
+    indices = (low[:, None] + torch.arange(blocks, device=device)).clamp(max=blocks - 1).to(torch.int32)
+
+    def same_image(batch, head, q_row, kv_row):
+        return image_of_row[q_row] == image_of_row[kv_row]
+
+    return BlockMask.from_kv_blocks(counts[None, None], indices[None, None], BLOCK_SIZE=BLOCK, mask_mod=same_image,
+                                    seq_lengths=(rows, rows))
 
 
 def varlen_flex_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -27,18 +67,13 @@ def varlen_flex_attention(module, query, key, value, attention_mask=None, scalin
     """transformers' attention-function signature: query/key/value `[1, heads, rows, head_dim]`, the
     rows packed image after image with `cu_seq_lens_q` their boundaries; returns `[1, rows, heads,
     head_dim]` as transformers' own functions do."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if cu_seq_lens_q is None or attention_mask is not None or is_causal or dropout:
         raise NotImplementedError(f"{NAME} serves packed, unmasked, non-causal tower attention only")
-    rows = query.shape[2]
-    image_of_row = torch.searchsorted(cu_seq_lens_q[1:].to(torch.int64), torch.arange(rows, device=query.device),
-                                      right=True)
-
-    def same_image(batch, head, q_row, kv_row):
-        return image_of_row[q_row] == image_of_row[kv_row]
-
-    block_mask = create_block_mask(same_image, 1, 1, rows, rows, device=query.device)
+    if not torch.compiler.is_compiling():
+        return per_image_sdpa(query, key, value, cu_seq_lens_q, scaling), None
+    block_mask = same_image_block_mask(cu_seq_lens_q, query.shape[2])
     if query.device.type == "cpu":
         # Inductor's CPU flex template reads the layout of its inputs as plain buffers (torch 2.13
         # fails on the tower's permuted views); Triton's reads strides, so CUDA skips the copies.
@@ -56,11 +91,10 @@ def use_in_tower(model, choice: str) -> None:
         raise ValueError(f"tower attention {choice!r}: expected one of {CHOICES}")
     from transformers import AttentionInterface
 
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None or not any(getattr(module, "config", None) is vision for module in model.modules()):
+        raise ValueError("no module holds the model's vision_config: not a tower this attention knows")
     AttentionInterface.register(NAME, varlen_flex_attention)
-    vision = model.config.vision_config
     # Set as an attribute after the model is built: transformers' checks at load time would look
     # for the flash-attention package behind any name with "flash" in it.
     vision._attn_implementation = NAME
-    shared = [module for module in model.modules() if getattr(module, "config", None) is vision]
-    if not shared:
-        raise ValueError("no module holds the model's vision_config: not a tower this attention knows")

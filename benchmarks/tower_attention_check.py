@@ -22,14 +22,9 @@ import tower_attention  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 
 HEADS, HEAD_DIM, ROWS_PER_IMAGE = 16, 80, 1024  # e2e.SEVEN_B's tower: embed 1280 / 16 heads; 448x448 / 14^2
-
-
-def per_image_sdpa(query, key, value, cu_seqlens):
-    """transformers' Qwen2-VL tower attention without a flash implementation: split, SDPA, cat."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outputs = [torch.nn.functional.scaled_dot_product_attention(q, k, v)
-               for q, k, v in zip(*(torch.split(t, lengths, dim=2) for t in (query, key, value)))]
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+# Besides the cases of equal images: images of other sizes, whose boundaries fall inside 128-row
+# blocks, and a last block cut short (784 = 28x28 patches, 1,300 = 26x50, 2,116 = 46x46).
+MIXED_ROWS = [1024, 784, 1300, 2116, 576]
 
 
 def timed_ms(call, repeats: int) -> list[float]:
@@ -47,7 +42,7 @@ def timed_ms(call, repeats: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--images", default="8,32")
+    parser.add_argument("--images", default="8,32,mixed", help="images of 1,024 rows, or `mixed` (MIXED_ROWS)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--commit")
     args = parser.parse_args()
@@ -56,21 +51,22 @@ def main() -> int:
                   versions=versions(), commit=args.commit or checkout_commit(), command="python3 " + " ".join(sys.argv),
                   shape=dict(heads=HEADS, head_dim=HEAD_DIM, rows_per_image=ROWS_PER_IMAGE), cases={})
     flex = torch.compile(tower_attention.varlen_flex_attention, dynamic=False)
-    for images in (int(count) for count in args.images.split(",")):
-        rows = images * ROWS_PER_IMAGE
-        generator = torch.Generator(device=device).manual_seed(images)
+    for images in args.images.split(","):
+        lengths = MIXED_ROWS if images == "mixed" else [ROWS_PER_IMAGE] * int(images)
+        rows = sum(lengths)
+        generator = torch.Generator(device=device).manual_seed(len(lengths))
         query, key, value = (torch.randn(1, HEADS, rows, HEAD_DIM, device=device, dtype=torch.bfloat16,
                                          generator=generator) for _ in range(3))
-        cu_seqlens = torch.arange(0, rows + 1, ROWS_PER_IMAGE, device=device, dtype=torch.int32)
+        cu_seqlens = torch.tensor([0] + lengths, device=device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         began = time.perf_counter()
         ours = flex(None, query, key, value, cu_seq_lens_q=cu_seqlens)[0]
         torch.cuda.synchronize()
         compile_s = time.perf_counter() - began
-        reference = per_image_sdpa(query, key, value, cu_seqlens)
+        reference = tower_attention.per_image_sdpa(query, key, value, cu_seqlens)
         error = ((ours.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
-        sdpa_ms = timed_ms(lambda: per_image_sdpa(query, key, value, cu_seqlens), args.repeats)
+        sdpa_ms = timed_ms(lambda: tower_attention.per_image_sdpa(query, key, value, cu_seqlens), args.repeats)
         flex_ms = timed_ms(lambda: flex(None, query, key, value, cu_seq_lens_q=cu_seqlens), args.repeats)
-        result["cases"][images] = dict(rows=rows, first_call_s=compile_s, relative_error=error, sdpa_ms=sdpa_ms,
+        result["cases"][images] = dict(rows=rows, lengths=lengths, first_call_s=compile_s, relative_error=error, sdpa_ms=sdpa_ms,
                                        flex_ms=flex_ms, sdpa_median_ms=statistics.median(sdpa_ms),
                                        flex_median_ms=statistics.median(flex_ms))
         print(f"{images} images ({rows} rows): error {error:.2e}, first call {compile_s:.1f} s, per-image SDPA "

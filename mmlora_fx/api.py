@@ -319,7 +319,7 @@ def compile(
     `"inductor"` makes those calls' shrink tensor ops as well, each row's own slot's A read (not
     every slot's) in one `[rows, rank]` reduction a call, a kernel that siblings share; their GEMMs
     stay the base's. `"inductor_columns"` sums per rank column instead, so that Inductor can fuse
-    the shrink into the kernel producing the input, at a far longer compile (6.5x the kernels'
+    the shrink into the kernel producing the input, at a far longer compile (~7x the kernels'
     first call on an H100). Default `"gemm"`: the stacked GEMM.
     These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows`,

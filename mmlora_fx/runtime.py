@@ -85,7 +85,7 @@ class ServingOptions:
     every slot's A stacked under the weight), or tensor ops too, each row's own slot's A only, the
     GEMM the base's: `"inductor"` (one `[rows, rank]` reduction a call, a kernel of its own that
     siblings share) or `"inductor_columns"` (one reduction per rank column, which Inductor can fuse
-    into the kernel producing the input; its compile took 6.5x the kernels' on an H100)."""
+    into the kernel producing the input; its first call took ~7x the kernels' on an H100)."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None

@@ -136,8 +136,8 @@ def _expand_in_graph(graph: fx.Graph, node: fx.Node, weight: fx.Node, width: int
     elif shrink == "columns":
         # Each rank column's shrink a reduction of its own over the input (`[rows]` each, like the
         # norm that often produces x), so that Inductor can fuse them into x's producer. Kernels
-        # with 16 reductions a served call each: Inductor took 6.5x the kernel path's first call
-        # on an H100 at e2e's 7B shape (360 s against 56 s, 2026-12-07).
+        # with 16 reductions a served call each: ours' first call took ~7x the kernel path's on an
+        # H100 at e2e's 7B shape (360-368 s against 49-54 s, 2026-12-07).
         rows_in = emit("float", emit("reshape", x, rows, in_features, method=True), method=True)
         columns = []
         for column in range(rank):

@@ -27,33 +27,53 @@ def tower_inputs(model):
     return batch["pixel_values"], batch["image_grid_thw"]
 
 
-def test_flex_tower_equals_sdpa_tower_on_images_of_different_sizes():
+def test_compiled_flex_tower_equals_sdpa_tower_on_images_of_different_sizes():
     sdpa, flex = tiny("sdpa"), tiny("flex")
     assert flex.model.visual.blocks[0].attn.config._attn_implementation == tower_attention.NAME
     assert flex.model.language_model.config._attn_implementation == "sdpa"
     pixels, grid = tower_inputs(sdpa)
     with torch.no_grad():
         expected = sdpa.model.visual(pixels, grid_thw=grid).pooler_output
-        assert relative_error(flex.model.visual(pixels, grid_thw=grid).pooler_output, expected) <= 1e-5
-        # Inductor's flex kernel skips the blocks the mask empties: the compiled tower must agree too.
+        # Run eagerly the function takes transformers' per-image SDPA (flex would materialise
+        # every pair's score): the same as the SDPA tower.
+        assert relative_error(flex.model.visual(pixels, grid_thw=grid).pooler_output, expected) <= 1e-6
         torch._dynamo.reset()
         compiled = torch.compile(flex.model.visual, dynamic=False)(pixels, grid_thw=grid).pooler_output
     assert relative_error(compiled, expected) <= 1e-5
 
 
-def test_flex_tower_attention_mixes_no_images():
-    """Each image's rows attend to that image alone: changing one image leaves the others' rows."""
-    model = tiny("flex")
-    pixels, grid = tower_inputs(model)
-    rows = (grid.prod(dim=-1) // 4).tolist()  # merged rows per image
-    changed = pixels.clone()
-    first = int(grid[0].prod())
-    changed[:first] = torch.randn_like(changed[:first])
+# Images whose boundaries fall inside flex's 128-row blocks, and a last block cut short.
+LENGTHS = [100, 7, 193, 130]
+
+
+def test_flex_attention_keeps_images_apart_across_block_boundaries():
+    """Compiled, each image's rows attend to that image alone, as per-image SDPA: changing one
+    image's keys and values leaves every other image's rows as they were."""
+    generator = torch.Generator().manual_seed(0)
+    rows = sum(LENGTHS)
+    query, key, value = (torch.randn(1, 2, rows, 16, generator=generator) for _ in range(3))
+    cu_seqlens = torch.tensor([0] + LENGTHS).cumsum(0).to(torch.int32)
+    torch._dynamo.reset()
+    attention = torch.compile(tower_attention.varlen_flex_attention, dynamic=False)
     with torch.no_grad():
-        before = model.model.visual(pixels, grid_thw=grid).pooler_output
-        after = model.model.visual(changed, grid_thw=grid).pooler_output
-    assert relative_error(after[:rows[0]], before[:rows[0]]) > 1e-2
-    assert torch.equal(after[rows[0]:], before[rows[0]:])
+        before = attention(None, query, key, value, cu_seq_lens_q=cu_seqlens)[0]
+        assert relative_error(before, tower_attention.per_image_sdpa(query, key, value, cu_seqlens)) <= 1e-5
+        second = slice(LENGTHS[0], LENGTHS[0] + LENGTHS[1])  # 7 rows inside the first block
+        key[:, :, second], value[:, :, second] = torch.randn(2, 1, 2, LENGTHS[1], 16, generator=generator)
+        after = attention(None, query, key, value, cu_seq_lens_q=cu_seqlens)[0]
+    assert relative_error(after[:, second], before[:, second]) > 1e-2
+    assert torch.allclose(after[:, :second.start], before[:, :second.start], atol=1e-6)
+    assert torch.allclose(after[:, second.stop:], before[:, second.stop:], atol=1e-6)
+
+
+def test_the_block_table_visits_only_blocks_holding_a_query_block_s_images():
+    # 4 blocks of 128 rows; images [0, 100), [100, 107), [107, 300), [300, 430).
+    mask = tower_attention.same_image_block_mask(torch.tensor([0, 100, 107, 300, 430]), 430)
+    counts, indices = mask.kv_num_blocks.flatten().tolist(), mask.kv_indices[0, 0].tolist()
+    # Query block 0 (rows 0-127) holds images 0-2: keys 0-299, blocks 0-2; block 1 (128-255) image
+    # 2: keys 107-299, blocks 0-2; block 2 (256-383) images 2-3: blocks 0-3; block 3 image 3: 2-3.
+    assert counts == [3, 3, 4, 2]
+    assert [row[:count] for row, count in zip(indices, counts)] == [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3], [2, 3]]
 
 
 def test_mixed_batch_on_flex_tower_equals_peft_per_request(tmp_path):
