@@ -51,6 +51,10 @@ import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.graph_captures import CudaGraphCaptures
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however e2e was imported
+from run_record import checkout_commit, versions  # noqa: E402
+from tower_attention import CHOICES as TOWER_ATTENTIONS, use_in_tower  # noqa: E402
+
 SEVEN_B = dict(
     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
@@ -118,15 +122,8 @@ def build_model(spec, device, dtype, tower_attention: str = "sdpa"):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
-    tower_attention_module().use_in_tower(model, tower_attention)
+    use_in_tower(model, tower_attention)
     return model.eval()
-
-
-def tower_attention_module():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import tower_attention
-
-    return tower_attention
 
 
 def build_moe_model(spec, device, dtype):
@@ -789,8 +786,6 @@ def main() -> int:
     spec = TINY if args.tiny else SEVEN_B
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_record import checkout_commit, versions
 
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "versions": versions(), "commit": args.commit or checkout_commit(),

@@ -82,7 +82,7 @@ def mmlora_against_peft(tower_attention: str = "sdpa") -> dict:
 
     family = "tiny-qwen2-vl"
     base = zoo.build(family)
-    e2e.tower_attention_module().use_in_tower(base, tower_attention)
+    e2e.use_in_tower(base, tower_attention)
     sizes = zoo.ZOO[family].item_sizes(base.config)
     batch = zoo.make_batch(base, [0, 1, 2], item_sizes=[[], [sizes[1]], [sizes[0], sizes[2]]])
     root = Path(tempfile.mkdtemp(prefix="graph-breaks-"))
@@ -92,7 +92,7 @@ def mmlora_against_peft(tower_attention: str = "sdpa") -> dict:
     names = ["alice", None, "carol"]
     torch._dynamo.reset()
     served = zoo.build(family)
-    e2e.tower_attention_module().use_in_tower(served, tower_attention)
+    e2e.use_in_tower(served, tower_attention)
     mm = mmlora_fx.compile(served, paths, max_loras=2, inner="aot_eager")
     with torch.no_grad():
         logits = mm(**batch, adapter_names=names).logits

@@ -101,7 +101,7 @@ def main() -> int:
                         help="Inductor's mode for both models (reduce-overhead: CUDA graphs, as prefill_overhead.py "
                              "--mode; the forward before the timed ones records the graphs)")
     parser.add_argument("--fold-min-rows", type=int, help="mmlora_fx.compile's fold_min_rows (prefill_overhead.py's)")
-    parser.add_argument("--tower-attention", choices=e2e.tower_attention_module().CHOICES, default="sdpa",
+    parser.add_argument("--tower-attention", choices=e2e.TOWER_ATTENTIONS, default="sdpa",
                         help="the vision tower's attention, for both models (prefill_overhead.py's)")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--commit")

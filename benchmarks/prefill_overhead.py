@@ -374,7 +374,7 @@ def main() -> int:
                         "(the cases' shapes are fixed: one capture per graph)")
     parser.add_argument("--fold-min-rows", type=int, help="mmlora_fx.compile's fold_min_rows: LoRA folded into the "
                         "base GEMMs of linears at least as wide out as in, in calls of at least this many rows")
-    parser.add_argument("--tower-attention", choices=e2e.tower_attention_module().CHOICES, default="sdpa",
+    parser.add_argument("--tower-attention", choices=e2e.TOWER_ATTENTIONS, default="sdpa",
                         help="the vision tower's attention, for both models: flex runs it without a graph break "
                         "per block (benchmarks/tower_attention.py)")
     parser.add_argument("--merge", nargs="+", type=Path, help=f"combine these {JSON} into --out")
