@@ -211,9 +211,24 @@ def run_waves(args, summarise, name: str, child_command, prefix: str) -> dict:
     return report
 
 
+# What a run's setup fixes about what it measures: runs that differ in any of these are not
+# runs of one setting, and their median would mean nothing.
+MERGE_MUST_AGREE = ("model", "dtype", "backend", "mode", "fold_min_rows", "tower_attention", "rank",
+                    "adapter_modules", "max_loras")
+
+
 def merged(paths: list[Path], summarise) -> dict:
-    """Several parents' JSON (separate device calls) as one: every run, the summary recomputed."""
+    """Several parents' JSON (separate device calls) as one: every run, the summary recomputed.
+
+    Refuses (ValueError) reports whose setups differ in any of `MERGE_MUST_AGREE`."""
     reports = [json.loads(Path(path).read_text()) for path in paths]
+    first = reports[0].get("setup") or {}
+    for path, report in zip(paths[1:], reports[1:]):
+        setup = report.get("setup") or {}
+        differ = [f"{key}: {first.get(key)!r} in {paths[0]}, {setup.get(key)!r} in {path}"
+                  for key in MERGE_MUST_AGREE if first.get(key) != setup.get(key)]
+        if differ:
+            raise ValueError("cannot merge runs of different settings; " + "; ".join(differ))
     runs = []
     for path, report in zip(paths, reports):
         for run in report["runs"]:

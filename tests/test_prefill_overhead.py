@@ -2,6 +2,9 @@
 (eager, float32): its prefill rows give what those requests give prefilled alone, and its
 decoding rows give what a plain decode step over their own past gives."""
 
+import json
+
+import pytest
 import torch
 
 from benchmarks import e2e, prefill_overhead
@@ -41,3 +44,21 @@ def test_mixed_step_rows_equal_prefill_alone_and_decode_alone():
     # Errors are taken where each request has its own query: all prefill positions, one decode token.
     assert own[:prefill].all() and own[prefill:, -1].all() and not own[prefill:, :-1].any()
     assert (inputs["input_ids"][prefill:, :-1] == zoo.PAD).all()
+
+
+def test_merge_refuses_runs_of_different_settings(tmp_path):
+    from benchmarks import prefill_runs
+
+    def report(name, **setup):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(commit=name, setup=dict(mode="reduce-overhead", fold_min_rows=512, **setup),
+                                        runs=[dict(run=0, ms=1.0)])))
+        return path
+
+    flex, sdpa, flex_again = report("a", tower_attention="flex"), report("b", tower_attention="sdpa"), \
+        report("c", tower_attention="flex")
+    with pytest.raises(ValueError, match="tower_attention"):
+        prefill_runs.merged([flex, sdpa], summarise=lambda runs: {})
+    both = prefill_runs.merged([flex, flex_again], summarise=lambda runs: {"runs": len(runs)})
+    assert [run["source_commit"] for run in both["runs"]] == ["a", "c"]
+    assert both["summary"] == {"runs": 2}
