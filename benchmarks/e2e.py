@@ -436,9 +436,11 @@ def step_profile(step, device, steps: int = 5) -> dict:
             lora += event.self_device_time_total / steps / 1e3
             lora_launches += event.count
     graphs = dict(torch._dynamo.utils.counters["stats"])
+    # A graph Inductor leaves out of CUDA graphs launches its kernels from the host at every step:
+    # more host time and more idle between kernels. Counted over the process (the base runs first).
     return dict(step_ms=step_ms, host_submit_ms=statistics.median(submits), kernels_ms=total, lora_kernels_ms=lora, idle_ms=step_ms - total,
                 kernels_per_step=launches / steps, lora_kernels_per_step=lora_launches / steps,
-                dynamo=graphs, top_kernels_ms_and_count=top)
+                dynamo=graphs, cudagraph_skips_so_far=cudagraph_skips(), top_kernels_ms_and_count=top)
 
 
 def measure_base(args, model, steps: dict, mode, measure, found: dict, progress: dict, dynamic=None) -> None:

@@ -99,6 +99,8 @@
 #              base against ours (#16's diagnosis; one compilation each, ~110)
 #   prefill_profile_graphs  the same with both models in CUDA graphs (--mode reduce-overhead): where ours'
 #              14 ms more host time a forward goes under graphs (#16; unrun, ~200 guessed)
+#   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
+#   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs.
 set -uo pipefail
@@ -198,15 +200,15 @@ run_step() {
             local block=(); [[ $case == b ]] && block=(--block 6)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
-        profile_stack) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
+        profile_stack) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
                            --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
-        profile_graph) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_graph" --parts profile \
+        profile_graph) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_graph" --parts profile \
                            --profile-paths stack16_graph,stack16_shrink --commit "$commit" ;;
-        profile_shrink) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_shrink" --parts profile \
+        profile_shrink) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_shrink" --parts profile \
                             --profile-paths stack16_shrink --commit "$commit" ;;
-        profile_columns) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_columns" --parts profile \
+        profile_columns) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_columns" --parts profile \
                              --profile-paths stack16_columns --commit "$commit" ;;
-        profile_rows16) timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
+        profile_rows16) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_rows16" --parts profile \
                             --profile-paths defaults,rows16 --commit "$commit" ;;
         host_profile) timeout "$seconds" python3 benchmarks/host_cost.py --device cuda --calls 500 --repeats 5 --launch-parts \
                           --profile --json "$out/host_profile.json" --commit "$commit" ;;
