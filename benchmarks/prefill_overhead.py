@@ -75,6 +75,7 @@ import copy
 import json
 import os
 import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -280,6 +281,7 @@ def run_once(args) -> int:
                     for part in record["split"].values():
                         part.pop("dynamo", None)  # process-wide counters: the per-case figures are above
                     mark = phase(f"case {case}: host/GPU split", mark)
+                    record["prepare"] = prepare_cost(mm, inputs, names, device)
 
                 base_logits = base_forward().clone()
                 compiled = mm_forward().clone()
@@ -292,6 +294,24 @@ def run_once(args) -> int:
         return end_run(result, save, started, device, args.run_index)
     except Exception as error:  # the run's error is part of its result
         return end_run(result, save, started, device, args.run_index, error)
+
+
+def prepare_cost(mm, inputs, names, device, calls: int = 10) -> dict:
+    """What ours does on the host before its forward starts (`prepare`: adapters resident, token
+    tables, the tower units traced), from an empty GPU queue: its host ms (median of `calls`) and
+    the host syncs it makes (CUDA only). Each sync waits for the GPU's queue to empty; whatever
+    host work follows it, until the forward's first kernel, is GPU idle that the base does not have."""
+    samples = []
+    for _ in range(calls):
+        mm.runtime.forget_tables()
+        synchronize(device)
+        began = time.perf_counter()
+        mm._prepare(inputs, names)
+        synchronize(device)
+        samples.append((time.perf_counter() - began) * 1e3)
+    mm.runtime.forget_tables()
+    return dict(host_ms=statistics.median(samples), host_ms_min=min(samples),
+                syncs=e2e.syncs_in(lambda: mm._prepare(inputs, names), device))
 
 
 # --------------------------------------------------------------------------- the runs
@@ -315,6 +335,8 @@ def summarise(runs: list[dict]) -> dict:
                       for which in ("base", "mmlora")},
             "base_first_call_s": stat([record.get("base_first_call_s") for record in records]),
             "mmlora_first_call_s": stat([record.get("mmlora_first_call_s") for record in records]),
+            "prepare_host_ms": stat([record.get("prepare", {}).get("host_ms") for record in done]),
+            "prepare_syncs": [record.get("prepare", {}).get("syncs") for record in done],
             "cudagraph_skips_base_ours": [[record.get("base_cudagraph_skips"), record.get("mmlora_cudagraph_skips")]
                                           for record in records],
             "max_mmlora_vs_eager": extreme(records, "mmlora_vs_eager"),
