@@ -46,12 +46,16 @@ def same_image_block_mask(cu_seqlens: torch.Tensor, rows: int):
 
     device = cu_seqlens.device
     bounds = cu_seqlens.to(torch.int64)
-    image_of_row = torch.searchsorted(bounds[1:], torch.arange(rows, device=device), right=True)
+    # Each row's image, counted from 1: the boundaries at or before it (the first is 0). Searched in
+    # the whole `bounds`, not in the slice `bounds[1:]`: torch 2.11's Inductor cannot lower
+    # searchsorted over a slice (NotImplementedError: SliceView, H100, 2026-12-07); 2.13's can.
+    # The mask reads it as it comes (Inductor's CPU flex template takes no arithmetic on it).
+    image_of_row = torch.searchsorted(bounds, torch.arange(rows, device=device), right=True)
     blocks = -(-rows // BLOCK)
     first_row = torch.arange(blocks, device=device) * BLOCK
     last_row = (first_row + BLOCK).clamp(max=rows) - 1
-    low = bounds[image_of_row[first_row]] // BLOCK  # the first key block of the block's first image
-    high = -(-bounds[image_of_row[last_row] + 1] // BLOCK)  # past the last key block of its last image
+    low = bounds[image_of_row[first_row] - 1] // BLOCK  # the first key block of the block's first image
+    high = -(-bounds[image_of_row[last_row]] // BLOCK)  # past the last key block of its last image
     counts = (high - low).to(torch.int32)
     indices = (low[:, None] + torch.arange(blocks, device=device)).clamp(max=blocks - 1).to(torch.int32)
 
