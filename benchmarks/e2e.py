@@ -435,12 +435,30 @@ def step_profile(step, device, steps: int = 5) -> dict:
         if any(tag in event.key for tag in ("_shrink_kernel", "_expand_kernel", "_stacked_tile_kernel")):
             lora += event.self_device_time_total / steps / 1e3
             lora_launches += event.count
+    # The host's side of a step, from a second profile with CPU activities (the first one's device
+    # times stay free of its overhead): what the host runs per step under CUDA graphs, where a
+    # replay should be a few graph launches. An `mmlora::` op here ran from the host, not a graph.
+    host_calls, per_step = {}, {}
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as host_prof:
+            for _ in range(steps):
+                step()
+            synchronize(device)
+        host_events = sorted((event for event in host_prof.key_averages() if event.self_cpu_time_total > 0),
+                             key=lambda event: -event.self_cpu_time_total)
+        host_calls = {event.key[:60]: [round(event.self_cpu_time_total / steps / 1e3, 4), event.count // steps]
+                      for event in host_events[:15]}
+        for event in host_prof.key_averages():
+            for tag in ("cudaGraphLaunch", "mmlora::", "cudaLaunchKernel", "cuLaunchKernel", "cudaStreamSynchronize"):
+                if event.key.startswith(tag):
+                    per_step[tag] = per_step.get(tag, 0) + event.count / steps
     graphs = dict(torch._dynamo.utils.counters["stats"])
     # A graph Inductor leaves out of CUDA graphs launches its kernels from the host at every step:
     # more host time and more idle between kernels. Counted over the process (the base runs first).
     return dict(step_ms=step_ms, host_submit_ms=statistics.median(submits), kernels_ms=total, lora_kernels_ms=lora, idle_ms=step_ms - total,
                 kernels_per_step=launches / steps, lora_kernels_per_step=lora_launches / steps,
-                dynamo=graphs, cudagraph_skips_so_far=cudagraph_skips(), top_kernels_ms_and_count=top)
+                dynamo=graphs, cudagraph_skips_so_far=cudagraph_skips(), top_kernels_ms_and_count=top,
+                top_host_ms_and_count=host_calls, host_calls_per_step=per_step)
 
 
 def measure_base(args, model, steps: dict, mode, measure, found: dict, progress: dict, dynamic=None) -> None:

@@ -99,6 +99,10 @@
 #              base against ours (#16's diagnosis; one compilation each, ~110)
 #   prefill_profile_graphs  the same with both models in CUDA graphs (--mode reduce-overhead): where ours'
 #              14 ms more host time a forward goes under graphs (#16; unrun, ~200 guessed)
+#   profile_stack_host  the base, the kernels and the stack (stack_max_rows=16) profiled, each step's host calls
+#              too (top_host_ms_and_count, host_calls_per_step: graph launches, any mmlora:: op run from the
+#              host): why the stack's replays took ~1.2 ms more host time than the base's at batch 1 on
+#              2026-12-07 while the graph expand's took 0.2 ms more (#15; ~330)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
@@ -112,7 +116,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -202,6 +206,8 @@ run_step() {
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_stack) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
                            --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
+        profile_stack_host) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack_host" \
+                                --parts profile --profile-paths defaults,stack16 --commit "$commit" ;;
         profile_graph) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_graph" --parts profile \
                            --profile-paths stack16_graph,stack16_shrink --commit "$commit" ;;
         profile_shrink) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_shrink" --parts profile \
