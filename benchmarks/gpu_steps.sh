@@ -45,11 +45,13 @@
 #   prefill_a_fold, prefill_b_fold, prefill_c_fold  prefill_X_graphs with mmlora_fx.compile(fold_min_rows=512):
 #              LoRA folded into the base GEMMs of q, o, gate, up and the tower's qkv, proj, fc1 at prefill (#16; a ran on
 #              2026-12-07 one run after another, ~200 s each, two of three in the budget: now a and c run two at
-#              once sharing the GPU (29.1 GiB a run), b one at a time (~560 a call guessed; add runs and merge))
+#              once sharing the GPU (29.1 GiB a run), b one at a time (~560 a call guessed; add runs and merge)).
+#              Case b's 32 slots of rank 16 (512 columns) are past folding.FOLD_MAX_WIDTH: nothing folds there
+#              (compile warns), so prefill_b_fold and prefill_b_flex run the kernels; `kfold` checks that rule
 #   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
 #              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
-#              graph for the tower instead of ~5 compiled regions a block (#16; unrun; compare the base with
-#              prefill_X_fold's base run in the same session: both are reported)
+#              graph for the tower instead of ~5 compiled regions a block (#16; a ran on 2026-12-07 in 391 s:
+#              +12.2%; compare the base with prefill_X_fold's base run in the same session: both are reported)
 #   tower_check  tower_attention_check.py: the flex tower attention alone at the 7B tower's shape, 8 and 32 images:
 #              compiles on CUDA (head dim 80), equals per-image SDPA, its time against the SDPA loop (#16; ~90)
 #   prefill_profile_flex  prefill_profile_graphs with the fold and the flex tower, for both models (#16; unrun, ~200)

@@ -307,7 +307,9 @@ def compile(
     in graphs that call it on at least that many rows known at compile time (prefill with
     `dynamic=False`): the expand becomes extra columns of the GEMM's K, with no pass over the
     outputs (`folding.py`). Those linears' weights become views of buffers `slots x rank` columns
-    wider. Other calls keep the LoRA kernels. `stack_max_rows` (default None: off; experimental,
+    wider. Other calls keep the LoRA kernels, and so does every call where `max_loras x
+    max_lora_rank` exceeds `folding.FOLD_MAX_WIDTH` (256; the fold's work grows with it, and past it
+    the fold is estimated to cost more than the kernels: a warning says so). `stack_max_rows` (default None: off; experimental,
     measured per layer and in the decode step, where it pays at batch 16 and not yet at 1) computes the shrink of each served plain linear inside its base
     GEMM, every slot's A stacked under the weight, in graphs that call it on at most that many
     rows known at compile time (decode): one LoRA launch per sibling group is left, at the price of

@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="serve LoRA only on modules with these name suffixes (as compile(target_modules=...))")
     inspect.add_argument("--fold-min-rows", type=_positive_int, default=None, metavar="N",
                          help="mark the served linear calls compile(fold_min_rows=N) would fold into their base "
-                              "GEMM (LoRA column: folded)")
+                              "GEMM (LoRA column: folded), where max_loras x max_lora_rank is at most 256 (past it "
+                              "compile folds nothing)")
     inspect.add_argument("--stack-max-rows", type=_positive_int, default=None, metavar="N",
                          help="mark the served linear calls compile(stack_max_rows=N) would stack (the shrink in "
                               "their base GEMM; LoRA column: stacked)")

@@ -63,12 +63,22 @@ from torch import nn
 
 from .adapter_manager import SlotBuffers
 
-__all__ = ["FoldedWeights", "foldable", "stackable", "shared_weights"]
+__all__ = ["FOLD_MAX_WIDTH", "FoldedWeights", "foldable", "stackable", "shared_weights"]
 
 
 # The fold's columns are padded to a multiple of this many (zeros in both factors), so that the
 # folded weight's rows stay 16-byte aligned in bf16 whatever the slots and rank.
 _ALIGN = 8
+
+# The widest fold (slots x rank columns) taken: past it the fold is estimated to cost more GPU time
+# than the LoRA kernels it replaces. The fold adds work in proportion to its width (the shrink
+# GEMM's N and the base GEMM's extra K: rows x width x (in + out) multiply-adds), where the kernels
+# cost about the same whatever the slots (their bytes are the rows' inputs and outputs). At width
+# 128 (8 slots of rank 16) the fold took 0.2-0.5x the kernels' time at case a's prefill shapes
+# (H100, 2026-12-06, docs/BENCHMARKS.md "Prefill tiles and the fold"): 0.5x at the tower block,
+# the least favourable, puts the break-even near 256 columns. An estimate by that scaling, not a
+# measurement at 256 or 512 (`gpu_steps kfold` times 32 slots).
+FOLD_MAX_WIDTH = 256
 
 
 @dataclasses.dataclass

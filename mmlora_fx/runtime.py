@@ -21,7 +21,7 @@ from torch import nn
 from .adapter_manager import AdapterManager
 from .default_adapters import DefaultAdapters
 from .expert_hooks import add_expert_hooks
-from .folding import FoldedWeights
+from .folding import FOLD_MAX_WIDTH, FoldedWeights
 from .errors import BatchError, CoverageError, MMLoRAError, OptionError, PartitionError, ShardedModelError
 from .kernels.lora_add import lora_add
 from .kernels.lora_embedding import lora_embedding_add
@@ -36,6 +36,7 @@ from .parameter_hooks import add_parameter_hooks
 from .parameter_hooks import never_compile as _never_compile_parameter_hooks
 from .partitions import LANGUAGE_MODEL, discover_partitions, modality_of, tower_label
 from .peft_format import scan_adapter
+from .reporting import logger
 from .row_owners import (UnitOwnership, count_name, first_input_entering, image_tokens_per_request, modality_token_ids,
                          outermost, rows_are_units, token_name, trace_units)
 from .serving import ServingPlan
@@ -74,7 +75,8 @@ class ServingOptions:
     `sharding.shard_lora_a`) or `"auto"` (the place of a measured rule; none is measured yet, so
     it is `"replicated"`). Row-parallel and unsharded targets are the same under every value.
     `fold_min_rows` (None: off) folds LoRA into the base GEMM of linears whose output is at least
-    as wide as their input, in graph calls of at least that many static rows; `stack_max_rows`
+    as wide as their input, in graph calls of at least that many static rows, where `max_loras x
+    max_lora_rank` is at most `FOLD_MAX_WIDTH`; `stack_max_rows`
     (None: off) computes the shrink of served plain linears in their base GEMM (every slot's A
     stacked under the weight), in graph calls of at most that many static rows (`folding.py`);
     `stack_expand` says who adds the stacked calls' expand: `"kernel"` (one Triton launch per
@@ -177,10 +179,16 @@ class LoRARuntime:
                                if layout.sharded and module in self.manager.buffers)
         # Fold buffers before any slot is written (they mirror every write) and before the weights
         # are registered (the folded linears' parameters become views of them).
+        fold = options.fold_min_rows is not None
+        if fold and max_loras * max_lora_rank > FOLD_MAX_WIDTH:
+            logger.warning(f"fold_min_rows={options.fold_min_rows}: no linear folds, as max_loras x max_lora_rank "
+                           f"({max_loras} x {max_lora_rank}) is more than {FOLD_MAX_WIDTH} columns, where the fold is "
+                           "estimated to cost more GPU time than the LoRA kernels (mmlora_fx/folding.py)")
+            fold = False
         self.folds = FoldedWeights(model, {module: self.manager.buffers[module] for module in sorted(self.serving.served)
                                            if self.linears[module].kind == LINEAR and module in self.manager.buffers}
-                                   if options.fold_min_rows is not None or options.stack_max_rows is not None else {},
-                                   fold=options.fold_min_rows is not None, stack=options.stack_max_rows is not None,
+                                   if fold or options.stack_max_rows is not None else {},
+                                   fold=fold, stack=options.stack_max_rows is not None,
                                    moved=self.linears.weights.__setitem__, stack_b=self._graph_expands)
         self.manager.slot_listeners.append(self.folds.mirror)
         self.manager.follow_current_stream()  # the first side-stream writes come after the buffers' set-up

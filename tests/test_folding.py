@@ -322,3 +322,25 @@ def test_decode_steps_with_the_graph_shrink_and_expand_equal_eager_across_swaps_
 
     decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cpu", stack_max_rows=8, stack_expand="inductor",
                                stack_shrink="inductor")
+
+
+def test_a_fold_wider_than_the_rule_keeps_the_kernels(family, caplog):
+    # 17 slots of rank 16: 272 columns, past FOLD_MAX_WIDTH (256), where the fold's extra GEMM work is
+    # estimated to cost more than the kernels. Nothing folds; the call says so; LoRA still applies.
+    from mmlora_fx.folding import FOLD_MAX_WIDTH
+
+    model = copy.deepcopy(family.base)
+    assert 17 * 16 > FOLD_MAX_WIDTH >= 16 * 16
+    with caplog.at_level("WARNING", logger="mmlora_fx"):
+        mm = mmlora_fx.compile(model, family.paths, max_loras=17, max_lora_rank=16, fold_min_rows=1, inner="eager")
+    assert "no linear folds" in caplog.text and "17 x 16" in caplog.text
+    assert len(mm.runtime.folds) == 0
+    torch._dynamo.reset()
+    batch, singles = _batch(mm.runtime.model)
+    with torch.no_grad():
+        logits = mm(**batch, adapter_names=NAMES).logits
+    assert_rows_equal_peft(family.peft, singles, logits, NAMES, "too wide to fold")
+    assert not _marked_nodes(mm, "folded")
+    narrower = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=16, max_lora_rank=16,
+                                 fold_min_rows=1, inner="eager")
+    assert len(narrower.runtime.folds) > 0
