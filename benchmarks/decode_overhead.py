@@ -340,7 +340,7 @@ def settings(args) -> dict:
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
                 stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink,
-                served_call=args.served_call)
+                served_call=args.served_call, fused_gemv=args.fused_gemv)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -541,7 +541,8 @@ class Run(Worker):
                                         mode=mode, dynamic=False, max_batch_size=max(config["batches"]),
                                         inner=config["inner"], stack_max_rows=config["stack_max_rows"],
                                         stack_expand=config.get("stack_expand", "kernel"),
-                                        stack_shrink=config.get("stack_shrink", "gemm"))
+                                        stack_shrink=config.get("stack_shrink", "gemm"),
+                                        fused_gemv=config.get("fused_gemv", False))
             record["ours_setup_s"] = time.perf_counter() - began
 
         if config["stack_max_rows"]:
@@ -966,6 +967,9 @@ def main() -> int:
                         help="mmlora_fx.compile's stack_shrink (with --stack-expand inductor): the graph expand's calls' "
                              "shrink in the stacked GEMM, or tensor ops: one reduction a call (inductor), or one per "
                              "rank column that Inductor fuses into the input's producer (inductor_columns)")
+    parser.add_argument("--fused-gemv", action="store_true",
+                        help="mmlora_fx.compile's fused_gemv: the language model's linear calls on one row (batch 1) "
+                             "as one kernel each, the base GEMV with the row's LoRA inside")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

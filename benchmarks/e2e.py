@@ -555,6 +555,8 @@ STACK_PATHS = {
     "stack16_shrink": dict(stack_max_rows=16, stack_expand="inductor", stack_shrink="inductor"),
     # ... or one reduction per rank column, fused into the input's producer (~7x the first call).
     "stack16_columns": dict(stack_max_rows=16, stack_expand="inductor", stack_shrink="inductor_columns"),
+    # Batch 1's language-model linears as one kernel each, the base GEMV with the row's LoRA inside.
+    "gemv": dict(fused_gemv=True),
 }
 
 

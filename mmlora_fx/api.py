@@ -281,6 +281,7 @@ def compile(
     stack_max_rows: int | None = ServingOptions.stack_max_rows,
     stack_expand: str = ServingOptions.stack_expand,
     stack_shrink: str = ServingOptions.stack_shrink,
+    fused_gemv: bool = ServingOptions.fused_gemv,
     inner: str = "inductor",
     mode: str | None = None,
     options: Mapping | None = None,
@@ -314,8 +315,8 @@ def compile(
     GEMM, every slot's A stacked under the weight, in graphs that call it on at most that many
     rows known at compile time (decode): one LoRA launch per sibling group is left, at the price of
     reading every slot's A each call. `stack_expand`: who adds the stacked calls' expand,
-    `"kernel"` (default: one Triton launch per sibling group) or `"inductor"` (experimental, not
-    yet measured on a GPU: tensor ops in the graph that Inductor fuses into the kernels reading the
+    `"kernel"` (default: one Triton launch per sibling group) or `"inductor"` (experimental, slower
+    than the kernels on an H100: tensor ops in the graph that Inductor fuses into the kernels reading the
     outputs, for the language model's calls up to `max_lora_rank=16`; each slot's B then also
     sits beside those weights). `stack_shrink` (experimental, with `stack_expand="inductor"`):
     `"inductor"` makes those calls' shrink tensor ops as well, each row's own slot's A read (not
@@ -323,7 +324,10 @@ def compile(
     stay the base's. `"inductor_columns"` sums per rank column instead, so that Inductor can fuse
     the shrink into the kernel producing the input, at a far longer compile (~7x the kernels'
     first call on an H100). Default `"gemm"`: the stacked GEMM.
-    These are
+    `fused_gemv` (default False; experimental, measured per op, not yet in a decode step) runs
+    each language-model linear call on one row known at compile time (decode at batch 1, compiled
+    with `dynamic=False`) as one kernel, the base GEMV with the row's LoRA inside
+    (`kernels/gemv_lora.py`): no LoRA launch at all. These are
     `runtime.ServingOptions`, which the `mmlora` backend takes too (all but `fold_min_rows`,
     `stack_max_rows`, `stack_expand` and `stack_shrink`). `inner` is the compiler of the rewritten graphs (Inductor
     by default), `mode` and `options` are Inductor's, and other keywords go to `torch.compile`.
@@ -334,7 +338,8 @@ def compile(
                              max_batch_size=max_batch_size, partitions=partitions, target_modules=target_modules,
                              partition_overrides=partition_overrides, default_adapters=default_adapters,
                              prefetch_workers=prefetch_workers, tp_lora_a=tp_lora_a, fold_min_rows=fold_min_rows,
-                             stack_max_rows=stack_max_rows, stack_expand=stack_expand, stack_shrink=stack_shrink)
+                             stack_max_rows=stack_max_rows, stack_expand=stack_expand, stack_shrink=stack_shrink,
+                             fused_gemv=fused_gemv)
     runtime = LoRARuntime(model, adapters, serving)
     backend = MMLoRABackend(runtime, inner=inner, mode=mode, config_patches=options)
     model.compile(backend=backend, **_isolated(compile_kwargs))

@@ -118,7 +118,9 @@ class MMLoRABackend:
                        stack_layout=(lambda target: self.runtime.stack_layout(target.module)) if len(self.runtime.folds)
                        else None, row_slots_op=torch.ops.mmlora.lora_stacked_row_slots.default,
                        shrink_in_graph={"inductor": "rank", "inductor_columns": "columns"}.get(
-                           self.runtime.options.stack_shrink))
+                           self.runtime.options.stack_shrink),
+                       gemv=(lambda target, rows: self.runtime.gemv_fits(target.module, rows))
+                       if self.runtime.options.fused_gemv else None, gemv_op=torch.ops.mmlora.lora_gemv.default)
 
     def _compile(self, graph_module: fx.GraphModule, example_inputs):
         compiled = self.compile_graph(graph_module, example_inputs)

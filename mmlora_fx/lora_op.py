@@ -168,6 +168,20 @@ _LIBRARY.impl("lora_fold_shrink", lora_fold_shrink, "CompositeExplicitAutograd")
 torch.library.register_fake("mmlora::lora_fold_shrink", _fold_shrink_fake, lib=_LIBRARY)
 
 
+_LIBRARY.define("lora_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
+def lora_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear(x, weight, bias)` of one row with its request's LoRA inside (`fused_gemv`): a new tensor."""
+    runtime, module = REGISTRY.resolve(weight)
+    return runtime.gemv(x, weight, bias, module)
+
+
+_LIBRARY.impl("lora_gemv", lora_gemv, "CompositeExplicitAutograd")
+torch.library.register_fake("mmlora::lora_gemv",
+                            lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_LIBRARY)
+
+
 _LIBRARY.define("lora_stacked_row_slots(Tensor[] weights, int rows) -> Tensor")
 
 

@@ -87,7 +87,10 @@ class ServingOptions:
     every slot's A stacked under the weight), or tensor ops too, each row's own slot's A only, the
     GEMM the base's: `"inductor"` (one `[rows, rank]` reduction a call, a kernel of its own that
     siblings share) or `"inductor_columns"` (one reduction per rank column, which Inductor can fuse
-    into the kernel producing the input; its first call took ~7x the kernels' on an H100)."""
+    into the kernel producing the input; its first call took ~7x the kernels' on an H100).
+    `fused_gemv` (experimental) runs language-model linear calls on one static row (decode at
+    batch 1) as one fused kernel: the base GEMV with the row's LoRA inside
+    (`kernels/gemv_lora.py`), instead of the base GEMM and the LoRA kernels."""
 
     max_loras: int = 4
     max_cpu_loras: int | None = None
@@ -103,6 +106,7 @@ class ServingOptions:
     stack_max_rows: int | None = None
     stack_expand: str = "kernel"
     stack_shrink: str = "gemm"
+    fused_gemv: bool = False
 
     def __post_init__(self):
         if self.tp_lora_a not in TP_LORA_A:
@@ -117,6 +121,8 @@ class ServingOptions:
             raise OptionError(f"stack_expand={self.stack_expand!r} applies to stacked calls only: give stack_max_rows too")
         if self.stack_shrink not in STACK_SHRINKS:
             raise OptionError(f"stack_shrink must be one of {STACK_SHRINKS}, not {self.stack_shrink!r}")
+        if type(self.fused_gemv) is not bool:
+            raise OptionError(f"fused_gemv must be True or False, not {self.fused_gemv!r}")
         if self.stack_shrink != "gemm" and self.stack_expand != "inductor":
             raise OptionError(f"stack_shrink={self.stack_shrink!r} applies to the graph expand's calls only: give "
                               "stack_expand='inductor' (and stack_max_rows) too")
@@ -226,6 +232,7 @@ class LoRARuntime:
         self._stream_modules: dict[str, tuple[str, int]] = {}
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._stacks_checked: set[tuple[str, ...]] = set()  # graph-expand calls whose modules were checked
+        self._gemv_workspaces: dict[str, tuple] = {}  # module -> (config, GemvWorkspace), made at its first call
         self._traced_tables_used: set[str] = set()  # modalities whose layers have read the unit tables
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
@@ -487,6 +494,42 @@ class LoRARuntime:
             return None
         lora_b = self.manager.buffers[module].lora_b
         return lora_b.shape[0], lora_b.shape[2]
+
+    def gemv_fits(self, module: str, rows: int) -> bool:
+        """Whether a graph call of the linear `module` on `rows` static rows runs the fused GEMV
+        (`fused_gemv`): one row, a language-model linear with whole slot buffers and a plain 2D
+        weight (the kernel reads the LM table's first request's slot)."""
+        if not self.options.fused_gemv or rows != 1 or module not in self.manager.buffers:
+            return False
+        linear = self.linears[module]
+        buffers = self.manager.buffers[module]
+        return (linear.kind == LINEAR and linear.partition == LANGUAGE_MODEL and buffers.local_ranks is None
+                and buffers.lora_a.dim() == 3 and not (self.layouts.get(module) and self.layouts[module].sharded))
+
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: str) -> torch.Tensor:
+        """`linear(x, weight, bias)` of one row with its request's LoRA added (`fused_gemv`): the fused
+        kernel on CUDA (its workspace made at the module's first call, outside any CUDA-graph capture
+        as CUDA-graph trees warm up first), the reference elsewhere."""
+        from .kernels.gemv_lora import GemvWorkspace, gemv_config, gemv_lora_reference, gemv_lora_triton
+
+        table = self.tables[LANGUAGE_MODEL]
+        self._count_application(table.partition, [module])
+        table.check_rows(1)
+        buffers = self.manager.buffers[module]
+        row = x.reshape(1, x.shape[-1])
+        if not x.is_cuda:
+            out = gemv_lora_reference(row, weight, bias, buffers.lora_a, buffers.lora_b, buffers.ranks,
+                                      table.request_slots[:1])
+        else:
+            entry = self._gemv_workspaces.get(module)
+            if entry is None:
+                config = gemv_config(*weight.shape)
+                entry = self._gemv_workspaces[module] = (config, GemvWorkspace.make(weight.shape[0], config[2],
+                                                                                   config[0], x.device))
+            out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
+            gemv_lora_triton(row.contiguous(), weight, bias, buffers.lora_a, buffers.lora_b, buffers.ranks,
+                             table.request_slots, out, entry[1], entry[0])
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     def stacked_row_slots(self, modules: list[str], rows: int) -> torch.Tensor:
         """The adapter slot of each of `rows` language-model rows (int64, -1: the base model), for

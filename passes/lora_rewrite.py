@@ -213,14 +213,21 @@ class InsertLoRAOps:
     reduction over the input (a kernel of its own, shared by siblings); `"columns"`, one sum over
     the input per rank column, so that Inductor can fuse them into the kernel that produces the
     input (a norm, an activation), at a far longer compile.
+
+    The fused GEMV (`gemv`, `gemv_op`): a served linear call for which `gemv(target, rows)` is true
+    (one static row, at decode) is not grouped: the call itself becomes `gemv_op(x, weight, bias)`,
+    the base GEMV with the row's LoRA inside, and is marked as its own LoRA op with `"gemv": True`.
     """
 
     def __init__(self, serves: Callable[[object], bool], op, kinds: Sequence[TargetKind] = (LINEAR,),
                  fold: Callable[[object, int], int | None] | None = None, fold_op=None,
                  stack: Callable[[object, int], int | None] | None = None, stack_op=None,
                  stack_layout: Callable[[object], tuple[int, int] | None] | None = None, row_slots_op=None,
-                 shrink_in_graph: str | None = None):
+                 shrink_in_graph: str | None = None, gemv: Callable[[object, int], bool] | None = None,
+                 gemv_op=None):
         self.serves = serves
+        self.gemv = gemv
+        self.gemv_op = gemv_op
         self.op = op
         self.kinds = tuple(kinds)
         self.fold = fold
@@ -244,6 +251,9 @@ class InsertLoRAOps:
         for node in graph.nodes:
             kind = next((kind for kind in self.kinds if kind.match(node) is not None), None)
             if kind is None or not self.serves(kind.match(node)):
+                continue
+            if self._takes_gemv(node, kind):
+                self._rewrite_gemv(node, kind, self.gemv_op)
                 continue
             width = self._fold_width(node, kind)
             if width is not None:
@@ -289,6 +299,27 @@ class InsertLoRAOps:
         graph.lint()
         graph_module.recompile()
         return graph_module
+
+    def _takes_gemv(self, node: fx.Node, kind: TargetKind) -> bool:
+        """Whether this call becomes the fused GEMV: a linear of a plain 2D weight with contiguous
+        rows, on static rows that `gemv(target, rows)` takes."""
+        if self.gemv is None or kind.name != LINEAR.name:
+            return False
+        x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
+        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return False
+        if not all(isinstance(size, int) for size in x.shape) or weight.stride(1) != 1:
+            return False
+        return bool(self.gemv(kind.match(node), x.numel() // x.shape[-1]))
+
+    @staticmethod
+    def _rewrite_gemv(node: fx.Node, kind: TargetKind, gemv_op) -> None:
+        x, weight, bias = kind.rows_of(node), kind.weight_of(node), _bias_of(node)
+        node.target = gemv_op
+        node.args = (x, weight, bias)
+        node.kwargs = {}
+        node.meta[LORA_OP] = True
+        node.meta[LORA] = {"op": node.name, "group": [node.name], "gemv": True}
 
     def _fold_width(self, node: fx.Node, kind: TargetKind) -> int | None:
         """The fold's width for this call, or None: not a linear, no fold, dynamic rows, or a

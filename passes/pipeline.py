@@ -74,6 +74,8 @@ class Rewrite:
     stack_layout: Callable | None = None  # target -> (slots, rank) where the stack's expand is the graph's, or None
     row_slots_op: object = None
     shrink_in_graph: str | None = None  # the graph expand's calls' shrink in tensor ops ("rank", "columns"), not the GEMM
+    gemv: Callable | None = None  # (target, static rows) -> whether the call becomes the fused GEMV (`InsertLoRAOps`)
+    gemv_op: object = None
 
 
 def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewrite | None = None) -> fx.GraphModule:
@@ -84,7 +86,7 @@ def run_passes(graph_module: fx.GraphModule, labelling: Labelling, rewrite: Rewr
     if rewrite is not None:
         InsertLoRAOps(rewrite.serves, rewrite.op, rewrite.kinds, rewrite.fold, rewrite.fold_op, rewrite.stack,
                       rewrite.stack_op, rewrite.stack_layout, rewrite.row_slots_op,
-                      rewrite.shrink_in_graph)(graph_module)
+                      rewrite.shrink_in_graph, rewrite.gemv, rewrite.gemv_op)(graph_module)
         CheckLoRACoverage(rewrite.served_weights, labelling.example_inputs, rewrite.graph_name,
                           rewrite.error)(graph_module)
     return graph_module

@@ -52,6 +52,54 @@ def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_pat
                                stack_expand=stack_expand, stack_shrink=stack_shrink)
 
 
+def test_cuda_graph_decode_at_one_row_through_the_fused_gemv_replays_equal_eager(tmp_path):
+    """`fused_gemv`: a batch of one request decodes through the fused kernel (every language-model
+    linear one launch with its LoRA), in CUDA graphs, each step equal to `mm.eager` across adapter
+    swaps, a load into an evicted slot and the base model, with no recapture or recompilation."""
+    from transformers import StaticCache
+
+    cpu_model = zoo.build("tiny-qwen2-vl")
+    paths = {name: make_adapter(cpu_model, tmp_path / name, all_targets("tiny-qwen2-vl"), r=rank,
+                                lora_alpha=3 * rank + 1, seed=rank)
+             for name, rank in (("alice", 2), ("bob", 4), ("carol", 8))}
+    torch._dynamo.reset()
+    model = zoo.build("tiny-qwen2-vl").to("cuda")
+    mm = mmlora_fx.compile(model, {"alice": paths["alice"], "bob": paths["bob"]}, max_loras=2,
+                           mode="reduce-overhead", fused_gemv=True, dynamic=False)
+    batch = {key: value.to("cuda") for key, value in zoo.make_batch(cpu_model, (1,), seed=3).items()}
+    cache = StaticCache(config=model.config, max_cache_len=batch["input_ids"].shape[1] + 16)
+    with torch.no_grad():
+        mm.eager(**batch, past_key_values=cache, use_cache=True, adapter_names=["alice"])
+    position = batch["input_ids"].shape[1]
+    tokens = torch.tensor([[zoo.FIRST_TEXT_TOKEN + 3]], device="cuda")
+
+    def step(name):
+        nonlocal position, tokens
+        inputs = dict(input_ids=tokens, past_key_values=cache, use_cache=True)
+        with torch.no_grad():
+            rewind(cache, position)
+            compiled = mm(**inputs, adapter_names=[name]).logits[:, -1].clone()
+            rewind(cache, position)
+            eager = mm.eager(**inputs, adapter_names=[name]).logits[:, -1]
+        assert relative_error(compiled, eager) <= 1e-4, name
+        tokens = eager.argmax(-1, keepdim=True)
+        position += 1
+
+    for _ in range(3):  # warm-up, recording, first replay
+        step("alice")
+    graphs = mm.compiled_graphs
+    with CudaGraphCaptures() as captures:
+        step("bob")
+        step(None)
+        mm.load_adapter("carol", paths["carol"])  # evicts the least recently used slot
+        step("carol")
+        step("bob")
+    assert captures.count == 0, "adapter changes must not recapture CUDA graphs"
+    assert mm.compiled_graphs == graphs, "adapter changes must not recompile"
+    assert any(node.meta.get("mmlora_lora", {}).get("gemv") for record in mm.backend.records
+               for node in record.graph_module.graph.nodes), "no linear took the fused GEMV"
+
+
 def decode_replays_equal_eager(family: str, extra: list[str], root, device: str,
                                stack_max_rows: int | None = None, stack_expand: str = "kernel",
                                stack_shrink: str = "gemm") -> None:
