@@ -424,6 +424,7 @@ def step_profile(step, device, steps: int = 5) -> dict:
         synchronize(device)
     total = lora = 0.0
     launches = lora_launches = 0
+    fused = [0.0, 0.0]  # the fused GEMV's kernels: ms and launches a step (base GEMVs with LoRA inside)
     events = sorted(prof.key_averages(), key=lambda event: -event.self_device_time_total)
     top = {event.key[:60]: [round(event.self_device_time_total / steps / 1e3, 4), event.count // steps]
            for event in events[:12] if event.self_device_time_total > 0}
@@ -435,6 +436,9 @@ def step_profile(step, device, steps: int = 5) -> dict:
         if any(tag in event.key for tag in ("_shrink_kernel", "_expand_kernel", "_stacked_tile_kernel")):
             lora += event.self_device_time_total / steps / 1e3
             lora_launches += event.count
+        elif "_gemv_lora_kernel" in event.key:  # `fused_gemv`: the base GEMV and its LoRA in one kernel
+            fused[0] += event.self_device_time_total / steps / 1e3
+            fused[1] += event.count / steps
     # The host's side of a step, from a second profile with CPU activities (the first one's device
     # times stay free of its overhead): what the host runs per step under CUDA graphs, where a
     # replay should be a few graph launches. An `mmlora::` op here ran from the host, not a graph.
@@ -457,6 +461,7 @@ def step_profile(step, device, steps: int = 5) -> dict:
     # more host time and more idle between kernels. Counted over the process (the base runs first).
     return dict(step_ms=step_ms, host_submit_ms=statistics.median(submits), kernels_ms=total, lora_kernels_ms=lora, idle_ms=step_ms - total,
                 kernels_per_step=launches / steps, lora_kernels_per_step=lora_launches / steps,
+                fused_gemv_kernels_ms_and_count=fused,
                 dynamo=graphs, cudagraph_skips_so_far=cudagraph_skips(), top_kernels_ms_and_count=top,
                 top_host_ms_and_count=host_calls, host_calls_per_step=per_step)
 

@@ -216,7 +216,7 @@ run_step() {
         profile_stack) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
                            --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
         tests_gemv) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/kernels/test_gemv_lora.py \
-                    && timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+                    && timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu tests/test_gpu.py \
                        -k "fused_gemv" ;;
         decode_gemv) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode_gemv" --batches 1 --mixes 1 \
                          --fused-gemv --budget-s $((seconds - 20)) --commit "$commit" ;;

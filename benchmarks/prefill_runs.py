@@ -220,13 +220,18 @@ MERGE_MUST_AGREE = ("model", "dtype", "backend", "mode", "fold_min_rows", "tower
 def merged(paths: list[Path], summarise) -> dict:
     """Several parents' JSON (separate device calls) as one: every run, the summary recomputed.
 
-    Refuses (ValueError) reports whose setups differ in any of `MERGE_MUST_AGREE`."""
+    Refuses (ValueError) reports whose setups differ in any of `MERGE_MUST_AGREE`, or that ran on
+    another device or torch build."""
     reports = [json.loads(Path(path).read_text()) for path in paths]
-    first = reports[0].get("setup") or {}
+    def fixed(report):  # the setup's keys, the device and the torch build
+        return dict((report.get("setup") or {}), device=report.get("device"),
+                    torch=(report.get("versions") or {}).get("torch"))
+
+    first = fixed(reports[0])
     for path, report in zip(paths[1:], reports[1:]):
-        setup = report.get("setup") or {}
+        setup = fixed(report)
         differ = [f"{key}: {first.get(key)!r} in {paths[0]}, {setup.get(key)!r} in {path}"
-                  for key in MERGE_MUST_AGREE if first.get(key) != setup.get(key)]
+                  for key in MERGE_MUST_AGREE + ("device", "torch") if first.get(key) != setup.get(key)]
         if differ:
             raise ValueError("cannot merge runs of different settings; " + "; ".join(differ))
     runs = []

@@ -25,7 +25,7 @@ float32; the base part is a multiply-and-sum in float32, not cuBLAS's GEMV, so i
 
 * `gemv_lora_reference`: plain torch, the oracle;
 * `gemv_lora_triton`: the kernel (CUDA tensors, or CPU ones under TRITON_INTERPRET=1), with a
-  `GemvWorkspace` made once per output width.
+  `GemvWorkspace` made once (calls sharing one must run one after another: one stream).
 """
 
 from __future__ import annotations
@@ -58,16 +58,26 @@ def gemv_lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 @dataclasses.dataclass
 class GemvWorkspace:
-    """Per output width and config: the float32 parts `[splits, out]` and one counter per column
-    block (zero between calls: the kernel's last program of a block sets it back)."""
+    """The float32 parts (`splits x out` of a call, flat) and one counter per column block (zero
+    between calls: the kernel's last program of a block sets it back). One workspace can serve
+    every linear of a model, as long as their calls run one after another (one stream): make it
+    once for the largest (`for_calls`), before any CUDA-graph capture or warm-up, so that no
+    graph's memory pool owns it."""
 
     parts: torch.Tensor
     counters: torch.Tensor
 
     @classmethod
-    def make(cls, out_features: int, splits: int, block_n: int, device) -> "GemvWorkspace":
-        return cls(torch.empty(splits, out_features, dtype=torch.float32, device=device),
-                   torch.zeros(cdiv(out_features, block_n), dtype=torch.int32, device=device))
+    def make(cls, parts: int, blocks: int, device) -> "GemvWorkspace":
+        return cls(torch.empty(parts, dtype=torch.float32, device=device),
+                   torch.zeros(blocks, dtype=torch.int32, device=device))
+
+    @classmethod
+    def for_calls(cls, shapes, device) -> "GemvWorkspace":
+        """One workspace for linears of these `(out, in)` shapes at their `gemv_config`."""
+        configs = [(out, gemv_config(out, in_features)) for out, in_features in shapes]
+        return cls.make(max((config[2] * out for out, config in configs), default=1),
+                        max((cdiv(out, config[0]) for out, config in configs), default=1), device)
 
 
 def gemv_config(out_features: int, in_features: int, programs: int = 528, block_n: int = 128,
@@ -82,7 +92,8 @@ def gemv_config(out_features: int, in_features: int, programs: int = 528, block_
         block_k = 128 if in_features >= 8192 else 64
     blocks = cdiv(out_features, block_n)
     splits = max(1, min(cdiv(programs, blocks), cdiv(in_features, block_k)))
-    return block_n, block_k, splits
+    # Splits of whole K steps; as many as those steps need (no split left with nothing to read).
+    return block_n, block_k, cdiv(in_features, cdiv(cdiv(in_features, splits), block_k) * block_k)
 
 
 @triton.jit
@@ -126,7 +137,9 @@ def _gemv_lora_kernel(
         tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_valid)
     else:
         tl.store(parts_ptr + split * out_features + n, acc, mask=n_valid)
-        # acq_rel: the parts stored before are visible to whichever program counts itself in last.
+        # Every warp's stores issued before the one thread that counts the program in (a scalar
+        # atomic is one thread's); acq_rel then makes them visible to the last program.
+        tl.debug_barrier()
         arrived = tl.atomic_add(counters_ptr + block, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -157,8 +170,10 @@ def gemv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if slot.dtype != torch.int32 or slot_ranks.dtype != torch.int32:
         raise ValueError("gemv_lora: slot and slot_ranks must be int32 (the kernel reads them as they are)")
     block_n, block_k, splits = config
-    if workspace.parts.shape != (splits, out_features) or workspace.counters.numel() != cdiv(out_features, block_n):
-        raise ValueError("gemv_lora: the workspace was made for another config or width")
+    if workspace.parts.numel() < splits * out_features or workspace.counters.numel() < cdiv(out_features, block_n):
+        raise ValueError(f"gemv_lora: the workspace holds {workspace.parts.numel()} parts and "
+                         f"{workspace.counters.numel()} counters; this call needs {splits * out_features} and "
+                         f"{cdiv(out_features, block_n)}")
     k_per_split = cdiv(cdiv(in_features, splits), block_k) * block_k
     _gemv_lora_kernel[(cdiv(out_features, block_n), splits)](
         x, weight, weight.stride(0), bias if bias is not None else x, lora_a, lora_a.stride(0), lora_a.stride(1),

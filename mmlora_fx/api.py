@@ -59,7 +59,8 @@ class MultiLoRAModel:
         scope = contextlib.ExitStack()
         scope.enter_context(self.runtime.call_scope())
         scope.enter_context(self.backend.progress.call(self.backend.records, self.verbose,
-                                                       in_gemm=len(self.runtime.folds) > 0))
+                                                       in_gemm=len(self.runtime.folds) > 0
+                                                       or self.runtime.options.fused_gemv))
         scope.enter_context(our_errors_unwrapped())
         return scope
 

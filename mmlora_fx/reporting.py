@@ -91,17 +91,18 @@ def in_gemm_summary(records: Sequence) -> str:
     """What the fold and the stack took in these graphs (`fold_min_rows`, `stack_max_rows`): linear
     calls folded and stacked, or why none was where neither took any."""
     marks = collections.Counter(mark for record in records for node in record.graph_module.graph.nodes
-                                for mark in ("folded", "stacked", "shrink")
+                                for mark in ("folded", "stacked", "shrink", "gemv")
                                 if node.meta.get("mmlora_lora", {}).get(mark) and node.op == "call_function"
                                 and node.target is not torch.as_strided)
     if not marks:
-        return ("; no linear call was taken into its base GEMM: fold_min_rows and stack_max_rows take only calls "
-                "on rows known at compile time, in their range (compile with dynamic=False)")
+        return ("; no linear call was taken into its base GEMM: fold_min_rows, stack_max_rows and fused_gemv take "
+                "only calls on rows known at compile time, in their range (compile with dynamic=False)")
     # The graph shrink's calls carry the stack's mark (they are in its range) but keep the base GEMM.
     in_graph = (f"; {marks['shrink']} linear calls with shrink and expand as graph ops (their GEMMs unchanged)"
                 if marks["shrink"] else "")
+    fused = f", {marks['gemv']} one-row calls as the fused GEMV" if marks["gemv"] else ""
     return (f"; LoRA inside the base GEMM: {marks['folded']} linear calls folded, "
-            f"{marks['stacked'] - marks['shrink']} stacked{in_graph}")
+            f"{marks['stacked'] - marks['shrink']} stacked{fused}{in_graph}")
 
 
 def _short_reason(reason: str) -> str:

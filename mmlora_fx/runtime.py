@@ -232,7 +232,15 @@ class LoRARuntime:
         self._stream_modules: dict[str, tuple[str, int]] = {}
         self._plans: dict[tuple[str, ...], tuple] = {}
         self._stacks_checked: set[tuple[str, ...]] = set()  # graph-expand calls whose modules were checked
-        self._gemv_workspaces: dict[str, tuple] = {}  # module -> (config, GemvWorkspace), made at its first call
+        # The fused GEMV's one workspace (`fused_gemv` on CUDA), made here, before any compiled
+        # call: a CUDA-graph warm-up would allocate it in a graph's private pool.
+        self._gemv_workspace = None
+        if options.fused_gemv and device.type == "cuda":
+            from .kernels.gemv_lora import GemvWorkspace
+
+            self._gemv_workspace = GemvWorkspace.for_calls(
+                [tuple(self.linears.weights[module].shape) for module in self.manager.buffers
+                 if self.gemv_fits(module, 1)], device)
         self._traced_tables_used: set[str] = set()  # modalities whose layers have read the unit tables
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).
@@ -503,14 +511,16 @@ class LoRARuntime:
             return False
         linear = self.linears[module]
         buffers = self.manager.buffers[module]
+        weight = self.linears.weights.get(module)
         return (linear.kind == LINEAR and linear.partition == LANGUAGE_MODEL and buffers.local_ranks is None
-                and buffers.lora_a.dim() == 3 and not (self.layouts.get(module) and self.layouts[module].sharded))
+                and buffers.lora_a.dim() == 3 and isinstance(weight, torch.Tensor) and not is_dtensor(weight)
+                and weight.dim() == 2)
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: str) -> torch.Tensor:
         """`linear(x, weight, bias)` of one row with its request's LoRA added (`fused_gemv`): the fused
-        kernel on CUDA (its workspace made at the module's first call, outside any CUDA-graph capture
-        as CUDA-graph trees warm up first), the reference elsewhere."""
-        from .kernels.gemv_lora import GemvWorkspace, gemv_config, gemv_lora_reference, gemv_lora_triton
+        kernel on CUDA (every linear's calls share the runtime's one workspace: they run in order on
+        one stream), the reference elsewhere."""
+        from .kernels.gemv_lora import gemv_config, gemv_lora_reference, gemv_lora_triton
 
         table = self.tables[LANGUAGE_MODEL]
         self._count_application(table.partition, [module])
@@ -521,14 +531,9 @@ class LoRARuntime:
             out = gemv_lora_reference(row, weight, bias, buffers.lora_a, buffers.lora_b, buffers.ranks,
                                       table.request_slots[:1])
         else:
-            entry = self._gemv_workspaces.get(module)
-            if entry is None:
-                config = gemv_config(*weight.shape)
-                entry = self._gemv_workspaces[module] = (config, GemvWorkspace.make(weight.shape[0], config[2],
-                                                                                   config[0], x.device))
             out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
             gemv_lora_triton(row.contiguous(), weight, bias, buffers.lora_a, buffers.lora_b, buffers.ranks,
-                             table.request_slots, out, entry[1], entry[0])
+                             table.request_slots, out, self._gemv_workspace, gemv_config(*weight.shape))
         return out.view(*x.shape[:-1], weight.shape[0])
 
     def stacked_row_slots(self, modules: list[str], rows: int) -> torch.Tensor:

@@ -28,8 +28,9 @@ def _nodes(mm, predicate):
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_one_row_runs_the_fused_gemv_and_equals_peft(family, inner):
+def test_one_row_runs_the_fused_gemv_and_equals_peft(family, inner, caplog):
     torch._dynamo.reset()
+    caplog.set_level("INFO", logger="mmlora_fx")
     mm = mmlora_fx.compile(copy.deepcopy(family.base), family.paths, max_loras=2, fused_gemv=True, inner=inner,
                            dynamic=False)
     single = {"input_ids": torch.tensor([[zoo.FIRST_TEXT_TOKEN + 7]])}
@@ -39,6 +40,7 @@ def test_one_row_runs_the_fused_gemv_and_equals_peft(family, inner):
         assert_rows_equal_peft(family.peft, [single], logits, [name], f"one row, {name}")
     fused = _nodes(mm, lambda node: node.meta.get(LORA, {}).get("gemv"))
     assert fused and all(node.target is torch.ops.mmlora.lora_gemv.default for node in fused)
+    assert f"{len(fused)} one-row calls as the fused GEMV" in caplog.text  # the compile's summary line says so
     # Every served linear of the language model took it: no LoRA op of the kernels is left.
     assert not _nodes(mm, lambda node: node.meta.get(LORA_OP) and node.target is torch.ops.mmlora.lora_linear_.default)
 

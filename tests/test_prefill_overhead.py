@@ -49,9 +49,10 @@ def test_mixed_step_rows_equal_prefill_alone_and_decode_alone():
 def test_merge_refuses_runs_of_different_settings(tmp_path):
     from benchmarks import prefill_runs
 
-    def report(name, **setup):
+    def report(name, device="NVIDIA H100 80GB HBM3", **setup):
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(dict(commit=name, setup=dict(mode="reduce-overhead", fold_min_rows=512, **setup),
+        path.write_text(json.dumps(dict(commit=name, device=device, versions=dict(torch="2.11.0+cu130"),
+                                        setup=dict(mode="reduce-overhead", fold_min_rows=512, **setup),
                                         runs=[dict(run=0, ms=1.0)])))
         return path
 
@@ -59,6 +60,8 @@ def test_merge_refuses_runs_of_different_settings(tmp_path):
         report("c", tower_attention="flex")
     with pytest.raises(ValueError, match="tower_attention"):
         prefill_runs.merged([flex, sdpa], summarise=lambda runs: {})
+    with pytest.raises(ValueError, match="device"):
+        prefill_runs.merged([flex, report("d", device="NVIDIA H200", tower_attention="flex")], summarise=lambda runs: {})
     both = prefill_runs.merged([flex, flex_again], summarise=lambda runs: {"runs": len(runs)})
     assert [run["source_commit"] for run in both["runs"]] == ["a", "c"]
     assert both["summary"] == {"runs": 2}

@@ -56,7 +56,7 @@ def test_reference_is_the_base_linear_plus_the_slots_lora():
 def test_kernel_equals_the_reference_for_every_slot(out_features, in_features, programs, bias):
     problem = _problem(out_features, in_features, seed=out_features + in_features, bias=bias)
     config = gemv_config(out_features, in_features, programs=programs, block_n=32, block_k=16)
-    workspace = GemvWorkspace.make(out_features, config[2], config[0], DEVICE)
+    workspace = GemvWorkspace.make(config[2] * out_features, -(-out_features // config[0]), DEVICE)
     out = torch.full((1, out_features), float("nan"), device=DEVICE)
     # Every slot in turn through the same workspace: the counters are back at 0 after each call.
     for slot in (2, -1, 1, 0, 2):
@@ -70,10 +70,17 @@ def test_kernel_equals_the_reference_for_every_slot(out_features, in_features, p
         assert config[2] > 1, "the case meant to split K did not"
 
 
-def test_refuses_a_workspace_of_another_config():
+def test_splits_cover_k_with_none_empty():
+    for out_features, in_features in ((4096, 4096), (4096, 14336), (512, 3584), (3584, 18944), (40, 100)):
+        block_n, block_k, splits = gemv_config(out_features, in_features)
+        step = -(-(-(-in_features // splits)) // block_k) * block_k  # the launcher's K per split
+        assert splits * step >= in_features and (splits - 1) * step < in_features, (out_features, in_features)
+
+
+def test_refuses_a_workspace_too_small():
     problem = _problem(40, 100, seed=1)
     config = gemv_config(40, 100, programs=6, block_n=32, block_k=16)
-    workspace = GemvWorkspace.make(40, config[2] + 1, config[0], DEVICE)
+    workspace = GemvWorkspace.make(config[2] * 40 - 1, 2, DEVICE)
     with pytest.raises(ValueError, match="workspace"):
         gemv_lora_triton(**problem, slot=torch.tensor([0], dtype=torch.int32, device=DEVICE),
                          out=torch.empty(1, 40, device=DEVICE), workspace=workspace, config=config)
