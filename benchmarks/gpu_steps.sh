@@ -133,7 +133,7 @@ run_step() {
                    tests/test_gpu.py tests/test_gpu_targets.py tests/kernels
                # Kernel files without the gpu mark run on CUDA where there is one.
                timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
-                   tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py ;;
+                   tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py tests/kernels/test_gemv_lora.py ;;
         tests_prefill) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
                            tests/kernels "tests/test_gpu.py" -k "kernels or prefill" ;;
         tests_graph) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
