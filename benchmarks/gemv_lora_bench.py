@@ -12,8 +12,8 @@ step), against the ~34 µs a layer the kernel path's LoRA costs. Its own extra b
 A once per column block from L2 (`rank / BLOCK_N` of W: 12.5% at 128 columns), B once per split.
 
 Per op (q, k, v, o, gate, up, down; one row; `--slots` slots of rank 16, the row's adapter in
-one of them), CUDA-graph replays of `--layers` distinct copies of the op (so that the weights
-come from HBM, not L2), µs per call:
+one of them), CUDA-graph replays of `--layers` distinct copies of the op, more for small ops (at
+least ~100 MB of weights a graph, so that they come from HBM, not L2), µs per call:
 
 - `cublas`: `F.linear` alone (the compiled base's GEMV);
 - `cublas_lora`: `F.linear`, then `lora_add` (the kernel path's LoRA at one row);
@@ -77,8 +77,10 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8, help="distinct copies of each op per graph")
-    parser.add_argument("--configs", default="264x128x64,132x128x64,528x128x64,264x64x64,264x128x128",
-                        help="programs x BLOCK_N x BLOCK_K per fused config")
+    parser.add_argument("--configs", default="528x128x64,528x128x128,1056x128x64,1056x128x128,2112x128x64,"
+                                             "528x128x64x8,1056x128x128x8,1056x256x64x8",
+                        help="programs x BLOCK_N x BLOCK_K [x warps, default 4] per fused config (the first is "
+                             "gemv_config's default but for down, whose default K step is 128)")
     parser.add_argument("--repeat-ms", type=int, default=100)
     parser.add_argument("--tiny", action="store_true", help="small shapes, one layer, float32 (a CPU check)")
     parser.add_argument("--commit", default=None)
@@ -90,6 +92,7 @@ def main() -> int:
     ops = TINY_OPS if args.tiny else OPS
     layers = 1 if args.tiny else args.layers
     configs = [tuple(int(part) for part in text.split("x")) for text in args.configs.split(",")]
+    configs = [config if len(config) == 4 else (*config, 4) for config in configs]
     generator = torch.Generator(device=device).manual_seed(0)
     slot = torch.tensor([args.slots // 2], dtype=torch.int32, device=device)
     no_slot = torch.tensor([-1], dtype=torch.int32, device=device)
@@ -103,8 +106,11 @@ def main() -> int:
                    if device.type == "cuda" else "cpu", versions=versions(), commit=args.commit or checkout_commit(),
                    command=" ".join(sys.argv), slots=args.slots, rank=args.rank, layers=layers, ops={})
     for name, (in_features, out_features, bias) in ops.items():
+        # At least ~100 MB of weights per graph (twice an H100's L2), so small ops (k, v) come from
+        # HBM too: their 8 copies alone (29 MB) would fit in L2.
+        count = layers if args.tiny else max(layers, min(32, -(-100_000_000 // (2 * in_features * out_features))))
         copies = [make_op(in_features, out_features, bias, args.slots, args.rank, dtype, device, generator)
-                  for _ in range(layers)]
+                  for _ in range(count)]
         outs = [torch.empty(1, out_features, device=device, dtype=dtype) for _ in copies]
         record = results["ops"][name] = dict(in_features=in_features, out_features=out_features)
         expected = gemv_lora_reference(**copies[0], slot=slot)
@@ -119,23 +125,25 @@ def main() -> int:
                 if lora:
                     lora_add([out], op["x"], [op["lora_a"]], [op["lora_b"]], [op["slot_ranks"]], request_slots, cum)
 
-        record["cublas_us"] = time_calls(lambda: cublas(False), args.repeat_ms, device) * 1e3 / layers
-        record["cublas_lora_us"] = time_calls(lambda: cublas(True), args.repeat_ms, device) * 1e3 / layers
+        record["copies"] = count
+        record["cublas_us"] = time_calls(lambda: cublas(False), args.repeat_ms, device) * 1e3 / count
+        record["cublas_lora_us"] = time_calls(lambda: cublas(True), args.repeat_ms, device) * 1e3 / count
         cublas(True)
         record["cublas_lora_error"] = error(outs[0], expected)
         record["configs"] = {}
-        for programs, block_n, block_k in configs:
+        for programs, block_n, block_k, warps in configs:
             config = gemv_config(out_features, in_features, programs=programs, block_n=block_n, block_k=block_k)
-            spaces = [GemvWorkspace.make(out_features, config[2], config[0], device) for _ in copies]
+            spaces = [GemvWorkspace.make(config[2] * out_features, -(-out_features // config[0]), device)
+                      for _ in copies]
 
             def fused(which):
                 for op, out, space in zip(copies, outs, spaces):
-                    gemv_lora_triton(**op, slot=which, out=out, workspace=space, config=config)
+                    gemv_lora_triton(**op, slot=which, out=out, workspace=space, config=config, num_warps=warps)
 
-            key = f"{programs}x{block_n}x{block_k}"
+            key = f"{programs}x{block_n}x{block_k}" + (f"x{warps}" if warps != 4 else "")
             found = record["configs"][key] = dict(config=list(config))
-            found["gemv_us"] = time_calls(lambda: fused(no_slot), args.repeat_ms, device) * 1e3 / layers
-            found["gemv_lora_us"] = time_calls(lambda: fused(slot), args.repeat_ms, device) * 1e3 / layers
+            found["gemv_us"] = time_calls(lambda: fused(no_slot), args.repeat_ms, device) * 1e3 / count
+            found["gemv_lora_us"] = time_calls(lambda: fused(slot), args.repeat_ms, device) * 1e3 / count
             fused(slot)
             found["error"] = error(outs[0], expected)
             fused(no_slot)

@@ -106,8 +106,9 @@
 #              host): why the stack's replays took ~1.2 ms more host time than the base's at batch 1 on
 #              2026-12-07 while the graph expand's took 0.2 ms more (#15; ~330)
 #   kgemv      gemv_lora_bench.py: one decode row's linear with its LoRA in one launch (kernels/gemv_lora.py), per op
-#              of the 7B layer, against cuBLAS alone and cuBLAS plus the LoRA kernels, five configs (#15's batch-1
-#              lead: no LoRA launch at all; unrun, ~150 guessed)
+#              of the 7B layer, against cuBLAS alone and cuBLAS plus the LoRA kernels (#15's batch-1 lead: no LoRA
+#              launch at all). Ran on 2026-12-07 in 22 s with five configs; now eight (more programs, wider K
+#              steps, 8 warps) and small ops with at least ~100 MB of copies (k and v's 8 fit in L2) (~60)
 #   tests_gemv  the fused GEMV's kernel tests on CUDA and its CUDA-graph decode test at one row (#15; ~60 guessed)
 #   decode_gemv  decode_overhead.py --batches 1 --mixes 1 --fused-gemv: batch 1 with the fused GEMV, 3 compilations (#15;
 #              ~560; decode_slots8's batch-1 cells are the same run without it)

@@ -153,7 +153,7 @@ def _gemv_lora_kernel(
 
 def gemv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                      lora_b: torch.Tensor, slot_ranks: torch.Tensor, slot: torch.Tensor, out: torch.Tensor,
-                     workspace: GemvWorkspace, config: tuple[int, int, int]) -> torch.Tensor:
+                     workspace: GemvWorkspace, config: tuple[int, int, int], num_warps: int = 4) -> torch.Tensor:
     """`gemv_lora_reference` into `out [1, out]` in one launch; `config` from `gemv_config`, and
     `workspace` made for it (`GemvWorkspace.make(out, splits, block_n, device)`). Reads nothing
     back to the host: a CUDA graph can capture it (`slot` and `slot_ranks` int32 on the device)."""
@@ -180,6 +180,6 @@ def gemv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         lora_b, lora_b.stride(0), lora_b.stride(1), slot_ranks, max_rank, slot, workspace.parts,
         workspace.counters, out, out_features, in_features, k_per_split,
         HAS_BIAS=bias is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=max(16, _next_power_of_2(max_rank)),
+        BLOCK_R=max(16, _next_power_of_2(max_rank)), num_warps=num_warps,
     )
     return out
