@@ -154,9 +154,10 @@ def _gemv_lora_kernel(
 def gemv_lora_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                      lora_b: torch.Tensor, slot_ranks: torch.Tensor, slot: torch.Tensor, out: torch.Tensor,
                      workspace: GemvWorkspace, config: tuple[int, int, int], num_warps: int = 4) -> torch.Tensor:
-    """`gemv_lora_reference` into `out [1, out]` in one launch; `config` from `gemv_config`, and
-    `workspace` made for it (`GemvWorkspace.make(out, splits, block_n, device)`). Reads nothing
-    back to the host: a CUDA graph can capture it (`slot` and `slot_ranks` int32 on the device)."""
+    """`gemv_lora_reference` into `out [1, out]` in one launch; `config` from `gemv_config`, and a
+    `workspace` of at least `splits x out` parts and `out / BLOCK_N` counters (`GemvWorkspace.for_calls`).
+    Reads nothing back to the host: a CUDA graph can capture it (`slot` and `slot_ranks` int32 on
+    the device)."""
     out_features, in_features = weight.shape
     if x.shape != (1, in_features) or x.stride(-1) != 1:
         raise ValueError(f"gemv_lora: x must be one contiguous row of {in_features}, got {tuple(x.shape)}")
