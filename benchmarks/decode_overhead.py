@@ -426,6 +426,12 @@ class Worker:
                 self.sync()
                 record["first_call_s"]["ours"][batch] = time.perf_counter() - began
                 self.record_skips("ours", batch, skips)
+                # What the compile options took in ours' graphs so far (all batches): a path that
+                # did not engage would time the kernels under its name.
+                marks = [node.meta.get("mmlora_lora", {}) for graph in self.mm.backend.records
+                         for node in graph.graph_module.graph.nodes]
+                record.setdefault("in_gemm_calls", {})[batch] = {
+                    key: sum(bool(mark.get(key)) for mark in marks) for key in ("gemv", "folded", "stacked")}
                 self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
             for _ in range(3):
                 self.one(step, None)

@@ -513,7 +513,10 @@ def part_profile(args, model, adapters, device, results):
                          for node in record.graph_module.graph.nodes
                          if node.meta.get("mmlora_lora", {}).get("stacked") and node.target is not torch.as_strided]
                 found[key].update(stacked_calls=len(marks),
-                                  graph_expanded_calls=sum(mark.get("expand") == "graph" for mark in marks))
+                                  graph_expanded_calls=sum(mark.get("expand") == "graph" for mark in marks),
+                                  fused_gemv_calls=sum(bool(node.meta.get("mmlora_lora", {}).get("gemv"))
+                                                       for record in mm.backend.records
+                                                       for node in record.graph_module.graph.nodes))
                 note(args, progress, key, found[key])
             uncompile(model)
     return model
