@@ -54,6 +54,20 @@ def _read_through(node: fx.Node, view: fx.Node, width: int, keep: set[fx.Node]) 
     node.replace_all_uses_with(view, delete_user_cb=lambda user: user not in keep)
 
 
+def _static_rows(node: fx.Node, kind: TargetKind) -> int | None:
+    """The rows of a linear call whose rows are known at compile time and whose weight is a plain
+    2D tensor with contiguous rows, or None (what the fold, the stack and the fused GEMV may take;
+    rows known only at run time keep the op, whose kernels serve any count)."""
+    if kind.name != LINEAR.name:
+        return None
+    x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    if not all(isinstance(size, int) for size in x.shape) or weight.stride(1) != 1:
+        return None
+    return x.numel() // x.shape[-1]
+
+
 def _call_after(graph: fx.Graph, anchor: fx.Node, target, args, method: bool = False) -> fx.Node:
     """A `call_method` (`method`) or `call_function` node of `target(*args)` right after `anchor`."""
     with graph.inserting_after(anchor):
@@ -301,16 +315,9 @@ class InsertLoRAOps:
         return graph_module
 
     def _takes_gemv(self, node: fx.Node, kind: TargetKind) -> bool:
-        """Whether this call becomes the fused GEMV: a linear of a plain 2D weight with contiguous
-        rows, on static rows that `gemv(target, rows)` takes."""
-        if self.gemv is None or kind.name != LINEAR.name:
-            return False
-        x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
-        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            return False
-        if not all(isinstance(size, int) for size in x.shape) or weight.stride(1) != 1:
-            return False
-        return bool(self.gemv(kind.match(node), x.numel() // x.shape[-1]))
+        """Whether this call becomes the fused GEMV: `_static_rows` that `gemv(target, rows)` takes."""
+        rows = _static_rows(node, kind) if self.gemv is not None else None
+        return rows is not None and bool(self.gemv(kind.match(node), rows))
 
     @staticmethod
     def _rewrite_gemv(node: fx.Node, kind: TargetKind, gemv_op) -> None:
@@ -346,15 +353,9 @@ class InsertLoRAOps:
     def _in_gemm_width(node: fx.Node, kind: TargetKind, choose) -> int | None:
         """What `choose(target, static rows)` (the fold's or the stack's) gives this call, or None:
         not a linear, none chosen, dynamic rows, or a weight that is not the top left of a buffer."""
-        if choose is None or kind.name != LINEAR.name:
-            return None
-        x, weight = example_value(kind.rows_of(node)), example_value(kind.weight_of(node))
-        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            return None
-        if not all(isinstance(size, int) for size in x.shape):
-            return None  # rows known only at run time: the op's kernels serve any count
-        width = choose(kind.match(node), x.numel() // x.shape[-1])
-        if width is None or weight.stride(1) != 1 or weight.storage_offset() != 0:
+        rows = _static_rows(node, kind) if choose is not None else None
+        width = choose(kind.match(node), rows) if rows is not None else None
+        if width is None or example_value(kind.weight_of(node)).storage_offset() != 0:
             return None
         return width
 
