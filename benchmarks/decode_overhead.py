@@ -129,6 +129,7 @@ import e2e  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
 from mmlora_fx.passes import lora_ops  # noqa: E402
+from mmlora_fx.reporting import in_gemm_counts  # noqa: E402
 
 SMI_FIELDS = "clocks.sm,clocks.mem,temperature.gpu,power.draw"
 # What a run keeps for itself at the end of the budget: writing its file and exiting; the parent
@@ -428,10 +429,8 @@ class Worker:
                 self.record_skips("ours", batch, skips)
                 # What the compile options took in ours' graphs so far (all batches): a path that
                 # did not engage would time the kernels under its name.
-                marks = [node.meta.get("mmlora_lora", {}) for graph in self.mm.backend.records
-                         for node in graph.graph_module.graph.nodes]
-                record.setdefault("in_gemm_calls", {})[batch] = {
-                    key: sum(bool(mark.get(key)) for mark in marks) for key in ("gemv", "folded", "stacked")}
+                counts = in_gemm_counts(self.mm.backend.records)
+                record.setdefault("in_gemm_calls", {})[batch] = {key: counts[key] for key in ("gemv", "folded", "stacked")}
                 self.log(f"ours b{batch} first call {record['first_call_s']['ours'][batch]:.1f} s")
             for _ in range(3):
                 self.one(step, None)

@@ -50,6 +50,7 @@ import torch
 import mmlora_fx
 from mmlora_fx import zoo
 from mmlora_fx.graph_captures import CudaGraphCaptures
+from mmlora_fx.reporting import in_gemm_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however e2e was imported
 from run_record import checkout_commit, versions  # noqa: E402
@@ -508,15 +509,10 @@ def part_profile(args, model, adapters, device, results):
                 key = f"mmlora b{batch} d{distinct}" if path == "defaults" else f"mmlora {path} b{batch} d{distinct}"
                 found[key] = step_profile(lambda: steps[batch](), device)
                 # How many linear calls of the compiled graphs (all batches so far) took the stack,
-                # and how many of those the graph expand: what the path changed.
-                marks = [node.meta["mmlora_lora"] for record in mm.backend.records
-                         for node in record.graph_module.graph.nodes
-                         if node.meta.get("mmlora_lora", {}).get("stacked") and node.target is not torch.as_strided]
-                found[key].update(stacked_calls=len(marks),
-                                  graph_expanded_calls=sum(mark.get("expand") == "graph" for mark in marks),
-                                  fused_gemv_calls=sum(bool(node.meta.get("mmlora_lora", {}).get("gemv"))
-                                                       for record in mm.backend.records
-                                                       for node in record.graph_module.graph.nodes))
+                # how many of those the graph expand, and how many the fused GEMV: what the path changed.
+                counts = in_gemm_counts(mm.backend.records)
+                found[key].update(stacked_calls=counts["stacked"], graph_expanded_calls=counts["expand"],
+                                  fused_gemv_calls=counts["gemv"])
                 note(args, progress, key, found[key])
             uncompile(model)
     return model

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["logger", "quiet_dynamo", "CompileProgress", "graph_break_summary", "in_gemm_summary"]
+__all__ = ["logger", "quiet_dynamo", "CompileProgress", "graph_break_summary", "in_gemm_counts", "in_gemm_summary"]
 
 logger = logging.getLogger("mmlora_fx")
 if not logger.handlers:
@@ -87,13 +87,20 @@ def graph_break_summary(records: Sequence, seconds: float, listed: int = 3) -> s
             "`mmlora-fx inspect` lists them all; compile(..., verbose=True) shows dynamo's own messages")
 
 
+def in_gemm_counts(records: Sequence) -> collections.Counter:
+    """Linear calls of these graphs (`CompileRecord`s) by what the compile options made of them:
+    `folded`, `stacked` (of which `shrink`: shrink and expand as graph ops; `expand`: the graph
+    expand), `gemv` (the fused GEMV). The `as_strided` nodes that carry the same marks are not calls."""
+    return collections.Counter(mark for record in records for node in record.graph_module.graph.nodes
+                               for mark in ("folded", "stacked", "shrink", "expand", "gemv")
+                               if node.meta.get("mmlora_lora", {}).get(mark) and node.op == "call_function"
+                               and node.target is not torch.as_strided)
+
+
 def in_gemm_summary(records: Sequence) -> str:
-    """What the fold and the stack took in these graphs (`fold_min_rows`, `stack_max_rows`): linear
-    calls folded and stacked, or why none was where neither took any."""
-    marks = collections.Counter(mark for record in records for node in record.graph_module.graph.nodes
-                                for mark in ("folded", "stacked", "shrink", "gemv")
-                                if node.meta.get("mmlora_lora", {}).get(mark) and node.op == "call_function"
-                                and node.target is not torch.as_strided)
+    """What the fold, the stack and the fused GEMV took in these graphs (`fold_min_rows`,
+    `stack_max_rows`, `fused_gemv`): linear calls folded, stacked and fused, or why none was."""
+    marks = in_gemm_counts(records)
     if not marks:
         return ("; no linear call was taken into its base GEMM: fold_min_rows, stack_max_rows and fused_gemv take "
                 "only calls on rows known at compile time, in their range (compile with dynamic=False)")
