@@ -115,22 +115,29 @@ REGISTRY = WeightRegistry()
 # development CPU against ~17 us through custom_op's Python layers (autograd wrapper, in-place
 # view bookkeeping, default filling), and a compiled prefill makes hundreds of these calls a
 # forward (#16). The schemas say what each op mutates (`Tensor(a!)[] outputs`), which is what
-# Inductor's functionalization reads; the fakes return nothing, as the ops do. Serving only: no
+# Inductor's functionalization reads; the in-place ops' fakes return nothing, as the ops do, the
+# others' an empty tensor of the output's shape. Serving only: no
 # autograd formula (LoRA's share of a gradient through them would be missing, not wrong-signed).
 _LIBRARY = torch.library.Library("mmlora", "FRAGMENT")
 
 
-def _graph_op(schema: str):
-    """Define `mmlora::<schema>` with the decorated function as its kernel on every device."""
+def _defined_op(schema: str, fake):
+    """Define `mmlora::<schema>` with the decorated function as its kernel on every device and
+    `fake` (the same arguments) as what it returns under fake tensors."""
 
     def define(body):
         name = schema.split("(", 1)[0]
         _LIBRARY.define(schema)
         _LIBRARY.impl(name, body, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"mmlora::{name}", lambda *args: None, lib=_LIBRARY)
+        torch.library.register_fake(f"mmlora::{name}", fake, lib=_LIBRARY)
         return body
 
     return define
+
+
+def _graph_op(schema: str):
+    """An in-place op (`Tensor(a!)[] outputs`, returning nothing): `_defined_op` with no output."""
+    return _defined_op(schema, lambda *args: None)
 
 
 @_graph_op("lora_linear_(Tensor(a!)[] outputs, Tensor x, Tensor[] weights) -> ()")
@@ -149,13 +156,8 @@ def lora_stacked_(outputs: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     runtime.apply_stacked(outputs, [first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]])
 
 
-def _fold_shrink_fake(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], width)
-
-
-_LIBRARY.define("lora_fold_shrink(Tensor x, Tensor weight, int width) -> Tensor")
-
-
+@_defined_op("lora_fold_shrink(Tensor x, Tensor weight, int width) -> Tensor",
+             lambda x, weight, width: x.new_empty(*x.shape[:-1], width))
 def lora_fold_shrink(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
     """The extra K of a folded linear's GEMM (`folding.py`): every slot's shrink of the rows `x`,
     each row keeping its own slot's columns (`width`: slots x rank, padded). A new tensor, not a
@@ -164,38 +166,22 @@ def lora_fold_shrink(x: torch.Tensor, weight: torch.Tensor, width: int) -> torch
     return runtime.fold_shrink(x, module)
 
 
-_LIBRARY.impl("lora_fold_shrink", lora_fold_shrink, "CompositeExplicitAutograd")
-torch.library.register_fake("mmlora::lora_fold_shrink", _fold_shrink_fake, lib=_LIBRARY)
-
-
-_LIBRARY.define("lora_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-
-
+@_defined_op("lora_gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+             lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
 def lora_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear(x, weight, bias)` of one row with its request's LoRA inside (`fused_gemv`): a new tensor."""
     runtime, module = REGISTRY.resolve(weight)
     return runtime.gemv(x, weight, bias, module)
 
 
-_LIBRARY.impl("lora_gemv", lora_gemv, "CompositeExplicitAutograd")
-torch.library.register_fake("mmlora::lora_gemv",
-                            lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_LIBRARY)
-
-
-_LIBRARY.define("lora_stacked_row_slots(Tensor[] weights, int rows) -> Tensor")
-
-
+@_defined_op("lora_stacked_row_slots(Tensor[] weights, int rows) -> Tensor",
+             lambda weights, rows: weights[0].new_empty(rows, dtype=torch.int64))
 def lora_stacked_row_slots(weights: list[torch.Tensor], rows: int) -> torch.Tensor:
     """The adapter slot of each of `rows` language-model rows (int64, -1: the base model), for the
     graph expand of the stacked linears whose weights are `weights` (all of one graph's): the
     only LoRA op of such a graph, once per row count (`passes.lora_rewrite`, `stack_expand`)."""
     runtime, first = REGISTRY.resolve(weights[0])
     return runtime.stacked_row_slots([first] + [REGISTRY.resolve(weight)[1] for weight in weights[1:]], rows)
-
-
-_LIBRARY.impl("lora_stacked_row_slots", lora_stacked_row_slots, "CompositeExplicitAutograd")
-torch.library.register_fake("mmlora::lora_stacked_row_slots",
-                            lambda weights, rows: weights[0].new_empty(rows, dtype=torch.int64), lib=_LIBRARY)
 
 
 @_graph_op("lora_embedding_(Tensor(a!)[] outputs, Tensor ids, Tensor[] weights) -> ()")
