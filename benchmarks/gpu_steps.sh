@@ -205,6 +205,10 @@ run_step() {
             # in blocks of 6 forwards: add runs with `--runs 1` and merge (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
             local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 1 --block 6)
+            # An H200's 139 GB holds two of case b's runs (estimated ~50 GB each: two copies of the 7B weights,
+            # 3.1 GB of logits a forward held a few times, graph pools), an H100's 80 GB one.
+            [[ $case == b ]] && (( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) > 120000 )) &&
+                share=(--gpus 2 --share-gpu --block 6)
             local tower=(); [[ $step == *_flex ]] && tower=(--tower-attention flex)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --fold-min-rows 512 "${share[@]}" "${tower[@]}" --budget-s $((seconds - 20)) \
