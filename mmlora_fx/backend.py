@@ -11,7 +11,9 @@ Two ways in:
   calls outside it run the base model.
 
 Options of the `mmlora` backend: `adapters`, `max_loras`, `max_cpu_loras`, `max_lora_rank`,
-`partitions`, `target_modules`, `partition_overrides`, `max_batch_size` (as `mmlora_fx.compile`),
+`partitions`, `target_modules`, `partition_overrides`, `default_adapters`, `max_batch_size`,
+`prefetch_workers`, `tp_lora_a`, `fused_gemv` (as `mmlora_fx.compile`; `fold_min_rows`, `stack_max_rows`,
+`stack_expand` and `stack_shrink` need `mmlora_fx.compile`),
 `inner` (the compiler each rewritten graph goes to: "inductor", the default, or any dynamo backend
 name such as "aot_eager"); every other key is an Inductor config patch.
 """
