@@ -205,10 +205,11 @@ run_step() {
             # in blocks of 6 forwards: add runs with `--runs 1` and merge (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
             local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 1 --block 6)
-            # An H200's 139 GB holds two of case b's runs (estimated ~50 GB each: two copies of the 7B weights,
-            # 3.1 GB of logits a forward held a few times, graph pools), an H100's 80 GB one.
+            # An H200's 139 GiB holds case b's three runs at once, an H100's 79 GiB one: case a (unfolded, CUDA
+            # graphs) peaked at 19.3 GiB a run, 15.5 of them the weights base and ours share, so b's 4x the rows
+            # come to ~31-35 GiB (an estimate: b has not run). Nothing folds at b's 32 slots (no weight copies).
             [[ $case == b ]] && (( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) > 120000 )) &&
-                share=(--gpus 2 --share-gpu --block 6)
+                share=(--gpus 3 --share-gpu --block 6)
             local tower=(); [[ $step == *_flex ]] && tower=(--tower-attention flex)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --fold-min-rows 512 "${share[@]}" "${tower[@]}" --budget-s $((seconds - 20)) \
