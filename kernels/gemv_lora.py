@@ -80,18 +80,26 @@ class GemvWorkspace:
                         max((cdiv(out, config[0]) for out, config in configs), default=1), device)
 
 
-def gemv_config(out_features: int, in_features: int, programs: int = 528, block_n: int = 128,
-                block_k: int | None = None) -> tuple[int, int, int]:
+def gemv_config(out_features: int, in_features: int, programs: int = 1056, block_n: int = 128,
+                block_k: int = 128) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, splits of K): column blocks of `block_n` (the A re-read is `rank /
-    block_n` of W's bytes), and K split until there are about `programs` programs, each split at
-    least one `block_k` step (by default 64, or 128 for inputs of 8,192 and more). Of 12 configs
-    on an H100 (2026-12-07, docs/BENCHMARKS.md) 528 x 128 x 64 was the fastest at q, k, gate and
-    up of the 7B layer and within 0.2 µs at v and o; down (18,944 inputs) was 1.9 µs faster with
-    128-wide K steps."""
-    if block_k is None:
-        block_k = 128 if in_features >= 8192 else 64
+    block_n` of W's bytes), and K split until there are about `programs` programs, in whole
+    `block_k` steps, at least two steps a split where the outputs alone make 16 blocks or more.
+
+    Fitted to the 7B layer's sweep on an H100 (2026-12-07 12:53 UTC, two calls within 0.2 µs,
+    docs/BENCHMARKS.md "The fused GEMV in the decode step"), where it picks each op's fastest of the
+    eight configs timed: q and o (28 blocks) 14 splits, 15.9 µs against 18.5 at 28 one-step splits;
+    gate and up (148 blocks) 7 splits, 55.4 µs against 57.6 at 528 programs of 64-wide steps; down
+    (28 blocks, 18,944 inputs) 37 splits, 55.5 µs against 57.0; k and v (4 blocks) 28 one-step
+    splits, 6.9 µs, as every config within 0.5 µs. The layer: 211.8 µs against 218.8 for the
+    earlier default (528 programs, 64-wide steps), cuBLAS 200.0 and cuBLAS plus the LoRA kernels
+    225.5. Other shapes are not measured."""
     blocks = cdiv(out_features, block_n)
-    splits = max(1, min(cdiv(programs, blocks), cdiv(in_features, block_k)))
+    steps = cdiv(in_features, block_k)
+    # Wide outputs fill the GPU with few splits; there one-step splits lost (q and o: 18.5 against
+    # 15.9 µs), narrow ones (k, v: 4 blocks) need every split they can get.
+    most = steps if blocks < 16 else max(1, steps // 2)
+    splits = max(1, min(cdiv(programs, blocks), most))
     # Splits of whole K steps; as many as those steps need (no split left with nothing to read).
     return block_n, block_k, cdiv(in_features, cdiv(cdiv(in_features, splits), block_k) * block_k)
 
