@@ -109,8 +109,12 @@
 #              of the 7B layer, against cuBLAS alone and cuBLAS plus the LoRA kernels (#15's batch-1 lead: no LoRA
 #              launch at all). Ran on 2026-12-07 in 22 s with five configs; now eight (more programs, wider K
 #              steps, 8 warps) and small ops with at least ~100 MB of copies (k and v's 8 fit in L2) (~60)
-#   tests_gemv  the fused GEMV's kernel tests on CUDA and its CUDA-graph decode test at one row (#15; ~60 guessed)
+#   tests_gemv  the fused GEMV's kernel tests on CUDA and its CUDA-graph decode test at one row (#15; 104 s on
+#              2026-12-07, both passed)
+#   decode_b1  decode_overhead.py --batches 1 --mixes 1: batch 1 on the LoRA kernels, 3 compilations: decode_gemv's
+#              reference, to run beside it in one session (#15; ~140)
 #   decode_gemv  decode_overhead.py --batches 1 --mixes 1 --fused-gemv: batch 1 with the fused GEMV, 3 compilations (#15;
+#              131 s on 2026-12-07: +5.9%;
 #              ~560; decode_slots8's batch-1 cells are the same run without it)
 #   profile_gemv  e2e profile of the base, the kernels and the fused GEMV at batch 1 and 16 (16 is the kernels') (#15; ~330)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
@@ -126,7 +130,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -224,6 +228,8 @@ run_step() {
         tests_gemv) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/kernels/test_gemv_lora.py \
                     && timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu tests/test_gpu.py \
                        -k "fused_gemv" ;;
+        decode_b1) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode_b1" --batches 1 --mixes 1 \
+                       --budget-s $((seconds - 20)) --commit "$commit" ;;
         decode_gemv) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode_gemv" --batches 1 --mixes 1 \
                          --fused-gemv --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_gemv) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_gemv" --parts profile \
