@@ -114,8 +114,7 @@
 #   decode_b1  decode_overhead.py --batches 1 --mixes 1: batch 1 on the LoRA kernels, 3 compilations: decode_gemv's
 #              reference, to run beside it in one session (#15; ~140)
 #   decode_gemv  decode_overhead.py --batches 1 --mixes 1 --fused-gemv: batch 1 with the fused GEMV, 3 compilations (#15;
-#              131 s on 2026-12-07: +5.9%;
-#              ~560; decode_slots8's batch-1 cells are the same run without it)
+#              131 s on 2026-12-07: +5.9%; decode_b1 is the same run without it)
 #   profile_gemv  e2e profile of the base, the kernels and the fused GEMV at batch 1 and 16 (16 is the kernels') (#15; ~330)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
