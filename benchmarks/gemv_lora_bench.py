@@ -77,10 +77,11 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8, help="distinct copies of each op per graph")
-    parser.add_argument("--configs", default="528x128x64,528x128x128,1056x128x64,1056x128x128,2112x128x64,"
-                                             "528x128x64x8,1056x128x128x8,1056x256x64x8",
-                        help="programs x BLOCK_N x BLOCK_K [x warps, default 4] per fused config (the first is "
-                             "gemv_config's default but for down, whose default K step is 128)")
+    parser.add_argument("--configs", default="1056x128x128,528x128x64x4x1,528x128x128x4x1,1056x128x64x4x1,"
+                                             "1056x128x128x4x1,2112x128x64x4x1,1056x128x128x8x1,1056x128x128x8",
+                        help="programs x BLOCK_N x BLOCK_K [x warps, default 4 [x least K steps a split, default "
+                             "gemv_config's rule]] per fused config; the first is gemv_config's default. The "
+                             "2026-12-07 12:53 sweep's labels had no fifth field and meant one step (x1 now)")
     parser.add_argument("--repeat-ms", type=int, default=100)
     parser.add_argument("--tiny", action="store_true", help="small shapes, one layer, float32 (a CPU check)")
     parser.add_argument("--commit", default=None)
@@ -92,7 +93,8 @@ def main() -> int:
     ops = TINY_OPS if args.tiny else OPS
     layers = 1 if args.tiny else args.layers
     configs = [tuple(int(part) for part in text.split("x")) for text in args.configs.split(",")]
-    configs = [config if len(config) == 4 else (*config, 4) for config in configs]
+    configs = [(*config, 4, None)[:5] if len(config) == 3 else (*config, None)[:5] if len(config) == 4 else config
+               for config in configs]
     generator = torch.Generator(device=device).manual_seed(0)
     slot = torch.tensor([args.slots // 2], dtype=torch.int32, device=device)
     no_slot = torch.tensor([-1], dtype=torch.int32, device=device)
@@ -131,8 +133,9 @@ def main() -> int:
         cublas(True)
         record["cublas_lora_error"] = error(outs[0], expected)
         record["configs"] = {}
-        for programs, block_n, block_k, warps in configs:
-            config = gemv_config(out_features, in_features, programs=programs, block_n=block_n, block_k=block_k)
+        for programs, block_n, block_k, warps, min_steps in configs:
+            config = gemv_config(out_features, in_features, programs=programs, block_n=block_n, block_k=block_k,
+                                 min_steps=min_steps)
             spaces = [GemvWorkspace.make(config[2] * out_features, -(-out_features // config[0]), device)
                       for _ in copies]
 
@@ -140,7 +143,8 @@ def main() -> int:
                 for op, out, space in zip(copies, outs, spaces):
                     gemv_lora_triton(**op, slot=which, out=out, workspace=space, config=config, num_warps=warps)
 
-            key = f"{programs}x{block_n}x{block_k}" + (f"x{warps}" if warps != 4 else "")
+            key = f"{programs}x{block_n}x{block_k}" + (f"x{warps}" if warps != 4 or min_steps else "") + \
+                (f"x{min_steps}" if min_steps else "")
             found = record["configs"][key] = dict(config=list(config))
             found["gemv_us"] = time_calls(lambda: fused(no_slot), args.repeat_ms, device) * 1e3 / count
             found["gemv_lora_us"] = time_calls(lambda: fused(slot), args.repeat_ms, device) * 1e3 / count

@@ -45,7 +45,8 @@
 #   prefill_a_fold, prefill_b_fold, prefill_c_fold  prefill_X_graphs with mmlora_fx.compile(fold_min_rows=512):
 #              LoRA folded into the base GEMMs of q, o, gate, up and the tower's qkv, proj, fc1 at prefill (#16; a ran on
 #              2026-12-07 one run after another, ~200 s each, two of three in the budget: now a and c run two at
-#              once sharing the GPU (29.1 GiB a run), b one at a time (~560 a call guessed; add runs and merge)).
+#              once sharing the GPU (29.1 GiB a run), b one at a time on an H100, three at once on an H200 (~560 a
+#              call guessed; add runs and merge)).
 #              Case b's 32 slots of rank 16 (512 columns) are past folding.FOLD_MAX_WIDTH: nothing folds there
 #              (compile warns), so prefill_b_fold and prefill_b_flex run the kernels; `kfold` checks that rule
 #   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
@@ -204,7 +205,8 @@ run_step() {
         prefill_a_fold|prefill_b_fold|prefill_c_fold|prefill_a_flex|prefill_b_flex|prefill_c_flex)
             # Ours' folded weights are copies (the base keeps its own). Case a peaked at 29.1 GiB a run on
             # 2026-12-07 (one after another, ~200 s each: the budget left room for two), so a and c now run two
-            # at once sharing the GPU, as the graphs steps do; b (4x the rows, memory unmeasured) one at a time,
+            # at once sharing the GPU, as the graphs steps do; b (4x the rows, memory unmeasured) one at a time
+            # on an H100, three at once on a GPU of more than 120 GB (below),
             # in blocks of 6 forwards: add runs with `--runs 1` and merge (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
             local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 1 --block 6)

@@ -1,6 +1,6 @@
 """One decode row's linear with its LoRA inside: the base GEMV and the row's adapter in one launch.
 
-Experimental (#15), for the kernel benchmark only: nothing in the runtime calls it yet.
+Experimental (#15): the runtime calls it for `compile(fused_gemv=True)`'s one-row calls.
 
 At batch 1 a decode step's LoRA is launches, not bytes: the kernel path adds a shrink and an
 expand per sibling group (224 kernels a step on e2e's 7B model, ~4.3 µs each inside a CUDA
@@ -81,25 +81,28 @@ class GemvWorkspace:
 
 
 def gemv_config(out_features: int, in_features: int, programs: int = 1056, block_n: int = 128,
-                block_k: int = 128) -> tuple[int, int, int]:
+                block_k: int = 128, min_steps: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, splits of K): column blocks of `block_n` (the A re-read is `rank /
     block_n` of W's bytes), and K split until there are about `programs` programs, in whole
-    `block_k` steps, at least two steps a split where the outputs alone make 16 blocks or more.
+    `block_k` steps, at least `min_steps` a split (by default two where the outputs alone make 16
+    blocks or more, else one).
 
-    Fitted to the 7B layer's sweep on an H100 (2026-12-07 12:53 UTC, two calls within 0.2 µs,
-    docs/BENCHMARKS.md "The fused GEMV in the decode step"), where it picks each op's fastest of the
-    eight configs timed: q and o (28 blocks) 14 splits, 15.9 µs against 18.5 at 28 one-step splits;
-    gate and up (148 blocks) 7 splits, 55.4 µs against 57.6 at 528 programs of 64-wide steps; down
-    (28 blocks, 18,944 inputs) 37 splits, 55.5 µs against 57.0; k and v (4 blocks) 28 one-step
-    splits, 6.9 µs, as every config within 0.5 µs. The layer: 211.8 µs against 218.8 for the
-    earlier default (528 programs, 64-wide steps), cuBLAS 200.0 and cuBLAS plus the LoRA kernels
-    225.5. Other shapes are not measured."""
+    Fitted to the 7B layer's sweep on an H100 (2026-12-07 12:53 UTC, two calls within 0.3 µs,
+    docs/BENCHMARKS.md "The fused GEMV in the decode step"), where at 4 warps it picks each op's
+    fastest of the configs timed: q and o (28 blocks) 14 splits, 15.9 / 15.8 µs against 18.5 /
+    18.2 at 28 one-step splits; gate and up (148 blocks) 7 splits at 1,056 programs, 55.6 / 55.2
+    µs against 57.6 / 57.5 at 528 programs of 64-wide steps; down (28 blocks, 18,944 inputs) 37
+    splits, 55.5 µs against 57.0; k and v (4 blocks) 28 one-step splits, 6.9 µs (6.5 at 8 warps,
+    which the launch does not take). The layer: 211.8 µs against 218.8 for the earlier default
+    (528 programs, 64-wide steps), cuBLAS 200.0 and cuBLAS plus the LoRA kernels 225.5. Other
+    shapes are not measured."""
     blocks = cdiv(out_features, block_n)
     steps = cdiv(in_features, block_k)
-    # Wide outputs fill the GPU with few splits; there one-step splits lost (q and o: 18.5 against
-    # 15.9 µs), narrow ones (k, v: 4 blocks) need every split they can get.
-    most = steps if blocks < 16 else max(1, steps // 2)
-    splits = max(1, min(cdiv(programs, blocks), most))
+    if min_steps is None:
+        # Wide outputs fill the GPU with few splits; there one-step splits lost (q and o: 18.5
+        # against 15.9 µs), narrow ones (k, v: 4 blocks) take every split they can get.
+        min_steps = 1 if blocks < 16 else 2
+    splits = max(1, min(cdiv(programs, blocks), max(1, steps // min_steps)))
     # Splits of whole K steps; as many as those steps need (no split left with nothing to read).
     return block_n, block_k, cdiv(in_features, cdiv(cdiv(in_features, splits), block_k) * block_k)
 

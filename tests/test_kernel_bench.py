@@ -64,19 +64,19 @@ def test_the_stack_check_sees_a_shrink_missing_from_the_gemm(monkeypatch):
 
 
 def test_gemv_lora_bench_runs_and_its_fused_kernel_matches_the_reference(tmp_path, monkeypatch):
-    # benchmarks/gemv_lora_bench.py --tiny: the script as the GPU step runs it (two configs, one of
-    # them with 8 warps), on the CPU under Triton's interpreter; its recorded errors are checks.
+    # benchmarks/gemv_lora_bench.py --tiny: the script as the GPU step runs it (three configs, one
+    # with 8 warps, one with its least K steps a split pinned), on the CPU under Triton's interpreter; its recorded errors are checks.
     import json
     import sys
 
     from benchmarks import gemv_lora_bench
 
     out = tmp_path / "gemv.json"
-    monkeypatch.setattr(sys, "argv", ["gemv_lora_bench.py", "--tiny", "--configs", "8x32x16,2x16x16x8",
+    monkeypatch.setattr(sys, "argv", ["gemv_lora_bench.py", "--tiny", "--configs", "8x32x16,2x16x16x8,8x32x16x4x1",
                                       "--json", str(out)])
     assert gemv_lora_bench.main() == 0
     report = json.loads(out.read_text())
     for record in report["ops"].values():
-        assert set(record["configs"]) == {"8x32x16", "2x16x16x8"}
+        assert set(record["configs"]) == {"8x32x16", "2x16x16x8", "8x32x16x4x1"}
         for found in record["configs"].values():
             assert found["error"] < 1e-5 and found["base_error"] < 1e-5

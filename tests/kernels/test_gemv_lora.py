@@ -77,6 +77,16 @@ def test_splits_cover_k_with_none_empty():
         assert splits * step >= in_features and (splits - 1) * step < in_features, (out_features, in_features)
 
 
+def test_wide_outputs_split_k_in_at_least_two_steps_narrow_ones_in_one():
+    # The 7B layer's sweep (H100, 2026-12-07): q and o lost with one-step splits, k and v took them.
+    for out_features, in_features, least in ((3584, 3584, 2), (18944, 3584, 2), (3584, 18944, 2), (512, 3584, 1)):
+        block_n, block_k, splits = gemv_config(out_features, in_features)
+        steps = -(-in_features // block_k)
+        assert -(-steps // splits) >= least, (out_features, in_features, splits)
+    assert gemv_config(3584, 3584) == (128, 128, 14) and gemv_config(512, 3584) == (128, 128, 28)
+    assert gemv_config(3584, 3584, min_steps=1) == (128, 128, 28)
+
+
 def test_refuses_a_workspace_too_small():
     problem = _problem(40, 100, seed=1)
     config = gemv_config(40, 100, programs=6, block_n=32, block_k=16)
