@@ -59,6 +59,12 @@
 #   kfold      kernel_bench.py --fold --per-op at case a's shapes (tower 8,192 rows, LM 2,584; 8 slots) and case b's
 #              (32,768 and 10,336; 32 slots): LoRA folded into the base GEMMs, x written in by its producer or
 #              copied in, per op, against the base GEMMs and the Triton kernels (#16's lead; unrun, ~120 guessed)
+#   kepilogue  kernel_bench.py --epilogue at case b's shapes (tower 32,768 rows, LM 10,336; 32 slots) and case a's tower
+#              (8,192; 8): kernels/gemm_lora.py, our Triton GEMM without and with each row's expand in its epilogue, per
+#              op and config, against cuBLAS and cuBLAS plus the LoRA kernels (--profile: the shrink's and expand's
+#              time). It pays where its GEMM + epilogue - cuBLAS < the expand kernel's time (#16 case b; unrun, ~300
+#              guessed: a third of the limit a shape, each writing its JSON when done). Run tests_epilogue first
+#   tests_epilogue  kernels/gemm_lora.py's tests on CUDA: bf16 at the four configs kepilogue times (~60 guessed)
 #   kstack     kernel_bench.py --stack at decode rows: the base GEMMs with every slot's A stacked under each
 #              weight plus one expand launch per op (stack_max_rows' path), against the base GEMMs and the
 #              Triton kernels; 8 slots (adapters 1, 8) and 32 slots (1, 8, 32) (#15; unrun, ~150 guessed)
@@ -130,7 +136,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -138,7 +144,8 @@ run_step() {
                    tests/test_gpu.py tests/test_gpu_targets.py tests/kernels
                # Kernel files without the gpu mark run on CUDA where there is one.
                timeout 120 python3 -m pytest -o addopts="" -q -p no:cacheprovider \
-                   tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py tests/kernels/test_gemv_lora.py ;;
+                   tests/kernels/test_lora_stacked.py tests/kernels/test_fold_mask.py tests/kernels/test_gemv_lora.py \
+                   tests/kernels/test_gemm_lora.py ;;
         tests_prefill) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
                            tests/kernels "tests/test_gpu.py" -k "kernels or prefill" ;;
         tests_graph) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
@@ -187,6 +194,16 @@ run_step() {
                        --adapters "$adapters" --slots "$adapters" --fold --per-op --skip-torch --repeat-ms 40 \
                        --json "$out/kfold-$shape-$rows.json" --markdown "$out/kfold-$shape-$rows.md" --commit "$commit"
                done ;;
+        tests_epilogue) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider \
+                            tests/kernels/test_gemm_lora.py ;;
+        kepilogue) for shape_rows_adapters in tower:32768:32 layer:10336:32 tower:8192:8; do
+                       IFS=: read -r shape rows adapters <<< "$shape_rows_adapters"
+                       timeout $((seconds / 3)) python3 benchmarks/kernel_bench.py --shape "$shape" --rows "$rows" \
+                           --adapters "$adapters" --slots "$adapters" --per-op --profile --skip-torch --repeat-ms 40 \
+                           --epilogue 128x128x64x8x3,128x256x64x8x3,128x128x64x4x4,64x128x64x4x4 \
+                           --json "$out/kepilogue-$shape-$rows.json" --markdown "$out/kepilogue-$shape-$rows.md" \
+                           --commit "$commit"
+                   done ;;
         kstack) for slots_adapters in 8:1,8 32:1,8,32; do
                     timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --rows 1,16,64 --slots "${slots_adapters%%:*}" \
                         --adapters "${slots_adapters##*:}" --stack --skip-torch --profile --repeat-ms 40 \

@@ -29,7 +29,11 @@ For each row count and number of distinct adapters, it reports:
   `stack_max_rows` builds them: mmlora_fx/folding.py), so each GEMM also gives every slot's
   shrink, then one `lora_stacked_expand_` launch per op adds each row's own slot's expand (#15's
   lead: one LoRA launch per op at decode). "stacked - base" compares with the Triton column;
-  the expand kernel the default does not pick at those rows (per row, or per tile) is timed too.
+  the expand kernel the default does not pick at those rows (per row, or per tile) is timed too;
+* with `--epilogue CONFIGS`, `kernels/gemm_lora.py` (`EpilogueOp`): our Triton GEMM per sibling
+  without LoRA ("gemm", against cuBLAS's base GEMMs) and with each row's own expand in its
+  epilogue ("lora", against the base GEMMs plus the Triton column's shrink and expand), per config
+  (#16 case b's lead: no pass over the outputs at many slots).
 
 `--shape lm_head` times the language model head instead of a decoder layer: one op of 3584 ->
 152,064 (Qwen2's vocabulary), as head LoRA runs at decode (#18).
@@ -59,6 +63,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from mmlora_fx.kernels.gemm_lora import gemm_lora_triton
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
 from mmlora_fx.kernels.lora_stacked import ROW_PATH_MAX_ROWS, lora_stacked_expand_triton
@@ -245,6 +250,55 @@ def delta_error(outputs: list[torch.Tensor], op: OpBuffers, weights: list[torch.
 
 
 @dataclasses.dataclass
+class EpilogueOp:
+    """One op's siblings as `kernels/gemm_lora.py` runs them (#16 case b's lead): our Triton GEMM
+    with each row's own expand in its epilogue. `shrunk[j]` is sibling j's shrink of every row
+    through its own slot, `[rows, rank]` in x's dtype, made once (the shrink kernel writes float32
+    sums laid out per tile: a hookup would read twice these bytes, or have it write this). The
+    shrink is not timed here: the kernels' profile (`--profile`) has its time."""
+
+    x: torch.Tensor
+    weights: list[torch.Tensor]
+    shrunk: list[torch.Tensor]
+    lora_b: list[torch.Tensor]
+    slot_ranks: list[torch.Tensor]
+    row_slots: torch.Tensor
+    outputs: list[torch.Tensor]
+
+
+def make_epilogue(op: OpBuffers, weights: list[torch.Tensor], slots: torch.Tensor, cum: torch.Tensor) -> EpilogueOp:
+    owners = row_slots(slots, cum, op.x.shape[0])
+    shrunk = []
+    for lora_a in op.lora_a:
+        found = torch.zeros(op.x.shape[0], lora_a.shape[1], device=op.x.device, dtype=op.x.dtype)
+        for slot in torch.unique(owners[owners >= 0]).tolist():
+            rows = owners == slot
+            found[rows] = op.x[rows] @ lora_a[slot].T
+        shrunk.append(found)
+    return EpilogueOp(op.x, weights, shrunk, op.lora_b, op.slot_ranks, owners.to(torch.int32), op.outputs)
+
+
+def run_epilogue(ops: dict[str, EpilogueOp], config: tuple, lora: bool = True) -> None:
+    """Every sibling's GEMM through `gemm_lora_triton`: with the rows' expand (`lora`) or without
+    (the Triton GEMM against cuBLAS's)."""
+    for op in ops.values():
+        for weight, shrunk, lora_b, ranks, output in zip(op.weights, op.shrunk, op.lora_b, op.slot_ranks, op.outputs):
+            gemm_lora_triton(op.x, weight, None, shrunk if lora else None, lora_b, ranks, op.row_slots, output,
+                             config)
+
+
+def check_epilogue(layer: dict[str, OpBuffers], weights: dict[str, list[torch.Tensor]], slots, cum, config) -> float:
+    """Largest relative error of `run_epilogue`'s delta (its output minus the base GEMM's) against
+    the gather/bmm baseline's delta."""
+    worst = 0.0
+    for name, op in layer.items():
+        fresh = OpBuffers(op.x, [torch.empty_like(o) for o in op.outputs], op.lora_a, op.lora_b, op.slot_ranks)
+        run_epilogue({name: make_epilogue(fresh, weights[name], slots, cum)}, config)
+        worst = max(worst, delta_error(fresh.outputs, op, weights[name], slots, cum))
+    return worst
+
+
+@dataclasses.dataclass
 class StackedOp:
     """One op's base GEMMs with every slot's A stacked under each weight (`[out + slots * rank, in]`),
     writing `[rows, out + slots * rank]`: the base output, then every slot's shrink of every row."""
@@ -305,6 +359,17 @@ def time_graph(step, repeat_ms: int) -> float:
     median = triton.testing.do_bench(graph.replay, warmup=max(10, repeat_ms // 4), rep=repeat_ms, return_mode="median")
     del graph
     return median
+
+
+def base_per_op(layers: list[dict[str, OpBuffers]], base_weights: list[dict[str, list[torch.Tensor]]],
+                repeat_ms: int) -> dict[str, float]:
+    """µs a layer of each op's base GEMMs alone (cuBLAS), as `op_<name>_base_us`."""
+    found = {}
+    for op_name in layers[0]:
+        ms = time_graph(lambda: [torch.matmul(layer[op_name].x, w.T, out=o) for layer, weights in zip(layers, base_weights)
+                                 for o, w in zip(layer[op_name].outputs, weights[op_name])], repeat_ms)
+        found[f"op_{op_name}_base_us"] = ms * 1e3 / len(layers)
+    return found
 
 
 def copy_bandwidth() -> float:
@@ -417,6 +482,9 @@ def main() -> int:
     parser.add_argument("--stack", action="store_true",
                         help="also time the base GEMMs with every slot's A stacked under each weight and one expand "
                              "launch per op (stack_max_rows' path; implies --base)")
+    parser.add_argument("--epilogue", default=None, metavar="CONFIGS",
+                        help="also time kernels/gemm_lora.py: our Triton GEMM without and with each row's expand in its "
+                             "epilogue, per config BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGES (comma-separated; implies --base)")
     parser.add_argument("--rows", default="1,16,64,256,4096")
     parser.add_argument("--adapters", default="1,8,32")
     parser.add_argument("--slots", type=int, default=32)
@@ -432,7 +500,7 @@ def main() -> int:
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args()
-    args.base = args.base or args.fold or args.stack
+    args.base = args.base or args.fold or args.stack or bool(args.epilogue)
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -488,12 +556,8 @@ def main() -> int:
                 ms = time_graph(lambda: [run_folded(f, copy_input=True) for f in folded], args.repeat_ms)
                 row["fold_copy_us"] = ms * 1e3 / count
                 if args.per_op:  # which ops the fold pays for: base, folded, folded with the copy
-                    weights_of = dict(zip(map(id, layers), base_weights))
+                    row.update(base_per_op(layers, base_weights, args.repeat_ms))
                     for op_name in ops:
-                        ms = time_graph(lambda: [torch.matmul(l[op_name].x, w.T, out=o) for l in layers
-                                                 for o, w in zip(l[op_name].outputs, weights_of[id(l)][op_name])],
-                                        args.repeat_ms)
-                        row[f"op_{op_name}_base_us"] = ms * 1e3 / count
                         for copy_input, key in ((False, "fold"), (True, "fold_copy")):
                             ms = time_graph(lambda: [run_folded({op_name: f[op_name]}, copy_input) for f in folded],
                                             args.repeat_ms)
@@ -515,6 +579,24 @@ def main() -> int:
                 row["stack_other_us"] = ms * 1e3 / count
                 row["stack_other"] = "tiles" if other == 0 else "rows"
                 del stacked
+            if args.epilogue:
+                epilogues = [{name: make_epilogue(op, weights[name], slots, cum) for name, op in layer.items()}
+                             for layer, weights in zip(layers, base_weights)]
+                for text in args.epilogue.split(","):
+                    config = tuple(int(part) for part in text.split("x"))
+                    row[f"check_epilogue_{text}"] = check_epilogue(layers[0], base_weights[0], slots, cum, config)
+                    for lora, key in ((False, "gemm"), (True, "lora")):
+                        ms = time_graph(lambda: [run_epilogue(e, config, lora) for e in epilogues], args.repeat_ms)
+                        row[f"epilogue_{key}_{text}_us"] = ms * 1e3 / count
+                    if args.per_op:
+                        for op_name in ops:
+                            for lora, key in ((False, "gemm"), (True, "lora")):
+                                ms = time_graph(lambda: [run_epilogue({op_name: e[op_name]}, config, lora)
+                                                         for e in epilogues], args.repeat_ms)
+                                row[f"op_{op_name}_epilogue_{key}_{text}_us"] = ms * 1e3 / count
+                if args.per_op and not args.fold:  # cuBLAS per op, as the fold's per-op rows have it
+                    row.update(base_per_op(layers, base_weights, args.repeat_ms))
+                del epilogues
             if not args.skip_torch:
                 ms = time_graph(lambda: [run_layer(torch_impl, layer, slots, cum) for layer in layers],
                                 args.repeat_ms)
@@ -546,13 +628,18 @@ def markdown_table(results: list[dict], variants: dict) -> str:
     base = any("base_us" in row for row in results)
     fold = any("fold_us" in row for row in results)
     stack = any("stack_us" in row for row in results)
+    epilogues = sorted({key[len("epilogue_lora_"):-len("_us")] for row in results for key in row
+                        if key.startswith("epilogue_lora_")})
     lines = ["| rows | adapters (distinct) | requests | byte floor µs | Triton µs | Triton / floor | torch gather/bmm µs | torch / Triton | Triton vs torch delta error |"
              + "".join(f" {name} µs |" for name in names[1:]) + (" base GEMM µs | Triton / base |" if base else "")
              + (" folded GEMMs µs | folded - base µs | the same, x copied in: - base µs | folded delta error |" if fold else "")
              + (" stacked GEMMs + expands µs | stacked - base µs | stacked delta error | the other expand kernel:"
-                " stacked - base µs |" if stack else ""),
+                " stacked - base µs |" if stack else "")
+             + "".join(f" {c}: our GEMM - base µs | {c}: with the expand - base µs | {c}: delta error |"
+                       for c in epilogues),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(names) - 1) + ("---:|---:|" if base else "")
-             + ("---:|---:|---:|---:|" if fold else "") + ("---:|---:|---:|---:|" if stack else "")]
+             + ("---:|---:|---:|---:|" if fold else "") + ("---:|---:|---:|---:|" if stack else "")
+             + "---:|---:|---:|" * len(epilogues)]
     for row in results:
         ours = row["ours_default_us"]
         torch_us = row.get("torch_us", math.nan)
@@ -565,7 +652,10 @@ def markdown_table(results: list[dict], variants: dict) -> str:
                f"{row['fold_copy_us'] - row['base_us']:.1f} | {row['check_fold']:.1e} |"
                if fold else "")
             + (f" {row['stack_us']:.1f} | {row['stack_us'] - row['base_us']:.1f} | {row['check_stack']:.1e} | "
-               f"{row['stack_other']} {row['stack_other_us'] - row['base_us']:.1f} |" if stack else ""))
+               f"{row['stack_other']} {row['stack_other_us'] - row['base_us']:.1f} |" if stack else "")
+            + "".join(f" {row[f'epilogue_gemm_{c}_us'] - row['base_us']:.1f} | "
+                      f"{row[f'epilogue_lora_{c}_us'] - row['base_us']:.1f} | {row[f'check_epilogue_{c}']:.1e} |"
+                      for c in epilogues))
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
-"""benchmarks/kernel_bench.py's folded GEMMs (`--fold`) and stacked GEMMs (`--stack`) compute what
-they claim: each sibling's base output plus its LoRA delta, on the CPU in float32, against the
-gather/bmm baseline."""
+"""benchmarks/kernel_bench.py's folded GEMMs (`--fold`), stacked GEMMs (`--stack`) and GEMMs with
+the expand in their epilogue (`--epilogue`) compute what they claim: each sibling's base output
+plus its LoRA delta, on the CPU in float32, against the gather/bmm baseline."""
 
 import torch
 
@@ -39,6 +39,25 @@ def test_the_fold_check_sees_a_row_given_every_slots_delta(monkeypatch):
 
     monkeypatch.setattr(kernel_bench, "make_folded", unmasked)
     assert kernel_bench.check_folded(layer, weights, slots, cum) > 0.1
+
+
+def test_gemms_with_the_rows_expand_in_their_epilogue_give_the_base_output_plus_each_rows_delta():
+    # `--epilogue`: kernels/gemm_lora.py under Triton's interpreter, 16-row tiles over uneven requests.
+    layer, weights, slots, cum = _layer_and_batch()
+    assert kernel_bench.check_epilogue(layer, weights, slots, cum, (16, 16, 16, 4, 1)) < 1e-5
+
+
+def test_the_epilogue_check_sees_every_row_given_one_slots_expand(monkeypatch):
+    layer, weights, slots, cum = _layer_and_batch()
+    make_epilogue = kernel_bench.make_epilogue
+
+    def every_row_slot_0(*args):
+        op = make_epilogue(*args)
+        op.row_slots.clamp_(min=0, max=0)
+        return op
+
+    monkeypatch.setattr(kernel_bench, "make_epilogue", every_row_slot_0)
+    assert kernel_bench.check_epilogue(layer, weights, slots, cum, (16, 16, 16, 4, 1)) > 0.1
 
 
 def test_stacked_gemms_and_expands_give_the_base_output_plus_each_rows_delta():
