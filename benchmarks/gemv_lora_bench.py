@@ -93,8 +93,7 @@ def main() -> int:
     ops = TINY_OPS if args.tiny else OPS
     layers = 1 if args.tiny else args.layers
     configs = [tuple(int(part) for part in text.split("x")) for text in args.configs.split(",")]
-    configs = [(*config, 4, None)[:5] if len(config) == 3 else (*config, None)[:5] if len(config) == 4 else config
-               for config in configs]
+    configs = [config + (4, None)[len(config) - 3:] for config in configs]  # warps 4, gemv_config's rule
     generator = torch.Generator(device=device).manual_seed(0)
     slot = torch.tensor([args.slots // 2], dtype=torch.int32, device=device)
     no_slot = torch.tensor([-1], dtype=torch.int32, device=device)

@@ -65,9 +65,9 @@ class ServingOptions:
     """How a model is served, as `mmlora_fx.compile` and the `mmlora` backend take it: written once.
 
     `max_loras` adapters fit in one batch (GPU slots), `max_cpu_loras` stay cached on the CPU
-    (default: max(max_loras, the number of adapters given)), `max_lora_rank` sizes the slot buffers, `max_batch_size` the
-    token tables; `partitions` and `target_modules` restrict where LoRA is served;
-    `partition_overrides` ({prefix: partition}) corrects the discovered partitions;
+    (default: max(max_loras, the number of adapters given)), `max_lora_rank` sizes the slot
+    buffers, `max_batch_size` the token tables; `partitions` and `target_modules` restrict where
+    LoRA is served; `partition_overrides` ({prefix: partition}) corrects the discovered partitions;
     `default_adapters` ({"image": name, "audio": name}) serves requests that carry that modality
     and name no adapter with that adapter (`default_adapters.py`); `tp_lora_a` lays out the A of
     column-parallel targets on a tensor-parallel model: `"replicated"` (whole on every rank, each
