@@ -44,15 +44,15 @@
 #              (#16; ~40 s on 2026-12-06 with four variants)
 #   prefill_a_fold, prefill_b_fold, prefill_c_fold  prefill_X_graphs with mmlora_fx.compile(fold_min_rows=512):
 #              LoRA folded into the base GEMMs of q, o, gate, up and the tower's qkv, proj, fc1 at prefill (#16; a ran on
-#              2026-12-07 one run after another, ~200 s each, two of three in the budget: now a and c run two at
-#              once sharing the GPU (29.1 GiB a run), b one at a time on an H100, three at once on an H200 (~560 a
-#              call guessed; add runs and merge)).
+#              2026-12-07 one run after another, ~200 s each, two of three in the budget: now every case runs two at
+#              once sharing an H100 (28-30 GiB a run), b three at once on an H200 (add runs and merge)).
 #              Case b's 32 slots of rank 16 (512 columns) are past folding.FOLD_MAX_WIDTH: nothing folds there
 #              (compile warns), so prefill_b_fold and prefill_b_flex run the kernels; `kfold` checks that rule
 #   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
 #              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
-#              graph for the tower instead of ~5 compiled regions a block (#16; a ran on 2026-12-07 in 391 s:
-#              +12.2%; compare the base with prefill_X_fold's base run in the same session: both are reported)
+#              graph for the tower instead of ~5 compiled regions a block (#16; on 2026-12-07 a ran in 391 s:
+#              +12.2%; c two runs in 220 s and a third alone in 200 s: +12.2%; b one run alone in 261 s: +13.7%;
+#              compare the base with prefill_X_fold's base run in the same session: both are reported)
 #   tower_check  tower_attention_check.py: the flex tower attention alone at the 7B tower's shape, 8 and 32 images:
 #              compiles on CUDA (head dim 80), equals per-image SDPA, its time against the SDPA loop (#16; ~90)
 #   prefill_profile_flex  prefill_profile_graphs with the fold and the flex tower, for both models (#16; unrun, ~200)
@@ -221,15 +221,12 @@ run_step() {
                 "${stack[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         prefill_a_fold|prefill_b_fold|prefill_c_fold|prefill_a_flex|prefill_b_flex|prefill_c_flex)
             # Ours' folded weights are copies (the base keeps its own). Case a peaked at 29.1 GiB a run on
-            # 2026-12-07 (one after another, ~200 s each: the budget left room for two), so a and c now run two
-            # at once sharing the GPU, as the graphs steps do; b (4x the rows, memory unmeasured) one at a time
-            # on an H100, three at once on a GPU of more than 120 GB (below),
-            # in blocks of 6 forwards: add runs with `--runs 1` and merge (prefill_overhead.py --merge).
+            # 2026-12-07, case c 29.5, case b (flex tower; nothing folds at its 32 slots) 28.3: two runs at once
+            # share an H100's 79 GiB, three an H200's 139. Case b runs in blocks of 6 forwards; a run took 258 s
+            # alone on an H100 (2026-12-07), so a call gets two: add runs with `--runs 1` and merge
+            # (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
-            local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 1 --block 6)
-            # An H200's 139 GiB holds case b's three runs at once, an H100's 79 GiB one: case a (unfolded, CUDA
-            # graphs) peaked at 19.3 GiB a run, 15.5 of them the weights base and ours share, so b's 4x the rows
-            # come to ~31-35 GiB (an estimate: b has not run). Nothing folds at b's 32 slots (no weight copies).
+            local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 2 --share-gpu --block 6)
             [[ $case == b ]] && (( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) > 120000 )) &&
                 share=(--gpus 3 --share-gpu --block 6)
             local tower=(); [[ $step == *_flex ]] && tower=(--tower-attention flex)

@@ -325,7 +325,7 @@ def compile(
     stay the base's. `"inductor_columns"` sums per rank column instead, so that Inductor can fuse
     the shrink into the kernel producing the input, at a far longer compile (~7x the kernels'
     first call on an H100). Default `"gemm"`: the stacked GEMM.
-    `fused_gemv` (default False; experimental, measured per op, not yet in a decode step) runs
+    `fused_gemv` (default False; experimental: one workspace, so one stream at a time) runs
     each language-model linear call on one row known at compile time (decode at batch 1, compiled
     with `dynamic=False`) as one kernel, the base GEMV with the row's LoRA inside
     (`kernels/gemv_lora.py`): no LoRA launch at all. These are
