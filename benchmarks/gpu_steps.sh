@@ -121,12 +121,15 @@
 #   decode_b1  decode_overhead.py --batches 1 --mixes 1: batch 1 on the LoRA kernels, 3 compilations: decode_gemv's
 #              reference, to run beside it in one session (#15; ~140)
 #   decode_gemv  decode_overhead.py --batches 1 --mixes 1 --fused-gemv: batch 1 with the fused GEMV, 3 compilations (#15;
-#              131 s on 2026-12-07: +5.9%; decode_b1 is the same run without it)
+#              113 s on 2026-12-07 15:10: +3.0%, beside decode_b1's +6.9% in 111 s)
+#   decode_b1_slots8, decode_gemv_slots8  the same two with 8 slots (`--mixes 1,8`: the script's max_loras is its
+#              largest mix; batch 1 runs mix 1 only): whether the slots a server keeps change either (#15; ~150 each)
 #   profile_gemv  e2e profile of the base, the kernels and the fused GEMV at batch 1 and 16 (16 is the kernels') (#15; ~330)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
-# the order given; one that fails or times out is logged and the next one runs.
+# the order given; one that fails or times out is logged and the next one runs. At the end every step's
+# output is packed into $OUT/results.tar.gz (the logs and gpu.txt stay beside it).
 set -uo pipefail
 commit=${1:?usage: gpu_steps.sh <commit> STEP[:seconds] ...}
 shift
@@ -136,7 +139,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [decode_gemv_slots8]=300 [decode_b1_slots8]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -243,10 +246,12 @@ run_step() {
         tests_gemv) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/kernels/test_gemv_lora.py \
                     && timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu tests/test_gpu.py \
                        -k "fused_gemv" ;;
-        decode_b1) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode_b1" --batches 1 --mixes 1 \
-                       --budget-s $((seconds - 20)) --commit "$commit" ;;
-        decode_gemv) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode_gemv" --batches 1 --mixes 1 \
-                         --fused-gemv --budget-s $((seconds - 20)) --commit "$commit" ;;
+        decode_b1|decode_b1_slots8) local mixes=1; [[ $step == *_slots8 ]] && mixes=1,8  # max_loras: the largest mix
+            timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1 --mixes "$mixes" \
+                --budget-s $((seconds - 20)) --commit "$commit" ;;
+        decode_gemv|decode_gemv_slots8) local mixes=1; [[ $step == *_slots8 ]] && mixes=1,8
+            timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1 --mixes "$mixes" \
+                --fused-gemv --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_gemv) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_gemv" --parts profile \
                           --profile-paths defaults,gemv --commit "$commit" ;;
         kgemv) timeout "$seconds" python3 benchmarks/gemv_lora_bench.py --json "$out/kgemv.json" --commit "$commit" ;;
@@ -284,3 +289,14 @@ for item in "$@"; do
     echo "== $step rc=$rc in $(( $(date +%s) - start ))s"
     grep -v -i "warn" "$out/$step.log" | tail -15
 done
+# The device tool brings back only a few files a call (on 2026-12-07 a decode step's four JSON files were
+# left out past the count): what the steps wrote goes into one archive; the logs and gpu.txt stay beside it.
+results=()
+for entry in "$out"/*; do
+    name=${entry##*/}
+    [[ $name == gpu.txt || $name == *.log || $name == results.tar.gz ]] || results+=("$name")
+done
+if (( ${#results[@]} )); then
+    tar czf "$out/results.tar.gz" -C "$out" "${results[@]}" && (cd "$out" && rm -rf "${results[@]}")
+    echo "== in results.tar.gz: ${results[*]}"
+fi
