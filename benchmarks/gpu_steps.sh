@@ -51,7 +51,8 @@
 #   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
 #              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
 #              graph for the tower instead of ~5 compiled regions a block (#16; on 2026-12-07 a ran in 391 s:
-#              +12.2%; c two runs in 220 s and a third alone in 200 s: +12.2%; b one run alone in 261 s: +13.7%;
+#              +12.2%; c two runs in 220 s and a third alone in 200 s: +12.2%; b one run alone in 261 s (the
+#              step; the run itself 245 s): +13.7%;
 #              compare the base with prefill_X_fold's base run in the same session: both are reported)
 #   tower_check  tower_attention_check.py: the flex tower attention alone at the 7B tower's shape, 8 and 32 images:
 #              compiles on CUDA (head dim 80), equals per-image SDPA, its time against the SDPA loop (#16; ~90)
@@ -129,7 +130,7 @@
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
 # the order given; one that fails or times out is logged and the next one runs. At the end every step's
-# output is packed into $OUT/results.tar.gz (the logs and gpu.txt stay beside it).
+# output, logs included, is packed into $OUT/results.tar.gz (gpu.txt stays beside it).
 set -uo pipefail
 commit=${1:?usage: gpu_steps.sh <commit> STEP[:seconds] ...}
 shift
@@ -225,8 +226,8 @@ run_step() {
         prefill_a_fold|prefill_b_fold|prefill_c_fold|prefill_a_flex|prefill_b_flex|prefill_c_flex)
             # Ours' folded weights are copies (the base keeps its own). Case a peaked at 29.1 GiB a run on
             # 2026-12-07, case c 29.5, case b (flex tower; nothing folds at its 32 slots) 28.3: two runs at once
-            # share an H100's 79 GiB, three an H200's 139. Case b runs in blocks of 6 forwards; a run took 258 s
-            # alone on an H100 (2026-12-07), so a call gets two: add runs with `--runs 1` and merge
+            # share an H100's 79 GiB, three an H200's 139. Case b runs in blocks of 6 forwards; its step took 261 s
+            # with one run alone on an H100 (2026-12-07), so a call gets two at once: add runs and merge
             # (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
             local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 2 --share-gpu --block 6)
@@ -289,12 +290,13 @@ for item in "$@"; do
     echo "== $step rc=$rc in $(( $(date +%s) - start ))s"
     grep -v -i "warn" "$out/$step.log" | tail -15
 done
-# The device tool brings back only a few files a call (on 2026-12-07 a decode step's four JSON files were
-# left out past the count): what the steps wrote goes into one archive; the logs and gpu.txt stay beside it.
+# The device tool brings back only a few files a call (8; on 2026-12-07 a decode step's four JSON files were
+# left out past the count): what the steps wrote, logs included, goes into one archive beside gpu.txt (each
+# step's last lines are in the call's output already).
 results=()
 for entry in "$out"/*; do
     name=${entry##*/}
-    [[ $name == gpu.txt || $name == *.log || $name == results.tar.gz ]] || results+=("$name")
+    [[ $name == gpu.txt || $name == results.tar.gz ]] || results+=("$name")
 done
 if (( ${#results[@]} )); then
     tar czf "$out/results.tar.gz" -C "$out" "${results[@]}" && (cd "$out" && rm -rf "${results[@]}")

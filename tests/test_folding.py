@@ -205,10 +205,11 @@ def test_every_plain_untied_linear_stacks_with_its_bias_in_a_buffer_of_zeros_aft
     assert torch.equal(stacked_bias[:8], bias) and not stacked_bias[8:].any()
 
 
-# Inductor compiles the graph ops only for the stack's default (the kernel expand): the graph
-# expand and shrink, measured slower at decode and off by default, run eagerly here, where their
-# rewrite is the same and the CPU compile of their kernels would cost ~70 s a test (fresh caches);
-# their compiled decode is tests/test_gpu.py's.
+# inner="inductor" runs only with the stack's default, the kernel expand: the graph expand and
+# shrink (measured slower at decode, off by default) run with inner="eager" here, where their
+# rewrite is the same and Inductor's CPU compile of their ops would cost ~70 s a test (fresh
+# caches). Compiled, they run in the CPU decode test below (shrink and expand) and in
+# tests/test_gpu.py's CUDA-graph decode (each alone and together).
 @pytest.mark.parametrize("stack_expand, stack_shrink, inner",
                          [("kernel", "gemm", "eager"), ("kernel", "gemm", "inductor"), ("inductor", "gemm", "eager"),
                           ("inductor", "inductor", "eager"), ("inductor", "inductor_columns", "eager")])

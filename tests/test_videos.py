@@ -118,7 +118,6 @@ def test_compiled_mixed_batch_with_videos_equals_peft_per_request(family):
     torch._dynamo.reset()
     mm = mmlora_fx.compile(zoo.build(FAMILY), family.paths, max_loras=3)
     layout = [[IMAGE, CLIP], [], [LONG], [WIDE]]
-    graphs = None
     # the second forward has the same shapes, fresh inputs and the adapters moved between requests:
     # the tables change, the graphs do not (the eager tests cover the other layouts)
     for seed, names in enumerate([["alice", "bob", "carol", "alice"], ["carol", None, "alice", "bob"]]):
@@ -126,8 +125,10 @@ def test_compiled_mixed_batch_with_videos_equals_peft_per_request(family):
         with torch.no_grad():
             logits = mm(**batch, adapter_names=names).logits
         assert_rows_equal_peft(family.peft, singles, logits, names, label=f"compiled {seed}")
-        graphs = graphs or mm.compiled_graphs
-    assert graphs > 0 and mm.compiled_graphs == graphs and mm.runtime.applications["tower"] > 0
+        if seed == 0:
+            graphs = mm.compiled_graphs
+            assert graphs > 0
+    assert mm.compiled_graphs == graphs and mm.runtime.applications["tower"] > 0
 
 
 def test_a_video_default_adapter_serves_requests_that_carry_videos(family):
