@@ -92,8 +92,9 @@ def main() -> int:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     ops = TINY_OPS if args.tiny else OPS
     layers = 1 if args.tiny else args.layers
-    configs = [tuple(int(part) for part in text.split("x")) for text in args.configs.split(",")]
-    configs = [config + (4, None)[len(config) - 3:] for config in configs]  # warps 4, gemv_config's rule
+    # Each config under the label it was given, its missing fields filled: warps 4, gemv_config's rule.
+    configs = {text: tuple(int(part) for part in text.split("x")) for text in args.configs.split(",")}
+    configs = {text: config + (4, None)[len(config) - 3:] for text, config in configs.items()}
     generator = torch.Generator(device=device).manual_seed(0)
     slot = torch.tensor([args.slots // 2], dtype=torch.int32, device=device)
     no_slot = torch.tensor([-1], dtype=torch.int32, device=device)
@@ -132,7 +133,7 @@ def main() -> int:
         cublas(True)
         record["cublas_lora_error"] = error(outs[0], expected)
         record["configs"] = {}
-        for programs, block_n, block_k, warps, min_steps in configs:
+        for key, (programs, block_n, block_k, warps, min_steps) in configs.items():
             config = gemv_config(out_features, in_features, programs=programs, block_n=block_n, block_k=block_k,
                                  min_steps=min_steps)
             spaces = [GemvWorkspace.make(config[2] * out_features, -(-out_features // config[0]), device)
@@ -142,8 +143,6 @@ def main() -> int:
                 for op, out, space in zip(copies, outs, spaces):
                     gemv_lora_triton(**op, slot=which, out=out, workspace=space, config=config, num_warps=warps)
 
-            key = f"{programs}x{block_n}x{block_k}" + (f"x{warps}" if warps != 4 or min_steps else "") + \
-                (f"x{min_steps}" if min_steps else "")
             found = record["configs"][key] = dict(config=list(config))
             found["gemv_us"] = time_calls(lambda: fused(no_slot), args.repeat_ms, device) * 1e3 / count
             found["gemv_lora_us"] = time_calls(lambda: fused(slot), args.repeat_ms, device) * 1e3 / count

@@ -230,9 +230,9 @@ run_step() {
             # with one run alone on an H100 (2026-12-07), so a call gets two at once: add runs and merge
             # (prefill_overhead.py --merge).
             local case=${step#prefill_}; case=${case%_*}
-            local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share=(--gpus 2 --share-gpu --block 6)
+            local share=(--gpus 2 --share-gpu); [[ $case == b ]] && share+=(--block 6)
             [[ $case == b ]] && (( $(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1) > 120000 )) &&
-                share=(--gpus 3 --share-gpu --block 6)
+                share[1]=3
             local tower=(); [[ $step == *_flex ]] && tower=(--tower-attention flex)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --fold-min-rows 512 "${share[@]}" "${tower[@]}" --budget-s $((seconds - 20)) \
@@ -247,12 +247,11 @@ run_step() {
         tests_gemv) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/kernels/test_gemv_lora.py \
                     && timeout 150 python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu tests/test_gpu.py \
                        -k "fused_gemv" ;;
-        decode_b1|decode_b1_slots8) local mixes=1; [[ $step == *_slots8 ]] && mixes=1,8  # max_loras: the largest mix
+        decode_b1|decode_b1_slots8|decode_gemv|decode_gemv_slots8)
+            local mixes=1 fused=(); [[ $step == *_slots8 ]] && mixes=1,8  # max_loras: the largest mix
+            [[ $step == decode_gemv* ]] && fused=(--fused-gemv)
             timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1 --mixes "$mixes" \
-                --budget-s $((seconds - 20)) --commit "$commit" ;;
-        decode_gemv|decode_gemv_slots8) local mixes=1; [[ $step == *_slots8 ]] && mixes=1,8
-            timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches 1 --mixes "$mixes" \
-                --fused-gemv --budget-s $((seconds - 20)) --commit "$commit" ;;
+                "${fused[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_gemv) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_gemv" --parts profile \
                           --profile-paths defaults,gemv --commit "$commit" ;;
         kgemv) timeout "$seconds" python3 benchmarks/gemv_lora_bench.py --json "$out/kgemv.json" --commit "$commit" ;;
