@@ -54,7 +54,6 @@ from mmlora_fx.reporting import in_gemm_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however e2e was imported
 from run_record import checkout_commit, versions  # noqa: E402
-from tower_attention import CHOICES as TOWER_ATTENTIONS, use_in_tower  # noqa: E402
 
 SEVEN_B = dict(
     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -108,9 +107,21 @@ KV = 512
 
 
 # --------------------------------------------------------------------------- set-up
+TOWER_ATTENTIONS = ("sdpa", "flex")
+
+
+def use_in_tower(model, choice: str) -> None:
+    """Give `model`'s vision tower the attention `choice` (TOWER_ATTENTIONS): "sdpa" leaves it as
+    built, "flex" is `mmlora_fx.use_flex_tower_attention`."""
+    if choice not in TOWER_ATTENTIONS:
+        raise ValueError(f"tower attention {choice!r}: expected one of {TOWER_ATTENTIONS}")
+    if choice == "flex":
+        mmlora_fx.use_flex_tower_attention(model)
+
+
 def build_model(spec, device, dtype, tower_attention: str = "sdpa"):
-    """`spec`'s model with random weights; `tower_attention` ("sdpa", "flex": tower_attention.py)
-    is the vision tower's attention (the dense model's only)."""
+    """`spec`'s model with random weights; `tower_attention` ("sdpa", "flex":
+    mmlora_fx/tower_attention.py) is the vision tower's attention (the dense model's only)."""
     if spec.get("model") == "moe":
         return build_moe_model(spec, device, dtype)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration

@@ -4,7 +4,7 @@ captured without a graph break per block, e.g. capture_scalar_outputs").
     python benchmarks/graph_breaks.py --json results/graph_breaks.json
 
 For each setting (dynamo's defaults; `capture_scalar_outputs`; `capture_dynamic_output_shape_ops`;
-both; the tower's attention as flex_attention, `tower_attention.py`, with dynamo's defaults) it compiles e2e.py's TINY model (float32) with a backend that counts how many compiled
+both; the tower's attention as flex_attention, `mmlora_fx/tower_attention.py`, with dynamo's defaults) it compiles e2e.py's TINY model (float32) with a backend that counts how many compiled
 graphs one forward calls, for prefill batches of 1 and 8 images (56x56) and towers of 2 and 4
 blocks: the graphs a forward calls grow by (calls at 4 blocks - calls at 2) / 2 per tower block,
 which is what the per-block graph break costs at run time (dynamo compiles a block's graphs once

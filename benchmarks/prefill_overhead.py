@@ -398,7 +398,7 @@ def main() -> int:
                         "base GEMMs of linears at least as wide out as in, in calls of at least this many rows")
     parser.add_argument("--tower-attention", choices=e2e.TOWER_ATTENTIONS, default="sdpa",
                         help="the vision tower's attention, for both models: flex runs it without a graph break "
-                        "per block (benchmarks/tower_attention.py)")
+                        "per block (mmlora_fx.use_flex_tower_attention)")
     parser.add_argument("--merge", nargs="+", type=Path, help=f"combine these {JSON} into --out")
     args = parser.parse_args()
     fill_defaults(args)

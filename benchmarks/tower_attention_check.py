@@ -1,4 +1,4 @@
-"""The flex tower attention (tower_attention.py) on the GPU at e2e's 7B tower shape, one attention
+"""The flex tower attention (mmlora_fx/tower_attention.py) on the GPU at e2e's 7B tower shape, one attention
 call: does Inductor compile it (head dim 80), does it equal transformers' per-image SDPA, and what
 does it cost against that SDPA loop (#16's case a: 8 images of 1,024 patches; case b: 32).
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from mmlora_fx import tower_attention
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tower_attention  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 
 HEADS, HEAD_DIM, ROWS_PER_IMAGE = 16, 80, 1024  # e2e.SEVEN_B's tower: embed 1280 / 16 heads; 448x448 / 14^2

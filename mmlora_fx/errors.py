@@ -27,6 +27,7 @@ __all__ = [
     "TooManyAdaptersError",
     "OptionError",
     "PartitionError",
+    "TowerAttentionError",
     "CaptureError",
     "ShardedModelError",
     "CoverageError",
@@ -140,6 +141,11 @@ class OptionError(MMLoRAError, ValueError):
 
 class PartitionError(MMLoRAError):
     """The vision tower, connector or language model cannot be told apart."""
+
+
+class TowerAttentionError(MMLoRAError, ValueError):
+    """`use_flex_tower_attention` was given a model without a vision tower, or the tower called it in a
+    way it does not serve (no `cu_seq_lens_q`, a mask, causal attention, dropout)."""
 
 
 class CaptureError(MMLoRAError):

@@ -1,7 +1,8 @@
-"""benchmarks/tower_attention.py: the vision tower's attention as flex_attention over a same-image
-block mask computes what transformers' per-image SDPA computes, for images of different sizes, and
-mmlora_fx serves a model built with it as PEFT does, per request (#16: the base and ours both run
-it, so the tower compiles to one graph instead of a few per block)."""
+"""mmlora_fx.use_flex_tower_attention: the vision tower's attention as flex_attention over a
+same-image block mask computes what transformers' per-image SDPA computes, for images of different
+sizes; mmlora_fx serves a model built with it as PEFT does, per request (#16: the base and ours both
+run it, so the tower compiles to one graph instead of a few per block); what it does not serve is
+refused with TowerAttentionError."""
 
 import copy
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 import mmlora_fx
-from benchmarks import e2e, tower_attention
-from mmlora_fx import zoo
+from benchmarks import e2e
+from mmlora_fx import tower_attention, zoo
+from mmlora_fx.errors import TowerAttentionError
 
 from .peft_helpers import assert_eager_and_compiled_equal_peft, make_adapter, peft_model_with, relative_error
 
@@ -90,6 +92,27 @@ def test_mixed_batch_on_flex_tower_equals_peft_per_request(tmp_path):
     assert_eager_and_compiled_equal_peft(mm, peft_model, batch, singles, names)
 
 
-def test_unknown_tower_attention_is_refused():
+def test_a_model_without_a_vision_tower_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    text_only = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(TowerAttentionError, match="LlamaForCausalLM: no module holds the model's config.vision_config"):
+        mmlora_fx.use_flex_tower_attention(text_only)
+
+
+@pytest.mark.parametrize("call, refused", [
+    (dict(), "no cu_seq_lens_q"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 4]), is_causal=True), "causal attention"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 4]), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool), dropout=0.1),
+     "an attention mask and dropout"),
+])
+def test_calls_it_does_not_serve_are_refused_by_name(call, refused):
+    query = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TowerAttentionError, match=f"Linear called it with {refused}"):
+        tower_attention.varlen_flex_attention(torch.nn.Linear(1, 1), query, query, query, **call)
+
+
+def test_benchmarks_refuse_an_unknown_tower_attention():
     with pytest.raises(ValueError, match="tower attention 'flash'"):
         tiny("flash")

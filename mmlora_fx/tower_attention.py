@@ -1,4 +1,4 @@
-"""The vision tower's attention without a graph break per block, for the base and mmlora_fx alike.
+"""The vision tower's attention without a graph break per block: `use_flex_tower_attention(model)`.
 
 transformers' Qwen2-VL family tower (and those built like it) splits its packed rows per image
 with `lengths.tolist()` in every block's attention unless a flash-attention implementation is
@@ -17,15 +17,21 @@ Run eagerly (the benchmarks' eager references, `mm.eager`) flex_attention would 
 pair's score in float32 (~16 GiB a call at case a's 8,192 rows, ~256 GiB at case b's): there the
 function runs transformers' own per-image SDPA instead, which an eager run can afford.
 
-This changes the base model's attention kernel, not what it computes; the benchmarks apply it to
-the base and to mmlora_fx's model alike (`--tower-attention flex`) and report the base both ways.
+This changes the base model's attention kernel, not what it computes, and has nothing to do with
+LoRA: apply it to the base model you compare against as well (the benchmarks do, `--tower-attention
+flex`, and report the base both ways). It serves towers that hand transformers' attention function
+their packed rows with `cu_seq_lens_q` (the Qwen2-VL family's and those built like it); any other
+call is refused with `TowerAttentionError` at the first forward.
 """
 from __future__ import annotations
 
 import torch
 
+from .errors import TowerAttentionError
+
+__all__ = ["NAME", "use_flex_tower_attention", "varlen_flex_attention", "per_image_sdpa", "same_image_block_mask"]
+
 NAME = "flash_varlen_flex"
-CHOICES = ("sdpa", "flex")
 BLOCK = 128  # flex_attention's default block of rows
 
 
@@ -73,8 +79,14 @@ def varlen_flex_attention(module, query, key, value, attention_mask=None, scalin
     head_dim]` as transformers' own functions do."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if cu_seq_lens_q is None or attention_mask is not None or is_causal or dropout:
-        raise NotImplementedError(f"{NAME} serves packed, unmasked, non-causal tower attention only")
+    refused = [why for why, present in (("no cu_seq_lens_q (the images' row boundaries)", cu_seq_lens_q is None),
+                                        ("an attention mask", attention_mask is not None),
+                                        ("causal attention", is_causal), ("dropout", bool(dropout))) if present]
+    if refused:
+        raise TowerAttentionError(
+            f"the flex tower attention serves packed, unmasked, non-causal attention with cu_seq_lens_q; "
+            f"{type(module).__name__} called it with {' and '.join(refused)}: "
+            "leave this tower's attention as it was built")
     if not torch.compiler.is_compiling():
         return per_image_sdpa(query, key, value, cu_seq_lens_q, scaling), None
     block_mask = same_image_block_mask(cu_seq_lens_q, query.shape[2])
@@ -86,18 +98,18 @@ def varlen_flex_attention(module, query, key, value, attention_mask=None, scalin
     return output.transpose(1, 2), None
 
 
-def use_in_tower(model, choice: str) -> None:
-    """Give `model`'s vision tower (`config.vision_config`) the attention `choice` (CHOICES):
-    "sdpa" leaves it as built, "flex" registers and sets `NAME`. The language model keeps its own."""
-    if choice == "sdpa":
-        return
-    if choice != "flex":
-        raise ValueError(f"tower attention {choice!r}: expected one of {CHOICES}")
+def use_flex_tower_attention(model) -> None:
+    """Give `model`'s vision tower (the modules holding `model.config.vision_config`) this attention
+    (`NAME`); the language model keeps its own. Call it once on the built model, before compiling,
+    and on the base model you compare against alike. Raises `TowerAttentionError` if no module
+    holds a `vision_config`."""
     from transformers import AttentionInterface
 
     vision = getattr(model.config, "vision_config", None)
     if vision is None or not any(getattr(module, "config", None) is vision for module in model.modules()):
-        raise ValueError("no module holds the model's vision_config: not a tower this attention knows")
+        raise TowerAttentionError(
+            f"{type(model).__name__}: no module holds the model's config.vision_config, so there is no vision "
+            "tower whose attention this could replace")
     AttentionInterface.register(NAME, varlen_flex_attention)
     # Set as an attribute after the model is built: transformers' checks at load time would look
     # for the flash-attention package behind any name with "flash" in it.
