@@ -490,14 +490,16 @@ def measure_base(args, model, steps: dict, mode, measure, found: dict, progress:
 
 
 def part_profile(args, model, adapters, device, results):
-    """Profile decode steps of the base and of mmlora_fx (batch 1 and 16), both with CUDA graphs.
+    """Profile decode steps of the base and of mmlora_fx (`--profile-batches`, default 1 and 16),
+    both with CUDA graphs.
 
     mmlora_fx is profiled once per name in `--profile-paths` (`KERNEL_PATHS`' patches of the
     launch heuristics, or `STACK_PATHS`' compile options, each its own compilation; `defaults`
     first), against one base. Base and ours are compiled with `dynamic=False`, as
     decode_overhead.py compiles them (each batch its own graphs; the stack needs static rows);
     before 2026-12-07 the profile let dynamo's automatic dynamic shapes recompile batch 16."""
-    batches = [1, 16] if not args.tiny else [1, 4]
+    batches = [int(batch) for batch in args.profile_batches.split(",")] if args.profile_batches else (
+        [1, 16] if not args.tiny else [1, 4])
     steps = {batch: DecodeStep(model, batch, device, torch.bfloat16) for batch in batches}
     mode = graph_mode(device)
     found = results.setdefault("profile", {})
@@ -564,6 +566,8 @@ KERNEL_PATHS = {
 # Profile paths that are compile options (mmlora_fx.compile's keywords), not kernel patches.
 STACK_PATHS = {
     "stack16": dict(stack_max_rows=16),  # the shrink in the base GEMMs, the stack's expand kernel
+    # The same up to 64 rows (#15's batch 64: a shrink and a memset less a group, every slot's A read).
+    "stack64": dict(stack_max_rows=64),
     "stack16_graph": dict(stack_max_rows=16, stack_expand="inductor"),  # the expand as graph ops Inductor fuses
     # The shrink as graph ops too: the base GEMMs as they are, each row's slot's A read in one
     # [rows, rank] reduction a call (a kernel siblings share) ...
@@ -819,6 +823,7 @@ def main() -> int:
                         help=f"paths: which kernel paths to time, of {', '.join(KERNEL_PATHS)}")
     parser.add_argument("--profile-paths", default="defaults",
                         help="profile: the kernel paths (KERNEL_PATHS names) to profile mmlora_fx with, each compiled")
+    parser.add_argument("--profile-batches", default=None, help="profile: decode batches, default 1,16 (tiny: 1,4)")
     args = parser.parse_args()
     spec = TINY if args.tiny else SEVEN_B
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

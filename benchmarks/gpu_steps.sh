@@ -126,6 +126,10 @@
 #   decode_b1_slots8, decode_gemv_slots8  the same two with 8 slots (`--mixes 1,8`: the script's max_loras is its
 #              largest mix; batch 1 runs mix 1 only): whether the slots a server keeps change either (#15; ~150 each)
 #   profile_gemv  e2e profile of the base, the kernels and the fused GEMV at batch 1 and 16 (16 is the kernels') (#15; ~330)
+#   profile64  e2e profile at batch 64 (8 slots, 8 adapters): the base, the kernels and the stack up to 64 rows
+#              (`stack_max_rows=64`): kernels a step, LoRA time, idle; what bounds batch 64 (#15; unrun, ~300 guessed)
+#   decode64_stack  decode64 with --stack-max-rows 64: the batch-64 table with every slot's shrink in the base GEMMs
+#              (32 slots: every slot's A read a step) (#15; unrun, ~450 guessed)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
@@ -140,7 +144,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [decode_gemv_slots8]=300 [decode_b1_slots8]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [decode64_stack]=540 [profile64]=360 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [decode_gemv_slots8]=300 [decode_b1_slots8]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -242,6 +246,10 @@ run_step() {
             local block=(); [[ $case == b ]] && block=(--block 6)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
+        profile64) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile64" --parts profile \
+                       --profile-batches 64 --profile-paths defaults,stack64 --commit "$commit" ;;
+        decode64_stack) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64_stack" --batches 64 \
+                            --stack-max-rows 64 --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile_stack) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_stack" --parts profile \
                            --profile-paths defaults,stack16,stack16_graph,stack16_shrink --commit "$commit" ;;
         tests_gemv) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider tests/kernels/test_gemv_lora.py \
