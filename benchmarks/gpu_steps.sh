@@ -18,7 +18,8 @@
 #              loading the adapters took 72 s, and 295 s did not reach the first timed step)
 #   scale_turnover  the same with --turnover 128 --lookahead 4: continuous batching, requests of
 #              128 decode steps on average (#22) (~200: 2026-12-06, commit 6a01199)
-#   decode64   decode_overhead.py --batches 64: the cells with one run so far (#15)   (~450)
+#   decode64   decode_overhead.py --batches 64: 1, 8, 32 adapters, 32 slots (#15; 332 s on 2026-12-07 18:13,
+#              three runs in every cell)
 #   moe        decode_overhead.py --model moe, three runs side by side (#17; 6 layers, 18.4 GiB a run) (~215)
 #   audio      audio_prefill.py, two compilations sharing the GPU (three of ~30 GB do not fit an
 #              H100's 80 GB: two of three ran out of memory on 2026-12-06), then a third (#20) (~540)
@@ -49,7 +50,7 @@
 #              Case b's 32 slots of rank 16 (512 columns) are past folding.FOLD_MAX_WIDTH: nothing folds there
 #              (compile warns), so prefill_b_fold and prefill_b_flex run the kernels; `kfold` checks that rule
 #   prefill_a_flex, prefill_b_flex, prefill_c_flex  prefill_X_fold with --tower-attention flex for both models: the
-#              tower's attention as flex_attention over a same-image block mask (benchmarks/tower_attention.py), one
+#              tower's attention as flex_attention over a same-image block mask (mmlora_fx/tower_attention.py), one
 #              graph for the tower instead of ~5 compiled regions a block (#16; on 2026-12-07 a ran in 391 s:
 #              +12.2%; c two runs in 220 s and a third alone in 200 s: +12.2%; b one run alone in 261 s (the
 #              step; the run itself 245 s): +13.7%;

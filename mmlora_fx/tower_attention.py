@@ -73,12 +73,14 @@ def same_image_block_mask(cu_seqlens: torch.Tensor, rows: int):
 
 
 def varlen_flex_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                          is_causal=False, cu_seq_lens_q=None, **kwargs):
+                          is_causal=None, cu_seq_lens_q=None, **kwargs):
     """transformers' attention-function signature: query/key/value `[1, heads, rows, head_dim]`, the
     rows packed image after image with `cu_seq_lens_q` their boundaries; returns `[1, rows, heads,
     head_dim]` as transformers' own functions do."""
     from torch.nn.attention.flex_attention import flex_attention
 
+    if is_causal is None:  # as transformers' own attention functions: the module says, where the call does not
+        is_causal = getattr(module, "is_causal", False)
     refused = [why for why, present in (("no cu_seq_lens_q (the images' row boundaries)", cu_seq_lens_q is None),
                                         ("an attention mask", attention_mask is not None),
                                         ("causal attention", is_causal), ("dropout", bool(dropout))) if present]
@@ -105,7 +107,7 @@ def use_flex_tower_attention(model) -> None:
     holds a `vision_config`."""
     from transformers import AttentionInterface
 
-    vision = getattr(model.config, "vision_config", None)
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
     if vision is None or not any(getattr(module, "config", None) is vision for module in model.modules()):
         raise TowerAttentionError(
             f"{type(model).__name__}: no module holds the model's config.vision_config, so there is no vision "

@@ -113,6 +113,17 @@ def test_calls_it_does_not_serve_are_refused_by_name(call, refused):
         tower_attention.varlen_flex_attention(torch.nn.Linear(1, 1), query, query, query, **call)
 
 
+def test_a_causal_module_is_refused_when_the_call_does_not_say():
+    # transformers' attention functions read `module.is_causal` where the call passes no is_causal.
+    module, query = torch.nn.Linear(1, 1), torch.randn(1, 2, 4, 8)
+    module.is_causal = True
+    with pytest.raises(TowerAttentionError, match="Linear called it with causal attention"):
+        tower_attention.varlen_flex_attention(module, query, query, query, cu_seq_lens_q=torch.tensor([0, 4]))
+    module.is_causal = False
+    served = tower_attention.varlen_flex_attention(module, query, query, query, cu_seq_lens_q=torch.tensor([0, 4]))[0]
+    assert relative_error(served, tower_attention.per_image_sdpa(query, query, query, torch.tensor([0, 4]))) == 0
+
+
 def test_benchmarks_refuse_an_unknown_tower_attention():
     with pytest.raises(ValueError, match="tower attention 'flash'"):
         tiny("flash")
