@@ -83,10 +83,12 @@ def varlen_flex_attention(module, query, key, value, attention_mask=None, scalin
         is_causal = getattr(module, "is_causal", False)
     refused = [why for why, present in (("no cu_seq_lens_q (the images' row boundaries)", cu_seq_lens_q is None),
                                         ("an attention mask", attention_mask is not None),
-                                        ("causal attention", is_causal), ("dropout", bool(dropout))) if present]
+                                        ("causal attention", is_causal), ("dropout", bool(dropout)),
+                                        ("keys of another length than the queries", key.shape[2] != query.shape[2]))
+               if present]
     if refused:
         raise TowerAttentionError(
-            f"the flex tower attention serves packed, unmasked, non-causal attention with cu_seq_lens_q; "
+            f"the flex tower attention serves packed, unmasked, non-causal self-attention with cu_seq_lens_q; "
             f"{type(module).__name__} called it with {' and '.join(refused)}: "
             "leave this tower's attention as it was built")
     if not torch.compiler.is_compiling():

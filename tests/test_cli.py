@@ -4,6 +4,7 @@ import json
 
 from mmlora_fx import zoo
 from mmlora_fx.cli import main
+from mmlora_fx.inspect_report import render_text
 
 from .conftest import cached_model
 from .peft_helpers import make_adapter
@@ -138,28 +139,29 @@ def test_zoo_lists_the_tiny_models(capsys):
     assert len({line.index(zoo.ZOO[line.split()[0]].model_class) for line in lines}) == 1, "aligned columns"
 
 
-def _served_linear_calls(tmp_path, path, *flags) -> list[tuple[str, dict]]:
+def _served_linear_calls(tmp_path, path, *flags) -> tuple[list[tuple[str, dict]], str]:
     """(partition, node) of each served linear call `inspect tiny-qwen2-vl --format json` reports
-    with the adapter at `path` and `flags`."""
+    with the adapter at `path` and `flags`, and the report as the text format shows it (rendered
+    from the JSON: one capture serves both)."""
     output = tmp_path / "report.json"
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *flags, "--format", "json",
                  "-o", str(output)]) == 0
-    return [(partition, node) for partition, entry in json.loads(output.read_text())["partitions"].items()
-            for node in entry["linear_nodes"] if node["lora"]]
+    report = json.loads(output.read_text())
+    return [(partition, node) for partition, entry in report["partitions"].items()
+            for node in entry["linear_nodes"] if node["lora"]], render_text(report)
 
 
 def test_inspect_marks_the_linears_the_fold_would_take(tmp_path, capsys):
     # q_proj (out = in) folds; k_proj (out < in in tiny-qwen2-vl's language model) keeps the kernels.
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
-    folds = {module: node["folds"] for _, node in _served_linear_calls(tmp_path, path, "--fold-min-rows", "1")
-             for module in node["modules"]}
+    calls, text = _served_linear_calls(tmp_path, path, "--fold-min-rows", "1")
+    folds = {module: node["folds"] for _, node in calls for module in node["modules"]}
     assert any(module.endswith("self_attn.q_proj") for module in folds) and any(module.endswith("k_proj") for module in folds)
     assert all(fold == module.endswith("q_proj") for module, fold in folds.items()), folds
+    assert "folded" in text
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "100000"]) == 0
     assert "folded" not in capsys.readouterr().out
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--fold-min-rows", "1"]) == 0
-    assert "folded" in capsys.readouterr().out
 
 
 def test_inspect_marks_the_linears_the_stack_would_take(tmp_path, capsys):
@@ -167,15 +169,13 @@ def test_inspect_marks_the_linears_the_stack_would_take(tmp_path, capsys):
     # q_proj folds (the fold wins) and k_proj stacks.
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["q_proj", "k_proj"], r=2)
-    marks = {module: (node["folds"], node["stacks"])
-             for _, node in _served_linear_calls(tmp_path, path, "--stack-max-rows", "100000", "--fold-min-rows", "1")
-             for module in node["modules"]}
+    calls, text = _served_linear_calls(tmp_path, path, "--stack-max-rows", "100000", "--fold-min-rows", "1")
+    marks = {module: (node["folds"], node["stacks"]) for _, node in calls for module in node["modules"]}
     assert marks and all(mark == ((True, False) if module.endswith("q_proj") else (False, True))
                          for module, mark in marks.items()), marks
+    assert "stacked" in text and "folded" in text
     assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "1"]) == 0
     assert "stacked" not in capsys.readouterr().out  # the example batch's calls have more rows
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", "--stack-max-rows", "100000"]) == 0
-    assert "stacked" in capsys.readouterr().out
 
 
 def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path, capsys):
@@ -184,17 +184,16 @@ def test_inspect_marks_the_stacked_calls_whose_expand_the_graph_writes(tmp_path,
     model = cached_model("tiny-qwen2-vl")
     path = make_adapter(model, tmp_path / "alice", ["k_proj", "qkv"], r=2)
     graph_expand = ("--stack-max-rows", "100000", "--stack-expand", "inductor")
-    expands = {(partition, node["stack_expand"]) for partition, node in _served_linear_calls(tmp_path, path, *graph_expand)}
+    calls, text = _served_linear_calls(tmp_path, path, *graph_expand)
+    expands = {(partition, node["stack_expand"]) for partition, node in calls}
     assert expands == {("language_model", "graph"), ("tower", "kernel")}, expands
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *graph_expand]) == 0
-    assert "stacked, graph expand" in capsys.readouterr().out
+    assert "stacked, graph expand" in text
     # --stack-shrink inductor: those calls' shrink as graph ops too; the tower's calls unchanged.
     graph_shrink = (*graph_expand, "--stack-shrink", "inductor")
-    shrinks = {(partition, node.get("stack_shrink"))
-               for partition, node in _served_linear_calls(tmp_path, path, *graph_shrink)}
+    calls, text = _served_linear_calls(tmp_path, path, *graph_shrink)
+    shrinks = {(partition, node.get("stack_shrink")) for partition, node in calls}
     assert shrinks == {("language_model", "graph"), ("tower", None)}, shrinks
-    assert main(["inspect", "tiny-qwen2-vl", "--adapter", f"alice={path}", *graph_shrink]) == 0
-    assert "graph shrink and expand" in capsys.readouterr().out
+    assert "graph shrink and expand" in text
     # As compile refuses it: the shrink as graph ops needs the graph expand.
     assert main(["inspect", "tiny-qwen2-vl", "--stack-max-rows", "8", "--stack-shrink", "inductor"]) == 2
     assert "stack_shrink='inductor' applies to the graph expand's calls only" in capsys.readouterr().err

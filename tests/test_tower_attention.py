@@ -106,11 +106,13 @@ def test_a_model_without_a_vision_tower_is_refused():
     (dict(cu_seq_lens_q=torch.tensor([0, 4]), is_causal=True), "causal attention"),
     (dict(cu_seq_lens_q=torch.tensor([0, 4]), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool), dropout=0.1),
      "an attention mask and dropout"),
+    (dict(cu_seq_lens_q=torch.tensor([0, 4]), key_rows=6), "keys of another length than the queries"),
 ])
 def test_calls_it_does_not_serve_are_refused_by_name(call, refused):
-    query = torch.randn(1, 2, 4, 8)
+    call = dict(call)  # the parameter's own dict stays as collected
+    query, key = torch.randn(1, 2, 4, 8), torch.randn(1, 2, call.pop("key_rows", 4), 8)
     with pytest.raises(TowerAttentionError, match=f"Linear called it with {refused}"):
-        tower_attention.varlen_flex_attention(torch.nn.Linear(1, 1), query, query, query, **call)
+        tower_attention.varlen_flex_attention(torch.nn.Linear(1, 1), query, key, key, **call)
 
 
 def test_a_causal_module_is_refused_when_the_call_does_not_say():
