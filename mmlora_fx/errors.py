@@ -145,7 +145,8 @@ class PartitionError(MMLoRAError):
 
 class TowerAttentionError(MMLoRAError, ValueError):
     """`use_flex_tower_attention` was given a model without a vision tower, or the tower called it in a
-    way it does not serve (no `cu_seq_lens_q`, a mask, causal attention, dropout)."""
+    way it does not serve (no `cu_seq_lens_q`, a mask, causal attention, dropout, keys of another length
+    than the queries)."""
 
 
 class CaptureError(MMLoRAError):
