@@ -128,6 +128,7 @@ import torch  # noqa: E402
 import e2e  # noqa: E402
 from run_record import checkout_commit, versions  # noqa: E402
 import mmlora_fx  # noqa: E402
+from mmlora_fx.kernels import launch_config  # noqa: E402
 from mmlora_fx.passes import lora_ops  # noqa: E402
 from mmlora_fx.reporting import in_gemm_counts  # noqa: E402
 
@@ -341,7 +342,7 @@ def settings(args) -> dict:
                 adapters=adapters, steps=steps, rounds=rounds, block_warmup=args.block_warmup, old_repeats=old_repeats, sync=args.sync,
                 runs=args.runs, budget_s=args.budget_s, serial_compile=args.serial_compile,
                 stack_max_rows=args.stack_max_rows, stack_expand=args.stack_expand, stack_shrink=args.stack_shrink,
-                served_call=args.served_call, fused_gemv=args.fused_gemv)
+                served_call=args.served_call, fused_gemv=args.fused_gemv, sums_in_kernel=args.sums_in_kernel)
 
 
 def model_spec(config: dict) -> tuple[dict, list[str] | None]:
@@ -540,6 +541,9 @@ class Run(Worker):
 
         def compile_ours():
             began = time.perf_counter()
+            # The LoRA kernels' split sums reduced in the shrink (no memset a call): read at each
+            # call site's first launch, so set before anything runs.
+            launch_config.SUMS_IN_KERNEL = config.get("sums_in_kernel", False)
             # mmlora_fx.compile hands its other keywords to torch.compile (api.compile's
             # **compile_kwargs -> model.compile), so dynamic=False reaches it as it does the base.
             self.mm = mmlora_fx.compile(model, adapters, max_loras=max(config["mixes"]), max_lora_rank=e2e.RANK,
@@ -975,6 +979,9 @@ def main() -> int:
     parser.add_argument("--fused-gemv", action="store_true",
                         help="mmlora_fx.compile's fused_gemv: the language model's linear calls on one row (batch 1) "
                              "as one kernel each, the base GEMV with the row's LoRA inside")
+    parser.add_argument("--sums-in-kernel", action="store_true",
+                        help="the LoRA kernels' split sums reduced in the shrink (kernels/launch_config.py's "
+                             "SUMS_IN_KERNEL: no memset a call) instead of float32 atomics into zeroed sums")
     return run_role(parser, parent, write_adapters, Run, "child",
                     keep_caches_help="keep the runs' Inductor/Triton caches")
 

@@ -560,6 +560,8 @@ KERNEL_PATHS = {
     "no_plan": ([16, 64], {"PLAN_BLOCK_M": 0}),  # no tile size matches the plan's: every shrink searches
     # The row path up to 16 rows: no memset and no tile search at batch 16 (#15's in-step memsets).
     "rows16": ([1, 16], {"_PER_ROW_MAX_ROWS": 16}),
+    # The tile path's split sums reduced in the shrink: no memset a call (#15's in-step memsets).
+    "sums": ([16, 64], {"SUMS_IN_KERNEL": True}),
 }
 
 

@@ -131,6 +131,15 @@
 #              (`stack_max_rows=64`): kernels a step, LoRA time, idle; what bounds batch 64 (#15; unrun, ~300 guessed)
 #   decode64_stack  decode64 with --stack-max-rows 64: the batch-64 table with every slot's shrink in the base GEMMs
 #              (32 slots: every slot's A read a step) (#15; unrun, ~450 guessed)
+#   tests_sums  the split sums reduced in the shrink (launch_config.SUMS_IN_KERNEL) on CUDA: the op at the 7B layer's
+#              decode shapes, bound and replayed, and in a CUDA graph with new batches, counters back at 0 (#15; unrun, ~90)
+#   ksums      kernel_bench.py at 16 and 64 rows (8 and 32 slots), the default (memset + atomics) against the sums
+#              reduced in the shrink, each kernel's device time (#15; unrun, ~150 guessed)
+#   profile_sums  e2e profile at batches 16 and 64 (8 slots): the base, the kernels, the kernels with the sums in
+#              the shrink: kernels a step (112 memsets fewer), idle (#15; unrun, ~330 guessed)
+#   decode16, decode16_sums  decode_overhead.py --batches 16 --mixes 1,8 (8 slots), without and with
+#              --sums-in-kernel: run both in one session (#15; unrun, ~300 each guessed)
+#   decode64_sums  decode64 with --sums-in-kernel (32 slots; compare with decode64 of the same session) (#15; ~450)
 #   The profile_* steps run with TORCH_LOGS=perf_hints: Inductor says there why it leaves a graph out of CUDA
 #   graphs (the profiles record the count, cudagraph_skips_so_far).
 # A step's default limit is the figure above plus a margin; `STEP:seconds` sets it. Steps run in
@@ -145,7 +154,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 
-declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [decode64_stack]=540 [profile64]=360 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [decode_gemv_slots8]=300 [decode_b1_slots8]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120)
+declare -A limit=([tests]=580 [tests_prefill]=340 [tests_stack]=240 [load]=120 [scale]=580 [scale_turnover]=580 [decode64]=480 [decode64_stack]=540 [profile64]=360 [moe]=580 [audio]=540 [tp]=580 [tp64]=580 [tpnocg]=580 [tpsplit]=580 [prefill_a]=580 [prefill_b]=580 [prefill_c]=580 [prefill_a_graphs]=580 [prefill_b_graphs]=580 [prefill_c_graphs]=580 [prefill_a_fold]=580 [prefill_c_fold]=580 [prefill_b_fold]=580 [prefill_a_flex]=580 [prefill_c_flex]=580 [prefill_b_flex]=580 [prefill_profile_flex]=400 [tower_check]=150 [kvariants]=200 [kprefill]=300 [kfold]=200 [kstack]=200 [kepilogue]=580 [tests_epilogue]=120 [decode_stack]=580 [decode_slots8]=580 [decode_stack_graph]=580 [decode_stack_shrink]=580 [decode_stack_columns]=580 [decode_prepare]=580 [tests_graph]=450 [prefill_profile]=400 [prefill_profile_graphs]=400 [profile_rows16]=330 [profile_stack]=400 [profile_graph]=420 [profile_stack_host]=360 [kgemv]=240 [tests_gemv]=200 [decode_gemv]=580 [decode_b1]=300 [decode_gemv_slots8]=300 [decode_b1_slots8]=300 [profile_gemv]=360 [profile_shrink]=330 [profile_columns]=480 [host_profile]=120 [tests_sums]=150 [ksums]=240 [profile_sums]=400 [decode16]=400 [decode16_sums]=400 [decode64_sums]=540)
 run_step() {
     local step=$1 seconds=$2
     case $step in
@@ -247,6 +256,22 @@ run_step() {
             local block=(); [[ $case == b ]] && block=(--block 6)
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
+        tests_sums) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
+                        tests/kernels/test_lora_add.py -k "split_sums" ;;
+        ksums) for slots_adapters in 8:1,8 32:1,8,32; do
+                   timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --rows 16,64 --slots "${slots_adapters%%:*}" \
+                       --adapters "${slots_adapters##*:}" --skip-torch --profile --repeat-ms 40 \
+                       --variants '{"sums": {"sums_in_kernel": true}}' \
+                       --json "$out/ksums-${slots_adapters%%:*}.json" --markdown "$out/ksums-${slots_adapters%%:*}.md" \
+                       --commit "$commit"
+               done ;;
+        profile_sums) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile_sums" \
+                          --parts profile --profile-batches 16,64 --profile-paths defaults,sums --commit "$commit" ;;
+        decode16|decode16_sums|decode64_sums)
+            local batch=16 mixes=(--mixes 1,8) sums=(); [[ $step == decode64* ]] && batch=64 mixes=()
+            [[ $step == *_sums ]] && sums=(--sums-in-kernel)
+            timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/$step" --batches $batch "${mixes[@]}" \
+                "${sums[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         profile64) TORCH_LOGS=perf_hints timeout "$seconds" python3 benchmarks/e2e.py --out "$out/profile64" --parts profile \
                        --profile-batches 64 --profile-paths defaults,stack64 --commit "$commit" ;;
         decode64_stack) timeout "$seconds" python3 benchmarks/decode_overhead.py --out "$out/decode64_stack" --batches 64 \

@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from mmlora_fx.kernels import tile_counters
 from mmlora_fx.kernels.gemm_lora import gemm_lora_triton
 from mmlora_fx.kernels.launch_config import choose_config
 from mmlora_fx.kernels.lora_add import lora_add_triton
@@ -401,11 +402,19 @@ def triton_impl(variant: dict):
     the tile plan if it holds `"plan": false`)."""
     variant = dict(variant)
     use_plan = variant.pop("plan", True)
+    # With `"sums_in_kernel": true`, one counter set for every call (they run one after another and
+    # leave it zero), made at the first call, outside any capture: a call's own would be a memset.
+    counters: dict[torch.device, torch.Tensor] = {}
 
     def impl(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan):
         config = choose_config(x.shape[0], x.shape[-1], lora_a[0].shape[1], lora_a[0].shape[0], x.dtype, **variant)
+        kept = None
+        if config.sums_in_kernel:
+            if x.device not in counters:
+                counters[x.device] = tile_counters.fresh(tile_counters.POOL_SIZE, x.device)
+            kept = counters[x.device]
         lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan if use_plan else None,
-                        config=config)
+                        config=config, counters=kept)
 
     return impl
 

@@ -22,6 +22,7 @@ import weakref
 
 import torch
 
+from . import tile_counters
 from .direct_launch import DirectLaunch
 from .launch_config import interpreting
 
@@ -30,7 +31,7 @@ __all__ = ["ENABLED", "Recorder", "bindable", "call_key", "forget", "kernel_tabl
 ENABLED = True  # off: every launch takes Triton's path (the benchmarks compare the two)
 
 # Key -> (weak references checking the key's tensor ids, scratch sizes, bound launches).
-_BOUND: dict[tuple, tuple[list[weakref.ref], list[tuple[int, torch.dtype, bool]], list[DirectLaunch]]] = {}
+_BOUND: dict[tuple, tuple[list[weakref.ref], list, list[DirectLaunch]]] = {}
 _LIMIT = 4096
 
 
@@ -108,7 +109,9 @@ def replay(key: tuple, inputs, outputs, lora_a, lora_b, tables) -> bool:
     if not all(reference() is tensor for reference, tensor in zip(references, _keyed_tensors(lora_a, lora_b, tables))):
         return False  # a key tensor's id reused by another tensor
     device = inputs.device
-    buffers = [scratch(numel, dtype, device, zero) for numel, dtype, zero in scratch_sizes]
+    # A kept tensor (the call site's counters, which the kernels leave zero) is the same every call.
+    buffers = [entry if isinstance(entry, torch.Tensor) else scratch(entry[0], entry[1], device, entry[2])
+               for entry in scratch_sizes]
     tensors = _call_tensors(inputs, outputs, lora_a, lora_b, kernel_tables(tables), buffers)
     stream = _stream(device)
     try:
@@ -127,7 +130,8 @@ class Recorder:
     def __init__(self, device: torch.device):
         self.device = device
         self.scratch: list[torch.Tensor] = []
-        self.scratch_sizes: list[tuple[int, torch.dtype, bool]] = []
+        # Per entry: (numel, dtype, zero) for a buffer each call allocates, or a tensor kept for good.
+        self.scratch_sizes: list[tuple[int, torch.dtype, bool] | torch.Tensor] = []
         self.launched: list[tuple] = []
 
     def allocate(self, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
@@ -135,6 +139,16 @@ class Recorder:
         self.scratch.append(tensor)
         self.scratch_sizes.append((numel, dtype, zero))
         return tensor
+
+    def counters(self, count: int) -> torch.Tensor:
+        """`count` zeroed int32 counters that the call's kernels leave zero: a span of the device's
+        pool that this call site keeps (`tile_counters.claim`), else zeros allocated each call."""
+        kept = tile_counters.claim(count, self.device)
+        if kept is None:
+            return self.allocate(count, torch.int32, zero=True)
+        self.scratch.append(kept)
+        self.scratch_sizes.append(kept)
+        return kept
 
     def run(self, kernel, grid: tuple, *args, **kwargs) -> None:
         self.launched.append((kernel, grid, args, kwargs, kernel[grid](*args, **kwargs)))

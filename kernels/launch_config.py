@@ -35,6 +35,11 @@ _PER_ROW_MAX_ROWS = 4
 # expand's programs, started early, hold multiprocessors the shrink needs (measured slower at 8).
 _DEPENDENT_LAUNCH_MAX_ROWS = 4
 _PER_ROW_MAX_REQUESTS = 1024
+# The tile path's split sums reduced in the shrink (its last split program of a tile sums the
+# parts) instead of float32 atomics into sums zeroed by a memset each call: one launch less a
+# call (`LaunchConfig.sums_in_kernel`). Off until measured on a GPU (#15); the benchmarks turn it
+# on (`decode_overhead.py --sums-in-kernel`, `kernel_bench.py --variants`).
+SUMS_IN_KERNEL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,10 @@ class LaunchConfig:
     # Row path on Hopper and newer: launch both kernels as programmatic dependents, so that
     # each starts its table and adapter loads while the kernel before it finishes.
     dependent_launch: bool = True
+    # Tile path with several k splits: the tile's last split program sums the splits' parts
+    # (`tile_counters.py`), no memset and no float32 atomics; else the parts add atomically
+    # into sums zeroed before the shrink.
+    sums_in_kernel: bool = False
 
 
 def cdiv(numerator: int, denominator: int) -> int:
@@ -94,6 +103,7 @@ def choose_config(
     expand_warps: int | None = None,
     per_row_max_rows: int | None = None,
     dependent_launch: bool = True,
+    sums_in_kernel: bool = False,
 ) -> LaunchConfig:
     """Launch parameters for one op call, from its static shapes alone.
 
@@ -153,7 +163,8 @@ def choose_config(
         # float32 products are FMAs spread over the warps: eight warps spill them at rank 64+.
         expand_warps = 8 if (block_m * block_n >= 8192 or block_r >= 64) and not wide else 4
     return LaunchConfig(block_m=block_m, block_k=block_k, k_chunk=k_chunk, block_n=block_n,
-                        shrink_warps=shrink_warps, expand_warps=expand_warps, shrink_stages=shrink_stages)
+                        shrink_warps=shrink_warps, expand_warps=expand_warps, shrink_stages=shrink_stages,
+                        sums_in_kernel=sums_in_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,11 +174,14 @@ def choose_config(
 
 def config_for_call(rows: int, in_features: int, max_rank: int, num_slots: int, dtype: torch.dtype,
                     num_requests: int, config: LaunchConfig | None = None) -> LaunchConfig:
-    """`config` (or `choose_config`'s pick), moved to the tile path if the row path cannot run it."""
-    config = config or choose_config(rows, in_features, max_rank, num_slots, dtype)
+    """`config` (or `choose_config`'s pick, with `SUMS_IN_KERNEL`), moved to the tile path if the
+    row path cannot run it."""
+    chosen = config is None
+    config = config or choose_config(rows, in_features, max_rank, num_slots, dtype, sums_in_kernel=SUMS_IN_KERNEL)
     if config.per_row and num_requests + 1 > _PER_ROW_MAX_REQUESTS:
         # The row path reads the request tables in one load: too many entries take the tiles.
-        config = choose_config(rows, in_features, max_rank, num_slots, dtype, per_row_max_rows=0)
+        config = choose_config(rows, in_features, max_rank, num_slots, dtype, per_row_max_rows=0,
+                               sums_in_kernel=SUMS_IN_KERNEL if chosen else config.sums_in_kernel)
     return config
 
 

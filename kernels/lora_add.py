@@ -10,7 +10,9 @@ pieces it puts together live beside it, one job each:
   (`choose_config`);
 * `row_kernels.py`: the row path (up to 4 rows: decode at small batch), one program per row;
 * `tile_kernels.py`: the tile path (more rows), rows grouped into tiles of one slot each, found
-  by an in-kernel search or read from a tile plan (`tile_plan.py`).
+  by an in-kernel search or read from a tile plan (`tile_plan.py`); where its shrink splits K,
+  the splits' sums meet in sums zeroed by a memset, or (`LaunchConfig.sums_in_kernel`) in the
+  tile's last split program, on counters from `tile_counters.py`.
 
 On CUDA tensors the op runs two launches, a shrink and an expand, on one of the two paths;
 elsewhere it runs the reference. Everything the grids depend on is static (rows, slot count,
@@ -134,12 +136,15 @@ def launch(
     tables: BatchTables,
     *,
     config: LaunchConfig | None = None,
+    counters: torch.Tensor | None = None,
 ) -> None:
     """The Triton path of `lora_add_`: a shrink and an expand on the row path or the tile path.
 
     Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`. The tile path reads its
     tiles from `tables.tile_plan` when the plan covers the row count. `config` overrides the
-    launch parameters `choose_config` picks from the shapes.
+    launch parameters `choose_config` picks from the shapes. `counters` (int32 zeros, one per
+    tile at least, left zero) replaces the call's own for split sums reduced in the kernel
+    (`LaunchConfig.sums_in_kernel`; tests pass one to see it set back).
 
     On a GPU, the first call with a given key goes through the checks, the heuristics and
     Triton's launch path, and binds its launches; later calls with that key hand their tensors to
@@ -149,7 +154,7 @@ def launch(
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
     key = None
-    if config is None and bound_calls.bindable(inputs):
+    if config is None and counters is None and bound_calls.bindable(inputs):
         key = bound_calls.call_key(outputs, inputs, lora_a, lora_b, tables)
         if bound_calls.replay(key, inputs, outputs, lora_a, lora_b, tables):
             return
@@ -158,8 +163,14 @@ def launch(
     recorder = bound_calls.Recorder(inputs.device) if key is not None else None
     converted = bound_calls.kernel_tables(tables)
     allocate = recorder.allocate if recorder else functools.partial(bound_calls.scratch, device=inputs.device)
+    if recorder is not None:
+        tile_counters = recorder.counters
+    elif counters is not None:
+        tile_counters = functools.partial(_given_counters, counters)
+    else:
+        tile_counters = functools.partial(bound_calls.scratch, dtype=torch.int32, device=inputs.device, zero=True)
     _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, converted, config, allocate,
-                           recorder.run if recorder else _run)
+                           recorder.run if recorder else _run, tile_counters)
     if recorder is not None:
         recorder.bind(key, inputs, flat_outputs, lora_a, lora_b, tables, converted)
 
@@ -168,10 +179,17 @@ def _run(kernel, grid: tuple, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
+def _given_counters(counters: torch.Tensor, count: int) -> torch.Tensor:
+    if counters.dtype != torch.int32 or counters.numel() < count:
+        raise ValueError(f"lora_add_: the call needs {count} int32 counters, got {counters.numel()} of {counters.dtype}")
+    return counters
+
+
 def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: BatchTables, config, allocate,
-                           run) -> None:
+                           run, tile_counters) -> None:
     """`launch`'s heuristics and launches through Triton's path, for checked 2-d outputs and rows
-    and tables in the kernels' dtypes: scratch comes from `allocate(numel, dtype, zero)`, and each
+    and tables in the kernels' dtypes: scratch comes from `allocate(numel, dtype, zero)`, the
+    in-kernel split sums' counters (zero, left zero) from `tile_counters(count)`, and each
     launch goes through `run(kernel, grid, *args, **kwargs)`."""
     rows, in_features = inputs.shape
     num_slots, max_rank, _ = lora_a[0].shape
@@ -231,8 +249,16 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
     use_plan = reads_plan(block_m, rows, capacity)
     tile_meta = allocate(num_tiles * 4, torch.int32)  # slot, rank of each sibling
     tile_rows = allocate(num_tiles * block_m, torch.int32)
-    # Several splits add into zeroed sums (one memset); one split stores them.
-    shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=num_splits > 1)
+    # Several splits add into zeroed sums (one memset), or with `sums_in_kernel` store their parts
+    # apart for the tile's last split to sum (counters zero between calls: no memset); one split
+    # stores the sums.
+    last_sums = num_splits > 1 and config.sums_in_kernel
+    shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=num_splits > 1 and not last_sums)
+    if last_sums:
+        parts = allocate(num_splits * n * num_tiles * block_m * block_r, torch.float32)
+        counters = tile_counters(num_tiles)
+    else:
+        parts = counters = shrunk  # not read
 
     run(_shrink_kernel, (num_tiles, num_splits),
         inputs, inputs.stride(0),
@@ -240,11 +266,11 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
         *ranks, max_rank,
         *request_args,
         tile_plan if use_plan else request_slots, capacity,
-        tile_meta, tile_rows, shrunk,
-        rows, in_features, config.k_chunk, num_tiles,
+        tile_meta, tile_rows, shrunk, parts, counters,
+        rows, in_features, config.k_chunk, num_tiles, num_splits,
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         SLOTS=slots_block, REQUESTS=requests_block,
-        ONE_PASS=one_pass, ATOMIC=num_splits > 1,
+        ONE_PASS=one_pass, ATOMIC=num_splits > 1 and not last_sums, LAST_SUMS=last_sums,
         PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages)
     run(_expand_kernel, (sum(blocks), num_tiles),
@@ -267,16 +293,17 @@ def lora_add_triton(
     tile_plan: torch.Tensor | None = None,
     *,
     config: LaunchConfig | None = None,
+    counters: torch.Tensor | None = None,
 ) -> None:
     """`launch` with the tables given as the op's tensors (the benchmark and the tests call this).
 
     Runs on CUDA tensors, or on CPU tensors under `TRITON_INTERPRET=1`. `tile_plan`, if given,
     must be `tile_plan.build_tile_plan` of these request tables (the tile path reads its tiles
     there when it covers the row count). `config` overrides the launch parameters
-    `choose_config` picks from the shapes.
+    `choose_config` picks from the shapes; `counters` as `launch` takes them.
     """
     launch(outputs, x, lora_a, lora_b, BatchTables(slot_ranks, request_slots, request_cum_weights, tile_plan),
-           config=config)
+           config=config, counters=counters)
 
 
 def lora_add(outputs, x, lora_a, lora_b, slot_ranks, request_slots, request_cum_weights, tile_plan=None) -> None:

@@ -7,7 +7,10 @@
   its rows, however the requests interleave. It then multiplies those rows of `x` by a
   `k_chunk`-wide slice of every sibling's A (x is read once for all siblings) and adds the
   float32 sums into a zeroed buffer with atomics (a single split stores them instead); the
-  split-0 program also records the tile (slot, ranks, rows) for the expand.
+  split-0 program also records the tile (slot, ranks, rows) for the expand. With `LAST_SUMS`
+  (`LaunchConfig.sums_in_kernel`) no buffer is zeroed: each split stores its part apart and
+  counts itself in on the tile's counter (`tile_counters.py`), and the last to arrive sums the
+  parts in split order, stores the tile's sums and sets the counter back to 0.
 * expand (`_expand_kernel`, grid `column blocks of all siblings x tiles`): each program loads
   its tile's sums, multiplies by a block of the sibling's B and adds the result to the output
   rows, in place.
@@ -168,6 +171,19 @@ def _store_shrunk(shrunk_ptr, acc, sibling, tile, num_tiles, row_valid, rank,
 
 
 @triton.jit
+def _sum_parts(parts_ptr, shrunk_ptr, sibling, tile, num_tiles, num_splits,
+               NUM_SIBLINGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Store the sum of a tile's split parts (`parts[split, sibling, tile]`, in split order) as its sums."""
+    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    total = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for split in range(num_splits):
+        base = ((split * NUM_SIBLINGS + sibling) * num_tiles + tile).to(tl.int64) * (BLOCK_M * BLOCK_R)
+        # Other programs wrote these: past this multiprocessor's L1 (.cg), from L2.
+        total += tl.load(parts_ptr + base + offsets, cache_modifier=".cg")
+    tl.store(shrunk_ptr + (sibling * num_tiles + tile).to(tl.int64) * (BLOCK_M * BLOCK_R) + offsets, total)
+
+
+@triton.jit
 def _tile_of(
     tile, slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity, rows,
     BLOCK_M: tl.constexpr, SLOTS: tl.constexpr, REQUESTS: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -193,11 +209,11 @@ def _shrink_kernel(
     a0_ptr, a1_ptr, a2_ptr, a_slot_stride, a_rank_stride,
     rank0_ptr, rank1_ptr, rank2_ptr, max_rank,
     slots_ptr, cum_ptr, num_requests, num_slots, plan_ptr, plan_capacity,
-    tile_meta_ptr, tile_rows_ptr, shrunk_ptr,
-    rows, in_features, k_chunk, num_tiles,
+    tile_meta_ptr, tile_rows_ptr, shrunk_ptr, parts_ptr, counters_ptr,
+    rows, in_features, k_chunk, num_tiles, num_splits,
     NUM_SIBLINGS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SLOTS: tl.constexpr, REQUESTS: tl.constexpr, ONE_PASS: tl.constexpr, ATOMIC: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PLAN: tl.constexpr,
+    LAST_SUMS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_PLAN: tl.constexpr,
 ):
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -244,11 +260,35 @@ def _shrink_kernel(
             if NUM_SIBLINGS > 2:
                 acc2 = _shrink_step(acc2, x_tile, a2_ptr, slot_offset, rank_ids, rank2, k, k_end,
                                     a_rank_stride, PRECISION, UPCAST)
-        _store_shrunk(shrunk_ptr, acc0, 0, tile, num_tiles, row_valid, rank0, BLOCK_M, BLOCK_R, ATOMIC)
-        if NUM_SIBLINGS > 1:
-            _store_shrunk(shrunk_ptr, acc1, 1, tile, num_tiles, row_valid, rank1, BLOCK_M, BLOCK_R, ATOMIC)
-        if NUM_SIBLINGS > 2:
-            _store_shrunk(shrunk_ptr, acc2, 2, tile, num_tiles, row_valid, rank2, BLOCK_M, BLOCK_R, ATOMIC)
+        if LAST_SUMS:
+            # This split's part, stored whole (rows and ranks past the valid ones hold zeros), in
+            # parts[split, sibling, tile]; every program of the tile counts itself in (rank 0 for
+            # all siblings: none does, and nothing reads the tile's sums).
+            _store_shrunk(parts_ptr, acc0, split * NUM_SIBLINGS, tile, num_tiles, row_valid, rank0,
+                          BLOCK_M, BLOCK_R, False)
+            if NUM_SIBLINGS > 1:
+                _store_shrunk(parts_ptr, acc1, split * NUM_SIBLINGS + 1, tile, num_tiles, row_valid, rank1,
+                              BLOCK_M, BLOCK_R, False)
+            if NUM_SIBLINGS > 2:
+                _store_shrunk(parts_ptr, acc2, split * NUM_SIBLINGS + 2, tile, num_tiles, row_valid, rank2,
+                              BLOCK_M, BLOCK_R, False)
+            # Every warp's stores issued before the one thread that counts the program in (a scalar
+            # atomic is one thread's); acq_rel then makes them visible to the last program.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
+            if arrived == num_splits - 1:
+                _sum_parts(parts_ptr, shrunk_ptr, 0, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R)
+                if NUM_SIBLINGS > 1:
+                    _sum_parts(parts_ptr, shrunk_ptr, 1, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R)
+                if NUM_SIBLINGS > 2:
+                    _sum_parts(parts_ptr, shrunk_ptr, 2, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R)
+                tl.store(counters_ptr + tile, 0)  # zero again for the next call: no memset
+        else:
+            _store_shrunk(shrunk_ptr, acc0, 0, tile, num_tiles, row_valid, rank0, BLOCK_M, BLOCK_R, ATOMIC)
+            if NUM_SIBLINGS > 1:
+                _store_shrunk(shrunk_ptr, acc1, 1, tile, num_tiles, row_valid, rank1, BLOCK_M, BLOCK_R, ATOMIC)
+            if NUM_SIBLINGS > 2:
+                _store_shrunk(shrunk_ptr, acc2, 2, tile, num_tiles, row_valid, rank2, BLOCK_M, BLOCK_R, ATOMIC)
 
 
 # ----------------------------------------------------------------------------------------------

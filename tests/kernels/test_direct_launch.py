@@ -17,9 +17,10 @@ import os
 import pytest
 import torch
 
-from mmlora_fx.kernels import bound_calls
+from mmlora_fx.kernels import bound_calls, launch_config, tile_counters
 from mmlora_fx.kernels import lora_add as lora_add_module
 from mmlora_fx.kernels.direct_launch import DirectLaunch
+from mmlora_fx.kernels.launch_config import cdiv, tile_bound
 from mmlora_fx.kernels.lora_add import BatchTables, launch
 from mmlora_fx.kernels.tile_plan import build_tile_plan
 
@@ -128,6 +129,32 @@ def test_a_call_with_a_seen_key_is_replayed_with_its_own_tensors_and_equals_the_
     # New rows, outputs and request tables (same sizes) over the same slot buffers: bound.
     second = _same_buffers(_problem(rows_per_request, seed=1), first)
     assert _next_call(bound_on_cpu, second) == ["direct", "direct"]
+
+
+@interpreter
+def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed(bound_on_cpu, monkeypatch):
+    # The call site's first call claims its counters from the device's pool; its replays take
+    # the same span (a CUDA graph captures its address), which every call leaves at zero.
+    monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
+    monkeypatch.setattr(tile_counters, "_POOLS", {})
+
+    def problem(seed):
+        return make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
+                            num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=seed)
+
+    first = problem(0)
+    config = launch_config.config_for_call(18, 300, 8, 4, torch.float32, 3)
+    assert config.sums_in_kernel and cdiv(300, config.k_chunk) > 1  # several splits meet in the kernel
+    assert _next_call(bound_on_cpu, first) == ["triton", "triton"]
+    pool, claimed = tile_counters._POOLS[first.x.device]
+    assert claimed == tile_bound(18, 4, config.block_m)
+    for seed in (1, 2):
+        assert _next_call(bound_on_cpu, _same_buffers(problem(seed), first)) == ["direct", "direct"]
+    assert tile_counters._POOLS[first.x.device][1] == claimed  # the replays claimed nothing more
+    assert not pool.any()
+    pool.fill_(1)  # the span spoilt: a replay that counts on it goes wrong
+    with pytest.raises(AssertionError):
+        _next_call(bound_on_cpu, _same_buffers(problem(3), first))
 
 
 @interpreter

@@ -14,7 +14,8 @@ import os
 import pytest
 import torch
 
-from mmlora_fx.kernels.launch_config import LaunchConfig, choose_config, tile_bound
+from mmlora_fx.kernels import bound_calls, launch_config, tile_counters
+from mmlora_fx.kernels.launch_config import LaunchConfig, cdiv, choose_config, tile_bound
 from mmlora_fx.kernels.lora_add import lora_add_, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_reference
 from mmlora_fx.kernels.tile_plan import build_tile_plan
@@ -38,6 +39,8 @@ SMALL_BLOCKS = LaunchConfig(block_m=16, block_k=16, k_chunk=32, block_n=16)
 ONE_SPLIT = LaunchConfig(block_m=16, block_k=32, k_chunk=4096, block_n=32)
 # The row path with small blocks: several splits (partial sums) and column blocks per row.
 ROW_SMALL = LaunchConfig(block_m=1, block_k=16, k_chunk=32, block_n=16, per_row=True)
+# Several splits whose sums the tile's last split program adds up (no memset, no atomics).
+SUMS_IN_KERNEL = dataclasses.replace(SMALL_BLOCKS, sums_in_kernel=True)
 
 
 def run_triton(problem: Problem, config: LaunchConfig | None = None) -> list[torch.Tensor]:
@@ -214,6 +217,41 @@ def test_triton_with_a_tile_plan_interpreted(config, pattern):
     outputs = problem.fresh_outputs()
     lora_add_triton(*problem.args(outputs), plan_of(problem), config=config)
     assert_matches(problem, outputs)
+
+
+@interpreter
+@pytest.mark.parametrize("with_plan", [False, True], ids=["searched", "planned"])
+def test_split_sums_in_the_kernel_match_the_reference_and_leave_the_counters_zero_interpreted(with_plan):
+    # One counter set serves call after call: each call's last split program of a tile sets its
+    # counter back, so the next batch (other slots, ranks and row shares) starts from zero.
+    counters = torch.zeros(64, dtype=torch.int32)
+    patterns = ["mixed", "every_row_different", "one_adapter", "zero_weight_requests", "base_only", "total_zero"]
+    for seed, pattern in enumerate(patterns):
+        problem = make_problem(pattern=pattern, requests=23, rows_per_request=1, in_features=80,
+                               out_features=(40, 24, 72), num_slots=5, max_rank=16, dtype=torch.float32,
+                               max_requests=30, seed=seed)
+        assert cdiv(80, SUMS_IN_KERNEL.k_chunk) == 3  # three splits meet in every tile
+        outputs = problem.fresh_outputs()
+        lora_add_triton(*problem.args(outputs), plan_of(problem) if with_plan else None, config=SUMS_IN_KERNEL,
+                        counters=counters)
+        assert_matches(problem, outputs)
+        assert not counters.any(), pattern
+
+
+@interpreter
+def test_split_sums_in_the_kernel_need_counters_at_zero_interpreted():
+    # What the reset guards against: a counter left at 1 makes a tile's second-to-last split
+    # program take itself for the last and store a partial sum.
+    problem = make_problem(pattern="one_adapter", requests=8, rows_per_request=2, in_features=80,
+                           out_features=(40,), num_slots=4, max_rank=16, dtype=torch.float32,
+                           ranks=[[16, 16, 16, 16]], seed=2)
+    outputs = problem.fresh_outputs()
+    lora_add_triton(*problem.args(outputs), config=SUMS_IN_KERNEL, counters=torch.ones(64, dtype=torch.int32))
+    with pytest.raises(AssertionError):
+        assert_matches(problem, outputs)
+    with pytest.raises(ValueError, match=f"needs {tile_bound(16, 4, 16)} int32 counters"):
+        lora_add_triton(*problem.args(problem.fresh_outputs()), config=SUMS_IN_KERNEL,
+                        counters=torch.zeros(1, dtype=torch.int32))
 
 
 @interpreter
@@ -431,6 +469,54 @@ def test_op_with_a_tile_plan_gpu(dtype, pattern, requests):
     outputs = problem.fresh_outputs()
     torch.ops.mmlora.lora_add_(*problem.args(outputs), plan_of(problem))
     assert_matches(problem, outputs)
+
+
+@pytest.fixture
+def sums_in_kernel(monkeypatch):
+    """The op's chosen configs with the split sums reduced in the kernel, bound afresh (a
+    binding keeps the config of its first call), and the bindings dropped again after."""
+    monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
+    bound_calls.forget()
+    yield
+    bound_calls.forget()
+
+
+@pytest.mark.parametrize("requests, num_slots, in_features", [(16, 8, 3584), (64, 32, 3584), (64, 32, 18944)],
+                         ids=["b16", "b64", "b64_down"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@gpu
+def test_op_with_split_sums_in_the_kernel_gpu(sums_in_kernel, dtype, pattern, requests, num_slots, in_features):
+    # Decode shapes of the 7B layer, through the op (a bound call site with its own counters): the
+    # first call goes through Triton's path, the others replay the binding with new batches.
+    for seed in range(3):
+        problem = make_problem(pattern=pattern, requests=requests, rows_per_request=1, in_features=in_features,
+                               out_features=(3584, 512, 512) if in_features == 3584 else (3584,),
+                               num_slots=num_slots, max_rank=16, dtype=dtype, device="cuda", max_requests=256,
+                               seed=seed)
+        if seed == 0:
+            static = problem
+        else:  # the same tensors (one call site), new contents
+            for name in ("x", "request_slots", "request_cum_weights"):
+                getattr(static, name).copy_(getattr(problem, name))
+            for name in ("outputs", "lora_a", "lora_b", "slot_ranks"):
+                for target, source in zip(getattr(static, name), getattr(problem, name)):
+                    target.copy_(source)
+        outputs = [output.clone() for output in static.outputs]
+        torch.ops.mmlora.lora_add_(*static.args(outputs), None)
+        assert_matches(problem, outputs)
+    assert launch_config.config_for_call(requests, in_features, 16, num_slots, dtype, 256).sums_in_kernel
+    pool, used = tile_counters._POOLS[static.x.device]
+    assert used > 0 and not pool.any()  # claimed, and every counter back at 0
+
+
+@gpu
+def test_cuda_graph_replay_with_split_sums_in_the_kernel_gpu(sums_in_kernel):
+    shape = dict(requests=48, rows_per_request=1, in_features=512, out_features=(384, 128, 128), num_slots=16,
+                 max_rank=16, dtype=torch.bfloat16, device="cuda", max_requests=64, rows=48)
+    static = make_problem(pattern="mixed", seed=0, **shape)
+    plan = plan_of(static)
+    assert_graph_replays_match(static, plan, shape, lambda: torch.ops.mmlora.lora_add_(*static.args(), plan))
 
 
 @gpu
