@@ -132,7 +132,8 @@
 #   decode64_stack  decode64 with --stack-max-rows 64: the batch-64 table with every slot's shrink in the base GEMMs
 #              (32 slots: every slot's A read a step) (#15; unrun, ~450 guessed)
 #   tests_sums  the split sums reduced in the shrink (launch_config.SUMS_IN_KERNEL) on CUDA: the op at the 7B layer's
-#              decode shapes, bound and replayed, and in a CUDA graph with new batches, counters back at 0 (#15; unrun, ~90)
+#              decode shapes, bound and replayed, and in a CUDA graph with new batches; the counters back at 0
+#              after each; tiny-qwen2-vl's CUDA-graph decode forced onto it, equal to eager (#15; unrun, ~120)
 #   ksums      kernel_bench.py at 16 and 64 rows (8 and 32 slots), the default (memset + atomics) against the sums
 #              reduced in the shrink, each kernel's device time (#15; unrun, ~150 guessed)
 #   profile_sums  e2e profile at batches 16 and 64 (8 slots): the base, the kernels, the kernels with the sums in
@@ -257,7 +258,7 @@ run_step() {
             timeout "$seconds" python3 benchmarks/prefill_overhead.py --out "$out/$step" --cases "$case" \
                 --mode reduce-overhead --gpus 2 --share-gpu "${block[@]}" --budget-s $((seconds - 20)) --commit "$commit" ;;
         tests_sums) timeout "$seconds" python3 -m pytest -o addopts="" -q -p no:cacheprovider -m gpu \
-                        tests/kernels/test_lora_add.py -k "split_sums" ;;
+                        tests/kernels/test_lora_add.py tests/test_gpu.py -k "split_sums" ;;
         ksums) for slots_adapters in 8:1,8 32:1,8,32; do
                    timeout $((seconds / 2)) python3 benchmarks/kernel_bench.py --rows 16,64 --slots "${slots_adapters%%:*}" \
                        --adapters "${slots_adapters##*:}" --skip-torch --profile --repeat-ms 40 \

@@ -411,7 +411,7 @@ def triton_impl(variant: dict):
         kept = None
         if config.sums_in_kernel:
             if x.device not in counters:
-                counters[x.device] = tile_counters.fresh(tile_counters.POOL_SIZE, x.device)
+                counters[x.device] = torch.zeros(tile_counters.POOL_SIZE, dtype=torch.int32, device=x.device)
             kept = counters[x.device]
         lora_add_triton(outputs, x, lora_a, lora_b, slot_ranks, slots, cum, plan if use_plan else None,
                         config=config, counters=kept)

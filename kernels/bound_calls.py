@@ -133,6 +133,7 @@ class Recorder:
         # Per entry: (numel, dtype, zero) for a buffer each call allocates, or a tensor kept for good.
         self.scratch_sizes: list[tuple[int, torch.dtype, bool] | torch.Tensor] = []
         self.launched: list[tuple] = []
+        self.claimed: list[torch.Tensor] = []  # counter spans, given back if the call does not bind
 
     def allocate(self, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
         tensor = scratch(numel, dtype, self.device, zero)
@@ -148,6 +149,7 @@ class Recorder:
             return self.allocate(count, torch.int32, zero=True)
         self.scratch.append(kept)
         self.scratch_sizes.append(kept)
+        self.claimed.append(kept)
         return kept
 
     def run(self, kernel, grid: tuple, *args, **kwargs) -> None:
@@ -156,19 +158,29 @@ class Recorder:
     def bind(self, key: tuple, inputs, flat_outputs, lora_a, lora_b, tables, converted) -> None:
         """Bind the recorded launches under `key` (`flat_outputs`: the 2-d outputs the launches took;
         `converted`: `kernel_tables(tables)` as the launches took them, the same tensor objects)."""
-        if not self.launched:
+        if self._bind(key, inputs, flat_outputs, lora_a, lora_b, tables, converted):
             return
+        # The next call with this key records (and claims) again: give the spans back, unless a
+        # graph being captured now holds them.
+        if not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            for span in reversed(self.claimed):
+                tile_counters.release(span)
+
+    def _bind(self, key: tuple, inputs, flat_outputs, lora_a, lora_b, tables, converted) -> bool:
+        if not self.launched:
+            return False
         # The tensors not named by the key may differ from call to call: one object in two of their
         # roles (the same output twice, say) would bind both roles to one tensor of a later call.
         per_call = [inputs, *flat_outputs, converted.request_slots, converted.request_cum_weights]
         if len({id(tensor) for tensor in per_call}) != len(per_call):
-            return
+            return False
         tensors = _call_tensors(inputs, flat_outputs, lora_a, lora_b, converted, self.scratch)
         launches = [DirectLaunch.bind(kernel, grid, args, kwargs, compiled, tensors)
                     for kernel, grid, args, kwargs, compiled in self.launched]
         if any(launch is None for launch in launches):
-            return
+            return False
         if len(_BOUND) >= _LIMIT:
             _BOUND.clear()
         _BOUND[key] = ([weakref.ref(tensor) for tensor in _keyed_tensors(lora_a, lora_b, tables)], self.scratch_sizes,
                        launches)
+        return True

@@ -8,51 +8,83 @@ to arrive sums the parts in split order, stores the tile's sums and sets the cou
 The counters are therefore zero between calls and need zeroing only once, when they are made:
 that is this module's job.
 
-* `claim(count, device)`: `count` counters of a pool made once per device (zeroed when it is
-  made, never freed, never zeroed again), for one call site to keep: `bound_calls` claims a span
-  on a call's first (recorded) launch, and its replays, and the CUDA graphs that capture them,
-  reuse that span for good. Two calls sharing a span must not run at once; one call site's calls
-  run one after another on its stream (as its outputs and tables require anyway), and other call
-  sites have spans of their own. Returns None where no span can be had: the pool is spent, or
-  the first claim on a device comes during a CUDA-graph capture (zeros made there would be
-  written only when the graph replays). The caller then zeroes counters per call, as before.
-* `fresh(count, device)`: zeroed counters for one call alone (calls that are not bound: the
-  interpreter, explicit launch configs).
+* `make_pool(device)`: the device's pool of counters, zeroed once, never freed. It must be made
+  outside any CUDA-graph capture and outside a CUDA-graph warm-up (Inductor's `reduce-overhead`
+  warms up in a graph's private memory pool, which can hand the memory to another tensor later):
+  the runtime makes it at set-up (`LoRARuntime`), before anything compiles. Nothing makes it on
+  first use.
+* `claim(count, device)`: `count` counters of the pool (rounded up to 4, so that every span keeps
+  the pool's 16-byte alignment, which Triton specialises on) for one call site to keep:
+  `bound_calls` claims a span on a call's first (recorded) launch, and its replays, and the CUDA
+  graphs that capture them, reuse that span for good. None where the device has no pool or the
+  pool is spent (logged once): the caller then zeroes counters per call, a memset as before.
+* `release(span)`: the last span claimed, given back (a binding that did not bind).
 
-A span is never given back: the pool (65,536 counters, 256 KiB) outlasts many thousands of call
-sites of a few dozen tiles each; past it, calls fall back to per-call zeros.
+A span serves one binding key (`bound_calls.call_key`: the slot buffers, row count and layouts),
+so calls with one key must not run at once: as the runtime's token tables and outputs already
+require, one model's calls run one after another on one stream. A counter that two calls raced
+on would stay wrong for good.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-__all__ = ["POOL_SIZE", "claim", "fresh"]
+__all__ = ["POOL_SIZE", "claim", "make_pool", "release"]
 
-POOL_SIZE = 1 << 16
+logger = logging.getLogger(__name__)
+
+# 4 MiB of int32: a decode call site of the 7B model takes ~8-36 counters, a prefill one a few
+# hundred, and every rebinding (`bound_calls.forget`) claims anew: spans are never reused, since a
+# captured graph may still hold one.
+POOL_SIZE = 1 << 20
+_ALIGN = 4  # counters: 16 bytes
 
 # Device -> [the pool, the first counter not yet claimed].
 _POOLS: dict[torch.device, list] = {}
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
-def claim(count: int, device: torch.device) -> torch.Tensor | None:
+def make_pool(device) -> None:
+    """Make `device`'s pool if it has none (outside any capture or CUDA-graph warm-up)."""
+    device = _device(device)
+    if device not in _POOLS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("tile_counters.make_pool: called during a CUDA-graph capture, where the zeros "
+                               "would be written only when the graph replays")
+        _POOLS[device] = [torch.zeros(POOL_SIZE, dtype=torch.int32, device=device), 0]
+
+
+def claim(count: int, device) -> torch.Tensor | None:
     """`count` int32 counters at zero that no other claim shares, or None (see the module's doc)."""
-    pool = _POOLS.get(device)
-    if pool is None:
-        if _capturing(device):
-            return None
-        pool = _POOLS[device] = [torch.zeros(POOL_SIZE, dtype=torch.int32, device=device), 0]
-    counters, used = pool
-    if count <= 0 or used + count > counters.numel():
+    pool = _POOLS.get(_device(device))
+    if pool is None or count <= 0:
         return None
-    pool[1] = used + count
+    counters, used = pool
+    size = -(-count // _ALIGN) * _ALIGN
+    if used + size > counters.numel():
+        if used <= counters.numel():
+            logger.warning(f"tile_counters: the pool of {counters.numel()} counters on {counters.device} is spent; "
+                           "later call sites zero their split sums per call (a memset each)")
+            pool[1] = counters.numel() + 1  # warned
+        return None
+    pool[1] = used + size
     return counters[used:used + count]
 
 
-def fresh(count: int, device: torch.device) -> torch.Tensor:
-    """Zeroed counters for one call."""
-    return torch.zeros(max(count, 1), dtype=torch.int32, device=device)
+def release(span: torch.Tensor) -> None:
+    """Give back `span` if it is the last one claimed (else it stays claimed: spans are cheap)."""
+    pool = _POOLS.get(_device(span.device))
+    if pool is None or span.untyped_storage().data_ptr() != pool[0].untyped_storage().data_ptr():
+        return
+    start = span.storage_offset()
+    if start + -(-span.numel() // _ALIGN) * _ALIGN == pool[1]:
+        pool[1] = start

@@ -263,7 +263,7 @@ def _shrink_kernel(
         if LAST_SUMS:
             # This split's part, stored whole (rows and ranks past the valid ones hold zeros), in
             # parts[split, sibling, tile]; every program of the tile counts itself in (rank 0 for
-            # all siblings: none does, and nothing reads the tile's sums).
+            # all siblings: none does, and the expand drops the tile's sums unread by rank).
             _store_shrunk(parts_ptr, acc0, split * NUM_SIBLINGS, tile, num_tiles, row_valid, rank0,
                           BLOCK_M, BLOCK_R, False)
             if NUM_SIBLINGS > 1:

@@ -241,6 +241,12 @@ class LoRARuntime:
             self._gemv_workspace = GemvWorkspace.for_calls(
                 [tuple(self.linears.weights[module].shape) for module in self.manager.buffers
                  if self.gemv_fits(module, 1)], device)
+        if device.type == "cuda":
+            # The counters of the LoRA kernels' split sums reduced in the shrink (off unless
+            # `kernels.launch_config.SUMS_IN_KERNEL`), made here for the same reason.
+            from .kernels import tile_counters
+
+            tile_counters.make_pool(device)
         self._traced_tables_used: set[str] = set()  # modalities whose layers have read the unit tables
         self._call_depth = 0  # depth of `call_scope()`s: the eager hooks act only inside one
         # For runtimes the `mmlora` backend builds: says whether the hooks act now (no call scope there).

@@ -52,6 +52,34 @@ def test_cuda_graph_decode_stacked_in_the_base_gemms_replays_equal_eager(tmp_pat
                                stack_expand=stack_expand, stack_shrink=stack_shrink)
 
 
+def test_cuda_graph_decode_with_split_sums_in_the_kernel_replays_equal_eager(tmp_path, monkeypatch):
+    """`launch_config.SUMS_IN_KERNEL`: the tile path's split sums reduced in the shrink, on
+    counters the runtime's pool hands each call site. Forced here at the tiny model's decode rows
+    (the tile path, not the row path) with K cut into 32-wide splits, so that every call's tiles
+    meet several splits: prefill and decode steps in CUDA graphs equal `mm.eager` across adapter
+    swaps, a load into an evicted slot and an unload, with no recapture."""
+    import dataclasses
+
+    from mmlora_fx.kernels import bound_calls, launch_config, lora_add
+
+    chosen = lora_add.config_for_call
+
+    def split(*args, **kwargs):
+        return dataclasses.replace(chosen(*args, **kwargs), block_k=16, k_chunk=32)
+
+    monkeypatch.setattr(launch_config, "_PER_ROW_MAX_ROWS", 0)
+    monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
+    monkeypatch.setattr(lora_add, "config_for_call", split)
+    launch_config.choose_config.cache_clear()  # it read _PER_ROW_MAX_ROWS
+    bound_calls.forget()  # bindings keep the config of their first call
+    try:
+        decode_replays_equal_eager("tiny-qwen2-vl", [], tmp_path, "cuda")
+        assert split(3, 64, 16, 2, torch.bfloat16, 3).sums_in_kernel
+    finally:
+        launch_config.choose_config.cache_clear()
+        bound_calls.forget()
+
+
 def test_cuda_graph_decode_at_one_row_through_the_fused_gemv_replays_equal_eager(tmp_path):
     """`fused_gemv`: a batch of one request decodes through the fused kernel (every language-model
     linear one launch with its LoRA), in CUDA graphs, each step equal to `mm.eager` across adapter

@@ -137,6 +137,7 @@ def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed
     # the same span (a CUDA graph captures its address), which every call leaves at zero.
     monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
     monkeypatch.setattr(tile_counters, "_POOLS", {})
+    tile_counters.make_pool(torch.device("cpu"))
 
     def problem(seed):
         return make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
@@ -147,7 +148,9 @@ def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed
     assert config.sums_in_kernel and cdiv(300, config.k_chunk) > 1  # several splits meet in the kernel
     assert _next_call(bound_on_cpu, first) == ["triton", "triton"]
     pool, claimed = tile_counters._POOLS[first.x.device]
-    assert claimed == tile_bound(18, 4, config.block_m)
+    assert claimed >= tile_bound(18, 4, config.block_m)
+    (scratch_sizes,) = [bound[1] for bound in bound_calls._BOUND.values()]
+    assert not [entry for entry in scratch_sizes if isinstance(entry, tuple) and entry[2]]  # no buffer zeroed a call
     for seed in (1, 2):
         assert _next_call(bound_on_cpu, _same_buffers(problem(seed), first)) == ["direct", "direct"]
     assert tile_counters._POOLS[first.x.device][1] == claimed  # the replays claimed nothing more
@@ -155,6 +158,21 @@ def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed
     pool.fill_(1)  # the span spoilt: a replay that counts on it goes wrong
     with pytest.raises(AssertionError):
         _next_call(bound_on_cpu, _same_buffers(problem(3), first))
+
+
+@interpreter
+def test_a_call_that_does_not_bind_gives_its_counter_span_back(bound_on_cpu, monkeypatch):
+    monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
+    monkeypatch.setattr(tile_counters, "_POOLS", {})
+    tile_counters.make_pool(torch.device("cpu"))
+    problem = make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
+                           num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=0)
+    # The same output in two roles (both siblings add into it): such a call is never bound.
+    output = problem.fresh_outputs()[0]
+    launch([output, output], problem.x, problem.lora_a, [problem.lora_b[0], problem.lora_b[0]],
+           BatchTables(problem.slot_ranks, problem.request_slots, problem.request_cum_weights))
+    assert [how for how, _ in bound_on_cpu] == ["triton", "triton"]
+    assert not bound_calls._BOUND and tile_counters._POOLS[torch.device("cpu")][1] == 0
 
 
 @interpreter

@@ -476,6 +476,7 @@ def sums_in_kernel(monkeypatch):
     """The op's chosen configs with the split sums reduced in the kernel, bound afresh (a
     binding keeps the config of its first call), and the bindings dropped again after."""
     monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
+    tile_counters.make_pool(torch.device("cuda", torch.cuda.current_device()))  # as the runtime does at set-up
     bound_calls.forget()
     yield
     bound_calls.forget()
@@ -493,7 +494,7 @@ def test_op_with_split_sums_in_the_kernel_gpu(sums_in_kernel, dtype, pattern, re
         problem = make_problem(pattern=pattern, requests=requests, rows_per_request=1, in_features=in_features,
                                out_features=(3584, 512, 512) if in_features == 3584 else (3584,),
                                num_slots=num_slots, max_rank=16, dtype=dtype, device="cuda", max_requests=256,
-                               seed=seed)
+                               rows=requests, seed=seed)
         if seed == 0:
             static = problem
         else:  # the same tensors (one call site), new contents
@@ -517,6 +518,8 @@ def test_cuda_graph_replay_with_split_sums_in_the_kernel_gpu(sums_in_kernel):
     static = make_problem(pattern="mixed", seed=0, **shape)
     plan = plan_of(static)
     assert_graph_replays_match(static, plan, shape, lambda: torch.ops.mmlora.lora_add_(*static.args(), plan))
+    pool, used = tile_counters._POOLS[static.x.device]
+    assert used > 0 and not pool.any()  # the graph's span claimed at the warm-up, back at 0 after each replay
 
 
 @gpu
