@@ -53,14 +53,16 @@ def _device(device) -> torch.device:
     return device
 
 
-def make_pool(device) -> None:
-    """Make `device`'s pool if it has none (outside any capture or CUDA-graph warm-up)."""
+def make_pool(device) -> bool:
+    """Make `device`'s pool if it has none; whether it has one. Call it outside any CUDA-graph
+    warm-up; during a capture it makes none (its zeros would be written only when the graph
+    replays), and calls on the device then zero their counters per call."""
     device = _device(device)
     if device not in _POOLS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("tile_counters.make_pool: called during a CUDA-graph capture, where the zeros "
-                               "would be written only when the graph replays")
+            return False
         _POOLS[device] = [torch.zeros(POOL_SIZE, dtype=torch.int32, device=device), 0]
+    return True
 
 
 def claim(count: int, device) -> torch.Tensor | None:
