@@ -271,6 +271,7 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         SLOTS=slots_block, REQUESTS=requests_block,
         ONE_PASS=one_pass, ATOMIC=num_splits > 1 and not last_sums, LAST_SUMS=last_sums,
+        SPLITS=_next_power_of_2(num_splits) if last_sums else 1,
         PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages)
     run(_expand_kernel, (sum(blocks), num_tiles),

@@ -4,7 +4,7 @@ When a tile's shrink is split over K, each split's sums must meet in one place. 
 them with float32 atomics into a buffer zeroed before the shrink: one memset kernel a call, 112 a
 decode step of the 7B model, each with its launch gap inside a CUDA graph. With `sums_in_kernel`
 each split program stores its part apart and counts itself in on its tile's counter; the last one
-to arrive sums the parts in split order, stores the tile's sums and sets the counter back to 0.
+to arrive sums the parts in a fixed order, stores the tile's sums and sets the counter back to 0.
 The counters are therefore zero between calls and need zeroing only once, when they are made:
 that is this module's job.
 
