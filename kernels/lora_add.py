@@ -73,6 +73,11 @@ class BatchTables:
     tile_plan: torch.Tensor | None = None
 
 
+# The most float32 parts the last split program of a tile loads at once (`_sum_parts`' CHUNK
+# splits of `block_m x block_r`): 32 splits at rank 16, fewer at larger ranks (registers).
+_SUM_PARTS_ELEMENTS = 8192
+
+
 def _padded(items: list, count: int = 3) -> list:
     """`items` repeated up to `count` entries: unused kernel arguments still need a tensor."""
     return list(items) + [items[0]] * (count - len(items))
@@ -181,7 +186,8 @@ def _run(kernel, grid: tuple, *args, **kwargs) -> None:
 
 def _given_counters(counters: torch.Tensor, count: int) -> torch.Tensor:
     if counters.dtype != torch.int32 or counters.numel() < count:
-        raise ValueError(f"lora_add_: the call needs {count} int32 counters, got {counters.numel()} of {counters.dtype}")
+        raise ValueError(f"lora_add_: the call needs {count} int32 counters, got {counters.numel()} of "
+                         f"{counters.dtype}")
     return counters
 
 
@@ -254,6 +260,7 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
     # stores the sums.
     last_sums = num_splits > 1 and config.sums_in_kernel
     shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=num_splits > 1 and not last_sums)
+    split_block = _next_power_of_2(num_splits) if last_sums else 1
     if last_sums:
         parts = allocate(num_splits * n * num_tiles * block_m * block_r, torch.float32)
         counters = tile_counters(num_tiles)
@@ -271,7 +278,7 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         SLOTS=slots_block, REQUESTS=requests_block,
         ONE_PASS=one_pass, ATOMIC=num_splits > 1 and not last_sums, LAST_SUMS=last_sums,
-        SPLITS=_next_power_of_2(num_splits) if last_sums else 1,
+        SPLITS=split_block, CHUNK=min(split_block, max(1, _SUM_PARTS_ELEMENTS // (block_m * block_r))),
         PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages)
     run(_expand_kernel, (sum(blocks), num_tiles),

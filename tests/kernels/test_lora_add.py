@@ -16,6 +16,7 @@ import torch
 
 from mmlora_fx.kernels import bound_calls, launch_config, tile_counters
 from mmlora_fx.kernels.launch_config import LaunchConfig, cdiv, choose_config, tile_bound
+from mmlora_fx.kernels import lora_add as lora_add_module
 from mmlora_fx.kernels.lora_add import lora_add_, lora_add_triton
 from mmlora_fx.kernels.reference import lora_add_reference
 from mmlora_fx.kernels.tile_plan import build_tile_plan
@@ -236,6 +237,20 @@ def test_split_sums_in_the_kernel_match_the_reference_and_leave_the_counters_zer
                         counters=counters)
         assert_matches(problem, outputs)
         assert not counters.any(), pattern
+
+
+@interpreter
+def test_split_sums_in_the_kernel_over_several_chunks_of_splits_interpreted():
+    # Rank 64: the last program loads the parts 8 splits at a time (`_SUM_PARTS_ELEMENTS`), over
+    # 10 splits: two loads, the second cut short by the mask.
+    problem = make_problem(pattern="mixed", requests=9, rows_per_request=2, in_features=320, out_features=(24, 40),
+                           num_slots=4, max_rank=64, dtype=torch.float32, max_requests=12, seed=7)
+    assert cdiv(320, SUMS_IN_KERNEL.k_chunk) == 10 and lora_add_module._SUM_PARTS_ELEMENTS // (16 * 64) == 8
+    counters = torch.zeros(64, dtype=torch.int32)
+    outputs = problem.fresh_outputs()
+    lora_add_triton(*problem.args(outputs), config=SUMS_IN_KERNEL, counters=counters)
+    assert_matches(problem, outputs)
+    assert not counters.any()
 
 
 @interpreter
