@@ -38,7 +38,7 @@ _PER_ROW_MAX_REQUESTS = 1024
 # The tile path's split sums reduced in the shrink (its last split program of a tile sums the
 # parts) instead of float32 atomics into sums zeroed by a memset each call: one launch less a
 # call (`LaunchConfig.sums_in_kernel`). Off: its first form measured 3-11 µs a layer slower at
-# decode (H100, docs/BENCHMARKS.md), the one-load form since is unmeasured (#15); the benchmarks
+# decode (H100, docs/BENCHMARKS.md), the chunked-load form since is unmeasured (#15); the benchmarks
 # turn it on (`decode_overhead.py --sums-in-kernel`, `kernel_bench.py --variants`).
 SUMS_IN_KERNEL = False
 

@@ -74,7 +74,8 @@ class BatchTables:
 
 
 # The most float32 parts the last split program of a tile loads at once (`_sum_parts`' CHUNK
-# splits of `block_m x block_r`): 32 splits at rank 16, fewer at larger ranks (registers).
+# splits of `block_m x block_r`): 32 splits at rank 16 with 16-row tiles, fewer at larger ranks or
+# tiles (registers).
 _SUM_PARTS_ELEMENTS = 8192
 
 
