@@ -133,9 +133,11 @@
 #              (32 slots: every slot's A read a step) (#15; unrun, ~450 guessed)
 #   tests_sums  the split sums reduced in the shrink (launch_config.SUMS_IN_KERNEL) on CUDA: the op at the 7B layer's
 #              decode shapes, bound and replayed, and in a CUDA graph with new batches; the counters back at 0
-#              after each; tiny-qwen2-vl's CUDA-graph decode forced onto it, equal to eager (#15; unrun, ~120)
+#              after each; tiny-qwen2-vl's CUDA-graph decode forced onto it, equal to eager (#15; on 2026-12-07 the
+#              43 kernel tests passed in ~100 s, the model test ran out of the 110 s: give it ~200)
 #   ksums      kernel_bench.py at 16 and 64 rows (8 and 32 slots), the default (memset + atomics) against the sums
-#              reduced in the shrink, each kernel's device time (#15; unrun, ~150 guessed)
+#              reduced in the shrink, each kernel's device time (#15; 32 s on 2026-12-07: the first form 3-11 µs a
+#              layer slower)
 #   profile_sums  e2e profile at batches 16 and 64 (8 slots): the base, the kernels, the kernels with the sums in
 #              the shrink: kernels a step (112 memsets fewer), idle (#15; unrun, ~330 guessed)
 #   decode16, decode16_sums  decode_overhead.py --batches 16 --mixes 1,8 (8 slots), without and with
