@@ -267,38 +267,31 @@ def _shrink_kernel(
             if NUM_SIBLINGS > 2:
                 acc2 = _shrink_step(acc2, x_tile, a2_ptr, slot_offset, rank_ids, rank2, k, k_end,
                                     a_rank_stride, PRECISION, UPCAST)
+        # Where this split's sums go: the tile's sums (one split: stored; several: added with
+        # atomics), or with LAST_SUMS its own part, parts[split, sibling, tile], stored whole (rows
+        # and ranks past the valid ones hold zeros) for the tile's last split program to sum.
+        first = 0
+        sums_ptr = shrunk_ptr
         if LAST_SUMS:
-            # This split's part, stored whole (rows and ranks past the valid ones hold zeros), in
-            # parts[split, sibling, tile]; every program of the tile counts itself in (rank 0 for
-            # all siblings: none does, and the expand drops the tile's sums unread by rank).
-            _store_shrunk(parts_ptr, acc0, split * NUM_SIBLINGS, tile, num_tiles, row_valid, rank0,
-                          BLOCK_M, BLOCK_R, False)
-            if NUM_SIBLINGS > 1:
-                _store_shrunk(parts_ptr, acc1, split * NUM_SIBLINGS + 1, tile, num_tiles, row_valid, rank1,
-                              BLOCK_M, BLOCK_R, False)
-            if NUM_SIBLINGS > 2:
-                _store_shrunk(parts_ptr, acc2, split * NUM_SIBLINGS + 2, tile, num_tiles, row_valid, rank2,
-                              BLOCK_M, BLOCK_R, False)
-            # Every warp's stores issued before the one thread that counts the program in (a scalar
-            # atomic is one thread's); acq_rel then makes them visible to the last program.
+            first = split * NUM_SIBLINGS
+            sums_ptr = parts_ptr
+        _store_shrunk(sums_ptr, acc0, first, tile, num_tiles, row_valid, rank0, BLOCK_M, BLOCK_R, ATOMIC)
+        if NUM_SIBLINGS > 1:
+            _store_shrunk(sums_ptr, acc1, first + 1, tile, num_tiles, row_valid, rank1, BLOCK_M, BLOCK_R, ATOMIC)
+        if NUM_SIBLINGS > 2:
+            _store_shrunk(sums_ptr, acc2, first + 2, tile, num_tiles, row_valid, rank2, BLOCK_M, BLOCK_R, ATOMIC)
+        if LAST_SUMS:
+            # Every program of the tile counts itself in (rank 0 for all siblings: none does, and
+            # the expand drops the tile's sums unread by rank). Every warp's stores issued before
+            # the one thread that counts the program in (a scalar atomic is one thread's); acq_rel
+            # then makes them visible to the last program.
             tl.debug_barrier()
             arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel")
             if arrived == num_splits - 1:
-                _sum_parts(parts_ptr, shrunk_ptr, 0, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R,
-                           SPLITS, CHUNK)
-                if NUM_SIBLINGS > 1:
-                    _sum_parts(parts_ptr, shrunk_ptr, 1, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R,
-                               SPLITS, CHUNK)
-                if NUM_SIBLINGS > 2:
-                    _sum_parts(parts_ptr, shrunk_ptr, 2, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M, BLOCK_R,
-                               SPLITS, CHUNK)
+                for sibling in tl.static_range(NUM_SIBLINGS):
+                    _sum_parts(parts_ptr, shrunk_ptr, sibling, tile, num_tiles, num_splits, NUM_SIBLINGS, BLOCK_M,
+                               BLOCK_R, SPLITS, CHUNK)
                 tl.store(counters_ptr + tile, 0)  # zero again for the next call: no memset
-        else:
-            _store_shrunk(shrunk_ptr, acc0, 0, tile, num_tiles, row_valid, rank0, BLOCK_M, BLOCK_R, ATOMIC)
-            if NUM_SIBLINGS > 1:
-                _store_shrunk(shrunk_ptr, acc1, 1, tile, num_tiles, row_valid, rank1, BLOCK_M, BLOCK_R, ATOMIC)
-            if NUM_SIBLINGS > 2:
-                _store_shrunk(shrunk_ptr, acc2, 2, tile, num_tiles, row_valid, rank2, BLOCK_M, BLOCK_R, ATOMIC)
 
 
 # ----------------------------------------------------------------------------------------------
