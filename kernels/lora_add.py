@@ -170,13 +170,13 @@ def launch(
     converted = bound_calls.kernel_tables(tables)
     allocate = recorder.allocate if recorder else functools.partial(bound_calls.scratch, device=inputs.device)
     if recorder is not None:
-        tile_counters = recorder.counters
+        counters_for = recorder.counters
     elif counters is not None:
-        tile_counters = functools.partial(_given_counters, counters)
+        counters_for = functools.partial(_given_counters, counters)
     else:
-        tile_counters = functools.partial(bound_calls.scratch, dtype=torch.int32, device=inputs.device, zero=True)
+        counters_for = functools.partial(bound_calls.scratch, dtype=torch.int32, device=inputs.device, zero=True)
     _launch_through_triton(flat_outputs, inputs, x.dtype, lora_a, lora_b, converted, config, allocate,
-                           recorder.run if recorder else _run, tile_counters)
+                           recorder.run if recorder else _run, counters_for)
     if recorder is not None:
         recorder.bind(key, inputs, flat_outputs, lora_a, lora_b, tables, converted)
 
@@ -193,10 +193,10 @@ def _given_counters(counters: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: BatchTables, config, allocate,
-                           run, tile_counters) -> None:
+                           run, counters_for) -> None:
     """`launch`'s heuristics and launches through Triton's path, for checked 2-d outputs and rows
     and tables in the kernels' dtypes: scratch comes from `allocate(numel, dtype, zero)`, the
-    in-kernel split sums' counters (zero, left zero) from `tile_counters(count)`, and each
+    in-kernel split sums' counters (zero, left zero) from `counters_for(count)`, and each
     launch goes through `run(kernel, grid, *args, **kwargs)`."""
     rows, in_features = inputs.shape
     num_slots, max_rank, _ = lora_a[0].shape
@@ -260,11 +260,12 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
     # apart for the tile's last split to sum (counters zero between calls: no memset); one split
     # stores the sums.
     last_sums = num_splits > 1 and config.sums_in_kernel
-    shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=num_splits > 1 and not last_sums)
+    atomic = num_splits > 1 and not last_sums
+    shrunk = allocate(n * num_tiles * block_m * block_r, torch.float32, zero=atomic)
     split_block = _next_power_of_2(num_splits) if last_sums else 1
     if last_sums:
         parts = allocate(num_splits * n * num_tiles * block_m * block_r, torch.float32)
-        counters = tile_counters(num_tiles)
+        counters = counters_for(num_tiles)
     else:
         parts = counters = shrunk  # not read
 
@@ -278,7 +279,7 @@ def _launch_through_triton(flat_outputs, inputs, dtype, lora_a, lora_b, tables: 
         rows, in_features, config.k_chunk, num_tiles, num_splits,
         NUM_SIBLINGS=n, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=config.block_k,
         SLOTS=slots_block, REQUESTS=requests_block,
-        ONE_PASS=one_pass, ATOMIC=num_splits > 1 and not last_sums, LAST_SUMS=last_sums,
+        ONE_PASS=one_pass, ATOMIC=atomic, LAST_SUMS=last_sums,
         SPLITS=split_block, CHUNK=min(split_block, max(1, _SUM_PARTS_ELEMENTS // (block_m * block_r))),
         PRECISION=precision, UPCAST=upcast, USE_PLAN=use_plan,
         num_warps=config.shrink_warps, num_stages=config.shrink_stages)

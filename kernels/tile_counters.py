@@ -53,6 +53,11 @@ def _device(device) -> torch.device:
     return device
 
 
+def _span(count: int) -> int:
+    """Counters a claim of `count` takes from the pool (whole 16-byte steps)."""
+    return -(-count // _ALIGN) * _ALIGN
+
+
 def make_pool(device) -> bool:
     """Make `device`'s pool if it has none; whether it has one. Call it outside any CUDA-graph
     warm-up; during a capture it makes none (its zeros would be written only when the graph
@@ -71,7 +76,7 @@ def claim(count: int, device) -> torch.Tensor | None:
     if pool is None or count <= 0:
         return None
     counters, used = pool
-    size = -(-count // _ALIGN) * _ALIGN
+    size = _span(count)
     if used + size > counters.numel():
         if used <= counters.numel():
             logger.warning(f"tile_counters: the pool of {counters.numel()} counters on {counters.device} is spent; "
@@ -88,5 +93,5 @@ def release(span: torch.Tensor) -> None:
     if pool is None or span.untyped_storage().data_ptr() != pool[0].untyped_storage().data_ptr():
         return
     start = span.storage_offset()
-    if start + -(-span.numel() // _ALIGN) * _ALIGN == pool[1]:
+    if start + _span(span.numel()) == pool[1]:
         pool[1] = start
