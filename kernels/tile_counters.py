@@ -11,8 +11,8 @@ that is this module's job.
 * `make_pool(device)`: the device's pool of counters, zeroed once, never freed. It must be made
   outside any CUDA-graph capture and outside a CUDA-graph warm-up (Inductor's `reduce-overhead`
   warms up in a graph's private memory pool, which can hand the memory to another tensor later):
-  the runtime makes it at set-up (`LoRARuntime`), before anything compiles. Nothing makes it on
-  first use.
+  the runtime makes it at set-up (`LoRARuntime`, where `launch_config.SUMS_IN_KERNEL` is on then),
+  before anything compiles. Nothing makes it on first use.
 * `claim(count, device)`: `count` counters of the pool (rounded up to 4, so that every span keeps
   the pool's 16-byte alignment, which Triton specialises on) for one call site to keep:
   `bound_calls` claims a span on a call's first (recorded) launch, and its replays, and the CUDA

@@ -241,9 +241,12 @@ class LoRARuntime:
             self._gemv_workspace = GemvWorkspace.for_calls(
                 [tuple(self.linears.weights[module].shape) for module in self.manager.buffers
                  if self.gemv_fits(module, 1)], device)
-        if device.type == "cuda":
-            # The counters of the LoRA kernels' split sums reduced in the shrink (off unless
-            # `kernels.launch_config.SUMS_IN_KERNEL`), made here for the same reason.
+        from .kernels import launch_config
+
+        if device.type == "cuda" and launch_config.SUMS_IN_KERNEL:
+            # The counters of the LoRA kernels' split sums reduced in the shrink, made here for the
+            # same reason; only where that option is on (set before compiling: call sites of a
+            # runtime made while it was off zero their counters per call).
             from .kernels import tile_counters
 
             tile_counters.make_pool(device)
