@@ -131,19 +131,25 @@ def test_a_call_with_a_seen_key_is_replayed_with_its_own_tensors_and_equals_the_
     assert _next_call(bound_on_cpu, second) == ["direct", "direct"]
 
 
-@interpreter
-def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed(bound_on_cpu, monkeypatch):
-    # The call site's first call claims its counters from the device's pool; its replays take
-    # the same span (a CUDA graph captures its address), which every call leaves at zero.
+@pytest.fixture
+def sums_on_cpu(monkeypatch):
+    """The split sums reduced in the kernel, with a fresh counter pool on the CPU."""
     monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
     monkeypatch.setattr(tile_counters, "_POOLS", {})
     tile_counters.make_pool(torch.device("cpu"))
 
-    def problem(seed):
-        return make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
-                            num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=seed)
 
-    first = problem(0)
+def _split_problem(seed: int):
+    """A tile-path call whose shrink splits K (300 inputs: several 128-wide steps)."""
+    return make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
+                        num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=seed)
+
+
+@interpreter
+def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed(bound_on_cpu, sums_on_cpu):
+    # The call site's first call claims its counters from the device's pool; its replays take
+    # the same span (a CUDA graph captures its address), which every call leaves at zero.
+    first = _split_problem(0)
     config = launch_config.config_for_call(18, 300, 8, 4, torch.float32, 3)
     assert config.sums_in_kernel and cdiv(300, config.k_chunk) > 1  # several splits meet in the kernel
     assert _next_call(bound_on_cpu, first) == ["triton", "triton"]
@@ -152,21 +158,17 @@ def test_split_sums_in_the_kernel_keep_the_counter_span_their_first_call_claimed
     (scratch_sizes,) = [bound[1] for bound in bound_calls._BOUND.values()]
     assert not [entry for entry in scratch_sizes if isinstance(entry, tuple) and entry[2]]  # no buffer zeroed a call
     for seed in (1, 2):
-        assert _next_call(bound_on_cpu, _same_buffers(problem(seed), first)) == ["direct", "direct"]
+        assert _next_call(bound_on_cpu, _same_buffers(_split_problem(seed), first)) == ["direct", "direct"]
     assert tile_counters._POOLS[first.x.device][1] == claimed  # the replays claimed nothing more
     assert not pool.any()
     pool.fill_(1)  # the span spoilt: a replay that counts on it goes wrong
     with pytest.raises(AssertionError):
-        _next_call(bound_on_cpu, _same_buffers(problem(3), first))
+        _next_call(bound_on_cpu, _same_buffers(_split_problem(3), first))
 
 
 @interpreter
-def test_a_call_that_does_not_bind_gives_its_counter_span_back(bound_on_cpu, monkeypatch):
-    monkeypatch.setattr(launch_config, "SUMS_IN_KERNEL", True)
-    monkeypatch.setattr(tile_counters, "_POOLS", {})
-    tile_counters.make_pool(torch.device("cpu"))
-    problem = make_problem(pattern="mixed", requests=3, rows_per_request=6, in_features=300, out_features=(40, 24),
-                           num_slots=4, max_rank=8, dtype=torch.float32, rows=18, seed=0)
+def test_a_call_that_does_not_bind_gives_its_counter_span_back(bound_on_cpu, sums_on_cpu):
+    problem = _split_problem(0)
     # The same output in two roles (both siblings add into it): such a call is never bound.
     output = problem.fresh_outputs()[0]
     launch([output, output], problem.x, problem.lora_a, [problem.lora_b[0], problem.lora_b[0]],

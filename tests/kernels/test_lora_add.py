@@ -513,11 +513,7 @@ def test_op_with_split_sums_in_the_kernel_gpu(sums_in_kernel, dtype, pattern, re
         if seed == 0:
             static = problem
         else:  # the same tensors (one call site), new contents
-            for name in ("x", "request_slots", "request_cum_weights"):
-                getattr(static, name).copy_(getattr(problem, name))
-            for name in ("outputs", "lora_a", "lora_b", "slot_ranks"):
-                for target, source in zip(getattr(static, name), getattr(problem, name)):
-                    target.copy_(source)
+            _load_batch(static, problem, None)
         outputs = [output.clone() for output in static.outputs]
         torch.ops.mmlora.lora_add_(*static.args(outputs), None)
         assert_matches(problem, outputs)
@@ -546,11 +542,13 @@ def test_opcheck_gpu():
     torch.library.opcheck(lora_add_, problem.args(problem.fresh_outputs()) + (plan_of(problem),))
 
 
-def _load_batch(static: Problem, fresh: Problem, plan: torch.Tensor) -> None:
-    """Copy a new batch (its tile plan too) and new adapter contents into the captured buffers, in place."""
+def _load_batch(static: Problem, fresh: Problem, plan: torch.Tensor | None) -> None:
+    """Copy a new batch (its tile plan too, if there is one) and new adapter contents into the
+    captured buffers, in place."""
     for name in ("x", "request_slots", "request_cum_weights"):
         getattr(static, name).copy_(getattr(fresh, name))
-    plan.copy_(plan_of(fresh))
+    if plan is not None:
+        plan.copy_(plan_of(fresh))
     for name in ("outputs", "lora_a", "lora_b", "slot_ranks"):
         for target, source in zip(getattr(static, name), getattr(fresh, name)):
             target.copy_(source)
